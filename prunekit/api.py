@@ -1,0 +1,170 @@
+"""``prunekit.prune``: the Python front end. Validates everything before any work, then runs the engine."""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import engine
+from .allocate import ALLOCATORS
+from .collect import LayerStats
+from .data.calib import calibration_batches
+from .graph import find_blocks, select_layers, weight_matrix
+from .groups import GROUP_NAMES, check_nm, check_sparsity, parse_pattern
+from .methods import METHODS, UPDATES, Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneReport:
+    """What was done: settings, per-layer sparsity, timings, versions. Saved as ``prune_report.json``."""
+
+    settings: dict[str, Any]
+    layers: dict[str, dict[str, Any]]
+    sparsity: float
+    timings: dict[str, float]
+    versions: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("prunekit", "torch", "transformers", "timm"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def layer_sparsity(layers: Mapping[str, nn.Module]) -> tuple[dict[str, dict[str, Any]], float]:
+    """Per-layer and overall (parameter-weighted) fraction of exact zeros in the selected weights."""
+    rows, zeros, total = {}, 0, 0
+    for name, m in layers.items():
+        w = m.weight.detach()
+        z, n = int((w == 0).sum()), w.numel()
+        rows[name] = {"shape": list(w.shape), "numel": n, "zeros": z, "sparsity": z / n}
+        zeros, total = zeros + z, total + n
+    return rows, zeros / max(total, 1)
+
+
+def _resolve_group(group: str | None, method_cls) -> str:
+    group = group or method_cls.default_group
+    if group not in GROUP_NAMES:
+        raise ValueError(f"unknown comparison group {group!r}; choose from {', '.join(GROUP_NAMES)}")
+    return group
+
+
+def _check_patterns(layers: Mapping[str, nn.Module], nm: tuple[int, int] | None) -> None:
+    if nm is None:
+        return
+    for name, m in layers.items():
+        check_nm(weight_matrix(m).shape[1], nm, name)
+
+
+def _block_index(name: str, blocks) -> int | None:
+    if blocks is None:
+        return None
+    prefix = f"{blocks[0]}." if blocks[0] else ""
+    rest = name[len(prefix):] if name.startswith(prefix) else None
+    head = rest.split(".", 1)[0] if rest else ""
+    return int(head) if head.isdigit() else None
+
+
+def plan_prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, pattern: str | None = None,
+               group: str | None = None, update: str | Iterable[str] | None = None,
+               method_params: dict | None = None, update_params: dict | None = None,
+               include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+               layer_types: Iterable[str] = ("linear",), sequential: bool = True,
+               device: str | torch.device | None = None) -> engine.Plan:
+    """Resolve and validate settings into an engine plan (no calibration, no weight changes)."""
+    sparsity = check_sparsity(sparsity)
+    nm = parse_pattern(pattern)
+    method_obj = METHODS.create(method, method_params)
+    updates = [update] if isinstance(update, str) else list(update or [])
+    update_objs = [UPDATES.create(u, (update_params or {}).get(u, update_params if len(updates) == 1 else None))
+                   for u in updates]
+    group = _resolve_group(group, type(method_obj))
+    layers = select_layers(model, include, exclude, layer_types)
+    if not layers:
+        raise ValueError("no prunable layers selected: the model has no Linear/Conv layers matching the "
+                         "include/exclude patterns and layer types; widen --include or use --layer-types all")
+    _check_patterns(layers, nm)
+    if group == "global" and method_obj.solver:
+        raise ValueError(f"method {method!r} chooses its own masks; use group per-output/per-layer, not global")
+    needs = frozenset(method_obj.needs).union(*(u.needs for u in update_objs))
+    blocks = find_blocks(model) if sequential and group != "global" else None
+    if blocks is not None and any(_block_index(n, blocks) is None for n in layers):
+        log.warning("some selected layers are outside the block list %r: calibrating in one pass", blocks[0])
+        blocks = None
+    targets = {n: Target(sparsity, group, nm) for n in layers}
+    return engine.Plan(method_obj, update_objs, layers, targets, blocks,
+                       torch.device(device) if device is not None else None, needs)
+
+
+def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, pattern: str | None = None,
+          group: str | None = None, calib: Any = None, *, update: str | Iterable[str] | None = None,
+          method_params: dict | None = None, update_params: dict | None = None,
+          allocation: str = "uniform", allocation_params: dict | None = None,
+          include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+          layer_types: Iterable[str] = ("linear",), sequential: bool = True,
+          device: str | torch.device | None = None, tokenizer: Any = None, nsamples: int = 128,
+          seqlen: int = 2048, seed: int = 0, batch_size: int = 8) -> PruneReport:
+    """Prune ``model`` in place and return a report.
+
+    ``calib`` is a LongTensor of token ids ``[nsamples, seqlen]``, an iterable / DataLoader of batches
+    (tensors or dicts of model inputs), or a text file path (tokenised with ``tokenizer``). Methods that
+    need no statistics (magnitude) need no ``calib``.
+    """
+    settings = dict(method=method, sparsity=sparsity, pattern=pattern, group=group, update=update,
+                    method_params=method_params or {}, update_params=update_params or {}, allocation=allocation,
+                    allocation_params=allocation_params or {}, include=list(include or []),
+                    exclude=list(exclude or []), layer_types=list(layer_types), sequential=sequential,
+                    nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
+    plan = plan_prune(model, method, sparsity, pattern, group, update, method_params, update_params, include,
+                      exclude, layer_types, sequential, device)
+    settings["group"] = next(iter(plan.targets.values())).group
+    allocator = ALLOCATORS.create(allocation, allocation_params)
+    start = time.perf_counter()
+    batches = calibration_batches(calib, tokenizer, nsamples, seqlen, seed, batch_size) if plan.needs or \
+        allocation != "uniform" else []
+    data_s = time.perf_counter() - start
+    sparsities = _allocate(model, batches, plan, allocator, sparsity)
+    plan.targets = {n: Target(sparsities[n], t.group, t.nm) for n, t in plan.targets.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        timings = engine.run(model, batches, plan)
+    finally:
+        model.train(was_training)
+    timings["data_s"] = data_s
+    layers, overall = layer_sparsity(plan.layers)
+    for name, row in layers.items():
+        row["target"] = plan.targets[name].sparsity
+    settings["blocks"] = plan.blocks[0] if plan.blocks else None
+    log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(layers), 100 * overall, timings["total_s"])
+    return PruneReport(settings, layers, overall, timings, versions())
+
+
+def _allocate(model, batches, plan: engine.Plan, allocator, sparsity: float) -> dict[str, float]:
+    if plan.targets and next(iter(plan.targets.values())).nm is not None:
+        return {n: sparsity for n in plan.layers}  # N:M fixes every layer's sparsity
+
+    def dense_stats() -> Mapping[str, LayerStats]:
+        if not batches:
+            raise ValueError("this allocation needs calibration data (calib=...)")
+        return engine.dense_statistics(model, batches, plan)
+
+    block_of = {n: _block_index(n, plan.blocks) for n in plan.layers}
+    return allocator.plan(plan.layers, sparsity, block_of, dense_stats)

@@ -1,0 +1,47 @@
+"""Perplexity as the papers report it: tokenise the joined test text once, cut it into non-overlapping
+``seqlen`` windows (the tail shorter than a window is dropped), ppl = exp(mean token NLL).
+
+Every window has the same length, so the mean token NLL equals the mean of per-window losses, which is
+what the Wanda/SparseGPT evaluation computes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def token_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Non-overlapping windows ``[n, seqlen]`` of a 1-D token tensor."""
+    n = tokens.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    return tokens[: n * seqlen].view(n, seqlen)
+
+
+def window_nll(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (float32) of each window, ``[batch]``; a window predicts seqlen-1 tokens."""
+    logits = model(input_ids=windows).logits[:, :-1].float()
+    targets = windows[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape).sum(dim=1)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 2048, batch_size: int = 8,
+               device: str | torch.device | None = None) -> float:
+    """Perplexity of ``model`` over the 1-D ``tokens`` in non-overlapping windows."""
+    windows = token_windows(tokens, seqlen)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", leave=False):
+            total += window_nll(model, batch.to(device)).double().sum().item()
+    finally:
+        model.train(was_training)
+    return math.exp(total / (windows.shape[0] * (seqlen - 1)))

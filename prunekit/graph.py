@@ -1,0 +1,164 @@
+"""Module-graph walker: find prunable layers and the model's repeated blocks.
+
+Every prunable layer is a matmul ``W[out, cols] @ columns``: a Linear, a HF ``Conv1D`` (weight stored
+transposed), or a convolution (im2col columns, one matmul per group). ``weight_matrix`` gives that view
+so collectors and methods never special-case layer types.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+try:  # GPT-2 style layers; transformers is a dependency but keep the walker importable without it.
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+except ImportError:  # pragma: no cover
+    HFConv1D = ()
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LAYER_TYPES = ("linear", "conv")  # "linear" also covers 1x1 convs and HF Conv1D: pointwise matmuls
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, HFConv1D) + CONV_TYPES)
+
+
+def is_pointwise_conv(module: nn.Module) -> bool:
+    """A 1x1 (or 1x1x1) conv with stride 1 and one group is a Linear over channels."""
+    return (isinstance(module, CONV_TYPES) and module.groups == 1
+            and all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride))
+
+
+def layer_type(module: nn.Module) -> str:
+    """'linear' for Linear / HF Conv1D / pointwise conv, 'conv' for every other convolution."""
+    if isinstance(module, CONV_TYPES) and not is_pointwise_conv(module):
+        return "conv"
+    return "linear"
+
+
+def num_groups(module: nn.Module) -> int:
+    return module.groups if isinstance(module, CONV_TYPES) else 1
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out, cols]`` (a view where possible). Conv: cols = in/groups * prod(kernel)."""
+    w = module.weight
+    if isinstance(module, HFConv1D):
+        return w.t()
+    return w.reshape(w.shape[0], -1)
+
+
+@torch.no_grad()
+def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+    """Write a ``[out, cols]`` matrix back into the layer's own layout and dtype."""
+    w = module.weight
+    if isinstance(module, HFConv1D):
+        matrix = matrix.t()
+    w.copy_(matrix.reshape(w.shape).to(dtype=w.dtype, device=w.device))
+
+
+def find_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable layer, in registration order (which is forward order for HF/timm models).
+
+    Transposed convolutions are not matmuls over im2col columns of their input; they are rejected
+    only when selected (see ``select_layers``), so a model that has them can still be walked.
+    """
+    return {name: m for name, m in model.named_modules() if is_prunable(m)}
+
+
+def _head_names(model: nn.Module, layers: dict[str, nn.Module]) -> set[str]:
+    """Output heads: HF output embeddings, timm's classifier, else the last layer of the model."""
+    by_id = {id(m): n for n, m in layers.items()}
+    heads = set()
+    for getter in ("get_output_embeddings", "get_classifier"):
+        fn = getattr(model, getter, None)
+        if callable(fn):
+            try:
+                head = fn()
+            except (NotImplementedError, AttributeError, TypeError):
+                head = None
+            if isinstance(head, nn.Module) and id(head) in by_id:
+                heads.add(by_id[id(head)])
+    if not heads and layers:
+        heads.add(next(reversed(layers)))
+    return heads
+
+
+def _stem_names(layers: dict[str, nn.Module]) -> set[str]:
+    """The stem: the first layer when it is a convolution (it sees raw pixels: ViT patch embed, conv1)."""
+    if not layers:
+        return set()
+    first = next(iter(layers))
+    return {first} if isinstance(layers[first], CONV_TYPES) else set()
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_layers(model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+                  layer_types: Iterable[str] = ("linear",), keep_head: bool = True,
+                  keep_stem: bool = True) -> dict[str, nn.Module]:
+    """Prunable layers after the defaults (head and stem dense, Linear-like only) and name patterns.
+
+    ``include``/``exclude`` are fnmatch patterns on module names (``"model.layers.*.mlp.*"``); a layer
+    named by an include pattern is selected whatever its type, head or stem.
+    """
+    include, exclude, layer_types = list(include or []), list(exclude or []), set(layer_types)
+    unknown = layer_types - set(LAYER_TYPES) - {"all"}
+    if unknown:
+        raise ValueError(f"unknown layer type(s) {sorted(unknown)}; choose from {LAYER_TYPES} or 'all'")
+    if "all" in layer_types:
+        layer_types = set(LAYER_TYPES)
+    layers = find_layers(model)
+    dense = (_head_names(model, layers) if keep_head else set()) | (_stem_names(layers) if keep_stem else set())
+    chosen = {}
+    for name, m in layers.items():
+        if include:
+            keep = _matches(name, include)
+        else:
+            keep = name not in dense and layer_type(m) in layer_types
+        if keep and not _matches(name, exclude):
+            chosen[name] = m
+    for name, m in model.named_modules():
+        if isinstance(m, TRANSPOSED_CONV_TYPES) and include and _matches(name, include):
+            raise ValueError(f"layer {name!r} is a transposed convolution, which prunekit does not prune; "
+                             "exclude it (--exclude) or narrow --include")
+    return chosen
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential] | None:
+    """The repeated blocks to calibrate one at a time: decoder layers, ViT blocks, ConvNeXt stages.
+
+    Generic rule: among ``ModuleList``/``Sequential`` containers whose children (at least two) all share
+    one class and hold prunable layers, take the one holding the most prunable parameters; it must hold
+    at least half of the model's prunable parameters (ResNet's four separate ``layerN`` lists do not,
+    so ResNets are calibrated in one pass).
+    """
+    total = sum(m.weight.numel() for m in find_layers(model).values())
+    best, best_params = None, 0
+    for name, container in model.named_modules():
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 2:
+            continue
+        children = list(container)
+        if len({type(c) for c in children}) != 1:
+            continue
+        params = sum(m.weight.numel() for c in children for m in find_layers(c).values())
+        if params > best_params:
+            best, best_params = (name, container), params
+    if best is None or best_params * 2 < total:
+        return None
+    return best
+
+
+def block_layers(block_prefix: str, index: int, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The selected layers that live inside block ``index`` of the block list at ``block_prefix``."""
+    stem = f"{block_prefix}.{index}." if block_prefix else f"{index}."
+    return {n: m for n, m in layers.items() if n.startswith(stem)}
