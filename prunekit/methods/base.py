@@ -58,10 +58,25 @@ class Update:
         raise NotImplementedError
 
 
+@dataclass
+class ModelMethod:
+    """A method that changes the model's structure (removes blocks, heads, channels; rotates and slices)
+    instead of zeroing weights layer by layer. ``prune_model`` gets the model and calibration batches,
+    removes about ``ratio`` of the selected parameters, and returns a JSON-able summary for the report."""
+
+    name: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = True
+
+    def prune_model(self, model, batches: list, ratio: float) -> dict:
+        raise NotImplementedError
+
+
 METHODS: Registry[Method] = Registry("method")
+STRUCTURED: Registry[ModelMethod] = Registry("structured method")
 UPDATES: Registry[Update] = Registry("update")
 register_method = METHODS.register
 register_update = UPDATES.register
+register_structured = STRUCTURED.register
 create_method = METHODS.create
 create_update = UPDATES.create
 

@@ -1,0 +1,59 @@
+"""Outputs are written to a temporary sibling directory and renamed into place: a crash leaves no
+half-written checkpoint, and the input checkpoint is never overwritten."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def check_output_dir(out: str | os.PathLike, inputs: list[str | os.PathLike] = (), overwrite: bool = False) -> Path:
+    """Validate an output directory before any work: not an input, and empty unless ``overwrite``."""
+    out = Path(out).expanduser().resolve()
+    for src in inputs:
+        src_path = Path(str(src)).expanduser()
+        if src_path.exists() and (src_path.resolve() == out or src_path.resolve() in out.parents
+                                  or out in src_path.resolve().parents):
+            raise ValueError(f"output directory {str(out)!r} overlaps the input {str(src)!r}; "
+                             "choose another --out (prunekit never overwrites its input)")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output path {str(out)!r} is a file; give a directory for --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {str(out)!r} is not empty; pass --overwrite or choose another --out")
+    return out
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out``; on success it replaces ``out``, on error it is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(backup / "old")
+            tmp.rename(out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
