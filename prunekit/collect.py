@@ -4,6 +4,7 @@ Every layer is seen as a matmul over columns: token features for Linear / HF Con
 (input channel x kernel position, one matmul per group) for convolutions. Collected per layer:
 
 * ``sq_sum[g, j]`` = sum over all rows of column ``j`` squared, so ``sqrt`` is Wanda's ``||X_j||_2``;
+* ``col_sum[g, j]`` = sum over all rows of column ``j`` (with ``ntokens``: the column mean, for DSnoT);
 * ``xtx[g]`` = ``X_g^T X_g`` for SparseGPT / ADMM (only when asked: it is cols x cols).
 
 ``nsamples`` counts batch items (sequences / images) as the published Wanda/SparseGPT code does, so the
@@ -35,6 +36,7 @@ class LayerStats:
     xtx: torch.Tensor | None = None  # [groups, cols, cols] float32
     nsamples: int = 0
     ntokens: int = 0
+    col_sum: torch.Tensor | None = None  # [groups, cols] float32
 
     @property
     def groups(self) -> int:
@@ -53,7 +55,8 @@ class LayerStats:
     def group(self, g: int) -> "LayerStats":
         """The statistics of conv group ``g`` alone (the whole thing for ``groups == 1``)."""
         xtx = None if self.xtx is None else self.xtx[g:g + 1]
-        return replace(self, sq_sum=self.sq_sum[g:g + 1], xtx=xtx)
+        col_sum = None if self.col_sum is None else self.col_sum[g:g + 1]
+        return replace(self, sq_sum=self.sq_sum[g:g + 1], xtx=xtx, col_sum=col_sum)
 
     def check_finite(self, name: str) -> None:
         if not torch.isfinite(self.sq_sum).all() or (self.xtx is not None and not torch.isfinite(self.xtx).all()):
@@ -104,10 +107,12 @@ def conv_columns(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return cols.permute(1, 0, 4, 2, 3).reshape(groups, -1, (c // groups) * kk)
 
 
-def conv_sq_sum(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """Column sums of squares of the im2col matrix, ``[groups, cols]``, one kernel offset at a time."""
+def conv_sq_sum(x: torch.Tensor, module: nn.Module, square: bool = True) -> torch.Tensor:
+    """Column sums of squares (or, with ``square=False``, plain column sums) of the im2col matrix,
+    ``[groups, cols]``, one kernel offset at a time."""
     groups = num_groups(module)
-    x2 = _padded(x.float(), module).square()
+    x2 = _padded(x.float(), module)
+    x2 = x2.square() if square else x2
     per_offset = [sl.sum(dim=[0] + list(range(2, sl.dim()))) for sl in _kernel_slices(module, x2)]
     sq = torch.stack(per_offset, dim=1)  # [C, K]
     return sq.reshape(groups, -1)
@@ -122,10 +127,13 @@ class _Collector:
 
     def _init(self, groups: int, cols: int, device: torch.device) -> LayerStats:
         xtx = torch.zeros(groups, cols, cols, device=device) if self.want_hessian else None
-        return LayerStats(sq_sum=torch.zeros(groups, cols, device=device), xtx=xtx)
+        return LayerStats(sq_sum=torch.zeros(groups, cols, device=device), xtx=xtx,
+                          col_sum=torch.zeros(groups, cols, device=device))
 
     def __call__(self, module: nn.Module, args: tuple, output) -> None:
         x = args[0].detach()
+        if isinstance(module, CONV_TYPES) and x.dim() == len(module.kernel_size) + 1:
+            x = x.unsqueeze(0)  # unbatched conv input: one sample, not one per channel
         nsamples = 1 if x.dim() == 2 else x.shape[0]
         if isinstance(module, CONV_TYPES):
             self._add_conv(x, module)
@@ -138,18 +146,19 @@ class _Collector:
         if self.stats is None:
             self.stats = self._init(rows.shape[0], rows.shape[2], rows.device)
         self.stats.sq_sum += rows.square().sum(dim=1)
+        self.stats.col_sum += rows.sum(dim=1)
         if self.stats.xtx is not None:
             self.stats.xtx += rows.transpose(1, 2) @ rows
         self.stats.ntokens += rows.shape[1]
 
     def _add_conv(self, x: torch.Tensor, module: nn.Module) -> None:
-        if x.dim() == len(module.kernel_size) + 1:  # unbatched input
-            x = x.unsqueeze(0)
+        """x: a batched conv input ``[B, C, *spatial]``."""
         if not self.want_hessian:
             sq = conv_sq_sum(x, module)
             if self.stats is None:
                 self.stats = self._init(sq.shape[0], sq.shape[1], sq.device)
             self.stats.sq_sum += sq
+            self.stats.col_sum += conv_sq_sum(x, module, square=False)
             self.stats.ntokens += _out_positions(module, x) * x.shape[0]
             return
         per_item = math.prod(x.shape[1:]) * math.prod(module.kernel_size)

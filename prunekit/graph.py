@@ -138,22 +138,20 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential] |
     """The repeated blocks to calibrate one at a time: decoder layers, ViT blocks, ConvNeXt stages.
 
     Generic rule: among ``ModuleList``/``Sequential`` containers whose children (at least two) all share
-    one class and hold prunable layers, take the one holding the most prunable parameters; it must hold
-    at least half of the model's prunable parameters (ResNet's four separate ``layerN`` lists do not,
-    so ResNets are calibrated in one pass).
+    one class, take the one holding the most prunable layers; it must hold at least half of the model's
+    prunable layers (ResNet's four separate ``layerN`` lists do not, so ResNets get one calibration pass).
     """
-    total = sum(m.weight.numel() for m in find_layers(model).values())
-    best, best_params = None, 0
+    total = len(find_layers(model))
+    best, best_count = None, 0
     for name, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 2:
             continue
-        children = list(container)
-        if len({type(c) for c in children}) != 1:
+        if len({type(c) for c in container}) != 1:
             continue
-        params = sum(m.weight.numel() for c in children for m in find_layers(c).values())
-        if params > best_params:
-            best, best_params = (name, container), params
-    if best is None or best_params * 2 < total:
+        count = sum(len(find_layers(c)) for c in container)
+        if count > best_count:
+            best, best_count = (name, container), count
+    if best is None or best_count * 2 < total:
         return None
     return best
 

@@ -1,6 +1,7 @@
 """Shared test helpers: tiny random models built in-process, and the offline fixtures (skipped if absent)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 FIXTURES = (Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures").resolve()
 
 torch.set_num_threads(2)
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")  # tests never download
 
 
 def fixture_path(*parts: str) -> Path:

@@ -1,0 +1,200 @@
+"""The ``prunekit`` command. Parsing and printing only; the work lives in ``prunekit.pipeline``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .recipe import PruneRecipe, field_names, load_recipe
+
+PATTERN_HELP = ("N:M sparsity, e.g. 2:4 = keep (at most) 2 non-zeros in every 4 consecutive weights along the "
+                "input dimension (the hardware convention; the Wanda code's prune_n:prune_m counts pruned weights "
+                "instead, the same at 2:4 and 4:8)")
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict[str, Any] | None:
+    """``["rho=0.1", "steps=20"]`` -> ``{"rho": 0.1, "steps": 20}`` (values parsed as YAML scalars)."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {item!r}")
+        out[key.replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="prune a model (flags or --recipe YAML; flags override the recipe)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("--model", help="local checkpoint directory or hub id")
+    p.add_argument("--out", help="output directory (written atomically; never the input)")
+    p.add_argument("--method", help="wanda, magnitude, sparsegpt, ... (see `prunekit methods`)")
+    p.add_argument("--method-param", action="append", metavar="KEY=VALUE", help="method hyper-parameter")
+    p.add_argument("--update", action="append", help="weight update / mask refinement after the mask (admm, dsnot)")
+    p.add_argument("--update-param", action="append", metavar="KEY=VALUE")
+    p.add_argument("--sparsity", type=float, help="fraction of zeros in [0, 1) (default 0.5)")
+    p.add_argument("--pattern", help=PATTERN_HELP)
+    p.add_argument("--group", help="comparison group: per-output, per-input, per-layer, global (method default)")
+    p.add_argument("--allocation", help="per-layer sparsity allocation: uniform (default), owl, ...")
+    p.add_argument("--allocation-param", action="append", metavar="KEY=VALUE")
+    p.add_argument("--include", action="append", help="fnmatch pattern of layer names to prune (repeatable)")
+    p.add_argument("--exclude", action="append", help="fnmatch pattern of layer names to keep dense")
+    p.add_argument("--layer-types", help="comma list: linear (incl. 1x1 conv), conv, all (default linear)")
+    p.add_argument("--calib-data", help="calibration text file / dataset (LLMs)")
+    p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration window (default 2048)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
+    p.add_argument("--no-sequential", dest="sequential", action="store_const", const=False,
+                   help="one calibration pass over the dense model instead of block by block")
+    p.add_argument("--device", help="compute device for the current block (cuda, cpu)")
+    p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    p.add_argument("--eval-data", help="text to report perplexity on before and after pruning")
+    p.add_argument("--eval-seqlen", type=int)
+    p.add_argument("--overwrite", action="store_const", const=True, help="allow a non-empty --out")
+    p.add_argument("--trust-remote-code", action="store_const", const=True)
+    p.add_argument("--json", help="also write the prune report to this JSON file")
+    p.set_defaults(func=cmd_prune)
+
+
+def _prune_overrides(args) -> dict[str, Any]:
+    overrides = {k: getattr(args, k) for k in field_names(PruneRecipe) if hasattr(args, k)}
+    overrides["method_params"] = _key_values(args.method_param, "--method-param")
+    overrides["update_params"] = _key_values(args.update_param, "--update-param")
+    overrides["allocation_params"] = _key_values(args.allocation_param, "--allocation-param")
+    if args.update:
+        overrides["update"] = args.update[0] if len(args.update) == 1 else args.update
+    if args.layer_types:
+        overrides["layer_types"] = [t.strip() for t in args.layer_types.split(",")]
+    return overrides
+
+
+def cmd_prune(args) -> int:
+    from .pipeline import run_prune
+    recipe = load_recipe(PruneRecipe, args.recipe, _prune_overrides(args))
+    report = run_prune(recipe)
+    print_prune_report(report.to_dict())
+    if args.json:
+        from .io import write_json
+        write_json(args.json, report.to_dict())
+    if recipe.out:
+        print(f"saved to {recipe.out}")
+    return 0
+
+
+def print_prune_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"{report['settings']['method']} - overall sparsity {report['sparsity']:.4f}")
+    for col in ("layer", "shape", "sparsity"):
+        table.add_column(col)
+    for name, row in report["layers"].items():
+        table.add_row(name, "x".join(map(str, row["shape"])), f"{row['sparsity']:.4f}")
+    console = Console()
+    console.print(table)
+    metrics = report.get("metrics") or {}
+    if metrics:
+        console.print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    console.print(f"prune time {report['timings']['total_s']:.2f}s")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model")
+    esub = p.add_subparsers(dest="eval_kind", required=True)
+    ppl = esub.add_parser("ppl", help="perplexity on held-out text: non-overlapping windows, exp(mean token NLL)")
+    ppl.add_argument("--model", required=True)
+    ppl.add_argument("--data", required=True, help="text file or dataset")
+    ppl.add_argument("--seqlen", type=int, default=2048)
+    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--device")
+    ppl.add_argument("--dtype", default="auto")
+    ppl.add_argument("--trust-remote-code", action="store_true")
+    ppl.add_argument("--json", help="write the result to this JSON file")
+    ppl.set_defaults(func=cmd_eval_ppl)
+
+
+def cmd_eval_ppl(args) -> int:
+    from .pipeline import run_eval_ppl
+    result = run_eval_ppl(args.model, args.data, args.seqlen, args.batch_size, args.device, args.dtype,
+                          args.trust_remote_code)
+    print(f"perplexity {result['ppl']:.4f}  ({result['windows']} windows of {result['seqlen']} tokens)")
+    _maybe_json(args.json, result)
+    return 0
+
+
+def _maybe_json(path: str | None, data: dict) -> None:
+    if path:
+        from .io import write_json
+        write_json(path, data)
+
+
+def _add_methods(sub) -> None:
+    p = sub.add_parser("methods", help="list registered methods, updates, allocations")
+    p.set_defaults(func=cmd_methods)
+
+
+def cmd_methods(args) -> int:
+    from .allocate import ALLOCATORS
+    from .methods import METHODS, STRUCTURED, UPDATES
+    for title, registry in (("methods", METHODS), ("updates", UPDATES), ("structured", STRUCTURED),
+                            ("allocations", ALLOCATORS)):
+        print(f"{title}: {', '.join(registry.names())}")
+    return 0
+
+
+def demo_assets() -> Path:
+    return Path(str(resources.files("prunekit") / "assets"))
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on the built-in default: Wanda 50% on a small LLaMA "
+                                    "(kjv-llama-5m, shipped with prunekit), perplexity before/after")
+    p.add_argument("--out", default="out/demo-wanda-50")
+    p.add_argument("--method", default="wanda")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--pattern")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from .pipeline import run_prune
+    assets = demo_assets()
+    recipe = PruneRecipe(model=str(assets / "kjv-llama-5m"), out=args.out, method=args.method,
+                         sparsity=args.sparsity, pattern=args.pattern, calib_data=str(assets / "kjv" / "train.txt"),
+                         nsamples=128, seqlen=256, eval_data=str(assets / "kjv" / "test.txt"), overwrite=True)
+    report = run_prune(recipe)
+    print_prune_report(report.to_dict())
+    print(f"saved to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description="Prune vision and language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_prune, _add_eval, _add_methods, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

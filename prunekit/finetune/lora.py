@@ -1,0 +1,66 @@
+"""LoRA recovery for pruned models with peft: adapters on the pruned layers, then merge without losing
+the sparsity.
+
+LoRA's update ``B @ A`` is dense, so ``merge_and_unload`` would fill the pruned positions; the merged weight
+is multiplied by the base model's keep mask again (``merge_lora_keep_sparsity``). That drops the adapter's
+contribution at the pruned positions, so the merged model can differ a little from the adapted one; the
+report of ``prunekit finetune`` measures both.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..graph import select_layers
+from ..lightning import apply_masks, masks_from_weights
+
+log = logging.getLogger(__name__)
+
+
+def lora_targets(model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+                 layer_types: Iterable[str] = ("linear",)) -> list[str]:
+    """The module-name suffixes peft should adapt: those of the layers prunekit prunes by default
+    (``q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj`` on Llama; the head stays out)."""
+    names = select_layers(model, include, exclude, layer_types)
+    return sorted({name.rsplit(".", 1)[-1] for name in names})
+
+
+def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+             target_modules: Iterable[str] | None = None) -> nn.Module:
+    """Wrap ``model`` in peft LoRA adapters (base weights frozen); targets default to ``lora_targets``."""
+    from peft import LoraConfig, get_peft_model
+    targets = list(target_modules) if target_modules else lora_targets(model)
+    if not targets:
+        raise ValueError("no LoRA target modules: the model has no prunable Linear layers; pass target_modules")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    peft_model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    log.info("LoRA r=%d on %s: %d trainable parameters", r, ",".join(targets), trainable)
+    return peft_model
+
+
+def keep_masks(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """``weight != 0`` of the pruned layers of the base model (all prunable layers with any zero by default),
+    keyed by module name; take them before ``add_lora``."""
+    layers = dict(model.named_modules())
+    if names is not None:
+        return masks_from_weights({n: layers[n] for n in names})
+    masks = masks_from_weights(select_layers(model, layer_types=("all",), keep_head=False, keep_stem=False))
+    return {n: m for n, m in masks.items() if not bool(m.all())}
+
+
+@torch.no_grad()
+def merge_lora_keep_sparsity(peft_model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
+    """``merge_and_unload`` then re-apply the base model's keep masks: the merged model has exactly the
+    base model's zeros, and its state dict the base model's keys."""
+    merged = peft_model.merge_and_unload()
+    layers = dict(merged.named_modules())
+    missing = [n for n in masks if n not in layers]
+    if missing:
+        raise KeyError(f"masks name layers the merged model does not have: {missing[:5]}; take the masks from "
+                       "the base model before wrapping it (keep_masks(model))")
+    apply_masks({n: layers[n] for n in masks}, {n: m.to(layers[n].weight.device) for n, m in masks.items()})
+    return merged

@@ -1,0 +1,376 @@
+"""``PruningCallback``: prune while fine-tuning with Lightning, once or gradually (Zhu & Gupta 2017).
+
+Masks live in the callback, never in the model: pruned weights are zeroed in place, gradients of pruned
+weights are zeroed before each optimizer step, and the weights are zeroed again after every step (AdamW's
+moment estimates would otherwise revive them). The masks travel in the callback's checkpoint state as packed
+bits, so the model's state dict keeps its original keys at every moment and the final model is plain weights.
+
+Statistics for methods that need them (Wanda, SparseGPT, ...) come from ``prunekit.collect`` hooks attached
+only while ``calib_batches`` batches run through the live model (no gradients, eval mode) at the event: the
+training batches seen just before it (kept only during that window), or, for an event at fit start, the first
+batches of the train dataloader. Under DDP the statistics are summed over ranks and the pruned weights
+broadcast from rank 0, so every rank holds the same masks.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from . import engine
+from .api import layer_sparsity, plan_prune
+from .collect import LayerStats, collect
+from .groups import check_sparsity
+from .methods import HESSIAN, Target
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("oneshot", "cubic", "fixed")
+_STATE_VERSION = 1
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------- schedule (pure)
+
+def cubic_sparsity(step: int, final: float, initial: float = 0.0, start: int = 0, end: int = 1) -> float:
+    """Zhu & Gupta: ``s_t = s_f + (s_i - s_f)(1 - (t - t0) / (n dt))^3``, flat outside ``[start, end]``.
+
+    At ``step >= end`` the result is exactly ``final`` (the cubic term is exactly zero there).
+    """
+    if end <= start:
+        return final if step >= start else initial
+    frac = min(max((step - start) / (end - start), 0.0), 1.0)
+    return final + (initial - final) * (1.0 - frac) ** 3
+
+
+def schedule_events(schedule: str, sparsity: float, start: int = 0, end: int | None = None, every: int = 100,
+                    initial: float = 0.0) -> list[tuple[int, float]]:
+    """The ``(step, sparsity)`` pruning events of a schedule, in step order; the last one reaches ``sparsity``."""
+    if schedule == "fixed":
+        return []
+    if schedule == "oneshot":
+        return [(start, sparsity)]
+    steps = sorted(set(range(start, end, every)) | {end})
+    events = [(t, cubic_sparsity(t, sparsity, initial, start, end)) for t in steps]
+    return [(t, s) for t, s in events if s > 0]
+
+
+# ---------------------------------------------------------------- masks (pure)
+
+def pack_mask(mask: torch.Tensor) -> dict[str, Any]:
+    """A bool keep mask as 8 weights per byte (a checkpoint then grows by 1/32 of an fp32 weight)."""
+    flat = mask.detach().flatten().cpu().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    return {"shape": list(mask.shape), "bits": (flat.view(-1, 8) * _BITS).sum(dim=1, dtype=torch.uint8)}
+
+
+def unpack_mask(packed: Mapping[str, Any]) -> torch.Tensor:
+    """Inverse of ``pack_mask``: the bool mask on the CPU."""
+    shape = list(packed["shape"])
+    bits = packed["bits"].unsqueeze(1).bitwise_and(_BITS).ne(0).flatten()
+    return bits[: math.prod(shape)].view(shape)
+
+
+def masks_from_weights(layers: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Keep masks ``weight != 0`` in each layer's own weight layout."""
+    return {name: m.weight.detach() != 0 for name, m in layers.items()}
+
+
+@torch.no_grad()
+def apply_masks(layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the pruned weights in place (any dtype, any device the mask is on)."""
+    for name, mask in masks.items():
+        layers[name].weight.mul_(mask)
+
+
+@torch.no_grad()
+def mask_gradients(layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> None:
+    for name, mask in masks.items():
+        grad = layers[name].weight.grad
+        if grad is not None:
+            grad.mul_(mask)
+
+
+# ---------------------------------------------------------------- multi-process (no-ops on one process)
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_stats(stats: Mapping[str, LayerStats]) -> None:
+    """Sum statistics over ranks in place (each rank saw its own batches), so all score the same numbers."""
+    if not _distributed():
+        return
+    for s in stats.values():
+        dist.all_reduce(s.sq_sum)
+        if s.xtx is not None:
+            dist.all_reduce(s.xtx)
+        counts = torch.tensor([s.nsamples, s.ntokens], dtype=torch.int64, device=s.sq_sum.device)
+        dist.all_reduce(counts)
+        s.nsamples, s.ntokens = int(counts[0]), int(counts[1])
+
+
+@torch.no_grad()
+def broadcast_weights(layers: Mapping[str, nn.Module]) -> None:
+    """Rank 0's pruned weights everywhere: identical masks even where kernels are not bit-reproducible."""
+    if not _distributed():
+        return
+    for m in layers.values():
+        dist.broadcast(m.weight.data, src=0)
+
+
+# ---------------------------------------------------------------- calibration batches
+
+def forward_batch(module: nn.Module, batch: Any) -> Any:
+    """Default calibration forward: ``module(**batch)`` for dicts, ``module(batch[0])`` for ``(inputs, target)``."""
+    if isinstance(batch, Mapping):
+        return module(**batch)
+    if isinstance(batch, (tuple, list)):
+        return module(batch[0])
+    return module(batch)
+
+
+def _own_iterator(loader: Iterable) -> Iterator:
+    """Batches from a loader without touching the training loop's iterator (persistent workers reuse it)."""
+    if isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset):
+        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+    elif isinstance(loader, DataLoader) and loader.batch_sampler is not None:
+        loader = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
+    return iter(loader)
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration (no dropout, BatchNorm running stats untouched); each flag restored."""
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.train(flag)
+
+
+def _target_module(pl_module: nn.Module, submodule: str | None) -> nn.Module:
+    if submodule:
+        return pl_module.get_submodule(submodule)
+    model = getattr(pl_module, "model", None)
+    return model if isinstance(model, nn.Module) else pl_module
+
+
+# ---------------------------------------------------------------- the callback
+
+class PruningCallback(L.Callback):
+    """Prune the selected layers of ``pl_module.model`` (or ``submodule``) during ``trainer.fit``.
+
+    ``schedule``: ``"oneshot"`` prunes to ``sparsity`` at ``start_step`` (default: fit start); ``"cubic"``
+    raises sparsity from ``initial_sparsity`` at ``start_step`` to ``sparsity`` at ``end_step``, re-scoring
+    every ``every_n_steps``; ``"fixed"`` keeps the zeros the model already has (pruned before ``fit``).
+    ``method``, ``pattern``, ``group``, ``update``, ``include``/``exclude``/``layer_types`` mean what they mean
+    in ``prunekit.prune``. ``forward_fn(pl_module, batch)`` runs a calibration batch (default ``forward_batch``).
+    """
+
+    def __init__(self, method: str = "wanda", sparsity: float = 0.5, pattern: str | None = None,
+                 group: str | None = None, schedule: str = "oneshot", start_step: int = 0,
+                 end_step: int | None = None, every_n_steps: int = 100, calib_batches: int = 16,
+                 initial_sparsity: float = 0.0, *, update: str | list[str] | None = None,
+                 method_params: dict | None = None, update_params: dict | None = None,
+                 include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+                 layer_types: Iterable[str] = ("linear",), submodule: str | None = None,
+                 mask_gradients: bool = True, forward_fn: Callable[[nn.Module, Any], Any] | None = None):
+        _check_schedule(schedule, sparsity, pattern, start_step, end_step, every_n_steps, calib_batches,
+                        initial_sparsity)
+        self.settings = dict(method=method, sparsity=float(sparsity), pattern=pattern, group=group,
+                             schedule=schedule, start_step=start_step, end_step=end_step,
+                             every_n_steps=every_n_steps, initial_sparsity=float(initial_sparsity))
+        self._plan_args = dict(method=method, sparsity=sparsity, pattern=pattern, group=group, update=update,
+                               method_params=method_params, update_params=update_params, include=include,
+                               exclude=exclude, layer_types=tuple(layer_types), sequential=False)
+        self.events = schedule_events(schedule, sparsity, start_step, end_step, every_n_steps, initial_sparsity)
+        self.calib_batches, self.submodule = calib_batches, submodule
+        self.mask_grads, self.forward_fn = mask_gradients, forward_fn or forward_batch
+        self.masks: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, Any]] = []
+        self._done, self._plan, self._pending = 0, None, None
+        self._recent: deque = deque(maxlen=calib_batches)  # training batches of the window before an event
+        self._handles: list = []
+        self._to_log: float | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**{k: self.settings[k] for k in ("method", "sparsity", "schedule")},
+                                        submodule=self.submodule)
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        if self._plan is None:
+            raise RuntimeError("PruningCallback has not been set up yet: pass it to a Trainer and call fit()")
+        return self._plan.layers
+
+    def sparsity(self) -> float:
+        """Current fraction of zeros over the selected layers."""
+        return layer_sparsity(self.layers)[1]
+
+    # -------------------------------------------------------- Lightning hooks
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._plan is None:  # validates everything before any training step
+            self._plan = plan_prune(_target_module(pl_module, self.submodule), **self._plan_args)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_or_fix_masks()
+        self._handles = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
+        if self.events and trainer.max_steps >= 0 and self.events[-1][0] > trainer.max_steps:
+            log.warning("the pruning schedule ends at step %d, after max_steps=%d: the target sparsity %.3f will "
+                        "not be reached; lower end_step", self.events[-1][0], trainer.max_steps, self.events[-1][1])
+        if self._due(trainer.global_step):
+            self._prune(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._due(trainer.global_step):
+            self._prune(trainer, pl_module)
+        if self._in_window(trainer):
+            self._recent.append(batch)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._to_log is not None:
+            pl_module.log("pruning/sparsity", self._to_log, on_step=True, on_epoch=False)
+            self._to_log = None
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if self.mask_grads:
+            mask_gradients(self.layers, self.masks)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._due(trainer.global_step):  # the last event may fall on the final step (end_step == max_steps)
+            self._prune(trainer, pl_module)
+        self._recent.clear()
+        if self._done < len(self.events):
+            log.warning("training ended at step %d before the pruning schedule finished: sparsity %.4f, target "
+                        "%.4f", trainer.global_step, self.sparsity(), self.settings["sparsity"])
+        apply_masks(self.layers, self.masks)
+        self._remove_hooks()
+        log.info("fine-tuning ended with %.2f%% sparsity over %d layers", 100 * self.sparsity(), len(self.masks))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._recent.clear()
+        self._remove_hooks()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": _STATE_VERSION, "settings": dict(self.settings), "events_done": self._done,
+                "history": list(self.history), "masks": {n: pack_mask(m) for n, m in self.masks.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != _STATE_VERSION:
+            raise ValueError(f"PruningCallback state version {state_dict.get('version')!r} is not supported "
+                             f"(expected {_STATE_VERSION}); resume with the prunekit version that wrote it")
+        if state_dict["settings"] != self.settings:
+            log.warning("resuming with different pruning settings: checkpoint %s, now %s",
+                        state_dict["settings"], self.settings)
+        self._pending = state_dict
+
+    # -------------------------------------------------------- internals
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        apply_masks(self.layers, self.masks)
+
+    def _restore_or_fix_masks(self) -> None:
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            unknown = set(state["masks"]) - set(self.layers)
+            if unknown:
+                raise ValueError(f"checkpoint has masks for layers this model does not select: {sorted(unknown)[:5]}")
+            self.masks = {n: unpack_mask(p).to(self.layers[n].weight.device) for n, p in state["masks"].items()}
+            self._done, self.history = state["events_done"], list(state["history"])
+        elif self.settings["schedule"] == "fixed" and not self.masks:
+            self.masks = masks_from_weights(self.layers)
+        apply_masks(self.layers, self.masks)
+
+    def _due(self, step: int) -> bool:
+        return self._done < len(self.events) and self.events[self._done][0] <= step
+
+    def _needs_stats(self) -> bool:
+        return bool(self._plan.needs)
+
+    def _in_window(self, trainer: L.Trainer) -> bool:
+        """Whether this batch is among the last ``calib_batches`` before the next event (rounded up to steps)."""
+        if self._done >= len(self.events) or not self._needs_stats():
+            return False
+        steps = math.ceil(self.calib_batches / max(trainer.accumulate_grad_batches, 1))
+        return trainer.global_step >= self.events[self._done][0] - steps
+
+    def _calibration_batches(self, trainer: L.Trainer) -> Iterable:
+        if self._recent:
+            return list(self._recent)
+        loader = trainer.train_dataloader  # an event at fit start (or right at a resume): no recent batches
+        if loader is None:
+            raise RuntimeError("PruningCallback needs calibration batches but the trainer has no train dataloader")
+        return (trainer.strategy.batch_to_device(b) for _, b in zip(range(self.calib_batches), _own_iterator(loader)))
+
+    @torch.no_grad()
+    def _statistics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, LayerStats] | None:
+        """Input statistics of the selected layers over the calibration batches, summed over ranks."""
+        if not self._needs_stats():
+            return None
+        batches = self._calibration_batches(trainer)
+        with collect(self.layers, hessian=HESSIAN in self._plan.needs) as stats, _eval_mode(pl_module), \
+                trainer.precision_plugin.forward_context():
+            for batch in batches:
+                self.forward_fn(pl_module, batch)
+        self._recent.clear()
+        stats = {n: stats[n] for n in stats}
+        all_reduce_stats(stats)
+        return stats
+
+    def _prune(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        while self._due(trainer.global_step):  # several events can be due after a resume: the last one counts
+            step, target = self.events[self._done]
+            self._done += 1
+        stats = self._statistics(trainer, pl_module)
+        plan = self._plan
+        plan.targets = {n: Target(target, t.group, t.nm) for n, t in plan.targets.items()}
+        engine.prune_layers(plan.layers, stats, plan)
+        broadcast_weights(plan.layers)
+        self.masks = masks_from_weights(plan.layers)
+        self._record(trainer.global_step, step, target)
+
+    def _record(self, global_step: int, step: int, target: float) -> None:
+        achieved = self.sparsity()
+        self.history.append({"step": global_step, "event_step": step, "target": target, "sparsity": achieved})
+        self._to_log = achieved
+        log.info("step %d: pruned to %.4f sparsity (target %.4f)", global_step, achieved, target)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _check_schedule(schedule: str, sparsity: float, pattern: str | None, start: int, end: int | None,
+                    every: int, calib_batches: int, initial: float) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pruning schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+    check_sparsity(sparsity)
+    if start < 0 or calib_batches < 1:
+        raise ValueError(f"start_step must be >= 0 and calib_batches >= 1, got {start} and {calib_batches}")
+    if schedule != "cubic":
+        return
+    if end is None or end <= start or every < 1:
+        raise ValueError(f"the cubic schedule needs end_step > start_step and every_n_steps >= 1, got "
+                         f"start_step={start}, end_step={end}, every_n_steps={every}")
+    if pattern is not None:
+        raise ValueError("N:M patterns fix the sparsity of every group, so they cannot grow gradually; use "
+                         "schedule='oneshot' with a pattern")
+    if not 0 <= initial < sparsity:
+        raise ValueError(f"initial_sparsity must be in [0, sparsity), got {initial} with sparsity {sparsity}")

@@ -1,0 +1,170 @@
+"""Width pruning: remove attention heads (whole KV groups under GQA) and MLP channels, with every coupled
+row and column (see ``coupling``), so the result is a smaller dense model.
+
+Importance of a unit (Wanda-sp, the structured Wanda of the FLAP paper): the sum over all of the unit's weights
+of ``|W_ij| * ||X_j||``, ``X`` being the input of the layer the weight sits in (rows of q/k/v, gate/up, fc1
+see the block's normalised hidden states; columns of o_proj/down_proj/fc2 see the attention output / the
+MLP activations). ``score="magnitude"`` drops ``||X_j||`` (no calibration data).
+
+How much goes: ``ratio`` is the fraction of the block list's parameters to remove. Heads lose
+``round(head_ratio * units)`` KV groups in every layer (``head_ratio`` defaults to ``ratio``), and MLP
+channels make up the rest of the parameter budget, again the same count in every layer, so heads are
+removed at the granularity the model allows and the total still lands near ``ratio``.
+Which heads/channels go is chosen per layer; how many is the same in every layer because a Hugging Face
+LLaMA config has one ``num_attention_heads`` / ``num_key_value_heads`` / ``intermediate_size`` for all layers.
+(Per-layer counts would need a config with per-layer lists and a model class that reads them; we keep
+uniform counts so the result is a plain ``LlamaForCausalLM``.) ``head_dim`` is written into the config
+explicitly, since ``hidden_size / num_attention_heads`` no longer gives it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..collect import collect
+from ..methods.base import ModelMethod, register_structured
+from .common import block_list, check_batches, check_ratio, count_params, forward, hf_config, summary
+from .coupling import Group, Slot, find_groups
+
+log = logging.getLogger(__name__)
+
+SCORES = ("wanda", "magnitude")
+
+
+# ---------------------------------------------------------------- scores
+
+def slot_scores(slot: Slot, norms: torch.Tensor | None) -> torch.Tensor:
+    """``sum |W_ij| * ||X_j||`` along each row (``dim=0``) or column (``dim=1``) of the slot's layer."""
+    w = slot.layer.weight.detach().float().abs()
+    if norms is not None:
+        w = w * norms.to(w.device)[None, :]
+    return w.sum(dim=1 - slot.dim)
+
+
+def unit_scores(group: Group, norms: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    """Importance of each unit of ``group``: its channels' scores summed over every coupled slot."""
+    total = torch.zeros(group.units)
+    for slot in group.slots:
+        per_channel = slot_scores(slot, None if norms is None else norms[slot.name]).cpu()
+        total += per_channel[slot.index].sum(dim=1)
+    return total
+
+
+@torch.no_grad()
+def input_norms(model: nn.Module, groups: Sequence[Group], batches: Sequence) -> dict[str, torch.Tensor]:
+    """``||X_j||`` of every slot layer's input columns on the dense model (one calibration pass)."""
+    layers = {slot.name: slot.layer for g in groups for slot in g.slots}
+    with collect(layers) as stats:
+        for batch in batches:
+            forward(model, batch)
+        return {name: stats[name].norms()[0] for name in layers}
+
+
+# ---------------------------------------------------------------- how many units go
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def heads_to_remove(units: int, fraction: float) -> int:
+    return min(max(_round_half_up(fraction * units), 0), units - 1)
+
+
+def channels_to_remove(units: int, fraction: float, round_to: int) -> int:
+    """Remove about ``fraction`` of ``units``, keeping a multiple of ``round_to`` (at least one multiple)."""
+    kept = round_to * _round_half_up(units * (1.0 - fraction) / round_to)
+    return units - min(max(kept, min(round_to, units)), units)
+
+
+def removal_counts(groups: Sequence[Group], ratio: float, head_ratio: float | None, round_to: int,
+                   total_params: int) -> dict[str, int]:
+    """Units to remove per group: heads at ``head_ratio``, then channels to bring the total to ``ratio``."""
+    heads = [g for g in groups if g.kind == "heads"]
+    channels = [g for g in groups if g.kind == "channels"]
+    h_frac = ratio if head_ratio is None else head_ratio
+    counts = {g.name: heads_to_remove(g.units, h_frac) for g in heads}
+    if not channels:
+        return counts
+    budget = ratio * total_params - sum(counts[g.name] * g.params_per_unit() for g in heads)
+    c_frac = max(budget, 0.0) / sum(g.units * g.params_per_unit() for g in channels)
+    if c_frac >= 1.0:
+        log.warning("width: ratio %.2f cannot be met with head_ratio %s; MLPs keep one channel step", ratio,
+                    head_ratio)
+    counts.update({g.name: channels_to_remove(g.units, min(c_frac, 1.0), round_to) for g in channels})
+    return counts
+
+
+# ---------------------------------------------------------------- cutting
+
+def update_hf_config(model: nn.Module, groups: Sequence[Group]) -> dict:
+    """Write the new head counts / intermediate size into the HF config; they must agree across layers."""
+    values: dict = {}
+    for group in groups:
+        for key, value in group.config().items():
+            if values.setdefault(key, value) != value:
+                raise ValueError(f"width pruning left {key} = {values[key]} in one layer and {value} in "
+                                 f"{group.name}; a Hugging Face config holds one value for all layers")
+    config = hf_config(model)
+    if config is not None:
+        for key, value in values.items():
+            setattr(config, key, value)
+    return values
+
+
+def cut_groups(groups: Sequence[Group], scores: Mapping[str, torch.Tensor],
+               counts: Mapping[str, int]) -> dict[str, list[int]]:
+    """Remove the ``counts[name]`` lowest-scoring units of each group; returns the removed unit indices."""
+    removed = {}
+    for group in groups:
+        order = torch.argsort(scores[group.name], stable=True)
+        drop, keep = order[:counts[group.name]], order[counts[group.name]:].sort().values
+        group.cut(keep)
+        removed[group.name] = sorted(drop.tolist())
+    return removed
+
+
+@register_structured
+@dataclass
+class Width(ModelMethod):
+    """Remove attention heads (KV groups) and MLP channels with their coupled weights."""
+
+    name: ClassVar[str] = "width"
+    score: str = "wanda"
+    head_ratio: float | None = None
+    round_to: int = 1
+
+    def __post_init__(self):
+        if self.score not in SCORES:
+            raise ValueError(f"unknown width score {self.score!r}; choose from {', '.join(SCORES)}")
+        if self.head_ratio is not None and not 0.0 <= self.head_ratio < 1.0:
+            raise ValueError(f"head_ratio must be in [0, 1) or None (= ratio), got {self.head_ratio}")
+        if self.round_to < 1:
+            raise ValueError(f"round_to must be a positive channel multiple, got {self.round_to}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.score == "wanda"
+
+    def prune_model(self, model: nn.Module, batches: list, ratio: float) -> dict:
+        ratio = check_ratio(ratio)
+        if self.needs_calibration:
+            check_batches(batches, self.name)
+        prefix, blocks = block_list(model)
+        before, total_before = count_params(blocks), count_params(model)
+        groups = find_groups(prefix, blocks)
+        norms = input_norms(model, groups, batches) if self.needs_calibration else None
+        scores = {g.name: unit_scores(g, norms) for g in groups}
+        counts = removal_counts(groups, ratio, self.head_ratio, self.round_to, before)
+        removed = cut_groups(groups, scores, counts)
+        config = update_hf_config(model, groups)
+        log.info("width: removed %s units per group", sorted(set(counts.values())))
+        return summary(before, count_params(blocks), total_before, count_params(model), score=self.score,
+                       removed_units={g.name: {"kind": g.kind, "before": g.units,
+                                               "removed": removed[g.name]} for g in groups},
+                       config=config)

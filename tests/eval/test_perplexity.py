@@ -1,0 +1,34 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prunekit.eval import perplexity, token_windows
+from tests.conftest import fixture_path, tiny_llama
+
+
+def test_perplexity_equals_hf_loss_per_window():
+    model = tiny_llama()
+    tokens = torch.randint(0, 128, (100,), generator=torch.Generator().manual_seed(0))
+    ppl = perplexity(model, tokens, seqlen=16, batch_size=4)
+    windows = token_windows(tokens, 16)
+    assert windows.shape == (6, 16)  # the 4-token tail is dropped
+    with torch.no_grad():
+        losses = [model(input_ids=w[None], labels=w[None]).loss for w in windows]
+    assert ppl == pytest.approx(math.exp(torch.stack(losses).mean().item()), rel=1e-5)
+
+
+def test_too_short_text():
+    with pytest.raises(ValueError, match="fewer than one window"):
+        token_windows(torch.arange(5), 16)
+
+
+@pytest.mark.slow
+def test_fixture_dense_perplexity_matches_metrics():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from prunekit.data import load_text, tokenize
+    path = fixture_path("kjv-llama-5m")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokens = tokenize(AutoTokenizer.from_pretrained(path), load_text(fixture_path("kjv", "test.txt")))
+    assert perplexity(model, tokens, 256) == pytest.approx(46.62, abs=0.01)  # METRICS.md

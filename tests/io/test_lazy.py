@@ -1,0 +1,148 @@
+"""Lazy (block-by-block from safetensors) pruning must write exactly what the in-memory path writes."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import prunekit
+from prunekit.io.compact import load_compact
+from prunekit.io.lazy import Activations, LazyModel, choose_offload, prune_lazy
+from tests.conftest import tiny_llama
+
+
+def _state(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def _assert_identical(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    assert set(ref) == set(got)
+    for name in ref:
+        assert ref[name].dtype == got[name].dtype, name
+        assert torch.equal(ref[name].view(torch.uint8), got[name].view(torch.uint8)), name
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A random 2-block LLaMA saved in several small shards (exercises the index)."""
+    path = tmp_path_factory.mktemp("lazy") / "src"
+    tiny_llama(seed=3).save_pretrained(path, max_shard_size="20KB")
+    assert (path / "model.safetensors.index.json").exists()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _in_memory(source: Path, out: Path, **kwargs) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(source)
+    prunekit.prune(model, batch_size=3, **kwargs)
+    model.save_pretrained(out)
+    return _state(out)
+
+
+@pytest.mark.parametrize("mode", ["device", "cpu", "disk"])
+def test_lazy_equals_in_memory_wanda(source, tokens, tmp_path, mode):
+    before = _digest(source)
+    ref = _in_memory(source, tmp_path / "ref", method="wanda", sparsity=0.5, calib=tokens)
+    report = prune_lazy(source, tmp_path / "lazy", "wanda", 0.5, calib=tokens, batch_size=3,
+                        offload_activations=mode, max_shard_size="20KB")
+    _assert_identical(ref, _state(tmp_path / "lazy"))
+    assert report.metrics["offload_activations"] == mode
+    assert report.sparsity == pytest.approx(0.5)
+    assert len(report.layers) == 14 and report.settings["blocks"] == "model.layers"
+    index = json.loads((tmp_path / "lazy" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ref)
+    assert (tmp_path / "lazy" / "config.json").exists() and (tmp_path / "lazy" / "generation_config.json").exists()
+    assert _digest(source) == before  # the input checkpoint is never written to
+
+
+def test_lazy_output_loads_with_from_pretrained(source, tokens, tmp_path):
+    from transformers import AutoModelForCausalLM
+    prune_lazy(source, tmp_path / "lazy", "wanda", 0.5, pattern="2:4", calib=tokens)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "lazy")
+    weight = model.model.layers[1].mlp.down_proj.weight
+    assert (weight.reshape(-1, 4) != 0).sum(dim=1).max() <= 2
+    assert model.lm_head.weight.count_nonzero() == model.lm_head.weight.numel()
+
+
+def test_lazy_equals_in_memory_single_file_magnitude(tmp_path):
+    """A single model.safetensors (no index), and a method that needs no calibration data."""
+    tiny_llama(seed=4).save_pretrained(tmp_path / "src")
+    ref = _in_memory(tmp_path / "src", tmp_path / "ref", method="magnitude", sparsity=0.6)
+    prune_lazy(tmp_path / "src", tmp_path / "lazy", "magnitude", 0.6)
+    _assert_identical(ref, _state(tmp_path / "lazy"))
+    shards = sorted(p.name for p in (tmp_path / "lazy").glob("*.safetensors"))
+    assert shards == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]  # one per block + the rest
+
+
+def test_lazy_equals_in_memory_hessian_method(source, tokens, tmp_path):
+    if "sparsegpt" not in prunekit.METHODS:
+        pytest.skip("sparsegpt is not registered")
+    ref = _in_memory(source, tmp_path / "ref", method="sparsegpt", sparsity=0.5, calib=tokens)
+    prune_lazy(source, tmp_path / "lazy", "sparsegpt", 0.5, calib=tokens, batch_size=3, offload_activations="disk")
+    _assert_identical(ref, _state(tmp_path / "lazy"))
+
+
+def test_lazy_compact_output_restores_the_dense_result(source, tokens, tmp_path):
+    ref = _in_memory(source, tmp_path / "ref", method="wanda", sparsity=0.5, calib=tokens)
+    prune_lazy(source, tmp_path / "lazy", "wanda", 0.5, calib=tokens, batch_size=3, save_format="compact")
+    restored = load_compact(tmp_path / "lazy")
+    assert set(restored) == set(ref) and all(torch.equal(ref[k], restored[k]) for k in ref)
+
+
+def test_lazy_rejects_bad_settings_before_writing(source, tokens, tmp_path):
+    with pytest.raises(ValueError, match="overlaps the input"):
+        prune_lazy(source, source / "out", "wanda", 0.5, calib=tokens)
+    with pytest.raises(ValueError, match="block by block"):
+        prune_lazy(source, tmp_path / "out", "magnitude", 0.5, group="global")
+    with pytest.raises(ValueError, match="offload_activations"):
+        prune_lazy(source, tmp_path / "out", "wanda", 0.5, calib=tokens, offload_activations="gpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_skeleton_holds_no_weights_and_onload_offload_round_trip(source):
+    lazy = LazyModel.open(source, device="cpu")
+    assert all(p.device.type == "meta" for p in lazy.model.parameters())
+    names = lazy.block_names("model.layers", 1)
+    lazy.onload(names)
+    assert lazy.tensor("model.layers.1.mlp.up_proj.weight").device.type == "cpu"
+    lazy.offload(names)
+    assert all(p.device.type == "meta" for p in lazy.model.parameters())
+    assert "lm_head.weight" not in lazy.input_names("model.layers")
+    assert set(lazy.outside_names("model.layers")) == {"model.embed_tokens.weight", "model.norm.weight",
+                                                       "lm_head.weight"}
+
+
+def test_choose_offload():
+    cpu = torch.device("cpu")
+    assert choose_offload("disk", 1, cpu) == "disk" and choose_offload("cpu", 1 << 60, cpu) == "cpu"
+    assert choose_offload("auto", 1 << 10, cpu) == "device"
+    assert choose_offload("auto", 1 << 60, cpu) == "disk"
+    with pytest.raises(ValueError, match="choose from"):
+        choose_offload("ram", 1, cpu)
+
+
+def test_disk_activations_round_trip(tmp_path):
+    acts = Activations("disk", torch.device("cpu"), tmp_path)
+    hidden, cos = torch.randn(2, 3, 4), torch.randn(2, 3, 8)
+    acts.append((hidden,), {"position_embeddings": (cos, cos), "attention_mask": None})
+    args, kwargs = acts.call(0)
+    assert torch.equal(args[0], hidden) and torch.equal(kwargs["position_embeddings"][0], cos)
+    acts.update(0, hidden * 2)
+    assert torch.equal(acts.call(0)[0][0], hidden * 2)
+    assert len(list(tmp_path.glob("hidden-*.bin"))) == 1 and acts.nbytes() == hidden.numel() * 4

@@ -1,0 +1,92 @@
+"""Depth pruning: block scores find planted do-nothing blocks, removal keeps config and checkpoint consistent."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prunekit.methods import STRUCTURED
+from prunekit.structured.depth import Depth, blocks_to_remove, cosine_scores, ppl_scores
+from tests.conftest import tiny_llama
+
+
+def _identity_block(model, index: int) -> None:
+    """Zero the writers of block ``index``: its output equals its input (residual only)."""
+    layer = model.model.layers[index]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+
+
+def _nll(model, ids) -> float:
+    logits = model(ids).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+
+
+@pytest.mark.parametrize("n, ratio, k", [(4, 0.1, 1), (4, 0.3, 1), (4, 0.4, 2), (4, 0.0, 0), (10, 0.25, 3)])
+def test_blocks_to_remove_rounds_to_nearest_block(n, ratio, k):
+    assert blocks_to_remove(n, ratio) == k
+
+
+def test_blocks_to_remove_refuses_to_remove_everything():
+    with pytest.raises(ValueError, match="leave none"):
+        blocks_to_remove(4, 0.9)
+
+
+def test_cosine_score_of_identity_block_is_zero_and_it_goes_first(token_batch):
+    model = tiny_llama(layers=4)
+    _identity_block(model, 2)
+    scores = cosine_scores(model, list(model.model.layers), [token_batch])
+    assert scores[2].abs() < 1e-5 and (scores[[0, 1, 3]] > 1e-3).all()
+    summary = Depth("cosine").prune_model(model, [token_batch], 0.25)
+    assert summary["removed_blocks"] == [2]
+
+
+def test_ppl_scores_match_brute_force_removal(token_batch):
+    model = tiny_llama(layers=3)
+    _identity_block(model, 1)
+    scores = ppl_scores(model, "model.layers", 3, [token_batch])
+    dense = _nll(model, token_batch)
+    for i in range(3):
+        reduced = copy.deepcopy(model)
+        reduced.model.layers = torch.nn.ModuleList([b for j, b in enumerate(reduced.model.layers) if j != i])
+        assert scores[i] == pytest.approx(_nll(reduced, token_batch) - dense, abs=1e-4)
+    assert scores[1].abs() < 1e-5
+    summary = Depth("ppl").prune_model(model, [token_batch], 0.3)
+    assert summary["removed_blocks"] == [int(torch.argmin(scores))]
+
+
+def test_depth_round_trips_through_save_and_load(tmp_path, token_batch):
+    from transformers import AutoModelForCausalLM
+    model = tiny_llama(layers=4)
+    model.config.layer_types = ["full_attention"] * 4
+    model.config.no_rope_layers = [10, 11, 12, 13]  # a per-layer list (SmolLM3); LLaMA ignores it
+    summary = Depth("cosine").prune_model(model, [token_batch], 0.5)
+    kept = [i for i in range(4) if i not in summary["removed_blocks"]]
+    assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    assert model.config.layer_types == ["full_attention"] * 2
+    assert model.config.no_rope_layers == [10 + i for i in kept]
+    assert summary["removed_fraction"] == pytest.approx(0.5)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(token_batch).logits, model(token_batch).logits)
+        prompt = token_batch[:1, :5]  # generation uses the KV cache, indexed by layer_idx
+        assert torch.equal(loaded.generate(prompt, max_new_tokens=4, do_sample=False),
+                           model.generate(prompt, max_new_tokens=4, do_sample=False))
+
+
+def test_depth_on_timm_vit():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=10,
+                              pretrained=False).eval()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    summary = STRUCTURED.create("depth", {}).prune_model(model, [images], 0.3)
+    assert len(model.blocks) == 2 and len(summary["removed_blocks"]) == 1
+    assert model(images).shape == (4, 10)
+
+
+def test_unknown_score_is_an_error():
+    with pytest.raises(ValueError, match="cosine, ppl"):
+        STRUCTURED.create("depth", {"score": "entropy"})

@@ -1,0 +1,179 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from tests.conftest import tiny_llama
+
+
+def reference_wanda(model, calib, sparsity, prune_n=0, prune_m=0):
+    """The published Wanda algorithm (locuslab/wanda prune_wanda), written plainly and independently:
+    catch layer-0 inputs, then per decoder layer: running-average squared input norms one sample at a time,
+    W_metric = |W| * sqrt(scaler_row), prune the lowest per output row (or per M-block), re-run the pruned
+    layer and feed its outputs to the next."""
+    layers = model.model.layers
+    cache = {"inps": [], "kwargs": None}
+
+    class Catcher(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x, **kwargs):
+            cache["inps"].append(x)
+            cache["kwargs"] = kwargs
+            raise ValueError
+
+    layers[0] = Catcher(layers[0])
+    for sample in calib:
+        try:
+            model(sample.unsqueeze(0), use_cache=False)
+        except ValueError:
+            pass
+    layers[0] = layers[0].module
+    inps, kwargs = cache["inps"], cache["kwargs"]
+    for layer in layers:
+        subset = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        scaler, counts, handles = {}, {}, []
+        for name, lin in subset.items():
+            scaler[name] = torch.zeros(lin.in_features)
+            counts[name] = 0
+
+            def hook(mod, args, out, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                scaler[name] *= counts[name] / (counts[name] + 1)
+                counts[name] += 1
+                scaler[name] += torch.norm(x, p=2, dim=0) ** 2 / counts[name]
+            handles.append(lin.register_forward_hook(hook))
+        for x in inps:
+            layer(x, **kwargs)
+        for h in handles:
+            h.remove()
+        for name, lin in subset.items():
+            metric = lin.weight.abs() * torch.sqrt(scaler[name].reshape(1, -1))
+            mask = torch.zeros_like(metric, dtype=torch.bool)
+            if prune_n:
+                for i in range(0, metric.shape[1], prune_m):
+                    block = metric[:, i:i + prune_m]
+                    mask.scatter_(1, i + torch.topk(block, prune_n, dim=1, largest=False)[1], True)
+            else:
+                idx = torch.sort(metric, dim=-1, stable=True)[1][:, :int(metric.shape[1] * sparsity)]
+                mask.scatter_(1, idx, True)
+            lin.weight.data[mask] = 0
+        outs = []
+        for x in inps:
+            out = layer(x, **kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        inps = outs
+
+
+@pytest.mark.parametrize("setting", [dict(sparsity=0.5), dict(sparsity=0.7), dict(pattern="2:4")])
+def test_wanda_equals_published_algorithm(setting):
+    model = tiny_llama(layers=3, hidden=64, intermediate=128)
+    ref = copy.deepcopy(model)
+    calib = torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        if "pattern" in setting:
+            reference_wanda(ref, calib, 0.5, prune_n=2, prune_m=4)  # Wanda's prune_n counts pruned weights
+        else:
+            reference_wanda(ref, calib, setting["sparsity"])
+    prunekit.prune(model, "wanda", calib=calib, batch_size=1, **setting)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p == 0, q == 0), name
+        torch.testing.assert_close(p, q)
+
+
+def test_sequential_matters_and_oneshot_runs(token_batch):
+    seq, one = tiny_llama(), tiny_llama()
+    prunekit.prune(seq, "wanda", 0.6, calib=token_batch)
+    prunekit.prune(one, "wanda", 0.6, calib=token_batch, sequential=False)
+    w_seq = seq.model.layers[1].mlp.down_proj.weight
+    w_one = one.model.layers[1].mlp.down_proj.weight
+    assert not torch.equal(w_seq == 0, w_one == 0)  # block 1 sees the pruned block 0's outputs
+    assert torch.equal(seq.model.layers[0].self_attn.q_proj.weight == 0,
+                       one.model.layers[0].self_attn.q_proj.weight == 0)  # block 0 sees the same inputs
+
+
+def test_report_contents(token_batch):
+    model = tiny_llama()
+    report = prunekit.prune(model, "wanda", 0.5, calib=token_batch)
+    assert report.sparsity == pytest.approx(0.5)
+    assert set(report.layers) == set(prunekit.select_layers(model))
+    assert report.settings["group"] == "per-output" and report.settings["blocks"] == "model.layers"
+    assert report.timings["total_s"] > 0 and "torch" in report.versions
+    assert model.lm_head.weight.ne(0).all()  # head dense
+
+
+def test_magnitude_needs_no_data_and_is_per_layer():
+    model = tiny_llama()
+    report = prunekit.prune(model, "magnitude", 0.5)
+    assert report.settings["group"] == "per-layer"
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert (w == 0).sum() == w.numel() // 2
+
+
+def test_global_group_and_per_input():
+    model = tiny_llama()
+    report = prunekit.prune(model, "magnitude", 0.5, group="global")
+    total = sum(r["numel"] for r in report.layers.values())
+    assert sum(r["zeros"] for r in report.layers.values()) == total // 2
+    model = tiny_llama()
+    prunekit.prune(model, "wanda", 0.5, group="per-input", calib=torch.randint(0, 128, (2, 8)))
+    w = model.model.layers[0].self_attn.q_proj.weight
+    assert ((w == 0).sum(0) == w.shape[0] // 2).all()
+
+
+def test_bf16_model():
+    model = tiny_llama().to(torch.bfloat16)
+    report = prunekit.prune(model, "wanda", 0.5, calib=torch.randint(0, 128, (2, 8)))
+    assert report.sparsity == pytest.approx(0.5)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+def test_plain_sequential_model_and_conv_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=4, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(1, 3, 8, 8))
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    report = prunekit.prune(model, "wanda", 0.5, group="per-output", calib=batches, layer_types=["all"])
+    assert set(report.layers) == {"2", "4"}  # stem and head dense
+    w = model[2].weight.reshape(8, -1)
+    assert ((w == 0).sum(1) == w.shape[1] // 2).all()
+
+
+def test_dataloader_of_dicts(token_batch):
+    loader = torch.utils.data.DataLoader([{"input_ids": t} for t in token_batch], batch_size=4)
+    model = tiny_llama()
+    assert prunekit.prune(model, "wanda", 0.5, calib=loader).sparsity == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sparsity=1.0), r"sparsity must be in \[0, 1\)"),
+    (dict(sparsity=-0.1), r"sparsity must be in \[0, 1\)"),
+    (dict(pattern="2:6"), "multiple of 6"),
+    (dict(pattern="4:4"), "0 < N < M"),
+    (dict(method="nope"), "unknown method 'nope'"),
+    (dict(group="rows"), "unknown comparison group"),
+    (dict(include=["nothing.*"]), "no prunable layers"),
+    (dict(method_params={"alpha": 1}), "has no parameter"),
+    (dict(calib=None), "needs calibration data"),
+])
+def test_bad_inputs_fail_before_any_change(kwargs, match):
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    args = dict(method="wanda", sparsity=0.5, calib=torch.randint(0, 128, (2, 8)))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        prunekit.prune(model, **args)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_nan_activations_error():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN/inf"):
+        prunekit.prune(model, "wanda", 0.5, calib=torch.full((1, 8), 5))

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from prunekit.groups import parse_pattern, select_global, select_mask, select_nm
+
+
+def test_hand_checkable_per_layer():
+    scores = torch.arange(1.0, 9.0).reshape(2, 4)  # weights 1..8, unit inputs
+    keep = select_mask(scores, 0.5, "per-layer")
+    assert scores[keep].tolist() == [5.0, 6.0, 7.0, 8.0]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.7, 0.95])
+def test_exact_counts_per_group(sparsity):
+    scores = torch.rand(12, 40, generator=torch.Generator().manual_seed(0))
+    per_out = select_mask(scores, sparsity, "per-output")
+    assert ((~per_out).sum(1) == int(40 * sparsity)).all()
+    per_in = select_mask(scores, sparsity, "per-input")
+    assert ((~per_in).sum(0) == int(12 * sparsity)).all()
+    per_layer = select_mask(scores, sparsity, "per-layer")
+    assert (~per_layer).sum() == int(12 * 40 * sparsity)
+    # the pruned ones are the lowest: every kept score >= every pruned score in the group
+    assert scores[per_layer].min() >= scores[~per_layer].max() if sparsity else True
+
+
+def test_ties_prune_lower_index_first():
+    keep = select_mask(torch.ones(1, 6), 0.5, "per-output")
+    assert keep.tolist() == [[False, False, False, True, True, True]]
+    keep = select_nm(torch.ones(1, 4), 2, 4)
+    assert keep.tolist() == [[False, False, True, True]]
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 4)])
+def test_nm_validity(n, m):
+    scores = torch.rand(8, 32, generator=torch.Generator().manual_seed(1))
+    keep = select_mask(scores, 0.0, nm=(n, m))
+    blocks = keep.reshape(8, -1, m)
+    assert (blocks.sum(-1) == n).all()
+    # inside each block the kept are the n largest
+    s = scores.reshape(8, -1, m)
+    assert (s.masked_fill(~blocks, float("inf")).min(-1).values >= s.masked_fill(blocks, -1).max(-1).values).all()
+
+
+def test_nm_must_divide():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        select_nm(torch.rand(2, 6), 2, 4)
+
+
+@pytest.mark.parametrize("bad", ["4:4", "0:4", "5:4", "2-4", "a:b"])
+def test_bad_patterns(bad):
+    with pytest.raises(ValueError):
+        parse_pattern(bad)
+
+
+def test_parse_pattern():
+    assert parse_pattern("2:4") == (2, 4) and parse_pattern(None) is None
+
+
+def test_global_threshold_across_layers():
+    scores = {"a": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([[5.0, 6.0, 7.0, 8.0]])}
+    masks = select_global(scores, 0.5)
+    assert masks["a"].sum() == 0 and masks["b"].all()
+
+
+def test_unknown_group():
+    with pytest.raises(ValueError, match="unknown comparison group"):
+        select_mask(torch.rand(2, 2), 0.5, "per-row")
