@@ -17,7 +17,7 @@ from .collect import LayerStats
 from .data.calib import calibration_batches
 from .graph import find_blocks, select_layers, weight_matrix
 from .groups import GROUP_NAMES, check_nm, check_sparsity, parse_pattern
-from .methods import METHODS, UPDATES, Target
+from .methods import METHODS, STRUCTURED, UPDATES, Target
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ class PruneReport:
     timings: dict[str, float]
     versions: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    bn_recalibration: dict[str, Any] | None = None
+    structure: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,7 +61,12 @@ def layer_sparsity(layers: Mapping[str, nn.Module]) -> tuple[dict[str, dict[str,
     return rows, zeros / max(total, 1)
 
 
-def _resolve_group(group: str | None, method_cls) -> str:
+def _resolve_group(group: str | None, method_cls, model: nn.Module) -> str:
+    """The user's group, else per-layer for image models (the Wanda paper's finding for ConvNeXt/ViT),
+    else the method's own default (per-output for Wanda on LLMs, per-layer for magnitude)."""
+    from .io.timm import is_vision_model
+    if group is None and is_vision_model(model):
+        group = "per-layer"
     group = group or method_cls.default_group
     if group not in GROUP_NAMES:
         raise ValueError(f"unknown comparison group {group!r}; choose from {', '.join(GROUP_NAMES)}")
@@ -95,7 +102,7 @@ def plan_prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, p
     updates = [update] if isinstance(update, str) else list(update or [])
     update_objs = [UPDATES.create(u, (update_params or {}).get(u, update_params if len(updates) == 1 else None))
                    for u in updates]
-    group = _resolve_group(group, type(method_obj))
+    group = _resolve_group(group, type(method_obj), model)
     layers = select_layers(model, include, exclude, layer_types)
     if not layers:
         raise ValueError("no prunable layers selected: the model has no Linear/Conv layers matching the "
@@ -120,13 +127,20 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
           include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
           layer_types: Iterable[str] = ("linear",), sequential: bool = True,
           device: str | torch.device | None = None, tokenizer: Any = None, nsamples: int = 128,
-          seqlen: int = 2048, seed: int = 0, batch_size: int = 8) -> PruneReport:
+          seqlen: int = 2048, seed: int = 0, batch_size: int = 8,
+          recalibrate_bn: bool | None = None) -> PruneReport:
     """Prune ``model`` in place and return a report.
 
     ``calib`` is a LongTensor of token ids ``[nsamples, seqlen]``, an iterable / DataLoader of batches
     (tensors or dicts of model inputs), or a text file path (tokenised with ``tokenizer``). Methods that
-    need no statistics (magnitude) need no ``calib``.
+    need no statistics (magnitude) need no ``calib``. Structured methods (``depth``, ``width``, ``slicegpt``)
+    remove about ``sparsity`` of the selected parameters and change the model's shapes and config.
+    ``recalibrate_bn``: re-estimate BatchNorm statistics after pruning on the calibration batches; ``None``
+    (default) does it when a pruned layer feeds a BatchNorm and calibration data is given.
     """
+    if method in STRUCTURED:
+        return _prune_structured(model, method, sparsity, calib, method_params, tokenizer, nsamples, seqlen, seed,
+                                 batch_size)
     settings = dict(method=method, sparsity=sparsity, pattern=pattern, group=group, update=update,
                     method_params=method_params or {}, update_params=update_params or {}, allocation=allocation,
                     allocation_params=allocation_params or {}, include=list(include or []),
@@ -137,8 +151,8 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
     settings["group"] = next(iter(plan.targets.values())).group
     allocator = ALLOCATORS.create(allocation, allocation_params)
     start = time.perf_counter()
-    batches = calibration_batches(calib, tokenizer, nsamples, seqlen, seed, batch_size) if plan.needs or \
-        allocation != "uniform" else []
+    wants_data = plan.needs or allocation != "uniform" or recalibrate_bn or calib is not None
+    batches = calibration_batches(calib, tokenizer, nsamples, seqlen, seed, batch_size) if wants_data else []
     data_s = time.perf_counter() - start
     sparsities = _allocate(model, batches, plan, allocator, sparsity)
     plan.targets = {n: Target(sparsities[n], t.group, t.nm) for n, t in plan.targets.items()}
@@ -149,13 +163,42 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, patter
     finally:
         model.train(was_training)
     timings["data_s"] = data_s
+    bn = _recalibrate_bn(model, plan, batches, recalibrate_bn)
     layers, overall = layer_sparsity(plan.layers)
     for name, row in layers.items():
         row["target"] = plan.targets[name].sparsity
     settings["blocks"] = plan.blocks[0] if plan.blocks else None
     log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(layers), 100 * overall, timings["total_s"])
-    return PruneReport(settings, layers, overall, timings, versions())
+    return PruneReport(settings, layers, overall, timings, versions(), bn_recalibration=bn)
 
+
+def _recalibrate_bn(model: nn.Module, plan: engine.Plan, batches: list, wanted: bool | None) -> dict | None:
+    """BatchNorm statistics go stale when the convs feeding them are pruned; re-estimate them."""
+    from .bn import needs_bn_recalibration, recalibrate_bn
+    if wanted is False:
+        return None
+    if wanted is None and not (batches and needs_bn_recalibration(model, plan.layers, batches[0], plan.device)):
+        return None
+    start = time.perf_counter()
+    result = recalibrate_bn(model, batches, plan.device)
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def _prune_structured(model: nn.Module, method: str, ratio: float, calib: Any, params: dict | None,
+                      tokenizer: Any, nsamples: int, seqlen: int, seed: int, batch_size: int) -> PruneReport:
+    """Structural methods change shapes and config; they get the calibration batches and a ratio."""
+    method_obj = STRUCTURED.create(method, params)
+    check_sparsity(ratio)
+    start = time.perf_counter()
+    batches = calibration_batches(calib, tokenizer, nsamples, seqlen, seed, batch_size) \
+        if method_obj.needs_calibration else []
+    with torch.no_grad():
+        summary = method_obj.prune_model(model, batches, ratio)
+    settings = dict(method=method, sparsity=ratio, method_params=params or {}, nsamples=nsamples, seqlen=seqlen,
+                    seed=seed, batch_size=batch_size, structured=True)
+    timings = {"total_s": time.perf_counter() - start}
+    return PruneReport(settings, {}, 0.0, timings, versions(), structure=summary)
 
 def _allocate(model, batches, plan: engine.Plan, allocator, sparsity: float) -> dict[str, float]:
     if plan.targets and next(iter(plan.targets.values())).nm is not None:

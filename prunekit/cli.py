@@ -31,10 +31,10 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, Any] | None:
 
 
 def _add_prune(sub) -> None:
-    p = sub.add_parser("prune", help="prune a model (flags or --recipe YAML; flags override the recipe)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("prune", help="prune a model (flags or --recipe YAML; flags override the recipe)")
     p.add_argument("--recipe", help="YAML recipe (see recipes/)")
-    p.add_argument("--model", help="local checkpoint directory or hub id")
+    p.add_argument("--model", help="HF causal-LM directory or hub id; image models: timm:NAME, local-dir:PATH, "
+                                   "torchvision:NAME or a saved prunekit vision directory")
     p.add_argument("--out", help="output directory (written atomically; never the input)")
     p.add_argument("--method", help="wanda, magnitude, sparsegpt, ... (see `prunekit methods`)")
     p.add_argument("--method-param", action="append", metavar="KEY=VALUE", help="method hyper-parameter")
@@ -48,7 +48,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--include", action="append", help="fnmatch pattern of layer names to prune (repeatable)")
     p.add_argument("--exclude", action="append", help="fnmatch pattern of layer names to keep dense")
     p.add_argument("--layer-types", help="comma list: linear (incl. 1x1 conv), conv, all (default linear)")
-    p.add_argument("--calib-data", help="calibration text file / dataset (LLMs)")
+    p.add_argument("--calib-data", help="calibration text file / dataset (LLMs) or ImageFolder (image models)")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (default 2048)")
     p.add_argument("--seed", type=int)
@@ -57,8 +57,13 @@ def _add_prune(sub) -> None:
                    help="one calibration pass over the dense model instead of block by block")
     p.add_argument("--device", help="compute device for the current block (cuda, cpu)")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
-    p.add_argument("--eval-data", help="text to report perplexity on before and after pruning")
+    p.add_argument("--eval-data", help="held-out text (perplexity) or ImageFolder (top-1/top-5), before and after")
     p.add_argument("--eval-seqlen", type=int)
+    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--num-workers", type=int, help="image loading workers (calibration and evaluation)")
+    p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-estimate BatchNorm statistics on the calibration images after pruning "
+                        "(default: when a pruned layer feeds a BatchNorm)")
     p.add_argument("--overwrite", action="store_const", const=True, help="allow a non-empty --out")
     p.add_argument("--trust-remote-code", action="store_const", const=True)
     p.add_argument("--json", help="also write the prune report to this JSON file")
@@ -110,23 +115,73 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model")
     esub = p.add_subparsers(dest="eval_kind", required=True)
     ppl = esub.add_parser("ppl", help="perplexity on held-out text: non-overlapping windows, exp(mean token NLL)")
-    ppl.add_argument("--model", required=True)
-    ppl.add_argument("--data", required=True, help="text file or dataset")
-    ppl.add_argument("--seqlen", type=int, default=2048)
-    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--recipe", help="LightningCLI-style YAML (recipes/llama-ppl-eval.yaml): runs trainer.test")
+    ppl.add_argument("--model")
+    ppl.add_argument("--data", help="text file or dataset")
+    ppl.add_argument("--seqlen", type=int)
+    ppl.add_argument("--batch-size", type=int)
     ppl.add_argument("--device")
     ppl.add_argument("--dtype", default="auto")
     ppl.add_argument("--trust-remote-code", action="store_true")
     ppl.add_argument("--json", help="write the result to this JSON file")
     ppl.set_defaults(func=cmd_eval_ppl)
+    image = esub.add_parser("image", help="top-1/top-5 of an image classifier on an ImageFolder (Lightning)")
+    image.add_argument("--recipe", help="LightningCLI-style YAML (recipes/imagenet-eval.yaml)")
+    image.add_argument("--model", help="timm:NAME, local-dir:PATH, torchvision:NAME or a saved prunekit directory")
+    image.add_argument("--data", help="ImageFolder in ImageNet layout (class folders)")
+    image.add_argument("--batch-size", type=int)
+    image.add_argument("--num-workers", type=int)
+    image.add_argument("--accelerator")
+    image.add_argument("--devices", type=int)
+    image.add_argument("--num-classes", type=int, help="replace the classifier head (timm) before evaluating")
+    image.add_argument("--json", help="write the results to this JSON file")
+    image.set_defaults(func=cmd_eval_image)
+
+
+def _sections(args, data_keys: dict[str, str], model_keys: dict[str, str]) -> dict[str, Any]:
+    """Flags the user set, as overrides of a LightningCLI-style config's model:/data:/results: sections."""
+    pick = lambda keys: {k: getattr(args, a) for k, a in keys.items() if getattr(args, a, None) is not None}
+    out: dict[str, Any] = {"model": pick(model_keys), "data": pick(data_keys)}
+    if args.json:
+        out["results"] = args.json
+    return {k: v for k, v in out.items() if v}
+
+
+def _require(args, *names: str) -> None:
+    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} required (or --recipe)")
 
 
 def cmd_eval_ppl(args) -> int:
-    from .pipeline import run_eval_ppl
-    result = run_eval_ppl(args.model, args.data, args.seqlen, args.batch_size, args.device, args.dtype,
-                          args.trust_remote_code)
-    print(f"perplexity {result['ppl']:.4f}  ({result['windows']} windows of {result['seqlen']} tokens)")
-    _maybe_json(args.json, result)
+    if args.recipe:
+        from .eval.lightning_ppl import run_ppl_eval_config
+        result = run_ppl_eval_config(args.recipe, _sections(
+            args, {"path": "data", "seqlen": "seqlen", "batch_size": "batch_size"}, {"source": "model"}))
+    else:
+        from .pipeline import run_eval_ppl
+        _require(args, "model", "data")
+        result = run_eval_ppl(args.model, args.data, args.seqlen or 2048, args.batch_size or 8, args.device,
+                              args.dtype, args.trust_remote_code)
+        _maybe_json(args.json, result)
+    print(f"perplexity {result['ppl']:.4f}")
+    return 0
+
+
+def cmd_eval_image(args) -> int:
+    from .eval.image import evaluate_image, run_image_eval_config
+    if args.recipe:
+        result = run_image_eval_config(args.recipe, _sections(
+            args, {"path": "data", "batch_size": "batch_size", "num_workers": "num_workers"},
+            {"source": "model", "num_classes": "num_classes"}))
+    else:
+        from .io.timm import load_vision_model
+        _require(args, "model", "data")
+        model = load_vision_model(args.model, num_classes=args.num_classes)
+        result = evaluate_image(model, args.data, batch_size=args.batch_size or 64, num_workers=args.num_workers or 0,
+                                accelerator=args.accelerator or "auto", devices=args.devices or 1, results=args.json)
+    top5 = f"  top-5 {result['top5']:.4f}" if "top5" in result else ""
+    print(f"top-1 {result['top1']:.4f}{top5}  ({result['images']} images)")
     return 0
 
 

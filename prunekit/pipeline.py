@@ -6,13 +6,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import nn
 
 from .api import PruneReport, prune
+from .data.images import image_calibration
 from .data.text import load_text, tokenize
+from .eval.image import evaluate_image
 from .eval.perplexity import perplexity
 from .groups import check_sparsity, parse_pattern
 from .io import atomic_dir, check_output_dir, load_causal_lm, load_tokenizer, save_causal_lm, write_json
+from .io.timm import is_vision_source, load_vision_model, local_path, save_vision_model
 from .methods import METHODS, STRUCTURED
 from .recipe import PruneRecipe, dump_recipe
 
@@ -30,45 +33,70 @@ def validate(recipe: PruneRecipe) -> Path | None:
             raise FileNotFoundError(f"data path {path!r} does not exist")
     if recipe.out is None:
         return None
-    return check_output_dir(recipe.out, [recipe.model], recipe.overwrite)
+    return check_output_dir(recipe.out, [local_path(recipe.model) or recipe.model], recipe.overwrite)
 
 
 def _looks_local(path: str) -> bool:
     return str(path).startswith((".", "/", "~")) or Path(path).suffix != "" or os.sep in str(path)
 
 
-def eval_tokens(tokenizer, path: str | None) -> torch.Tensor | None:
-    return tokenize(tokenizer, load_text(path)) if path else None
+def load_model(recipe: PruneRecipe) -> tuple[nn.Module, Any]:
+    """A vision classifier (``timm:``, ``local-dir:``, ``torchvision:``, saved vision dir) or a HF causal LM
+    with its tokenizer."""
+    if is_vision_source(recipe.model):
+        return load_vision_model(recipe.model), None
+    model = load_causal_lm(recipe.model, recipe.dtype, recipe.trust_remote_code)
+    return model, load_tokenizer(recipe.model, recipe.trust_remote_code)
+
+
+def calibration(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> Any:
+    """Image models take a seeded sample of preprocessed images; LLMs take the text path as it is."""
+    if recipe.calib_data and tokenizer is None:
+        return image_calibration(model, recipe.calib_data, recipe.nsamples, recipe.batch_size, recipe.seed,
+                                 recipe.num_workers)
+    return recipe.calib_data
+
+
+def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, cache: dict) -> dict[str, float]:
+    """Perplexity (LLMs) or top-1/top-5 (image models) on ``recipe.eval_data``; ``{}`` when not asked."""
+    if not recipe.eval_data:
+        return {}
+    if tokenizer is None:
+        result = evaluate_image(model, recipe.eval_data, batch_size=recipe.eval_batch_size,
+                                num_workers=recipe.num_workers, progress=False)
+        return {k: result[k] for k in ("top1", "top5", "loss") if k in result}
+    if "tokens" not in cache:
+        cache["tokens"] = tokenize(tokenizer, load_text(recipe.eval_data))
+    seqlen = recipe.eval_seqlen or recipe.seqlen
+    return {"ppl": perplexity(model, cache["tokens"], seqlen, recipe.eval_batch_size, device=recipe.device)}
 
 
 def run_prune(recipe: PruneRecipe) -> PruneReport:
     """Prune ``recipe.model`` and, when ``recipe.out`` is set, save model + report + resolved recipe."""
     out = validate(recipe)
-    model = load_causal_lm(recipe.model, recipe.dtype, recipe.trust_remote_code)
-    tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
-    tokens = eval_tokens(tokenizer, recipe.eval_data)
-    seqlen = recipe.eval_seqlen or recipe.seqlen
-    metrics: dict[str, Any] = {}
-    if tokens is not None:
-        metrics["ppl_dense"] = perplexity(model, tokens, seqlen, device=recipe.device)
-    report = prune(model, recipe.method, recipe.sparsity, recipe.pattern, recipe.group, recipe.calib_data,
-                   update=recipe.update, method_params=recipe.method_params, update_params=recipe.update_params,
-                   allocation=recipe.allocation, allocation_params=recipe.allocation_params,
-                   include=recipe.include, exclude=recipe.exclude, layer_types=recipe.layer_types,
-                   sequential=recipe.sequential, device=recipe.device, tokenizer=tokenizer,
-                   nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed, batch_size=recipe.batch_size)
-    if tokens is not None:
-        metrics["ppl"] = perplexity(model, tokens, seqlen, device=recipe.device)
-        metrics["eval_seqlen"] = seqlen
-    report.metrics.update(metrics)
+    model, tokenizer = load_model(recipe)
+    cache: dict = {}
+    dense = evaluate(model, tokenizer, recipe, cache)
+    report = prune(model, recipe.method, recipe.sparsity, recipe.pattern, recipe.group,
+                   calibration(model, tokenizer, recipe), update=recipe.update, method_params=recipe.method_params,
+                   update_params=recipe.update_params, allocation=recipe.allocation,
+                   allocation_params=recipe.allocation_params, include=recipe.include, exclude=recipe.exclude,
+                   layer_types=recipe.layer_types, sequential=recipe.sequential, device=recipe.device,
+                   tokenizer=tokenizer, nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed,
+                   batch_size=recipe.batch_size, recalibrate_bn=recipe.recalibrate_bn)
+    report.metrics.update({f"{k}_dense": v for k, v in dense.items()})
+    report.metrics.update(evaluate(model, tokenizer, recipe, cache))
     if out is not None:
         save_run(model, tokenizer, report, recipe, out)
     return report
 
 
-def save_run(model, tokenizer, report: PruneReport, recipe: PruneRecipe, out: Path) -> None:
+def save_run(model: nn.Module, tokenizer: Any, report: PruneReport, recipe: PruneRecipe, out: Path) -> None:
     with atomic_dir(out) as tmp:
-        save_causal_lm(model, tokenizer, tmp)
+        if tokenizer is None:
+            save_vision_model(model, tmp)
+        else:
+            save_causal_lm(model, tokenizer, tmp)
         write_json(tmp / "prune_report.json", report.to_dict())
         dump_recipe(recipe, tmp / "recipe.yaml")
     log.info("saved pruned model to %s", out)
@@ -80,7 +108,7 @@ def run_eval_ppl(model: str, data: str, seqlen: int = 2048, batch_size: int = 8,
         if _looks_local(path) and not Path(path).expanduser().exists():
             raise FileNotFoundError(f"path {path!r} does not exist")
     lm = load_causal_lm(model, dtype, trust_remote_code)
-    tokens = eval_tokens(load_tokenizer(model, trust_remote_code), data)
+    tokens = tokenize(load_tokenizer(model, trust_remote_code), load_text(data))
     if device is not None:
         lm.to(device)
     ppl = perplexity(lm, tokens, seqlen, batch_size, device)

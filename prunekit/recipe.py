@@ -42,6 +42,9 @@ class PruneRecipe:
     dtype: str = "auto"
     eval_data: str | None = None
     eval_seqlen: int | None = None
+    eval_batch_size: int = 8
+    recalibrate_bn: bool | None = None
+    num_workers: int = 0
     overwrite: bool = False
     trust_remote_code: bool = False
 

@@ -6,67 +6,7 @@ from torch import nn
 
 import prunekit
 from tests.conftest import tiny_llama
-
-
-def reference_wanda(model, calib, sparsity, prune_n=0, prune_m=0):
-    """The published Wanda algorithm (locuslab/wanda prune_wanda), written plainly and independently:
-    catch layer-0 inputs, then per decoder layer: running-average squared input norms one sample at a time,
-    W_metric = |W| * sqrt(scaler_row), prune the lowest per output row (or per M-block), re-run the pruned
-    layer and feed its outputs to the next."""
-    layers = model.model.layers
-    cache = {"inps": [], "kwargs": None}
-
-    class Catcher(nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, x, **kwargs):
-            cache["inps"].append(x)
-            cache["kwargs"] = kwargs
-            raise ValueError
-
-    layers[0] = Catcher(layers[0])
-    for sample in calib:
-        try:
-            model(sample.unsqueeze(0), use_cache=False)
-        except ValueError:
-            pass
-    layers[0] = layers[0].module
-    inps, kwargs = cache["inps"], cache["kwargs"]
-    for layer in layers:
-        subset = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        scaler, counts, handles = {}, {}, []
-        for name, lin in subset.items():
-            scaler[name] = torch.zeros(lin.in_features)
-            counts[name] = 0
-
-            def hook(mod, args, out, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                scaler[name] *= counts[name] / (counts[name] + 1)
-                counts[name] += 1
-                scaler[name] += torch.norm(x, p=2, dim=0) ** 2 / counts[name]
-            handles.append(lin.register_forward_hook(hook))
-        for x in inps:
-            layer(x, **kwargs)
-        for h in handles:
-            h.remove()
-        for name, lin in subset.items():
-            metric = lin.weight.abs() * torch.sqrt(scaler[name].reshape(1, -1))
-            mask = torch.zeros_like(metric, dtype=torch.bool)
-            if prune_n:
-                for i in range(0, metric.shape[1], prune_m):
-                    block = metric[:, i:i + prune_m]
-                    mask.scatter_(1, i + torch.topk(block, prune_n, dim=1, largest=False)[1], True)
-            else:
-                idx = torch.sort(metric, dim=-1, stable=True)[1][:, :int(metric.shape[1] * sparsity)]
-                mask.scatter_(1, idx, True)
-            lin.weight.data[mask] = 0
-        outs = []
-        for x in inps:
-            out = layer(x, **kwargs)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-        inps = outs
+from tests.reference import reference_wanda
 
 
 @pytest.mark.parametrize("setting", [dict(sparsity=0.5), dict(sparsity=0.7), dict(pattern="2:4")])
@@ -177,3 +117,13 @@ def test_nan_activations_error():
         model.model.embed_tokens.weight[5] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN/inf"):
         prunekit.prune(model, "wanda", 0.5, calib=torch.full((1, 8), 5))
+
+
+def test_explicit_device_path_gives_same_result(token_batch):
+    """The onload/offload path (block on --device, the rest where it was) must not change the result."""
+    a, b = tiny_llama(), tiny_llama()
+    prunekit.prune(a, "wanda", 0.5, calib=token_batch)
+    prunekit.prune(b, "wanda", 0.5, calib=token_batch, device="cpu")
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in b.modules())  # no hook outlives its use
