@@ -2,14 +2,14 @@
 
 Protocol of ../shared/fixtures/METRICS.md: calibration = 128 windows of 256 tokens from kjv/train.txt
 (seed 0), every Linear of the decoder layers pruned block by block, perplexity on kjv/test.txt in
-non-overlapping 256-token windows. Optionally (--zeroshot) also the accuracy on the local kjv_cloze task
-(tests/data/zeroshot_task, 200 four-way verse endings) through lm-eval.
+non-overlapping 256-token windows. Optionally (--zeroshot SETTING...) also the accuracy on the local
+kjv_cloze task (tests/data/zeroshot_task, 200 four-way verse endings) through lm-eval, at those settings.
 
 Writes benchmarks/results/kjv_beyond.json (one PruneReport per run, with metrics), kjv_beyond.md and the
 kjv_beyond_*.png plots (through prunekit.report); if benchmarks/results/kjv_weight_update.json exists, a
 combined kjv_all.md report too. Run from the repository root:
 
-    python benchmarks/kjv_beyond.py [--zeroshot] [--settings 0.5 0.6 0.7 0.8 2:4]
+    python benchmarks/kjv_beyond.py [--settings 0.5 0.6 0.7 0.8 2:4] [--zeroshot 0.5 0.7]
 """
 from __future__ import annotations
 
@@ -82,14 +82,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=["0.5", "0.6", "0.7", "0.8", "2:4"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--zeroshot", action="store_true", help="also score the local kjv_cloze task")
+    parser.add_argument("--zeroshot", nargs="*", default=[], help="settings at which to also score kjv_cloze")
     args = parser.parse_args()
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.WARNING)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "kjv-llama-5m")
     test_tokens = tokenize(tokenizer, load_text(FIXTURES / "kjv/test.txt"))
-    dense = dense_metrics(tokenizer, test_tokens, args.zeroshot)
+    dense = dense_metrics(tokenizer, test_tokens, bool(args.zeroshot))
     print(f"dense ppl {dense['ppl']:.2f}", flush=True)
     runs, out = [], RESULTS / "kjv_beyond.json"
     for setting in args.settings:
@@ -97,7 +97,7 @@ def main() -> None:
             if skipped(label, setting):
                 continue
             start = time.perf_counter()
-            runs.append(run_one(label, setting, tokenizer, test_tokens, dense, args.zeroshot))
+            runs.append(run_one(label, setting, tokenizer, test_tokens, dense, setting in args.zeroshot))
             print(f"{label:12s} {setting:>4s}  ppl {runs[-1]['metrics']['ppl']:8.2f}  "
                   f"({time.perf_counter() - start:.0f}s)", flush=True)
             write_json(out, {"protocol": __doc__.split("\n\n")[1], "dense": dense, "runs": runs})

@@ -118,9 +118,9 @@ def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
 
 def owl_sparsities(ratios: Mapping[Hashable, float], params: Mapping[Hashable, int], target: float,
                    lam: float) -> dict[Hashable, float]:
-    """OWL's rule: outlier ratios rescaled to ``[0, 2 lam]``, subtracted from the target around their
-    (parameter-weighted) mean, so the unit with most outliers is pruned ``lam`` below the target and the
-    one with fewest ``lam`` above it (for equal-size blocks, exactly the published code)."""
+    """OWL's rule: outlier ratios rescaled to ``[0, 2 lam]`` and subtracted from the target around their
+    (parameter-weighted) mean, so sparsities span ``2 lam`` with the most outliers pruned least; with
+    equal-size blocks this is exactly the published code (the mean, not the midpoint, sits at the target)."""
     low, high = min(ratios.values()), max(ratios.values())
     if high - low <= 0:
         return {u: target for u in ratios}

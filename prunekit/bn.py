@@ -9,7 +9,8 @@ variance per channel, accumulated in float64 from the BatchNorm inputs. (PyTorch
 cumulative average averages per-batch variances, which drops the spread between batch means and
 weights a short last batch like a full one.) During the pass the BatchNorm layers run in train mode,
 as they would in training, so later layers see batch-normalised inputs; everything else stays in
-eval mode (Dropout off, stochastic depth off).
+eval mode (Dropout off, stochastic depth off). Their momentum is 0 for the pass, so PyTorch's own
+running update is a no-op and a BatchNorm the data never reaches keeps its statistics.
 """
 from __future__ import annotations
 
@@ -64,14 +65,14 @@ def _summary(layers: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
 
 @contextmanager
 def _batchnorm_train_mode(model: nn.Module, layers: dict[str, nn.Module]):
-    """The model in eval mode except ``layers`` (train mode, ``momentum=None``); modes and momenta
-    are restored on exit, also when the forward pass raises."""
+    """The model in eval mode except ``layers`` (train mode, momentum 0: running statistics frozen);
+    modes and momenta are restored on exit, also when the forward pass raises."""
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in layers.values()}
     model.eval()
     for m in layers.values():
         m.train()
-        m.momentum = None
+        m.momentum = 0.0
     try:
         yield
     finally:
@@ -89,33 +90,38 @@ def recalibrate_bn(model: nn.Module, batches: Sequence[Batch], device: str | tor
     A model without BatchNorm is left alone (no forward pass)."""
     layers = batchnorm_layers(model)
     result: dict[str, Any] = {"layers": len(layers), "batches": len(batches), "before": _summary(layers)}
-    if layers and not batches:
-        raise ValueError("BatchNorm recalibration needs calibration batches (calib=...); pass "
-                         "recalibrate_bn=False to skip it")
     if not layers:
         return {**result, "after": {}}
-    moments = {name: _Moments() for name in layers}
-    handles = [m.register_forward_pre_hook(moments[name]) for name, m in layers.items()]
-    device = torch.device(device) if device is not None else None
-    try:
-        with on_device(model, device), _batchnorm_train_mode(model, layers):
-            for m in layers.values():
-                m.reset_running_stats()
-            for batch in batches:
-                run_model(model, batch, device)
-    finally:
-        for h in handles:
-            h.remove()
+    if not batches:
+        raise ValueError("BatchNorm recalibration needs calibration batches (calib=...); pass "
+                         "recalibrate_bn=False to skip it")
+    moments = _input_moments(model, layers, batches, torch.device(device) if device is not None else None)
     _write_statistics(layers, moments)
     result["after"] = _summary(layers)
     log.info("recalibrated %d BatchNorm layers on %d batches", len(layers), len(batches))
     return result
 
 
+def _input_moments(model: nn.Module, layers: dict[str, nn.Module], batches: Sequence[Batch],
+                   device: torch.device | None) -> dict[str, _Moments]:
+    """Run ``batches`` with the BatchNorm layers in train mode and record the moments of their inputs."""
+    moments = {name: _Moments() for name in layers}
+    handles = [m.register_forward_pre_hook(moments[name]) for name, m in layers.items()]
+    try:
+        with on_device(model, device), _batchnorm_train_mode(model, layers):
+            for batch in batches:
+                run_model(model, batch, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return moments
+
+
 def _write_statistics(layers: dict[str, nn.Module], moments: dict[str, _Moments]) -> None:
     for name, m in layers.items():
         if moments[name].count == 0:
-            raise RuntimeError(f"BatchNorm {name!r} saw no input during recalibration: is it used in forward()?")
+            log.warning("BatchNorm %r saw no calibration input (not on the forward path?); kept its statistics", name)
+            continue
         mean, var = moments[name].mean_var()
         m.running_mean.copy_(mean.to(m.running_mean))
         m.running_var.copy_(var.to(m.running_var))

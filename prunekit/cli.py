@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from importlib import resources
@@ -66,6 +67,11 @@ def _add_prune(sub) -> None:
                         "(default: when a pruned layer feeds a BatchNorm)")
     p.add_argument("--overwrite", action="store_const", const=True, help="allow a non-empty --out")
     p.add_argument("--trust-remote-code", action="store_const", const=True)
+    p.add_argument("--lazy", action="store_const", const=True,
+                   help="HF checkpoints larger than memory: read, prune and write one block at a time")
+    p.add_argument("--offload-activations", help="with --lazy: auto, device, cpu or disk")
+    p.add_argument("--save-format", help="dense (from_pretrained layout, default) or compact (kept values + bitmask "
+                                         "/ 2:4 packing; `prunekit convert --to dense` restores)")
     p.add_argument("--json", help="also write the prune report to this JSON file")
     p.set_defaults(func=cmd_prune)
 
@@ -136,11 +142,13 @@ def _add_eval(sub) -> None:
     image.add_argument("--num-classes", type=int, help="replace the classifier head (timm) before evaluating")
     image.add_argument("--json", help="write the results to this JSON file")
     image.set_defaults(func=cmd_eval_image)
+    _add_zeroshot(esub)
 
 
 def _sections(args, data_keys: dict[str, str], model_keys: dict[str, str]) -> dict[str, Any]:
     """Flags the user set, as overrides of a LightningCLI-style config's model:/data:/results: sections."""
-    pick = lambda keys: {k: getattr(args, a) for k, a in keys.items() if getattr(args, a, None) is not None}
+    def pick(keys: dict[str, str]) -> dict[str, Any]:
+        return {k: getattr(args, a) for k, a in keys.items() if getattr(args, a, None) is not None}
     out: dict[str, Any] = {"model": pick(model_keys), "data": pick(data_keys)}
     if args.json:
         out["results"] = args.json
@@ -185,6 +193,79 @@ def cmd_eval_image(args) -> int:
     return 0
 
 
+def _add_zeroshot(esub) -> None:
+    z = esub.add_parser("zeroshot", help="lm-eval-harness zero-shot accuracy with the model in memory")
+    z.add_argument("--model", required=True)
+    z.add_argument("--tasks", required=True, help="comma list, e.g. boolq,rte,hellaswag,winogrande,arc_easy,"
+                                                  "arc_challenge,openbookqa")
+    z.add_argument("--include-path", help="folder of local task YAMLs (offline tasks)")
+    z.add_argument("--limit", type=float, help="documents per task (a fraction when < 1)")
+    z.add_argument("--num-fewshot", type=int)
+    z.add_argument("--batch-size", type=int, default=8)
+    z.add_argument("--dtype", default="auto")
+    z.add_argument("--json", help="write the results to this JSON file")
+    z.set_defaults(func=cmd_eval_zeroshot)
+
+
+def cmd_eval_zeroshot(args) -> int:
+    from .eval.zeroshot import format_table, zeroshot
+    from .io import load_causal_lm, load_tokenizer
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    result = zeroshot(load_causal_lm(args.model, args.dtype), load_tokenizer(args.model), args.tasks,
+                      args.batch_size, limit, args.num_fewshot, args.include_path)
+    print(format_table(result))
+    _maybe_json(args.json, result)
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="markdown table + plots from several runs' prune_report.json")
+    p.add_argument("runs", nargs="+", help="run directories or JSON files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--title", default="prunekit report")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+    files = build_report(args.runs, args.out, args.title)
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="prune + fine-tune (LoRA or full, one-shot or gradual) from a recipe")
+    p.add_argument("--recipe", required=True, help="e.g. recipes/llama-wanda70-lora.yaml, recipes/convnext-gradual.yaml")
+    p.add_argument("--out")
+    p.add_argument("--overwrite", action="store_const", const=True)
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args) -> int:
+    from .finetune.run import run_finetune_recipe
+    overrides = {k: getattr(args, k) for k in ("out", "overwrite") if getattr(args, k) is not None}
+    result = run_finetune_recipe(args.recipe, overrides)
+    print(json.dumps(result.get("metrics", result), indent=2, default=str))
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint between the dense HF layout and the compact format")
+    p.add_argument("source")
+    p.add_argument("out")
+    p.add_argument("--to", choices=["dense", "compact"], default="dense")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from .io.compact import convert
+    weight_map = convert(args.source, args.out, args.to, overwrite=args.overwrite)
+    print(f"wrote {len(weight_map)} tensors to {args.out} ({args.to})")
+    return 0
+
+
 def _maybe_json(path: str | None, data: dict) -> None:
     if path:
         from .io import write_json
@@ -210,7 +291,7 @@ def demo_assets() -> Path:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on the built-in default: Wanda 50% on a small LLaMA "
+    p = sub.add_parser("demo", help="the main job on the built-in default: Wanda 50%% on a small LLaMA "
                                     "(kjv-llama-5m, shipped with prunekit), perplexity before/after")
     p.add_argument("--out", default="out/demo-wanda-50")
     p.add_argument("--method", default="wanda")
@@ -235,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunekit", description="Prune vision and language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_prune, _add_eval, _add_methods, _add_demo):
+    for add in (_add_prune, _add_eval, _add_methods, _add_demo, _add_report, _add_finetune, _add_convert):
         add(sub)
     return parser
 

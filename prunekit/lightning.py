@@ -140,7 +140,12 @@ def forward_batch(module: nn.Module, batch: Any) -> Any:
 
 
 def _own_iterator(loader: Iterable) -> Iterator:
-    """Batches from a loader without touching the training loop's iterator (persistent workers reuse it)."""
+    """Batches from a loader without touching the training loop's iterator (persistent workers reuse it).
+    With several train loaders (a dict or list), the first one calibrates."""
+    if isinstance(loader, Mapping):
+        loader = next(iter(loader.values()))
+    elif isinstance(loader, (list, tuple)) and loader and isinstance(loader[0], DataLoader):
+        loader = loader[0]
     if isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset):
         loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
     elif isinstance(loader, DataLoader) and loader.batch_sampler is not None:
@@ -343,11 +348,13 @@ class PruningCallback(L.Callback):
         engine.prune_layers(plan.layers, stats, plan)
         broadcast_weights(plan.layers)
         self.masks = masks_from_weights(plan.layers)
-        self._record(trainer.global_step, step, target)
+        samples = next(iter(stats.values())).nsamples if stats else 0
+        self._record(trainer.global_step, step, target, samples)
 
-    def _record(self, global_step: int, step: int, target: float) -> None:
+    def _record(self, global_step: int, step: int, target: float, samples: int) -> None:
         achieved = self.sparsity()
-        self.history.append({"step": global_step, "event_step": step, "target": target, "sparsity": achieved})
+        self.history.append({"step": global_step, "event_step": step, "target": target, "sparsity": achieved,
+                             "calib_samples": samples})
         self._to_log = achieved
         log.info("step %d: pruned to %.4f sparsity (target %.4f)", global_step, achieved, target)
 

@@ -15,6 +15,7 @@ from .eval.image import evaluate_image
 from .eval.perplexity import perplexity
 from .groups import check_sparsity, parse_pattern
 from .io import atomic_dir, check_output_dir, load_causal_lm, load_tokenizer, save_causal_lm, write_json
+from .io.compact import save_compact
 from .io.timm import is_vision_source, load_vision_model, local_path, save_vision_model
 from .methods import METHODS, STRUCTURED
 from .recipe import PruneRecipe, dump_recipe
@@ -74,6 +75,8 @@ def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, cache: dict)
 def run_prune(recipe: PruneRecipe) -> PruneReport:
     """Prune ``recipe.model`` and, when ``recipe.out`` is set, save model + report + resolved recipe."""
     out = validate(recipe)
+    if recipe.lazy:
+        return run_prune_lazy(recipe, out)
     model, tokenizer = load_model(recipe)
     cache: dict = {}
     dense = evaluate(model, tokenizer, recipe, cache)
@@ -95,11 +98,36 @@ def save_run(model: nn.Module, tokenizer: Any, report: PruneReport, recipe: Prun
     with atomic_dir(out) as tmp:
         if tokenizer is None:
             save_vision_model(model, tmp)
+        elif recipe.save_format == "compact":
+            model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            save_compact(model, tmp)
         else:
             save_causal_lm(model, tokenizer, tmp)
         write_json(tmp / "prune_report.json", report.to_dict())
         dump_recipe(recipe, tmp / "recipe.yaml")
     log.info("saved pruned model to %s", out)
+
+
+def run_prune_lazy(recipe: PruneRecipe, out: Path | None) -> PruneReport:
+    """Checkpoints larger than memory: one block at a time from the safetensors files to the output shards."""
+    from .io.lazy import prune_lazy
+    if out is None:
+        raise ValueError("--lazy writes the pruned checkpoint block by block: give --out")
+    if recipe.allocation != "uniform" or recipe.eval_data:
+        raise ValueError("--lazy supports uniform allocation and no --eval-data; evaluate the output afterwards "
+                         "with `prunekit eval ppl`")
+    report = prune_lazy(recipe.model, out, recipe.method, recipe.sparsity, recipe.pattern, recipe.group,
+                        recipe.calib_data, update=recipe.update, method_params=recipe.method_params,
+                        update_params=recipe.update_params, include=recipe.include, exclude=recipe.exclude,
+                        layer_types=recipe.layer_types, device=recipe.device, dtype=recipe.dtype,
+                        tokenizer=load_tokenizer(recipe.model, recipe.trust_remote_code), nsamples=recipe.nsamples,
+                        seqlen=recipe.seqlen, seed=recipe.seed, batch_size=recipe.batch_size,
+                        offload_activations=recipe.offload_activations, save_format=recipe.save_format,
+                        overwrite=True, trust_remote_code=recipe.trust_remote_code)
+    write_json(out / "prune_report.json", report.to_dict())
+    dump_recipe(recipe, out / "recipe.yaml")
+    return report
 
 
 def run_eval_ppl(model: str, data: str, seqlen: int = 2048, batch_size: int = 8, device: str | None = None,

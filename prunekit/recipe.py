@@ -45,6 +45,9 @@ class PruneRecipe:
     eval_batch_size: int = 8
     recalibrate_bn: bool | None = None
     num_workers: int = 0
+    lazy: bool = False
+    offload_activations: str = "auto"
+    save_format: str = "dense"
     overwrite: bool = False
     trust_remote_code: bool = False
 

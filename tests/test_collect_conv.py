@@ -183,8 +183,8 @@ def test_pointwise_conv_prunes_like_the_linear(method):
     conv = nn.Sequential(nn.Conv2d(16, 8, 1))
     linear = ChannelsLastLinear(conv[0])
     calib = [torch.randn(4, 16, 6, 6)]
-    prunekit.prune(conv, method, 0.5, calib=calib, include=["0"])
-    prunekit.prune(linear, method, 0.5, calib=calib, include=["fc"])
+    prunekit.prune(conv, method, 0.5, group="per-output", calib=calib, include=["0"])
+    prunekit.prune(linear, method, 0.5, group="per-output", calib=calib, include=["fc"])
     torch.testing.assert_close(weight_matrix(conv[0]), linear.fc.weight, atol=1e-5, rtol=1e-4)
 
 
@@ -238,6 +238,16 @@ def test_every_update_treats_conv_groups_as_separate_matmuls(update):
     prunekit.prune(grouped, "wanda", 0.5, group="per-output", update=update, calib=calib, include=["0"])
     prunekit.prune(split, "wanda", 0.5, group="per-output", update=update, calib=calib, include=["parts.*"],
                    sequential=False)
+    torch.testing.assert_close(grouped[0].weight, torch.cat([p.weight for p in split.parts]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="graph.find_blocks takes any ModuleList of identical modules as a chain of blocks; "
+                          "for parallel branches engine.prune_sequential feeds branch i's output to branch i+1")
+def test_parallel_identical_branches_are_not_calibrated_as_a_chain():
+    grouped, split, calib = _grouped_and_split()
+    prunekit.prune(grouped, "wanda", 0.5, group="per-output", calib=calib, include=["0"])
+    prunekit.prune(split, "wanda", 0.5, group="per-output", calib=calib, include=["parts.*"])
     torch.testing.assert_close(grouped[0].weight, torch.cat([p.weight for p in split.parts]), atol=1e-4, rtol=1e-4)
 
 

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from prunekit.lightning import (PruningCallback, apply_masks, cubic_sparsity, pack_mask, schedule_events,
+from prunekit.lightning import (PruningCallback, _own_iterator, cubic_sparsity, pack_mask, schedule_events,
                                 unpack_mask)
 from prunekit.methods import METHODS
 
@@ -36,9 +36,11 @@ class TinyMLP(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-def loader(n: int = 256, batch_size: int = 16, seed: int = 0) -> DataLoader:
+def loader(n: int = 256, batch_size: int = 16, seed: int = 0, shuffle: bool = True) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
     data = TensorDataset(torch.randn(n, 16, generator=gen), torch.randint(0, 4, (n,), generator=gen))
+    if not shuffle:
+        return DataLoader(data, batch_size=batch_size)
     return DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
@@ -98,6 +100,15 @@ def test_pack_unpack_roundtrip(shape):
 def test_bad_settings_fail_early(kwargs):
     with pytest.raises(ValueError):
         PruningCallback(**{"sparsity": 0.5, **kwargs})
+
+
+def test_calibration_never_touches_the_training_iterator():
+    """With persistent workers ``iter(loader)`` would reset the iterator the training loop is reading."""
+    data = TensorDataset(torch.arange(32.0).view(16, 2))
+    persistent = DataLoader(data, batch_size=4, num_workers=1, persistent_workers=True)
+    first = next(_own_iterator(persistent))[0]
+    assert persistent._iterator is None and torch.equal(first, data.tensors[0][:4])
+    assert torch.equal(next(_own_iterator({"a": persistent, "b": None}))[0], first)
 
 
 # ---------------------------------------------------------------- training
@@ -201,7 +212,7 @@ def test_gradient_accumulation_collects_whole_steps():
 def test_every_registered_method_runs_in_the_callback(method):
     from prunekit.finetune import CausalLMModule
     from tests.conftest import tiny_llama
-    module = CausalLMModule(tiny_llama(), lr=1e-3)
+    module = CausalLMModule(tiny_llama(layers=1), lr=1e-3)
     ids = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(0))
     data = DataLoader([{"input_ids": row} for row in ids], batch_size=4)
     pruning = PruningCallback(method=method, sparsity=0.5, calib_batches=2)
@@ -211,25 +222,40 @@ def test_every_registered_method_runs_in_the_callback(method):
 
 # ---------------------------------------------------------------- multi-process
 
+CALIB_INPUTS: list[torch.Tensor] = []  # filled in each spawned process by record_forward
+
+
+def record_forward(module, batch):
+    CALIB_INPUTS.append(batch[0].clone())
+    return module(batch[0])
+
+
 class RankDump(L.Callback):
     def __init__(self, pruning: PruningCallback, out):
         self.pruning, self.out = pruning, out
 
     def on_train_end(self, trainer, pl_module):
         weights = {n: m.weight.detach().clone() for n, m in self.pruning.layers.items()}
-        torch.save({"masks": self.pruning.masks, "weights": weights, "history": self.pruning.history},
-                   self.out / f"rank{trainer.global_rank}.pt")
+        torch.save({"masks": self.pruning.masks, "weights": weights, "history": self.pruning.history,
+                    "calib": torch.cat(CALIB_INPUTS)}, self.out / f"rank{trainer.global_rank}.pt")
 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_hold_identical_masks(tmp_path):
     """DDP on 2 CPU processes (gloo): each rank sees its own shard; statistics are summed, so masks agree.
-    Uses the spawn launcher of the same DDP strategy (``ddp`` re-executes the command line, i.e. pytest)."""
-    pruning = PruningCallback(method="wanda", sparsity=0.6, schedule="cubic", end_step=4, every_n_steps=2,
-                              calib_batches=2)
-    trainer(6, [pruning, RankDump(pruning, tmp_path)], strategy="ddp_spawn", devices=2).fit(TinyMLP(), loader())
+    Uses the spawn launcher of the same DDP strategy (``ddp`` re-executes the command line, i.e. pytest). The
+    loader has no torch.Generator: pickling one to a spawned process fails in this sandbox (shared-fd storage);
+    Lightning swaps in a DistributedSampler, which shuffles each rank's shard anyway."""
+    pruning = PruningCallback(method="wanda", sparsity=0.625, schedule="cubic", end_step=4, every_n_steps=2,
+                              calib_batches=2, forward_fn=record_forward)
+    trainer(6, [pruning, RankDump(pruning, tmp_path)], strategy="ddp_spawn", devices=2).fit(
+        TinyMLP(), loader(shuffle=False))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert set(r0["masks"]) == {"0", "2"}
     assert all(torch.equal(r0["masks"][n], r1["masks"][n]) for n in r0["masks"])
     assert all(torch.equal(r0["weights"][n], r1["weights"][n]) for n in r0["weights"])
-    assert r0["history"][-1]["sparsity"] == pytest.approx(0.6, abs=1 / 1024)
+    assert r0["history"][-1]["sparsity"] == 0.625
+    assert not torch.equal(r0["calib"], r1["calib"])  # each rank calibrated on its own shard ...
+    events = len(r0["history"])
+    assert r0["calib"].shape[0] == events * 2 * 16  # 2 batches of 16 rows per event on each rank
+    assert [e["calib_samples"] for e in r0["history"]] == [2 * 2] * events  # ... summed: 2 ranks x 2 batches

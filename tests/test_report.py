@@ -49,6 +49,7 @@ def test_build_report_writes_table_and_plots(tmp_path):
     files = build_report(dirs + [many], tmp_path / "out", title="kjv")
     for key in ("metric", "layer_sparsity", "prune_time"):
         assert files[key].suffix == ".png" and files[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert files["markdown"].name == "report.md"
     text = files["markdown"].read_text()
     assert text.startswith("# kjv") and "wanda+owl" in text and "ria" in text and "ppl_vs_sparsity.png" in text
 

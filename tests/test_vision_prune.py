@@ -162,3 +162,33 @@ def test_digits_convnext_wanda_per_layer_keeps_accuracy():
     report = prunekit.prune(model, "wanda", 0.5, group="per-layer", calib=calib)
     assert len(report.layers) == 24 and report.sparsity == pytest.approx(0.5, abs=1e-3)
     assert evaluate_image(model, val, batch_size=150, progress=False)["top1"] >= dense - 0.02
+
+
+def test_user_flow_local_dir_model_and_image_folders(tmp_path):
+    """What `prunekit prune --model local-dir:... --calib-data TRAIN --out OUT` then `prunekit eval image
+    --model OUT --data VAL` run, through the functions the CLI calls."""
+    import numpy as np
+    from PIL import Image
+
+    from prunekit.data.images import image_calibration
+    from prunekit.eval.image import evaluate_image
+    from prunekit.io import atomic_dir
+    from prunekit.io.timm import load_vision_model, save_vision_model
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(3):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    save_vision_model(tiny_convnext(num_classes=3), tmp_path / "dense")
+    model = load_vision_model(f"local-dir:{tmp_path / 'dense'}")
+    assert is_vision_model(model)
+    calib = image_calibration(model, tmp_path / "train", nsamples=8, batch_size=4, seed=0)
+    report = prunekit.prune(model, "wanda", 0.5, group="per-layer", calib=calib)
+    with atomic_dir(tmp_path / "out") as tmp:
+        save_vision_model(model, tmp)
+    direct = evaluate_image(model, tmp_path / "val", batch_size=4, progress=False, accelerator="cpu")
+    reloaded = evaluate_image(load_vision_model(tmp_path / "out"), tmp_path / "val", batch_size=5, progress=False,
+                              accelerator="cpu")
+    assert reloaded["images"] == 9 and reloaded["top1"] == direct["top1"] and "top5" not in reloaded
+    assert reloaded["loss"] == pytest.approx(direct["loss"], rel=1e-5) and report.sparsity == pytest.approx(0.5, abs=1e-3)

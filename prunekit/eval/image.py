@@ -59,6 +59,10 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def on_fit_start(self) -> None:
+        """Loaders return models in eval mode; training must run dropout / BatchNorm in train mode."""
+        self.model.train()
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         loss = F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)
@@ -194,7 +198,8 @@ def evaluate_image(model: nn.Module, data: ImageData, batch_size: int = 64, num_
     module = ImageClassifier(model)
     datamodule = ImageDataModule.for_model(model, val=data, batch_size=batch_size, num_workers=num_workers)
     trainer = eval_trainer(accelerator=accelerator, devices=devices, enable_progress_bar=progress, **trainer_kwargs)
-    return _run_test(trainer, module, datamodule, {"data": str(data)}, results)
+    described = type(data).__name__ if isinstance(data, Dataset) else str(data)
+    return _run_test(trainer, module, datamodule, {"data": described}, results)
 
 
 def _run_test(trainer: L.Trainer, module: ImageClassifier, datamodule: ImageDataModule, extra: dict[str, Any],

@@ -1,10 +1,11 @@
 """LoRA recovery for pruned models with peft: adapters on the pruned layers, then merge without losing
 the sparsity.
 
-LoRA's update ``B @ A`` is dense, so ``merge_and_unload`` would fill the pruned positions; the merged weight
-is multiplied by the base model's keep mask again (``merge_lora_keep_sparsity``). That drops the adapter's
-contribution at the pruned positions, so the merged model can differ a little from the adapted one; the
-report of ``prunekit finetune`` measures both.
+LoRA's update ``dW = s B A`` is dense, so ``merge_and_unload`` would fill the pruned positions; the merged
+weight is multiplied by the base model's keep mask again (``merge_lora_keep_sparsity``). Trained plainly, the
+adapters also learn to use the pruned positions, and re-masking drops that part, so the merged model is
+worse than the adapted one. ``add_lora(..., masks=...)`` trains a masked delta instead (``dW * M`` in every
+forward pass), so the merged model is exactly the model that was trained.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import logging
 from collections.abc import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..graph import select_layers
 from ..lightning import apply_masks, masks_from_weights
@@ -29,17 +32,43 @@ def lora_targets(model: nn.Module, include: Iterable[str] | None = None, exclude
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-             target_modules: Iterable[str] | None = None) -> nn.Module:
-    """Wrap ``model`` in peft LoRA adapters (base weights frozen); targets default to ``lora_targets``."""
+             target_modules: Iterable[str] | None = None,
+             masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Wrap ``model`` in peft LoRA adapters (base weights frozen); targets default to ``lora_targets``.
+    With ``masks`` (``keep_masks(model)``) the adapters train a masked delta (``mask_lora_deltas``)."""
     from peft import LoraConfig, get_peft_model
     targets = list(target_modules) if target_modules else lora_targets(model)
     if not targets:
         raise ValueError("no LoRA target modules: the model has no prunable Linear layers; pass target_modules")
+    if masks is not None and dropout:
+        raise ValueError("a masked LoRA delta needs lora dropout 0 (the mask is applied to the undropped input)")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("LoRA r=%d on %s: %d trainable parameters", r, ",".join(targets), trainable)
+    if masks is not None:
+        mask_lora_deltas(peft_model, masks)
     return peft_model
+
+
+def mask_lora_deltas(peft_model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[RemovableHandle]:
+    """Keep every adapter's update off the pruned positions: each adapted layer outputs its LoRA result minus
+    ``x (dW * ~M)^T``, i.e. ``base(x) + x (dW * M)^T``. One extra matmul per layer, and ``dW`` is formed."""
+    layers = dict(peft_model.get_base_model().named_modules())
+    handles = [layers[name].register_forward_hook(_masked_delta_hook(~mask))
+               for name, mask in masks.items() if hasattr(layers.get(name), "get_delta_weight")]
+    if not handles:
+        raise ValueError("no adapted layer has a mask: take the masks with keep_masks(model) before add_lora")
+    return handles
+
+
+def _masked_delta_hook(pruned: torch.Tensor):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if module.disable_adapters or module.merged:
+            return output
+        delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+        return output - F.linear(args[0], (delta * pruned).to(args[0].dtype))
+    return hook
 
 
 def keep_masks(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ kept values plus where they were, and everything else as it is:
 A weight is dropped when it equals zero, either sign: pruning by ``W * mask`` leaves ``-0.0`` where
 negative weights were, and keeping those would double the file. A round trip therefore restores every
 value bit for bit (NaN and inf included) except that a dropped ``-0.0`` comes back as ``+0.0``, which
-is equal (``torch.equal`` holds) and changes no product.
+compares equal (``torch.equal`` holds).
+
 Each shard is a safetensors file whose header metadata carries a small JSON table
 (``prunekit.compact``: format, shape and dtype of every tensor in that shard). Dense checkpoints are
 written in the layout ``from_pretrained`` reads (``model.safetensors`` or shards plus an index).

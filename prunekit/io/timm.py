@@ -67,6 +67,17 @@ def is_vision_source(source: str | os.PathLike) -> bool:
     return path.is_dir() and _saved_library(path) is not None
 
 
+def local_path(source: str | os.PathLike) -> Path | None:
+    """The local directory a source reads from (``local-dir:PATH`` or ``PATH``), for the check that an
+    output directory never overlaps its input; None for registry / hub / torchvision names."""
+    text = str(source)
+    if text.startswith("local-dir:"):
+        return Path(text[len("local-dir:"):]).expanduser()
+    if text.startswith((TIMM_PREFIX, TORCHVISION_PREFIX, "hf-hub:")):
+        return None
+    return Path(text).expanduser()
+
+
 def load_vision_model(source: str | os.PathLike, pretrained: bool = True, num_classes: int | None = None,
                       weights: str | os.PathLike | None = None) -> nn.Module:
     """An image classifier in eval mode from a ``timm:`` / ``local-dir:`` / ``hf-hub:`` / ``torchvision:``
@@ -86,8 +97,8 @@ def load_vision_model(source: str | os.PathLike, pretrained: bool = True, num_cl
 
 def _create_timm(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
     import timm
-    if name.startswith("local-dir:") and not Path(name[len("local-dir:"):]).expanduser().is_dir():
-        raise FileNotFoundError(f"timm model directory {name[len('local-dir:'):]!r} does not exist")
+    if name.startswith("local-dir:") and not local_path(name).is_dir():
+        raise FileNotFoundError(f"timm model directory {str(local_path(name))!r} does not exist")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
 

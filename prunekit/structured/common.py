@@ -7,6 +7,7 @@ build the old architecture and refuse the smaller checkpoint.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,6 +86,39 @@ def hf_config(model: nn.Module):
     """The Hugging Face config of ``model``, or None for plain PyTorch / timm models."""
     config = getattr(model, "config", None)
     return config if hasattr(config, "to_dict") else None
+
+
+def _validation_errors() -> tuple[type[Exception], ...]:
+    try:  # transformers 5 configs are strict dataclasses, whose validators raise this
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover
+        return ValueError, TypeError
+    return ValueError, TypeError, StrictDataclassError
+
+
+def config_accepts(model: nn.Module, values: Mapping[str, Any]) -> bool:
+    """Whether the model's config class accepts ``values``: transformers validates configs when saving and
+    loading (LlamaConfig wants ``hidden_size % num_attention_heads == 0``), so a shape it rejects is one the
+    pruned model could not be saved with. Models without an HF config accept anything."""
+    config = hf_config(model)
+    if config is None:
+        return True
+    trial = copy.deepcopy(config)
+    try:
+        for key, value in values.items():
+            setattr(trial, key, value)
+        if callable(getattr(trial, "validate", None)):
+            trial.validate()
+    except _validation_errors():
+        return False
+    return True
+
+
+def set_config(model: nn.Module, values: Mapping[str, Any]) -> None:
+    config = hf_config(model)
+    if config is not None:
+        for key, value in values.items():
+            setattr(config, key, value)
 
 
 def summary(before: int, after: int, total_before: int, total_after: int, **extra) -> dict:

@@ -47,14 +47,14 @@ class Group:
     """The units (heads / KV groups, or MLP channels) of one module, removed together from every slot.
 
     ``commit(kept)`` updates the owning module's own attributes (``num_heads`` ...) once its layers are cut;
-    ``config()`` returns the Hugging Face config values the module's new shape implies ({} for timm).
+    ``config(kept)`` gives the Hugging Face config values that keeping ``kept`` units implies ({} for timm).
     """
 
     name: str
     kind: str  # "heads" or "channels"
     slots: list[Slot]
     commit: Callable[[int], None] = field(default=lambda kept: None)
-    config: Callable[[], dict] = field(default=lambda: {})
+    config: Callable[[int], dict] = field(default=lambda kept: {})
 
     @property
     def units(self) -> int:
@@ -97,9 +97,8 @@ def hf_attention(name: str, m: nn.Module) -> Group | None:
     def commit(kept: int) -> None:  # older transformers versions keep head counts on the module
         _set_if_present(m, num_heads=kept * rep, num_key_value_heads=kept)
 
-    def config() -> dict:
-        kv_now = m.k_proj.out_features // hd
-        return {"num_attention_heads": kv_now * rep, "num_key_value_heads": kv_now, "head_dim": hd}
+    def config(kept: int) -> dict:
+        return {"num_attention_heads": kept * rep, "num_key_value_heads": kept, "head_dim": hd}
     return Group(name, "heads", slots, commit, config)
 
 
@@ -110,7 +109,7 @@ def hf_gated_mlp(name: str, m: nn.Module) -> Group | None:
     slots = [Slot(f"{name}.gate_proj", m.gate_proj, 0, index), Slot(f"{name}.up_proj", m.up_proj, 0, index),
              Slot(f"{name}.down_proj", m.down_proj, 1, index)]
     return Group(name, "channels", slots, lambda kept: _set_if_present(m, intermediate_size=kept),
-                 lambda: {"intermediate_size": m.gate_proj.out_features})
+                 lambda kept: {"intermediate_size": kept})
 
 
 def _require_identity(name: str, module: nn.Module | None, what: str) -> None:

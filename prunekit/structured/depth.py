@@ -48,7 +48,9 @@ def blocks_to_remove(n_blocks: int, ratio: float) -> int:
 # ---------------------------------------------------------------- scores
 
 def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+    if args:
+        return args[0]
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else next(iter(kwargs.values()))
 
 
 def _hidden_out(output) -> torch.Tensor:

@@ -8,7 +8,8 @@
    and the final one), each token first divided by its RMS, so the PCA weighs tokens as the layers see them.
 3. Rotate the residual stream: embeddings ``E Q``, readers ``W Q``, writers (o_proj, down_proj) ``Q^T W`` and their
    biases ``b Q``. With all of ``Q`` this changes nothing (up to float rounding).
-4. Slice: keep the first ``d' = d (1 - ratio)`` columns of ``Q``; every Linear loses the dropped residual
+4. Slice: keep the first ``d'`` columns of ``Q``, ``d'`` the width nearest ``d (1 - ratio)`` that the config
+   accepts (a multiple of ``num_attention_heads`` for LlamaConfig); every Linear loses the dropped residual
    dimensions, so about ``ratio`` of the decoder-layer parameters go (embeddings and head shrink too).
 5. Norms over the sliced stream: SliceGPT's ``RMSN`` divides ``||x'||^2`` by the original ``d``, so that norms
    keep the scale they had when the dropped directions (small by construction) were there. A plain RMSNorm
@@ -28,9 +29,10 @@ Supported: LLaMA-style decoders (``input_layernorm`` -> ``self_attn.{q,k,v}_proj
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,7 +40,8 @@ import torch
 from torch import nn
 
 from ..methods.base import ModelMethod, register_structured
-from .common import block_list, check_batches, check_ratio, count_params, forward, hf_config, summary
+from .common import (block_list, check_batches, check_ratio, config_accepts, count_params, forward, hf_config,
+                     set_config, summary)
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +107,10 @@ def norm_eps(norm: nn.Module) -> float:
 def check_rmsnorm(norm: nn.Module, dim: int) -> None:
     """The norm must compute ``weight * x / sqrt(mean(x^2) + eps)``: folding relies on that (Gemma's
     ``(1 + weight)`` or a LayerNorm's mean subtraction would silently break the model)."""
-    x = torch.randn(3, dim, generator=torch.Generator().manual_seed(0)).to(norm.weight)
-    expected = norm.weight * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps(norm))
-    if not torch.allclose(norm(x), expected, rtol=1e-3, atol=1e-4):
+    probe = copy.deepcopy(norm).float()  # in float32, so that bf16 rounding cannot fail the check
+    x = torch.randn(3, dim, generator=torch.Generator().manual_seed(0)).to(probe.weight.device)
+    expected = probe.weight * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps(norm))
+    if not torch.allclose(probe(x), expected, rtol=1e-4, atol=1e-5):
         raise ValueError(f"{type(norm).__name__} is not `weight * x / rms(x)`; slicegpt supports LLaMA-style RMSNorm")
 
 
@@ -219,11 +223,20 @@ def update_config(model: nn.Module, d: int, d_new: int, eps: float, head_dim: in
         if isinstance(getattr(m, "hidden_size", None), int) and m.hidden_size == d:
             m.hidden_size = d_new
     values = {"hidden_size": d_new, "rms_norm_eps": eps, "head_dim": head_dim}
-    config = hf_config(model)
-    if config is not None:
-        for key, value in values.items():
-            setattr(config, key, value)
+    set_config(model, values)
     return values
+
+
+def slice_model(model: nn.Module, layout: Layout, q: torch.Tensor, head_dim: int) -> dict:
+    """Fold the norms, rotate the residual stream by ``q`` ``[d, d']`` and rescale the norms for ``d'``;
+    returns the config values written."""
+    d, d_new = q.shape
+    untie_head(model, layout)
+    fold_all(layout)
+    rotate_all(layout, q)
+    for norm in layout.norms():
+        rescale_norm(norm, d, d_new)
+    return update_config(model, d, d_new, norm_eps(layout.final_norm), head_dim)
 
 
 def _head_dim(model: nn.Module) -> int:
@@ -233,9 +246,12 @@ def _head_dim(model: nn.Module) -> int:
     return dims.pop()
 
 
-def sliced_dim(d: int, ratio: float, round_to: int) -> int:
-    d_new = round_to * math.floor(d * (1.0 - ratio) / round_to + 0.5)
-    return min(max(d_new, round_to), d)
+def sliced_dim(d: int, ratio: float, round_to: int, accepts: Callable[[int], bool] = lambda d_new: True) -> int:
+    """The width nearest ``d (1 - ratio)`` (ties: the larger) that is a multiple of ``round_to`` and that the
+    config accepts (LlamaConfig wants ``hidden_size % num_attention_heads == 0``)."""
+    target = d * (1.0 - ratio)
+    candidates = sorted(set(range(round_to, d + 1, round_to)) | {d}, key=lambda c: (abs(c - target), -c))
+    return next(c for c in candidates if accepts(c))
 
 
 @register_structured
@@ -254,18 +270,13 @@ class SliceGPT(ModelMethod):
         ratio = check_ratio(ratio)
         check_batches(batches, self.name)
         layout = llama_layout(model)
-        d = layout.embed.embedding_dim
-        d_new = sliced_dim(d, ratio, self.round_to)
-        head_dim = _head_dim(model)
+        d, head_dim = layout.embed.embedding_dim, _head_dim(model)
+        d_new = sliced_dim(d, ratio, self.round_to,
+                           lambda c: config_accepts(model, {"hidden_size": c, "head_dim": head_dim}))
         _, blocks = block_list(model)
         before, total_before = count_params(blocks), count_params(model)
         values, vectors = principal_axes(residual_covariance(model, layout.norms(), batches))
-        untie_head(model, layout)
-        fold_all(layout)
-        rotate_all(layout, vectors[:, :d_new])
-        for norm in layout.norms():
-            rescale_norm(norm, d, d_new)
-        config = update_config(model, d, d_new, norm_eps(layout.final_norm), head_dim)
+        config = slice_model(model, layout, vectors[:, :d_new], head_dim)
         kept = float(values[:d_new].sum() / values.sum())
         log.info("slicegpt: hidden %d -> %d, %.4f of the residual variance kept", d, d_new, kept)
         return summary(before, count_params(blocks), total_before, count_params(model), hidden_before=d,

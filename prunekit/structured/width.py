@@ -6,10 +6,12 @@ of ``|W_ij| * ||X_j||``, ``X`` being the input of the layer the weight sits in (
 see the block's normalised hidden states; columns of o_proj/down_proj/fc2 see the attention output / the
 MLP activations). ``score="magnitude"`` drops ``||X_j||`` (no calibration data).
 
-How much goes: ``ratio`` is the fraction of the block list's parameters to remove. Heads lose
-``round(head_ratio * units)`` KV groups in every layer (``head_ratio`` defaults to ``ratio``), and MLP
-channels make up the rest of the parameter budget, again the same count in every layer, so heads are
-removed at the granularity the model allows and the total still lands near ``ratio``.
+How much goes: ``ratio`` is the fraction of the block list's parameters to remove. Every layer loses the
+number of KV groups nearest ``head_ratio * units`` (``head_ratio`` defaults to ``ratio``) that the model's config
+class accepts, and MLP channels make up the rest of the parameter budget, again the same count in every layer:
+heads go at the granularity the model allows and the total still lands near ``ratio``. (transformers 5's
+LlamaConfig requires ``hidden_size % num_attention_heads == 0`` when it saves or loads, so a 256-wide model with
+8 query heads in 4 KV groups can keep 4, 2 or 1 groups, not 3.)
 Which heads/channels go is chosen per layer; how many is the same in every layer because a Hugging Face
 LLaMA config has one ``num_attention_heads`` / ``num_key_value_heads`` / ``intermediate_size`` for all layers.
 (Per-layer counts would need a config with per-layer lists and a model class that reads them; we keep
@@ -18,21 +20,24 @@ explicitly, since ``hidden_size / num_attention_heads`` no longer gives it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..collect import collect
 from ..methods.base import ModelMethod, register_structured
-from .common import block_list, check_batches, check_ratio, count_params, forward, hf_config, summary
+from .common import (block_list, check_batches, check_ratio, config_accepts, count_params, forward, set_config,
+                     summary)
 from .coupling import Group, Slot, find_groups
 
 log = logging.getLogger(__name__)
+Accepts = Callable[[Mapping[str, Any]], bool]
 
 SCORES = ("wanda", "magnitude")
 
@@ -72,8 +77,14 @@ def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-def heads_to_remove(units: int, fraction: float) -> int:
-    return min(max(_round_half_up(fraction * units), 0), units - 1)
+def heads_to_remove(group: Group, fraction: float, accepts: Accepts = lambda values: True) -> int:
+    """The number of units nearest ``fraction`` of them (ties: the larger) whose result the config accepts
+    (LlamaConfig wants ``hidden_size % num_attention_heads == 0``); at least one unit stays."""
+    target = fraction * group.units
+    for removed in sorted(range(group.units), key=lambda r: (abs(r - target), -r)):
+        if accepts(group.config(group.units - removed)):
+            return removed
+    raise ValueError(f"{group.name}: the model's config accepts no smaller number of {group.kind}")
 
 
 def channels_to_remove(units: int, fraction: float, round_to: int) -> int:
@@ -83,12 +94,12 @@ def channels_to_remove(units: int, fraction: float, round_to: int) -> int:
 
 
 def removal_counts(groups: Sequence[Group], ratio: float, head_ratio: float | None, round_to: int,
-                   total_params: int) -> dict[str, int]:
+                   total_params: int, accepts: Accepts = lambda values: True) -> dict[str, int]:
     """Units to remove per group: heads at ``head_ratio``, then channels to bring the total to ``ratio``."""
     heads = [g for g in groups if g.kind == "heads"]
     channels = [g for g in groups if g.kind == "channels"]
     h_frac = ratio if head_ratio is None else head_ratio
-    counts = {g.name: heads_to_remove(g.units, h_frac) for g in heads}
+    counts = {g.name: heads_to_remove(g, h_frac, accepts) for g in heads}
     if not channels:
         return counts
     budget = ratio * total_params - sum(counts[g.name] * g.params_per_unit() for g in heads)
@@ -100,22 +111,20 @@ def removal_counts(groups: Sequence[Group], ratio: float, head_ratio: float | No
     return counts
 
 
-# ---------------------------------------------------------------- cutting
-
-def update_hf_config(model: nn.Module, groups: Sequence[Group]) -> dict:
-    """Write the new head counts / intermediate size into the HF config; they must agree across layers."""
+def planned_config(groups: Sequence[Group], counts: Mapping[str, int], accepts: Accepts) -> dict:
+    """The HF config values after the cut; they must agree across layers and be accepted by the config class."""
     values: dict = {}
     for group in groups:
-        for key, value in group.config().items():
+        for key, value in group.config(group.units - counts[group.name]).items():
             if values.setdefault(key, value) != value:
-                raise ValueError(f"width pruning left {key} = {values[key]} in one layer and {value} in "
+                raise ValueError(f"width pruning would leave {key} = {values[key]} in one layer and {value} in "
                                  f"{group.name}; a Hugging Face config holds one value for all layers")
-    config = hf_config(model)
-    if config is not None:
-        for key, value in values.items():
-            setattr(config, key, value)
+    if not accepts(values):
+        raise ValueError(f"the model's config class rejects {values}; choose another ratio / head_ratio / round_to")
     return values
 
+
+# ---------------------------------------------------------------- cutting
 
 def cut_groups(groups: Sequence[Group], scores: Mapping[str, torch.Tensor],
                counts: Mapping[str, int]) -> dict[str, list[int]]:
@@ -158,11 +167,13 @@ class Width(ModelMethod):
         prefix, blocks = block_list(model)
         before, total_before = count_params(blocks), count_params(model)
         groups = find_groups(prefix, blocks)
+        accepts = functools.partial(config_accepts, model)
+        counts = removal_counts(groups, ratio, self.head_ratio, self.round_to, before, accepts)
+        config = planned_config(groups, counts, accepts)
         norms = input_norms(model, groups, batches) if self.needs_calibration else None
         scores = {g.name: unit_scores(g, norms) for g in groups}
-        counts = removal_counts(groups, ratio, self.head_ratio, self.round_to, before)
         removed = cut_groups(groups, scores, counts)
-        config = update_hf_config(model, groups)
+        set_config(model, config)
         log.info("width: removed %s units per group", sorted(set(counts.values())))
         return summary(before, count_params(blocks), total_before, count_params(model), score=self.score,
                        removed_units={g.name: {"kind": g.kind, "before": g.units,

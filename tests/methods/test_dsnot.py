@@ -119,3 +119,14 @@ def test_wanda_plus_dsnot_prunes_a_tiny_llama_at_the_target():
     differs = [not torch.equal(a.weight == 0, b.weight == 0) for a, b in
                zip(plain.model.layers.modules(), refined.model.layers.modules()) if isinstance(a, nn.Linear)]
     assert any(differs)
+
+
+def test_dsnot_on_grouped_convs_keeps_each_row_count():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 36, 4))
+    batches = [torch.randn(4, 3, 8, 8) + 1 for _ in range(2)]
+    report = prunekit.prune(model, "wanda", 0.5, calib=batches, layer_types=["all"], update="dsnot",
+                            update_params={"threshold": 0.0})
+    assert set(report.layers) == {"2"}
+    assert ((model[2].weight != 0).reshape(8, -1).sum(dim=1) == 18).all()  # 36 columns per row, half kept

@@ -146,7 +146,7 @@ def _conv_net():
 def test_conv_layers_with_groups_through_prune():
     model = _conv_net()
     images = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(0))
-    report = prunekit.prune(model, "sparsegpt", 0.5, calib=images, include=["*"])
+    report = prunekit.prune(model, "sparsegpt", 0.5, group="per-layer", calib=images, include=["*"])
     assert set(report.layers) == {"0", "2", "4"}
     grouped = weight_matrix(model[2]).detach()  # [8, 36]: two groups of 4 rows, each one block of 36 cols
     for chunk in grouped.split(4):
@@ -212,9 +212,8 @@ def test_hessian_counts_batch_items_like_published_conv():
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="collect.py counts an unbatched conv input [C, H, W] as C samples "
-                                       "(x.shape[0] before the unsqueeze) instead of 1")
 def test_hessian_counts_unbatched_conv_input_as_one_item():
+    """An unbatched conv input [C, H, W] is one sample (an earlier collect.py counted C)."""
     g = torch.Generator().manual_seed(0)
     layer = nn.Conv2d(3, 4, 3, padding=1)
     batches = [torch.randn(3, 5, 5, generator=g), torch.randn(3, 5, 5, generator=g)]

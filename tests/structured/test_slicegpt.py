@@ -102,6 +102,14 @@ def test_unsupported_norm_is_refused_before_any_change(token_batch):
     assert torch.equal(model.model.embed_tokens.weight, weight)
 
 
-@pytest.mark.parametrize("d, ratio, round_to, expected", [(256, 0.1, 1, 230), (256, 0.3, 8, 176), (32, 0.99, 8, 8)])
+@pytest.mark.parametrize("d, ratio, round_to, expected", [(256, 0.1, 1, 230), (256, 0.3, 8, 176), (32, 0.99, 8, 8),
+                                                         (256, 0.0, 100, 256)])
 def test_sliced_dim(d, ratio, round_to, expected):
     assert sliced_dim(d, ratio, round_to) == expected
+
+
+def test_sliced_dim_is_one_the_config_accepts(token_batch):
+    """4 heads: LlamaConfig wants hidden % 4 == 0, so 20% of 32 (25.6) becomes 24, not 26."""
+    model = tiny_llama()
+    assert SliceGPT().prune_model(model, [token_batch], 0.2)["hidden_after"] == 24
+    model.config.validate()

@@ -30,16 +30,25 @@ def _zero_llama_units(model, removed: dict) -> None:
 
 
 def test_llama_gqa_width_equals_masked_original(token_batch):
-    model = tiny_llama(layers=2, hidden=32, heads=8, kv_heads=4, intermediate=64)
+    model = tiny_llama(layers=2, hidden=48, heads=8, kv_heads=4, intermediate=64)  # head_dim 6
     original = copy.deepcopy(model)
     summary = Width().prune_model(model, [token_batch], 0.3)
     removed = summary["removed_units"]
     assert all(len(removed[f"model.layers.{i}.self_attn"]["removed"]) == 1 for i in range(2))
     assert model.config.num_key_value_heads == 3 and model.config.num_attention_heads == 6
-    assert model.model.layers[0].self_attn.q_proj.out_features == 6 * 4
+    assert model.model.layers[0].self_attn.q_proj.out_features == 6 * 6
     _zero_llama_units(original, removed)
     with torch.no_grad():
         torch.testing.assert_close(model(token_batch).logits, original(token_batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_head_count_is_one_the_config_accepts(token_batch):
+    """LlamaConfig rejects hidden 32 with 6 query heads, so 30% takes 2 of 4 KV groups, not 1."""
+    model = tiny_llama(layers=2, hidden=32, heads=8, kv_heads=4, intermediate=64)
+    summary = Width().prune_model(model, [token_batch], 0.3)
+    assert model.config.num_attention_heads == 4 and model.config.num_key_value_heads == 2
+    assert summary["removed_fraction"] == pytest.approx(0.3, abs=0.01)
+    model.config.validate()
 
 
 def test_ratio_is_met_to_one_channel_step(token_batch):

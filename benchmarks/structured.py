@@ -1,0 +1,200 @@
+"""Structured pruning on kjv-llama-5m: perplexity and CPU throughput of depth, width and SliceGPT-style slicing.
+
+Protocol (../shared/fixtures/METRICS.md): calibration = 128 windows x 256 tokens of kjv/train.txt (seed 0);
+perplexity = kjv/test.txt in non-overlapping 256-token windows. Every pruned model is saved with
+``save_pretrained`` and reloaded with ``from_pretrained`` before it is measured, so the numbers are those of
+the checkpoint a user gets. Throughput is a forward pass over ``--batch`` x 256 tokens on CPU with one torch
+thread; the machine is shared, so each timing is the fastest of 3 back-to-back passes, dense and pruned timings
+are interleaved (alternating which goes first), the speedup is the median of the per-pair ratios, and process
+CPU time is reported next to wall-clock time.
+
+    python benchmarks/structured.py            # writes benchmarks/results/structured.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prunekit.api import versions
+from prunekit.data import calibration_batches, load_text, tokenize
+from prunekit.eval import perplexity
+from prunekit.io import write_json
+from prunekit.methods import STRUCTURED
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = [("depth (cosine)", "depth", {"score": "cosine"}), ("depth (ppl)", "depth", {"score": "ppl"}),
+           ("width (Wanda-sp)", "width", {}), ("slicegpt (global Q)", "slicegpt", {})]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--fixtures", default=str(ROOT / ".." / "shared" / "fixtures"))
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    p.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS])
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch", type=int, default=2, help="sequences per timed forward pass")
+    p.add_argument("--reps", type=int, default=15, help="interleaved dense/pruned timing repetitions")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for pruning and perplexity")
+    p.add_argument("--timing-threads", type=int, default=1, help="torch threads while timing")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "structured"))
+    return p.parse_args()
+
+
+@torch.no_grad()
+def forward_cost(model, tokens: torch.Tensor, repeat: int = 3) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one forward pass, each the minimum of ``repeat`` back-to-back passes:
+    the minimum filters out the times the process waited for a core on the shared machine."""
+    wall, cpu = float("inf"), float("inf")
+    for _ in range(repeat):
+        w0, c0 = time.perf_counter(), time.process_time()
+        model(input_ids=tokens, use_cache=False)
+        wall, cpu = min(wall, time.perf_counter() - w0), min(cpu, time.process_time() - c0)
+    return wall, cpu
+
+
+def interleaved_timing(dense, pruned, tokens: torch.Tensor, reps: int, threads: int) -> dict:
+    """Time the two models alternately (which goes first alternates too) so that load changes on the shared
+    machine hit both alike; speedup = median over reps of the ratio of the two adjacent timings. Timed with
+    ``threads`` torch threads (1 by default: with 2, every op waits for the later-scheduled thread)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (dense, pruned):  # warm-up
+            forward_cost(m, tokens)
+        costs = {"dense": [], "pruned": []}
+        for rep in range(reps):
+            for key, model in [("dense", dense), ("pruned", pruned)][:: 1 if rep % 2 == 0 else -1]:
+                costs[key].append(forward_cost(model, tokens))
+    finally:
+        torch.set_num_threads(previous)
+    return {**_speed(costs, tokens.numel(), 0, "wall"), **_speed(costs, tokens.numel(), 1, "cpu")}
+
+
+def _speed(costs: dict, n_tokens: int, which: int, tag: str) -> dict:
+    dense, pruned = ([c[which] for c in costs[k]] for k in ("dense", "pruned"))
+    ratios = [d / p for d, p in zip(dense, pruned)]
+    return {f"tokens_per_s_dense_{tag}": n_tokens / statistics.median(dense),
+            f"tokens_per_s_pruned_{tag}": n_tokens / statistics.median(pruned),
+            f"speedup_{tag}": statistics.median(ratios), f"speedup_{tag}_range": [min(ratios), max(ratios)]}
+
+
+def reloaded(model, tokens: torch.Tensor):
+    """Save and load the pruned model; its logits must be identical to the in-memory model's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp).eval()
+    with torch.no_grad():
+        if not torch.equal(loaded(tokens).logits, model(tokens).logits):
+            raise RuntimeError("the reloaded checkpoint does not reproduce the pruned model")
+    return loaded
+
+
+def fingerprint(model) -> str:
+    """Hash of every parameter: depth pruning at 10/20/30% of 4 blocks removes the same block each time."""
+    digest = hashlib.sha1()
+    for name, p in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_one(dense, label: str, name: str, params: dict, ratio: float, batches, test, timing_tokens, args,
+            ppl_cache: dict) -> dict:
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    summary = STRUCTURED.create(name, params).prune_model(model, batches, ratio)
+    prune_s = time.perf_counter() - start
+    model = reloaded(model, timing_tokens[:1])
+    key = fingerprint(model)  # identical models (same blocks removed) are evaluated once
+    if key not in ppl_cache:
+        ppl_cache[key] = perplexity(model, test, args.seqlen, batch_size=8)
+    ppl = ppl_cache[key]
+    row = {"method": label, "name": name, "params": params, "ratio": ratio, "ppl": ppl, "prune_s": prune_s,
+           **interleaved_timing(dense, model, timing_tokens, args.reps, args.timing_threads),
+           **{k: v for k, v in summary.items() if k not in ("removed_units", "block_scores")}}
+    logging.info("%s @ %.0f%%: ppl %.2f, removed %.1f%%, speedup %.2fx wall, %.2fx cpu", label, 100 * ratio, ppl,
+                 100 * summary["removed_fraction"], row["speedup_wall"], row["speedup_cpu"])
+    return row
+
+
+def _detail(row: dict) -> str:
+    if row["name"] == "depth":
+        return f"blocks removed {row['removed_blocks']}"
+    if row["name"] == "slicegpt":
+        return f"hidden {row['hidden_before']}→{row['hidden_after']}, variance kept {row['variance_kept']:.3f}"
+    cfg = row["config"]
+    return f"heads {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} kv, intermediate {cfg['intermediate_size']}"
+
+
+def markdown(result: dict) -> str:
+    load = ", ".join(f"{x:.1f}" for x in result["load_average"])
+    lines = ["# Structured pruning on kjv-llama-5m (CPU)", "",
+             f"Dense perplexity {result['dense_ppl']:.2f} (kjv/test.txt, 256-token windows). Calibration "
+             f"{result['nsamples']} x {result['seqlen']} tokens of kjv/train.txt, seed 0. *Removed*: fraction of "
+             "the decoder-layer parameters actually removed (*model*: of all parameters). Every pruned model was "
+             "saved and reloaded with `from_pretrained` before it was measured.", "",
+             f"Throughput: one forward pass over {result['batch']} x {result['seqlen']} tokens with "
+             f"{result['timing_threads']} torch thread(s); each measurement is the fastest of 3 back-to-back "
+             f"passes; dense and pruned are timed alternately {result['reps']} times in the same process; tok/s "
+             "are medians, speedup is the median of the per-pair ratios (range in brackets). *wall* = elapsed "
+             "time, *cpu* = process CPU time. The machine (2 cores) was shared with other jobs (1-minute load "
+             f"average when each row finished: {load}), so wall-clock numbers are noisy; CPU time is the steadier "
+             "measure of compute.", "",
+             "| method | target | removed (decoder) | removed (model) | ppl | tok/s dense (wall) | tok/s pruned "
+             "(wall) | speedup wall | speedup cpu | prune s | structure |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['ratio']:.0%} | {r['removed_fraction']:.1%} | "
+                     f"{r['model_removed_fraction']:.1%} | {r['ppl']:.2f} | {r['tokens_per_s_dense_wall']:.0f} | "
+                     f"{r['tokens_per_s_pruned_wall']:.0f} | {_ratio(r, 'wall')} | {_ratio(r, 'cpu')} | "
+                     f"{r['prune_s']:.1f} | {_detail(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(row: dict, tag: str) -> str:
+    low, high = row[f"speedup_{tag}_range"]
+    return f"{row[f'speedup_{tag}']:.2f}x ({low:.2f}–{high:.2f})"
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    fixtures = Path(args.fixtures)
+    tok = AutoTokenizer.from_pretrained(fixtures / "kjv-llama-5m")
+    dense = AutoModelForCausalLM.from_pretrained(fixtures / "kjv-llama-5m").eval()
+    test = tokenize(tok, load_text(fixtures / "kjv" / "test.txt"))
+    batches = calibration_batches(str(fixtures / "kjv" / "train.txt"), tok, args.nsamples, args.seqlen, 0, 8)
+    timing_tokens = test[: args.batch * args.seqlen].view(args.batch, args.seqlen)
+    result = {"model": "kjv-llama-5m", "dense_ppl": perplexity(dense, test, args.seqlen, batch_size=8),
+              "nsamples": args.nsamples, "seqlen": args.seqlen, "batch": args.batch, "reps": args.reps,
+              "threads": args.threads, "timing_threads": args.timing_threads, "versions": versions(), "rows": [],
+              "load_average": []}
+    ppl_cache: dict[str, float] = {}
+    for label, name, params in (m for m in METHODS if m[0] in args.methods):
+        for ratio in args.ratios:
+            result["rows"].append(run_one(dense, label, name, params, ratio, batches, test, timing_tokens, args,
+                                          ppl_cache))
+            result["load_average"].append(os.getloadavg()[0])
+            write_results(result, Path(args.out))  # after every row: a long run that fails keeps what it measured
+    print(markdown(result))
+
+
+def write_results(result: dict, out: Path) -> None:
+    write_json(out.with_suffix(".json"), result)
+    out.with_suffix(".md").write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""``prunekit finetune``: load, evaluate, prune (one-shot) or not, fine-tune with Lightning, merge LoRA,
+evaluate again, save atomically (model, ``finetune_report.json``, the resolved ``recipe.yaml``)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+from torch import nn
+
+from ..api import layer_sparsity, prune, versions
+from ..graph import select_layers
+from ..io import atomic_dir, save_causal_lm, write_json
+from ..io.timm import save_vision_model
+from ..lightning import PruningCallback
+from ..pipeline import calibration, evaluate, load_model, validate
+from ..recipe import dump_recipe
+from .causal_lm import CausalLMModule, TextDataModule
+from .lora import add_lora, keep_masks, merge_lora_keep_sparsity
+from .recipe import FinetuneRecipe, load_finetune_recipe
+
+log = logging.getLogger(__name__)
+
+
+def run_finetune_recipe(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The CLI entry point: ``prunekit finetune --recipe PATH [flags]``; returns the report dict."""
+    return run_finetune(load_finetune_recipe(path, overrides))
+
+
+def run_finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
+    out = validate(recipe)
+    L.seed_everything(recipe.seed, verbose=False)
+    model, tokenizer = load_model(recipe)
+    task = _task(recipe, tokenizer)
+    keys, cache, timings = list(model.state_dict()), {}, {}
+    metrics = _prefixed(evaluate(model, tokenizer, recipe, cache), "dense")
+    start = time.perf_counter()
+    pruned = _prune_first(model, tokenizer, recipe) if recipe.schedule == "oneshot" else None
+    timings["prune_s"] = time.perf_counter() - start
+    if pruned is not None:
+        metrics.update(_prefixed(evaluate(model, tokenizer, recipe, cache), "pruned"))
+    start = time.perf_counter()
+    model, history = _finetune(model, tokenizer, recipe, task, pruned, metrics, cache)
+    timings["finetune_s"] = time.perf_counter() - start
+    metrics.update(_prefixed(evaluate(model, tokenizer, recipe, cache), "finetuned"))
+    report = _report(model, recipe, task, metrics, history, timings, keys)
+    if out is not None:
+        _save(model, tokenizer, report, recipe, out)
+    return report
+
+
+def _task(recipe: FinetuneRecipe, tokenizer: Any) -> str:
+    task = recipe.task or ("causal-lm" if tokenizer is not None else "image-classification")
+    if (task == "causal-lm") != (tokenizer is not None):
+        raise ValueError(f"task {task!r} does not match the model {recipe.model!r}; drop task: to infer it")
+    if recipe.lora is not None and task != "causal-lm":
+        raise ValueError("LoRA recovery is implemented for causal LMs; remove lora: for image models")
+    return task
+
+
+def _prefixed(values: dict[str, float], stage: str) -> dict[str, float]:
+    return {f"{k}_{stage}": v for k, v in values.items()}
+
+
+def _prune_first(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe) -> dict[str, Any]:
+    """One-shot pruning before fine-tuning, exactly as ``prunekit prune`` runs it."""
+    report = prune(model, recipe.method, recipe.sparsity, recipe.pattern, recipe.group,
+                   calibration(model, tokenizer, recipe), update=recipe.update, method_params=recipe.method_params,
+                   update_params=recipe.update_params, allocation=recipe.allocation,
+                   allocation_params=recipe.allocation_params, include=recipe.include, exclude=recipe.exclude,
+                   layer_types=recipe.layer_types, sequential=recipe.sequential, device=recipe.device,
+                   tokenizer=tokenizer, nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed,
+                   batch_size=recipe.batch_size, recalibrate_bn=recipe.recalibrate_bn)
+    return report.to_dict()
+
+
+def pruning_callback(recipe: FinetuneRecipe) -> PruningCallback:
+    """The callback a recipe asks for: hold the one-shot masks (``fixed``), or prune gradually (``cubic``)."""
+    schedule = "fixed" if recipe.schedule == "oneshot" else recipe.schedule
+    return PruningCallback(method=recipe.method, sparsity=recipe.sparsity, pattern=recipe.pattern,
+                           group=recipe.group, schedule=schedule, start_step=recipe.start_step,
+                           end_step=recipe.end_step, every_n_steps=recipe.every_n_steps,
+                           calib_batches=recipe.calib_batches, initial_sparsity=recipe.initial_sparsity,
+                           update=recipe.update, method_params=recipe.method_params,
+                           update_params=recipe.update_params, include=recipe.include, exclude=recipe.exclude,
+                           layer_types=recipe.layer_types)
+
+
+def finetune_trainer(recipe: FinetuneRecipe, callbacks: list, **kwargs: Any) -> L.Trainer:
+    """``max_steps`` of training, no checkpoints or logger files; validation 4 times when there is val_data."""
+    val = dict(val_check_interval=max(recipe.max_steps // 4, 1), check_val_every_n_epoch=None) \
+        if recipe.val_data else dict(limit_val_batches=0)
+    opts = dict(max_steps=recipe.max_steps, precision=recipe.precision, logger=False, enable_checkpointing=False,
+                accumulate_grad_batches=recipe.accumulate_grad_batches, num_sanity_val_steps=0,
+                enable_model_summary=False, **val)
+    return L.Trainer(callbacks=callbacks, **{**opts, **kwargs})
+
+
+def _finetune(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe, task: str, pruned: dict | None,
+              metrics: dict, cache: dict) -> tuple[nn.Module, list]:
+    if task == "image-classification":
+        return _finetune_image(model, recipe)
+    data = TextDataModule(tokenizer, recipe.training_data, recipe.val_data, recipe.train_seqlen or recipe.seqlen,
+                          recipe.train_batch_size, recipe.seed, recipe.num_workers or 0)
+    if recipe.lora is None:
+        callback = pruning_callback(recipe)
+        finetune_trainer(recipe, [callback]).fit(_lm_module(model, recipe), datamodule=data)
+        return model, callback.history
+    masks = keep_masks(model, names=pruned["layers"])
+    lora = dict(recipe.lora)
+    masked = lora.pop("masked", True)  # train dW * M, so the merged model is the trained one
+    adapted = add_lora(model, **lora, masks=masks if masked else None)
+    finetune_trainer(recipe, []).fit(_lm_module(adapted, recipe), datamodule=data)
+    metrics.update(_prefixed(evaluate(adapted, tokenizer, recipe, cache), "lora_unmerged"))
+    return merge_lora_keep_sparsity(adapted, masks), []
+
+
+def _lm_module(model: nn.Module, recipe: FinetuneRecipe) -> CausalLMModule:
+    return CausalLMModule(model.train(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                          warmup_steps=recipe.warmup_steps)
+
+
+def _finetune_image(model: nn.Module, recipe: FinetuneRecipe) -> tuple[nn.Module, list]:
+    from ..eval.image import ImageClassifier, ImageDataModule
+    data = ImageDataModule.for_model(model, train=recipe.training_data, val=recipe.val_data,
+                                     batch_size=recipe.train_batch_size, num_workers=recipe.num_workers or 0,
+                                     train_augment=recipe.train_augment)
+    callback = pruning_callback(recipe)
+    module = ImageClassifier(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    finetune_trainer(recipe, [callback]).fit(module, datamodule=data)
+    return model.eval(), callback.history
+
+
+def _report(model: nn.Module, recipe: FinetuneRecipe, task: str, metrics: dict, history: list,
+            timings: dict, keys: list[str]) -> dict[str, Any]:
+    layers, overall = layer_sparsity(select_layers(model, recipe.include, recipe.exclude, recipe.layer_types))
+    log.info("fine-tuned %s: sparsity %.4f, %s", task, overall, metrics)
+    return {"task": task, "settings": dataclasses.asdict(recipe), "metrics": metrics, "sparsity": overall,
+            "layers": layers, "history": history, "timings": timings,
+            "state_dict_keys_unchanged": list(model.state_dict()) == keys, "versions": versions()}
+
+
+def _save(model: nn.Module, tokenizer: Any, report: dict, recipe: FinetuneRecipe, out: Path) -> None:
+    with atomic_dir(out) as tmp:
+        if tokenizer is None:
+            save_vision_model(model, tmp)
+        else:
+            save_causal_lm(model, tokenizer, tmp)
+        write_json(tmp / "finetune_report.json", report)
+        dump_recipe(recipe, tmp / "recipe.yaml")
+    log.info("saved fine-tuned model to %s", out)

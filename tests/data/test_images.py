@@ -1,0 +1,73 @@
+"""Image calibration: a seeded sample of an ImageFolder, preprocessed with the model's timm data config."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+import prunekit
+from prunekit.data.images import data_config, image_calibration, image_dataset, image_transform, sample_indices
+from tests.conftest import fixture_path
+from tests.test_vision_prune import tiny_convnext
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """3 classes x 5 random RGB images of 20x20 px (the model's transform resizes them to 32x32)."""
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(5):
+            pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / f"class{c}" / f"{i}.png")
+    return tmp_path
+
+
+def test_sample_is_the_seeded_randperm_prefix():
+    idx = sample_indices(20, 6, seed=3)
+    assert torch.equal(idx, torch.randperm(20, generator=torch.Generator().manual_seed(3))[:6])
+    assert len(set(idx.tolist())) == 6
+    assert not torch.equal(idx, sample_indices(20, 6, seed=4))
+
+
+def test_calibration_batches_are_the_sampled_images_preprocessed(folder):
+    model = tiny_convnext()
+    batches = image_calibration(model, folder, nsamples=7, batch_size=3, seed=0)
+    assert [b.shape for b in batches] == [(3, 3, 32, 32), (3, 3, 32, 32), (1, 3, 32, 32)]
+    dataset = image_dataset(folder, image_transform(data_config(model)))
+    expected = torch.stack([dataset[i][0] for i in sample_indices(len(dataset), 7, 0).tolist()])
+    assert torch.equal(torch.cat(batches), expected)
+    assert torch.equal(torch.cat(image_calibration(model, folder, 7, 4, seed=0)), expected)
+
+
+def test_calibration_from_a_dataset_of_tensors_and_of_pil_images(folder):
+    model = tiny_convnext()
+    tensors = TensorDataset(torch.arange(10.0).view(10, 1, 1, 1).expand(10, 3, 32, 32), torch.zeros(10))
+    batches = image_calibration(model, tensors, nsamples=4, batch_size=4, seed=0)
+    assert batches[0][:, 0, 0, 0].tolist() == sample_indices(10, 4, 0).float().tolist()
+    raw = image_dataset(folder)  # no transform: PIL images, preprocessed by the model's transform
+    assert image_calibration(model, raw, nsamples=2, batch_size=2)[0].shape == (2, 3, 32, 32)
+
+
+def test_batches_feed_the_pruning_engine(folder):
+    model = tiny_convnext()
+    report = prunekit.prune(model, "wanda", 0.5, group="per-layer", calib=image_calibration(model, folder, 6, 3))
+    assert report.sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+def test_errors_name_the_fix(folder):
+    model = tiny_convnext()
+    with pytest.raises(ValueError, match="lower --nsamples"):
+        image_calibration(model, folder, nsamples=16)
+    with pytest.raises(FileNotFoundError, match="ImageFolder"):
+        image_calibration(model, folder / "missing", nsamples=2)
+
+
+def test_digits_calibration_uses_the_fixture_config():
+    from prunekit.io.timm import load_vision_model
+    model = load_vision_model(f"local-dir:{fixture_path('convnext-digits')}")
+    batches = image_calibration(model, fixture_path("digits", "train"), nsamples=8, batch_size=8)
+    assert batches[0].shape == (8, 3, 32, 32)
+    assert batches[0].min() >= -1 and batches[0].max() <= 1  # mean 0.5 / std 0.5 normalisation
