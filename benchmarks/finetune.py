@@ -82,6 +82,7 @@ def llm_part() -> dict[str, Any]:
 
 def llm_lora(model, masks, data, ppl, masked: bool) -> list[dict]:
     keys = list(model.state_dict())
+    L.seed_everything(0, verbose=False)  # the adapters' random init
     adapted = add_lora(model, **LLM["lora"], masks=masks if masked else None)
     name = "Wanda 70% + LoRA, masked delta (dW*M)" if masked else "Wanda 70% + LoRA, dense delta"
     module = CausalLMModule(adapted.train(), lr=LLM["lora_lr"], warmup_steps=LLM["warmup"])

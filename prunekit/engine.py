@@ -285,10 +285,42 @@ def dense_statistics(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> 
     return result
 
 
+@torch.no_grad()
+def blocks_are_chained(model: nn.Module, blocks: nn.Module, batch: Batch, device: torch.device | None) -> bool:
+    """Whether block 1 receives block 0's output on a real forward pass. A list of identical modules can
+    also be parallel branches; feeding one branch's output to the next would be wrong."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def out_hook(module, args, output):
+        seen["out"] = _block_output(output)
+
+    def in_hook(module, args, kwargs):
+        seen["in"] = args[0] if args else next(iter(kwargs.values()), None)
+        raise _StopForward
+
+    handles = [blocks[0].register_forward_hook(out_hook), blocks[1].register_forward_pre_hook(in_hook, with_kwargs=True)]
+    try:
+        with _outside_blocks_on_device(model, blocks, device), on_device(blocks[1], device):
+            run_model(model, batch, device)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    out, inp = seen.get("out"), seen.get("in")
+    return isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and out.shape == inp.shape \
+        and out.data_ptr() == inp.data_ptr()
+
+
 def run(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> dict[str, float]:
     """Prune ``model`` in place according to ``plan``; returns timings in seconds."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    if plan.blocks is not None and plan.needs and not blocks_are_chained(model, plan.blocks[1], batches[0],
+                                                                        plan.device):
+        log.warning("blocks of %r do not feed each other (parallel branches?): calibrating in one pass",
+                    plan.blocks[0])
+        plan.blocks = None
     if plan.blocks is not None:
         prune_sequential(model, batches, plan, timings)
     else:

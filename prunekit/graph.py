@@ -128,7 +128,8 @@ def select_layers(model: nn.Module, include: Iterable[str] | None = None, exclud
         if keep and not _matches(name, exclude):
             chosen[name] = m
     for name, m in model.named_modules():
-        if isinstance(m, TRANSPOSED_CONV_TYPES) and include and _matches(name, include):
+        if isinstance(m, TRANSPOSED_CONV_TYPES) and include and _matches(name, include) \
+                and not _matches(name, exclude):
             raise ValueError(f"layer {name!r} is a transposed convolution, which prunekit does not prune; "
                              "exclude it (--exclude) or narrow --include")
     return chosen

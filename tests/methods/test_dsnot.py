@@ -126,7 +126,7 @@ def test_dsnot_on_grouped_convs_keeps_each_row_count():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(8 * 36, 4))
     batches = [torch.randn(4, 3, 8, 8) + 1 for _ in range(2)]
-    report = prunekit.prune(model, "wanda", 0.5, calib=batches, layer_types=["all"], update="dsnot",
+    report = prunekit.prune(model, "wanda", 0.5, calib=batches, layer_types=["all"], group="per-output", update="dsnot",
                             update_params={"threshold": 0.0})
     assert set(report.layers) == {"2"}
     assert ((model[2].weight != 0).reshape(8, -1).sum(dim=1) == 18).all()  # 36 columns per row, half kept
