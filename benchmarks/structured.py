@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import json
 import logging
 import os
 import statistics
@@ -33,7 +34,8 @@ from prunekit.methods import STRUCTURED
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [("depth (cosine)", "depth", {"score": "cosine"}), ("depth (ppl)", "depth", {"score": "ppl"}),
-           ("width (Wanda-sp)", "width", {}), ("slicegpt (global Q)", "slicegpt", {})]
+           ("width (Wanda-sp)", "width", {}), ("width (MLP only)", "width", {"head_ratio": 0.0}),
+           ("slicegpt (global Q)", "slicegpt", {})]
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads for pruning and perplexity")
     p.add_argument("--timing-threads", type=int, default=1, help="torch threads while timing")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "structured"))
+    p.add_argument("--append", action="store_true",
+                   help="add rows to the existing OUT.json (same settings required) instead of starting anew")
     return p.parse_args()
 
 
@@ -138,7 +142,7 @@ def _detail(row: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    load = ", ".join(f"{x:.1f}" for x in result["load_average"])
+    load = f"{min(result['load_average']):.1f}–{max(result['load_average']):.1f}"
     lines = ["# Structured pruning on kjv-llama-5m (CPU)", "",
              f"Dense perplexity {result['dense_ppl']:.2f} (kjv/test.txt, 256-token windows). Calibration "
              f"{result['nsamples']} x {result['seqlen']} tokens of kjv/train.txt, seed 0. *Removed*: fraction of "
@@ -149,7 +153,7 @@ def markdown(result: dict) -> str:
              f"passes; dense and pruned are timed alternately {result['reps']} times in the same process; tok/s "
              "are medians, speedup is the median of the per-pair ratios (range in brackets). *wall* = elapsed "
              "time, *cpu* = process CPU time. The machine (2 cores) was shared with other jobs (1-minute load "
-             f"average when each row finished: {load}), so wall-clock numbers are noisy; CPU time is the steadier "
+             f"average sampled after each row: {load}), so wall-clock numbers are noisy; CPU time is the steadier "
              "measure of compute.", "",
              "| method | target | removed (decoder) | removed (model) | ppl | tok/s dense (wall) | tok/s pruned "
              "(wall) | speedup wall | speedup cpu | prune s | structure |",
@@ -177,18 +181,33 @@ def main() -> None:
     test = tokenize(tok, load_text(fixtures / "kjv" / "test.txt"))
     batches = calibration_batches(str(fixtures / "kjv" / "train.txt"), tok, args.nsamples, args.seqlen, 0, 8)
     timing_tokens = test[: args.batch * args.seqlen].view(args.batch, args.seqlen)
-    result = {"model": "kjv-llama-5m", "dense_ppl": perplexity(dense, test, args.seqlen, batch_size=8),
-              "nsamples": args.nsamples, "seqlen": args.seqlen, "batch": args.batch, "reps": args.reps,
-              "threads": args.threads, "timing_threads": args.timing_threads, "versions": versions(), "rows": [],
-              "load_average": []}
+    result = previous_result(args) if args.append else new_result(args, perplexity(dense, test, args.seqlen, 8))
     ppl_cache: dict[str, float] = {}
     for label, name, params in (m for m in METHODS if m[0] in args.methods):
         for ratio in args.ratios:
             result["rows"].append(run_one(dense, label, name, params, ratio, batches, test, timing_tokens, args,
                                           ppl_cache))
             result["load_average"].append(os.getloadavg()[0])
+            result["rows"].sort(key=lambda r: ([m[0] for m in METHODS].index(r["method"]), r["ratio"]))
             write_results(result, Path(args.out))  # after every row: a long run that fails keeps what it measured
     print(markdown(result))
+
+
+SETTINGS = ("nsamples", "seqlen", "batch", "reps", "threads", "timing_threads")
+
+
+def new_result(args: argparse.Namespace, dense_ppl: float) -> dict:
+    return {"model": "kjv-llama-5m", "dense_ppl": dense_ppl, **{k: getattr(args, k) for k in SETTINGS},
+            "versions": versions(), "rows": [], "load_average": []}
+
+
+def previous_result(args: argparse.Namespace) -> dict:
+    """The earlier run's results, to extend with more rows; its settings must be the ones asked for now."""
+    result = json.loads(Path(args.out).with_suffix(".json").read_text())
+    differ = {k: (result[k], getattr(args, k)) for k in SETTINGS if result[k] != getattr(args, k)}
+    if differ:
+        raise ValueError(f"--append: settings differ from the saved run (saved, now): {differ}")
+    return result
 
 
 def write_results(result: dict, out: Path) -> None:
