@@ -223,7 +223,8 @@ def markdown(results: dict[str, Any]) -> str:
     if "llm" in results:
         s = results["llm"]["settings"]
         lines += [f"## kjv-llama-5m: Wanda 70% one-shot, then {s['steps']} steps (batch {s['batch']} x "
-                  f"{s['seqlen']} tokens of kjv/train.txt)", "",
+                  f"{s['seqlen']} tokens of kjv/train.txt; LoRA r {s['lora']['r']}, alpha {s['lora']['alpha']}, lr "
+                  f"{s['lora_lr']}; full fine-tune lr {s['full_lr']}; {s['warmup']} warm-up steps, cosine)", "",
                   "| run | steps | test ppl | sparsity | zeros = base | keys unchanged | train s |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['run']} | {r['steps']} | {r['ppl']:.2f} | {_fmt(r.get('sparsity'))} | "
@@ -233,7 +234,8 @@ def markdown(results: dict[str, Any]) -> str:
     for key in sorted(k for k in results if k.startswith("vision")):
         s = results[key]["settings"]
         lines += [f"## convnext-digits at {100 * s['sparsity']:.0f}%: {s['epochs']} epochs x {s['steps_per_epoch']} steps (batch {s['batch']}, "
-                  f"AdamW lr {s['lr']}, wd {s['weight_decay']}); gradual schedules reach 80% at step {s['end_step']}",
+                  f"AdamW lr {s['lr']}, wd {s['weight_decay']}); gradual schedules reach {100 * s['sparsity']:.0f}% at step "
+                  f"{s['end_step']}",
                   "", "| run | steps | top-1 | loss | sparsity | state-dict keys mid-training | final state-dict keys "
                   "| train s |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['run']} | {r['steps']} | {r['top1']:.4f} | {r['loss']:.3f} | {_fmt(r.get('sparsity'))} | "

@@ -1,12 +1,13 @@
 """Prune wall time of each method, as a ratio to Wanda's time in the same run, on kjv-llama-5m (the
 METRICS.md calibration: 128 x 256 tokens) and on a larger random LLaMA-shaped model (hidden 2048,
-4 layers, SwiGLU 5504, a few short calibration sequences). Methods run interleaved, so machine load
-hits them alike; the machine is shared, so absolute seconds are noisy and the ratios are what to read.
+SwiGLU 5504, 2 layers by default, a few short calibration sequences). Methods run interleaved, so
+machine load hits them alike; the machine is shared, so absolute seconds are noisy and the ratios are
+what to read. ADMM's cost is 20 x 2 rows cols^2 flops per layer whatever the calibration size.
 
 Writes benchmarks/results/methods_speed.{json,md}:
 
     python benchmarks/methods_speed.py [--fixtures ../shared/fixtures] [--repeats 1]
-        [--hidden 2048 --layers 4 --nsamples 8 --seqlen 128] [--skip-fixture] [--skip-large]
+        [--hidden 2048 --layers 2 --nsamples 8 --seqlen 128] [--threads 2] [--skip-fixture] [--skip-large]
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def markdown(runs: list[dict]) -> str:
     lines = ["# Prune wall time per method, relative to Wanda (CPU, shared 2-core machine)\n\n",
              "Seconds are medians of `prunekit.prune` (calibration forward passes + pruning, 50% unstructured); "
              "the machine is shared with other jobs, so absolute seconds are noisy; ratios come from one "
-             "interleaved run.\n\n"]
+             "interleaved run. On an oversubscribed machine use `--threads 1`: two OpenMP threads fighting "
+             "other jobs for two cores slow every method down several-fold (LAPACK calls most).\n\n"]
     for run in runs:
         lines.append(f"## {run['model']} ({run['calibration']}, {run['threads']} threads)\n\n")
         lines.append("| method | seconds | x Wanda |\n|---|---|---|\n")
@@ -96,7 +98,7 @@ def main() -> None:
     parser.add_argument("--fixtures", default=str(ROOT.parent / "shared" / "fixtures"))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--skip-fixture", action="store_true")

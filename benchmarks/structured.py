@@ -34,7 +34,7 @@ from prunekit.methods import STRUCTURED
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [("depth (cosine)", "depth", {"score": "cosine"}), ("depth (ppl)", "depth", {"score": "ppl"}),
-           ("width (Wanda-sp)", "width", {}), ("width (MLP only)", "width", {"head_ratio": 0.0}),
+           ("width (Wanda-sp)", "width", {}), ("width (head_ratio 0.5)", "width", {"head_ratio": 0.5}),
            ("slicegpt (global Q)", "slicegpt", {})]
 
 
@@ -51,7 +51,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--timing-threads", type=int, default=1, help="torch threads while timing")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "structured"))
     p.add_argument("--append", action="store_true",
-                   help="add rows to the existing OUT.json (same settings required) instead of starting anew")
+                   help="add rows to the existing OUT.json (same settings required; rows re-measured now "
+                        "replace the saved ones) instead of starting anew")
     return p.parse_args()
 
 
@@ -207,6 +208,9 @@ def previous_result(args: argparse.Namespace) -> dict:
     differ = {k: (result[k], getattr(args, k)) for k in SETTINGS if result[k] != getattr(args, k)}
     if differ:
         raise ValueError(f"--append: settings differ from the saved run (saved, now): {differ}")
+    labels = [m[0] for m in METHODS]  # rows being re-measured, or of methods no longer listed, are dropped
+    result["rows"] = [r for r in result["rows"] if r["method"] in labels
+                      and not (r["method"] in args.methods and r["ratio"] in args.ratios)]
     return result
 
 

@@ -2,7 +2,8 @@
 
 A run is ``PruneReport.to_dict()`` (``settings``, ``layers``, ``sparsity``, ``timings``, ``metrics``) as
 saved by ``prunekit prune``; benchmarks may store many of them in one JSON file (a list, or
-``{"runs": [...]}``). Plots use matplotlib's Agg canvas directly, so no display and no global backend.
+``{"runs": [...]}``), or a summary ``{"cells": {"label@setting": {"ppl", "sparsity", "prune_s"}},
+"dense_ppl"}`` (no per-layer data then). Plots use matplotlib's Agg canvas directly, so no display and no global backend.
 """
 from __future__ import annotations
 
@@ -32,10 +33,28 @@ def load_runs(paths: Iterable[str | Path]) -> list[dict]:
             raise FileNotFoundError(f"{str(path)!r} is neither a run directory with prune_report.json nor a "
                                     "JSON report file")
         data = json.loads(file.read_text(encoding="utf-8"))
+        if isinstance(data, Mapping) and isinstance(data.get("cells"), Mapping):
+            data = runs_from_cells(data["cells"], data.get("dense_ppl"))
         found = data if isinstance(data, list) else data.get("runs", [data])
         runs += [r for r in found if _is_run(r, file)]
     if not runs:
         raise ValueError("no pruning runs found in the given paths")
+    return runs
+
+
+def runs_from_cells(cells: Mapping[str, Mapping[str, Any]], dense_ppl: float | None = None) -> list[dict]:
+    """Benchmark summaries keyed ``"wanda+admm@0.7"`` / ``"sparsegpt@2:4"`` as minimal runs."""
+    runs = []
+    for key, cell in cells.items():
+        label, _, setting = key.rpartition("@")
+        pattern = setting if ":" in setting else None
+        metrics = {k: v for k, v in cell.items() if k in ("ppl", "top1", "loss")}
+        if dense_ppl is not None:
+            metrics["ppl_dense"] = dense_ppl
+        runs.append({"label": label, "settings": {"method": label, "sparsity": 0.5 if pattern else float(setting),
+                                                  "pattern": pattern, "group": cell.get("group")},
+                     "sparsity": cell.get("sparsity", 0.0), "layers": {}, "metrics": metrics,
+                     "timings": {"total_s": cell["prune_s"]} if "prune_s" in cell else {}})
     return runs
 
 
@@ -163,6 +182,7 @@ def _dense_line(ax, runs: Sequence[Run], metric: str) -> None:
 
 def layer_sparsity_runs(runs: Sequence[Run]) -> list[Run]:
     """One run per label at the most common unstructured target: the per-layer comparison to draw."""
+    runs = [r for r in runs if r.get("layers")] or list(runs)
     targets = [float(r["settings"]["sparsity"]) for r in runs if not r["settings"].get("pattern")]
     if not targets:
         return list({run_label(r): r for r in runs}.values())

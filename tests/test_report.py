@@ -67,3 +67,14 @@ def test_load_runs_errors(tmp_path):
     (tmp_path / "x.json").write_text("[]")
     with pytest.raises(ValueError, match="no pruning runs"):
         load_runs([tmp_path / "x.json"])
+
+
+def test_benchmark_cell_summaries_are_read_as_runs(tmp_path):
+    summary = {"dense_ppl": 46.6, "cells": {"sparsegpt@0.5": {"ppl": 46.8, "sparsity": 0.5, "prune_s": 3.0},
+                                            "wanda+admm@2:4": {"ppl": 46.78, "sparsity": 0.5, "prune_s": 4.0}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    runs = load_runs([tmp_path / "summary.json"])
+    assert [(run_label(r), run_setting(r)) for r in runs] == [("sparsegpt", "50%"), ("wanda+admm", "2:4")]
+    assert flat_metrics(runs[1]) == {"ppl": 46.78, "ppl_dense": 46.6}
+    files = build_report([tmp_path / "summary.json", _write(tmp_path / "run", _run())], tmp_path / "out")
+    assert "| 50% | 46.80 | – | 50.00 |" in files["markdown"].read_text()

@@ -80,6 +80,10 @@ class CausalLMModule(L.LightningModule):
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.min_lr_ratio, self.betas = min_lr_ratio, tuple(betas)
 
+    def on_train_start(self) -> None:
+        """``from_pretrained`` returns models in eval mode; fine-tuning runs dropout in train mode."""
+        self.model.train()
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> Any:
         return self.model(input_ids=input_ids, labels=labels, use_cache=False, **kwargs)
 

@@ -81,19 +81,22 @@ def _sweep_block(w1: torch.Tensor, keep1: torch.Tensor, u1: torch.Tensor, target
     d = u1.diagonal()
     if target.nm is None:
         keep1.copy_(select_mask(w1.square() / d.square(), target.sparsity, target.group))
-    err = torch.zeros_like(w1)
-    for i in range(w1.shape[1]):
+    wt, keept = w1.t().contiguous(), keep1.t().contiguous()  # column i of the block = contiguous row i
+    err = torch.empty_like(wt)
+    for i in range(wt.shape[0]):
         if target.nm is not None and i % target.nm[1] == 0:
-            _select_nm_columns(w1, keep1, d, i, target.nm)
-        e = w1[:, i] * ~keep1[:, i] / d[i]
-        w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-        err[:, i] = e
-    return err
+            _select_nm_columns(wt, keept, d, i, target.nm)
+        torch.mul(wt[i], ~keept[i], out=err[i]).div_(d[i])
+        wt[i:].addr_(u1[i, i:], err[i], alpha=-1.0)  # OBS update of the block's remaining columns
+    w1.copy_(wt.t())
+    keep1.copy_(keept.t())
+    return err.t()
 
 
-def _select_nm_columns(w1: torch.Tensor, keep1: torch.Tensor, d: torch.Tensor, i: int,
+def _select_nm_columns(wt: torch.Tensor, keept: torch.Tensor, d: torch.Tensor, i: int,
                        nm: tuple[int, int]) -> None:
-    """N:M for columns ``i..i+M``, chosen on the weights as updated so far (the published timing)."""
+    """N:M for columns ``i..i+M`` (rows of the transposed block), chosen on the weights as updated so far
+    (the published timing)."""
     n, m = nm
-    saliency = w1[:, i:i + m].square() / d[i:i + m].square()
-    keep1[:, i:i + m] = select_nm(saliency, n, m)
+    saliency = wt[i:i + m].square() / d[i:i + m, None].square()
+    keept[i:i + m] = select_nm(saliency.t(), n, m).t()

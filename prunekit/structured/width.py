@@ -7,11 +7,11 @@ see the block's normalised hidden states; columns of o_proj/down_proj/fc2 see th
 MLP activations). ``score="magnitude"`` drops ``||X_j||`` (no calibration data).
 
 How much goes: ``ratio`` is the fraction of the block list's parameters to remove. Every layer loses the
-number of KV groups nearest ``head_ratio * units`` (``head_ratio`` defaults to ``ratio``) that the model's config
-class accepts, and MLP channels make up the rest of the parameter budget, again the same count in every layer:
-heads go at the granularity the model allows and the total still lands near ``ratio``. (transformers 5's
-LlamaConfig requires ``hidden_size % num_attention_heads == 0`` when it saves or loads, so a 256-wide model with
-8 query heads in 4 KV groups can keep 4, 2 or 1 groups, not 3.)
+largest number of KV groups, at most ``head_ratio * units`` (``head_ratio`` defaults to ``ratio``), that leaves a
+head count the model's config class accepts; MLP channels make up the rest of the parameter budget, again the
+same count in every layer. Heads are coarse units, so they never overshoot; fine-grained channels land the total
+near ``ratio``. (transformers 5's LlamaConfig requires ``hidden_size % num_attention_heads == 0`` when it saves
+or loads, so a 256-wide model with 8 query heads in 4 KV groups can keep 4, 2 or 1 groups, not 3.)
 Which heads/channels go is chosen per layer; how many is the same in every layer because a Hugging Face
 LLaMA config has one ``num_attention_heads`` / ``num_key_value_heads`` / ``intermediate_size`` for all layers.
 (Per-layer counts would need a config with per-layer lists and a model class that reads them; we keep
@@ -78,13 +78,11 @@ def _round_half_up(x: float) -> int:
 
 
 def heads_to_remove(group: Group, fraction: float, accepts: Accepts = lambda values: True) -> int:
-    """The number of units nearest ``fraction`` of them (ties: the larger) whose result the config accepts
-    (LlamaConfig wants ``hidden_size % num_attention_heads == 0``); at least one unit stays."""
-    target = fraction * group.units
-    for removed in sorted(range(group.units), key=lambda r: (abs(r - target), -r)):
-        if accepts(group.config(group.units - removed)):
-            return removed
-    raise ValueError(f"{group.name}: the model's config accepts no smaller number of {group.kind}")
+    """The most units, at most ``fraction`` of them, whose removal leaves a count the config accepts
+    (LlamaConfig wants ``hidden_size % num_attention_heads == 0``). Heads are coarse units, so this never
+    overshoots: MLP channels, which are fine-grained, take the rest of the budget."""
+    most = min(math.floor(fraction * group.units + 1e-9), group.units - 1)
+    return next(r for r in range(most, -1, -1) if r == 0 or accepts(group.config(group.units - r)))
 
 
 def channels_to_remove(units: int, fraction: float, round_to: int) -> int:

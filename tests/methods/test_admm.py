@@ -206,3 +206,32 @@ def test_registered_with_defaults():
     assert grad.solver and (grad.rho, grad.iterations, grad.steps, grad.percdamp) == (1.0, 20, 15, 0.01)
     update = UPDATES.create("admm")
     assert (update.rho, update.iterations, update.percdamp) == (1.0, 20, 0.01)
+
+
+# ------------------------------------------------------------------ on the trained fixture
+
+@pytest.mark.slow
+def test_layer_error_ordering_on_fixture():
+    """One real layer (block 0's down_proj of kjv-llama-5m, dense inputs) at 70%: the weight-update
+    methods reconstruct its output better than Wanda's mask alone, and ADMM-gradual beats SparseGPT."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from prunekit.collect import collect
+    from prunekit.data import load_text, random_windows, tokenize
+    from tests.conftest import fixture_path
+    path = fixture_path("kjv-llama-5m")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokens = tokenize(AutoTokenizer.from_pretrained(path), load_text(fixture_path("kjv", "train.txt")))
+    layer = model.model.layers[0].mlp.down_proj
+    with torch.no_grad(), collect({"down": layer}, hessian=True) as stats:
+        model(random_windows(tokens, 16, 256, seed=0), use_cache=False)
+    stats = stats["down"]
+    weight, hessian = layer.weight.detach().float(), stats.hessian()[0]
+    error = lambda w: float(torch.einsum("ij,jk,ik->", weight - w, hessian, weight - w))
+    target = Target(0.7, "per-output")
+    wanda_mask = prunekit.groups.select_mask(METHODS.create("wanda").score(weight, stats), 0.7, "per-output")
+    errors = {"wanda": error(weight * wanda_mask),
+              "sparsegpt": error(METHODS.create("sparsegpt").prune(weight, stats, Target(0.7, "per-layer"))[0]),
+              "wanda+admm": error(UPDATES.create("admm").update(weight, wanda_mask, stats, target)[0]),
+              "admm-gradual": error(METHODS.create("admm-gradual").prune(weight, stats, target)[0])}
+    assert errors["admm-gradual"] < errors["sparsegpt"] < errors["wanda"], errors
+    assert errors["wanda+admm"] < 0.5 * errors["wanda"], errors

@@ -42,11 +42,13 @@ def test_llama_gqa_width_equals_masked_original(token_batch):
         torch.testing.assert_close(model(token_batch).logits, original(token_batch).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_head_count_is_one_the_config_accepts(token_batch):
-    """LlamaConfig rejects hidden 32 with 6 query heads, so 30% takes 2 of 4 KV groups, not 1."""
+@pytest.mark.parametrize("head_ratio, heads, kv_heads", [(None, 8, 4), (0.5, 4, 2)])
+def test_head_count_is_one_the_config_accepts(head_ratio, heads, kv_heads, token_batch):
+    """LlamaConfig rejects hidden 32 with 6 query heads: at 30% (1.2 of 4 KV groups) no group goes, as 1 would
+    leave 6 heads and 2 would overshoot; MLP channels take the whole budget. head_ratio 0.5 removes 2 groups."""
     model = tiny_llama(layers=2, hidden=32, heads=8, kv_heads=4, intermediate=64)
-    summary = Width().prune_model(model, [token_batch], 0.3)
-    assert model.config.num_attention_heads == 4 and model.config.num_key_value_heads == 2
+    summary = Width(head_ratio=head_ratio).prune_model(model, [token_batch], 0.3)
+    assert model.config.num_attention_heads == heads and model.config.num_key_value_heads == kv_heads
     assert summary["removed_fraction"] == pytest.approx(0.3, abs=0.01)
     model.config.validate()
 
@@ -78,7 +80,7 @@ def test_planted_weak_units_are_removed(token_batch):
 def test_width_llama_saves_and_loads(tmp_path, token_batch):
     from transformers import AutoModelForCausalLM
     model = tiny_llama(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
-    Width(round_to=8).prune_model(model, [token_batch], 0.3)
+    Width(head_ratio=0.5, round_to=8).prune_model(model, [token_batch], 0.3)
     assert model.config.intermediate_size % 8 == 0 and model.config.intermediate_size < 64
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
