@@ -9,7 +9,7 @@ Writes benchmarks/results/kjv_beyond.json (one PruneReport per run, with metrics
 kjv_beyond_*.png plots (through prunekit.report); if benchmarks/results/kjv_weight_update.json exists, a
 combined kjv_all.md report too. Run from the repository root:
 
-    python benchmarks/kjv_beyond.py [--settings 0.5 0.6 0.7 0.8 2:4] [--zeroshot 0.5 0.7]
+    python benchmarks/kjv_beyond.py [--settings 0.5 0.6 0.7 0.8 2:4] [--zeroshot 0.5 0.7] [--resume]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import prunekit
 from prunekit.data import load_text, tokenize
 from prunekit.eval import perplexity
 from prunekit.io import write_json
-from prunekit.report import build_report, pivot_table
+from prunekit.report import build_report, pivot_table, run_setting
 
 FIXTURES = Path("../shared/fixtures")
 RESULTS = Path("benchmarks/results")
@@ -73,6 +73,11 @@ def dense_metrics(tokenizer, test_tokens: torch.Tensor, zeroshot: bool) -> dict:
     return out
 
 
+def _setting_name(setting: str) -> str:
+    """``"0.7"`` -> ``"70%"``, ``"2:4"`` unchanged: how the report names a run's setting."""
+    return setting if ":" in setting else f"{100 * float(setting):g}%"
+
+
 def skipped(label: str, setting: str) -> bool:
     """OWL changes per-layer sparsity; an N:M pattern fixes it, so wanda+owl at 2:4 is plain Wanda."""
     return "owl" in label and ":" in setting
@@ -83,18 +88,22 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["0.5", "0.6", "0.7", "0.8", "2:4"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--zeroshot", nargs="*", default=[], help="settings at which to also score kjv_cloze")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in kjv_beyond.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.WARNING)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "kjv-llama-5m")
     test_tokens = tokenize(tokenizer, load_text(FIXTURES / "kjv/test.txt"))
-    dense = dense_metrics(tokenizer, test_tokens, bool(args.zeroshot))
+    out = RESULTS / "kjv_beyond.json"
+    saved = json.loads(out.read_text()) if args.resume and out.exists() else {}
+    dense = saved.get("dense") or dense_metrics(tokenizer, test_tokens, bool(args.zeroshot))
     print(f"dense ppl {dense['ppl']:.2f}", flush=True)
-    runs, out = [], RESULTS / "kjv_beyond.json"
+    runs = saved.get("runs", [])
+    done = {(r["label"], run_setting(r)) for r in runs}
     for setting in args.settings:
         for label in args.variants:
-            if skipped(label, setting):
+            if skipped(label, setting) or (label, _setting_name(setting)) in done:
                 continue
             start = time.perf_counter()
             runs.append(run_one(label, setting, tokenizer, test_tokens, dense, setting in args.zeroshot))

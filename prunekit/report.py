@@ -122,7 +122,10 @@ def pivot_table(runs: Sequence[Run], metric: str) -> str:
     """``metric`` with settings as rows and runs (labels) as columns, like the papers' tables."""
     labels = list(dict.fromkeys(run_label(r) for r in runs))
     settings = sorted(dict.fromkeys(run_setting(r) for r in runs), key=_setting_order)
-    cell = {(run_setting(r), run_label(r)): flat_metrics(r).get(metric) for r in runs}
+    cell: dict[tuple[str, str], float] = {}
+    for r in runs:  # the same label and setting may come from several files: the first that has the metric wins
+        if metric in flat_metrics(r):
+            cell.setdefault((run_setting(r), run_label(r)), flat_metrics(r)[metric])
     lines = [f"| {metric} | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
     for s in settings:
         lines.append(f"| {s} | " + " | ".join(_fmt(cell.get((s, lab))) for lab in labels) + " |")
@@ -155,6 +158,7 @@ def _save(fig, path: Path) -> Path:
 def plot_metric(runs: Sequence[Run], metric: str, path: Path) -> Path:
     """``metric`` against target sparsity, one line per run label; N:M runs as labelled markers."""
     fig, ax = _figure()
+    annotated: set[str] = set()  # each N:M setting is named once, not once per method on top of each other
     for label in dict.fromkeys(run_label(r) for r in runs):
         mine = [r for r in runs if run_label(r) == label and metric in flat_metrics(r)]
         line = sorted((float(r["settings"]["sparsity"]), flat_metrics(r)[metric]) for r in mine
@@ -163,7 +167,10 @@ def plot_metric(runs: Sequence[Run], metric: str, path: Path) -> Path:
         for r in (r for r in mine if r["settings"].get("pattern")):
             ax.scatter([float(r.get("sparsity", 0.5))], [flat_metrics(r)[metric]], marker="x", color=color,
                        label=None if line else label)
-            ax.annotate(run_setting(r), (float(r.get("sparsity", 0.5)), flat_metrics(r)[metric]), fontsize=7)
+            if run_setting(r) not in annotated:
+                annotated.add(run_setting(r))
+                ax.annotate(run_setting(r), (float(r.get("sparsity", 0.5)), flat_metrics(r)[metric]), fontsize=7,
+                            xytext=(-14, 0), textcoords="offset points")
     _dense_line(ax, runs, metric)
     if metric in LOWER_IS_BETTER:
         ax.set_yscale("log")

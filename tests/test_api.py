@@ -127,3 +127,26 @@ def test_explicit_device_path_gives_same_result(token_batch):
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in b.modules())  # no hook outlives its use
+
+
+def test_nm_error_names_every_layer_it_does_not_divide():
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4))
+    with pytest.raises(ValueError, match=r"multiple of 4; these are not: 2 \(6 columns\), 4 \(10 columns\); exclude them"):
+        prunekit.prune(model, "magnitude", pattern="2:4", include=["*"])
+
+
+def test_blocks_after_the_last_pruned_one_are_not_run():
+    """The last pruned block's outputs feed nothing, and later blocks are neither pruned nor run; earlier blocks
+    run twice (statistics on the dense block, then the pruned one), as published."""
+    model, calls = tiny_llama(layers=3), {0: 0, 1: 0, 2: 0}
+    for i, block in enumerate(model.model.layers):
+        block.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+    original, reference = copy.deepcopy(model.state_dict()), copy.deepcopy(model)
+    calib = torch.randint(0, 128, (4, 8))
+    prunekit.prune(model, "wanda", 0.5, calib=calib, batch_size=2, exclude=["model.layers.2.*"])
+    assert calls[1] == 2 and calls[2] == 0  # 2 batches, one pass each over block 1; block 2 never
+    assert calls[0] >= 4
+    reference_wanda(reference, calib, 0.5)  # prunes every block; blocks 0 and 1 do not depend on block 2
+    pruned, expected = model.state_dict(), reference.state_dict()
+    for name, value in pruned.items():
+        assert torch.equal(value, original[name] if name.startswith("model.layers.2.") else expected[name]), name

@@ -212,3 +212,15 @@ def test_execution_trace_changes_no_statistics_and_restores_modes():
     assert order == [str(i) for i in range(10)]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(m.training for m in model.modules())
+
+
+def test_magnitude_without_calibration_data_warns_that_batchnorm_is_stale(caplog):
+    import prunekit
+    model = small_cnn()
+    with caplog.at_level("WARNING", logger="prunekit.api"):
+        report = prunekit.prune(model, "magnitude", 0.5, layer_types=["all"], include=["0", "4"])
+    assert report.bn_recalibration is None and "statistics cannot be re-estimated" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="prunekit.api"):
+        prunekit.prune(small_cnn(), "magnitude", 0.5, layer_types=["all"], include=["0", "4"], recalibrate_bn=False)
+    assert "BatchNorm" not in caplog.text

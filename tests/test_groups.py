@@ -65,3 +65,26 @@ def test_global_threshold_across_layers():
 def test_unknown_group():
     with pytest.raises(ValueError, match="unknown comparison group"):
         select_mask(torch.rand(2, 2), 0.5, "per-row")
+
+
+def _stable_sort_mask(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """The definition: prune the first ``k`` of a stable ascending sort."""
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    order = torch.sort(scores, dim=dim, stable=True).indices
+    mask.scatter_(dim, order.narrow(dim, 0, k), False)
+    return mask
+
+
+@pytest.mark.parametrize("values", ["continuous", "few-distinct", "with-inf"])
+def test_selection_equals_a_stable_sort_also_with_many_ties(values):
+    gen = torch.Generator().manual_seed(2)
+    scores = {"continuous": torch.rand(16, 48, generator=gen),
+              "few-distinct": torch.randint(0, 3, (16, 48), generator=gen).float(),
+              "with-inf": torch.where(torch.rand(16, 48, generator=gen) < 0.2, float("inf"),
+                                      torch.randint(0, 4, (16, 48), generator=gen).float())}[values]
+    for sparsity in (0.1, 0.5, 0.9):
+        assert torch.equal(select_mask(scores, sparsity, "per-output"), _stable_sort_mask(scores, int(48 * sparsity), 1))
+        assert torch.equal(select_mask(scores, sparsity, "per-input"), _stable_sort_mask(scores, int(16 * sparsity), 0))
+        flat = _stable_sort_mask(scores.reshape(-1), int(scores.numel() * sparsity), 0).reshape(scores.shape)
+        assert torch.equal(select_mask(scores, sparsity, "per-layer"), flat)
+    assert torch.equal(select_nm(scores, 2, 4), _stable_sort_mask(scores.reshape(16, 12, 4), 2, 2).reshape(16, 48))

@@ -78,3 +78,11 @@ def test_benchmark_cell_summaries_are_read_as_runs(tmp_path):
     assert flat_metrics(runs[1]) == {"ppl": 46.78, "ppl_dense": 46.6}
     files = build_report([tmp_path / "summary.json", _write(tmp_path / "run", _run())], tmp_path / "out")
     assert "| 50% | 46.80 | – | 50.00 |" in files["markdown"].read_text()
+
+
+def test_pivot_keeps_a_metric_when_a_later_file_repeats_the_run_without_it():
+    """Combining a zero-shot benchmark with a perplexity-only one must not blank the zero-shot cells."""
+    with_acc = _run(ppl=48.0)
+    with_acc["metrics"]["zeroshot"] = {"tasks": {}, "mean": {"acc": 0.41}}
+    pivot = pivot_table([with_acc, _run(ppl=48.0)], "zeroshot_acc")
+    assert "| 50% | 0.4100 |" in pivot

@@ -28,6 +28,18 @@ def check_output_dir(out: str | os.PathLike, inputs: list[str | os.PathLike] = (
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it, then restore it at once
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path, mode: int) -> None:
+    """``mkdtemp``/``mkstemp`` create owner-only (0700/0600) entries; give the final output the permissions a
+    plain ``mkdir``/``open`` would have (``mode`` less the umask), so others can read a shared checkpoint."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; on success it replaces ``out``, on error it is removed."""
@@ -36,6 +48,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _as_if_created(tmp, 0o777)
         if out.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(backup / "old")
@@ -53,7 +66,12 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        _as_if_created(Path(tmp), 0o666)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

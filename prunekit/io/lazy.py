@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from ..api import PruneReport, layer_sparsity, plan_prune, versions
 from ..data.calib import calibration_batches
-from ..engine import Plan, _with_input, capture_block_inputs, model_inputs, prune_layers, run_block
+from ..engine import (Plan, _with_input, capture_block_inputs, last_pruned_block, model_inputs, prune_layers,
+                      run_block)
 from ..collect import collect
 from ..graph import block_layers
 from ..methods import HESSIAN
@@ -296,18 +297,20 @@ def capture_inputs(lazy: LazyModel, plan: Plan, batches: Sequence[Any], mode: st
 
 
 @torch.no_grad()
-def prune_block(block: nn.Module, layers: dict[str, nn.Module], acts: Activations | None, plan: Plan) -> None:
+def prune_block(block: nn.Module, layers: dict[str, nn.Module], acts: Activations | None, plan: Plan,
+                feed_next: bool = True) -> None:
     """One step of the engine's sequential loop (statistics on the dense block, prune, re-run to feed
-    the next block), streaming one batch at a time from wherever the activations are kept."""
-    if not plan.needs:
-        prune_layers(layers, None, plan)
-        return
-    with collect(layers, hessian=HESSIAN in plan.needs) as stats:
-        for j in range(len(acts)):
-            run_block(block, [acts.call(j)])
+    the next block unless ``feed_next`` is false), streaming one batch at a time from wherever the
+    activations are kept."""
+    stats = None
+    if plan.needs and layers:
+        with collect(layers, hessian=HESSIAN in plan.needs) as stats:
+            for j in range(len(acts)):
+                run_block(block, [acts.call(j)])
     prune_layers(layers, stats, plan)
-    for j in range(len(acts)):
-        acts.update(j, run_block(block, [acts.call(j)])[0])
+    if plan.needs and feed_next:
+        for j in range(len(acts)):
+            acts.update(j, run_block(block, [acts.call(j)])[0])
 
 
 def _write(lazy: LazyModel, names: Sequence[str], writer, from_model: bool) -> None:
@@ -323,12 +326,14 @@ def prune_blocks(lazy: LazyModel, plan: Plan, acts: Activations | None, writer,
     """Onload, prune, write and release every block in order; returns per-layer sparsity rows."""
     prefix, blocks = plan.blocks
     rows: dict[str, dict] = {}
+    per_block = [block_layers(prefix, i, plan.layers) for i in range(len(blocks))]
+    last = last_pruned_block(per_block)
     bar = tqdm(range(len(blocks)), desc="pruning blocks (lazy)", unit="block")
-    for i in bar:
+    for i in bar:  # every block is written; those after the last pruned one are only copied
         start, names = time.perf_counter(), lazy.block_names(prefix, i)
         lazy.onload(names)
-        layers = block_layers(prefix, i, plan.layers)
-        prune_block(blocks[i], layers, acts, plan)
+        layers = per_block[i]
+        prune_block(blocks[i], layers, acts, plan, feed_next=i < last)
         rows.update(layer_sparsity(layers)[0])
         _write(lazy, names, writer, from_model=True)
         lazy.offload(names)
