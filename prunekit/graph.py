@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from dataclasses import dataclass
 from typing import Iterable
 
 import torch

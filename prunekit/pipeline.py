@@ -58,6 +58,17 @@ def calibration(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> Any:
     return recipe.calib_data
 
 
+def prune_with_recipe(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> PruneReport:
+    """``prunekit.prune`` with every setting taken from the recipe (the CLI and fine-tuning share it)."""
+    return prune(model, recipe.method, recipe.sparsity, recipe.pattern, recipe.group,
+                 calibration(model, tokenizer, recipe), update=recipe.update, method_params=recipe.method_params,
+                 update_params=recipe.update_params, allocation=recipe.allocation,
+                 allocation_params=recipe.allocation_params, include=recipe.include, exclude=recipe.exclude,
+                 layer_types=recipe.layer_types, sequential=recipe.sequential, device=recipe.device,
+                 tokenizer=tokenizer, nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed,
+                 batch_size=recipe.batch_size, recalibrate_bn=recipe.recalibrate_bn)
+
+
 def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, cache: dict) -> dict[str, float]:
     """Perplexity (LLMs) or top-1/top-5 (image models) on ``recipe.eval_data``; ``{}`` when not asked."""
     if not recipe.eval_data:
@@ -80,13 +91,7 @@ def run_prune(recipe: PruneRecipe) -> PruneReport:
     model, tokenizer = load_model(recipe)
     cache: dict = {}
     dense = evaluate(model, tokenizer, recipe, cache)
-    report = prune(model, recipe.method, recipe.sparsity, recipe.pattern, recipe.group,
-                   calibration(model, tokenizer, recipe), update=recipe.update, method_params=recipe.method_params,
-                   update_params=recipe.update_params, allocation=recipe.allocation,
-                   allocation_params=recipe.allocation_params, include=recipe.include, exclude=recipe.exclude,
-                   layer_types=recipe.layer_types, sequential=recipe.sequential, device=recipe.device,
-                   tokenizer=tokenizer, nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed,
-                   batch_size=recipe.batch_size, recalibrate_bn=recipe.recalibrate_bn)
+    report = prune_with_recipe(model, tokenizer, recipe)
     report.metrics.update({f"{k}_dense": v for k, v in dense.items()})
     report.metrics.update(evaluate(model, tokenizer, recipe, cache))
     if out is not None:

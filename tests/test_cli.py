@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 import yaml
 
 from prunekit.cli import demo_assets, main

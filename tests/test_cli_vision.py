@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from prunekit.cli import main
 from tests.conftest import fixture_path

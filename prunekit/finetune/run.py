@@ -12,12 +12,12 @@ from typing import Any
 import lightning.pytorch as L
 from torch import nn
 
-from ..api import layer_sparsity, prune, versions
+from ..api import layer_sparsity, versions
 from ..graph import select_layers
 from ..io import atomic_dir, save_causal_lm, write_json
 from ..io.timm import save_vision_model
 from ..lightning import PruningCallback
-from ..pipeline import calibration, evaluate, load_model, validate
+from ..pipeline import evaluate, load_model, prune_with_recipe, validate
 from ..recipe import dump_recipe
 from .causal_lm import CausalLMModule, TextDataModule
 from .lora import add_lora, keep_masks, merge_lora_keep_sparsity
@@ -68,13 +68,7 @@ def _prefixed(values: dict[str, float], stage: str) -> dict[str, float]:
 
 def _prune_first(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe) -> dict[str, Any]:
     """One-shot pruning before fine-tuning, exactly as ``prunekit prune`` runs it."""
-    report = prune(model, recipe.method, recipe.sparsity, recipe.pattern, recipe.group,
-                   calibration(model, tokenizer, recipe), update=recipe.update, method_params=recipe.method_params,
-                   update_params=recipe.update_params, allocation=recipe.allocation,
-                   allocation_params=recipe.allocation_params, include=recipe.include, exclude=recipe.exclude,
-                   layer_types=recipe.layer_types, sequential=recipe.sequential, device=recipe.device,
-                   tokenizer=tokenizer, nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed,
-                   batch_size=recipe.batch_size, recalibrate_bn=recipe.recalibrate_bn)
+    report = prune_with_recipe(model, tokenizer, recipe)
     return report.to_dict()
 
 

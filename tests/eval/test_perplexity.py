@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from prunekit.eval import perplexity, token_windows
 from tests.conftest import fixture_path, tiny_llama
