@@ -3,7 +3,8 @@
 A run is ``PruneReport.to_dict()`` (``settings``, ``layers``, ``sparsity``, ``timings``, ``metrics``) as
 saved by ``prunekit prune``; benchmarks may store many of them in one JSON file (a list, or
 ``{"runs": [...]}``), or a summary ``{"cells": {"label@setting": {"ppl", "sparsity", "prune_s"}},
-"dense_ppl"}`` (no per-layer data then). Plots use matplotlib's Agg canvas directly, so no display and no global backend.
+"dense_ppl"}`` (no per-layer data then). Plots use matplotlib's Agg canvas directly, so no display and no global
+backend.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ NOT_METRICS = {"eval_seqlen"}
 # ---------------------------------------------------------------- reading runs
 
 def load_runs(paths: Iterable[str | Path]) -> list[dict]:
-    """Runs from run directories (their ``prune_report.json``) and/or JSON files of one or many runs."""
+    """Runs from run directories (their ``prune_report.json`` plus the results of ``prunekit eval ... --json``
+    saved beside it) and/or JSON files of one or many runs."""
     runs = []
     for path in map(Path, paths):
         file = path / "prune_report.json" if path.is_dir() else path
@@ -33,6 +35,8 @@ def load_runs(paths: Iterable[str | Path]) -> list[dict]:
             raise FileNotFoundError(f"{str(path)!r} is neither a run directory with prune_report.json nor a "
                                     "JSON report file")
         data = json.loads(file.read_text(encoding="utf-8"))
+        if path.is_dir() and isinstance(data, dict):
+            data.setdefault("metrics", {}).update(eval_results(path))
         if isinstance(data, Mapping) and isinstance(data.get("cells"), Mapping):
             data = runs_from_cells(data["cells"], data.get("dense_ppl"))
         found = data if isinstance(data, list) else data.get("runs", [data])
@@ -40,6 +44,27 @@ def load_runs(paths: Iterable[str | Path]) -> list[dict]:
     if not runs:
         raise ValueError("no pruning runs found in the given paths")
     return runs
+
+
+def eval_results(run_dir: Path) -> dict[str, Any]:
+    """Metrics from evaluation JSONs in a run directory, recognised by their keys: zero-shot (``tasks`` and
+    ``mean``), perplexity (``ppl``), image classification (``top1``). A later evaluation overrides the
+    ``--eval-data`` metrics of the prune report; files in other shapes are left alone."""
+    metrics: dict[str, Any] = {}
+    for file in sorted(run_dir.glob("*.json")):
+        if file.name == "prune_report.json":
+            continue
+        try:
+            result = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if not isinstance(result, Mapping):
+            continue
+        if isinstance(result.get("tasks"), Mapping) and isinstance(result.get("mean"), Mapping):
+            metrics["zeroshot"] = dict(result)
+        metrics.update({k: result[k] for k in ("ppl", "top1", "top5", "loss")
+                        if isinstance(result.get(k), (int, float))})
+    return metrics
 
 
 def runs_from_cells(cells: Mapping[str, Mapping[str, Any]], dense_ppl: float | None = None) -> list[dict]:

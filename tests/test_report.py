@@ -86,3 +86,14 @@ def test_pivot_keeps_a_metric_when_a_later_file_repeats_the_run_without_it():
     with_acc["metrics"]["zeroshot"] = {"tasks": {}, "mean": {"acc": 0.41}}
     pivot = pivot_table([with_acc, _run(ppl=48.0)], "zeroshot_acc")
     assert "| 50% | 0.4100 |" in pivot
+
+
+def test_run_directories_pick_up_eval_results_saved_beside_the_report(tmp_path):
+    """prune -> prunekit eval zeroshot/ppl --json RUN/...json -> prunekit report RUN: the evaluations are in it."""
+    run = _write(tmp_path / "run", _run(ppl=48.0))
+    (run / "zeroshot.json").write_text(json.dumps({"tasks": {"boolq": {"acc": 0.6}}, "mean": {"acc": 0.6}}))
+    (run / "ppl.json").write_text(json.dumps({"model": "run", "seqlen": 2048, "ppl": 47.5}))
+    (run / "notes.json").write_text(json.dumps(["not an eval"]))
+    (run_loaded,) = load_runs([run])
+    assert flat_metrics(run_loaded) == {"ppl_dense": 46.6, "ppl": 47.5, "zeroshot_acc": 0.6}
+    assert "| 50% | 0.6000 |" in build_report([run], tmp_path / "out")["markdown"].read_text()

@@ -35,9 +35,18 @@ def _umask() -> int:
 
 
 def _as_if_created(path: Path, mode: int) -> None:
-    """``mkdtemp``/``mkstemp`` create owner-only (0700/0600) entries; give the final output the permissions a
-    plain ``mkdir``/``open`` would have (``mode`` less the umask), so others can read a shared checkpoint."""
+    """``mkdtemp``/``mkstemp`` (and safetensors' writer) create owner-only (0700/0600) entries; give the final
+    output the permissions a plain ``mkdir``/``open`` would have (``mode`` less the umask), so others can read a
+    shared checkpoint."""
     os.chmod(path, mode & ~_umask())
+
+
+def _as_if_created_tree(root: Path) -> None:
+    """``_as_if_created`` for a directory we just wrote and everything in it."""
+    for folder, _, files in os.walk(root):
+        _as_if_created(Path(folder), 0o777)
+        for name in files:
+            _as_if_created(Path(folder) / name, 0o666)
 
 
 @contextmanager
@@ -48,7 +57,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        _as_if_created(tmp, 0o777)
+        _as_if_created_tree(tmp)
         if out.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(backup / "old")
