@@ -49,9 +49,7 @@ def load_model():
 def run_one(label: str, setting: str, tokenizer, test_tokens: torch.Tensor, dense: dict, zeroshot: bool) -> dict:
     """Prune a fresh copy of the fixture with one variant at one setting and measure it."""
     model = load_model()
-    pattern = setting if ":" in setting else None
-    sparsity = 0.5 if pattern else float(setting)
-    report = prunekit.prune(model, sparsity=sparsity, pattern=pattern, calib=FIXTURES / "kjv/train.txt",
+    report = prunekit.prune(model, **parse_setting(setting), calib=FIXTURES / "kjv/train.txt",
                             tokenizer=tokenizer, nsamples=128, seqlen=SEQLEN, seed=0, **VARIANTS[label])
     report.metrics.update(ppl_dense=dense["ppl"], ppl=perplexity(model, test_tokens, SEQLEN), eval_seqlen=SEQLEN)
     if zeroshot:
@@ -73,9 +71,9 @@ def dense_metrics(tokenizer, test_tokens: torch.Tensor, zeroshot: bool) -> dict:
     return out
 
 
-def _setting_name(setting: str) -> str:
-    """``"0.7"`` -> ``"70%"``, ``"2:4"`` unchanged: how the report names a run's setting."""
-    return setting if ":" in setting else f"{100 * float(setting):g}%"
+def parse_setting(setting: str) -> dict:
+    """``"0.7"`` -> 70% unstructured, ``"2:4"`` -> the pattern (at 50%): ``prunekit.prune`` keyword arguments."""
+    return {"sparsity": 0.5, "pattern": setting} if ":" in setting else {"sparsity": float(setting), "pattern": None}
 
 
 def skipped(label: str, setting: str) -> bool:
@@ -103,7 +101,7 @@ def main() -> None:
     done = {(r["label"], run_setting(r)) for r in runs}
     for setting in args.settings:
         for label in args.variants:
-            if skipped(label, setting) or (label, _setting_name(setting)) in done:
+            if skipped(label, setting) or (label, run_setting({"settings": parse_setting(setting)})) in done:
                 continue
             start = time.perf_counter()
             runs.append(run_one(label, setting, tokenizer, test_tokens, dense, setting in args.zeroshot))

@@ -77,7 +77,8 @@ def _check_patterns(layers: Mapping[str, nn.Module], nm: tuple[int, int] | None)
     """Every layer N:M does not divide, in one error, so one --exclude list fixes them all."""
     if nm is None:
         return
-    bad = {name: weight_matrix(m).shape[1] for name, m in layers.items() if weight_matrix(m).shape[1] % nm[1]}
+    columns = {name: weight_matrix(m).shape[1] for name, m in layers.items()}
+    bad = {name: cols for name, cols in columns.items() if cols % nm[1]}
     if bad:
         listed = ", ".join(f"{name} ({cols} columns)" for name, cols in bad.items())
         raise ValueError(f"{nm[0]}:{nm[1]} sparsity needs every layer's input dimension to be a multiple of {nm[1]}; "

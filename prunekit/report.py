@@ -21,6 +21,7 @@ Run = Mapping[str, Any]
 PRIMARY = ("ppl", "top1", "zeroshot_acc", "zeroshot_acc_norm")  # the first one present is plotted
 LOWER_IS_BETTER = {"ppl", "ppl_dense", "loss", "loss_dense"}
 NOT_METRICS = {"eval_seqlen"}
+SCALAR_RESULTS = ("ppl", "top1", "top5", "loss")  # what evaluation files and benchmark cells report
 
 
 # ---------------------------------------------------------------- reading runs
@@ -62,8 +63,7 @@ def eval_results(run_dir: Path) -> dict[str, Any]:
             continue
         if isinstance(result.get("tasks"), Mapping) and isinstance(result.get("mean"), Mapping):
             metrics["zeroshot"] = dict(result)
-        metrics.update({k: result[k] for k in ("ppl", "top1", "top5", "loss")
-                        if isinstance(result.get(k), (int, float))})
+        metrics.update({k: result[k] for k in SCALAR_RESULTS if isinstance(result.get(k), (int, float))})
     return metrics
 
 
@@ -73,7 +73,7 @@ def runs_from_cells(cells: Mapping[str, Mapping[str, Any]], dense_ppl: float | N
     for key, cell in cells.items():
         label, _, setting = key.rpartition("@")
         pattern = setting if ":" in setting else None
-        metrics = {k: v for k, v in cell.items() if k in ("ppl", "top1", "loss")}
+        metrics = {k: v for k, v in cell.items() if k in SCALAR_RESULTS}
         if dense_ppl is not None:
             metrics["ppl_dense"] = dense_ppl
         runs.append({"label": label, "settings": {"method": label, "sparsity": 0.5 if pattern else float(setting),
@@ -149,8 +149,9 @@ def pivot_table(runs: Sequence[Run], metric: str) -> str:
     settings = sorted(dict.fromkeys(run_setting(r) for r in runs), key=_setting_order)
     cell: dict[tuple[str, str], float] = {}
     for r in runs:  # the same label and setting may come from several files: the first that has the metric wins
-        if metric in flat_metrics(r):
-            cell.setdefault((run_setting(r), run_label(r)), flat_metrics(r)[metric])
+        value = flat_metrics(r).get(metric)
+        if value is not None:
+            cell.setdefault((run_setting(r), run_label(r)), value)
     lines = [f"| {metric} | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
     for s in settings:
         lines.append(f"| {s} | " + " | ".join(_fmt(cell.get((s, lab))) for lab in labels) + " |")

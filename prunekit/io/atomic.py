@@ -34,19 +34,20 @@ def _umask() -> int:
     return mask
 
 
-def _as_if_created(path: Path, mode: int) -> None:
+def _as_if_created(path: Path, mode: int, umask: int | None = None) -> None:
     """``mkdtemp``/``mkstemp`` (and safetensors' writer) create owner-only (0700/0600) entries; give the final
     output the permissions a plain ``mkdir``/``open`` would have (``mode`` less the umask), so others can read a
     shared checkpoint."""
-    os.chmod(path, mode & ~_umask())
+    os.chmod(path, mode & ~(_umask() if umask is None else umask))
 
 
 def _as_if_created_tree(root: Path) -> None:
     """``_as_if_created`` for a directory we just wrote and everything in it."""
+    umask = _umask()
     for folder, _, files in os.walk(root):
-        _as_if_created(Path(folder), 0o777)
+        _as_if_created(Path(folder), 0o777, umask)
         for name in files:
-            _as_if_created(Path(folder) / name, 0o666)
+            _as_if_created(Path(folder) / name, 0o666, umask)
 
 
 @contextmanager
