@@ -7,6 +7,7 @@ saved by ``prunekit prune``; benchmarks may store many of them in one JSON file 
 backend.
 """
 from __future__ import annotations
+from .errors import PrunekitError
 
 import json
 import logging
@@ -33,7 +34,7 @@ def load_runs(paths: Iterable[str | Path]) -> list[dict]:
     for path in map(Path, paths):
         file = path / "prune_report.json" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"{str(path)!r} is neither a run directory with prune_report.json nor a "
+            raise PrunekitError(f"{str(path)!r} is neither a run directory with prune_report.json nor a "
                                     "JSON report file")
         data = json.loads(file.read_text(encoding="utf-8"))
         if path.is_dir() and isinstance(data, dict):
@@ -43,7 +44,7 @@ def load_runs(paths: Iterable[str | Path]) -> list[dict]:
         found = data if isinstance(data, list) else data.get("runs", [data])
         runs += [r for r in found if _is_run(r, file)]
     if not runs:
-        raise ValueError("no pruning runs found in the given paths")
+        raise PrunekitError("no pruning runs found in the given paths")
     return runs
 
 

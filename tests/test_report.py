@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from prunekit.errors import PrunekitError
 import prunekit
 from prunekit.report import build_report, flat_metrics, load_runs, pivot_table, run_label, run_setting, runs_table
 from tests.conftest import tiny_llama
@@ -62,7 +63,7 @@ def test_build_report_reads_a_real_prune_report(tmp_path):
 
 
 def test_load_runs_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="prune_report.json"):
+    with pytest.raises(PrunekitError, match="prune_report.json"):
         load_runs([tmp_path])
     (tmp_path / "x.json").write_text("[]")
     with pytest.raises(ValueError, match="no pruning runs"):

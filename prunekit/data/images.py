@@ -4,6 +4,7 @@ An ImageFolder tree (``ROOT/<class>/<image>``) maps the sorted class-folder name
 ImageNet-1k the sorted synset folders (``n01440764`` ...) are exactly timm's class-index order.
 """
 from __future__ import annotations
+from ..errors import PrunekitError
 
 import functools
 import logging
@@ -39,7 +40,7 @@ def image_dataset(data: ImageData, transform: Callable | None = None) -> Dataset
         return data
     path = Path(os.path.expanduser(str(data)))
     if not path.is_dir():
-        raise FileNotFoundError(f"image data {str(data)!r} is not a directory; give an ImageFolder tree "
+        raise PrunekitError(f"image data {str(data)!r} is not a directory; give an ImageFolder tree "
                                 "(ROOT/<class>/<image files>), e.g. /data/imagenet/val")
     from torchvision.datasets import ImageFolder
     return ImageFolder(str(path), transform=transform)
@@ -48,9 +49,9 @@ def image_dataset(data: ImageData, transform: Callable | None = None) -> Dataset
 def sample_indices(n: int, nsamples: int, seed: int = 0) -> torch.Tensor:
     """The first ``nsamples`` of ``torch.randperm(n)`` under ``torch.Generator().manual_seed(seed)``."""
     if nsamples < 1:
-        raise ValueError(f"nsamples must be positive, got {nsamples}")
+        raise PrunekitError(f"nsamples must be positive, got {nsamples}")
     if nsamples > n:
-        raise ValueError(f"asked for {nsamples} calibration images but the data holds only {n}; "
+        raise PrunekitError(f"asked for {nsamples} calibration images but the data holds only {n}; "
                          "lower --nsamples or give a larger image folder")
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:nsamples]
 

@@ -1,5 +1,6 @@
 """Text for calibration and perplexity: local files, a `datasets` dataset, tokenised once."""
 from __future__ import annotations
+from ..errors import PrunekitError
 
 import logging
 import os
@@ -23,7 +24,7 @@ def load_text(source: str | os.PathLike, split: str = "train", column: str = "te
     if path.exists():
         return _dataset_text(_load_local_dataset(path, split), column, source)
     if str(source).startswith((".", "/", "~")) or path.suffix:
-        raise FileNotFoundError(f"text data {str(source)!r} does not exist; give a .txt file, a data file "
+        raise PrunekitError(f"text data {str(source)!r} does not exist; give a .txt file, a data file "
                                 "(.json/.jsonl/.csv/.parquet), a saved dataset directory or a datasets hub name")
     import datasets
     name, _, config = str(source).partition(":")
@@ -38,14 +39,14 @@ def _load_local_dataset(path: Path, split: str):
     if path.is_dir():
         files = sorted(str(p) for p in path.glob("*.txt"))
         if not files:
-            raise FileNotFoundError(f"directory {str(path)!r} has no .txt files and is not a saved dataset")
+            raise PrunekitError(f"directory {str(path)!r} has no .txt files and is not a saved dataset")
         return datasets.load_dataset("text", data_files=files, split="train")
     return datasets.load_dataset(_DATASET_SUFFIXES[path.suffix.lower()], data_files=str(path), split="train")
 
 
 def _dataset_text(ds, column: str, source) -> str:
     if column not in ds.column_names:
-        raise ValueError(f"dataset {str(source)!r} has no column {column!r}; its columns are {ds.column_names}")
+        raise PrunekitError(f"dataset {str(source)!r} has no column {column!r}; its columns are {ds.column_names}")
     return "\n\n".join(ds[column])
 
 
@@ -63,10 +64,10 @@ def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int =
     calibration set is not mostly repeats of the same tokens.
     """
     if nsamples < 1 or seqlen < 1:
-        raise ValueError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
+        raise PrunekitError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
     n = tokens.numel()
     if n < nsamples * seqlen + 2:
-        raise ValueError(f"calibration text has {n} tokens, fewer than nsamples x seqlen = {nsamples} x {seqlen}"
+        raise PrunekitError(f"calibration text has {n} tokens, fewer than nsamples x seqlen = {nsamples} x {seqlen}"
                          f" = {nsamples * seqlen}; give more text, or lower --nsamples / --seqlen")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seqlen - 1, (nsamples,), generator=gen)

@@ -1,6 +1,7 @@
 """Outputs are written to a temporary sibling directory and renamed into place: a crash leaves no
 half-written checkpoint, and the input checkpoint is never overwritten."""
 from __future__ import annotations
+from ..errors import PrunekitError
 
 import json
 import os
@@ -19,12 +20,12 @@ def check_output_dir(out: str | os.PathLike, inputs: list[str | os.PathLike] = (
         src_path = Path(str(src)).expanduser()
         if src_path.exists() and (src_path.resolve() == out or src_path.resolve() in out.parents
                                   or out in src_path.resolve().parents):
-            raise ValueError(f"output directory {str(out)!r} overlaps the input {str(src)!r}; "
+            raise PrunekitError(f"output directory {str(out)!r} overlaps the input {str(src)!r}; "
                              "choose another --out (prunekit never overwrites its input)")
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {str(out)!r} is a file; give a directory for --out")
+        raise PrunekitError(f"output path {str(out)!r} is a file; give a directory for --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {str(out)!r} is not empty; pass --overwrite or choose another --out")
+        raise PrunekitError(f"output directory {str(out)!r} is not empty; pass --overwrite or choose another --out")
     return out
 
 

@@ -1,6 +1,7 @@
 """Hugging Face causal LMs: load from a local directory or hub id (no remote code unless asked), save as
 safetensors with the tokenizer."""
 from __future__ import annotations
+from ..errors import PrunekitError
 
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return None if dtype == "auto" else dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)} or 'auto'")
+        raise PrunekitError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)} or 'auto'")
     return DTYPES[dtype]
 
 
@@ -25,7 +26,7 @@ def check_model_source(source: str | os.PathLike) -> None:
     text = str(source)
     if not Path(text).expanduser().exists() and (text.startswith((".", "/", "~")) or os.sep in text.strip("/")
                                                  and text.count("/") > 1):
-        raise FileNotFoundError(f"model path {text!r} does not exist; give a local checkpoint directory or a "
+        raise PrunekitError(f"model path {text!r} does not exist; give a local checkpoint directory or a "
                                 "hub id like 'org/name'")
 
 

@@ -14,6 +14,7 @@ Saved timm models use timm's format, so ``timm.create_model("local-dir:OUT", pre
 them without prunekit.
 """
 from __future__ import annotations
+from ..errors import PrunekitError
 
 import json
 import logging
@@ -86,7 +87,7 @@ def load_vision_model(source: str | os.PathLike, pretrained: bool = True, num_cl
     if text.startswith(TORCHVISION_PREFIX):
         return _load_torchvision(text[len(TORCHVISION_PREFIX):], num_classes, weights)
     if weights is not None:
-        raise ValueError("weights= is for torchvision: sources; timm models load their own weights "
+        raise PrunekitError("weights= is for torchvision: sources; timm models load their own weights "
                          "(timm:NAME downloads them, local-dir:PATH reads them)")
     if text.startswith(TIMM_PREFIX):
         return _create_timm(text[len(TIMM_PREFIX):], pretrained, num_classes)
@@ -98,7 +99,7 @@ def load_vision_model(source: str | os.PathLike, pretrained: bool = True, num_cl
 def _create_timm(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
     import timm
     if name.startswith("local-dir:") and not local_path(name).is_dir():
-        raise FileNotFoundError(f"timm model directory {str(local_path(name))!r} does not exist")
+        raise PrunekitError(f"timm model directory {str(local_path(name))!r} does not exist")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
 
@@ -110,12 +111,12 @@ def _load_saved_dir(path: Path, num_classes: int | None) -> nn.Module:
     if library == "torchvision":
         cfg = _read_config(path)
         if num_classes is not None and num_classes != cfg.get("num_classes"):
-            raise ValueError(f"{str(path)!r} holds a {cfg.get('num_classes')}-class torchvision model; "
+            raise PrunekitError(f"{str(path)!r} holds a {cfg.get('num_classes')}-class torchvision model; "
                              f"num_classes={num_classes} would not match its saved head")
         return _load_torchvision(cfg["architecture"], cfg.get("num_classes"), path / WEIGHTS_FILE)
     if not path.exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-    raise FileNotFoundError(
+        raise PrunekitError(f"model path {str(path)!r} does not exist")
+    raise PrunekitError(
         f"{str(path)!r} is not a vision model: give timm:NAME, torchvision:NAME, local-dir:PATH or a directory "
         "with config.json (timm's 'architecture' key) and model.safetensors, as prunekit saves them")
 
@@ -123,7 +124,7 @@ def _load_saved_dir(path: Path, num_classes: int | None) -> nn.Module:
 def _load_torchvision(name: str, num_classes: int | None, weights: str | os.PathLike | None) -> nn.Module:
     import torchvision
     if name not in torchvision.models.list_models():
-        raise ValueError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+        raise PrunekitError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     if weights is not None:
@@ -137,7 +138,7 @@ def _load_torchvision(name: str, num_classes: int | None, weights: str | os.Path
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+        raise PrunekitError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
@@ -160,7 +161,7 @@ def save_vision_model(model: nn.Module, out_dir: str | os.PathLike) -> None:
         return
     arch = getattr(model, TORCHVISION_ARCH_ATTR, None)
     if arch is None:
-        raise ValueError(f"cannot save a {type(model).__name__} as a vision model: only timm models and "
+        raise PrunekitError(f"cannot save a {type(model).__name__} as a vision model: only timm models and "
                          "torchvision models loaded with load_vision_model('torchvision:NAME') are supported")
     _save_torchvision(model, arch, out)
 
@@ -180,29 +181,6 @@ def _last_linear(model: nn.Module) -> nn.Linear | None:
     return linears[-1] if linears else None
 
 
-def is_vision_model(model: nn.Module) -> bool:
-    """Whether the Wanda paper's image-classifier defaults apply (per-layer comparison group).
-
-    A Hugging Face model is a vision model when its ``main_input_name`` is ``pixel_values``; any other
-    model when it is a timm / torchvision model or contains a 2-D convolution (CNNs, ViT patch embeds).
-    Language models (HF ``input_ids`` models, plain MLPs) are not.
-    """
-    main_input = getattr(model, "main_input_name", None)
-    if main_input is not None and _is_hf_model(model):
-        return main_input == "pixel_values"
-    if type(model).__module__.startswith(("timm.", "torchvision.")):
-        return True
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def _is_hf_model(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PreTrainedModel)
-
-
 def num_classes_of(model: nn.Module) -> int:
     """The classifier's output size: timm's ``num_classes``, else the last Linear's ``out_features``."""
     n = getattr(model, "num_classes", None)
@@ -210,5 +188,5 @@ def num_classes_of(model: nn.Module) -> int:
         return n
     head = _last_linear(model)
     if head is None:
-        raise ValueError(f"cannot tell how many classes {type(model).__name__} predicts; pass num_classes=")
+        raise PrunekitError(f"cannot tell how many classes {type(model).__name__} predicts; pass num_classes=")
     return head.out_features

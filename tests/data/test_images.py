@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
+from prunekit.errors import PrunekitError
 import prunekit
 from prunekit.data.images import data_config, image_calibration, image_dataset, image_transform, sample_indices
 from tests.conftest import fixture_path
@@ -61,7 +62,7 @@ def test_errors_name_the_fix(folder):
     model = tiny_convnext()
     with pytest.raises(ValueError, match="lower --nsamples"):
         image_calibration(model, folder, nsamples=16)
-    with pytest.raises(FileNotFoundError, match="ImageFolder"):
+    with pytest.raises(PrunekitError, match="ImageFolder"):
         image_calibration(model, folder / "missing", nsamples=2)
 
 

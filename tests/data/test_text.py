@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from prunekit.errors import PrunekitError
 from prunekit.data import calibration_batches, load_text, random_windows
 
 
@@ -28,9 +29,9 @@ def test_load_text_file_dir_and_json(tmp_path):
 
 
 def test_missing_path_is_not_a_hub_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(PrunekitError, match="does not exist"):
         load_text(tmp_path / "missing.txt")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(PrunekitError):
         load_text("./nope/data")
 
 

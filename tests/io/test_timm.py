@@ -8,6 +8,7 @@ import timm
 import torch
 from torch import nn
 
+from prunekit.errors import PrunekitError
 import prunekit
 from prunekit.io.timm import is_vision_source, load_vision_model, num_classes_of, save_vision_model
 from tests.conftest import fixture_path
@@ -84,11 +85,11 @@ def test_fixture_directory_is_a_vision_source():
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="torchvision has no model"):
         load_vision_model("torchvision:not_a_model")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(PrunekitError, match="does not exist"):
         load_vision_model(f"local-dir:{tmp_path / 'missing'}")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(PrunekitError, match="does not exist"):
         load_vision_model(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="not a vision model"):
+    with pytest.raises(PrunekitError, match="not a vision model"):
         load_vision_model(tmp_path)
     with pytest.raises(ValueError, match="weights= is for torchvision"):
         load_vision_model("timm:convnext_atto", weights="w.pth")
