@@ -113,8 +113,8 @@ def forward_batch(module: nn.Module, batch: Any) -> Any:
 
 
 def has_forward(module: nn.Module) -> bool:
-    """Whether ``module`` defines ``forward`` (``nn.Module.forward`` only raises NotImplementedError)."""
-    return type(module).forward is not nn.Module.forward
+    """Whether ``module`` defines ``forward`` (the base classes' versions only raise NotImplementedError)."""
+    return type(module).forward not in (nn.Module.forward, L.LightningModule.forward)
 
 
 def _own_iterator(loader: Iterable) -> Iterator:
