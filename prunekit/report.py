@@ -76,9 +76,10 @@ def runs_from_cells(cells: Mapping[str, Mapping[str, Any]], dense_ppl: float | N
         metrics = {k: v for k, v in cell.items() if k in SCALAR_RESULTS}
         if dense_ppl is not None:
             metrics["ppl_dense"] = dense_ppl
-        runs.append({"label": label, "settings": {"method": label, "sparsity": 0.5 if pattern else float(setting),
-                                                  "pattern": pattern, "group": cell.get("group")},
-                     "sparsity": cell.get("sparsity", 0.0), "layers": {}, "metrics": metrics,
+        target = nm_sparsity(pattern) if pattern else float(setting)
+        runs.append({"label": label, "settings": {"method": label, "sparsity": target, "pattern": pattern,
+                                                  "group": cell.get("group")},
+                     "sparsity": cell.get("sparsity", target), "layers": {}, "metrics": metrics,
                      "timings": {"total_s": cell["prune_s"]} if "prune_s" in cell else {}})
     return runs
 
@@ -104,6 +105,20 @@ def run_setting(run: Run) -> str:
     """``"2:4"`` for N:M runs, else the target sparsity in percent (``"50%"``)."""
     s = run["settings"]
     return str(s["pattern"]) if s.get("pattern") else f"{100 * float(s['sparsity']):g}%"
+
+
+def nm_sparsity(pattern: str) -> float:
+    """``"1:4"`` -> 0.75: N:M keeps N of every M weights (the hardware convention), so 1 - N/M of them are zero."""
+    n, _, m = pattern.partition(":")
+    return 1 - int(n) / int(m)
+
+
+def measured_sparsity(run: Run) -> float:
+    """The overall sparsity the run measured, else its target (for N:M: what the pattern implies)."""
+    if isinstance(run.get("sparsity"), (int, float)):
+        return float(run["sparsity"])
+    s = run["settings"]
+    return nm_sparsity(s["pattern"]) if s.get("pattern") else float(s["sparsity"])
 
 
 def flat_metrics(run: Run) -> dict[str, float]:
@@ -137,7 +152,7 @@ def runs_table(runs: Sequence[Run]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         m = flat_metrics(r)
-        cells = [run_label(r), run_setting(r), f"{100 * float(r.get('sparsity', 0)):.2f}%"]
+        cells = [run_label(r), run_setting(r), f"{100 * measured_sparsity(r):.2f}%"]
         cells += [_fmt(m.get(k)) for k in metrics] + [_fmt((r.get("timings") or {}).get("total_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -191,11 +206,11 @@ def plot_metric(runs: Sequence[Run], metric: str, path: Path) -> Path:
                       if not r["settings"].get("pattern"))
         color = ax.plot(*zip(*line), marker="o", label=label)[0].get_color() if line else None
         for r in (r for r in mine if r["settings"].get("pattern")):
-            ax.scatter([float(r.get("sparsity", 0.5))], [flat_metrics(r)[metric]], marker="x", color=color,
+            ax.scatter([measured_sparsity(r)], [flat_metrics(r)[metric]], marker="x", color=color,
                        label=None if line else label)
             if run_setting(r) not in annotated:
                 annotated.add(run_setting(r))
-                ax.annotate(run_setting(r), (float(r.get("sparsity", 0.5)), flat_metrics(r)[metric]), fontsize=7,
+                ax.annotate(run_setting(r), (measured_sparsity(r), flat_metrics(r)[metric]), fontsize=7,
                             xytext=(-14, 0), textcoords="offset points")
     _dense_line(ax, runs, metric)
     if metric in LOWER_IS_BETTER:
