@@ -107,7 +107,7 @@ def plan_prune(model: nn.Module, config: PruneConfig | str | None = None, **sett
     targets = {n: Target(config.sparsity, group, nm) for n in layers}
     device = torch.device(config.device) if config.device is not None else None
     return engine.Plan(method, updates, layers, targets, _blocks(model, config, group, layers), device, needs,
-                       config.offload_activations)
+                       config.as_config())
 
 
 def _blocks(model: nn.Module, config: PruneConfig, group: str, layers: Mapping[str, nn.Module]):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import PrunekitError
+from .forward import hooks
 from .graph import CONV_TYPES, num_groups
 
 # Above this many im2col elements per chunk the conv input is processed a few batch items at a time.
@@ -179,13 +180,8 @@ def collect(layers: dict[str, nn.Module], hessian: bool = False) -> Iterator[Map
     The hooks are removed on exit, also when the forward pass raises.
     """
     collectors = {name: _Collector(m, hessian) for name, m in layers.items()}
-    handles = [m.register_forward_hook(collectors[name]) for name, m in layers.items()]
-    results = _StatsView(collectors)
-    try:
-        yield results
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks(m.register_forward_hook(collectors[name]) for name, m in layers.items()):
+        yield _StatsView(collectors)
 
 
 class _StatsView(Mapping):

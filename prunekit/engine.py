@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .activations import Activations, choose_offload, gib
 from .collect import LayerStats, collect
+from .config import PruneConfig
 from .errors import PrunekitError
 from .forward import Batch, StopForward, block_output, hidden_state, hooks, model_device, on_device, run_model
 from .graph import block_layers, num_groups, set_weight_matrix, weight_matrix
@@ -50,7 +51,7 @@ class Plan:
     blocks: tuple[str, nn.Module] | None = None
     device: torch.device | None = None
     needs: frozenset[str] = field(default_factory=frozenset)
-    offload: str = "auto"
+    config: PruneConfig = field(default_factory=PruneConfig)  # the settings the plan was resolved from
 
 
 # ---------------------------------------------------------------- layer level (pure tensor work)
@@ -115,6 +116,11 @@ def _global_masks(layers, stats, plan: Plan) -> dict[str, torch.Tensor]:
     scores = {n: score_matrix(weight_matrix(layers[n]).detach().float(), stats[n] if stats else None,
                               num_groups(layers[n]), plan.method) for n in globals_}
     return select_global(scores, plan.targets[globals_[0]].sparsity)
+
+
+def plan_collect(layers: Mapping[str, nn.Module], plan: Plan):
+    """``collect`` the statistics the plan's method and updates declared, for ``layers``."""
+    return collect(layers, hessian=HESSIAN in plan.needs)
 
 
 # ---------------------------------------------------------------- capturing block 0's inputs
@@ -251,7 +257,7 @@ def _capture(model, first_block, batches, plan: Plan, source: BlockSource, scrat
             hidden = hidden_state(args, kwargs)
             total = hidden.numel() * hidden.element_size() * len(batches)
             compute = device or hidden.device
-            acts = Activations(choose_offload(plan.offload, total, compute, 2 * source.block_bytes()), device,
+            acts = Activations(choose_offload(plan.config.offload_activations, total, compute, 2 * source.block_bytes()), device,
                                scratch)
         acts.append(args, kwargs)
 
@@ -272,7 +278,7 @@ def _block_statistics(block: nn.Module, layers: Mapping[str, nn.Module], acts: A
     """Input statistics of ``layers`` over every calibration batch through the dense ``block``."""
     if acts is None or not layers:
         return None
-    with collect(layers, hessian=HESSIAN in plan.needs) as stats:
+    with plan_collect(layers, plan) as stats:
         for j in range(len(acts)):
             run_call(block, acts.call(j))
     return {name: stats[name] for name in layers}
@@ -283,7 +289,7 @@ def _block_statistics(block: nn.Module, layers: Mapping[str, nn.Module], acts: A
 @torch.no_grad()
 def prune_oneshot(model: nn.Module, batches: Sequence[Batch], plan: Plan, timings: dict[str, float]) -> None:
     start = time.perf_counter()
-    stats_context = collect(plan.layers, hessian=HESSIAN in plan.needs) if plan.needs else nullcontext(None)
+    stats_context = plan_collect(plan.layers, plan) if plan.needs else nullcontext(None)
     with on_device(model, plan.device), stats_context as stats:
         if stats is not None:
             for batch in tqdm(batches, desc="calibrating", unit="batch"):
@@ -300,7 +306,7 @@ def dense_statistics(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> 
     result: dict[str, LayerStats] = {}
     plan = replace(plan, needs=frozenset({NORMS}))
     if plan.blocks is None:
-        with on_device(model, plan.device), collect(plan.layers) as stats:
+        with on_device(model, plan.device), plan_collect(plan.layers, plan) as stats:
             for batch in batches:
                 run_model(model, batch, plan.device)
             return dict(stats)

@@ -29,13 +29,12 @@ from torch.utils.data import DataLoader, IterableDataset
 from .errors import PrunekitError
 from . import engine
 from .api import layer_sparsity, plan_prune
-from .collect import LayerStats, collect
+from .collect import LayerStats
 from .config import PruneConfig
 from .forward import eval_mode
 from .graph import select_layers
 from .groups import check_sparsity
 from .masks import apply_masks, mask_gradients, masks_from_weights, pack_mask, unpack_mask
-from .methods import HESSIAN
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +301,7 @@ class PruningCallback(L.Callback):
         if not self._needs_stats():
             return None
         batches = self._calibration_batches(trainer)
-        with collect(self.layers, hessian=HESSIAN in self._plan.needs) as stats, eval_mode(pl_module), \
+        with engine.plan_collect(self.layers, self._plan) as stats, eval_mode(pl_module), \
                 trainer.precision_plugin.forward_context():
             for batch in batches:
                 self._forward(pl_module, batch)

@@ -82,7 +82,8 @@ def test_readme_methods_table_lists_every_registered_name_with_its_defaults():
     import yaml
 
     from prunekit.allocate import ALLOCATORS
-    from prunekit.methods import METHODS, STRUCTURED, UPDATES
+    from prunekit.methods import METHODS, UPDATES
+    from prunekit.structured import STRUCTURED
     registries = {"method": METHODS, "update": UPDATES, "allocation": ALLOCATORS, "structured": STRUCTURED}
     rows = methods_table((ROOT / "README.md").read_text(encoding="utf-8"))
     listed = {(kind, name) for kind, reg in registries.items() for name in reg.names() if name != "uniform"}

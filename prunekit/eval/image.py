@@ -253,16 +253,24 @@ def check_trainer_keys(section: dict[str, Any] | None) -> dict[str, Any]:
     return check_keys(section, allowed, "trainer", set())
 
 
+def eval_sections(path: str | os.PathLike, overrides: dict[str, Any] | None, model_keys: set[str],
+                  data_keys: set[str]) -> tuple[dict, dict, dict, dict]:
+    """A LightningCLI-style eval config: the whole mapping and its checked ``trainer:``, ``model:`` (needs
+    ``source``) and ``data:`` (needs ``path``) sections; seeds everything when ``seed_everything`` is set."""
+    config = load_eval_config(path, CONFIG_SECTIONS, overrides)
+    trainer_cfg = check_trainer_keys(config.get("trainer"))
+    model_cfg = check_keys(config.get("model"), model_keys, "model", {"source"})
+    data_cfg = check_keys(config.get("data"), data_keys, "data", {"path"})
+    if config.get("seed_everything") is not None:
+        L.seed_everything(config["seed_everything"], verbose=False)
+    return config, trainer_cfg, model_cfg, data_cfg
+
+
 def run_image_eval_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate as a LightningCLI-style YAML says (sections ``trainer:``, ``model:`` (``source``,
     ``pretrained``, ``num_classes``, ``weights``), ``data:`` (``path``, ``batch_size``, ``num_workers``),
     optional ``seed_everything:`` and ``results:`` JSON path); returns the results dict."""
-    config = load_eval_config(path, CONFIG_SECTIONS, overrides)
-    trainer_cfg = check_trainer_keys(config.get("trainer"))
-    model_cfg = check_keys(config.get("model"), MODEL_KEYS, "model", {"source"})
-    data_cfg = check_keys(config.get("data"), DATA_KEYS, "data", {"path"})
-    if config.get("seed_everything") is not None:
-        L.seed_everything(config["seed_everything"], verbose=False)
+    config, trainer_cfg, model_cfg, data_cfg = eval_sections(path, overrides, MODEL_KEYS, DATA_KEYS)
     model = load_vision_model(**model_cfg)
     data_path = data_cfg.pop("path")
     module = ImageClassifier(model)

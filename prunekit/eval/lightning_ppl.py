@@ -22,7 +22,7 @@ from torchmetrics import SumMetric
 from ..data.text import load_text, tokenize
 from ..io.atomic import write_json
 from ..io.hf import load_causal_lm, load_tokenizer
-from .image import check_keys, check_trainer_keys, eval_sampler, eval_trainer, load_eval_config
+from .image import eval_sampler, eval_sections, eval_trainer
 from .perplexity import token_windows, window_nll
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,6 @@ def _run(trainer: L.Trainer, model: nn.Module, datamodule: TokenWindowDataModule
     return out
 
 
-CONFIG_SECTIONS = {"trainer", "model", "data", "seed_everything", "results"}
 MODEL_KEYS = {"source", "dtype"}  # remote code only from the command line / Python (trust_remote_code=)
 DATA_KEYS = {"path", "tokenizer", "seqlen", "batch_size", "max_windows", "split", "column"}
 
@@ -97,12 +96,7 @@ def run_ppl_eval_config(path: str | os.PathLike, overrides: dict[str, Any] | Non
     (``source``, ``dtype``), ``data:`` (``path`` of the test text, ``seqlen``, ``batch_size``,
     ``tokenizer`` defaulting to the model, ``max_windows``), optional ``results:`` JSON path.
     ``overrides`` are merged on top one level deep (see ``load_eval_config``)."""
-    config = load_eval_config(path, CONFIG_SECTIONS, overrides)
-    trainer_cfg = check_trainer_keys(config.get("trainer"))
-    model_cfg = check_keys(config.get("model"), MODEL_KEYS, "model", {"source"})
-    data_cfg = check_keys(config.get("data"), DATA_KEYS, "data", {"path"})
-    if config.get("seed_everything") is not None:
-        L.seed_everything(config["seed_everything"], verbose=False)
+    config, trainer_cfg, model_cfg, data_cfg = eval_sections(path, overrides, MODEL_KEYS, DATA_KEYS)
     tokenizer = load_tokenizer(data_cfg.get("tokenizer", model_cfg["source"]), trust_remote_code)
     text = load_text(data_cfg["path"], data_cfg.get("split", "test"), data_cfg.get("column", "text"))
     datamodule = TokenWindowDataModule(tokenize(tokenizer, text), data_cfg.get("seqlen", 2048),
