@@ -54,6 +54,13 @@ class LayerStats:
             raise RuntimeError("the Hessian was not collected for this layer (method did not declare it)")
         return self.xtx * (2.0 / max(self.nsamples, 1))
 
+    def to(self, dtype: torch.dtype) -> "LayerStats":
+        """The same statistics in ``dtype`` (itself when already there)."""
+        if self.sq_sum.dtype == dtype:
+            return self
+        cast = {k: getattr(self, k).to(dtype) for k in ("sq_sum", "xtx", "col_sum") if getattr(self, k) is not None}
+        return replace(self, **cast)
+
     def group(self, g: int) -> "LayerStats":
         """The statistics of conv group ``g`` alone (the whole thing for ``groups == 1``)."""
         xtx = None if self.xtx is None else self.xtx[g:g + 1]
@@ -109,11 +116,12 @@ def conv_columns(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return cols.permute(1, 0, 4, 2, 3).reshape(groups, -1, (c // groups) * kk)
 
 
-def conv_sq_sum(x: torch.Tensor, module: nn.Module, square: bool = True) -> torch.Tensor:
+def conv_sq_sum(x: torch.Tensor, module: nn.Module, square: bool = True,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Column sums of squares (or, with ``square=False``, plain column sums) of the im2col matrix,
     ``[groups, cols]``, one kernel offset at a time."""
     groups = num_groups(module)
-    x2 = _padded(x.float(), module)
+    x2 = _padded(x.to(dtype), module)
     x2 = x2.square() if square else x2
     per_offset = [sl.sum(dim=[0] + list(range(2, sl.dim()))) for sl in _kernel_slices(module, x2)]
     sq = torch.stack(per_offset, dim=1)  # [C, K]
@@ -123,14 +131,14 @@ def conv_sq_sum(x: torch.Tensor, module: nn.Module, square: bool = True) -> torc
 class _Collector:
     """Accumulates one layer's statistics from the inputs its forward hook sees."""
 
-    def __init__(self, module: nn.Module, hessian: bool):
-        self.module, self.want_hessian = module, hessian
+    def __init__(self, module: nn.Module, hessian: bool, dtype: torch.dtype = torch.float32):
+        self.module, self.want_hessian, self.dtype = module, hessian, dtype
         self.stats: LayerStats | None = None
 
     def _init(self, groups: int, cols: int, device: torch.device) -> LayerStats:
-        xtx = torch.zeros(groups, cols, cols, device=device) if self.want_hessian else None
-        return LayerStats(sq_sum=torch.zeros(groups, cols, device=device), xtx=xtx,
-                          col_sum=torch.zeros(groups, cols, device=device))
+        zeros = dict(device=device, dtype=self.dtype)
+        xtx = torch.zeros(groups, cols, cols, **zeros) if self.want_hessian else None
+        return LayerStats(sq_sum=torch.zeros(groups, cols, **zeros), xtx=xtx, col_sum=torch.zeros(groups, cols, **zeros))
 
     def __call__(self, module: nn.Module, args: tuple, output) -> None:
         x = args[0].detach()
@@ -140,7 +148,7 @@ class _Collector:
         if isinstance(module, CONV_TYPES):
             self._add_conv(x, module)
         else:
-            self._add_rows(x.reshape(-1, x.shape[-1]).float().unsqueeze(0))
+            self._add_rows(x.reshape(-1, x.shape[-1]).to(self.dtype).unsqueeze(0))
         self.stats.nsamples += nsamples
 
     def _add_rows(self, rows: torch.Tensor) -> None:
@@ -156,17 +164,17 @@ class _Collector:
     def _add_conv(self, x: torch.Tensor, module: nn.Module) -> None:
         """x: a batched conv input ``[B, C, *spatial]``."""
         if not self.want_hessian:
-            sq = conv_sq_sum(x, module)
+            sq = conv_sq_sum(x, module, dtype=self.dtype)
             if self.stats is None:
                 self.stats = self._init(sq.shape[0], sq.shape[1], sq.device)
             self.stats.sq_sum += sq
-            self.stats.col_sum += conv_sq_sum(x, module, square=False)
+            self.stats.col_sum += conv_sq_sum(x, module, square=False, dtype=self.dtype)
             self.stats.ntokens += _out_positions(module, x) * x.shape[0]
             return
         per_item = math.prod(x.shape[1:]) * math.prod(module.kernel_size)
         step = max(1, _CHUNK_ELEMENTS // max(per_item, 1))
         for chunk in x.split(step):
-            self._add_rows(conv_columns(chunk.float(), module))
+            self._add_rows(conv_columns(chunk.to(self.dtype), module))
 
 
 def _out_positions(module: nn.Module, x: torch.Tensor) -> int:
@@ -174,12 +182,13 @@ def _out_positions(module: nn.Module, x: torch.Tensor) -> int:
 
 
 @contextmanager
-def collect(layers: dict[str, nn.Module], hessian: bool = False) -> Iterator[Mapping[str, LayerStats]]:
+def collect(layers: dict[str, nn.Module], hessian: bool = False,
+            dtype: torch.dtype = torch.float32) -> Iterator[Mapping[str, LayerStats]]:
     """Hook ``layers`` for the duration of the block; yields ``{name: LayerStats}`` filled as data flows.
 
     The hooks are removed on exit, also when the forward pass raises.
     """
-    collectors = {name: _Collector(m, hessian) for name, m in layers.items()}
+    collectors = {name: _Collector(m, hessian, dtype) for name, m in layers.items()}
     with hooks(m.register_forward_hook(collectors[name]) for name, m in layers.items()):
         yield _StatsView(collectors)
 
@@ -194,7 +203,7 @@ class _StatsView(Mapping):
         stats = self._collectors[name].stats
         if stats is None:
             raise PrunekitError(f"layer {name!r} saw no input during calibration: is it used in forward()?")
-        return stats
+        return stats.to(torch.float32)  # accumulated in float64 when asked; methods see float32
 
     def __iter__(self):
         return iter(self._collectors)

@@ -73,6 +73,8 @@ class PruneConfig:
     device: str | None = setting(None, "compute device for the current block (cuda, cuda:1, cpu)")
     dtype: str = setting("auto", "model dtype when loading: auto, float32, bfloat16, float16")
     offload_activations: str = setting("auto", "where calibration activations live: auto, device, cpu, disk")
+    stats_dtype: str = setting("float32", "dtype statistics accumulate in: float32, or float64 for very long "
+                               "calibration (methods still see float32)")
     recalibrate_bn: bool | None = setting(None, "re-estimate BatchNorm statistics after pruning (default: when a "
                                           "pruned layer feeds a BatchNorm and calibration data is given)", type=bool)
 
@@ -162,6 +164,7 @@ def check_config(config: PruneConfig) -> None:
     _check_counts(config)
     _check_choice("dtype", config.dtype, DTYPES)
     _check_choice("offload_activations", config.offload_activations, OFFLOAD_MODES)
+    _check_choice("stats_dtype", config.stats_dtype, ("float32", "float64"))
     unknown_types = sorted(set(config.layer_types) - set(LAYER_TYPES))
     if unknown_types:
         raise PrunekitError(f"unknown layer type(s) {unknown_types}; choose from {', '.join(LAYER_TYPES)}")

@@ -120,7 +120,7 @@ def _global_masks(layers, stats, plan: Plan) -> dict[str, torch.Tensor]:
 
 def plan_collect(layers: Mapping[str, nn.Module], plan: Plan):
     """``collect`` the statistics the plan's method and updates declared, for ``layers``."""
-    return collect(layers, hessian=HESSIAN in plan.needs)
+    return collect(layers, hessian=HESSIAN in plan.needs, dtype=getattr(torch, plan.config.stats_dtype))
 
 
 # ---------------------------------------------------------------- capturing block 0's inputs

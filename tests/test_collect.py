@@ -79,3 +79,28 @@ def test_nan_activations_are_reported():
     s = _stats(lin, torch.tensor([[float("nan"), 1.0, 2.0]]))
     with pytest.raises(PrunekitError, match="NaN/inf activations"):
         s.check_finite("m")
+
+
+def test_statistics_can_accumulate_in_float64():
+    """``stats_dtype=float64``: sums kept in double precision, handed to methods as float32."""
+    lin = nn.Linear(8, 2)
+    x = torch.randn(4, 16, 8, dtype=torch.float64) * 1e3
+    with collect({"m": lin}, dtype=torch.float64) as stats:
+        for chunk in x.float().split(1):
+            lin(chunk)
+        assert stats["m"].sq_sum.dtype == torch.float32
+        exact = stats._collectors["m"].stats.sq_sum
+    assert exact.dtype == torch.float64
+    assert torch.allclose(exact[0], x.float().double().square().sum(dim=(0, 1)), rtol=1e-12)
+
+
+def test_stats_dtype_setting_reaches_the_collectors(token_batch):
+    import prunekit
+    from prunekit.errors import PrunekitError
+    from tests.conftest import tiny_llama
+    a, b = tiny_llama(), tiny_llama()
+    prunekit.prune(a, "wanda", 0.5, calib=token_batch)
+    prunekit.prune(b, "wanda", 0.5, calib=token_batch, stats_dtype="float64")
+    assert all((pa == 0).eq(pb == 0).float().mean() > 0.99 for pa, pb in zip(a.parameters(), b.parameters()))
+    with pytest.raises(PrunekitError, match="stats_dtype"):
+        prunekit.PruneConfig(stats_dtype="float16")
