@@ -91,7 +91,7 @@ def score_matrix(weight: torch.Tensor, stats: LayerStats | None, groups: int, me
 def prune_layers(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None, plan: Plan) -> None:
     """Prune ``layers`` in place (a block's worth, or the whole model)."""
     global_masks = _global_masks(layers, stats, plan)
-    for name, module in layers.items():
+    for name, module in steps(layers.items(), "pruning layers", len(layers)):
         layer_stats = stats[name] if stats is not None else None
         if layer_stats is not None:
             layer_stats.check_finite(name)
@@ -116,6 +116,12 @@ def _global_masks(layers, stats, plan: Plan) -> dict[str, torch.Tensor]:
     scores = {n: score_matrix(weight_matrix(layers[n]).detach().float(), stats[n] if stats else None,
                               num_groups(layers[n]), plan.method) for n in globals_}
     return select_global(scores, plan.targets[globals_[0]].sparsity)
+
+
+def steps(items, desc: str, total: int | None = None):
+    """A progress bar (with ETA) for the steps inside one block, which take minutes on a 7B-sized block on CPU;
+    it disappears when done so the block bar stays readable."""
+    return tqdm(items, desc=desc, total=total, unit="step", leave=False, mininterval=1.0)
 
 
 def plan_collect(layers: Mapping[str, nn.Module], plan: Plan):
@@ -236,8 +242,8 @@ def sequential(model: nn.Module, batches: Sequence[Batch], plan: Plan, source: B
             with source.block(i) as block:
                 if i <= last:
                     step(i, per_block[i], _block_statistics(block, per_block[i], acts, plan))
-                    if acts is not None and i < last:
-                        for j in range(len(acts)):  # only a later block with selected layers needs these
+                    if acts is not None and i < last:  # only a later block with selected layers needs these
+                        for j in steps(range(len(acts)), f"block {i}: outputs for the next block"):
                             acts.update(j, run_call(block, acts.call(j)))
             timings[f"block_{i}_s"] = time.perf_counter() - t0
             log.info("block %d/%d: %d layers in %.2fs", i + 1, len(blocks), len(per_block[i]), timings[f"block_{i}_s"])
@@ -279,7 +285,7 @@ def _block_statistics(block: nn.Module, layers: Mapping[str, nn.Module], acts: A
     if acts is None or not layers:
         return None
     with plan_collect(layers, plan) as stats:
-        for j in range(len(acts)):
+        for j in steps(range(len(acts)), "statistics"):
             run_call(block, acts.call(j))
     return {name: stats[name] for name in layers}
 
