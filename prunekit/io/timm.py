@@ -24,6 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import PrunekitError
+from .files import load_weights_file
+from .paths import require_local
+
 log = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm:"
@@ -86,7 +90,7 @@ def load_vision_model(source: str | os.PathLike, pretrained: bool = True, num_cl
     if text.startswith(TORCHVISION_PREFIX):
         return _load_torchvision(text[len(TORCHVISION_PREFIX):], num_classes, weights)
     if weights is not None:
-        raise ValueError("weights= is for torchvision: sources; timm models load their own weights "
+        raise PrunekitError("weights= is for torchvision: sources; timm models load their own weights "
                          "(timm:NAME downloads them, local-dir:PATH reads them)")
     if text.startswith(TIMM_PREFIX):
         return _create_timm(text[len(TIMM_PREFIX):], pretrained, num_classes)
@@ -97,8 +101,9 @@ def load_vision_model(source: str | os.PathLike, pretrained: bool = True, num_cl
 
 def _create_timm(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
     import timm
-    if name.startswith("local-dir:") and not local_path(name).is_dir():
-        raise FileNotFoundError(f"timm model directory {str(local_path(name))!r} does not exist")
+    if name.startswith("local-dir:"):
+        require_local(local_path(name), "timm model directory", "give a directory saved by save_vision_model or "
+                                                                "timm's save_for_hf")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
 
@@ -110,12 +115,11 @@ def _load_saved_dir(path: Path, num_classes: int | None) -> nn.Module:
     if library == "torchvision":
         cfg = _read_config(path)
         if num_classes is not None and num_classes != cfg.get("num_classes"):
-            raise ValueError(f"{str(path)!r} holds a {cfg.get('num_classes')}-class torchvision model; "
+            raise PrunekitError(f"{str(path)!r} holds a {cfg.get('num_classes')}-class torchvision model; "
                              f"num_classes={num_classes} would not match its saved head")
         return _load_torchvision(cfg["architecture"], cfg.get("num_classes"), path / WEIGHTS_FILE)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-    raise FileNotFoundError(
+    require_local(path, "model path", "give timm:NAME, torchvision:NAME or a saved model directory")
+    raise PrunekitError(
         f"{str(path)!r} is not a vision model: give timm:NAME, torchvision:NAME, local-dir:PATH or a directory "
         "with config.json (timm's 'architecture' key) and model.safetensors, as prunekit saves them")
 
@@ -123,11 +127,11 @@ def _load_saved_dir(path: Path, num_classes: int | None) -> nn.Module:
 def _load_torchvision(name: str, num_classes: int | None, weights: str | os.PathLike | None) -> nn.Module:
     import torchvision
     if name not in torchvision.models.list_models():
-        raise ValueError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+        raise PrunekitError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     if weights is not None:
-        model.load_state_dict(_read_state_dict(Path(weights).expanduser()))
+        _load_weights(model, name, Path(weights).expanduser())
     else:
         log.warning("torchvision:%s has random weights (no local weights file given)", name)
     setattr(model, TORCHVISION_ARCH_ATTR, name)
@@ -135,13 +139,14 @@ def _load_torchvision(name: str, num_classes: int | None, weights: str | os.Path
     return model.eval()
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+def _load_weights(model: nn.Module, name: str, path: Path) -> None:
+    """Load a state dict file (weights-only) into ``model``; keys or shapes that do not fit are one line."""
+    try:
+        model.load_state_dict(load_weights_file(path))
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise PrunekitError(f"weights file {str(path)!r} does not fit torchvision:{name} ({detail}); give that "
+                            "architecture's state dict (and num_classes for another head)") from None
 
 
 def is_timm_model(model: nn.Module) -> bool:
@@ -160,7 +165,7 @@ def save_vision_model(model: nn.Module, out_dir: str | os.PathLike) -> None:
         return
     arch = getattr(model, TORCHVISION_ARCH_ATTR, None)
     if arch is None:
-        raise ValueError(f"cannot save a {type(model).__name__} as a vision model: only timm models and "
+        raise PrunekitError(f"cannot save a {type(model).__name__} as a vision model: only timm models and "
                          "torchvision models loaded with load_vision_model('torchvision:NAME') are supported")
     _save_torchvision(model, arch, out)
 
