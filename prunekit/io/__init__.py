@@ -3,6 +3,6 @@ from .atomic import OutputClaim, atomic_dir, check_output_dir, claim_output, wri
 from .hf import load_causal_lm, load_tokenizer, parse_dtype, save_causal_lm
 from .paths import check_dir_writable, check_file_writable, check_free_space, check_paths, looks_local, require_local
 
-__all__ = ["OutputClaim", "atomic_dir", "check_dir_writable", "check_file_writable", "check_free_space", "check_output_dir",
-           "check_paths", "claim_output", "load_causal_lm", "load_tokenizer", "looks_local", "parse_dtype",
-           "require_local", "save_causal_lm", "write_json"]
+__all__ = ["OutputClaim", "atomic_dir", "check_dir_writable", "check_file_writable", "check_free_space",
+           "check_output_dir", "check_paths", "claim_output", "load_causal_lm", "load_tokenizer", "looks_local",
+           "parse_dtype", "require_local", "save_causal_lm", "write_json"]

@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ def _read(fd: int) -> str:
 def _write(fd: int, holder: Holder) -> None:
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, (json.dumps(holder.__dict__) + "\n").encode())
+    os.write(fd, (json.dumps(asdict(holder)) + "\n").encode())
 
 
 def _stale(fd: int, locked: bool | None) -> tuple[bool, Holder | None]:
@@ -187,28 +187,32 @@ def acquire_lock(out: Path, name: str = "--out") -> int:
     lock, me = lock_path(out), Holder.me()
     for _ in range(50):  # more than one round only while other runs release or take over at the same time
         fd = _create(lock, me)
+        if fd is None:
+            fd = _take_over(out, lock, me, name)
         if fd is not None:
             return fd
-        try:
-            fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:
-            continue  # released meanwhile
+    raise PrunekitError(f"could not lock {name} {str(out)!r}: other runs keep taking it; try again")
+
+
+def _take_over(out: Path, lock: Path, me: Holder, name: str) -> int | None:
+    """The lock file exists: raise if its run is alive, take it over if gone, None to try again."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return None  # released meanwhile
+    try:
         locked = _flock(fd)
         if locked is not False and not _same_file(fd, lock):
-            os.close(fd)  # we locked a file another run just released or replaced
-            continue
+            return None  # we locked a file another run just released or replaced
         stale, holder = _stale(fd, locked) if locked is not False else (False, Holder.parse(_read(fd)))
         if not stale:
-            os.close(fd)
             raise _busy(out, lock, holder, name)
         log.warning("taking over the lock on %s from a prunekit run that is gone (%s)", out,
                     holder.describe() if holder else "unnamed")
         lock.unlink(missing_ok=True)  # while holding the old file's flock, so no third run can decide the same
-        fd_new = _create(lock, me)
+        return _create(lock, me)
+    finally:
         os.close(fd)
-        if fd_new is not None:
-            return fd_new
-    raise PrunekitError(f"could not lock {name} {str(out)!r}: other runs keep taking it; try again")
 
 
 def release_lock(out: Path, fd: int) -> None:

@@ -148,8 +148,8 @@ def check_paths(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, Pat
         for in_name, inp in ins.items():
             relation = _relation(out, inp)
             if relation:
-                raise PrunekitError(f"{out_name} {str(out)!r} overlaps the input {in_name} (it {relation} {str(inp)!r}); "
-                                    f"choose another {out_name}: prunekit never writes over its inputs")
+                raise PrunekitError(f"{out_name} {str(out)!r} overlaps the input {in_name} (it {relation} "
+                                    f"{str(inp)!r}); choose another {out_name}: prunekit never writes over its inputs")
     names = list(outs)
     for i, a in enumerate(names):
         for b in names[i + 1:]:

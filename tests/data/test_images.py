@@ -99,7 +99,8 @@ def test_corrupt_images_can_be_skipped_and_counted(folder, caplog):
     assert all(name in caplog.text for name in bad)
     dataset = image_dataset(folder, image_transform(data_config(model)), skip_bad_images=True)
     images, labels = collate_labeled([dataset[i] for i in range(len(dataset))])
-    assert images.shape == (15, 3, 32, 32) and labels.shape == (15,) and dataset.classes == ["class0", "class1", "class2"]
+    assert images.shape == (15, 3, 32, 32) and labels.shape == (15,)
+    assert dataset.classes == ["class0", "class1", "class2"]
 
 
 def test_digits_calibration_uses_the_fixture_config():

@@ -84,7 +84,8 @@ def test_hub_probe_reports_a_dead_endpoint_quickly(monkeypatch):
 
 def test_json_pointing_into_the_model_is_refused(model):
     """Issue 17 #1: --json M/config.json replaced the input's config."""
-    with pytest.raises(PrunekitError, match=r"--json .*config.json' overlaps the input --model \(it is inside .*model'\)"):
+    with pytest.raises(PrunekitError, match=r"--json .*config.json' overlaps the input --model \(it is inside "
+                                            r".*model'\)"):
         check_paths({"--json": model / "config.json"}, {"--model": model})
     with pytest.raises(PrunekitError, match=r"--json .* overlaps the input --model \(it is inside"):
         check_paths({"--json": model / "report.json"}, {"--model": model})
