@@ -83,7 +83,8 @@ def worker(args) -> None:
     """Prune ``args.source`` into ``args.out`` (lazy or in memory); print one JSON line of measurements."""
     torch.set_num_threads(2)
     import prunekit
-    from prunekit.io.lazy import peak_memory, prune_lazy
+    from prunekit.activations import peak_memory
+    from prunekit.io.lazy import prune_lazy
     start = time.perf_counter()
     if args.worker == "imports":  # what the interpreter, torch and transformers cost before any model
         from transformers import LlamaForCausalLM  # noqa: F401

@@ -30,7 +30,7 @@ from prunekit.api import versions
 from prunekit.data import calibration_batches, load_text, tokenize
 from prunekit.eval import perplexity
 from prunekit.io import write_json
-from prunekit.methods import STRUCTURED
+from prunekit.structured import STRUCTURED
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [("depth (cosine)", "depth", {"score": "cosine"}), ("depth (ppl)", "depth", {"score": "ppl"}),

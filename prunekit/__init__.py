@@ -1,8 +1,36 @@
-"""prunekit: prune vision and language models (magnitude, Wanda, SparseGPT, ADMM, ...), block by block."""
-from .api import PruneReport, plan_prune, prune
-from .graph import find_blocks, find_layers, select_layers
-from .methods import METHODS, UPDATES
+"""prunekit: prune vision and language models (magnitude, Wanda, SparseGPT, ADMM, ...), block by block.
+
+Names are imported on first use, so ``import prunekit`` (and ``prunekit --help``) does not load torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["METHODS", "UPDATES", "PruneReport", "find_blocks", "find_layers", "plan_prune", "prune",
-           "select_layers"]
+
+# name -> module that defines it: the public API, including the extension points.
+_EXPORTS = {
+    "prune": "api", "plan_prune": "api", "PruneReport": "api",
+    "PruneConfig": "config", "PrunekitError": "errors",
+    "find_blocks": "graph", "find_layers": "graph", "select_layers": "graph",
+    "METHODS": "methods", "UPDATES": "methods", "Criterion": "methods", "Solver": "methods", "Update": "methods",
+    "Target": "methods", "register_method": "methods", "register_update": "methods",
+    "GROUPS": "groups", "register_group": "groups",
+    "ALLOCATORS": "allocate", "register_allocation": "allocate",
+    "STRUCTURED": "structured", "register_structured": "structured",
+    "LayerStats": "collect", "save": "io.models", "load": "io.models",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

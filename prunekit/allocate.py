@@ -24,9 +24,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .errors import PrunekitError
 from .collect import LayerStats, column_norms_for_rows
 from .graph import weight_matrix
 from .groups import check_sparsity
+from .methods.wanda import wanda_score
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,9 @@ DenseStats = Callable[[], Mapping[str, LayerStats]]
 @dataclass
 class Allocator:
     name: ClassVar[str] = ""
+    # Whether ``plan`` calls ``dense_stats`` (one calibration pass over the dense model): an allocator that
+    # does not (uniform, explicit) works without calibration data, e.g. with magnitude pruning.
+    needs_calibration: ClassVar[bool] = False
 
     def plan(self, layers: Mapping[str, nn.Module], sparsity: float, block_of: Mapping[str, int | None],
              dense_stats: DenseStats) -> dict[str, float]:
@@ -45,6 +50,7 @@ class Allocator:
 
 ALLOCATORS: Registry[Allocator] = Registry("allocation")
 register_allocator = ALLOCATORS.register
+register_allocation = register_allocator
 create_allocator = ALLOCATORS.create
 
 
@@ -94,7 +100,7 @@ def rebalance(values: Mapping[Hashable, float], weights: Mapping[Hashable, int],
         shift = gap * sum(weights[k] for k in vals) / sum(weights[k] for k in free)
         vals.update({k: vals[k] + shift for k in free})
     if abs(target - weighted_mean(vals, weights)) > 1e-9:
-        raise ValueError(f"cannot reach a mean sparsity of {target} with every unit in [{low}, {high}]")
+        raise PrunekitError(f"cannot reach a mean sparsity of {target} with every unit in [{low}, {high}]")
     return vals
 
 
@@ -107,7 +113,7 @@ def spread_to_layers(per_unit: Mapping[Hashable, float], groups: Mapping[Hashabl
 def wanda_scores(module: nn.Module, stats: LayerStats) -> torch.Tensor:
     """``|W_ij| * ||X_j||`` of one layer (conv groups broadcast to their rows)."""
     weight = weight_matrix(module).detach().float()
-    return weight.abs() * column_norms_for_rows(stats, weight.shape[0]).to(weight.device)
+    return wanda_score(weight, column_norms_for_rows(stats, weight.shape[0]).to(weight.device))
 
 
 def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
@@ -136,12 +142,13 @@ class OWL(Allocator):
     block's mean Wanda score (5 as published); ``lam``: the largest change from the target (0.08)."""
 
     name = "owl"
+    needs_calibration = True
     m: float = 5.0
     lam: float = 0.08
 
     def __post_init__(self):
         if self.m <= 0 or not 0 <= self.lam < 1:
-            raise ValueError(f"owl needs m > 0 and 0 <= lam < 1, got m={self.m}, lam={self.lam}")
+            raise PrunekitError(f"owl needs m > 0 and 0 <= lam < 1, got m={self.m}, lam={self.lam}")
 
     def plan(self, layers, sparsity, block_of, dense_stats):
         groups = units(layers, block_of)
@@ -173,7 +180,7 @@ class Explicit(Allocator):
 
     def __post_init__(self):
         if not self.sparsities:
-            raise ValueError("explicit allocation needs sparsities: {pattern or block index: sparsity, ...}")
+            raise PrunekitError("explicit allocation needs sparsities: {pattern or block index: sparsity, ...}")
         for key, value in self.sparsities.items():
             check_sparsity(value)
 
@@ -184,7 +191,7 @@ class Explicit(Allocator):
         if abs(mean - sparsity) <= 1e-6:
             return chosen
         if not self.normalize:
-            raise ValueError(f"explicit sparsities average {mean:.6f} (weighted by parameters), not the target "
+            raise PrunekitError(f"explicit sparsities average {mean:.6f} (weighted by parameters), not the target "
                              f"{sparsity}; change them, or set normalize: true to rescale them to the target")
         return _rescaled(chosen, sparsity / mean if mean > 0 else float("inf"))
 
@@ -192,7 +199,7 @@ class Explicit(Allocator):
         for key, value in self.sparsities.items():
             if _key_matches(key, name, block):
                 return float(value)
-        raise ValueError(f"layer {name!r} matches no key of the explicit sparsities {list(self.sparsities)}; "
+        raise PrunekitError(f"layer {name!r} matches no key of the explicit sparsities {list(self.sparsities)}; "
                          "add a pattern for it (a final '*' catches every other layer)")
 
 
@@ -205,6 +212,6 @@ def _key_matches(key, name: str, block: int | None) -> bool:
 def _rescaled(chosen: dict[str, float], factor: float) -> dict[str, float]:
     scaled = {n: v * factor for n, v in chosen.items()}
     if any(not 0 <= v < 1 for v in scaled.values()):
-        raise ValueError("normalize would push some explicit sparsities outside [0, 1); give sparsities whose "
+        raise PrunekitError("normalize would push some explicit sparsities outside [0, 1); give sparsities whose "
                          "weighted mean is nearer the target")
     return scaled

@@ -1,25 +1,31 @@
-"""``prunekit.prune``: the Python front end. Validates everything before any work, then runs the engine."""
+"""``prunekit.prune``: the Python front end. Takes a ``PruneConfig`` (or its settings as keywords), checks
+what needs the model before any work, then runs the engine."""
 from __future__ import annotations
 
 import logging
 import platform
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import engine
-from .allocate import ALLOCATORS
+from .allocate import ALLOCATORS, Allocator
 from .collect import LayerStats
+from .config import PruneConfig
 from .data.calib import calibration_batches
-from .graph import find_blocks, select_layers, weight_matrix
-from .groups import GROUP_NAMES, check_sparsity, parse_pattern
-from .methods import METHODS, STRUCTURED, UPDATES, Target
+from .errors import PrunekitError
+from .forward import eval_mode, model_device, on_device
+from .graph import block_index, find_blocks, is_vision_model, select_layers, weight_matrix
+from .groups import GLOBAL, parse_pattern
+from .methods import METHODS, UPDATES, Target
 
 log = logging.getLogger(__name__)
+
+DEFAULT_SEQLEN = 2048
 
 
 @dataclass
@@ -61,19 +67,17 @@ def layer_sparsity(layers: Mapping[str, nn.Module]) -> tuple[dict[str, dict[str,
     return rows, zeros / max(total, 1)
 
 
-def _resolve_group(group: str | None, method_cls, model: nn.Module) -> str:
+# ---------------------------------------------------------------- the plan: config resolved against a model
+
+def resolve_group(group: str | None, method_cls: type, model: nn.Module) -> str:
     """The user's group, else per-layer for image models (the Wanda paper's finding for ConvNeXt/ViT),
     else the method's own default (per-output for Wanda on LLMs, per-layer for magnitude)."""
-    from .io.timm import is_vision_model
     if group is None and is_vision_model(model):
         group = "per-layer"
-    group = group or method_cls.default_group
-    if group not in GROUP_NAMES:
-        raise ValueError(f"unknown comparison group {group!r}; choose from {', '.join(GROUP_NAMES)}")
-    return group
+    return group or method_cls.default_group
 
 
-def _check_patterns(layers: Mapping[str, nn.Module], nm: tuple[int, int] | None) -> None:
+def check_patterns(layers: Mapping[str, nn.Module], nm: tuple[int, int] | None) -> None:
     """Every layer N:M does not divide, in one error, so one --exclude list fixes them all."""
     if nm is None:
         return
@@ -81,100 +85,123 @@ def _check_patterns(layers: Mapping[str, nn.Module], nm: tuple[int, int] | None)
     bad = {name: cols for name, cols in columns.items() if cols % nm[1]}
     if bad:
         listed = ", ".join(f"{name} ({cols} columns)" for name, cols in bad.items())
-        raise ValueError(f"{nm[0]}:{nm[1]} sparsity needs every layer's input dimension to be a multiple of {nm[1]}; "
-                         f"these are not: {listed}; exclude them (--exclude) or pick another M")
+        raise PrunekitError(f"{nm[0]}:{nm[1]} sparsity needs every layer's input dimension to be a multiple of "
+                            f"{nm[1]}; these are not: {listed}; exclude them (--exclude) or pick another M")
 
 
-def _block_index(name: str, blocks) -> int | None:
-    if blocks is None:
-        return None
-    prefix = f"{blocks[0]}." if blocks[0] else ""
-    rest = name[len(prefix):] if name.startswith(prefix) else None
-    head = rest.split(".", 1)[0] if rest else ""
-    return int(head) if head.isdigit() else None
-
-
-def plan_prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, pattern: str | None = None,
-               group: str | None = None, update: str | Iterable[str] | None = None,
-               method_params: dict | None = None, update_params: dict | None = None,
-               include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
-               layer_types: Iterable[str] = ("linear",), sequential: bool = True,
-               device: str | torch.device | None = None) -> engine.Plan:
-    """Resolve and validate settings into an engine plan (no calibration, no weight changes)."""
-    sparsity = check_sparsity(sparsity)
-    nm = parse_pattern(pattern)
-    method_obj = METHODS.create(method, method_params)
-    updates = [update] if isinstance(update, str) else list(update or [])
-    update_objs = [UPDATES.create(u, (update_params or {}).get(u, update_params if len(updates) == 1 else None))
-                   for u in updates]
-    group = _resolve_group(group, type(method_obj), model)
-    layers = select_layers(model, include, exclude, layer_types)
+def plan_prune(model: nn.Module, config: PruneConfig | str | None = None, **settings: Any) -> engine.Plan:
+    """Resolve ``config`` against ``model`` into an engine plan (no calibration, no weight changes)."""
+    config = PruneConfig.of(config, **settings)
+    if config.structured:
+        raise PrunekitError(f"{config.method!r} is a structured method: it has no layer-by-layer plan")
+    method = METHODS.create(config.method, config.method_params)
+    updates = tuple(UPDATES.create(u, config.update_params.get(u)) for u in config.update)
+    group = resolve_group(config.group, type(method), model)
+    nm = parse_pattern(config.pattern)
+    layers = select_layers(model, config.include, config.exclude, config.layer_types)
     if not layers:
-        raise ValueError("no prunable layers selected: the model has no Linear/Conv layers matching the "
-                         "include/exclude patterns and layer types; widen --include or use --layer-types all")
-    _check_patterns(layers, nm)
-    if group == "global" and method_obj.solver:
-        raise ValueError(f"method {method!r} chooses its own masks; use group per-output/per-layer, not global")
-    needs = frozenset(method_obj.needs).union(*(u.needs for u in update_objs))
-    blocks = find_blocks(model) if sequential and group != "global" else None
-    if blocks is not None and any(_block_index(n, blocks) is None for n in layers):
+        raise PrunekitError("no prunable layers selected: the model has no Linear/Conv layers matching the "
+                            "include/exclude patterns and layer types; widen --include or use --layer-types all")
+    check_patterns(layers, nm)
+    needs = frozenset(method.needs).union(*(u.needs for u in updates))
+    targets = {n: Target(config.sparsity, group, nm) for n in layers}
+    device = torch.device(config.device) if config.device is not None else None
+    return engine.Plan(method, updates, layers, targets, _blocks(model, config, group, layers), device, needs,
+                       config.offload_activations)
+
+
+def _blocks(model: nn.Module, config: PruneConfig, group: str, layers: Mapping[str, nn.Module]):
+    if not config.sequential or group == GLOBAL:
+        return None
+    blocks = find_blocks(model, config.blocks)
+    if blocks is not None and any(block_index(n, blocks) is None for n in layers):
+        if config.blocks is not None:
+            outside = [n for n in layers if block_index(n, blocks) is None]
+            raise PrunekitError(f"selected layers {outside[:3]} lie outside blocks={config.blocks!r}; exclude them "
+                                "or calibrate in one pass (sequential=False)")
         log.warning("some selected layers are outside the block list %r: calibrating in one pass", blocks[0])
-        blocks = None
-    targets = {n: Target(sparsity, group, nm) for n in layers}
-    return engine.Plan(method_obj, update_objs, layers, targets, blocks,
-                       torch.device(device) if device is not None else None, needs)
+        return None
+    return blocks
 
 
-def prune(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, pattern: str | None = None,
-          group: str | None = None, calib: Any = None, *, update: str | Iterable[str] | None = None,
-          method_params: dict | None = None, update_params: dict | None = None,
-          allocation: str = "uniform", allocation_params: dict | None = None,
-          include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
-          layer_types: Iterable[str] = ("linear",), sequential: bool = True,
-          device: str | torch.device | None = None, tokenizer: Any = None, nsamples: int = 128,
-          seqlen: int = 2048, seed: int = 0, batch_size: int = 8,
-          recalibrate_bn: bool | None = None) -> PruneReport:
+# ---------------------------------------------------------------- pruning
+
+def prune(model: nn.Module, config: PruneConfig | str | None = None, sparsity: float | None = None,
+          pattern: str | None = None, group: str | None = None, calib: Any = None, *, tokenizer: Any = None,
+          **settings: Any) -> PruneReport:
     """Prune ``model`` in place and return a report.
 
+    ``config`` is a ``PruneConfig`` or a method name; any setting of ``PruneConfig`` may also be given as a
+    keyword (``prune(model, "wanda", 0.5, calib=tokens, update="admm")``) and overrides the config.
     ``calib`` is a LongTensor of token ids ``[nsamples, seqlen]``, an iterable / DataLoader of batches
     (tensors or dicts of model inputs), or a text file path (tokenised with ``tokenizer``). Methods that
     need no statistics (magnitude) need no ``calib``. Structured methods (``depth``, ``width``, ``slicegpt``)
     remove about ``sparsity`` of the selected parameters and change the model's shapes and config.
-    ``recalibrate_bn``: re-estimate BatchNorm statistics after pruning on the calibration batches; ``None``
-    (default) does it when a pruned layer feeds a BatchNorm and calibration data is given.
     """
-    if method in STRUCTURED:
-        return _prune_structured(model, method, sparsity, calib, method_params, tokenizer, nsamples, seqlen, seed,
-                                 batch_size)
-    settings = dict(method=method, sparsity=sparsity, pattern=pattern, group=group, update=update,
-                    method_params=method_params or {}, update_params=update_params or {}, allocation=allocation,
-                    allocation_params=allocation_params or {}, include=list(include or []),
-                    exclude=list(exclude or []), layer_types=list(layer_types), sequential=sequential,
-                    nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
-    plan = plan_prune(model, method, sparsity, pattern, group, update, method_params, update_params, include,
-                      exclude, layer_types, sequential, device)
-    settings["group"] = next(iter(plan.targets.values())).group
-    allocator = ALLOCATORS.create(allocation, allocation_params)
+    config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
+    check_model(model)
+    with eval_mode(model):
+        if config.structured:
+            return _prune_structured(model, config, calib, tokenizer)
+        return _prune_unstructured(model, config, calib, tokenizer)
+
+
+def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
+    plan = plan_prune(model, config)
+    allocator = ALLOCATORS.create(config.allocation, config.allocation_params)
     start = time.perf_counter()
-    wants_data = plan.needs or allocation != "uniform" or recalibrate_bn or calib is not None
-    batches = calibration_batches(calib, tokenizer, nsamples, seqlen, seed, batch_size) if wants_data else []
+    wants_data = plan.needs or allocator.needs_calibration or config.recalibrate_bn or calib is not None
+    batches = calibration(model, calib, tokenizer, config) if wants_data else []
     data_s = time.perf_counter() - start
-    sparsities = _allocate(model, batches, plan, allocator, sparsity)
-    plan.targets = {n: Target(sparsities[n], t.group, t.nm) for n, t in plan.targets.items()}
-    was_training = model.training
-    model.eval()
-    try:
-        timings = engine.run(model, batches, plan)
-    finally:
-        model.train(was_training)
+    plan = engine.chained(model, plan, batches)
+    plan = replace(plan, targets=allocate(model, batches, plan, allocator, config.sparsity))
+    warn_existing_zeros(plan)
+    timings = engine.run(model, batches, plan)
     timings["data_s"] = data_s
-    bn = _recalibrate_bn(model, plan, batches, recalibrate_bn)
+    bn = _recalibrate_bn(model, plan, batches, config.recalibrate_bn)
     layers, overall = layer_sparsity(plan.layers)
     for name, row in layers.items():
         row["target"] = plan.targets[name].sparsity
-    settings["blocks"] = plan.blocks[0] if plan.blocks else None
+    settings = {**config.settings(), "group": next(iter(plan.targets.values())).group,
+                "blocks": plan.blocks[0] if plan.blocks else None}
     log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(layers), 100 * overall, timings["total_s"])
     return PruneReport(settings, layers, overall, timings, versions(), bn_recalibration=bn)
+
+
+def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
+    """Structural methods change shapes and config; they get the calibration batches and a ratio."""
+    from .structured import STRUCTURED
+    method = STRUCTURED.create(config.method, config.method_params)
+    start = time.perf_counter()
+    batches = calibration(model, calib, tokenizer, config) if method.needs_calibration else []
+    with torch.no_grad(), on_device(model, config.device):
+        summary = method.prune_model(model, batches, config.sparsity)
+    settings = {**config.settings(), "structured": True}
+    timings = {"total_s": time.perf_counter() - start}
+    return PruneReport(settings, {}, 0.0, timings, versions(), structure=summary)
+
+
+def allocate(model: nn.Module, batches: list, plan: engine.Plan, allocator: Allocator,
+             sparsity: float) -> dict[str, Target]:
+    """Each layer's target after the allocation (an N:M pattern fixes every layer's sparsity)."""
+    if next(iter(plan.targets.values())).nm is not None:
+        return dict(plan.targets)
+
+    def dense_stats() -> Mapping[str, LayerStats]:
+        return engine.dense_statistics(model, batches, plan)
+
+    block_of = {n: block_index(n, plan.blocks) for n in plan.layers}
+    sparsities = allocator.plan(plan.layers, sparsity, block_of, dense_stats)
+    return {n: replace(t, sparsity=sparsities[n]) for n, t in plan.targets.items()}
+
+
+def warn_existing_zeros(plan: engine.Plan) -> None:
+    """Pruning an already sparser layer keeps its zeros (they score lowest): say so rather than surprise."""
+    sparser = [n for n, m in plan.layers.items()
+               if float((m.weight.detach() == 0).float().mean()) > plan.targets[n].sparsity + 1e-6]
+    if sparser:
+        log.warning("%d selected layer(s) already hold more zeros than their target (e.g. %s); their zeros stay, so "
+                    "they end sparser than asked", len(sparser), sparser[0])
 
 
 def _recalibrate_bn(model: nn.Module, plan: engine.Plan, batches: list, wanted: bool | None) -> dict | None:
@@ -196,29 +223,54 @@ def _recalibrate_bn(model: nn.Module, plan: engine.Plan, batches: list, wanted: 
     return result
 
 
-def _prune_structured(model: nn.Module, method: str, ratio: float, calib: Any, params: dict | None,
-                      tokenizer: Any, nsamples: int, seqlen: int, seed: int, batch_size: int) -> PruneReport:
-    """Structural methods change shapes and config; they get the calibration batches and a ratio."""
-    method_obj = STRUCTURED.create(method, params)
-    check_sparsity(ratio)
-    start = time.perf_counter()
-    batches = calibration_batches(calib, tokenizer, nsamples, seqlen, seed, batch_size) \
-        if method_obj.needs_calibration else []
-    with torch.no_grad():
-        summary = method_obj.prune_model(model, batches, ratio)
-    settings = dict(method=method, sparsity=ratio, method_params=params or {}, nsamples=nsamples, seqlen=seqlen,
-                    seed=seed, batch_size=batch_size, structured=True)
-    timings = {"total_s": time.perf_counter() - start}
-    return PruneReport(settings, {}, 0.0, timings, versions(), structure=summary)
+# ---------------------------------------------------------------- calibration data and the model
 
-def _allocate(model, batches, plan: engine.Plan, allocator, sparsity: float) -> dict[str, float]:
-    if plan.targets and next(iter(plan.targets.values())).nm is not None:
-        return {n: sparsity for n in plan.layers}  # N:M fixes every layer's sparsity
+def context_length(model: nn.Module | None) -> int | None:
+    """The longest sequence the model takes (``max_position_embeddings``), None when it does not say."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
 
-    def dense_stats() -> Mapping[str, LayerStats]:
-        if not batches:
-            raise ValueError("this allocation needs calibration data (calib=...)")
-        return engine.dense_statistics(model, batches, plan)
 
-    block_of = {n: _block_index(n, plan.blocks) for n in plan.layers}
-    return allocator.plan(plan.layers, sparsity, block_of, dense_stats)
+def resolve_seqlen(seqlen: int | None, model: nn.Module | None, what: str = "seqlen") -> int:
+    """``seqlen``, or ``min(2048, context length)`` when unset; above the context length is an error."""
+    context = context_length(model)
+    if seqlen is None:
+        return min(DEFAULT_SEQLEN, context) if context else DEFAULT_SEQLEN
+    if context is not None and seqlen > context:
+        raise PrunekitError(f"{what} {seqlen} is longer than the model's context of {context} tokens "
+                            f"(max_position_embeddings); use {what} <= {context}")
+    return seqlen
+
+
+def calibration(model: nn.Module, calib: Any, tokenizer: Any, config: PruneConfig) -> list:
+    """The calibration batches of ``calib`` for ``model`` (text windows of the resolved length)."""
+    seqlen = resolve_seqlen(config.seqlen, model)
+    batches = calibration_batches(calib, tokenizer, config.nsamples, seqlen, config.seed, config.batch_size)
+    check_token_batches(model, batches)
+    return batches
+
+
+def check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise PrunekitError(f"prune() takes a torch.nn.Module, got {type(model).__name__}")
+    if model_device(model).type == "meta":
+        raise PrunekitError("the model's weights are on the meta device (not loaded); load real weights first, "
+                            "or prune the checkpoint with prunekit.io.lazy.prune_lazy / --lazy")
+
+
+def check_token_batches(model: nn.Module, batches: list) -> None:
+    """Token-id batches must be integers inside the vocabulary: a raw embedding error deep inside the model
+    says neither."""
+    embed = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    if not isinstance(embed, nn.Embedding):
+        return
+    for batch in batches:
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+        if not isinstance(ids, torch.Tensor):
+            continue
+        if ids.is_floating_point():
+            raise PrunekitError(f"calibration token ids are {ids.dtype}; pass integer ids (a LongTensor)")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= embed.num_embeddings):
+            raise PrunekitError(f"calibration token ids range over [{int(ids.min())}, {int(ids.max())}] but the "
+                                f"vocabulary has {embed.num_embeddings} tokens; tokenize with the model's tokenizer")

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine import Batch, on_device, run_model
+from .errors import PrunekitError
+from .forward import Batch, eval_mode, hooks, on_device, run_model
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +68,16 @@ def _summary(layers: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
 def _batchnorm_train_mode(model: nn.Module, layers: dict[str, nn.Module]):
     """The model in eval mode except ``layers`` (train mode, momentum 0: running statistics frozen);
     modes and momenta are restored on exit, also when the forward pass raises."""
-    modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in layers.values()}
-    model.eval()
-    for m in layers.values():
-        m.train()
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-        for m, momentum in momenta.items():
-            m.momentum = momentum
+    with eval_mode(model):
+        for m in layers.values():
+            m.train()
+            m.momentum = 0.0
+        try:
+            yield
+        finally:
+            for m, momentum in momenta.items():
+                m.momentum = momentum
 
 
 @torch.no_grad()
@@ -93,7 +91,7 @@ def recalibrate_bn(model: nn.Module, batches: Sequence[Batch], device: str | tor
     if not layers:
         return {**result, "after": {}}
     if not batches:
-        raise ValueError("BatchNorm recalibration needs calibration batches (calib=...); pass "
+        raise PrunekitError("BatchNorm recalibration needs calibration batches (calib=...); pass "
                          "recalibrate_bn=False to skip it")
     moments = _input_moments(model, layers, batches, torch.device(device) if device is not None else None)
     _write_statistics(layers, moments)
@@ -106,14 +104,10 @@ def _input_moments(model: nn.Module, layers: dict[str, nn.Module], batches: Sequ
                    device: torch.device | None) -> dict[str, _Moments]:
     """Run ``batches`` with the BatchNorm layers in train mode and record the moments of their inputs."""
     moments = {name: _Moments() for name in layers}
-    handles = [m.register_forward_pre_hook(moments[name]) for name, m in layers.items()]
-    try:
-        with on_device(model, device), _batchnorm_train_mode(model, layers):
-            for batch in batches:
-                run_model(model, batch, device)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks(m.register_forward_pre_hook(moments[name]) for name, m in layers.items()), \
+            on_device(model, device), _batchnorm_train_mode(model, layers):
+        for batch in batches:
+            run_model(model, batch, device)
     return moments
 
 
@@ -131,19 +125,11 @@ def execution_order(model: nn.Module, example: Batch, device: str | torch.device
     """Names of the modules in the order their forward runs on ``example`` (one eval-mode pass, so no
     BatchNorm statistic changes); a module called twice appears twice."""
     order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name))
-               for name, m in model.named_modules() if name]
-    modes = {m: m.training for m in model.modules()}
     device = torch.device(device) if device is not None else None
-    try:
-        with torch.no_grad(), on_device(model, device):
-            model.eval()
-            run_model(model, example, device)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
+    with hooks(m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name))
+               for name, m in model.named_modules() if name), \
+            torch.no_grad(), on_device(model, device), eval_mode(model):
+        run_model(model, example, device)
     return order
 
 

@@ -1,120 +1,143 @@
-"""The ``prunekit`` command. Parsing and printing only; the work lives in ``prunekit.pipeline``."""
+"""The ``prunekit`` command. Parsing and printing only; the work lives in ``prunekit.pipeline``.
+
+The ``prune`` flags are derived from the fields of ``PruneRecipe`` (a ``PruneConfig`` plus the job): a new
+setting is a new field, and its flag and recipe key follow. Nothing here imports torch at import time, so
+``prunekit --help`` answers at once.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import traceback
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .errors import PrunekitError
+from .recipe import PruneRecipe, load_recipe
 
-from .recipe import PruneRecipe, field_names, load_recipe
-
-PATTERN_HELP = ("N:M sparsity, e.g. 2:4 = keep (at most) 2 non-zeros in every 4 consecutive weights along the "
-                "input dimension (the hardware convention; the Wanda code's prune_n:prune_m counts pruned weights "
-                "instead, the same at 2:4 and 4:8)")
+BUG_HINT = "this is a bug in prunekit, not in your input: please report it with the command line and the traceback"
 
 
-def _key_values(items: list[str] | None, flag: str) -> dict[str, Any] | None:
+# ---------------------------------------------------------------- flags from dataclass fields
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of ``cls`` that carries CLI metadata (``prunekit.config.setting``); unset flags stay
+    ``None`` so a recipe's value (or the field's default) applies."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta or not meta.get("cli", True):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = default not in (None, (), {}, False) and not isinstance(default, bool)
+        text = meta["help"] + (f" (default: {_shown(default)})" if shown else "")
+        name = flag_name(f)
+        if meta.get("keyvalue"):
+            parser.add_argument(name, dest=f.name, action="append", metavar="KEY=VALUE", help=text)
+        elif meta.get("repeat"):
+            parser.add_argument(name, dest=f.name, action="append", help=text)
+        elif meta.get("type") is bool:
+            parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(name, dest=f.name, type=meta.get("type") or str, help=text)
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def setting_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The settings the user gave on the command line, as ``cls``'s field values."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is None or not f.metadata:
+            continue
+        if f.metadata.get("keyvalue"):
+            value = key_values(value, flag_name(f))
+        elif f.metadata.get("repeat"):
+            value = tuple(part.strip() for item in value for part in item.split(",") if part.strip())
+        out[f.name] = value
+    return out
+
+
+def key_values(items: list[str], flag: str) -> dict[str, Any]:
     """``["rho=0.1", "steps=20"]`` -> ``{"rho": 0.1, "steps": 20}`` (values parsed as YAML scalars)."""
-    if not items:
-        return None
+    import yaml
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {item!r}")
-        out[key.replace("-", "_")] = yaml.safe_load(value)
+            raise PrunekitError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise PrunekitError(f"{flag} {item!r}: the value is not a YAML scalar; quote it") from None
     return out
 
 
+# ---------------------------------------------------------------- prune
+
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune a model (flags or --recipe YAML; flags override the recipe)")
-    p.add_argument("--recipe", help="YAML recipe (see recipes/)")
-    p.add_argument("--model", help="HF causal-LM directory or hub id; image models: timm:NAME, local-dir:PATH, "
-                                   "torchvision:NAME or a saved prunekit vision directory")
-    p.add_argument("--out", help="output directory (written atomically; never the input)")
-    p.add_argument("--method", help="wanda, magnitude, sparsegpt, ... (see `prunekit methods`)")
-    p.add_argument("--method-param", action="append", metavar="KEY=VALUE", help="method hyper-parameter")
-    p.add_argument("--update", action="append", help="weight update / mask refinement after the mask (admm, dsnot)")
-    p.add_argument("--update-param", action="append", metavar="KEY=VALUE")
-    p.add_argument("--sparsity", type=float, help="fraction of zeros in [0, 1) (default 0.5)")
-    p.add_argument("--pattern", help=PATTERN_HELP)
-    p.add_argument("--group", help="comparison group: per-output, per-input, per-layer, global (method default)")
-    p.add_argument("--allocation", help="per-layer sparsity allocation: uniform (default), owl, ...")
-    p.add_argument("--allocation-param", action="append", metavar="KEY=VALUE")
-    p.add_argument("--include", action="append", help="fnmatch pattern of layer names to prune (repeatable)")
-    p.add_argument("--exclude", action="append", help="fnmatch pattern of layer names to keep dense")
-    p.add_argument("--layer-types", help="comma list: linear (incl. 1x1 conv), conv, all (default linear)")
-    p.add_argument("--calib-data", help="calibration text file / dataset (LLMs) or ImageFolder (image models)")
-    p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, help="tokens per calibration window (default 2048)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
-    p.add_argument("--no-sequential", dest="sequential", action="store_const", const=False,
-                   help="one calibration pass over the dense model instead of block by block")
-    p.add_argument("--device", help="compute device for the current block (cuda, cpu)")
-    p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
-    p.add_argument("--eval-data", help="held-out text (perplexity) or ImageFolder (top-1/top-5), before and after")
-    p.add_argument("--eval-seqlen", type=int)
-    p.add_argument("--eval-batch-size", type=int)
-    p.add_argument("--num-workers", type=int, help="image loading workers (calibration and evaluation)")
-    p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="re-estimate BatchNorm statistics on the calibration images after pruning "
-                        "(default: when a pruned layer feeds a BatchNorm)")
-    p.add_argument("--overwrite", action="store_const", const=True, help="allow a non-empty --out")
-    p.add_argument("--trust-remote-code", action="store_const", const=True)
-    p.add_argument("--lazy", action="store_const", const=True,
-                   help="HF checkpoints larger than memory: read, prune and write one block at a time")
-    p.add_argument("--offload-activations", help="with --lazy: auto, device, cpu or disk")
-    p.add_argument("--save-format", help="dense (from_pretrained layout, default) or compact (kept values + bitmask "
-                                         "/ 2:4 packing; `prunekit convert --to dense` restores)")
-    p.add_argument("--json", help="also write the prune report to this JSON file")
+    p.add_argument("--recipe", help="YAML recipe (see recipes/); every flag below is also a recipe key")
+    add_setting_flags(p, PruneRecipe)
     p.set_defaults(func=cmd_prune)
-
-
-def _prune_overrides(args) -> dict[str, Any]:
-    overrides = {k: getattr(args, k) for k in field_names(PruneRecipe) if hasattr(args, k)}
-    overrides["method_params"] = _key_values(args.method_param, "--method-param")
-    overrides["update_params"] = _key_values(args.update_param, "--update-param")
-    overrides["allocation_params"] = _key_values(args.allocation_param, "--allocation-param")
-    if args.update:
-        overrides["update"] = args.update[0] if len(args.update) == 1 else args.update
-    if args.layer_types:
-        overrides["layer_types"] = [t.strip() for t in args.layer_types.split(",")]
-    return overrides
 
 
 def cmd_prune(args) -> int:
     from .pipeline import run_prune
-    recipe = load_recipe(PruneRecipe, args.recipe, _prune_overrides(args))
+    recipe = load_recipe(PruneRecipe, args.recipe, setting_values(args, PruneRecipe))
     report = run_prune(recipe)
     print_prune_report(report.to_dict())
-    if args.json:
-        from .io import write_json
-        write_json(args.json, report.to_dict())
     if recipe.out:
         print(f"saved to {recipe.out}")
     return 0
 
 
 def print_prune_report(report: dict[str, Any]) -> None:
+    """Per-layer sparsity (unstructured) or what was removed (structured), then metrics and time."""
     from rich.console import Console
+    console = Console()
+    if report.get("structure"):
+        console.print(structure_table(report))
+    else:
+        console.print(layer_table(report))
+    metrics = report.get("metrics") or {}
+    if metrics:
+        console.print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    console.print(f"prune time {report['timings']['total_s']:.2f}s")
+
+
+def layer_table(report: dict[str, Any]):
     from rich.table import Table
     table = Table(title=f"{report['settings']['method']} - overall sparsity {report['sparsity']:.4f}")
     for col in ("layer", "shape", "sparsity"):
         table.add_column(col)
     for name, row in report["layers"].items():
         table.add_row(name, "x".join(map(str, row["shape"])), f"{row['sparsity']:.4f}")
-    console = Console()
-    console.print(table)
-    metrics = report.get("metrics") or {}
-    if metrics:
-        console.print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-    console.print(f"prune time {report['timings']['total_s']:.2f}s")
+    return table
+
+
+def structure_table(report: dict[str, Any]):
+    """A structured run's summary: parameters before and after, and what the method removed."""
+    from rich.table import Table
+    summary = report["structure"]
+    table = Table(title=f"{report['settings']['method']} - removed {summary['removed_fraction']:.1%} of the block "
+                        f"parameters, {summary['model_removed_fraction']:.1%} of the model")
+    table.add_column("what")
+    table.add_column("value")
+    for key, value in summary.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else (f"{value:,}" if isinstance(value, int) else value)
+        table.add_row(key.replace("_", " "), str(shown))
+    return table
 
 
 def _add_eval(sub) -> None:
@@ -124,7 +147,7 @@ def _add_eval(sub) -> None:
     ppl.add_argument("--recipe", help="LightningCLI-style YAML (recipes/llama-ppl-eval.yaml): runs trainer.test")
     ppl.add_argument("--model")
     ppl.add_argument("--data", help="text file or dataset")
-    ppl.add_argument("--seqlen", type=int)
+    ppl.add_argument("--seqlen", type=int, help="tokens per window (default: min(2048, the model's context))")
     ppl.add_argument("--batch-size", type=int)
     ppl.add_argument("--device")
     ppl.add_argument("--dtype", default="auto")
@@ -158,18 +181,19 @@ def _sections(args, data_keys: dict[str, str], model_keys: dict[str, str]) -> di
 def _require(args, *names: str) -> None:
     missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is None]
     if missing:
-        raise ValueError(f"{' and '.join(missing)} required (or --recipe)")
+        raise PrunekitError(f"{' and '.join(missing)} required (or --recipe)")
 
 
 def cmd_eval_ppl(args) -> int:
     if args.recipe:
         from .eval.lightning_ppl import run_ppl_eval_config
         result = run_ppl_eval_config(args.recipe, _sections(
-            args, {"path": "data", "seqlen": "seqlen", "batch_size": "batch_size"}, {"source": "model"}))
+            args, {"path": "data", "seqlen": "seqlen", "batch_size": "batch_size"}, {"source": "model"}),
+            trust_remote_code=args.trust_remote_code)
     else:
         from .pipeline import run_eval_ppl
         _require(args, "model", "data")
-        result = run_eval_ppl(args.model, args.data, args.seqlen or 2048, args.batch_size or 8, args.device,
+        result = run_eval_ppl(args.model, args.data, args.seqlen, args.batch_size or 8, args.device,
                               args.dtype, args.trust_remote_code)
         _maybe_json(args.json, result)
     print(f"perplexity {result['ppl']:.4f}")
@@ -219,15 +243,25 @@ def cmd_eval_zeroshot(args) -> int:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="markdown table + plots from several runs' prune_report.json")
-    p.add_argument("runs", nargs="+", help="run directories or JSON files")
+    p = sub.add_parser("report", help="markdown table + plots from several runs' prune_report.json; or, with "
+                                      "--docs, the documentation pages from benchmark results")
+    p.add_argument("runs", nargs="*", help="run directories or JSON files")
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="prunekit report")
+    p.add_argument("--docs", metavar="RESULTS_DIR", help="fill the templates in OUT/templates from RESULTS_DIR "
+                                                         "(e.g. benchmarks/results) and write the pages to OUT")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
-    from .report import build_report
+    from .errors import PrunekitError
+    from .report import build_docs, build_report
+    if bool(args.docs) == bool(args.runs):
+        raise PrunekitError("prunekit report takes run directories / JSON files, or --docs RESULTS_DIR: exactly one")
+    if args.docs:
+        for page in build_docs(args.docs, args.out):
+            print(f"page: {page}")
+        return 0
     files = build_report(args.runs, args.out, args.title)
     for kind, path in files.items():
         print(f"{kind}: {path}")
@@ -239,12 +273,15 @@ def _add_finetune(sub) -> None:
     p.add_argument("--recipe", required=True, help="e.g. recipes/llama-wanda70-lora.yaml, recipes/convnext-gradual.yaml")
     p.add_argument("--out")
     p.add_argument("--overwrite", action="store_const", const=True)
+    p.add_argument("--trust-remote-code", action="store_const", const=True,
+                   help="run the checkpoint's own Python code (never enabled by a recipe)")
     p.set_defaults(func=cmd_finetune)
 
 
 def cmd_finetune(args) -> int:
     from .finetune.run import run_finetune_recipe
-    overrides = {k: getattr(args, k) for k in ("out", "overwrite") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("out", "overwrite", "trust_remote_code")
+                 if getattr(args, k) is not None}
     result = run_finetune_recipe(args.recipe, overrides)
     print(json.dumps(result.get("metrics", result), indent=2, default=str))
     return 0
@@ -273,17 +310,49 @@ def _maybe_json(path: str | None, data: dict) -> None:
 
 
 def _add_methods(sub) -> None:
-    p = sub.add_parser("methods", help="list registered methods, updates, allocations")
+    p = sub.add_parser("methods", help="list registered methods, updates, groups, allocations")
+    p.add_argument("-v", "--verbose", dest="details", action="store_true",
+                   help="a table: kind, calibration, default group, parameters, description")
     p.set_defaults(func=cmd_methods)
 
 
-def cmd_methods(args) -> int:
+def registries() -> list[tuple[str, Any]]:
     from .allocate import ALLOCATORS
-    from .methods import METHODS, STRUCTURED, UPDATES
-    for title, registry in (("methods", METHODS), ("updates", UPDATES), ("structured", STRUCTURED),
-                            ("allocations", ALLOCATORS)):
-        print(f"{title}: {', '.join(registry.names())}")
+    from .groups import GROUPS
+    from .methods import METHODS, UPDATES
+    from .structured import STRUCTURED
+    return [("methods", METHODS), ("updates", UPDATES), ("structured", STRUCTURED), ("groups", GROUPS),
+            ("allocations", ALLOCATORS)]
+
+
+def cmd_methods(args) -> int:
+    if not args.details:
+        for title, registry in registries():
+            print(f"{title}: {', '.join(registry.names())}")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="prunekit methods")
+    for col in ("name", "kind", "calibration", "default group", "parameters (default)", "what"):
+        table.add_column(col)
+    for title, registry in registries():
+        for name in registry.names():
+            table.add_row(name, title, *describe(registry[name]))
+    Console().print(table)
     return 0
+
+
+def describe(entry: Any) -> tuple[str, str, str, str]:
+    """Calibration needed, default group, parameters with defaults, and the docstring's first line."""
+    needs = getattr(entry, "needs", None)
+    calib = getattr(entry, "needs_calibration", None)
+    calibration = "yes" if needs or calib else ("no" if needs is not None or calib is not None else "")
+    if needs:
+        calibration += f" ({', '.join(sorted(needs))})"
+    params = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(entry)
+                       if f.default is not dataclasses.MISSING) if dataclasses.is_dataclass(entry) else ""
+    doc = (entry.__doc__ or "").strip().split("\n")[0]
+    return calibration, getattr(entry, "default_group", ""), params, doc
 
 
 def demo_assets() -> Path:
@@ -312,9 +381,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+    try:
+        return installed("prunekit")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunekit", description="Prune vision and language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    parser.add_argument("--version", action="version", version=f"prunekit {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_prune, _add_eval, _add_methods, _add_demo, _add_report, _add_finetune, _add_convert):
         add(sub)
@@ -327,9 +406,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    except PrunekitError as err:  # the user's to fix: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs in progress were removed by their context managers on the way out
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except Exception:  # ours to fix: keep the traceback
+        traceback.print_exc()
+        print(f"error: {BUG_HINT}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

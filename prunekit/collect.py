@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import PrunekitError
 from .graph import CONV_TYPES, num_groups
 
 # Above this many im2col elements per chunk the conv input is processed a few batch items at a time.
@@ -60,7 +61,7 @@ class LayerStats:
 
     def check_finite(self, name: str) -> None:
         if not torch.isfinite(self.sq_sum).all() or (self.xtx is not None and not torch.isfinite(self.xtx).all()):
-            raise FloatingPointError(
+            raise PrunekitError(
                 f"layer {name!r} received NaN/inf activations during calibration; check the model's dtype "
                 "(fp16 overflow: run in bf16/fp32) and the calibration data")
 
@@ -196,7 +197,7 @@ class _StatsView(Mapping):
     def __getitem__(self, name: str) -> LayerStats:
         stats = self._collectors[name].stats
         if stats is None:
-            raise RuntimeError(f"layer {name!r} saw no input during calibration: is it used in forward()?")
+            raise PrunekitError(f"layer {name!r} saw no input during calibration: is it used in forward()?")
         return stats
 
     def __iter__(self):

@@ -1,45 +1,56 @@
-"""The calibration engine: one loop for every method.
+"""The calibration engine: one loop for every method, every front end and every way a block arrives.
 
 Sequential (the published Wanda/SparseGPT protocol): capture the inputs of block 0 and the keyword
 arguments blocks need (attention mask, rotary embeddings, ...), then for each block: collect statistics
 on the dense block, prune it, re-run the calibration inputs through the pruned block and feed those
-outputs to the next block. Only the current block has to sit on the compute device.
+outputs to the next block. Two parts plug into the loop:
+
+* where activations live (``prunekit.activations.Activations``: device, CPU or disk);
+* how a block arrives (``BlockSource``): already in memory and onloaded to the compute device
+  (``InMemoryBlocks``), or read from the checkpoint, pruned, written and freed (``prunekit.io.lazy``).
+
 Models without a block list (or runs that need every layer at once, like a global threshold) get one
 calibration pass over the whole model.
 """
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .activations import Activations, choose_offload, gib
 from .collect import LayerStats, collect
+from .errors import PrunekitError
+from .forward import Batch, StopForward, block_output, hidden_state, hooks, model_device, on_device, run_model
 from .graph import block_layers, num_groups, set_weight_matrix, weight_matrix
-from .groups import select_global
-from .methods import HESSIAN, Method, Target, Update, mask_from_scores
+from .groups import GLOBAL, select_global
+from .methods import HESSIAN, NORMS, Method, Solver, Target, Update, mask_from_scores
 
 log = logging.getLogger(__name__)
 
-Batch = torch.Tensor | Mapping[str, torch.Tensor]
 
-
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """Everything the engine needs, resolved and validated by the front end (``prunekit.api``)."""
+    """Everything the engine needs, resolved and validated once by the front end (``prunekit.api``);
+    never changed afterwards (a changed plan is a new one: ``dataclasses.replace``)."""
 
     method: Method
-    updates: list[Update]
-    layers: dict[str, nn.Module]
-    targets: dict[str, Target]
+    updates: tuple[Update, ...]
+    layers: Mapping[str, nn.Module]
+    targets: Mapping[str, Target]
     blocks: tuple[str, nn.Module] | None = None
     device: torch.device | None = None
     needs: frozenset[str] = field(default_factory=frozenset)
+    offload: str = "auto"
 
 
 # ---------------------------------------------------------------- layer level (pure tensor work)
@@ -55,7 +66,7 @@ def prune_matrix(weight: torch.Tensor, stats: LayerStats | None, groups: int, me
     """
     chunks = weight.split(weight.shape[0] // groups)
     group_stats = [stats.group(g) if stats is not None else None for g in range(groups)]
-    if mask is None and method.solver:
+    if mask is None and isinstance(method, Solver):
         pieces = [method.prune(w, s, target) for w, s in zip(chunks, group_stats)]
         chunks, masks = [p[0] for p in pieces], [p[1] for p in pieces]
         mask = torch.cat(masks)
@@ -84,153 +95,88 @@ def prune_layers(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats
         if layer_stats is not None:
             layer_stats.check_finite(name)
         weight = weight_matrix(module).detach().float()
+        check_finite_weight(name, weight)
         new, _ = prune_matrix(weight, layer_stats, num_groups(module), plan.method, plan.updates,
                               plan.targets[name], global_masks.get(name))
         set_weight_matrix(module, new)
 
 
+def check_finite_weight(name: str, weight: torch.Tensor) -> None:
+    """NaN ranks above every score and would be kept: a layer with NaN/inf weights cannot be pruned honestly."""
+    if not torch.isfinite(weight).all():
+        raise PrunekitError(f"layer {name!r} has NaN/inf weights; the checkpoint is damaged or was saved after a "
+                            "diverged training step: prune a healthy checkpoint (or exclude the layer)")
+
+
 def _global_masks(layers, stats, plan: Plan) -> dict[str, torch.Tensor]:
-    if not any(plan.targets[n].group == "global" and plan.targets[n].nm is None for n in layers):
+    globals_ = [n for n in layers if plan.targets[n].group == GLOBAL and plan.targets[n].nm is None]
+    if not globals_:
         return {}
-    scores = {n: score_matrix(weight_matrix(m).detach().float(), stats[n] if stats else None, num_groups(m),
-                              plan.method) for n, m in layers.items()}
-    return select_global(scores, plan.targets[next(iter(layers))].sparsity)
+    scores = {n: score_matrix(weight_matrix(layers[n]).detach().float(), stats[n] if stats else None,
+                              num_groups(layers[n]), plan.method) for n in globals_}
+    return select_global(scores, plan.targets[globals_[0]].sparsity)
 
 
-# ---------------------------------------------------------------- running data through the model
-
-class _StopForward(Exception):
-    pass
-
-
-def model_inputs(batch: Batch, device: torch.device | None) -> tuple[tuple, dict]:
-    """A calibration batch as ``(args, kwargs)`` for ``model(...)``, on ``device``."""
-    if isinstance(batch, Mapping):
-        return (), {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return tuple(_to(v, device) for v in batch), {}
-    return (_to(batch, device),), {}
-
-
-def _to(value, device):
-    if device is None:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
-def run_model(model: nn.Module, batch: Batch, device: torch.device | None) -> None:
-    args, kwargs = model_inputs(batch, device)
-    if _accepts_use_cache(model):
-        kwargs.setdefault("use_cache", False)
-    model(*args, **kwargs)
-
-
-def _accepts_use_cache(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    return config is not None and hasattr(config, "use_cache")
-
+# ---------------------------------------------------------------- capturing block 0's inputs
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Sequence[Batch],
-                         device: torch.device | None) -> list[tuple[tuple, dict]]:
-    """Run the model up to block 0 for every batch and keep what block 0 received (args, kwargs)."""
-    captured = []
+                         device: torch.device | None, store: Callable[[tuple, dict], None]) -> None:
+    """Run the model up to block 0 for every batch and hand what block 0 received (args, kwargs) to ``store``."""
+    seen = []
 
     def catch(module, args, kwargs):
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
-        captured.append((args, kwargs))
-        raise _StopForward
+        store(args, {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")})
+        seen.append(True)
+        raise StopForward
 
-    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
+    with hooks([first_block.register_forward_pre_hook(catch, with_kwargs=True)]):
         for batch in batches:
             try:
                 run_model(model, batch, device)
-            except _StopForward:
+            except StopForward:
                 pass
-    finally:
-        handle.remove()
-    if len(captured) != len(batches):
-        raise RuntimeError("the first block was not reached by every calibration batch; the block list found "
-                           "is not on the model's forward path (pass sequential=False)")
-    return captured
+    if len(seen) != len(batches):
+        raise PrunekitError("the first block was not reached by every calibration batch: the block list found is "
+                            "not on the model's forward path; name the right one (blocks=..., --blocks) or "
+                            "calibrate in one pass (sequential=False, --no-sequential)")
 
 
-def _block_output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+# ---------------------------------------------------------------- how blocks arrive
+
+class BlockSource(Protocol):
+    """How the sequential loop gets each block onto the compute device, and what happens after its turn."""
+
+    def capture(self):
+        """Context in which the model can run up to block 0 (embeddings ready on the compute device)."""
+
+    def visit(self, last: int) -> range:
+        """The block indices to visit, given the last one holding a selected layer."""
+
+    def block(self, index: int):
+        """Context holding block ``index`` on the compute device for its turn."""
+
+    def block_bytes(self) -> int:
+        """Size of the largest block, reserved next to the activations when choosing where they live."""
 
 
-def _with_input(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden,) + tuple(args[1:]), kwargs
-    key = next(iter(kwargs))  # blocks called with keywords only: the first keyword is the hidden state
-    return args, {**kwargs, key: hidden}
+class InMemoryBlocks:
+    """Blocks already in memory: the rest of the model and block ``i`` are onloaded for their turns."""
 
+    def __init__(self, model: nn.Module, blocks: nn.Module, device: torch.device | None):
+        self.model, self.blocks, self.device = model, blocks, device
 
-@torch.no_grad()
-def run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
-    return [_block_output(block(*args, **kwargs)) for args, kwargs in inputs]
+    def capture(self):
+        return _outside_blocks_on_device(self.model, self.blocks, self.device)
 
+    def visit(self, last: int) -> range:
+        return range(last + 1)  # blocks after the last pruned one are neither run nor collected
 
-# ---------------------------------------------------------------- the two loops
+    def block(self, index: int):
+        return on_device(self.blocks[index], self.device)
 
-@contextmanager
-def on_device(module: nn.Module, device: torch.device | None):
-    """Onload ``module`` to the compute device for the duration, then put it back where it was."""
-    if device is None:
-        yield module
-        return
-    home = next(module.parameters()).device
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(home)
-
-
-def _stats_context(layers, plan: Plan):
-    if not plan.needs:
-        return nullcontext(None)
-    return collect(layers, hessian=HESSIAN in plan.needs)
-
-
-@torch.no_grad()
-def prune_sequential(model: nn.Module, batches: Sequence[Batch], plan: Plan,
-                     timings: dict[str, float]) -> None:
-    prefix, blocks = plan.blocks
-    start = time.perf_counter()
-    with _outside_blocks_on_device(model, blocks, plan.device):
-        inputs = capture_block_inputs(model, blocks[0], batches, plan.device) if plan.needs else []
-    timings["capture_s"] = time.perf_counter() - start
-    per_block = [block_layers(prefix, i, plan.layers) for i in range(len(blocks))]
-    last = last_pruned_block(per_block)
-    for i in tqdm(range(last + 1), desc="pruning blocks", unit="block"):
-        t0, block, layers = time.perf_counter(), blocks[i], per_block[i]
-        with on_device(block, plan.device):
-            stats = None
-            if plan.needs and layers:
-                with collect(layers, hessian=HESSIAN in plan.needs) as stats:
-                    run_block(block, inputs)
-            prune_layers(layers, stats, plan)
-            if plan.needs and i < last:  # only a later block with pruned layers needs this block's outputs
-                outputs = run_block(block, inputs)
-                inputs = [_with_input(a, k, h) for (a, k), h in zip(inputs, outputs)]
-        timings[f"block_{i}_s"] = time.perf_counter() - t0
-        log.info("block %d/%d: pruned %d layers in %.2fs", i + 1, len(blocks), len(layers), timings[f"block_{i}_s"])
-
-
-def last_pruned_block(per_block: Sequence[Mapping[str, nn.Module]]) -> int:
-    """Index of the last block holding a selected layer (-1 if none): blocks after it are neither pruned nor
-    run, and its own pruned outputs feed nothing."""
-    return max((i for i, layers in enumerate(per_block) if layers), default=-1)
+    def block_bytes(self) -> int:
+        return max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in self.blocks)
 
 
 @contextmanager
@@ -239,7 +185,7 @@ def _outside_blocks_on_device(model: nn.Module, blocks: nn.Module, device: torch
     if device is None:
         yield
         return
-    home = next(model.parameters()).device
+    home = model_device(model)
     block_ids = {id(m) for m in blocks.modules()}
     outside = [m for m in model.modules() if id(m) not in block_ids]
     for m in outside:
@@ -260,10 +206,85 @@ def _move_own(module: nn.Module, device: torch.device) -> None:
         module._buffers[key] = b.to(device)
 
 
+# ---------------------------------------------------------------- the one sequential loop
+
+BlockStep = Callable[[int, Mapping[str, nn.Module], Mapping[str, LayerStats] | None], None]
+
+
+@torch.no_grad()
+def sequential(model: nn.Module, batches: Sequence[Batch], plan: Plan, source: BlockSource, step: BlockStep,
+               timings: dict[str, float], offload_dir: str | None = None) -> str | None:
+    """Visit the blocks in order: statistics of block ``i``'s selected layers on its inputs, ``step(i, layers,
+    stats)`` (prune them, or only record the statistics), then the block's outputs become block ``i+1``'s
+    inputs. Returns where the activations lived (None without calibration)."""
+    prefix, blocks = plan.blocks
+    per_block = [block_layers(prefix, i, plan.layers) for i in range(len(blocks))]
+    last = max((i for i, layers in enumerate(per_block) if layers), default=-1)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="prunekit-activations-", dir=offload_dir) as scratch:
+        acts = _capture(model, blocks[0], batches, plan, source, Path(scratch)) if plan.needs else None
+        timings["capture_s"] = time.perf_counter() - start
+        bar = tqdm(source.visit(last), desc="pruning blocks", unit="block")
+        for i in bar:
+            t0 = time.perf_counter()
+            with source.block(i) as block:
+                if i <= last:
+                    step(i, per_block[i], _block_statistics(block, per_block[i], acts, plan))
+                    if acts is not None and i < last:
+                        for j in range(len(acts)):  # only a later block with selected layers needs these
+                            acts.update(j, run_call(block, acts.call(j)))
+            timings[f"block_{i}_s"] = time.perf_counter() - t0
+            log.info("block %d/%d: %d layers in %.2fs", i + 1, len(blocks), len(per_block[i]), timings[f"block_{i}_s"])
+        where = acts.where if acts is not None else None
+        del acts  # release the activation files' memory maps before their directory goes
+    return where
+
+
+def _capture(model, first_block, batches, plan: Plan, source: BlockSource, scratch: Path) -> Activations:
+    """Block 0's inputs for every batch, straight into a store placed by size (device, CPU or disk)."""
+    device = plan.device
+    acts: Activations | None = None
+
+    def store(args: tuple, kwargs: dict) -> None:
+        nonlocal acts
+        if acts is None:
+            hidden = hidden_state(args, kwargs)
+            total = hidden.numel() * hidden.element_size() * len(batches)
+            compute = device or hidden.device
+            acts = Activations(choose_offload(plan.offload, total, compute, 2 * source.block_bytes()), device,
+                               scratch)
+        acts.append(args, kwargs)
+
+    with source.capture():
+        capture_block_inputs(model, first_block, batches, device, store)
+    log.info("calibration activations: %s in %s", gib(acts.nbytes()), acts.where)
+    return acts
+
+
+def run_call(block: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
+    """The hidden state ``block`` returns for one captured call ``(args, kwargs)``."""
+    args, kwargs = call
+    return block_output(block(*args, **kwargs))
+
+
+def _block_statistics(block: nn.Module, layers: Mapping[str, nn.Module], acts: Activations | None,
+                      plan: Plan) -> Mapping[str, LayerStats] | None:
+    """Input statistics of ``layers`` over every calibration batch through the dense ``block``."""
+    if acts is None or not layers:
+        return None
+    with collect(layers, hessian=HESSIAN in plan.needs) as stats:
+        for j in range(len(acts)):
+            run_call(block, acts.call(j))
+    return {name: stats[name] for name in layers}
+
+
+# ---------------------------------------------------------------- one pass over the whole model
+
 @torch.no_grad()
 def prune_oneshot(model: nn.Module, batches: Sequence[Batch], plan: Plan, timings: dict[str, float]) -> None:
     start = time.perf_counter()
-    with on_device(model, plan.device), _stats_context(plan.layers, plan) as stats:
+    stats_context = collect(plan.layers, hessian=HESSIAN in plan.needs) if plan.needs else nullcontext(None)
+    with on_device(model, plan.device), stats_context as stats:
         if stats is not None:
             for batch in tqdm(batches, desc="calibrating", unit="batch"):
                 run_model(model, batch, plan.device)
@@ -274,21 +295,17 @@ def prune_oneshot(model: nn.Module, batches: Sequence[Batch], plan: Plan, timing
 
 @torch.no_grad()
 def dense_statistics(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> dict[str, LayerStats]:
-    """Norm statistics of every selected layer on the dense model (for allocation: OWL), block by block."""
+    """Norm statistics of every selected layer on the dense model (for allocation: OWL), block by block,
+    through the same loop as pruning with a step that only records."""
+    result: dict[str, LayerStats] = {}
+    plan = replace(plan, needs=frozenset({NORMS}))
     if plan.blocks is None:
         with on_device(model, plan.device), collect(plan.layers) as stats:
             for batch in batches:
                 run_model(model, batch, plan.device)
             return dict(stats)
-    prefix, blocks = plan.blocks
-    with _outside_blocks_on_device(model, blocks, plan.device):
-        inputs = capture_block_inputs(model, blocks[0], batches, plan.device)
-    result = {}
-    for i, block in enumerate(blocks):
-        with on_device(block, plan.device), collect(block_layers(prefix, i, plan.layers)) as stats:
-            outputs = run_block(block, inputs)
-            result.update(stats)
-        inputs = [_with_input(a, k, h) for (a, k), h in zip(inputs, outputs)]
+    sequential(model, batches, plan, InMemoryBlocks(model, plan.blocks[1], plan.device),
+               lambda i, layers, stats: result.update(stats or {}), {})
     return result
 
 
@@ -299,37 +316,41 @@ def blocks_are_chained(model: nn.Module, blocks: nn.Module, batch: Batch, device
     seen: dict[str, torch.Tensor] = {}
 
     def out_hook(module, args, output):
-        seen["out"] = _block_output(output)
+        seen["out"] = block_output(output)
 
     def in_hook(module, args, kwargs):
-        seen["in"] = args[0] if args else next(iter(kwargs.values()), None)
-        raise _StopForward
+        seen["in"] = hidden_state(args, kwargs) if args or kwargs else None
+        raise StopForward
 
-    handles = [blocks[0].register_forward_hook(out_hook), blocks[1].register_forward_pre_hook(in_hook, with_kwargs=True)]
-    try:
-        with _outside_blocks_on_device(model, blocks, device), on_device(blocks[1], device):
-            run_model(model, batch, device)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks([blocks[0].register_forward_hook(out_hook),
+                blocks[1].register_forward_pre_hook(in_hook, with_kwargs=True)]):
+        try:
+            with _outside_blocks_on_device(model, blocks, device), on_device(blocks[1], device):
+                run_model(model, batch, device)
+        except StopForward:
+            pass
     out, inp = seen.get("out"), seen.get("in")
     return isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and out.shape == inp.shape \
         and out.data_ptr() == inp.data_ptr()
+
+
+def chained(model: nn.Module, plan: Plan, batches: Sequence[Batch]) -> Plan:
+    """The plan itself, or one calibrating in a single pass when its blocks turn out to be parallel branches."""
+    if plan.blocks is None or not plan.needs or not batches:
+        return plan
+    if blocks_are_chained(model, plan.blocks[1], batches[0], plan.device):
+        return plan
+    log.warning("blocks of %r do not feed each other (parallel branches?): calibrating in one pass", plan.blocks[0])
+    return replace(plan, blocks=None)
 
 
 def run(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> dict[str, float]:
     """Prune ``model`` in place according to ``plan``; returns timings in seconds."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    if plan.blocks is not None and plan.needs and not blocks_are_chained(model, plan.blocks[1], batches[0],
-                                                                        plan.device):
-        log.warning("blocks of %r do not feed each other (parallel branches?): calibrating in one pass",
-                    plan.blocks[0])
-        plan.blocks = None
     if plan.blocks is not None:
-        prune_sequential(model, batches, plan, timings)
+        source = InMemoryBlocks(model, plan.blocks[1], plan.device)
+        sequential(model, batches, plan, source, lambda i, layers, stats: prune_layers(layers, stats, plan), timings)
     else:
         prune_oneshot(model, batches, plan, timings)
     timings["total_s"] = time.perf_counter() - start

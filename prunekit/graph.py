@@ -5,6 +5,7 @@ transposed), or a convolution (im2col columns, one matmul per group). ``weight_m
 so collectors and methods never special-case layer types.
 """
 from __future__ import annotations
+from .errors import PrunekitError
 
 import fnmatch
 import logging
@@ -113,7 +114,7 @@ def select_layers(model: nn.Module, include: Iterable[str] | None = None, exclud
     include, exclude, layer_types = list(include or []), list(exclude or []), set(layer_types)
     unknown = layer_types - set(LAYER_TYPES) - {"all"}
     if unknown:
-        raise ValueError(f"unknown layer type(s) {sorted(unknown)}; choose from {LAYER_TYPES} or 'all'")
+        raise PrunekitError(f"unknown layer type(s) {sorted(unknown)}; choose from {LAYER_TYPES} or 'all'")
     if "all" in layer_types:
         layer_types = set(LAYER_TYPES)
     layers = find_layers(model)
@@ -129,18 +130,21 @@ def select_layers(model: nn.Module, include: Iterable[str] | None = None, exclud
     for name, m in model.named_modules():
         if isinstance(m, TRANSPOSED_CONV_TYPES) and include and _matches(name, include) \
                 and not _matches(name, exclude):
-            raise ValueError(f"layer {name!r} is a transposed convolution, which prunekit does not prune; "
+            raise PrunekitError(f"layer {name!r} is a transposed convolution, which prunekit does not prune; "
                              "exclude it (--exclude) or narrow --include")
     return chosen
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential] | None:
+def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList | nn.Sequential] | None:
     """The repeated blocks to calibrate one at a time: decoder layers, ViT blocks, ConvNeXt stages.
 
-    Generic rule: among ``ModuleList``/``Sequential`` containers whose children (at least two) all share
-    one class, take the one holding the most prunable layers; it must hold at least half of the model's
-    prunable layers (ResNet's four separate ``layerN`` lists do not, so ResNets get one calibration pass).
+    ``path`` names the block list for models the rule below gets wrong. Generic rule: among
+    ``ModuleList``/``Sequential`` containers whose children (at least two) all share one class, take the one
+    holding the most prunable layers; it must hold at least half of the model's prunable layers (ResNet's
+    four separate ``layerN`` lists do not, so ResNets get one calibration pass).
     """
+    if path is not None:
+        return path, named_block_list(model, path)
     total = len(find_layers(model))
     best, best_count = None, 0
     for name, container in model.named_modules():
@@ -156,7 +160,56 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential] |
     return best
 
 
+def named_block_list(model: nn.Module, path: str) -> nn.ModuleList | nn.Sequential:
+    """The ``ModuleList``/``Sequential`` at ``path``, or an error that lists the candidates."""
+    try:
+        container = model.get_submodule(path)
+    except AttributeError:
+        container = None
+    if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 1:
+        candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and n]
+        raise PrunekitError(f"blocks={path!r} is not a ModuleList/Sequential of {type(model).__name__}; "
+                            f"candidates: {', '.join(candidates[:8]) or 'none'}")
+    return container
+
+
+def block_index(name: str, blocks: tuple[str, nn.Module] | None) -> int | None:
+    """Index of the block holding layer ``name`` in the block list ``blocks``, None when outside it."""
+    if blocks is None:
+        return None
+    prefix = f"{blocks[0]}." if blocks[0] else ""
+    rest = name[len(prefix):] if name.startswith(prefix) else None
+    head = rest.split(".", 1)[0] if rest else ""
+    return int(head) if head.isdigit() else None
+
+
 def block_layers(block_prefix: str, index: int, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """The selected layers that live inside block ``index`` of the block list at ``block_prefix``."""
     stem = f"{block_prefix}.{index}." if block_prefix else f"{index}."
     return {n: m for n, m in layers.items() if n.startswith(stem)}
+
+
+# ---------------------------------------------------------------- model families
+
+def is_vision_model(model: nn.Module) -> bool:
+    """Whether the Wanda paper's image-classifier defaults apply (per-layer comparison group).
+
+    A Hugging Face model is a vision model when its ``main_input_name`` is ``pixel_values``; any other
+    model when it is a timm / torchvision model or contains a 2-D convolution (CNNs, ViT patch embeds).
+    Language models (HF ``input_ids`` models, plain MLPs) are not.
+    """
+    main_input = getattr(model, "main_input_name", None)
+    if main_input is not None and is_hf_model(model):
+        return main_input == "pixel_values"
+    if type(model).__module__.startswith(("timm.", "torchvision.")):
+        return True
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """A Hugging Face ``PreTrainedModel`` (saved with ``save_pretrained``)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)

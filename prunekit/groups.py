@@ -12,16 +12,18 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-GROUPS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {}
+from .errors import PrunekitError
+from .registry import Registry
+
+# ``scores [rows, cols], sparsity -> keep mask``. "global" competes across layers; the engine chooses its
+# masks with ``select_global`` (on one layer alone it is per-layer).
+GROUPS: Registry[Callable[[torch.Tensor, float], torch.Tensor]] = Registry("comparison group")
+GLOBAL = "global"
 
 
 def register_group(name: str):
-    def wrap(fn):
-        if name in GROUPS:
-            raise ValueError(f"comparison group {name!r} is registered twice")
-        GROUPS[name] = fn
-        return fn
-    return wrap
+    """``@register_group("my-group")`` on a ``scores, sparsity -> keep mask`` function."""
+    return GROUPS.register(name=name)
 
 
 def _prune_lowest(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
@@ -50,6 +52,7 @@ def per_input(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return _prune_lowest(scores, int(scores.shape[0] * sparsity), dim=0)
 
 
+@register_group(GLOBAL)
 @register_group("per-layer")
 def per_layer(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """The whole layer prunes ``floor(numel * sparsity)`` (magnitude's default; Wanda's for vision)."""
@@ -76,17 +79,17 @@ def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | No
     if isinstance(pattern, str):
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
         if not match:
-            raise ValueError(f"pattern {pattern!r} is not N:M (e.g. '2:4': keep 2 of every 4 weights)")
+            raise PrunekitError(f"pattern {pattern!r} is not N:M (e.g. '2:4': keep 2 of every 4 weights)")
         pattern = int(match[1]), int(match[2])
     n, m = pattern
     if not 0 < n < m:
-        raise ValueError(f"N:M pattern {n}:{m} needs 0 < N < M (N is the number of weights kept of every M)")
+        raise PrunekitError(f"N:M pattern {n}:{m} needs 0 < N < M (N is the number of weights kept of every M)")
     return n, m
 
 
 def check_nm(cols: int, nm: tuple[int, int], name: str = "layer") -> None:
     if cols % nm[1]:
-        raise ValueError(f"{nm[0]}:{nm[1]} sparsity needs the input dimension to be a multiple of {nm[1]}, "
+        raise PrunekitError(f"{nm[0]}:{nm[1]} sparsity needs the input dimension to be a multiple of {nm[1]}, "
                          f"but {name} has {cols} input columns; exclude it (--exclude) or pick another M")
 
 
@@ -103,15 +106,11 @@ def select_mask(scores: torch.Tensor, sparsity: float, group: str = "per-output"
     """The keep mask of one layer for its ``[out, cols]`` scores."""
     if nm is not None:
         return select_nm(scores, *nm)
-    if group not in GROUPS:
-        raise ValueError(f"unknown comparison group {group!r}; choose from {sorted(GROUPS) + ['global']}")
     return GROUPS[group](scores, sparsity)
 
 
 def check_sparsity(sparsity: float) -> float:
     if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}")
+        raise PrunekitError(f"sparsity must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}")
     return float(sparsity)
 
-
-GROUP_NAMES = ("per-output", "per-input", "per-layer", "global")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from dataclasses import replace
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as L
@@ -26,17 +26,21 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from .errors import PrunekitError
 from . import engine
 from .api import layer_sparsity, plan_prune
 from .collect import LayerStats, collect
+from .config import PruneConfig
+from .forward import eval_mode
+from .graph import select_layers
 from .groups import check_sparsity
-from .methods import HESSIAN, Target
+from .masks import apply_masks, mask_gradients, masks_from_weights, pack_mask, unpack_mask
+from .methods import HESSIAN
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("oneshot", "cubic", "fixed")
-_STATE_VERSION = 1
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_STATE_VERSION = 2  # 2: masks packed most significant bit first (prunekit.masks, as the compact format)
 
 
 # ---------------------------------------------------------------- schedule (pure)
@@ -64,42 +68,6 @@ def schedule_events(schedule: str, sparsity: float, start: int = 0, end: int | N
     return [(t, s) for t, s in events if s > 0]
 
 
-# ---------------------------------------------------------------- masks (pure)
-
-def pack_mask(mask: torch.Tensor) -> dict[str, Any]:
-    """A bool keep mask as 8 weights per byte (a checkpoint then grows by 1/32 of an fp32 weight)."""
-    flat = mask.detach().flatten().cpu().to(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
-    return {"shape": list(mask.shape), "bits": (flat.view(-1, 8) * _BITS).sum(dim=1, dtype=torch.uint8)}
-
-
-def unpack_mask(packed: Mapping[str, Any]) -> torch.Tensor:
-    """Inverse of ``pack_mask``: the bool mask on the CPU."""
-    shape = list(packed["shape"])
-    bits = packed["bits"].unsqueeze(1).bitwise_and(_BITS).ne(0).flatten()
-    return bits[: math.prod(shape)].view(shape)
-
-
-def masks_from_weights(layers: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Keep masks ``weight != 0`` in each layer's own weight layout."""
-    return {name: m.weight.detach() != 0 for name, m in layers.items()}
-
-
-@torch.no_grad()
-def apply_masks(layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero the pruned weights in place (any dtype, any device the mask is on)."""
-    for name, mask in masks.items():
-        layers[name].weight.mul_(mask)
-
-
-@torch.no_grad()
-def mask_gradients(layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> None:
-    for name, mask in masks.items():
-        grad = layers[name].weight.grad
-        if grad is not None:
-            grad.mul_(mask)
-
-
 # ---------------------------------------------------------------- multi-process (no-ops on one process)
 
 def _distributed() -> bool:
@@ -111,9 +79,9 @@ def all_reduce_stats(stats: Mapping[str, LayerStats]) -> None:
     if not _distributed():
         return
     for s in stats.values():
-        dist.all_reduce(s.sq_sum)
-        if s.xtx is not None:
-            dist.all_reduce(s.xtx)
+        for tensor in (s.sq_sum, s.col_sum, s.xtx):
+            if tensor is not None:
+                dist.all_reduce(tensor)
         counts = torch.tensor([s.nsamples, s.ntokens], dtype=torch.int64, device=s.sq_sum.device)
         dist.all_reduce(counts)
         s.nsamples, s.ntokens = int(counts[0]), int(counts[1])
@@ -131,12 +99,22 @@ def broadcast_weights(layers: Mapping[str, nn.Module]) -> None:
 # ---------------------------------------------------------------- calibration batches
 
 def forward_batch(module: nn.Module, batch: Any) -> Any:
-    """Default calibration forward: ``module(**batch)`` for dicts, ``module(batch[0])`` for ``(inputs, target)``."""
+    """Default calibration forward: ``module(**batch)`` for dicts, ``module(batch[0])`` for ``(inputs, target)``.
+
+    A LightningModule needs only ``training_step``; one without its own ``forward`` is calibrated through
+    ``training_step(batch, 0)`` (under ``no_grad``, in eval mode: only the layers' inputs matter)."""
+    if isinstance(module, L.LightningModule) and not has_forward(module):
+        return module.training_step(batch, 0)
     if isinstance(batch, Mapping):
         return module(**batch)
     if isinstance(batch, (tuple, list)):
         return module(batch[0])
     return module(batch)
+
+
+def has_forward(module: nn.Module) -> bool:
+    """Whether ``module`` defines ``forward`` (the base classes' versions only raise NotImplementedError)."""
+    return type(module).forward not in (nn.Module.forward, L.LightningModule.forward)
 
 
 def _own_iterator(loader: Iterable) -> Iterator:
@@ -151,18 +129,6 @@ def _own_iterator(loader: Iterable) -> Iterator:
     elif isinstance(loader, DataLoader) and loader.batch_sampler is not None:
         loader = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
     return iter(loader)
-
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration (no dropout, BatchNorm running stats untouched); each flag restored."""
-    flags = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.train(flag)
 
 
 def _target_module(pl_module: nn.Module, submodule: str | None) -> nn.Module:
@@ -180,32 +146,33 @@ class PruningCallback(L.Callback):
     ``schedule``: ``"oneshot"`` prunes to ``sparsity`` at ``start_step`` (default: fit start); ``"cubic"``
     raises sparsity from ``initial_sparsity`` at ``start_step`` to ``sparsity`` at ``end_step``, re-scoring
     every ``every_n_steps``; ``"fixed"`` keeps the zeros the model already has (pruned before ``fit``).
-    ``method``, ``pattern``, ``group``, ``update``, ``include``/``exclude``/``layer_types`` mean what they mean
-    in ``prunekit.prune``. ``forward_fn(pl_module, batch)`` runs a calibration batch (default ``forward_batch``).
+    ``config`` (a ``PruneConfig`` or a method name) and any of its settings as keywords mean what they mean in
+    ``prunekit.prune``. ``forward_fn(pl_module, batch)`` runs a calibration batch (default ``forward_batch``:
+    the module's ``forward``, else its ``training_step``).
     """
 
-    def __init__(self, method: str = "wanda", sparsity: float = 0.5, pattern: str | None = None,
-                 group: str | None = None, schedule: str = "oneshot", start_step: int = 0,
+    def __init__(self, config: PruneConfig | str | None = None, sparsity: float | None = None,
+                 pattern: str | None = None, group: str | None = None, schedule: str = "oneshot", start_step: int = 0,
                  end_step: int | None = None, every_n_steps: int = 100, calib_batches: int = 16,
-                 initial_sparsity: float = 0.0, *, update: str | list[str] | None = None,
-                 method_params: dict | None = None, update_params: dict | None = None,
-                 include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
-                 layer_types: Iterable[str] = ("linear",), submodule: str | None = None,
-                 mask_gradients: bool = True, forward_fn: Callable[[nn.Module, Any], Any] | None = None):
-        _check_schedule(schedule, sparsity, pattern, start_step, end_step, every_n_steps, calib_batches,
-                        initial_sparsity)
-        self.settings = dict(method=method, sparsity=float(sparsity), pattern=pattern, group=group,
-                             schedule=schedule, start_step=start_step, end_step=end_step,
+                 initial_sparsity: float = 0.0, *, submodule: str | None = None, mask_gradients: bool = True,
+                 forward_fn: Callable[[nn.Module, Any], Any] | None = None, **settings: Any):
+        self.config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
+        if self.config.structured and schedule != "fixed":
+            raise PrunekitError(f"structured method {self.config.method!r} changes the model's shapes, which cannot "
+                                "happen inside training; prune first (prunekit.prune), then fine-tune with "
+                                "schedule='fixed'")
+        _check_schedule(schedule, self.config.sparsity, self.config.pattern, start_step, end_step, every_n_steps,
+                        calib_batches, initial_sparsity)
+        self.settings = dict(method=self.config.method, sparsity=self.config.sparsity, pattern=self.config.pattern,
+                             group=self.config.group, schedule=schedule, start_step=start_step, end_step=end_step,
                              every_n_steps=every_n_steps, initial_sparsity=float(initial_sparsity))
-        self._plan_args = dict(method=method, sparsity=sparsity, pattern=pattern, group=group, update=update,
-                               method_params=method_params, update_params=update_params, include=include,
-                               exclude=exclude, layer_types=tuple(layer_types), sequential=False)
-        self.events = schedule_events(schedule, sparsity, start_step, end_step, every_n_steps, initial_sparsity)
+        self.events = schedule_events(schedule, self.config.sparsity, start_step, end_step, every_n_steps,
+                                      initial_sparsity)
         self.calib_batches, self.submodule = calib_batches, submodule
         self.mask_grads, self.forward_fn = mask_gradients, forward_fn or forward_batch
         self.masks: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, Any]] = []
-        self._done, self._plan, self._pending = 0, None, None
+        self._done, self._plan, self._layers, self._pending = 0, None, None, None
         self._recent: deque = deque(maxlen=calib_batches)  # training batches of the window before an event
         self._handles: list = []
         self._to_log: float | None = None
@@ -217,9 +184,9 @@ class PruningCallback(L.Callback):
 
     @property
     def layers(self) -> dict[str, nn.Module]:
-        if self._plan is None:
-            raise RuntimeError("PruningCallback has not been set up yet: pass it to a Trainer and call fit()")
-        return self._plan.layers
+        if self._layers is None:
+            raise PrunekitError("PruningCallback has not been set up yet: pass it to a Trainer and call fit()")
+        return self._layers
 
     def sparsity(self) -> float:
         """Current fraction of zeros over the selected layers."""
@@ -228,8 +195,14 @@ class PruningCallback(L.Callback):
     # -------------------------------------------------------- Lightning hooks
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._plan is None:  # validates everything before any training step
-            self._plan = plan_prune(_target_module(pl_module, self.submodule), **self._plan_args)
+        if stage != "fit" or self._layers is not None:
+            return
+        target = _target_module(pl_module, self.submodule)  # everything is checked before any training step
+        if self.events:  # one pass over the live model per event, not block by block
+            self._plan = plan_prune(target, replace(self.config, sequential=False))
+            self._layers = dict(self._plan.layers)
+        else:  # "fixed": hold the zeros the model has; no method runs (a structured method already did)
+            self._layers = select_layers(target, self.config.include, self.config.exclude, self.config.layer_types)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_or_fix_masks()
@@ -278,7 +251,7 @@ class PruningCallback(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(f"PruningCallback state version {state_dict.get('version')!r} is not supported "
+            raise PrunekitError(f"PruningCallback state version {state_dict.get('version')!r} is not supported "
                              f"(expected {_STATE_VERSION}); resume with the prunekit version that wrote it")
         if state_dict["settings"] != self.settings:
             log.warning("resuming with different pruning settings: checkpoint %s, now %s",
@@ -295,7 +268,7 @@ class PruningCallback(L.Callback):
             state, self._pending = self._pending, None
             unknown = set(state["masks"]) - set(self.layers)
             if unknown:
-                raise ValueError(f"checkpoint has masks for layers this model does not select: {sorted(unknown)[:5]}")
+                raise PrunekitError(f"checkpoint has masks for layers this model does not select: {sorted(unknown)[:5]}")
             self.masks = {n: unpack_mask(p).to(self.layers[n].weight.device) for n, p in state["masks"].items()}
             self._done, self.history = state["events_done"], list(state["history"])
         elif self.settings["schedule"] == "fixed" and not self.masks:
@@ -306,7 +279,7 @@ class PruningCallback(L.Callback):
         return self._done < len(self.events) and self.events[self._done][0] <= step
 
     def _needs_stats(self) -> bool:
-        return bool(self._plan.needs)
+        return self._plan is not None and bool(self._plan.needs)
 
     def _in_window(self, trainer: L.Trainer) -> bool:
         """Whether this batch is among the last ``calib_batches`` before the next event (rounded up to steps)."""
@@ -320,7 +293,7 @@ class PruningCallback(L.Callback):
             return list(self._recent)
         loader = trainer.train_dataloader  # an event at fit start (or right at a resume): no recent batches
         if loader is None:
-            raise RuntimeError("PruningCallback needs calibration batches but the trainer has no train dataloader")
+            raise PrunekitError("PruningCallback needs calibration batches but the trainer has no train dataloader")
         return (trainer.strategy.batch_to_device(b) for _, b in zip(range(self.calib_batches), _own_iterator(loader)))
 
     @torch.no_grad()
@@ -329,10 +302,10 @@ class PruningCallback(L.Callback):
         if not self._needs_stats():
             return None
         batches = self._calibration_batches(trainer)
-        with collect(self.layers, hessian=HESSIAN in self._plan.needs) as stats, _eval_mode(pl_module), \
+        with collect(self.layers, hessian=HESSIAN in self._plan.needs) as stats, eval_mode(pl_module), \
                 trainer.precision_plugin.forward_context():
             for batch in batches:
-                self.forward_fn(pl_module, batch)
+                self._forward(pl_module, batch)
         self._recent.clear()
         stats = {n: stats[n] for n in stats}
         all_reduce_stats(stats)
@@ -343,13 +316,20 @@ class PruningCallback(L.Callback):
             step, target = self.events[self._done]
             self._done += 1
         stats = self._statistics(trainer, pl_module)
-        plan = self._plan
-        plan.targets = {n: Target(target, t.group, t.nm) for n, t in plan.targets.items()}
+        plan = replace(self._plan, targets={n: replace(t, sparsity=target) for n, t in self._plan.targets.items()})
         engine.prune_layers(plan.layers, stats, plan)
         broadcast_weights(plan.layers)
         self.masks = masks_from_weights(plan.layers)
         samples = next(iter(stats.values())).nsamples if stats else 0
         self._record(trainer.global_step, step, target, samples)
+
+    def _forward(self, pl_module: L.LightningModule, batch: Any) -> None:
+        try:
+            self.forward_fn(pl_module, batch)
+        except NotImplementedError as err:
+            raise PrunekitError(f"PruningCallback could not run a calibration batch through "
+                                f"{type(pl_module).__name__} ({err}); define forward() or training_step(), or pass "
+                                "forward_fn=lambda module, batch: ...") from None
 
     def _record(self, global_step: int, step: int, target: float, samples: int) -> None:
         achieved = self.sparsity()
@@ -367,17 +347,17 @@ class PruningCallback(L.Callback):
 def _check_schedule(schedule: str, sparsity: float, pattern: str | None, start: int, end: int | None,
                     every: int, calib_batches: int, initial: float) -> None:
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown pruning schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+        raise PrunekitError(f"unknown pruning schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
     check_sparsity(sparsity)
     if start < 0 or calib_batches < 1:
-        raise ValueError(f"start_step must be >= 0 and calib_batches >= 1, got {start} and {calib_batches}")
+        raise PrunekitError(f"start_step must be >= 0 and calib_batches >= 1, got {start} and {calib_batches}")
     if schedule != "cubic":
         return
     if end is None or end <= start or every < 1:
-        raise ValueError(f"the cubic schedule needs end_step > start_step and every_n_steps >= 1, got "
+        raise PrunekitError(f"the cubic schedule needs end_step > start_step and every_n_steps >= 1, got "
                          f"start_step={start}, end_step={end}, every_n_steps={every}")
     if pattern is not None:
-        raise ValueError("N:M patterns fix the sparsity of every group, so they cannot grow gradually; use "
+        raise PrunekitError("N:M patterns fix the sparsity of every group, so they cannot grow gradually; use "
                          "schedule='oneshot' with a pattern")
     if not 0 <= initial < sparsity:
-        raise ValueError(f"initial_sparsity must be in [0, sparsity), got {initial} with sparsity {sparsity}")
+        raise PrunekitError(f"initial_sparsity must be in [0, sparsity), got {initial} with sparsity {sparsity}")

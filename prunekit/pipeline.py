@@ -1,4 +1,8 @@
-"""Jobs behind the CLI and recipes: load, (evaluate), prune, (evaluate), save atomically."""
+"""Jobs behind the CLI and recipes: check, load, (evaluate), prune, (evaluate), save atomically.
+
+Every check that needs no model runs in ``validate`` (and in the recipe's own ``__post_init__``) before
+anything is loaded; the recipe *is* the ``PruneConfig`` that ``prunekit.prune`` and the lazy path take.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,37 +12,55 @@ from typing import Any
 
 from torch import nn
 
-from .api import PruneReport, prune
+from .api import PruneReport, prune, resolve_seqlen
 from .data.images import image_calibration
 from .data.text import load_text, tokenize
+from .errors import PrunekitError
 from .eval.image import evaluate_image
 from .eval.perplexity import perplexity
-from .groups import check_sparsity, parse_pattern
 from .io import atomic_dir, check_output_dir, load_causal_lm, load_tokenizer, save_causal_lm, write_json
-from .io.compact import save_compact
+from .io.compact import is_compact, save_compact
 from .io.timm import is_vision_source, load_vision_model, local_path, save_vision_model
-from .methods import METHODS, STRUCTURED
 from .recipe import PruneRecipe, dump_recipe
 
 log = logging.getLogger(__name__)
 
 
+def looks_local(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a local file or folder rather than a hub id (``org/name``) or dataset name."""
+    text = str(path)
+    return text.startswith((".", "/", "~")) or Path(text).suffix != "" or text.count("/") > 1 \
+        or Path(text).expanduser().exists()
+
+
+def check_inputs(paths: dict[str, str | None]) -> None:
+    """Every local-looking input must exist, all reported at once."""
+    missing = [f"{flag} {path!r}" for flag, path in paths.items()
+               if path and looks_local(path) and not Path(path).expanduser().exists()]
+    if missing:
+        raise PrunekitError(f"{', '.join(missing)} does not exist; check the path(s)")
+
+
 def validate(recipe: PruneRecipe) -> Path | None:
-    """Every check that needs no model: raise before any loading, work or writes."""
-    check_sparsity(recipe.sparsity)
-    parse_pattern(recipe.pattern)
-    if recipe.method not in METHODS and recipe.method not in STRUCTURED:
-        METHODS[recipe.method]  # raises with the list of methods
-    for path in (recipe.calib_data, recipe.eval_data):
-        if path and _looks_local(path) and not Path(path).expanduser().exists():
-            raise FileNotFoundError(f"data path {path!r} does not exist")
+    """Every check that needs no model: raise before any loading, work or writes. Returns the output dir."""
+    model_path = local_path(recipe.model) or recipe.model
+    check_inputs({"--model": model_path, "--calib-data": recipe.calib_data, "--eval-data": recipe.eval_data})
+    if recipe.report_json:
+        _check_json(recipe.report_json, [model_path, recipe.calib_data, recipe.eval_data])
     if recipe.out is None:
         return None
-    return check_output_dir(recipe.out, [local_path(recipe.model) or recipe.model], recipe.overwrite)
+    return check_output_dir(recipe.out, [p for p in (model_path, recipe.calib_data, recipe.eval_data) if p],
+                            recipe.overwrite)
 
 
-def _looks_local(path: str) -> bool:
-    return str(path).startswith((".", "/", "~")) or Path(path).suffix != "" or os.sep in str(path)
+def _check_json(path: str, inputs: list[str | None]) -> None:
+    target = Path(path).expanduser().resolve()
+    if target.is_dir():
+        raise PrunekitError(f"--json {path!r} is a directory; give a file name for the report")
+    for src in filter(None, inputs):
+        src_path = Path(src).expanduser()
+        if src_path.exists() and (src_path.resolve() == target or src_path.resolve() in target.parents):
+            raise PrunekitError(f"--json {path!r} would write into the input {src!r}; choose a path outside it")
 
 
 def load_model(recipe: PruneRecipe) -> tuple[nn.Module, Any]:
@@ -59,14 +81,8 @@ def calibration(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> Any:
 
 
 def prune_with_recipe(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> PruneReport:
-    """``prunekit.prune`` with every setting taken from the recipe (the CLI and fine-tuning share it)."""
-    return prune(model, recipe.method, recipe.sparsity, recipe.pattern, recipe.group,
-                 calibration(model, tokenizer, recipe), update=recipe.update, method_params=recipe.method_params,
-                 update_params=recipe.update_params, allocation=recipe.allocation,
-                 allocation_params=recipe.allocation_params, include=recipe.include, exclude=recipe.exclude,
-                 layer_types=recipe.layer_types, sequential=recipe.sequential, device=recipe.device,
-                 tokenizer=tokenizer, nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed,
-                 batch_size=recipe.batch_size, recalibrate_bn=recipe.recalibrate_bn)
+    """``prunekit.prune`` with the recipe as its config (the CLI and fine-tuning share it)."""
+    return prune(model, recipe, calib=calibration(model, tokenizer, recipe), tokenizer=tokenizer)
 
 
 def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, cache: dict) -> dict[str, float]:
@@ -79,7 +95,7 @@ def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, cache: dict)
         return {k: result[k] for k in ("top1", "top5", "loss") if k in result}
     if "tokens" not in cache:
         cache["tokens"] = tokenize(tokenizer, load_text(recipe.eval_data))
-    seqlen = recipe.eval_seqlen or recipe.seqlen
+    seqlen = resolve_seqlen(recipe.eval_seqlen or recipe.seqlen, model, "eval_seqlen")
     return {"ppl": perplexity(model, cache["tokens"], seqlen, recipe.eval_batch_size, device=recipe.device)}
 
 
@@ -96,7 +112,13 @@ def run_prune(recipe: PruneRecipe) -> PruneReport:
     report.metrics.update(evaluate(model, tokenizer, recipe, cache))
     if out is not None:
         save_run(model, tokenizer, report, recipe, out)
+    _write_report_json(recipe, report)
     return report
+
+
+def _write_report_json(recipe: PruneRecipe, report: PruneReport) -> None:
+    if recipe.report_json:
+        write_json(recipe.report_json, report.to_dict())
 
 
 def save_run(model: nn.Module, tokenizer: Any, report: PruneReport, recipe: PruneRecipe, out: Path) -> None:
@@ -114,36 +136,36 @@ def save_run(model: nn.Module, tokenizer: Any, report: PruneReport, recipe: Prun
     log.info("saved pruned model to %s", out)
 
 
-def run_prune_lazy(recipe: PruneRecipe, out: Path | None) -> PruneReport:
+def run_prune_lazy(recipe: PruneRecipe, out: Path) -> PruneReport:
     """Checkpoints larger than memory: one block at a time from the safetensors files to the output shards."""
     from .io.lazy import prune_lazy
-    if out is None:
-        raise ValueError("--lazy writes the pruned checkpoint block by block: give --out")
-    if recipe.allocation != "uniform" or recipe.eval_data:
-        raise ValueError("--lazy supports uniform allocation and no --eval-data; evaluate the output afterwards "
-                         "with `prunekit eval ppl`")
-    report = prune_lazy(recipe.model, out, recipe.method, recipe.sparsity, recipe.pattern, recipe.group,
-                        recipe.calib_data, update=recipe.update, method_params=recipe.method_params,
-                        update_params=recipe.update_params, include=recipe.include, exclude=recipe.exclude,
-                        layer_types=recipe.layer_types, device=recipe.device, dtype=recipe.dtype,
-                        tokenizer=load_tokenizer(recipe.model, recipe.trust_remote_code), nsamples=recipe.nsamples,
-                        seqlen=recipe.seqlen, seed=recipe.seed, batch_size=recipe.batch_size,
-                        offload_activations=recipe.offload_activations, save_format=recipe.save_format,
-                        overwrite=True, trust_remote_code=recipe.trust_remote_code)
-    write_json(out / "prune_report.json", report.to_dict())
-    dump_recipe(recipe, out / "recipe.yaml")
+    tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code) if recipe.calib_data else None
+    report = prune_lazy(recipe.model, out, recipe, calib=recipe.calib_data, tokenizer=tokenizer,
+                        save_format=recipe.save_format, overwrite=True, trust_remote_code=recipe.trust_remote_code,
+                        extra_files={"recipe.yaml": lambda path: dump_recipe(recipe, path)})
+    _write_report_json(recipe, report)
     return report
 
 
-def run_eval_ppl(model: str, data: str, seqlen: int = 2048, batch_size: int = 8, device: str | None = None,
+def run_eval_ppl(model: str, data: str, seqlen: int | None = None, batch_size: int = 8, device: str | None = None,
                  dtype: str = "auto", trust_remote_code: bool = False) -> dict[str, Any]:
-    for path in (model, data):
-        if _looks_local(path) and not Path(path).expanduser().exists():
-            raise FileNotFoundError(f"path {path!r} does not exist")
-    lm = load_causal_lm(model, dtype, trust_remote_code)
+    """Perplexity of a saved model (dense or compact prunekit output, or any HF causal LM) on a text file."""
+    check_inputs({"--model": model, "--data": data})
+    if seqlen is not None and seqlen < 1:
+        raise PrunekitError(f"--seqlen must be a positive integer, got {seqlen}")
+    lm = _load_any_lm(model, dtype, trust_remote_code)
+    seqlen = resolve_seqlen(seqlen, lm)
     tokens = tokenize(load_tokenizer(model, trust_remote_code), load_text(data))
-    if device is not None:
-        lm.to(device)
     ppl = perplexity(lm, tokens, seqlen, batch_size, device)
-    return {"model": str(model), "data": str(data), "seqlen": seqlen, "windows": tokens.numel() // seqlen,
-            "ppl": ppl}
+    if ppl != ppl or ppl == float("inf"):
+        raise PrunekitError(f"perplexity is {ppl}: the model produced NaN/inf losses (damaged weights, or fp16 "
+                            "overflow: evaluate with --dtype float32)")
+    return {"model": str(model), "data": str(data), "seqlen": seqlen, "windows": tokens.numel() // seqlen, "ppl": ppl}
+
+
+def _load_any_lm(model: str, dtype: str, trust_remote_code: bool) -> nn.Module:
+    """A causal LM from a dense checkpoint, or from prunekit's compact format (restored in memory)."""
+    if Path(model).is_dir() and is_compact(model):
+        from .io.compact import load_compact_model
+        return load_compact_model(model, dtype, trust_remote_code)
+    return load_causal_lm(model, dtype, trust_remote_code)

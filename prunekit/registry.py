@@ -1,14 +1,17 @@
-"""A tiny name -> class registry, one per extension point (methods, updates, allocators)."""
+"""A tiny name -> object registry, one per extension point (methods, updates, groups, allocators, ...)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from .errors import PrunekitError
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Classes registered by their ``name`` attribute; created from a name and a dict of parameters.
+    """Classes (or functions) registered by name; classes are created from a name and a dict of parameters.
 
     Registering a name twice is an error, and so is a parameter the class does not have: recipes with a
     typo fail before any work starts.
@@ -16,33 +19,43 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._classes: dict[str, type[T]] = {}
+        self._entries: dict[str, T] = {}
 
-    def register(self, cls: type[T]) -> type[T]:
-        name = getattr(cls, "name", "")
-        if not name:
-            raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered as a {self.kind}")
-        if name in self._classes:
-            raise ValueError(f"{self.kind} {name!r} is registered twice")
-        self._classes[name] = cls
-        return cls
+    def register(self, obj: T | None = None, *, name: str | None = None):
+        """Register ``obj`` under ``name`` (default: its ``name`` attribute). Usable as ``@register`` and
+        ``@register(name="...")``."""
+        if obj is None:
+            return lambda o: self.register(o, name=name)
+        name = name or getattr(obj, "name", "")
+        if not name or not isinstance(name, str):
+            raise PrunekitError(f"{getattr(obj, '__name__', obj)!r} needs a name to be registered as a {self.kind}")
+        if name in self._entries:
+            raise PrunekitError(f"{self.kind} {name!r} is registered twice")
+        self._entries[name] = obj
+        return obj
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._classes
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
 
-    def __getitem__(self, name: str) -> type[T]:
-        if name not in self._classes:
-            raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self._classes))}")
-        return self._classes[name]
+    def __getitem__(self, name: str) -> T:
+        if name not in self._entries:
+            raise PrunekitError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
+        return self._entries[name]
 
     def names(self) -> list[str]:
-        return sorted(self._classes)
+        return sorted(self._entries)
 
-    def create(self, name: str, params: dict | None = None) -> T:
+    def create(self, name: str, params: dict | None = None):
+        """An instance of the class registered as ``name`` with ``params`` as its (dataclass) fields."""
         cls = self[name]
-        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-        unknown = set(params or {}) - fields
-        if unknown:
-            raise ValueError(f"{self.kind} {name!r} has no parameter(s) {sorted(unknown)}; "
-                             f"its parameters are {sorted(fields) or 'none'}")
+        check_params(self.kind, name, cls, params)
         return cls(**(params or {}))
+
+
+def check_params(kind: str, name: str, cls: Callable, params: dict | None) -> None:
+    """Every key of ``params`` must be a field of the dataclass ``cls``."""
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    unknown = set(params or {}) - fields
+    if unknown:
+        raise PrunekitError(f"{kind} {name!r} has no parameter(s) {sorted(unknown)}; "
+                            f"its parameters are {sorted(fields) or 'none'}")

@@ -5,15 +5,24 @@ saved by ``prunekit prune``; benchmarks may store many of them in one JSON file 
 ``{"runs": [...]}``), or a summary ``{"cells": {"label@setting": {"ppl", "sparsity", "prune_s"}},
 "dense_ppl"}`` (no per-layer data then). Plots use matplotlib's Agg canvas directly, so no display and no global
 backend.
+
+``build_docs`` writes the documentation pages from templates whose ``{{ ... }}`` markers pull tables and
+numbers out of ``benchmarks/results``, so the docs never hold a hand-copied (and then stale) number.
 """
 from __future__ import annotations
+from .errors import PrunekitError
 
 import json
 import logging
 import math
+import os
+import re
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .errors import PrunekitError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +42,7 @@ def load_runs(paths: Iterable[str | Path]) -> list[dict]:
     for path in map(Path, paths):
         file = path / "prune_report.json" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"{str(path)!r} is neither a run directory with prune_report.json nor a "
+            raise PrunekitError(f"{str(path)!r} is neither a run directory with prune_report.json nor a "
                                     "JSON report file")
         data = json.loads(file.read_text(encoding="utf-8"))
         if path.is_dir() and isinstance(data, dict):
@@ -43,7 +52,7 @@ def load_runs(paths: Iterable[str | Path]) -> list[dict]:
         found = data if isinstance(data, list) else data.get("runs", [data])
         runs += [r for r in found if _is_run(r, file)]
     if not runs:
-        raise ValueError("no pruning runs found in the given paths")
+        raise PrunekitError("no pruning runs found in the given paths")
     return runs
 
 
@@ -76,9 +85,10 @@ def runs_from_cells(cells: Mapping[str, Mapping[str, Any]], dense_ppl: float | N
         metrics = {k: v for k, v in cell.items() if k in SCALAR_RESULTS}
         if dense_ppl is not None:
             metrics["ppl_dense"] = dense_ppl
-        runs.append({"label": label, "settings": {"method": label, "sparsity": 0.5 if pattern else float(setting),
-                                                  "pattern": pattern, "group": cell.get("group")},
-                     "sparsity": cell.get("sparsity", 0.0), "layers": {}, "metrics": metrics,
+        target = nm_sparsity(pattern) if pattern else float(setting)
+        runs.append({"label": label, "settings": {"method": label, "sparsity": target, "pattern": pattern,
+                                                  "group": cell.get("group")},
+                     "sparsity": cell.get("sparsity", target), "layers": {}, "metrics": metrics,
                      "timings": {"total_s": cell["prune_s"]} if "prune_s" in cell else {}})
     return runs
 
@@ -104,6 +114,20 @@ def run_setting(run: Run) -> str:
     """``"2:4"`` for N:M runs, else the target sparsity in percent (``"50%"``)."""
     s = run["settings"]
     return str(s["pattern"]) if s.get("pattern") else f"{100 * float(s['sparsity']):g}%"
+
+
+def nm_sparsity(pattern: str) -> float:
+    """``"1:4"`` -> 0.75: N:M keeps N of every M weights (the hardware convention), so 1 - N/M of them are zero."""
+    n, _, m = pattern.partition(":")
+    return 1 - int(n) / int(m)
+
+
+def measured_sparsity(run: Run) -> float:
+    """The overall sparsity the run measured, else its target (for N:M: what the pattern implies)."""
+    if isinstance(run.get("sparsity"), (int, float)):
+        return float(run["sparsity"])
+    s = run["settings"]
+    return nm_sparsity(s["pattern"]) if s.get("pattern") else float(s["sparsity"])
 
 
 def flat_metrics(run: Run) -> dict[str, float]:
@@ -137,14 +161,15 @@ def runs_table(runs: Sequence[Run]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         m = flat_metrics(r)
-        cells = [run_label(r), run_setting(r), f"{100 * float(r.get('sparsity', 0)):.2f}%"]
+        cells = [run_label(r), run_setting(r), f"{100 * measured_sparsity(r):.2f}%"]
         cells += [_fmt(m.get(k)) for k in metrics] + [_fmt((r.get("timings") or {}).get("total_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def pivot_table(runs: Sequence[Run], metric: str) -> str:
-    """``metric`` with settings as rows and runs (labels) as columns, like the papers' tables."""
+def pivot_table(runs: Sequence[Run], metric: str, skip_empty: bool = False) -> str:
+    """``metric`` with settings as rows and runs (labels) as columns, like the papers' tables; ``skip_empty``
+    leaves out settings where no run has the metric."""
     labels = list(dict.fromkeys(run_label(r) for r in runs))
     settings = sorted(dict.fromkeys(run_setting(r) for r in runs), key=_setting_order)
     cell: dict[tuple[str, str], float] = {}
@@ -154,6 +179,8 @@ def pivot_table(runs: Sequence[Run], metric: str) -> str:
             cell.setdefault((run_setting(r), run_label(r)), value)
     lines = [f"| {metric} | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
     for s in settings:
+        if skip_empty and not any((s, lab) in cell for lab in labels):
+            continue
         lines.append(f"| {s} | " + " | ".join(_fmt(cell.get((s, lab))) for lab in labels) + " |")
     return "\n".join(lines)
 
@@ -191,11 +218,11 @@ def plot_metric(runs: Sequence[Run], metric: str, path: Path) -> Path:
                       if not r["settings"].get("pattern"))
         color = ax.plot(*zip(*line), marker="o", label=label)[0].get_color() if line else None
         for r in (r for r in mine if r["settings"].get("pattern")):
-            ax.scatter([float(r.get("sparsity", 0.5))], [flat_metrics(r)[metric]], marker="x", color=color,
+            ax.scatter([measured_sparsity(r)], [flat_metrics(r)[metric]], marker="x", color=color,
                        label=None if line else label)
             if run_setting(r) not in annotated:
                 annotated.add(run_setting(r))
-                ax.annotate(run_setting(r), (float(r.get("sparsity", 0.5)), flat_metrics(r)[metric]), fontsize=7,
+                ax.annotate(run_setting(r), (measured_sparsity(r), flat_metrics(r)[metric]), fontsize=7,
                             xytext=(-14, 0), textcoords="offset points")
     _dense_line(ax, runs, metric)
     if metric in LOWER_IS_BETTER:
@@ -286,3 +313,106 @@ def report_markdown(runs: Sequence[Run], metric: str | None, files: Mapping[str,
     parts += ["## All runs", "", runs_table(runs), ""]
     parts += [f"![{key}]({path.name})" for key, path in files.items() if path.suffix == ".png"]
     return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- docs pages from benchmark results
+
+MARKER = re.compile(r"(?<!`)\{\{(.*?)\}\}", re.S)  # right after a backtick it is an example: left alone
+HEADING = re.compile(r"^#{1,5} ")
+GENERATED = ("<!-- Generated by `prunekit report --docs RESULTS --out DOCS` from templates/{name} and the "
+             "benchmark results. Edit the template, then regenerate; do not edit this page. -->\n")
+
+
+def build_docs(results_dir: str | Path, out_dir: str | Path, templates_dir: str | Path | None = None) -> list[Path]:
+    """Write ``out_dir/NAME.md`` for every template ``NAME.md`` (default folder ``out_dir/templates``) with its
+    markers filled from ``results_dir``; returns the pages written."""
+    pages = render_docs(results_dir, out_dir, templates_dir)  # every marker filled before any page is written
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for path, text in pages.items():
+        path.write_text(text, encoding="utf-8")
+    log.info("%d docs pages written to %s", len(pages), out_dir)
+    return list(pages)
+
+
+def render_docs(results_dir: str | Path, out_dir: str | Path,
+                templates_dir: str | Path | None = None) -> dict[Path, str]:
+    """Each page's text as ``build_docs`` would write it, writing nothing: what a staleness check compares."""
+    out, results = Path(out_dir), Path(results_dir)
+    folder = Path(templates_dir) if templates_dir is not None else out / "templates"
+    templates = sorted(folder.glob("*.md"))
+    if not results.is_dir() or not templates:
+        raise PrunekitError(f"--docs needs a results folder ({str(results)!r}) and *.md templates in "
+                            f"{str(folder)!r}; give the folder benchmarks write to and an --out holding templates/")
+    return {out / t.name: render_page(t.read_text(encoding="utf-8"), results, out, t.name) for t in templates}
+
+
+def render_page(template: str, results: Path, out: Path, name: str = "page") -> str:
+    """``template`` with every ``{{ KIND ARGS }}`` marker replaced (see ``MARKERS``); links are relative to ``out``."""
+    def fill(match: re.Match) -> str:
+        try:
+            kind, *args = shlex.split(match.group(1))
+            if kind not in MARKERS:
+                raise KeyError(f"unknown marker {kind!r}; use one of {', '.join(MARKERS)}")
+            return MARKERS[kind](results, out, *args)
+        except (KeyError, IndexError, TypeError, ValueError, OSError) as err:
+            raise PrunekitError(f"{name}: cannot fill {match.group(0)!r} from {results}: {err}") from err
+    return GENERATED.format(name=name) + MARKER.sub(fill, template)
+
+
+def json_value(data: Any, keys: Sequence[str]) -> Any:
+    """Walk ``keys`` into JSON: dict keys, list indices, or ``[field=text,...]`` for the first list item whose
+    fields (dotted for nested ones: ``settings.sparsity``) print as ``text``."""
+    for key in keys:
+        if isinstance(data, list):
+            data = _matching(data, key[1:-1]) if key.startswith("[") else data[int(key)]
+        else:
+            data = data[key]
+    return data
+
+
+def _matching(items: Sequence[Any], query: str) -> Any:
+    wanted = dict(part.split("=", 1) for part in re.split(r",(?=[\w.]+=)", query))  # values may hold commas
+    for item in items:
+        if all(str(_dotted(item, field)) == text for field, text in wanted.items()):
+            return item
+    raise KeyError(f"no item with {query}")
+
+
+def _dotted(item: Any, field: str) -> Any:
+    for part in field.split("."):
+        item = item.get(part) if isinstance(item, Mapping) else None
+    return item
+
+
+def _value_marker(results: Path, out: Path, file: str, *keys: str) -> str:
+    """``{{ value FILE.json KEY... [:FORMAT] }}``: one number or string; FORMAT is Python's (``:.2f``, ``:.0%``)."""
+    spec = keys[-1][1:] if keys and keys[-1].startswith(":") else None
+    value = json_value(json.loads((results / file).read_text(encoding="utf-8")), keys[:-1] if spec else keys)
+    if isinstance(value, (dict, list)):
+        raise TypeError(f"{'/'.join(keys)} is a {type(value).__name__}, not a number or text")
+    if spec is not None:
+        return format(value, spec)
+    return _fmt(value) if isinstance(value, float) else str(value)
+
+
+def _include_marker(results: Path, out: Path, file: str) -> str:
+    """``{{ include FILE.md }}``: a results page nested in a section: title dropped, headings one level down."""
+    lines = (results / file).read_text(encoding="utf-8").strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join("#" + line if HEADING.match(line) else line for line in lines).strip()
+
+
+def _pivot_marker(results: Path, out: Path, metric: str, *files: str) -> str:
+    """``{{ pivot METRIC FILE.json... }}``: the report's setting x method table of the runs in those files."""
+    return pivot_table(load_runs([results / f for f in files]), metric, skip_empty=True)
+
+
+def _image_marker(results: Path, out: Path, file: str, alt: str = "") -> str:
+    """``{{ image FILE.png [ALT] }}``: a plot from the results folder, linked relative to the page."""
+    if not (results / file).is_file():
+        raise FileNotFoundError(f"no {file} in {results}")
+    return f"![{alt or Path(file).stem}]({Path(os.path.relpath(results / file, out)).as_posix()})"
+
+
+MARKERS = {"value": _value_marker, "include": _include_marker, "pivot": _pivot_marker, "image": _image_marker}

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from prunekit.errors import PrunekitError
 import prunekit
 from tests.conftest import tiny_llama
 from tests.reference import reference_wanda
@@ -115,7 +116,7 @@ def test_nan_activations_error():
     model = tiny_llama()
     with torch.no_grad():
         model.model.embed_tokens.weight[5] = float("nan")
-    with pytest.raises(FloatingPointError, match="NaN/inf"):
+    with pytest.raises(PrunekitError, match="NaN/inf"):
         prunekit.prune(model, "wanda", 0.5, calib=torch.full((1, 8), 5))
 
 
@@ -151,3 +152,78 @@ def test_blocks_after_the_last_pruned_one_are_not_run():
     pruned, expected = model.state_dict(), reference.state_dict()
     for name, value in pruned.items():
         assert torch.equal(value, original[name] if name.startswith("model.layers.2.") else expected[name]), name
+
+
+# ---------------------------------------------------------------- front-end defects (issue 16) and API input checks
+
+def test_allocation_dense_pass_runs_in_eval_mode(token_batch):
+    """Defect 5: OWL's dense pass ran before model.eval(), with dropout on; every forward is in eval mode now."""
+    model = tiny_llama(layers=2)
+    modes = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda m, a: modes.append(m.training))
+    model.train()
+    prunekit.prune(model, "wanda", 0.5, calib=token_batch, allocation="owl")
+    assert modes and not any(modes) and model.training
+
+
+def test_magnitude_with_explicit_allocation_needs_no_calibration():
+    """Defect 5: magnitude + explicit failed with "this method needs calibration data"."""
+    model = tiny_llama(layers=2)
+    report = prunekit.prune(model, "magnitude", 0.5, allocation="explicit",
+                            allocation_params={"sparsities": {"model.layers.0.*": 0.25, "*": 0.75}})
+    assert report.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert {round(row["sparsity"], 2) for row in report.layers.values()} == {0.25, 0.75}
+
+
+@pytest.mark.parametrize("calib, message", [(torch.rand(2, 8), "integer ids"),
+                                            (torch.full((2, 8), 500), "vocabulary has 128")])
+def test_bad_token_ids_are_one_clear_error(calib, message):
+    with pytest.raises(PrunekitError, match=message):
+        prunekit.prune(tiny_llama(), "wanda", 0.5, calib=calib)
+
+
+def test_meta_model_and_nan_weights_are_refused():
+    with torch.device("meta"):
+        meta = tiny_llama()
+    with pytest.raises(PrunekitError, match="meta device"):
+        prunekit.prune(meta, "magnitude", 0.5)
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(PrunekitError, match="NaN/inf weights"):
+        prunekit.prune(model, "magnitude", 0.5)
+
+
+def test_seqlen_defaults_to_the_context_and_longer_is_an_error(tmp_path):
+    from prunekit.api import resolve_seqlen
+    model = tiny_llama()  # max_position_embeddings 128
+    assert resolve_seqlen(None, model) == 128 and resolve_seqlen(64, model) == 64
+    assert resolve_seqlen(None, torch.nn.Linear(2, 2)) == 2048
+    with pytest.raises(PrunekitError, match="longer than the model's context of 128"):
+        resolve_seqlen(256, model)
+
+
+def test_pruning_an_already_sparser_model_says_so(caplog):
+    model = tiny_llama()
+    prunekit.prune(model, "magnitude", 0.7)
+    with caplog.at_level("WARNING", logger="prunekit.api"):
+        prunekit.prune(model, "magnitude", 0.5)
+    assert "already hold more zeros" in caplog.text
+
+
+def test_blocks_override_names_the_block_list(token_batch):
+    model = tiny_llama()
+    plan = prunekit.plan_prune(model, "wanda", blocks="model.layers")
+    assert plan.blocks[0] == "model.layers"
+    with pytest.raises(PrunekitError, match="candidates: model.layers"):
+        prunekit.plan_prune(model, "wanda", blocks="model.decoder")
+
+
+def test_save_and_load_pick_the_format(tmp_path):
+    model = tiny_llama()
+    prunekit.prune(model, "magnitude", 0.5)
+    prunekit.save(model, tmp_path / "m")
+    again = prunekit.load(tmp_path / "m")
+    ids = torch.randint(0, 128, (1, 8))
+    assert torch.equal(again(ids).logits, model(ids).logits)

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit.errors import PrunekitError
 from prunekit.collect import collect
 
 
@@ -76,5 +77,5 @@ def test_hooks_removed_even_when_forward_raises():
 def test_nan_activations_are_reported():
     lin = nn.Linear(3, 2)
     s = _stats(lin, torch.tensor([[float("nan"), 1.0, 2.0]]))
-    with pytest.raises(FloatingPointError, match="NaN/inf activations"):
+    with pytest.raises(PrunekitError, match="NaN/inf activations"):
         s.check_finite("m")

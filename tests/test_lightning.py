@@ -11,8 +11,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from prunekit.lightning import (PruningCallback, _own_iterator, cubic_sparsity, pack_mask, schedule_events,
-                                unpack_mask)
+from prunekit.collect import collect
+from prunekit.errors import PrunekitError
+from prunekit.lightning import PruningCallback, _own_iterator, all_reduce_stats, cubic_sparsity, schedule_events
+from prunekit.masks import pack_mask, unpack_mask
 from prunekit.methods import METHODS
 
 
@@ -259,3 +261,80 @@ def test_ddp_two_cpu_processes_hold_identical_masks(tmp_path):
     events = len(r0["history"])
     assert r0["calib"].shape[0] == events * 2 * 16  # 2 batches of 16 rows per event on each rank
     assert [e["calib_samples"] for e in r0["history"]] == [2 * 2] * events  # ... summed: 2 ranks x 2 batches
+
+
+def _stats_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One rank: statistics of a Linear on its own shard, summed over ranks, saved by rank 0."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        layer = nn.Linear(6, 3)
+        shard = torch.randn(4 * world, 5, 6, generator=torch.Generator().manual_seed(0)).chunk(world)[rank]
+        with collect({"fc": layer}) as stats:
+            layer(shard)
+        reduced = {"fc": stats["fc"]}
+        all_reduce_stats(reduced)
+        if rank == 0:
+            s = reduced["fc"]
+            torch.save({"sq_sum": s.sq_sum, "col_sum": s.col_sum, "n": [s.nsamples, s.ntokens]}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_statistics_equal_one_process_over_both_shards(tmp_path):
+    """Defect 1: DSnoT's column sums were not summed over ranks (only sq_sum and the counts were). Rank 0's
+    statistics after the all-reduce must equal one process collecting over both shards."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_stats_worker, args=(2, f"file://{tmp_path / 'store'}", str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    layer = nn.Linear(6, 3)
+    with collect({"fc": layer}) as stats:
+        layer(torch.randn(8, 5, 6, generator=torch.Generator().manual_seed(0)))
+    want = stats["fc"]
+    assert torch.allclose(got["sq_sum"], want.sq_sum) and torch.allclose(got["col_sum"], want.col_sum)
+    assert got["n"] == [want.nsamples, want.ntokens]
+
+
+class StepOnly(L.LightningModule):
+    """All Lightning requires: training_step and an optimizer, no forward()."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+def test_a_module_with_only_training_step_is_calibrated_through_it():
+    """Defect 12: calibration called pl_module(batch), which fails when the module defines no forward."""
+    pruning = PruningCallback("wanda", 0.5, calib_batches=2)
+    trainer(2, [pruning]).fit(StepOnly(), loader())
+    assert pruning.sparsity() == pytest.approx(0.5) and pruning.history[0]["calib_samples"] == 2  # 2 batches
+
+
+def test_a_forward_that_cannot_run_is_one_clear_error():
+    class NoWay(StepOnly):
+        def training_step(self, batch, batch_idx):
+            if torch.is_grad_enabled():
+                return super().training_step(batch, batch_idx)
+            raise NotImplementedError("no calibration path")
+
+    with pytest.raises(PrunekitError, match="forward_fn"):
+        trainer(2, [PruningCallback("wanda", 0.5, calib_batches=2)]).fit(NoWay(), loader())
+
+
+def test_structured_method_only_holds_masks():
+    """Defect 7's callback half: a structured method cannot run inside training, but 'fixed' needs no method."""
+    with pytest.raises(PrunekitError, match="cannot happen inside training"):
+        PruningCallback("depth", 0.25, schedule="oneshot")
+    pruning = PruningCallback("depth", 0.25, schedule="fixed")
+    trainer(2, [pruning]).fit(TinyMLP(), loader())
+    assert set(pruning.masks) == {"0", "2"}

@@ -2,8 +2,10 @@ import json
 
 import pytest
 
+from prunekit.errors import PrunekitError
 import prunekit
-from prunekit.report import build_report, flat_metrics, load_runs, pivot_table, run_label, run_setting, runs_table
+from prunekit.report import (build_report, flat_metrics, load_runs, measured_sparsity, pivot_table, run_label,
+                             run_setting, runs_from_cells, runs_table)
 from tests.conftest import tiny_llama
 
 
@@ -62,7 +64,7 @@ def test_build_report_reads_a_real_prune_report(tmp_path):
 
 
 def test_load_runs_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="prune_report.json"):
+    with pytest.raises(PrunekitError, match="prune_report.json"):
         load_runs([tmp_path])
     (tmp_path / "x.json").write_text("[]")
     with pytest.raises(ValueError, match="no pruning runs"):
@@ -97,3 +99,14 @@ def test_run_directories_pick_up_eval_results_saved_beside_the_report(tmp_path):
     (run_loaded,) = load_runs([run])
     assert flat_metrics(run_loaded) == {"ppl_dense": 46.6, "ppl": 47.5, "zeroshot_acc": 0.6}
     assert "| 50% | 0.6000 |" in build_report([run], tmp_path / "out")["markdown"].read_text()
+
+
+def test_nm_runs_are_as_sparse_as_their_pattern():
+    """Defect 10: N:M keeps N of every M weights, so a 1:4 run is 75% sparse, not 50%; a measured sparsity wins."""
+    runs = runs_from_cells({"wanda@1:4": {"ppl": 60.0}, "wanda@2:4": {"ppl": 50.0},
+                            "sparsegpt@1:4": {"ppl": 55.0, "sparsity": 0.7493}})
+    assert [r["settings"]["sparsity"] for r in runs] == [0.75, 0.5, 0.75]
+    assert [measured_sparsity(r) for r in runs] == [0.75, 0.5, 0.7493]
+    assert "| wanda | 1:4 | 75.00% |" in runs_table(runs)
+    report_without_overall = {"settings": {"method": "magnitude", "sparsity": 0.5, "pattern": "1:4"}}
+    assert measured_sparsity(report_without_overall) == 0.75

@@ -10,7 +10,7 @@ from torch import nn
 
 import prunekit
 from prunekit.graph import find_blocks, select_layers, weight_matrix
-from prunekit.io.timm import is_vision_model
+from prunekit.graph import is_vision_model
 from tests.conftest import fixture_path
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..errors import PrunekitError
 from .text import load_text, random_windows, tokenize
 
 
@@ -15,18 +16,18 @@ def calibration_batches(calib: Any, tokenizer: Any = None, nsamples: int = 128, 
     """Batches for the engine from: a LongTensor ``[nsamples, seqlen]``, an iterable / DataLoader of
     batches (tensors, tuples or dicts of model inputs), or a text path / dataset name (needs ``tokenizer``)."""
     if calib is None:
-        raise ValueError("this method needs calibration data: pass calib= (token tensor, batches or a text "
+        raise PrunekitError("this method needs calibration data: pass calib= (token tensor, batches or a text "
                          "path) or --calib-data")
     if isinstance(calib, (str, os.PathLike)):
         if tokenizer is None:
-            raise ValueError("calibration from text needs a tokenizer (tokenizer=...)")
+            raise PrunekitError("calibration from text needs a tokenizer (tokenizer=...)")
         calib = random_windows(tokenize(tokenizer, load_text(calib, what="calibration data")), nsamples, seqlen, seed)
     if isinstance(calib, torch.Tensor):
         return _split_tensor(calib, batch_size)
     if isinstance(calib, Iterable) and not isinstance(calib, Mapping):
         batches = list(calib)
         if not batches:
-            raise ValueError("calibration data is empty")
+            raise PrunekitError("calibration data is empty")
         return batches
     return [calib]
 
@@ -35,5 +36,5 @@ def _split_tensor(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     if tokens.dim() == 1:
         tokens = tokens.unsqueeze(0)
     if tokens.numel() == 0:
-        raise ValueError("calibration tensor is empty")
+        raise PrunekitError("calibration tensor is empty")
     return list(tokens.split(batch_size))

@@ -109,10 +109,10 @@ def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int =
     calibration set is not mostly repeats of the same tokens.
     """
     if nsamples < 1 or seqlen < 1:
-        raise ValueError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
+        raise PrunekitError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
     n = tokens.numel()
     if n < nsamples * seqlen + 2:
-        raise ValueError(f"calibration text has {n} tokens, fewer than nsamples x seqlen = {nsamples} x {seqlen}"
+        raise PrunekitError(f"calibration text has {n} tokens, fewer than nsamples x seqlen = {nsamples} x {seqlen}"
                          f" = {nsamples * seqlen}; give more text, or lower --nsamples / --seqlen")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seqlen - 1, (nsamples,), generator=gen)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..errors import PrunekitError
 from ..data.images import ImageData, data_config, image_dataset, image_transform
 from ..io.atomic import write_json
 from ..io.timm import load_vision_model, num_classes_of
@@ -89,7 +90,7 @@ class ImageClassifier(L.LightningModule):
 
     def _check_logits(self, logits: torch.Tensor) -> None:
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}, expected "
+            raise PrunekitError(f"the model returned logits of shape {tuple(logits.shape)}, expected "
                              f"[batch, {self.num_classes}]; is it a classifier with that many classes?")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -101,7 +102,7 @@ def check_class_folders(dataset: Dataset, num_classes: int, where: str) -> None:
     """An ImageFolder must have one folder per model class, or labels would point at the wrong logits."""
     classes = getattr(dataset, "classes", None)
     if classes is not None and len(classes) != num_classes:
-        raise ValueError(f"the model predicts {num_classes} classes but {where} has {len(classes)} class "
+        raise PrunekitError(f"the model predicts {num_classes} classes but {where} has {len(classes)} class "
                          f"folders; ImageFolder numbers the sorted folder names 0..{len(classes) - 1}, which must be "
                          "the model's class order (ImageNet-1k: the 1000 synset folders, as in val/n01440764/)")
 
@@ -114,9 +115,9 @@ class ImageDataModule(L.LightningDataModule):
                  batch_size: int = 64, num_workers: int = 0, train_augment: bool = True):
         super().__init__()
         if val is None and train is None:
-            raise ValueError("give val= (evaluation images) and/or train= (fine-tuning images)")
+            raise PrunekitError("give val= (evaluation images) and/or train= (fine-tuning images)")
         if data_config is None:
-            raise ValueError("data_config is needed for preprocessing; build it with prunekit.data.images.data_config"
+            raise PrunekitError("data_config is needed for preprocessing; build it with prunekit.data.images.data_config"
                              "(model) or use ImageDataModule.for_model(model, ...)")
         self.val_data, self.train_data, self.config = val, train, data_config
         self.num_classes, self.batch_size, self.num_workers = num_classes, batch_size, num_workers
@@ -144,7 +145,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
-            raise ValueError("no training images: give ImageDataModule(train=...)")
+            raise PrunekitError("no training images: give ImageDataModule(train=...)")
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
@@ -156,7 +157,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _eval_loader(self) -> DataLoader:
         if self.val_set is None:
-            raise ValueError("no evaluation images: give ImageDataModule(val=...)")
+            raise PrunekitError("no evaluation images: give ImageDataModule(val=...)")
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           sampler=eval_sampler(self.val_set, self.trainer))
 
@@ -227,18 +228,13 @@ def load_eval_config(path: str | os.PathLike, sections: set[str],
     ``overrides`` (e.g. from CLI flags) are merged on top, one level deep: ``{"model": {"source": ...}}``
     replaces only ``model.source``.
     """
-    import yaml
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"eval config {str(path)!r} does not exist")
-    config = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(config, dict):
-        raise ValueError(f"{str(path)!r} must be a YAML mapping with sections {sorted(sections)}")
+    from ..recipe import load_yaml
+    config = load_yaml(path, "eval config")
     for key, value in (overrides or {}).items():
         config[key] = {**(config.get(key) or {}), **value} if isinstance(value, dict) else value
     unknown = set(config) - sections
     if unknown:
-        raise ValueError(f"{str(path)!r}: unknown section(s) {sorted(unknown)}; allowed: {sorted(sections)}")
+        raise PrunekitError(f"{str(path)!r}: unknown section(s) {sorted(unknown)}; allowed: {sorted(sections)}")
     return config
 
 
@@ -246,9 +242,9 @@ def check_keys(section: dict[str, Any] | None, allowed: set[str], name: str, req
     section = dict(section or {})
     unknown, missing = set(section) - allowed, required - set(section)
     if unknown:
-        raise ValueError(f"config section {name!r}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise PrunekitError(f"config section {name!r}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     if missing:
-        raise ValueError(f"config section {name!r} needs {sorted(missing)}")
+        raise PrunekitError(f"config section {name!r} needs {sorted(missing)}")
     return section
 
 

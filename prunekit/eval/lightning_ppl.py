@@ -87,11 +87,12 @@ def _run(trainer: L.Trainer, model: nn.Module, datamodule: TokenWindowDataModule
 
 
 CONFIG_SECTIONS = {"trainer", "model", "data", "seed_everything", "results"}
-MODEL_KEYS = {"source", "dtype", "trust_remote_code"}
+MODEL_KEYS = {"source", "dtype"}  # remote code only from the command line / Python (trust_remote_code=)
 DATA_KEYS = {"path", "tokenizer", "seqlen", "batch_size", "max_windows", "split", "column"}
 
 
-def run_ppl_eval_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_ppl_eval_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
+                        trust_remote_code: bool = False) -> dict[str, Any]:
     """Perplexity as a LightningCLI-style YAML says: ``trainer:`` (Trainer arguments), ``model:``
     (``source``, ``dtype``), ``data:`` (``path`` of the test text, ``seqlen``, ``batch_size``,
     ``tokenizer`` defaulting to the model, ``max_windows``), optional ``results:`` JSON path.
@@ -102,11 +103,10 @@ def run_ppl_eval_config(path: str | os.PathLike, overrides: dict[str, Any] | Non
     data_cfg = check_keys(config.get("data"), DATA_KEYS, "data", {"path"})
     if config.get("seed_everything") is not None:
         L.seed_everything(config["seed_everything"], verbose=False)
-    tokenizer = load_tokenizer(data_cfg.get("tokenizer", model_cfg["source"]),
-                               model_cfg.get("trust_remote_code", False))
+    tokenizer = load_tokenizer(data_cfg.get("tokenizer", model_cfg["source"]), trust_remote_code)
     text = load_text(data_cfg["path"], data_cfg.get("split", "test"), data_cfg.get("column", "text"))
     datamodule = TokenWindowDataModule(tokenize(tokenizer, text), data_cfg.get("seqlen", 2048),
                                        data_cfg.get("batch_size", 8), data_cfg.get("max_windows"))
-    model = load_causal_lm(**model_cfg)
+    model = load_causal_lm(**model_cfg, trust_remote_code=trust_remote_code)
     extra = {"model": str(model_cfg["source"]), "data": str(data_cfg["path"]), "seqlen": datamodule.windows.shape[1]}
     return _run(eval_trainer(**trainer_cfg), model, datamodule, extra, config.get("results"))

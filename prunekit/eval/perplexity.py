@@ -5,6 +5,8 @@ Every window has the same length, so the mean token NLL equals the mean of per-w
 what the Wanda/SparseGPT evaluation computes.
 """
 from __future__ import annotations
+from ..errors import PrunekitError
+from ..forward import eval_mode, model_device, on_device
 
 import math
 
@@ -18,7 +20,7 @@ def token_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
     """Non-overlapping windows ``[n, seqlen]`` of a 1-D token tensor."""
     n = tokens.numel() // seqlen
     if n == 0:
-        raise ValueError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+        raise PrunekitError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
     return tokens[: n * seqlen].view(n, seqlen)
 
 
@@ -35,13 +37,9 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 2048, batch
                device: str | torch.device | None = None) -> float:
     """Perplexity of ``model`` over the 1-D ``tokens`` in non-overlapping windows."""
     windows = token_windows(tokens, seqlen)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    device = torch.device(device) if device is not None else model_device(model)
     total = 0.0
-    try:
+    with on_device(model, device), eval_mode(model):
         for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", leave=False):
             total += window_nll(model, batch.to(device)).double().sum().item()
-    finally:
-        model.train(was_training)
     return math.exp(total / (windows.shape[0] * (seqlen - 1)))

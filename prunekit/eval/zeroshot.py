@@ -6,6 +6,8 @@ requested task is found there, lm-eval's few thousand built-in task configs are 
 (that alone takes seconds), which also keeps local evaluations off the network.
 """
 from __future__ import annotations
+from ..errors import PrunekitError
+from ..forward import eval_mode
 
 import logging
 import os
@@ -24,7 +26,7 @@ def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
     names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     names = [n.strip() for n in names if n and n.strip()]
     if not names:
-        raise ValueError("no zero-shot tasks given; pass task names, e.g. --tasks boolq,piqa,hellaswag")
+        raise PrunekitError("no zero-shot tasks given; pass task names, e.g. --tasks boolq,piqa,hellaswag")
     return names
 
 
@@ -33,14 +35,14 @@ def task_manager(tasks: list[str], include_path: str | os.PathLike | None = None
     from lm_eval.tasks import TaskManager
     if include_path is not None:
         if not os.path.isdir(include_path):
-            raise FileNotFoundError(f"task folder {str(include_path)!r} does not exist (--include-path)")
+            raise PrunekitError(f"task folder {str(include_path)!r} does not exist (--include-path)")
         local = TaskManager(include_path=str(include_path), include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
             return local
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"unknown lm-eval task(s) {unknown}; check the names (lm-eval --tasks list) or add the "
+        raise PrunekitError(f"unknown lm-eval task(s) {unknown}; check the names (lm-eval --tasks list) or add the "
                          "folder with their YAML files via include_path / --include-path")
     return manager
 
@@ -55,14 +57,10 @@ def zeroshot(model: nn.Module, tokenizer: Any, tasks: str | Iterable[str], batch
     from lm_eval.models.huggingface import HFLM
     names = parse_tasks(tasks)
     manager = task_manager(names, include_path)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                                       task_manager=manager, log_samples=False)
-    finally:
-        model.train(was_training)
     per_task = {name: task_metrics(out["results"].get(name, {}), out.get("n-samples", {}).get(name))
                 for name in names}
     settings = dict(tasks=names, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot,

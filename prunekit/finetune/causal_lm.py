@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import PrunekitError
 from ..data import load_text, tokenize
 from ..eval.perplexity import token_windows
 
@@ -103,7 +104,7 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("the model has no trainable parameters; unfreeze some or add LoRA adapters")
+            raise PrunekitError("the model has no trainable parameters; unfreeze some or add LoRA adapters")
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
         total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, self.warmup_steps, total,

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..errors import PrunekitError
 from ..graph import select_layers
-from ..lightning import apply_masks, masks_from_weights
+from ..masks import apply_masks, masks_from_weights
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,9 @@ def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0
     from peft import LoraConfig, get_peft_model
     targets = list(target_modules) if target_modules else lora_targets(model)
     if not targets:
-        raise ValueError("no LoRA target modules: the model has no prunable Linear layers; pass target_modules")
+        raise PrunekitError("no LoRA target modules: the model has no prunable Linear layers; pass target_modules")
     if masks is not None and dropout:
-        raise ValueError("a masked LoRA delta needs lora dropout 0 (the mask is applied to the undropped input)")
+        raise PrunekitError("a masked LoRA delta needs lora dropout 0 (the mask is applied to the undropped input)")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -58,7 +59,7 @@ def mask_lora_deltas(peft_model: nn.Module, masks: Mapping[str, torch.Tensor]) -
     handles = [layers[name].register_forward_hook(_masked_delta_hook(~mask))
                for name, mask in masks.items() if hasattr(layers.get(name), "get_delta_weight")]
     if not handles:
-        raise ValueError("no adapted layer has a mask: take the masks with keep_masks(model) before add_lora")
+        raise PrunekitError("no adapted layer has a mask: take the masks with keep_masks(model) before add_lora")
     return handles
 
 
@@ -89,7 +90,7 @@ def merge_lora_keep_sparsity(peft_model: nn.Module, masks: Mapping[str, torch.Te
     layers = dict(merged.named_modules())
     missing = [n for n in masks if n not in layers]
     if missing:
-        raise KeyError(f"masks name layers the merged model does not have: {missing[:5]}; take the masks from "
+        raise PrunekitError(f"masks name layers the merged model does not have: {missing[:5]}; take the masks from "
                        "the base model before wrapping it (keep_masks(model))")
     apply_masks({n: layers[n] for n in masks}, {n: m.to(layers[n].weight.device) for n, m in masks.items()})
     return merged

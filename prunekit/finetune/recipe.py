@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..errors import PrunekitError
 from ..io.paths import looks_local, require_local
 from ..lightning import SCHEDULES
 from ..recipe import PruneRecipe, load_yaml, recipe_from_dict
@@ -49,19 +50,22 @@ class FinetuneRecipe(PruneRecipe):
 def check_finetune(recipe: FinetuneRecipe) -> None:
     """The fine-tuning checks that need no model (the prune keys are checked by ``pipeline.validate``)."""
     if recipe.schedule not in SCHEDULES[:2]:
-        raise ValueError(f"schedule must be one of {SCHEDULES[:2]}, got {recipe.schedule!r}")
+        raise PrunekitError(f"schedule must be one of {SCHEDULES[:2]}, got {recipe.schedule!r}")
     if recipe.task is not None and recipe.task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {recipe.task!r}")
+        raise PrunekitError(f"task must be one of {TASKS}, got {recipe.task!r}")
     if not recipe.training_data:
-        raise ValueError("fine-tuning needs train_data (or calib_data) to train on")
+        raise PrunekitError("fine-tuning needs train_data (or calib_data) to train on")
     if recipe.lora is not None and set(recipe.lora) - LORA_KEYS:
-        raise ValueError(f"unknown lora key(s) {sorted(set(recipe.lora) - LORA_KEYS)}; known: {sorted(LORA_KEYS)}")
+        raise PrunekitError(f"unknown lora key(s) {sorted(set(recipe.lora) - LORA_KEYS)}; known: {sorted(LORA_KEYS)}")
     if recipe.lora is not None and recipe.schedule != "oneshot":
-        raise ValueError("LoRA freezes the base weights, so they cannot be pruned gradually: use schedule: oneshot")
+        raise PrunekitError("LoRA freezes the base weights, so they cannot be pruned gradually: use schedule: oneshot")
+    if recipe.schedule == "cubic" and recipe.structured:
+        raise PrunekitError(f"structured method {recipe.method!r} changes shapes once, before training: use "
+                         "schedule: oneshot")
     if recipe.schedule == "cubic" and recipe.allocation != "uniform":
-        raise ValueError("the cubic schedule prunes every layer to the same sparsity; use allocation: uniform")
+        raise PrunekitError("the cubic schedule prunes every layer to the same sparsity; use allocation: uniform")
     if recipe.schedule == "cubic" and (recipe.end_step or 0) > recipe.max_steps:
-        raise ValueError(f"end_step {recipe.end_step} is after max_steps {recipe.max_steps}: the target sparsity "
+        raise PrunekitError(f"end_step {recipe.end_step} is after max_steps {recipe.max_steps}: the target sparsity "
                          "would never be reached")
     for key, path in (("train_data", recipe.training_data), ("val_data", recipe.val_data)):
         if path and looks_local(path):

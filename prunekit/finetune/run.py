@@ -2,7 +2,6 @@
 evaluate again, save atomically (model, ``finetune_report.json``, the resolved ``recipe.yaml``)."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -12,13 +11,14 @@ from typing import Any
 import lightning.pytorch as L
 from torch import nn
 
+from ..errors import PrunekitError
 from ..api import layer_sparsity, versions
 from ..graph import select_layers
 from ..io import atomic_dir, save_causal_lm, write_json
 from ..io.timm import save_vision_model
 from ..lightning import PruningCallback
 from ..pipeline import evaluate, load_model, prune_with_recipe, validate
-from ..recipe import dump_recipe
+from ..recipe import dump_recipe, recipe_dict
 from .causal_lm import CausalLMModule, TextDataModule
 from .lora import add_lora, keep_masks, merge_lora_keep_sparsity
 from .recipe import FinetuneRecipe, load_finetune_recipe
@@ -56,9 +56,9 @@ def run_finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
 def _task(recipe: FinetuneRecipe, tokenizer: Any) -> str:
     task = recipe.task or ("causal-lm" if tokenizer is not None else "image-classification")
     if (task == "causal-lm") != (tokenizer is not None):
-        raise ValueError(f"task {task!r} does not match the model {recipe.model!r}; drop task: to infer it")
+        raise PrunekitError(f"task {task!r} does not match the model {recipe.model!r}; drop task: to infer it")
     if recipe.lora is not None and task != "causal-lm":
-        raise ValueError("LoRA recovery is implemented for causal LMs; remove lora: for image models")
+        raise PrunekitError("LoRA recovery is implemented for causal LMs; remove lora: for image models")
     return task
 
 
@@ -75,13 +75,9 @@ def _prune_first(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe) -> di
 def pruning_callback(recipe: FinetuneRecipe) -> PruningCallback:
     """The callback a recipe asks for: hold the one-shot masks (``fixed``), or prune gradually (``cubic``)."""
     schedule = "fixed" if recipe.schedule == "oneshot" else recipe.schedule
-    return PruningCallback(method=recipe.method, sparsity=recipe.sparsity, pattern=recipe.pattern,
-                           group=recipe.group, schedule=schedule, start_step=recipe.start_step,
+    return PruningCallback(recipe.as_config(), schedule=schedule, start_step=recipe.start_step,
                            end_step=recipe.end_step, every_n_steps=recipe.every_n_steps,
-                           calib_batches=recipe.calib_batches, initial_sparsity=recipe.initial_sparsity,
-                           update=recipe.update, method_params=recipe.method_params,
-                           update_params=recipe.update_params, include=recipe.include, exclude=recipe.exclude,
-                           layer_types=recipe.layer_types)
+                           calib_batches=recipe.calib_batches, initial_sparsity=recipe.initial_sparsity)
 
 
 def finetune_trainer(recipe: FinetuneRecipe, callbacks: list, **kwargs: Any) -> L.Trainer:
@@ -104,10 +100,10 @@ def _finetune(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe, task: st
         callback = pruning_callback(recipe)
         finetune_trainer(recipe, [callback]).fit(_lm_module(model, recipe), datamodule=data)
         return model, callback.history
-    masks = keep_masks(model, names=pruned["layers"])
+    masks = keep_masks(model, names=pruned["layers"])  # none after a structured method: nothing to keep at zero
     lora = dict(recipe.lora)
     masked = lora.pop("masked", True)  # train dW * M, so the merged model is the trained one
-    adapted = add_lora(model, **lora, masks=masks if masked else None)
+    adapted = add_lora(model, **lora, masks=masks if masked and masks else None)
     finetune_trainer(recipe, []).fit(_lm_module(adapted, recipe), datamodule=data)
     metrics.update(_prefixed(evaluate(adapted, tokenizer, recipe, cache), "lora_unmerged"))
     return merge_lora_keep_sparsity(adapted, masks), []
@@ -133,7 +129,7 @@ def _report(model: nn.Module, recipe: FinetuneRecipe, task: str, metrics: dict, 
             timings: dict, keys: list[str]) -> dict[str, Any]:
     layers, overall = layer_sparsity(select_layers(model, recipe.include, recipe.exclude, recipe.layer_types))
     log.info("fine-tuned %s: sparsity %.4f, %s", task, overall, metrics)
-    return {"task": task, "settings": dataclasses.asdict(recipe), "metrics": metrics, "sparsity": overall,
+    return {"task": task, "settings": recipe_dict(recipe), "metrics": metrics, "sparsity": overall,
             "layers": layers, "history": history, "timings": timings,
             "state_dict_keys_unchanged": list(model.state_dict()) == keys, "versions": versions()}
 

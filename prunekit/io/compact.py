@@ -34,7 +34,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import PrunekitError
 from .atomic import atomic_dir, check_output_dir, write_json
+from ..masks import packbits, unpackbits  # noqa: F401  (re-exported: the compact format's bit order)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?)B?\s*", str(size).upper())
     if not match:
-        raise ValueError(f"cannot read the size {size!r}; write it like 5GB, 500MB or 1048576")
+        raise PrunekitError(f"cannot read the size {size!r}; write it like 5GB, 500MB or 1048576")
     number, unit, binary = match.groups()
     base = 1024 if binary else 1000
     return int(float(number) * base ** " KMGT".index(unit or " "))
@@ -120,7 +122,7 @@ def _weight_map(root: Path, single: str) -> dict[str, str]:
     if (root / single).exists():
         with safe_open(str(root / single), framework="pt") as f:
             return {name: single for name in f.keys()}
-    raise FileNotFoundError(f"no {single} or {single}.index.json in {str(root)!r}; prunekit streams "
+    raise PrunekitError(f"no {single} or {single}.index.json in {str(root)!r}; prunekit streams "
                             "safetensors checkpoints (re-save a .bin checkpoint with save_pretrained first)")
 
 
@@ -128,7 +130,7 @@ def _by_file(weight_map: Mapping[str, str], names: Iterable[str]) -> dict[str, l
     groups: dict[str, list[str]] = {}
     for name in names:
         if name not in weight_map:
-            raise KeyError(f"tensor {name!r} is not in the checkpoint")
+            raise PrunekitError(f"tensor {name!r} is not in the checkpoint")
         groups.setdefault(weight_map[name], []).append(name)
     return groups
 
@@ -206,23 +208,7 @@ def _own_storage(tensor: torch.Tensor, others: Iterable[torch.Tensor]) -> torch.
     return tensor
 
 
-# ---------------------------------------------------------------- packing bits
-
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
-
-def packbits(bits: torch.Tensor) -> torch.Tensor:
-    """Flat bool tensor -> uint8, 8 bits per byte, first bit most significant (``numpy.packbits``)."""
-    flat = bits.reshape(-1).to(torch.uint8)
-    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8))
-    return (flat.reshape(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
-
-
-def unpackbits(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """Inverse of ``packbits``: the first ``count`` bits as a flat bool tensor."""
-    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS.to(packed.device)) != 0
-    return bits.reshape(-1)[:count]
-
+# ---------------------------------------------------------------- sparse values
 
 def kept(tensor: torch.Tensor) -> torch.Tensor:
     """True where a weight is stored: everything but zeros of either sign (NaN != 0, so NaN is kept)."""
@@ -304,7 +290,7 @@ def decode(name: str, info: Mapping, read: Callable[[str], torch.Tensor]) -> tor
     if info["format"] == "dense":
         return read(name)
     if info["format"] not in DECODERS:
-        raise ValueError(f"tensor {name!r} has unknown compact format {info['format']!r}; upgrade prunekit")
+        raise PrunekitError(f"tensor {name!r} has unknown compact format {info['format']!r}; upgrade prunekit")
     parts = {part: read(f"{name}:{part}") for part in ("values", "mask", "index") if f"{name}:{part}" in info["keys"]}
     return DECODERS[info["format"]](parts, info["shape"], _DTYPE_NAMES[info["dtype"]])
 
@@ -366,11 +352,11 @@ def _compact_table(file: Path) -> dict[str, dict]:
     with safe_open(str(file), framework="pt") as f:
         metadata = f.metadata() or {}
     if META_KEY not in metadata:
-        raise ValueError(f"{str(file)!r} is not a prunekit compact file (no {META_KEY!r} header); "
+        raise PrunekitError(f"{str(file)!r} is not a prunekit compact file (no {META_KEY!r} header); "
                          "load dense checkpoints with from_pretrained / safetensors")
     table = json.loads(metadata[META_KEY])
     if table.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{str(file)!r} uses compact format version {table['version']}; upgrade prunekit")
+        raise PrunekitError(f"{str(file)!r} uses compact format version {table['version']}; upgrade prunekit")
     return table["tensors"]
 
 
@@ -430,7 +416,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, to: str = "dense"
     """Convert a checkpoint directory between the dense Hugging Face layout and the compact format,
     one tensor at a time, copying config and tokenizer files. Returns ``{tensor name: file}``."""
     if to not in ("dense", "compact"):
-        raise ValueError(f"unknown target format {to!r}; choose dense or compact")
+        raise PrunekitError(f"unknown target format {to!r}; choose dense or compact")
     source = Path(source)
     out = check_output_dir(out, [source], overwrite)
     tensors = _compact_tensors(source) if is_compact(source) else _dense_tensors(source)
@@ -442,3 +428,25 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, to: str = "dense"
         copy_side_files(source, tmp)
     log.info("converted %s -> %s (%s, %d tensors)", source, out, to, len(weight_map))
     return weight_map
+
+
+def load_compact_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                       trust_remote_code: bool = False) -> nn.Module:
+    """A Hugging Face causal LM saved with ``--save-format compact``, restored dense in memory, so every
+    prunekit command reads what prunekit writes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .hf import parse_dtype
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    state = load_compact(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
+    if set(missing) - tied or unexpected:
+        raise PrunekitError(f"compact checkpoint {str(path)!r} does not match its config: missing "
+                            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    if tied:
+        model.tie_weights()
+    stored = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    target = parse_dtype(dtype) or stored  # "auto": as stored
+    return (model.to(target) if target is not None else model).eval()

@@ -14,7 +14,8 @@ import time
 import torch
 from torch import nn
 
-from ..engine import run_model
+from ..errors import PrunekitError
+from ..forward import run_model
 from .compact import is_2_4
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def unsupported_reason(device: str | torch.device) -> str | None:
 def check_support(device: str | torch.device) -> None:
     reason = unsupported_reason(device)
     if reason is not None:
-        raise RuntimeError(reason)
+        raise PrunekitError(reason)
 
 
 def semi_structured_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -52,12 +53,12 @@ def semi_structured_layers(model: nn.Module) -> dict[str, nn.Linear]:
 def _convert(name: str, module: nn.Linear) -> None:
     weight = module.weight.detach()
     if weight.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"layer {name!r} is {weight.dtype}; 2:4 kernels take float16 or bfloat16: convert the "
+        raise PrunekitError(f"layer {name!r} is {weight.dtype}; 2:4 kernels take float16 or bfloat16: convert the "
                         "model first (model.half() or model.to(torch.bfloat16))")
     try:
         sparse = torch.sparse.to_sparse_semi_structured(weight)
     except (RuntimeError, ValueError) as error:
-        raise ValueError(f"layer {name!r} of shape {tuple(weight.shape)} cannot use 2:4 kernels ({error}); "
+        raise PrunekitError(f"layer {name!r} of shape {tuple(weight.shape)} cannot use 2:4 kernels ({error}); "
                          "leave it out (pass layers=...)") from error
     module.weight = nn.Parameter(sparse, requires_grad=False)
 
@@ -68,7 +69,7 @@ def to_semi_structured(model: nn.Module, layers: dict[str, nn.Linear] | None = N
     check_support(next(model.parameters()).device)
     chosen = semi_structured_layers(model) if layers is None else layers
     if not chosen:
-        raise ValueError("no Linear layer has a 2:4 weight; prune with pattern='2:4' first")
+        raise PrunekitError("no Linear layer has a 2:4 weight; prune with pattern='2:4' first")
     for name, module in chosen.items():
         _convert(name, module)
     log.info("converted %d Linear layers to 2:4 semi-structured", len(chosen))

@@ -185,29 +185,6 @@ def _last_linear(model: nn.Module) -> nn.Linear | None:
     return linears[-1] if linears else None
 
 
-def is_vision_model(model: nn.Module) -> bool:
-    """Whether the Wanda paper's image-classifier defaults apply (per-layer comparison group).
-
-    A Hugging Face model is a vision model when its ``main_input_name`` is ``pixel_values``; any other
-    model when it is a timm / torchvision model or contains a 2-D convolution (CNNs, ViT patch embeds).
-    Language models (HF ``input_ids`` models, plain MLPs) are not.
-    """
-    main_input = getattr(model, "main_input_name", None)
-    if main_input is not None and _is_hf_model(model):
-        return main_input == "pixel_values"
-    if type(model).__module__.startswith(("timm.", "torchvision.")):
-        return True
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def _is_hf_model(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PreTrainedModel)
-
-
 def num_classes_of(model: nn.Module) -> int:
     """The classifier's output size: timm's ``num_classes``, else the last Linear's ``out_features``."""
     n = getattr(model, "num_classes", None)
@@ -215,5 +192,5 @@ def num_classes_of(model: nn.Module) -> int:
         return n
     head = _last_linear(model)
     if head is None:
-        raise ValueError(f"cannot tell how many classes {type(model).__name__} predicts; pass num_classes=")
+        raise PrunekitError(f"cannot tell how many classes {type(model).__name__} predicts; pass num_classes=")
     return head.out_features

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import PrunekitError
 from ..collect import LayerStats
 
 
@@ -14,7 +15,7 @@ def gram(stats: LayerStats) -> torch.Tensor:
     """The ``[cols, cols]`` Hessian of one matmul (``stats`` of a single group, as methods receive)."""
     hessian = stats.hessian()
     if hessian.shape[0] != 1:
-        raise ValueError(f"expected the statistics of one conv group, got {hessian.shape[0]} groups")
+        raise PrunekitError(f"expected the statistics of one conv group, got {hessian.shape[0]} groups")
     return hessian[0].float()
 
 
@@ -29,7 +30,7 @@ def cholesky(matrix: torch.Tensor, upper: bool = False, what: str = "the Hessian
     """Cholesky factor with an error that says what to change when ``matrix`` is not positive definite."""
     factor, info = torch.linalg.cholesky_ex(matrix, upper=upper)
     if int(info) != 0:
-        raise torch.linalg.LinAlgError(
+        raise PrunekitError(
             f"{what} is not positive definite (Cholesky failed at column {int(info) - 1}); the calibration "
             "inputs are (nearly) rank deficient: raise percdamp or use more calibration samples")
     return factor

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import PrunekitError
 from ..collect import LayerStats
 from ..groups import select_mask, select_nm
 from ._linalg import add_to_diagonal, gram, spd_inverse
-from .base import HESSIAN, Method, Target, Update, register_method, register_update
+from .base import HESSIAN, Solver, Target, Update, register_method, register_update
 
 
 @dataclass
@@ -119,11 +120,11 @@ def admm_gradual(weight: torch.Tensor, gram_matrix: torch.Tensor, target: Target
 
 def _check_params(name: str, rho: float, iterations: int, percdamp: float) -> None:
     if rho <= 0:
-        raise ValueError(f"{name}: rho (the ADMM penalty) must be > 0, got {rho}")
+        raise PrunekitError(f"{name}: rho (the ADMM penalty) must be > 0, got {rho}")
     if iterations < 1:
-        raise ValueError(f"{name}: iterations must be >= 1, got {iterations}")
+        raise PrunekitError(f"{name}: iterations must be >= 1, got {iterations}")
     if percdamp < 0:
-        raise ValueError(f"{name}: percdamp must be >= 0 (fraction of mean diag of X^T X), got {percdamp}")
+        raise PrunekitError(f"{name}: percdamp must be >= 0 (fraction of mean diag of X^T X), got {percdamp}")
 
 
 @register_update
@@ -149,13 +150,12 @@ class ADMM(Update):
 
 @register_method
 @dataclass
-class ADMMGradual(Method):
+class ADMMGradual(Solver):
     """Gradual in-layer pruning with ADMM (the paper's ADMM-Grad); Wanda scores choose each step's mask."""
 
     name = "admm-gradual"
     needs = frozenset({HESSIAN})
     default_group = "per-output"
-    solver = True
 
     rho: float = 1.0
     iterations: int = 20
@@ -165,7 +165,7 @@ class ADMMGradual(Method):
     def __post_init__(self) -> None:
         _check_params(self.name, self.rho, self.iterations, self.percdamp)
         if not 0 <= self.steps <= self.iterations:
-            raise ValueError(f"admm-gradual: steps (mask-raising iterations) must be in [0, iterations="
+            raise PrunekitError(f"admm-gradual: steps (mask-raising iterations) must be in [0, iterations="
                              f"{self.iterations}], got {self.steps}")
 
     def prune(self, weight: torch.Tensor, stats: LayerStats, target: Target) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,10 @@
-"""What a pruning method is: a mask criterion (``score``), a solver (``prune``), or a weight update.
+"""What a pruning method is. Two protocols, one registry:
+
+* a **criterion** (``Criterion.score``) says how important each weight is; the engine then picks the mask
+  inside the layer's comparison group (or N:M pattern);
+* a **solver** (``Solver.prune``) chooses its own mask while it changes the weights (SparseGPT, ADMM-gradual).
+
+An **update** runs after either: it re-fits kept weights (ADMM) and/or refines the mask (DSnoT).
 
 Methods see one matmul at a time: ``W`` is the float32 ``[rows, cols]`` matrix of one layer (or of one
 conv group) and ``stats`` its input statistics (``LayerStats``). They declare the statistics they need
@@ -29,21 +35,29 @@ class Target:
 
 @dataclass
 class Method:
-    """A mask criterion: ``score`` returns importance (higher = keep). Subclasses are dataclasses whose
-    fields are the method's hyper-parameters (set from the CLI / recipes by name)."""
+    """What every registered method has. Subclasses are dataclasses whose fields are the method's
+    hyper-parameters (set from the CLI / recipes by name)."""
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     default_group: ClassVar[str] = "per-output"
-    # Solvers choose their own masks inside ``prune`` (SparseGPT); the engine then skips group selection.
-    solver: ClassVar[bool] = False
 
-    def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement score() or be a solver")
+
+@dataclass
+class Criterion(Method):
+    """A mask criterion: ``score`` returns importance (higher = keep)."""
+
+    def score(self, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement score()")
+
+
+@dataclass
+class Solver(Method):
+    """Chooses its own mask while updating the weights; the engine skips group selection for it."""
 
     def prune(self, weight: torch.Tensor, stats: LayerStats, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
-        """Solvers only: return the updated weight and its keep mask."""
-        raise NotImplementedError(f"{type(self).__name__} is not a solver")
+        """Return the updated weight and its keep mask."""
+        raise NotImplementedError(f"{type(self).__name__} must implement prune()")
 
 
 @dataclass
@@ -58,27 +72,10 @@ class Update:
         raise NotImplementedError
 
 
-@dataclass
-class ModelMethod:
-    """A method that changes the model's structure (removes blocks, heads, channels; rotates and slices)
-    instead of zeroing weights layer by layer. ``prune_model`` gets the model and calibration batches,
-    removes about ``ratio`` of the selected parameters, and returns a JSON-able summary for the report."""
-
-    name: ClassVar[str] = ""
-    needs_calibration: ClassVar[bool] = True
-
-    def prune_model(self, model, batches: list, ratio: float) -> dict:
-        raise NotImplementedError
-
-
-METHODS: Registry[Method] = Registry("method")
-STRUCTURED: Registry[ModelMethod] = Registry("structured method")
-UPDATES: Registry[Update] = Registry("update")
+METHODS: Registry[type[Method]] = Registry("method")
+UPDATES: Registry[type[Update]] = Registry("update")
 register_method = METHODS.register
 register_update = UPDATES.register
-register_structured = STRUCTURED.register
-create_method = METHODS.create
-create_update = UPDATES.create
 
 
 def mask_from_scores(scores: torch.Tensor, target: Target) -> torch.Tensor:

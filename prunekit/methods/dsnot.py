@@ -30,8 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import PrunekitError
 from ..collect import LayerStats
 from .base import NORMS, Target, Update, register_update
+from .wanda import wanda_score
 
 _EPS = 1e-12
 
@@ -39,7 +41,7 @@ _EPS = 1e-12
 def column_sums_per_sample(stats: LayerStats) -> torch.Tensor:
     """``sum_t x_tj / nsamples``, ``[1, cols]``: DSnoT's expected-input vector."""
     if stats.col_sum is None:
-        raise ValueError("DSnoT needs the column sums of each layer's input (LayerStats.col_sum); collect the "
+        raise PrunekitError("DSnoT needs the column sums of each layer's input (LayerStats.col_sum); collect the "
                          "statistics with prunekit.collect.collect, which accumulates them")
     return stats.col_sum / max(stats.nsamples, 1)
 
@@ -127,7 +129,7 @@ class DSnoT(Update):
     def update(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats,
                target: Target) -> tuple[torch.Tensor, torch.Tensor]:
         drift = weight * column_sums_per_sample(stats)
-        wanda = weight.abs() * stats.norms()
+        wanda = wanda_score(weight, stats.norms())
         regrow = _Queue.of(drift / column_variance(stats).pow(self.var_power), ~mask)
         partner = _RowPartner(drift, wanda, mask) if target.nm is None else _BlockPartner(wanda, mask, target.nm[1])
         return weight, self._refine(drift, mask.clone(), regrow, partner)

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 import torch
 
 from ..collect import LayerStats
-from .base import Method, register_method
+from .base import Criterion, register_method
 
 
 @register_method
 @dataclass
-class Magnitude(Method):
+class Magnitude(Criterion):
     name = "magnitude"
     default_group = "per-layer"
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..collect import LayerStats
-from .base import NORMS, Method, register_method
+from .base import NORMS, Criterion, register_method
 
 _EPS = 1e-12  # an all-zero row or column gets relative importance 0 instead of 0/0
 
@@ -27,7 +27,7 @@ def relative_importance(weight: torch.Tensor) -> torch.Tensor:
 
 @register_method
 @dataclass
-class RIA(Method):
+class RIA(Criterion):
     """``a`` is the exponent on the input-column norms (0.5 in the paper; 0 gives plain RI)."""
 
     name = "ria"

@@ -16,30 +16,30 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import PrunekitError
 from ..collect import LayerStats
 from ..groups import select_mask, select_nm
 from ._linalg import add_to_diagonal, gram, inverse_cholesky_upper
-from .base import HESSIAN, Method, Target, register_method
+from .base import HESSIAN, Solver, Target, register_method
 
 
 @register_method
 @dataclass
-class SparseGPT(Method):
+class SparseGPT(Solver):
     """OBS-based pruning with weight reconstruction; ``percdamp`` x mean(diag H) is added to H."""
 
     name = "sparsegpt"
     needs = frozenset({HESSIAN})
     default_group = "per-layer"
-    solver = True
 
     blocksize: int = 128
     percdamp: float = 0.01
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
-            raise ValueError(f"sparsegpt blocksize must be a positive number of columns, got {self.blocksize}")
+            raise PrunekitError(f"sparsegpt blocksize must be a positive number of columns, got {self.blocksize}")
         if self.percdamp < 0:
-            raise ValueError(f"sparsegpt percdamp must be >= 0 (fraction of mean diag(H)), got {self.percdamp}")
+            raise PrunekitError(f"sparsegpt percdamp must be >= 0 (fraction of mean diag(H)), got {self.percdamp}")
 
     def prune(self, weight: torch.Tensor, stats: LayerStats, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
         return sparsegpt(weight, gram(stats).to(weight.device), target, self.blocksize, self.percdamp)
@@ -71,7 +71,7 @@ def drop_dead_inputs(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch
 
 def _check_blocksize(blocksize: int, target: Target) -> None:
     if target.nm is not None and blocksize % target.nm[1]:
-        raise ValueError(f"sparsegpt blocksize {blocksize} must be a multiple of M={target.nm[1]} for "
+        raise PrunekitError(f"sparsegpt blocksize {blocksize} must be a multiple of M={target.nm[1]} for "
                          f"{target.nm[0]}:{target.nm[1]} sparsity (each group of M columns lies in one block)")
 
 

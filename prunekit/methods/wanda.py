@@ -9,14 +9,20 @@ from dataclasses import dataclass
 import torch
 
 from ..collect import LayerStats
-from .base import NORMS, Method, register_method
+from .base import NORMS, Criterion, register_method
 
 
 @register_method
 @dataclass
-class Wanda(Method):
+class Wanda(Criterion):
     name = "wanda"
     needs = frozenset({NORMS})
 
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
-        return weight.abs() * stats.norms()
+        return wanda_score(weight, stats.norms())
+
+
+def wanda_score(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """``|W_ij| * ||X_j||``: ``norms`` are the input columns' L2 norms, ``[cols]``, ``[1, cols]`` or one row
+    per weight row (conv groups); the one Wanda score that OWL, DSnoT and width pruning use too."""
+    return weight.abs() * norms

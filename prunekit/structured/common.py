@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-# ``prunekit.engine`` imports ``prunekit.methods``, which imports this package at its end: bind the module,
-# not its names, so that importing either first works.
-from .. import engine
+from ..errors import PrunekitError
+from ..forward import model_device, run_model
 from ..graph import find_blocks
 
 
@@ -24,7 +23,7 @@ def block_list(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
     """The model's repeated blocks (decoder layers, ViT blocks) as ``(name, container)``."""
     found = find_blocks(model)
     if found is None:
-        raise ValueError(f"{type(model).__name__} has no list of repeated blocks holding most of its weights "
+        raise PrunekitError(f"{type(model).__name__} has no list of repeated blocks holding most of its weights "
                          "(decoder layers, ViT blocks); structured pruning needs one")
     return found
 
@@ -34,17 +33,10 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def forward(model: nn.Module, batch: Any) -> Any:
-    """Run one calibration batch (tensor, tuple or dict of inputs) through the model, without a KV cache."""
-    args, kwargs = engine.model_inputs(batch, model_device(model))
-    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
-        kwargs.setdefault("use_cache", False)
-    return model(*args, **kwargs)
+    """Run one calibration batch (tensor, tuple or dict of inputs) through the model where it is."""
+    return run_model(model, batch, model_device(model))
 
 
 def input_ids(batch: Any) -> torch.Tensor:
@@ -53,19 +45,19 @@ def input_ids(batch: Any) -> torch.Tensor:
     if isinstance(ids, (tuple, list)):
         ids = ids[0]
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
-        raise ValueError("this score needs causal-LM batches of token ids (a LongTensor or {'input_ids': ...})")
+        raise PrunekitError("this score needs causal-LM batches of token ids (a LongTensor or {'input_ids': ...})")
     return ids
 
 
 def check_ratio(ratio: float) -> float:
     if not 0.0 <= float(ratio) < 1.0:
-        raise ValueError(f"ratio (fraction of parameters to remove) must be in [0, 1), got {ratio}")
+        raise PrunekitError(f"ratio (fraction of parameters to remove) must be in [0, 1), got {ratio}")
     return float(ratio)
 
 
 def check_batches(batches: Sequence, method: str) -> None:
     if not batches:
-        raise ValueError(f"structured method {method!r} needs calibration batches (calib=... / --calib-data)")
+        raise PrunekitError(f"structured method {method!r} needs calibration batches (calib=... / --calib-data)")
 
 
 @torch.no_grad()

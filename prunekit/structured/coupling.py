@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import PrunekitError
 from .common import slice_linear
 
 
@@ -87,7 +88,7 @@ def hf_attention(name: str, m: nn.Module) -> Group | None:
     hd = m.head_dim
     kv, q_rows = m.k_proj.out_features // hd, m.q_proj.out_features
     if kv * hd != m.k_proj.out_features or q_rows % (kv * hd):
-        raise ValueError(f"{name}: q/k projections ({q_rows}, {m.k_proj.out_features} rows) are not whole heads "
+        raise PrunekitError(f"{name}: q/k projections ({q_rows}, {m.k_proj.out_features} rows) are not whole heads "
                          f"of head_dim {hd}; cannot group query heads by KV head")
     rep = q_rows // (kv * hd)
     q_index, kv_index = torch.arange(q_rows).view(kv, rep * hd), torch.arange(kv * hd).view(kv, hd)
@@ -114,7 +115,7 @@ def hf_gated_mlp(name: str, m: nn.Module) -> Group | None:
 
 def _require_identity(name: str, module: nn.Module | None, what: str) -> None:
     if module is not None and not isinstance(module, nn.Identity):
-        raise ValueError(f"{name}: a {what} over the pruned features is not invariant to removing some of them; "
+        raise PrunekitError(f"{name}: a {what} over the pruned features is not invariant to removing some of them; "
                          "width pruning supports this timm block only without it")
 
 
@@ -126,7 +127,7 @@ def timm_attention(name: str, m: nn.Module) -> Group | None:
     if m.qkv.out_features != 3 * heads * hd:
         return None
     if not hasattr(m, "attn_dim"):
-        raise ValueError(f"{name}: this timm Attention reshapes its output to the input width, so heads cannot be "
+        raise PrunekitError(f"{name}: this timm Attention reshapes its output to the input width, so heads cannot be "
                          "removed; upgrade timm to a version whose Attention has `attn_dim`")
     _require_identity(name, getattr(m, "norm", None), "scale norm")
     per_head = torch.arange(heads * hd).view(heads, hd)
@@ -159,6 +160,6 @@ def find_groups(prefix: str, blocks: nn.Module) -> list[Group]:
             if group is not None:
                 groups.append(group)
     if not groups:
-        raise ValueError("no attention or MLP layout that width pruning supports was found in the blocks (HF "
+        raise PrunekitError("no attention or MLP layout that width pruning supports was found in the blocks (HF "
                          "q/k/v/o_proj attention, gate/up/down_proj MLP; timm Attention with qkv/proj, Mlp fc1/fc2)")
     return groups

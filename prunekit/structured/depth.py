@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..methods.base import ModelMethod, register_structured
+from ..errors import PrunekitError
+from ..forward import block_output, hidden_state, hooks
+from .base import ModelMethod, register_structured
 from .common import (block_list, check_batches, check_ratio, count_params, forward, hf_config, input_ids,
                      summary)
 
@@ -41,21 +43,11 @@ def blocks_to_remove(n_blocks: int, ratio: float) -> int:
     k = math.floor(ratio * n_blocks + 0.5)
     k = max(k, 1) if ratio > 0 else 0
     if k >= n_blocks:
-        raise ValueError(f"removing {ratio:.0%} of {n_blocks} blocks would leave none; lower the ratio")
+        raise PrunekitError(f"removing {ratio:.0%} of {n_blocks} blocks would leave none; lower the ratio")
     return k
 
 
 # ---------------------------------------------------------------- scores
-
-def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
-    if args:
-        return args[0]
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else next(iter(kwargs.values()))
-
-
-def _hidden_out(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
 
 @torch.no_grad()
 def cosine_scores(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence) -> torch.Tensor:
@@ -65,18 +57,14 @@ def cosine_scores(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequen
 
     def hook(i):
         def fn(module, args, kwargs, output):
-            cos = F.cosine_similarity(_hidden_in(args, kwargs).float(), _hidden_out(output).float(), dim=-1)
+            cos = F.cosine_similarity(hidden_state(args, kwargs).float(), block_output(output).float(), dim=-1)
             sums[i] += cos.double().sum().cpu()
             counts[i] += cos.numel()
         return fn
 
-    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
+    with hooks(b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)):
         for batch in batches:
             forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
     return (1.0 - sums / counts.clamp_min(1)).float()
 
 
@@ -169,7 +157,7 @@ class Depth(ModelMethod):
 
     def __post_init__(self):
         if self.score not in SCORES:
-            raise ValueError(f"unknown depth score {self.score!r}; choose from {', '.join(SCORES)}")
+            raise PrunekitError(f"unknown depth score {self.score!r}; choose from {', '.join(SCORES)}")
 
     def block_scores(self, model: nn.Module, prefix: str, blocks: nn.Module, batches: Sequence) -> torch.Tensor:
         if self.score == "cosine":

@@ -39,7 +39,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..methods.base import ModelMethod, register_structured
+from ..errors import PrunekitError
+from ..forward import hooks
+from .base import ModelMethod, register_structured
 from .common import (block_list, check_batches, check_ratio, config_accepts, count_params, forward, hf_config,
                      set_config, summary)
 
@@ -75,10 +77,10 @@ def _block_layout(name: str, block: nn.Module) -> BlockLayout:
         layout = BlockLayout(block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], attn.o_proj,
                              block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], mlp.down_proj)
     except AttributeError as err:
-        raise ValueError(f"{name} is not a LLaMA-style decoder layer ({err}); slicegpt supports input_layernorm -> "
+        raise PrunekitError(f"{name} is not a LLaMA-style decoder layer ({err}); slicegpt supports input_layernorm -> "
                          "self_attn.q/k/v/o_proj, post_attention_layernorm -> mlp.gate/up/down_proj") from None
     if not all(isinstance(m, nn.Linear) for m in layout.attn_in + layout.mlp_in + [layout.attn_out, layout.mlp_out]):
-        raise ValueError(f"{name}: slicegpt needs nn.Linear projections (quantised or fused layers are not supported)")
+        raise PrunekitError(f"{name}: slicegpt needs nn.Linear projections (quantised or fused layers are not supported)")
     return layout
 
 
@@ -88,7 +90,7 @@ def llama_layout(model: nn.Module) -> Layout:
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     final_norm = getattr(getattr(model, "base_model", None), "norm", None)
     if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear) or final_norm is None:
-        raise ValueError(f"{type(model).__name__}: slicegpt needs an nn.Embedding input, a final `norm` on the base "
+        raise PrunekitError(f"{type(model).__name__}: slicegpt needs an nn.Embedding input, a final `norm` on the base "
                          "model and an nn.Linear head (a LLaMA-style causal LM)")
     layout = Layout(embed, [_block_layout(f"{prefix}.{i}", b) for i, b in enumerate(blocks)], final_norm, head)
     for norm in layout.norms():
@@ -99,7 +101,7 @@ def llama_layout(model: nn.Module) -> Layout:
 def norm_eps(norm: nn.Module) -> float:
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if not isinstance(eps, float):
-        raise ValueError(f"{type(norm).__name__} has no float `variance_epsilon` / `eps`; not a supported RMSNorm")
+        raise PrunekitError(f"{type(norm).__name__} has no float `variance_epsilon` / `eps`; not a supported RMSNorm")
     return eps
 
 
@@ -111,7 +113,7 @@ def check_rmsnorm(norm: nn.Module, dim: int) -> None:
     x = torch.randn(3, dim, generator=torch.Generator().manual_seed(0)).to(probe.weight.device)
     expected = probe.weight * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps(norm))
     if not torch.allclose(probe(x), expected, rtol=1e-4, atol=1e-5):
-        raise ValueError(f"{type(norm).__name__} is not `weight * x / rms(x)`; slicegpt supports LLaMA-style RMSNorm")
+        raise PrunekitError(f"{type(norm).__name__} is not `weight * x / rms(x)`; slicegpt supports LLaMA-style RMSNorm")
 
 
 # ---------------------------------------------------------------- PCA of the residual stream
@@ -128,13 +130,9 @@ def residual_covariance(model: nn.Module, norms: Sequence[nn.Module], batches: S
         part = (x.T @ x).double()
         cov = part if cov is None else cov + part
 
-    handles = [n.register_forward_pre_hook(hook) for n in norms]
-    try:
+    with hooks(n.register_forward_pre_hook(hook) for n in norms):
         for batch in batches:
             forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
     return cov
 
 
@@ -242,7 +240,7 @@ def slice_model(model: nn.Module, layout: Layout, q: torch.Tensor, head_dim: int
 def _head_dim(model: nn.Module) -> int:
     dims = {m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)}
     if len(dims) != 1:
-        raise ValueError(f"cannot tell the attention head_dim (found {sorted(dims)}); slicegpt needs one value")
+        raise PrunekitError(f"cannot tell the attention head_dim (found {sorted(dims)}); slicegpt needs one value")
     return dims.pop()
 
 
@@ -264,7 +262,7 @@ class SliceGPT(ModelMethod):
 
     def __post_init__(self):
         if self.round_to < 1:
-            raise ValueError(f"round_to must be a positive multiple, got {self.round_to}")
+            raise PrunekitError(f"round_to must be a positive multiple, got {self.round_to}")
 
     def prune_model(self, model: nn.Module, batches: list, ratio: float) -> dict:
         ratio = check_ratio(ratio)

@@ -30,8 +30,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import PrunekitError
 from ..collect import collect
-from ..methods.base import ModelMethod, register_structured
+from ..methods.wanda import wanda_score
+from .base import ModelMethod, register_structured
 from .common import (block_list, check_batches, check_ratio, config_accepts, count_params, forward, set_config,
                      summary)
 from .coupling import Group, Slot, find_groups
@@ -46,10 +48,9 @@ SCORES = ("wanda", "magnitude")
 
 def slot_scores(slot: Slot, norms: torch.Tensor | None) -> torch.Tensor:
     """``sum |W_ij| * ||X_j||`` along each row (``dim=0``) or column (``dim=1``) of the slot's layer."""
-    w = slot.layer.weight.detach().float().abs()
-    if norms is not None:
-        w = w * norms.to(w.device)[None, :]
-    return w.sum(dim=1 - slot.dim)
+    w = slot.layer.weight.detach().float()
+    scores = w.abs() if norms is None else wanda_score(w, norms.to(w.device)[None, :])
+    return scores.sum(dim=1 - slot.dim)
 
 
 def unit_scores(group: Group, norms: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
@@ -115,10 +116,10 @@ def planned_config(groups: Sequence[Group], counts: Mapping[str, int], accepts: 
     for group in groups:
         for key, value in group.config(group.units - counts[group.name]).items():
             if values.setdefault(key, value) != value:
-                raise ValueError(f"width pruning would leave {key} = {values[key]} in one layer and {value} in "
+                raise PrunekitError(f"width pruning would leave {key} = {values[key]} in one layer and {value} in "
                                  f"{group.name}; a Hugging Face config holds one value for all layers")
     if not accepts(values):
-        raise ValueError(f"the model's config class rejects {values}; choose another ratio / head_ratio / round_to")
+        raise PrunekitError(f"the model's config class rejects {values}; choose another ratio / head_ratio / round_to")
     return values
 
 
@@ -148,11 +149,11 @@ class Width(ModelMethod):
 
     def __post_init__(self):
         if self.score not in SCORES:
-            raise ValueError(f"unknown width score {self.score!r}; choose from {', '.join(SCORES)}")
+            raise PrunekitError(f"unknown width score {self.score!r}; choose from {', '.join(SCORES)}")
         if self.head_ratio is not None and not 0.0 <= self.head_ratio < 1.0:
-            raise ValueError(f"head_ratio must be in [0, 1) or None (= ratio), got {self.head_ratio}")
+            raise PrunekitError(f"head_ratio must be in [0, 1) or None (= ratio), got {self.head_ratio}")
         if self.round_to < 1:
-            raise ValueError(f"round_to must be a positive channel multiple, got {self.round_to}")
+            raise PrunekitError(f"round_to must be a positive channel multiple, got {self.round_to}")
 
     @property
     def needs_calibration(self) -> bool:

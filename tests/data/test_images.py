@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
+from prunekit.errors import PrunekitError
 import prunekit
 from prunekit.data.images import (collate_labeled, data_config, image_calibration, image_dataset, image_transform,
                                   sample_indices)

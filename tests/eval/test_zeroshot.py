@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from prunekit.errors import PrunekitError
 from prunekit.eval.zeroshot import format_table, mean_metrics, parse_tasks, task_metrics, zeroshot
 from tests.conftest import fixture_path, tiny_llama
 
@@ -50,5 +51,5 @@ def test_parse_tasks_and_errors(tmp_path):
     assert parse_tasks("boolq, piqa,") == ["boolq", "piqa"]
     with pytest.raises(ValueError, match="no zero-shot tasks"):
         parse_tasks(" , ")
-    with pytest.raises(FileNotFoundError, match="include-path"):
+    with pytest.raises(PrunekitError, match="include-path"):
         zeroshot(tiny_llama(), None, "kjv_cloze", include_path=tmp_path / "missing")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from prunekit.errors import PrunekitError
 import prunekit
 from prunekit.io.compact import (Checkpoint, ShardWriter, choose_format, convert, decode_2_4, decode_bitmask,
                                  encode_2_4, encode_bitmask, is_2_4, is_compact, load_compact, packbits,
@@ -118,7 +119,7 @@ def test_errors_name_the_problem(tmp_path):
         load_compact(tmp_path / "dense.safetensors")
     with pytest.raises(ValueError, match="dense or compact"):
         convert(tmp_path, tmp_path / "out", to="sparse")
-    with pytest.raises(FileNotFoundError, match="safetensors"):
+    with pytest.raises(PrunekitError, match="safetensors"):
         Checkpoint(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="cannot read the size"):
         parse_size("lots")

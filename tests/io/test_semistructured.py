@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prunekit.errors import PrunekitError
 import prunekit
 from prunekit.io.semistructured import benchmark, semi_structured_layers, to_semi_structured, unsupported_reason
 from tests.conftest import tiny_llama
@@ -25,9 +26,9 @@ def test_semi_structured_layers_are_the_2_4_linears(model_2_4):
 
 
 def test_cpu_model_gets_a_clear_error(model_2_4):
-    with pytest.raises(RuntimeError, match="compute capability >= 8.0"):
+    with pytest.raises(PrunekitError, match="compute capability >= 8.0"):
         to_semi_structured(model_2_4)
-    with pytest.raises(RuntimeError, match="CUDA GPU"):
+    with pytest.raises(PrunekitError, match="CUDA GPU"):
         benchmark(model_2_4)
     assert model_2_4.model.layers[0].mlp.up_proj.weight.layout == torch.strided  # untouched
 
@@ -46,5 +47,5 @@ def test_gpu_conversion_keeps_outputs(model_2_4, token_batch):
 
 @pytest.mark.skipif(NO_KERNELS is not None, reason=f"no 2:4 kernels here: {NO_KERNELS}")
 def test_gpu_rejects_float32(model_2_4):
-    with pytest.raises(TypeError, match="float16 or bfloat16"):
+    with pytest.raises(PrunekitError, match="float16 or bfloat16"):
         to_semi_structured(model_2_4.cuda())

@@ -9,7 +9,7 @@ from torch import nn
 
 import prunekit
 from prunekit.graph import weight_matrix
-from prunekit.methods import METHODS, UPDATES, Target
+from prunekit.methods import METHODS, UPDATES, Solver, Target
 from prunekit.methods.admm import ADMM, admm_gradual, admm_update, cubic_sparsity
 
 
@@ -203,7 +203,7 @@ def test_conv_layers_with_groups_through_prune(method, update, group):
 
 def test_registered_with_defaults():
     grad = METHODS.create("admm-gradual")
-    assert grad.solver and (grad.rho, grad.iterations, grad.steps, grad.percdamp) == (1.0, 20, 15, 0.01)
+    assert isinstance(grad, Solver) and (grad.rho, grad.iterations, grad.steps, grad.percdamp) == (1.0, 20, 15, 0.01)
     update = UPDATES.create("admm")
     assert (update.rho, update.iterations, update.percdamp) == (1.0, 20, 0.01)
 

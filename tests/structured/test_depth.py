@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prunekit.methods import STRUCTURED
+from prunekit.structured import STRUCTURED
 from prunekit.structured.depth import Depth, blocks_to_remove, cosine_scores, ppl_scores
 from tests.conftest import tiny_llama
 

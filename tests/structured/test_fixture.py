@@ -5,7 +5,7 @@ import torch
 
 from prunekit.data import calibration_batches, load_text, tokenize
 from prunekit.eval import perplexity
-from prunekit.methods import STRUCTURED
+from prunekit.structured import STRUCTURED
 from tests.conftest import fixture_path
 
 pytestmark = pytest.mark.slow

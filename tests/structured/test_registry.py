@@ -1,7 +1,7 @@
 """The three structural methods are reachable by name, with their parameters checked like every method's."""
 import pytest
 
-from prunekit.methods import STRUCTURED, ModelMethod
+from prunekit.structured import STRUCTURED, ModelMethod
 
 
 @pytest.mark.parametrize("name", ["depth", "width", "slicegpt"])

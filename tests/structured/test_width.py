@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from prunekit.methods import STRUCTURED
+from prunekit.structured import STRUCTURED
 from prunekit.structured.width import Width, channels_to_remove
 from tests.conftest import tiny_llama
 

@@ -1,0 +1,251 @@
+"""``PruneConfig``: every prune setting, once.
+
+The Python API (``prunekit.prune``), the lazy path, ``PruningCallback``, YAML recipes, fine-tuning and the
+CLI all take this one frozen dataclass. It validates every combination in ``__post_init__``, before any
+model is loaded, and the CLI flags and recipe keys are derived from its fields (``cli_flags``): a new
+setting is one field here plus the code that uses it.
+
+This module imports no torch at import time (``prunekit --help`` stays fast); validation imports the
+registries when a config is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import PrunekitError
+
+LAYER_TYPES = ("linear", "conv", "all")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+OFFLOAD_MODES = ("auto", "device", "cpu", "disk")
+
+
+def setting(default: Any = None, help: str = "", *, flag: str | None = None, type: Any = None,  # noqa: A002
+            repeat: bool = False, keyvalue: bool = False, recipe: bool = True, cli: bool = True) -> Any:
+    """A dataclass field with what the CLI needs to offer it as a flag.
+
+    ``repeat``: the flag may be given several times (a tuple; commas also split); ``keyvalue``: ``KEY=VALUE``
+    pairs into a mapping; ``recipe=False``: not accepted from a YAML recipe (command line / Python only).
+    """
+    meta = dict(help=help, flag=flag, type=type, repeat=repeat, keyvalue=keyvalue, recipe=recipe, cli=cli)
+    if isinstance(default, (dict, list, tuple)):
+        return field(default_factory=lambda: type_of(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def type_of(value: Any) -> type:
+    return dict if isinstance(value, dict) else tuple
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how. Unset optional settings are ``None`` and resolved against the model later
+    (``group``: the method's default; ``seqlen``: ``min(2048, context length)``; ``device``: where it is)."""
+
+    method: str = setting("wanda", "mask criterion, solver or structured method (see `prunekit methods`)")
+    method_params: dict = setting({}, "method hyper-parameter", flag="--method-param", keyvalue=True)
+    update: tuple = setting((), "weight update / mask refinement after the mask (admm, dsnot); repeatable",
+                            repeat=True)
+    update_params: dict = setting({}, "update hyper-parameter; with several updates name it: admm.iterations=3",
+                                  flag="--update-param", keyvalue=True)
+    sparsity: float = setting(0.5, "fraction of zeros in the selected layers, in [0, 1)", type=float)
+    pattern: str | None = setting(None, "N:M sparsity, e.g. 2:4 = keep (at most) 2 non-zeros in every 4 "
+                                  "consecutive weights along the input dimension (the hardware convention; the "
+                                  "Wanda code's prune_n:prune_m counts pruned weights instead, the same at 2:4)")
+    group: str | None = setting(None, "where scores compete: per-output, per-input, per-layer, global "
+                                "(default: the method's, per-layer for image models)")
+    allocation: str = setting("uniform", "per-layer sparsity: uniform, owl, explicit")
+    allocation_params: dict = setting({}, "allocation parameter", flag="--allocation-param", keyvalue=True)
+    include: tuple = setting((), "fnmatch pattern of layer names to prune (repeatable)", repeat=True)
+    exclude: tuple = setting((), "fnmatch pattern of layer names to keep dense (repeatable)", repeat=True)
+    layer_types: tuple = setting(("linear",), "linear (incl. 1x1 conv and HF Conv1D), conv, all", repeat=True)
+    blocks: str | None = setting(None, "module path of the block list to calibrate one block at a time "
+                                 "(default: found automatically, e.g. model.layers)")
+    nsamples: int = setting(128, "calibration samples (text windows / images)", type=int)
+    seqlen: int | None = setting(None, "tokens per calibration window (default: min(2048, the model's context))",
+                                 type=int)
+    seed: int = setting(0, "seed of the calibration sample", type=int)
+    batch_size: int = setting(8, "calibration batch size", type=int)
+    sequential: bool = setting(True, "block by block, each fed the pruned blocks' outputs (--no-sequential: one "
+                               "pass over the dense model)", type=bool)
+    device: str | None = setting(None, "compute device for the current block (cuda, cuda:1, cpu)")
+    dtype: str = setting("auto", "model dtype when loading: auto, float32, bfloat16, float16")
+    offload_activations: str = setting("auto", "where calibration activations live: auto, device, cpu, disk")
+    recalibrate_bn: bool | None = setting(None, "re-estimate BatchNorm statistics after pruning (default: when a "
+                                          "pruned layer feeds a BatchNorm and calibration data is given)", type=bool)
+
+    def __post_init__(self) -> None:
+        self._normalise()
+        check_config(self)
+
+    def _normalise(self) -> None:
+        """Recipes and the CLI give lists or one string where a tuple is meant; params default to {}."""
+        for f in fields(PruneConfig):
+            value = getattr(self, f.name)
+            if f.metadata.get("repeat"):
+                value = (value,) if isinstance(value, str) else tuple(value or ())
+                object.__setattr__(self, f.name, value)
+            elif f.metadata.get("keyvalue"):
+                object.__setattr__(self, f.name, dict(value or {}))
+        object.__setattr__(self, "update_params", per_update_params(self.update, self.update_params))
+
+    @classmethod
+    def of(cls, config: "PruneConfig | str | None" = None, /, **settings: Any) -> "PruneConfig":
+        """A config from a ``PruneConfig``, a method name or nothing, with ``settings`` on top (``None`` =
+        not given). Unknown settings are errors that list the known ones."""
+        given = {k: v for k, v in settings.items() if v is not None}
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise PrunekitError(f"unknown prune setting(s) {unknown}; known: {', '.join(setting_names(cls))}")
+        if isinstance(config, PruneConfig):
+            return dataclasses.replace(config, **given) if given else config
+        if config is not None:
+            given["method"] = config
+        return cls(**given)
+
+    @property
+    def structured(self) -> bool:
+        from .structured import STRUCTURED
+        return self.method in STRUCTURED
+
+    def as_config(self) -> "PruneConfig":
+        """The prune settings alone, as a plain ``PruneConfig`` (a recipe is a config with a job around it)."""
+        if type(self) is PruneConfig:
+            return self
+        return PruneConfig(**{name: getattr(self, name) for name in setting_names(PruneConfig)})
+
+    def settings(self) -> dict[str, Any]:
+        """The prune settings alone as plain data (for reports and saved recipes)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(PruneConfig)}
+
+
+def setting_names(cls: type = PruneConfig) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def per_update_params(updates: tuple, params: Mapping) -> dict[str, dict]:
+    """``{update: {param: value}}`` from per-update mappings (``{admm: {iterations: 3}}``), dotted keys
+    (``admm.iterations``) or, for exactly one update, flat keys. With several updates a flat key would be
+    ambiguous (and was once silently dropped), so it is an error."""
+    nested: dict[str, dict] = {}
+    flat: dict[str, Any] = {}
+    for key, value in dict(params or {}).items():
+        head, dot, rest = str(key).partition(".")
+        if key in updates and isinstance(value, Mapping):
+            nested.setdefault(key, {}).update(value)
+        elif dot and head in updates:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[key] = value
+    if flat and len(updates) != 1:
+        what = "no update is set" if not updates else f"there are {len(updates)} updates {list(updates)}"
+        raise PrunekitError(f"update parameters {sorted(flat)} given but {what}; name the update they belong to "
+                            "(--update-param admm.iterations=3, or update_params: {admm: {iterations: 3}})")
+    if flat:
+        nested.setdefault(updates[0], {}).update(flat)
+    return nested
+
+
+# ---------------------------------------------------------------- validation (no model needed)
+
+def check_config(config: PruneConfig) -> None:
+    """Every check that needs no model, in one place, before any loading or work."""
+    from .groups import check_sparsity, parse_pattern
+    check_sparsity(config.sparsity)
+    nm = parse_pattern(config.pattern)
+    _check_counts(config)
+    _check_choice("dtype", config.dtype, DTYPES)
+    _check_choice("offload_activations", config.offload_activations, OFFLOAD_MODES)
+    unknown_types = sorted(set(config.layer_types) - set(LAYER_TYPES))
+    if unknown_types:
+        raise PrunekitError(f"unknown layer type(s) {unknown_types}; choose from {', '.join(LAYER_TYPES)}")
+    check_device(config.device)
+    if config.structured:
+        _check_structured(config)
+    else:
+        _check_unstructured(config, nm)
+
+
+def _check_counts(config: PruneConfig) -> None:
+    for name in ("nsamples", "batch_size"):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
+            raise PrunekitError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
+    if config.seqlen is not None and (not isinstance(config.seqlen, int) or config.seqlen < 1):
+        raise PrunekitError(f"seqlen must be a positive integer (tokens per window), got {config.seqlen!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise PrunekitError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
+
+
+def check_device(device: str | None) -> None:
+    """A device string torch understands and this machine has (``cuda`` without a GPU fails here, at once)."""
+    if device is None:
+        return
+    import torch
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PrunekitError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise PrunekitError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use --device cpu "
+                            "(or leave --device out)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise PrunekitError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def _check_unstructured(config: PruneConfig, nm: tuple[int, int] | None) -> None:
+    from .allocate import ALLOCATORS
+    from .groups import GLOBAL, GROUPS
+    from .methods import METHODS, UPDATES, Solver
+    from .registry import check_params
+    from .structured import STRUCTURED
+    if config.method not in METHODS:
+        raise PrunekitError(f"unknown method {config.method!r}; available: {', '.join(METHODS.names())} "
+                            f"(structured: {', '.join(STRUCTURED.names())})")
+    check_params("method", config.method, METHODS[config.method], config.method_params)
+    for name in config.update:
+        check_params("update", name, UPDATES[name], config.update_params.get(name))
+    if config.group is not None:
+        GROUPS[config.group]  # noqa: B018  (raises with the registered groups)
+    check_params("allocation", config.allocation, ALLOCATORS[config.allocation], config.allocation_params)
+    ALLOCATORS.create(config.allocation, config.allocation_params)  # its own parameter checks
+    if config.group == GLOBAL and issubclass(METHODS[config.method], Solver):
+        raise PrunekitError(f"method {config.method!r} chooses its own masks layer by layer; use group per-output "
+                            "or per-layer, not global")
+    if config.group == GLOBAL and config.allocation != "uniform":
+        raise PrunekitError(f"group 'global' sets every layer's sparsity with one threshold, so allocation "
+                            f"{config.allocation!r} cannot apply; use allocation uniform or another group")
+    if nm is not None and config.allocation != "uniform":
+        raise PrunekitError(f"an N:M pattern fixes every layer's sparsity, so allocation {config.allocation!r} "
+                            "cannot apply; drop the pattern or use allocation uniform")
+
+
+# Settings structured methods do not use, with their defaults: setting one of them is an error, not a no-op.
+_UNUSED_BY_STRUCTURED = ("pattern", "group", "update", "update_params", "allocation", "allocation_params", "include",
+                         "exclude", "layer_types", "blocks", "recalibrate_bn")
+
+
+def _check_structured(config: PruneConfig) -> None:
+    from .registry import check_params
+    from .structured import STRUCTURED
+    check_params("structured method", config.method, STRUCTURED[config.method], config.method_params)
+    defaults = PruneConfig.__dataclass_fields__
+    given = [name for name in _UNUSED_BY_STRUCTURED if getattr(config, name) != _default(defaults[name])]
+    if not config.sequential:
+        given.append("sequential")
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise PrunekitError(f"structured method {config.method!r} removes whole blocks/heads/channels and does not "
+                            f"use {flags}; drop them (or choose an unstructured method)")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -1,0 +1,128 @@
+"""Running data through a model: the idioms every part of prunekit shares, written once.
+
+* ``model_inputs`` / ``run_model``: a calibration batch (tensor, tuple or dict) as a model call, no KV cache;
+* ``hidden_state`` / ``with_hidden`` / ``block_output``: which argument of a block call is the hidden state;
+* ``hooks``, ``eval_mode``, ``on_device``: temporary model changes as context managers, always undone.
+
+This module sits below the engine, the structured methods, BatchNorm recalibration and evaluation, and
+imports none of them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+Batch = torch.Tensor | Mapping[str, torch.Tensor]
+# Keyword arguments of a block call that hold a KV cache: calibration never uses one.
+CACHE_KWARGS = ("past_key_value", "past_key_values")
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early, once it has seen what it needed."""
+
+
+def to_device(value: Any, device: torch.device | str | None) -> Any:
+    """``value`` with every tensor inside (tuples, lists, dicts) moved to ``device``; ``None`` moves nothing."""
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def model_inputs(batch: Batch, device: torch.device | None) -> tuple[tuple, dict]:
+    """A calibration batch as ``(args, kwargs)`` for ``model(...)``, on ``device``."""
+    if isinstance(batch, Mapping):
+        return (), {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return tuple(to_device(v, device) for v in batch), {}
+    return (to_device(batch, device),), {}
+
+
+def run_model(model: nn.Module, batch: Batch, device: torch.device | None = None) -> Any:
+    """``model(batch)`` on ``device`` without a KV cache (calibration never generates)."""
+    args, kwargs = model_inputs(batch, device)
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs.setdefault("use_cache", False)
+    return model(*args, **kwargs)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's first parameter lives (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- block calls
+
+def hidden_state(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """The hidden state a block receives: its first positional argument, else ``hidden_states=``, else its
+    first keyword (blocks called with keywords only)."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next(iter(kwargs.values()))
+
+
+def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor | None) -> tuple[tuple, dict]:
+    """The same block call with ``hidden`` as its hidden state."""
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+    return args, {**kwargs, key: hidden}
+
+
+def block_output(output: Any) -> torch.Tensor:
+    """The hidden state a block returns (HF blocks return a tuple whose first item it is)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+# ---------------------------------------------------------------- temporary changes
+
+@contextmanager
+def hooks(handles: Iterable[RemovableHandle]) -> Iterator[None]:
+    """Keep the hooks ``handles`` registered for the body; remove them on exit, also when it raises."""
+    handles = list(handles)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the body (no dropout, BatchNorm running statistics untouched); every submodule's own
+    flag is restored on exit."""
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+@contextmanager
+def on_device(module: nn.Module, device: torch.device | str | None) -> Iterator[nn.Module]:
+    """Onload ``module`` to the compute device for the body, then put it back where it was."""
+    if device is None:
+        yield module
+        return
+    home = model_device(module)
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)

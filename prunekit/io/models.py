@@ -1,0 +1,41 @@
+"""``prunekit.save`` / ``prunekit.load``: one pair for every model prunekit prunes, the format picked by the
+model (Hugging Face ``save_pretrained`` for transformers models, timm / torchvision for image models)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import PrunekitError
+from ..graph import is_hf_model
+
+
+def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write ``model`` (and ``tokenizer``) into the directory ``out`` atomically; ``load(out)`` reads it back."""
+    from .atomic import atomic_dir
+    from .hf import save_causal_lm
+    from .timm import save_vision_model
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        if is_hf_model(model):
+            save_causal_lm(model, tokenizer, tmp)
+        else:
+            save_vision_model(model, tmp)
+    return out
+
+
+def load(path: str | os.PathLike, dtype: str | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """A model saved by ``save`` or ``prunekit prune`` (dense or compact), in eval mode."""
+    from .compact import is_compact, load_compact_model
+    from .hf import load_causal_lm
+    from .timm import is_vision_source, load_vision_model
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise PrunekitError(f"{str(path)!r} is not a saved model directory")
+    if is_vision_source(path):
+        return load_vision_model(path)
+    if is_compact(path):
+        return load_compact_model(path, dtype, trust_remote_code)
+    return load_causal_lm(path, dtype, trust_remote_code)

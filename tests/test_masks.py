@@ -1,0 +1,41 @@
+"""Keep masks and the one bit packing (shared by the compact format and the Lightning callback's state)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from prunekit.masks import apply_masks, mask_gradients, masks_from_weights, pack_mask, packbits, unpack_mask, \
+    unpackbits
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 83])
+def test_packbits_is_numpys_bit_order_and_inverts(count):
+    bits = torch.rand(count, generator=torch.Generator().manual_seed(count)) > 0.5
+    packed = packbits(bits)
+    assert packed.tolist() == np.packbits(bits.numpy()).tolist()
+    assert torch.equal(unpackbits(packed, count), bits)
+
+
+def test_callback_state_and_compact_format_share_the_packing():
+    """Defect 13: the callback packed LSB-first, the compact format MSB-first; one packing now."""
+    from prunekit.io import compact
+    mask = torch.rand(5, 9, generator=torch.Generator().manual_seed(1)) > 0.3
+    packed = pack_mask(mask)
+    assert torch.equal(packed["bits"], compact.packbits(mask)) and packed["shape"] == [5, 9]
+    assert torch.equal(unpack_mask(packed), mask)
+
+
+def test_masks_apply_to_weights_and_gradients():
+    layer = nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.weight[0] = 0
+    masks = masks_from_weights({"fc": layer})
+    layer.weight.grad = torch.ones_like(layer.weight)
+    mask_gradients({"fc": layer}, masks)
+    assert (layer.weight.grad[0] == 0).all() and (layer.weight.grad[1:] == 1).all()
+    with torch.no_grad():
+        layer.weight.add_(1)
+    apply_masks({"fc": layer}, masks)
+    assert (layer.weight[0] == 0).all()
