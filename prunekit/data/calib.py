@@ -21,7 +21,7 @@ def calibration_batches(calib: Any, tokenizer: Any = None, nsamples: int = 128, 
     if isinstance(calib, (str, os.PathLike)):
         if tokenizer is None:
             raise PrunekitError("calibration from text needs a tokenizer (tokenizer=...)")
-        calib = random_windows(tokenize(tokenizer, load_text(calib)), nsamples, seqlen, seed)
+        calib = random_windows(tokenize(tokenizer, load_text(calib, what="calibration data")), nsamples, seqlen, seed)
     if isinstance(calib, torch.Tensor):
         return _split_tensor(calib, batch_size)
     if isinstance(calib, Iterable) and not isinstance(calib, Mapping):

@@ -4,7 +4,6 @@ An ImageFolder tree (``ROOT/<class>/<image>``) maps the sorted class-folder name
 ImageNet-1k the sorted synset folders (``n01440764`` ...) are exactly timm's class-index order.
 """
 from __future__ import annotations
-from ..errors import PrunekitError
 
 import functools
 import logging
@@ -15,11 +14,64 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+
+from ..errors import PrunekitError
 
 log = logging.getLogger(__name__)
 
 ImageData = str | os.PathLike | Dataset
+SKIP_HINT = "replace or remove it, or skip unreadable images (--skip-bad-images, skip_bad_images=True)"
+
+
+class BadImageError(PrunekitError):
+    """An image file that cannot be decoded (corrupt, truncated, not an image)."""
+
+    def __init__(self, message: str):
+        # A DataLoader worker re-raises it as BadImageError("Caught ... Original Traceback ...: <message>"):
+        # keep the one line that names the file.
+        lines = message.strip().splitlines()
+        super().__init__(lines[-1].split("BadImageError: ", 1)[-1] if len(lines) > 1 else message)
+
+
+def read_image(path: str) -> Any:
+    """torchvision's PIL loader (RGB), with an unreadable file as one line naming it."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"image {path!r} cannot be read ({str(err).splitlines()[0][:120]}); {SKIP_HINT}") from None
+
+
+class CheckedImages(Dataset):
+    """An ImageFolder whose unreadable images fail naming the file or, with ``skip_bad_images``, come back
+    as None (logged), which ``collate_images`` / ``collate_labeled`` drop. Keeps ImageFolder's ``classes``,
+    ``class_to_idx``, ``samples`` and ``targets``."""
+
+    def __init__(self, root: Path, transform: Callable | None = None, skip_bad_images: bool = False):
+        from torchvision.datasets import ImageFolder
+        try:
+            self.folder = ImageFolder(str(root), transform=transform, loader=read_image)
+        except FileNotFoundError as err:  # no class folders, or no image files in them
+            raise PrunekitError(f"image data {str(root)!r}: {err}; give an ImageFolder tree "
+                                "(ROOT/<class>/<image files>)") from None
+        self.skip_bad_images = skip_bad_images
+        self.root, self.transform = self.folder.root, transform
+        self.classes, self.class_to_idx = self.folder.classes, self.folder.class_to_idx
+        self.samples, self.targets = self.folder.samples, self.folder.targets
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.folder[index]
+        except BadImageError as err:
+            if not self.skip_bad_images:
+                raise
+            log.warning("skipping an unreadable image: %s", str(err).split(";")[0])
+            return None
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
@@ -34,16 +86,18 @@ def image_transform(config: dict[str, Any], is_training: bool = False) -> Callab
     return create_transform(**config, is_training=is_training)
 
 
-def image_dataset(data: ImageData, transform: Callable | None = None) -> Dataset:
-    """An ImageFolder over ``data`` (a directory of class folders); a ``Dataset`` is returned as is."""
+def image_dataset(data: ImageData, transform: Callable | None = None, skip_bad_images: bool = False) -> Dataset:
+    """An ImageFolder over ``data`` (a directory of class folders); a ``Dataset`` is returned as is.
+
+    An unreadable image fails naming the file when it is read; with ``skip_bad_images`` it is logged and
+    read as None instead, which ``collate_images`` / ``collate_labeled`` drop (count what arrives)."""
     if isinstance(data, Dataset):
         return data
     path = Path(os.path.expanduser(str(data)))
     if not path.is_dir():
         raise PrunekitError(f"image data {str(data)!r} is not a directory; give an ImageFolder tree "
-                                "(ROOT/<class>/<image files>), e.g. /data/imagenet/val")
-    from torchvision.datasets import ImageFolder
-    return ImageFolder(str(path), transform=transform)
+                            "(ROOT/<class>/<image files>), e.g. /data/imagenet/val")
+    return CheckedImages(path, transform, skip_bad_images)
 
 
 def sample_indices(n: int, nsamples: int, seed: int = 0) -> torch.Tensor:
@@ -66,20 +120,35 @@ def _image_of(item: Any, transform: Callable | None) -> torch.Tensor:
     return image
 
 
-def collate_images(items: Sequence[Any], transform: Callable | None = None) -> torch.Tensor:
-    """Stack the images of a list of dataset items, dropping labels: ``[B, C, H, W]``."""
-    return torch.stack([_image_of(item, transform) for item in items])
+def collate_images(items: Sequence[Any], transform: Callable | None = None) -> torch.Tensor | None:
+    """Stack the images of a list of dataset items, dropping labels and skipped (None) items:
+    ``[B, C, H, W]``, or None when every item was skipped."""
+    images = [_image_of(item, transform) for item in items if item is not None]
+    return torch.stack(images) if images else None
+
+
+def collate_labeled(items: Sequence[Any]) -> Any:
+    """``default_collate`` without the skipped (None) items; None when every item was skipped."""
+    kept = [item for item in items if item is not None]
+    return default_collate(kept) if kept else None
 
 
 def image_calibration(model: nn.Module, data: ImageData, nsamples: int = 128, batch_size: int = 32,
-                      seed: int = 0, num_workers: int = 0) -> list[torch.Tensor]:
+                      seed: int = 0, num_workers: int = 0, skip_bad_images: bool = False) -> list[torch.Tensor]:
     """A seeded sample of ``nsamples`` images, preprocessed for ``model``, as a list of ``[B, C, H, W]``
-    batches that ``prunekit.prune(model, ..., calib=batches)`` takes."""
+    batches that ``prunekit.prune(model, ..., calib=batches)`` takes. An unreadable image fails naming
+    it; with ``skip_bad_images`` it is left out of the sample and counted in a warning."""
     transform = image_transform(data_config(model))
-    dataset = image_dataset(data, transform)
+    dataset = image_dataset(data, transform, skip_bad_images)
     indices = sample_indices(len(dataset), nsamples, seed)
     loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=functools.partial(collate_images, transform=transform))
-    batches = list(loader)
+    batches = [batch for batch in loader if batch is not None]
+    kept = sum(len(b) for b in batches)
+    if kept < nsamples:
+        log.warning("skipped %d unreadable image(s) of the %d sampled from %s; calibrating on %d", nsamples - kept,
+                    nsamples, data, kept)
+    if not batches:
+        raise PrunekitError(f"none of the {nsamples} images sampled from {str(data)!r} could be read; check the folder")
     log.info("calibration: %d images in %d batches of shape %s", nsamples, len(batches), tuple(batches[0].shape[1:]))
     return batches

@@ -1,6 +1,5 @@
 """Text for calibration and perplexity: local files, a `datasets` dataset, tokenised once."""
 from __future__ import annotations
-from ..errors import PrunekitError
 
 import logging
 import os
@@ -8,40 +7,86 @@ from pathlib import Path
 
 import torch
 
+from ..errors import PrunekitError
+from ..io import paths
+from ..io.paths import looks_local, require_local
+
 log = logging.getLogger(__name__)
 _DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_text(source: str | os.PathLike, split: str = "train", column: str = "text") -> str:
+def load_text(source: str | os.PathLike, split: str = "train", column: str = "text", what: str = "text data") -> str:
     """The text of a ``.txt`` file, a data file / saved dataset directory, or a `datasets` hub name.
 
     Dataset rows are joined with blank lines (as the Wanda/SparseGPT evaluation joins WikiText).
-    Paths that look local but do not exist are an error, never a silent hub download.
+    Paths that look local but do not exist are an error, never a silent hub download; a hub name while
+    offline or with the hub unreachable fails at once, not after a minute of retries. ``what`` names the
+    data in errors (``--calib-data``, ``--eval-data``).
     """
-    path = Path(os.path.expanduser(str(source)))
+    text = str(source)
+    if not looks_local(text):
+        return _dataset_text(_load_hub_dataset(text, split, what), column, source)
+    path = require_local(text, what, "give a .txt file, a data file (.json/.jsonl/.csv/.parquet), a saved dataset "
+                                     "directory or a datasets hub name")
     if path.is_file() and path.suffix.lower() not in _DATASET_SUFFIXES:
-        return path.read_text(encoding="utf-8")
-    if path.exists():
-        return _dataset_text(_load_local_dataset(path, split), column, source)
-    if str(source).startswith((".", "/", "~")) or path.suffix:
-        raise PrunekitError(f"text data {str(source)!r} does not exist; give a .txt file, a data file "
-                                "(.json/.jsonl/.csv/.parquet), a saved dataset directory or a datasets hub name")
+        return read_utf8(path, what)
+    return _dataset_text(_load_local_dataset(path, split, what), column, source)
+
+
+def read_utf8(path: Path, what: str = "text data") -> str:
+    """A text file's contents; binary or non-UTF-8 files are one line naming the file and the fix."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PrunekitError(f"{what} {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); convert it, "
+                            "e.g. iconv -f latin1 -t utf-8, or give a UTF-8 .txt file") from None
+    if "\0" in text:
+        raise PrunekitError(f"{what} {str(path)!r} is a binary file (it contains NUL bytes), not text; give a UTF-8 "
+                            ".txt file or a data file (.json/.jsonl/.csv/.parquet)")
+    return text
+
+
+def _load_hub_dataset(name: str, split: str, what: str):
+    """``datasets.load_dataset(name[:config])``, failing at once instead of retrying when it cannot work."""
     import datasets
-    name, _, config = str(source).partition(":")
-    return _dataset_text(datasets.load_dataset(name, config or None, split=split), column, source)
+    offline = paths.hub_offline(datasets=True)
+    if not offline and not paths.hub_reachable():
+        raise PrunekitError(f"{what} {name!r} is not a local file, and the Hugging Face hub cannot be reached to "
+                            "download it (no network?); give a local file, or set HF_DATASETS_OFFLINE=1 to use a "
+                            "cached copy")
+    dataset, _, config = name.partition(":")
+    try:
+        return datasets.load_dataset(dataset, config or None, split=split)
+    except (ConnectionError, FileNotFoundError, ValueError) as err:
+        where = "in the datasets cache (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set)" if offline else "on the hub"
+        raise PrunekitError(f"{what} {name!r} is neither a local file nor a dataset {where} "
+                            f"({_first_line(err)}); give an existing file, or check the name") from err
 
 
-def _load_local_dataset(path: Path, split: str):
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _load_local_dataset(path: Path, split: str, what: str):
     import datasets
     if path.is_dir() and (path / "dataset_info.json").exists() or (path / "state.json").exists():
         ds = datasets.load_from_disk(str(path))
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     if path.is_dir():
-        files = sorted(str(p) for p in path.glob("*.txt"))
+        files = sorted(path.glob("*.txt"))
         if not files:
-            raise PrunekitError(f"directory {str(path)!r} has no .txt files and is not a saved dataset")
-        return datasets.load_dataset("text", data_files=files, split="train")
-    return datasets.load_dataset(_DATASET_SUFFIXES[path.suffix.lower()], data_files=str(path), split="train")
+            raise PrunekitError(f"{what} directory {str(path)!r} has no .txt files and is not a saved dataset; give "
+                                "a folder of .txt files, a saved dataset or a file")
+        for file in files:
+            read_utf8(file, what)  # names the bad file; the datasets reader would not
+        return datasets.load_dataset("text", data_files=[str(f) for f in files], split="train")
+    kind = _DATASET_SUFFIXES[path.suffix.lower()]
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise PrunekitError(f"{what} {str(path)!r} could not be read as {kind} ({_first_line(cause)}); check that it "
+                            f"is valid {kind}{' in UTF-8' if kind != 'parquet' else ''}") from err
 
 
 def _dataset_text(ds, column: str, source) -> str:

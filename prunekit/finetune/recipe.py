@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import PrunekitError
+from ..io.paths import looks_local, require_local
 from ..lightning import SCHEDULES
 from ..recipe import PruneRecipe, load_yaml, recipe_from_dict
 
@@ -67,9 +67,9 @@ def check_finetune(recipe: FinetuneRecipe) -> None:
     if recipe.schedule == "cubic" and (recipe.end_step or 0) > recipe.max_steps:
         raise PrunekitError(f"end_step {recipe.end_step} is after max_steps {recipe.max_steps}: the target sparsity "
                          "would never be reached")
-    for path in (recipe.training_data, recipe.val_data):
-        if path and str(path).startswith((".", "/", "~")) and not Path(path).expanduser().exists():
-            raise PrunekitError(f"data path {path!r} does not exist")
+    for key, path in (("train_data", recipe.training_data), ("val_data", recipe.val_data)):
+        if path and looks_local(path):
+            require_local(path, key, "give an existing text file, data file or ImageFolder tree")
 
 
 def load_finetune_recipe(path: str | os.PathLike | None, overrides: dict | None = None) -> FinetuneRecipe:

@@ -1,13 +1,17 @@
 """Hugging Face causal LMs: load from a local directory or hub id (no remote code unless asked), save as
 safetensors with the tokenizer."""
 from __future__ import annotations
-from ..errors import PrunekitError
 
 import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
+
+from ..errors import PrunekitError
+from .files import check_safetensors_dir, safetensors_shapes
+from .paths import looks_local, require_hub, require_local
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -21,28 +25,89 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def check_model_source(source: str | os.PathLike) -> None:
-    """A path that looks local must exist; anything else is treated as a hub id."""
+def check_model_source(source: str | os.PathLike, what: str = "model") -> bool:
+    """Fail at once, before any loading, when ``source`` can not be had: a local path that does not exist
+    (or is not a checkpoint), or a hub id while offline or with the hub unreachable and no cached copy.
+    Returns True when the hub must not be asked (load from the cache only)."""
     text = str(source)
-    if not Path(text).expanduser().exists() and (text.startswith((".", "/", "~")) or os.sep in text.strip("/")
-                                                 and text.count("/") > 1):
-        raise PrunekitError(f"model path {text!r} does not exist; give a local checkpoint directory or a "
-                                "hub id like 'org/name'")
+    if looks_local(text):
+        path = require_local(text, f"{what} path", "give a checkpoint directory (save_pretrained output) or a hub "
+                                                   "id like 'org/name'")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise PrunekitError(f"{what} path {text!r} has no config.json; give a checkpoint directory as "
+                                "save_pretrained writes it")
+        return False
+    return require_hub(text, what, _hub_cached(text))
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def load_causal_lm(source: str | os.PathLike, dtype: str | torch.dtype | None = None,
                    trust_remote_code: bool = False) -> nn.Module:
+    """A HF causal LM in eval mode. A truncated safetensors file or weights that do not fit ``config.json``
+    is one ``PrunekitError`` naming the file, not a loader traceback."""
     from transformers import AutoModelForCausalLM
-    check_model_source(source)
-    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=parse_dtype(dtype) or "auto",
-                                                 trust_remote_code=trust_remote_code)
+    cache_only = check_model_source(source)
+    local = Path(str(source)).expanduser()
+    if local.is_dir():
+        check_safetensors_dir(local)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=parse_dtype(dtype) or "auto",
+                                                     trust_remote_code=trust_remote_code, local_files_only=cache_only)
+    except RuntimeError as err:
+        _raise_mismatch(local, trust_remote_code, err)
+        raise
+    except OSError as err:
+        raise PrunekitError(f"model {str(source)!r} could not be loaded ({_first_line(err)}); check the path or hub "
+                            "id") from err
+    except SafetensorError as err:
+        raise PrunekitError(f"model {str(source)!r} has an unreadable safetensors file ({err}); re-download or "
+                            "re-save the checkpoint") from err
     return model.eval()
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def shape_mismatches(model: nn.Module, folder: Path) -> list[str]:
+    """The tensors of ``folder``'s safetensors whose shapes differ from ``model``'s (built from its config)."""
+    own = model.state_dict()
+    return [f"{name} is {list(shape)} in {file} but {list(own[name].shape)} per config.json"
+            for name, (file, shape) in safetensors_shapes(folder).items()
+            if name in own and tuple(own[name].shape) != shape]
+
+
+def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException) -> None:
+    """After a failed load: when the weights do not fit the config, say which tensor in which file."""
+    if not folder.is_dir():
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    found = shape_mismatches(skeleton, folder)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise PrunekitError(f"checkpoint {str(folder)!r} does not match its config.json: {found[0]}{more}; fix "
+                            "config.json or re-save the checkpoint") from err
 
 
 def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
-    check_model_source(source)
-    return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    cache_only = check_model_source(source, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code,
+                                             local_files_only=cache_only)
+    except OSError as err:
+        raise PrunekitError(f"tokenizer {str(source)!r} could not be loaded ({_first_line(err)}); check the path or "
+                            "hub id") from err
 
 
 def save_causal_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> None:

@@ -14,7 +14,6 @@ Saved timm models use timm's format, so ``timm.create_model("local-dir:OUT", pre
 them without prunekit.
 """
 from __future__ import annotations
-from ..errors import PrunekitError
 
 import json
 import logging
@@ -24,6 +23,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..errors import PrunekitError
+from .files import load_weights_file
+from .paths import require_local
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +101,9 @@ def load_vision_model(source: str | os.PathLike, pretrained: bool = True, num_cl
 
 def _create_timm(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
     import timm
-    if name.startswith("local-dir:") and not local_path(name).is_dir():
-        raise PrunekitError(f"timm model directory {str(local_path(name))!r} does not exist")
+    if name.startswith("local-dir:"):
+        require_local(local_path(name), "timm model directory", "give a directory saved by save_vision_model or "
+                                                                "timm's save_for_hf")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
 
@@ -114,8 +118,7 @@ def _load_saved_dir(path: Path, num_classes: int | None) -> nn.Module:
             raise PrunekitError(f"{str(path)!r} holds a {cfg.get('num_classes')}-class torchvision model; "
                              f"num_classes={num_classes} would not match its saved head")
         return _load_torchvision(cfg["architecture"], cfg.get("num_classes"), path / WEIGHTS_FILE)
-    if not path.exists():
-        raise PrunekitError(f"model path {str(path)!r} does not exist")
+    require_local(path, "model path", "give timm:NAME, torchvision:NAME or a saved model directory")
     raise PrunekitError(
         f"{str(path)!r} is not a vision model: give timm:NAME, torchvision:NAME, local-dir:PATH or a directory "
         "with config.json (timm's 'architecture' key) and model.safetensors, as prunekit saves them")
@@ -128,7 +131,7 @@ def _load_torchvision(name: str, num_classes: int | None, weights: str | os.Path
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     if weights is not None:
-        model.load_state_dict(_read_state_dict(Path(weights).expanduser()))
+        _load_weights(model, name, Path(weights).expanduser())
     else:
         log.warning("torchvision:%s has random weights (no local weights file given)", name)
     setattr(model, TORCHVISION_ARCH_ATTR, name)
@@ -136,13 +139,14 @@ def _load_torchvision(name: str, num_classes: int | None, weights: str | os.Path
     return model.eval()
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise PrunekitError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+def _load_weights(model: nn.Module, name: str, path: Path) -> None:
+    """Load a state dict file (weights-only) into ``model``; keys or shapes that do not fit are one line."""
+    try:
+        model.load_state_dict(load_weights_file(path))
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise PrunekitError(f"weights file {str(path)!r} does not fit torchvision:{name} ({detail}); give that "
+                            "architecture's state dict (and num_classes for another head)") from None
 
 
 def is_timm_model(model: nn.Module) -> bool:

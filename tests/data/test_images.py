@@ -9,7 +9,9 @@ from torch.utils.data import TensorDataset
 
 from prunekit.errors import PrunekitError
 import prunekit
-from prunekit.data.images import data_config, image_calibration, image_dataset, image_transform, sample_indices
+from prunekit.data.images import (collate_labeled, data_config, image_calibration, image_dataset, image_transform,
+                                  sample_indices)
+from prunekit.errors import PrunekitError
 from tests.conftest import fixture_path
 from tests.test_vision_prune import tiny_convnext
 
@@ -64,6 +66,42 @@ def test_errors_name_the_fix(folder):
         image_calibration(model, folder, nsamples=16)
     with pytest.raises(PrunekitError, match="ImageFolder"):
         image_calibration(model, folder / "missing", nsamples=2)
+    (folder / "empty").mkdir()
+    with pytest.raises(PrunekitError, match="empty.*give an ImageFolder tree"):
+        image_dataset(folder / "empty")
+
+
+def _break(folder):
+    """One truncated PNG, one JPEG that is not an image at all."""
+    good = (folder / "class0" / "0.png").read_bytes()
+    (folder / "class0" / "cut.png").write_bytes(good[: len(good) // 2])
+    (folder / "class1" / "junk.jpg").write_bytes(b"not an image")
+    return {"cut.png", "junk.jpg"}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_images_fail_naming_the_file(folder, workers):
+    model = tiny_convnext()
+    _break(folder)
+    with pytest.raises(PrunekitError, match=r"^image '.*(cut.png|junk.jpg)' cannot be read \(.*\); replace or remove "
+                                            r"it, or skip unreadable images \(--skip-bad-images") as err:
+        image_calibration(model, folder, nsamples=17, batch_size=17, num_workers=workers)
+    assert "\n" not in str(err.value)  # one line, even when a DataLoader worker raised it
+
+
+def test_corrupt_images_can_be_skipped_and_counted(folder, caplog):
+    import logging
+    model = tiny_convnext()
+    bad = _break(folder)
+    with caplog.at_level(logging.WARNING):
+        batches = image_calibration(model, folder, nsamples=17, batch_size=5, skip_bad_images=True)
+    assert sum(len(b) for b in batches) == 15
+    assert "skipped 2 unreadable image(s) of the 17 sampled" in caplog.text
+    assert all(name in caplog.text for name in bad)
+    dataset = image_dataset(folder, image_transform(data_config(model)), skip_bad_images=True)
+    images, labels = collate_labeled([dataset[i] for i in range(len(dataset))])
+    assert images.shape == (15, 3, 32, 32) and labels.shape == (15,)
+    assert dataset.classes == ["class0", "class1", "class2"]
 
 
 def test_digits_calibration_uses_the_fixture_config():

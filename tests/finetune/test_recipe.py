@@ -93,3 +93,15 @@ def test_convnext_gradual_recipe_end_to_end(tmp_path):
     from prunekit.io.timm import load_vision_model
     reloaded = load_vision_model(str(tmp_path / "out"))
     assert float((reloaded.stages[1].blocks[0].mlp.fc1.weight == 0).float().mean()) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_missing_training_data_is_one_line_before_any_loading(tmp_path, monkeypatch):
+    """A relative path beside an existing folder, or with a file suffix, is a missing file, not a hub name."""
+    from prunekit.errors import PrunekitError
+    from prunekit.finetune.recipe import load_finetune_recipe
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(PrunekitError, match="train_data 'data/train' does not exist; give an existing"):
+        load_finetune_recipe(None, {"model": "m", "train_data": "data/train"})
+    with pytest.raises(PrunekitError, match="val_data 'val.txt' does not exist"):
+        load_finetune_recipe(None, {"model": "m", "train_data": str(tmp_path / "data"), "val_data": "val.txt"})

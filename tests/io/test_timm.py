@@ -8,8 +8,8 @@ import timm
 import torch
 from torch import nn
 
-from prunekit.errors import PrunekitError
 import prunekit
+from prunekit.errors import PrunekitError
 from prunekit.io.timm import is_vision_source, load_vision_model, num_classes_of, save_vision_model
 from tests.conftest import fixture_path
 from tests.test_vision_prune import images, tiny_convnext, tiny_vit
@@ -85,7 +85,7 @@ def test_fixture_directory_is_a_vision_source():
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="torchvision has no model"):
         load_vision_model("torchvision:not_a_model")
-    with pytest.raises(PrunekitError, match="does not exist"):
+    with pytest.raises(PrunekitError, match="timm model directory .* does not exist; give a directory"):
         load_vision_model(f"local-dir:{tmp_path / 'missing'}")
     with pytest.raises(PrunekitError, match="does not exist"):
         load_vision_model(tmp_path / "missing")
@@ -105,6 +105,29 @@ def test_calibrated_prune_then_save_keeps_zeros(tmp_path):
     layers = dict(reloaded.named_modules())
     for name, row in report.layers.items():
         assert int((layers[name].weight == 0).sum()) == row["zeros"]
+
+
+class Custom:
+    """A class a weights-only load refuses to unpickle."""
+
+
+def test_torchvision_weights_files_fail_in_one_line(tmp_path):
+    import torchvision
+    state = torchvision.models.get_model("resnet18", weights=None, num_classes=3).state_dict()
+    torch.save({"state": state, "extra": Custom()}, tmp_path / "pickled.pth")
+    with pytest.raises(PrunekitError, match="pickled.pth' is not weights-only loadable .* re-save it as"):
+        load_vision_model("torchvision:resnet18", num_classes=3, weights=tmp_path / "pickled.pth")
+    torch.save(state, tmp_path / "ok.pth")
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PrunekitError, match="cut.pth' is truncated or corrupt"):
+        load_vision_model("torchvision:resnet18", num_classes=3, weights=tmp_path / "cut.pth")
+    with pytest.raises(PrunekitError, match=r"ok.pth' does not fit torchvision:resnet18 \(.*size mismatch for fc"):
+        load_vision_model("torchvision:resnet18", num_classes=5, weights=tmp_path / "ok.pth")
+    torch.save({"state_dict": state}, tmp_path / "nested.pth")
+    with pytest.raises(PrunekitError, match="holds a dict, not a state dict of tensors"):
+        load_vision_model("torchvision:resnet18", num_classes=3, weights=tmp_path / "nested.pth")
+    assert load_vision_model("torchvision:resnet18", num_classes=3, weights=tmp_path / "ok.pth").fc.out_features == 3
 
 
 def test_local_path_of_sources(tmp_path):
