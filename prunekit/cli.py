@@ -95,7 +95,7 @@ def _add_prune(sub) -> None:
 def cmd_prune(args) -> int:
     from .pipeline import run_prune
     recipe = load_recipe(PruneRecipe, args.recipe, setting_values(args, PruneRecipe))
-    report = run_prune(recipe)
+    report = run_prune(recipe, args.recipe)
     print_prune_report(report.to_dict())
     if recipe.out:
         print(f"saved to {recipe.out}")
@@ -194,8 +194,7 @@ def cmd_eval_ppl(args) -> int:
         from .pipeline import run_eval_ppl
         _require(args, "model", "data")
         result = run_eval_ppl(args.model, args.data, args.seqlen, args.batch_size or 8, args.device,
-                              args.dtype, args.trust_remote_code)
-        _maybe_json(args.json, result)
+                              args.dtype, args.trust_remote_code, args.json)
     print(f"perplexity {result['ppl']:.4f}")
     return 0
 

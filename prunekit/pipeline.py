@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,9 @@ from .data.text import load_text, tokenize
 from .errors import PrunekitError
 from .eval.image import evaluate_image
 from .eval.perplexity import perplexity
-from .io import atomic_dir, check_output_dir, load_causal_lm, load_tokenizer, save_causal_lm, write_json
+from .io import load_causal_lm, load_tokenizer, save_causal_lm, write_json
+from .io.atomic import OutputClaim, claim_output
+from .io.paths import check_file_writable, check_paths, checkpoint_bytes, looks_local
 from .io.compact import is_compact, save_compact
 from .io.timm import is_vision_source, load_vision_model, local_path, save_vision_model
 from .recipe import PruneRecipe, dump_recipe
@@ -26,41 +30,39 @@ from .recipe import PruneRecipe, dump_recipe
 log = logging.getLogger(__name__)
 
 
-def looks_local(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names a local file or folder rather than a hub id (``org/name``) or dataset name."""
-    text = str(path)
-    return text.startswith((".", "/", "~")) or Path(text).suffix != "" or text.count("/") > 1 \
-        or Path(text).expanduser().exists()
+def job_inputs(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None) -> dict[str, str | None]:
+    """Every path the run reads, by flag: none of them may be written, and each local one must exist."""
+    return {"--model": str(local_path(recipe.model) or recipe.model), "--calib-data": recipe.calib_data,
+            "--eval-data": recipe.eval_data, "--recipe": str(recipe_path) if recipe_path else None}
 
 
-def check_inputs(paths: dict[str, str | None]) -> None:
-    """Every local-looking input must exist, all reported at once."""
-    missing = [f"{flag} {path!r}" for flag, path in paths.items()
+def check_inputs(inputs: dict[str, str | None]) -> None:
+    """Every local-looking input must exist, all reported at once (hub names are checked when loaded)."""
+    missing = [f"{flag} {path!r}" for flag, path in inputs.items()
                if path and looks_local(path) and not Path(path).expanduser().exists()]
     if missing:
         raise PrunekitError(f"{', '.join(missing)} does not exist; check the path(s)")
 
 
-def validate(recipe: PruneRecipe) -> Path | None:
-    """Every check that needs no model: raise before any loading, work or writes. Returns the output dir."""
-    model_path = local_path(recipe.model) or recipe.model
-    check_inputs({"--model": model_path, "--calib-data": recipe.calib_data, "--eval-data": recipe.eval_data})
+def validate(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None) -> dict[str, str | None]:
+    """Every check that needs no model, before any loading, work or writes; returns the inputs by flag.
+    The outputs (``--out``, ``--json``) may not equal, contain or sit inside any input, nor each other."""
+    inputs = job_inputs(recipe, recipe_path)
+    check_inputs(inputs)
+    check_paths({"--out": recipe.out, "--json": recipe.report_json}, inputs)
     if recipe.report_json:
-        _check_json(recipe.report_json, [model_path, recipe.calib_data, recipe.eval_data])
+        check_file_writable(recipe.report_json, "--json")
+    return inputs
+
+
+@contextmanager
+def claimed(recipe: PruneRecipe, inputs: dict[str, str | None]) -> Iterator[OutputClaim | None]:
+    """``--out`` held exclusively from before loading to the final rename (nothing when there is no --out)."""
     if recipe.out is None:
-        return None
-    return check_output_dir(recipe.out, [p for p in (model_path, recipe.calib_data, recipe.eval_data) if p],
-                            recipe.overwrite)
-
-
-def _check_json(path: str, inputs: list[str | None]) -> None:
-    target = Path(path).expanduser().resolve()
-    if target.is_dir():
-        raise PrunekitError(f"--json {path!r} is a directory; give a file name for the report")
-    for src in filter(None, inputs):
-        src_path = Path(src).expanduser()
-        if src_path.exists() and (src_path.resolve() == target or src_path.resolve() in target.parents):
-            raise PrunekitError(f"--json {path!r} would write into the input {src!r}; choose a path outside it")
+        yield None
+        return
+    with claim_output(recipe.out, inputs, recipe.overwrite, checkpoint_bytes(inputs["--model"])) as claim:
+        yield claim
 
 
 def load_model(recipe: PruneRecipe) -> tuple[nn.Module, Any]:
@@ -76,7 +78,7 @@ def calibration(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> Any:
     """Image models take a seeded sample of preprocessed images; LLMs take the text path as it is."""
     if recipe.calib_data and tokenizer is None:
         return image_calibration(model, recipe.calib_data, recipe.nsamples, recipe.batch_size, recipe.seed,
-                                 recipe.num_workers)
+                                 recipe.num_workers, skip_bad_images=recipe.skip_bad_images)
     return recipe.calib_data
 
 
@@ -99,19 +101,20 @@ def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, cache: dict)
     return {"ppl": perplexity(model, cache["tokens"], seqlen, recipe.eval_batch_size, device=recipe.device)}
 
 
-def run_prune(recipe: PruneRecipe) -> PruneReport:
+def run_prune(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None) -> PruneReport:
     """Prune ``recipe.model`` and, when ``recipe.out`` is set, save model + report + resolved recipe."""
-    out = validate(recipe)
+    inputs = validate(recipe, recipe_path)
     if recipe.lazy:
-        return run_prune_lazy(recipe, out)
-    model, tokenizer = load_model(recipe)
-    cache: dict = {}
-    dense = evaluate(model, tokenizer, recipe, cache)
-    report = prune_with_recipe(model, tokenizer, recipe)
-    report.metrics.update({f"{k}_dense": v for k, v in dense.items()})
-    report.metrics.update(evaluate(model, tokenizer, recipe, cache))
-    if out is not None:
-        save_run(model, tokenizer, report, recipe, out)
+        return run_prune_lazy(recipe, inputs)
+    with claimed(recipe, inputs) as claim:
+        model, tokenizer = load_model(recipe)
+        cache: dict = {}
+        dense = evaluate(model, tokenizer, recipe, cache)
+        report = prune_with_recipe(model, tokenizer, recipe)
+        report.metrics.update({f"{k}_dense": v for k, v in dense.items()})
+        report.metrics.update(evaluate(model, tokenizer, recipe, cache))
+        if claim is not None:
+            save_run(model, tokenizer, report, recipe, claim)
     _write_report_json(recipe, report)
     return report
 
@@ -121,8 +124,9 @@ def _write_report_json(recipe: PruneRecipe, report: PruneReport) -> None:
         write_json(recipe.report_json, report.to_dict())
 
 
-def save_run(model: nn.Module, tokenizer: Any, report: PruneReport, recipe: PruneRecipe, out: Path) -> None:
-    with atomic_dir(out) as tmp:
+def save_run(model: nn.Module, tokenizer: Any, report: PruneReport, recipe: PruneRecipe, claim: OutputClaim) -> None:
+    """Model, report and resolved recipe into the claimed ``--out``, all at once (one rename)."""
+    with claim.staging() as tmp:
         if tokenizer is None:
             save_vision_model(model, tmp)
         elif recipe.save_format == "compact":
@@ -133,24 +137,28 @@ def save_run(model: nn.Module, tokenizer: Any, report: PruneReport, recipe: Prun
             save_causal_lm(model, tokenizer, tmp)
         write_json(tmp / "prune_report.json", report.to_dict())
         dump_recipe(recipe, tmp / "recipe.yaml")
-    log.info("saved pruned model to %s", out)
+    log.info("saved pruned model to %s", claim.out)
 
 
-def run_prune_lazy(recipe: PruneRecipe, out: Path) -> PruneReport:
+def run_prune_lazy(recipe: PruneRecipe, inputs: dict[str, str | None]) -> PruneReport:
     """Checkpoints larger than memory: one block at a time from the safetensors files to the output shards."""
     from .io.lazy import prune_lazy
     tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code) if recipe.calib_data else None
-    report = prune_lazy(recipe.model, out, recipe, calib=recipe.calib_data, tokenizer=tokenizer,
-                        save_format=recipe.save_format, overwrite=True, trust_remote_code=recipe.trust_remote_code,
+    report = prune_lazy(recipe.model, recipe.out, recipe, calib=recipe.calib_data, tokenizer=tokenizer,
+                        save_format=recipe.save_format, overwrite=recipe.overwrite, inputs=inputs,
+                        trust_remote_code=recipe.trust_remote_code,
                         extra_files={"recipe.yaml": lambda path: dump_recipe(recipe, path)})
     _write_report_json(recipe, report)
     return report
 
 
 def run_eval_ppl(model: str, data: str, seqlen: int | None = None, batch_size: int = 8, device: str | None = None,
-                 dtype: str = "auto", trust_remote_code: bool = False) -> dict[str, Any]:
+                 dtype: str = "auto", trust_remote_code: bool = False, json_path: str | None = None) -> dict[str, Any]:
     """Perplexity of a saved model (dense or compact prunekit output, or any HF causal LM) on a text file."""
     check_inputs({"--model": model, "--data": data})
+    if json_path:
+        check_paths({"--json": json_path}, {"--model": model, "--data": data})
+        check_file_writable(json_path, "--json")
     if seqlen is not None and seqlen < 1:
         raise PrunekitError(f"--seqlen must be a positive integer, got {seqlen}")
     lm = _load_any_lm(model, dtype, trust_remote_code)
@@ -160,7 +168,10 @@ def run_eval_ppl(model: str, data: str, seqlen: int | None = None, batch_size: i
     if ppl != ppl or ppl == float("inf"):
         raise PrunekitError(f"perplexity is {ppl}: the model produced NaN/inf losses (damaged weights, or fp16 "
                             "overflow: evaluate with --dtype float32)")
-    return {"model": str(model), "data": str(data), "seqlen": seqlen, "windows": tokens.numel() // seqlen, "ppl": ppl}
+    result = {"model": str(model), "data": str(data), "seqlen": seqlen, "windows": tokens.numel() // seqlen, "ppl": ppl}
+    if json_path:
+        write_json(json_path, result)
+    return result
 
 
 def _load_any_lm(model: str, dtype: str, trust_remote_code: bool) -> nn.Module:

@@ -33,6 +33,8 @@ class PruneRecipe(PruneConfig):
     eval_seqlen: int | None = setting(None, "tokens per evaluation window (default: seqlen)", type=int)
     eval_batch_size: int = setting(8, "evaluation batch size", type=int)
     num_workers: int = setting(0, "image loading workers (calibration and evaluation)", type=int)
+    skip_bad_images: bool = setting(False, "skip unreadable images in the image folders (counted in the log) "
+                                    "instead of failing on the first one", type=bool)
     lazy: bool = setting(False, "HF checkpoints larger than memory: read, prune and write one block at a time",
                          type=bool)
     save_format: str = setting("dense", "dense (from_pretrained layout) or compact (kept values + bitmask / 2:4 "

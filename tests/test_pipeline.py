@@ -61,7 +61,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
     and the helpful LinAlgError message came with one."""
     import prunekit.pipeline as pipeline
 
-    def user_error(recipe):
+    def user_error(recipe, path=None):
         raise PrunekitError("the Hessian is not positive definite; raise percdamp")
 
     monkeypatch.setattr(pipeline, "run_prune", user_error)
@@ -69,7 +69,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
     err = capsys.readouterr().err
     assert err.strip() == "error: the Hessian is not positive definite; raise percdamp"
 
-    def bug(recipe):
+    def bug(recipe, path=None):
         raise RuntimeError("index out of range")
 
     monkeypatch.setattr(pipeline, "run_prune", bug)
@@ -77,7 +77,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
     err = capsys.readouterr().err
     assert "Traceback" in err and "bug in prunekit" in err
 
-    def interrupted(recipe):
+    def interrupted(recipe, path=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "run_prune", interrupted)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -14,10 +13,10 @@ from torch import nn
 from ..errors import PrunekitError
 from ..api import layer_sparsity, versions
 from ..graph import select_layers
-from ..io import atomic_dir, save_causal_lm, write_json
+from ..io import OutputClaim, save_causal_lm, write_json
 from ..io.timm import save_vision_model
 from ..lightning import PruningCallback
-from ..pipeline import evaluate, load_model, prune_with_recipe, validate
+from ..pipeline import claimed, evaluate, load_model, prune_with_recipe, validate
 from ..recipe import dump_recipe, recipe_dict
 from .causal_lm import CausalLMModule, TextDataModule
 from .lora import add_lora, keep_masks, merge_lora_keep_sparsity
@@ -28,11 +27,20 @@ log = logging.getLogger(__name__)
 
 def run_finetune_recipe(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The CLI entry point: ``prunekit finetune --recipe PATH [flags]``; returns the report dict."""
-    return run_finetune(load_finetune_recipe(path, overrides))
+    return run_finetune(load_finetune_recipe(path, overrides), path)
 
 
-def run_finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
-    out = validate(recipe)
+def run_finetune(recipe: FinetuneRecipe, recipe_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Prune (one-shot) or not, fine-tune, evaluate; ``--out`` is claimed before loading and written at the end."""
+    inputs = {**validate(recipe, recipe_path), "--train-data": recipe.training_data, "--val-data": recipe.val_data}
+    with claimed(recipe, inputs) as claim:
+        report = _run(recipe)
+        if claim is not None:
+            _save(*report, recipe, claim)
+    return report[2]
+
+
+def _run(recipe: FinetuneRecipe) -> tuple[nn.Module, Any, dict[str, Any]]:
     L.seed_everything(recipe.seed, verbose=False)
     model, tokenizer = load_model(recipe)
     task = _task(recipe, tokenizer)
@@ -47,10 +55,7 @@ def run_finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
     model, history = _finetune(model, tokenizer, recipe, task, pruned, metrics, cache)
     timings["finetune_s"] = time.perf_counter() - start
     metrics.update(_prefixed(evaluate(model, tokenizer, recipe, cache), "finetuned"))
-    report = _report(model, recipe, task, metrics, history, timings, keys)
-    if out is not None:
-        _save(model, tokenizer, report, recipe, out)
-    return report
+    return model, tokenizer, _report(model, recipe, task, metrics, history, timings, keys)
 
 
 def _task(recipe: FinetuneRecipe, tokenizer: Any) -> str:
@@ -134,12 +139,12 @@ def _report(model: nn.Module, recipe: FinetuneRecipe, task: str, metrics: dict, 
             "state_dict_keys_unchanged": list(model.state_dict()) == keys, "versions": versions()}
 
 
-def _save(model: nn.Module, tokenizer: Any, report: dict, recipe: FinetuneRecipe, out: Path) -> None:
-    with atomic_dir(out) as tmp:
+def _save(model: nn.Module, tokenizer: Any, report: dict, recipe: FinetuneRecipe, claim: OutputClaim) -> None:
+    with claim.staging() as tmp:
         if tokenizer is None:
             save_vision_model(model, tmp)
         else:
             save_causal_lm(model, tokenizer, tmp)
         write_json(tmp / "finetune_report.json", report)
         dump_recipe(recipe, tmp / "recipe.yaml")
-    log.info("saved fine-tuned model to %s", out)
+    log.info("saved fine-tuned model to %s", claim.out)

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import PrunekitError
-from .atomic import atomic_dir, check_output_dir, write_json
+from .atomic import claim_output, write_json
 from ..masks import packbits, unpackbits  # noqa: F401  (re-exported: the compact format's bit order)
 
 log = logging.getLogger(__name__)
@@ -418,9 +418,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, to: str = "dense"
     if to not in ("dense", "compact"):
         raise PrunekitError(f"unknown target format {to!r}; choose dense or compact")
     source = Path(source)
-    out = check_output_dir(out, [source], overwrite)
-    tensors = _compact_tensors(source) if is_compact(source) else _dense_tensors(source)
-    with atomic_dir(out) as tmp:
+    with claim_output(out, {"source": source}, overwrite) as claim, claim.staging() as tmp:
+        tensors = _compact_tensors(source) if is_compact(source) else _dense_tensors(source)
         writer = CompactWriter(tmp, max_shard_size) if to == "compact" else ShardWriter(tmp, max_shard_size)
         for name, tensor in tensors:
             writer.add({name: tensor})

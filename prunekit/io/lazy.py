@@ -30,9 +30,10 @@ from ..api import PruneReport, calibration, layer_sparsity, plan_prune, versions
 from ..config import PruneConfig
 from ..engine import Plan, prune_layers, sequential
 from ..errors import PrunekitError
-from .atomic import atomic_dir, check_output_dir, write_json
+from .atomic import OutputClaim, claim_output, write_json
 from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size
 from .hf import parse_dtype
+from .paths import checkpoint_bytes
 
 log = logging.getLogger(__name__)
 
@@ -197,17 +198,25 @@ def prune_lazy(source: str | os.PathLike, out: str | os.PathLike, config: PruneC
                sparsity: float | None = None, pattern: str | None = None, group: str | None = None,
                calib: Any = None, *, tokenizer: Any = None, offload_dir: str | None = None,
                save_format: str = "dense", max_shard_size: int | str = "5GB", overwrite: bool = False,
-               trust_remote_code: bool = False,
+               trust_remote_code: bool = False, inputs: Mapping[str, Any] | None = None,
                extra_files: Mapping[str, Callable[[Path], None]] | None = None, **settings: Any) -> PruneReport:
     """Prune the safetensors checkpoint in ``source`` block by block into ``out`` without ever holding the
     whole model in memory. Same settings (a ``PruneConfig`` or its keywords) and result as ``prunekit.prune``
     on the loaded model followed by ``save_pretrained`` (allocation is uniform; N:M and every method/update
     work). The device defaults to CUDA when present; ``dtype`` casts floating tensors as they are read
-    (default: as stored). ``prune_report.json`` and ``extra_files`` (name -> writer) are written inside the
-    output before it appears."""
+    (default: as stored). ``out`` is claimed before anything is read (``inputs``: the other paths the job
+    reads, by flag); ``prune_report.json`` and ``extra_files`` (name -> writer) are written inside the output
+    before it appears."""
     config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
     _check_lazy_config(config, save_format)
-    out = check_output_dir(out, [source], overwrite)
+    inputs = {"--model": source, **(inputs or {})}
+    with claim_output(out, inputs, overwrite, checkpoint_bytes(source)) as claim:
+        return _prune_claimed(source, claim, config, calib, tokenizer, offload_dir, save_format, max_shard_size,
+                              trust_remote_code, extra_files)
+
+
+def _prune_claimed(source, claim: OutputClaim, config: PruneConfig, calib, tokenizer, offload_dir, save_format,
+                   max_shard_size, trust_remote_code: bool, extra_files) -> PruneReport:
     lazy = LazyModel.open(source, config.device, config.dtype, trust_remote_code)
     plan = replace(plan_prune(lazy.model, config), device=lazy.device)
     if plan.blocks is None:
@@ -217,11 +226,11 @@ def prune_lazy(source: str | os.PathLike, out: str | os.PathLike, config: PruneC
         from .hf import load_tokenizer
         tokenizer = load_tokenizer(source, trust_remote_code)
     batches = calibration(lazy.model, calib, tokenizer, config) if plan.needs else []
-    with atomic_dir(out) as tmp:
+    with claim.staging() as tmp:
         timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, save_format, max_shard_size)
         metrics = {**peak_memory(lazy.device), "offload_activations": where,
                    "checkpoint_bytes": lazy.checkpoint.nbytes(lazy.checkpoint.names())}
-        report = _report(config, {"source": str(source), "out": str(out), "lazy": True}, rows, plan, timings,
+        report = _report(config, {"source": str(source), "out": str(claim.out), "lazy": True}, rows, plan, timings,
                          metrics)
         write_json(tmp / "prune_report.json", report.to_dict())
         for name, writer in (extra_files or {}).items():
