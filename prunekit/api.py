@@ -225,14 +225,15 @@ def _recalibrate_bn(model: nn.Module, plan: engine.Plan, batches: list, wanted: 
 
 # ---------------------------------------------------------------- calibration data and the model
 
-def context_length(model: nn.Module | None) -> int | None:
-    """The longest sequence the model takes (``max_position_embeddings``), None when it does not say."""
-    config = getattr(model, "config", None)
+def context_length(model: Any) -> int | None:
+    """The longest sequence the model (or its HF config) takes (``max_position_embeddings``), None when it
+    does not say."""
+    config = getattr(model, "config", model)
     value = getattr(config, "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 0 else None
 
 
-def resolve_seqlen(seqlen: int | None, model: nn.Module | None, what: str = "seqlen") -> int:
+def resolve_seqlen(seqlen: int | None, model: Any, what: str = "seqlen") -> int:
     """``seqlen``, or ``min(2048, context length)`` when unset; above the context length is an error."""
     context = context_length(model)
     if seqlen is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import sys
@@ -19,6 +20,12 @@ from typing import Any
 from .errors import PrunekitError
 from .recipe import PruneRecipe, load_recipe
 
+# Operating-system errors that are the machine's state, not our bug: one line and what to do.
+USER_OS_ERRORS = {errno.ENOSPC: "free some disk space or choose another --out",
+                  errno.EDQUOT: "free some of your disk quota or choose another --out",
+                  errno.EROFS: "the file system is read-only; choose another --out",
+                  errno.EACCES: "no permission; choose a path you can write",
+                  errno.EMFILE: "too many open files; raise the limit (ulimit -n)"}
 BUG_HINT = "this is a bug in prunekit, not in your input: please report it with the command line and the traceback"
 
 
@@ -411,10 +418,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outputs in progress were removed by their context managers on the way out
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
-    except Exception:  # ours to fix: keep the traceback
-        traceback.print_exc()
-        print(f"error: {BUG_HINT}", file=sys.stderr)
-        return 1
+    except OSError as err:
+        if err.errno not in USER_OS_ERRORS:
+            return _bug()
+        where = f" writing {err.filename!r}" if err.filename else ""
+        print(f"error: {err.strerror}{where}: {USER_OS_ERRORS[err.errno]} (no partial output was left)",
+              file=sys.stderr)
+        return 2
+    except Exception:
+        return _bug()
+
+
+def _bug() -> int:
+    """Ours to fix: keep the traceback, and say so."""
+    traceback.print_exc()
+    print(f"error: {BUG_HINT}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

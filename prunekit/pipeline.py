@@ -16,11 +16,12 @@ from torch import nn
 
 from .api import PruneReport, prune, resolve_seqlen
 from .data.images import image_calibration
-from .data.text import load_text, tokenize
+from .data.text import load_text, random_windows, tokenize
 from .errors import PrunekitError
 from .eval.image import evaluate_image
 from .eval.perplexity import perplexity
 from .io import load_causal_lm, load_tokenizer, save_causal_lm, write_json
+from .io.hf import load_config
 from .io.atomic import OutputClaim, claim_output
 from .io.paths import check_file_writable, check_paths, checkpoint_bytes, looks_local
 from .io.compact import is_compact, save_compact
@@ -65,6 +66,26 @@ def claimed(recipe: PruneRecipe, inputs: dict[str, str | None]) -> Iterator[Outp
         yield claim
 
 
+def load_job(recipe: PruneRecipe) -> tuple[nn.Module, Any, Any, dict]:
+    """Model, tokenizer, calibration and evaluation tokens. For language models the text is read, tokenised
+    and cut into windows before the weights load, so a data problem shows in seconds, not after the load."""
+    if is_vision_source(recipe.model):
+        model = load_vision_model(recipe.model)
+        return model, None, calibration(model, None, recipe), {}
+    tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
+    hf_config = load_config(recipe.model, recipe.trust_remote_code)
+    calib = None
+    if recipe.calib_data:
+        seqlen = resolve_seqlen(recipe.seqlen, hf_config)
+        text = tokenize(tokenizer, load_text(recipe.calib_data, what="--calib-data"))
+        calib = random_windows(text, recipe.nsamples, seqlen, recipe.seed)
+    cache = {}
+    if recipe.eval_data:
+        resolve_seqlen(recipe.eval_seqlen or recipe.seqlen, hf_config, "eval_seqlen")
+        cache["tokens"] = tokenize(tokenizer, load_text(recipe.eval_data, what="--eval-data"))
+    return load_causal_lm(recipe.model, recipe.dtype, recipe.trust_remote_code), tokenizer, calib, cache
+
+
 def load_model(recipe: PruneRecipe) -> tuple[nn.Module, Any]:
     """A vision classifier (``timm:``, ``local-dir:``, ``torchvision:``, saved vision dir) or a HF causal LM
     with its tokenizer."""
@@ -82,9 +103,10 @@ def calibration(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> Any:
     return recipe.calib_data
 
 
-def prune_with_recipe(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> PruneReport:
+def prune_with_recipe(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, calib: Any = None) -> PruneReport:
     """``prunekit.prune`` with the recipe as its config (the CLI and fine-tuning share it)."""
-    return prune(model, recipe, calib=calibration(model, tokenizer, recipe), tokenizer=tokenizer)
+    calib = calib if calib is not None else calibration(model, tokenizer, recipe)
+    return prune(model, recipe, calib=calib, tokenizer=tokenizer)
 
 
 def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, cache: dict) -> dict[str, float]:
@@ -107,10 +129,9 @@ def run_prune(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None)
     if recipe.lazy:
         return run_prune_lazy(recipe, inputs)
     with claimed(recipe, inputs) as claim:
-        model, tokenizer = load_model(recipe)
-        cache: dict = {}
+        model, tokenizer, calib, cache = load_job(recipe)
         dense = evaluate(model, tokenizer, recipe, cache)
-        report = prune_with_recipe(model, tokenizer, recipe)
+        report = prune_with_recipe(model, tokenizer, recipe, calib)
         report.metrics.update({f"{k}_dense": v for k, v in dense.items()})
         report.metrics.update(evaluate(model, tokenizer, recipe, cache))
         if claim is not None:

@@ -99,6 +99,17 @@ def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException) -
                             "config.json or re-save the checkpoint") from err
 
 
+def load_config(source: str | os.PathLike, trust_remote_code: bool = False):
+    """The checkpoint's ``config.json`` alone (no weights): enough to check settings against the model."""
+    from transformers import AutoConfig
+    cache_only = check_model_source(source)
+    try:
+        return AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code, local_files_only=cache_only)
+    except (OSError, ValueError) as err:
+        raise PrunekitError(f"model config {str(source)!r} could not be read ({_first_line(err)}); check the path or "
+                            "hub id") from err
+
+
 def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     cache_only = check_model_source(source, "tokenizer")
