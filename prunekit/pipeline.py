@@ -115,7 +115,8 @@ def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, cache: dict)
         return {}
     if tokenizer is None:
         result = evaluate_image(model, recipe.eval_data, batch_size=recipe.eval_batch_size,
-                                num_workers=recipe.num_workers, progress=False)
+                                num_workers=recipe.num_workers, progress=False,
+                                skip_bad_images=recipe.skip_bad_images)
         return {k: result[k] for k in ("top1", "top5", "loss") if k in result}
     if "tokens" not in cache:
         cache["tokens"] = tokenize(tokenizer, load_text(recipe.eval_data))

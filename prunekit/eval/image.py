@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import PrunekitError
-from ..data.images import ImageData, data_config, image_dataset, image_transform
+from ..data.images import ImageData, collate_labeled, data_config, image_dataset, image_transform
 from ..io.atomic import write_json
 from ..io.timm import load_vision_model, num_classes_of
 
@@ -76,7 +76,9 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor] | None, stage: str) -> None:
+        if batch is None:  # every image of the batch was unreadable and skipped (skip_bad_images)
+            return
         images, labels = batch
         logits = self(images).float()
         self._check_logits(logits)
@@ -112,7 +114,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, val: ImageData | None = None, train: ImageData | None = None,
                  data_config: dict[str, Any] | None = None, num_classes: int | None = None,
-                 batch_size: int = 64, num_workers: int = 0, train_augment: bool = True):
+                 batch_size: int = 64, num_workers: int = 0, train_augment: bool = True,
+                 skip_bad_images: bool = False):
         super().__init__()
         if val is None and train is None:
             raise PrunekitError("give val= (evaluation images) and/or train= (fine-tuning images)")
@@ -121,7 +124,7 @@ class ImageDataModule(L.LightningDataModule):
                              "(model) or use ImageDataModule.for_model(model, ...)")
         self.val_data, self.train_data, self.config = val, train, data_config
         self.num_classes, self.batch_size, self.num_workers = num_classes, batch_size, num_workers
-        self.train_augment = train_augment
+        self.train_augment, self.skip_bad_images = train_augment, skip_bad_images
         self.val_set: Dataset | None = None
         self.train_set: Dataset | None = None
 
@@ -138,7 +141,7 @@ class ImageDataModule(L.LightningDataModule):
             self.train_set = self._dataset(self.train_data, is_training=self.train_augment)
 
     def _dataset(self, data: ImageData, is_training: bool) -> Dataset:
-        dataset = image_dataset(data, image_transform(self.config, is_training=is_training))
+        dataset = image_dataset(data, image_transform(self.config, is_training=is_training), self.skip_bad_images)
         if self.num_classes is not None:
             check_class_folders(dataset, self.num_classes, str(data))
         return dataset
@@ -159,7 +162,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.val_set is None:
             raise PrunekitError("no evaluation images: give ImageDataModule(val=...)")
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          sampler=eval_sampler(self.val_set, self.trainer))
+                          sampler=eval_sampler(self.val_set, self.trainer), collate_fn=collate_labeled)
 
 
 def eval_sampler(dataset: Dataset, trainer: L.Trainer | None):
@@ -190,14 +193,16 @@ def _results(metrics: dict[str, Any], stage: str = "test") -> dict[str, float]:
 
 def evaluate_image(model: nn.Module, data: ImageData, batch_size: int = 64, num_workers: int = 0,
                    accelerator: str = "auto", devices: int | str = 1, progress: bool = True,
-                   results: str | os.PathLike | None = None, **trainer_kwargs: Any) -> dict[str, Any]:
+                   results: str | os.PathLike | None = None, skip_bad_images: bool = False,
+                   **trainer_kwargs: Any) -> dict[str, Any]:
     """Top-1 / top-5 / mean cross-entropy of ``model`` on an ImageFolder (or Dataset) via ``trainer.test``.
 
     Returns ``{"top1", "top5" (>= 5 classes), "loss", "images", "num_classes", "data_config"}``, also
     written to ``results`` (JSON) when given. ``trainer_kwargs`` go to ``lightning.Trainer``.
     """
     module = ImageClassifier(model)
-    datamodule = ImageDataModule.for_model(model, val=data, batch_size=batch_size, num_workers=num_workers)
+    datamodule = ImageDataModule.for_model(model, val=data, batch_size=batch_size, num_workers=num_workers,
+                                           skip_bad_images=skip_bad_images)
     trainer = eval_trainer(accelerator=accelerator, devices=devices, enable_progress_bar=progress, **trainer_kwargs)
     described = type(data).__name__ if isinstance(data, Dataset) else str(data)
     return _run_test(trainer, module, datamodule, {"data": described}, results)

@@ -110,3 +110,14 @@ def test_digits_calibration_uses_the_fixture_config():
     batches = image_calibration(model, fixture_path("digits", "train"), nsamples=8, batch_size=8)
     assert batches[0].shape == (8, 3, 32, 32)
     assert batches[0].min() >= -1 and batches[0].max() <= 1  # mean 0.5 / std 0.5 normalisation
+
+
+def test_evaluation_skips_unreadable_images_when_asked(folder):
+    """--skip-bad-images covers evaluation folders too: by default the first bad image fails naming the file."""
+    from prunekit.eval.image import evaluate_image
+    model = tiny_convnext(num_classes=3)
+    _break(folder)
+    with pytest.raises(PrunekitError, match="cannot be read"):
+        evaluate_image(model, folder, batch_size=4, progress=False, accelerator="cpu")
+    result = evaluate_image(model, folder, batch_size=4, progress=False, accelerator="cpu", skip_bad_images=True)
+    assert result["images"] == 15
