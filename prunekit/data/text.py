@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -96,8 +97,12 @@ def _dataset_text(ds, column: str, source) -> str:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of the whole text as one sequence (1-D LongTensor), as the papers tokenise."""
+    """Token ids of the whole text as one sequence (1-D LongTensor), as the papers tokenise. One tokenizer call
+    (no progress to show inside it), so the log says what is happening and how long it took."""
+    start = time.perf_counter()
+    log.info("tokenising %.1f MB of text", len(text) / 1e6)
     ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+    log.info("tokenised into %d tokens in %.1fs", len(ids), time.perf_counter() - start)
     return torch.tensor(ids, dtype=torch.long)
 
 
