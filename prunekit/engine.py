@@ -31,7 +31,7 @@ from .activations import Activations, choose_offload, gib
 from .collect import LayerStats, collect
 from .config import PruneConfig
 from .errors import PrunekitError
-from .forward import Batch, StopForward, block_output, hidden_state, hooks, model_device, on_device, run_model
+from .forward import CACHE_KWARGS, Batch, StopForward, block_output, hidden_state, hooks, model_device, on_device, run_model
 from .graph import block_layers, num_groups, set_weight_matrix, weight_matrix
 from .groups import GLOBAL, select_global
 from .methods import HESSIAN, NORMS, Method, Solver, Target, Update, mask_from_scores
@@ -138,7 +138,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Sequ
     seen = []
 
     def catch(module, args, kwargs):
-        store(args, {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")})
+        store(args, {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS})
         seen.append(True)
         raise StopForward
 
@@ -263,8 +263,8 @@ def _capture(model, first_block, batches, plan: Plan, source: BlockSource, scrat
             hidden = hidden_state(args, kwargs)
             total = hidden.numel() * hidden.element_size() * len(batches)
             compute = device or hidden.device
-            acts = Activations(choose_offload(plan.config.offload_activations, total, compute, 2 * source.block_bytes()), device,
-                               scratch)
+            where = choose_offload(plan.config.offload_activations, total, compute, 2 * source.block_bytes())
+            acts = Activations(where, device, scratch)
         acts.append(args, kwargs)
 
     with source.capture():

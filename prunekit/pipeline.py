@@ -66,16 +66,16 @@ def claimed(recipe: PruneRecipe, inputs: dict[str, str | None]) -> Iterator[Outp
         yield claim
 
 
-def load_job(recipe: PruneRecipe) -> tuple[nn.Module, Any, Any, dict]:
-    """Model, tokenizer, calibration and evaluation tokens. For language models the text is read, tokenised
-    and cut into windows before the weights load, so a data problem shows in seconds, not after the load."""
+def load_job(recipe: PruneRecipe, calibrate: bool = True) -> tuple[nn.Module, Any, Any, dict]:
+    """Model, tokenizer, calibration (when ``calibrate``) and evaluation tokens. For language models the text is
+    read, tokenised and cut into windows before the weights load, so a data problem shows in seconds."""
     if is_vision_source(recipe.model):
         model = load_vision_model(recipe.model)
-        return model, None, calibration(model, None, recipe), {}
+        return model, None, calibration(model, None, recipe) if calibrate else None, {}
     tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
     hf_config = load_config(recipe.model, recipe.trust_remote_code)
     calib = None
-    if recipe.calib_data:
+    if recipe.calib_data and calibrate:
         seqlen = resolve_seqlen(recipe.seqlen, hf_config)
         text = tokenize(tokenizer, load_text(recipe.calib_data, what="--calib-data"))
         calib = random_windows(text, recipe.nsamples, seqlen, recipe.seed)
@@ -84,15 +84,6 @@ def load_job(recipe: PruneRecipe) -> tuple[nn.Module, Any, Any, dict]:
         resolve_seqlen(recipe.eval_seqlen or recipe.seqlen, hf_config, "eval_seqlen")
         cache["tokens"] = tokenize(tokenizer, load_text(recipe.eval_data, what="--eval-data"))
     return load_causal_lm(recipe.model, recipe.dtype, recipe.trust_remote_code), tokenizer, calib, cache
-
-
-def load_model(recipe: PruneRecipe) -> tuple[nn.Module, Any]:
-    """A vision classifier (``timm:``, ``local-dir:``, ``torchvision:``, saved vision dir) or a HF causal LM
-    with its tokenizer."""
-    if is_vision_source(recipe.model):
-        return load_vision_model(recipe.model), None
-    model = load_causal_lm(recipe.model, recipe.dtype, recipe.trust_remote_code)
-    return model, load_tokenizer(recipe.model, recipe.trust_remote_code)
 
 
 def calibration(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> Any:

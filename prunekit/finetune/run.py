@@ -16,7 +16,7 @@ from ..graph import select_layers
 from ..io import OutputClaim, save_causal_lm, write_json
 from ..io.timm import save_vision_model
 from ..lightning import PruningCallback
-from ..pipeline import claimed, evaluate, load_model, prune_with_recipe, validate
+from ..pipeline import claimed, evaluate, load_job, prune_with_recipe, validate
 from ..recipe import dump_recipe, recipe_dict
 from .causal_lm import CausalLMModule, TextDataModule
 from .lora import add_lora, keep_masks, merge_lora_keep_sparsity
@@ -42,12 +42,12 @@ def run_finetune(recipe: FinetuneRecipe, recipe_path: str | os.PathLike | None =
 
 def _run(recipe: FinetuneRecipe) -> tuple[nn.Module, Any, dict[str, Any]]:
     L.seed_everything(recipe.seed, verbose=False)
-    model, tokenizer = load_model(recipe)
+    model, tokenizer, calib, cache = load_job(recipe, calibrate=recipe.schedule == "oneshot")
     task = _task(recipe, tokenizer)
-    keys, cache, timings = list(model.state_dict()), {}, {}
+    keys, timings = list(model.state_dict()), {}
     metrics = _prefixed(evaluate(model, tokenizer, recipe, cache), "dense")
     start = time.perf_counter()
-    pruned = _prune_first(model, tokenizer, recipe) if recipe.schedule == "oneshot" else None
+    pruned = prune_with_recipe(model, tokenizer, recipe, calib).to_dict() if recipe.schedule == "oneshot" else None
     timings["prune_s"] = time.perf_counter() - start
     if pruned is not None:
         metrics.update(_prefixed(evaluate(model, tokenizer, recipe, cache), "pruned"))
@@ -69,12 +69,6 @@ def _task(recipe: FinetuneRecipe, tokenizer: Any) -> str:
 
 def _prefixed(values: dict[str, float], stage: str) -> dict[str, float]:
     return {f"{k}_{stage}": v for k, v in values.items()}
-
-
-def _prune_first(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe) -> dict[str, Any]:
-    """One-shot pruning before fine-tuning, exactly as ``prunekit prune`` runs it."""
-    report = prune_with_recipe(model, tokenizer, recipe)
-    return report.to_dict()
 
 
 def pruning_callback(recipe: FinetuneRecipe) -> PruningCallback:
