@@ -40,7 +40,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     ``None`` so a recipe's value (or the field's default) applies."""
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        if not meta or not meta.get("cli", True):
+        if not meta:
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = default not in (None, (), {}, False) and not isinstance(default, bool)

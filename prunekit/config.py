@@ -17,19 +17,17 @@ from typing import Any
 
 from .errors import PrunekitError
 
-LAYER_TYPES = ("linear", "conv", "all")
-DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 OFFLOAD_MODES = ("auto", "device", "cpu", "disk")
 
 
 def setting(default: Any = None, help: str = "", *, flag: str | None = None, type: Any = None,  # noqa: A002
-            repeat: bool = False, keyvalue: bool = False, recipe: bool = True, cli: bool = True) -> Any:
+            repeat: bool = False, keyvalue: bool = False, recipe: bool = True) -> Any:
     """A dataclass field with what the CLI needs to offer it as a flag.
 
     ``repeat``: the flag may be given several times (a tuple; commas also split); ``keyvalue``: ``KEY=VALUE``
     pairs into a mapping; ``recipe=False``: not accepted from a YAML recipe (command line / Python only).
     """
-    meta = dict(help=help, flag=flag, type=type, repeat=repeat, keyvalue=keyvalue, recipe=recipe, cli=cli)
+    meta = dict(help=help, flag=flag, type=type, repeat=repeat, keyvalue=keyvalue, recipe=recipe)
     if isinstance(default, (dict, list, tuple)):
         return field(default_factory=lambda: type_of(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -158,16 +156,18 @@ def per_update_params(updates: tuple, params: Mapping) -> dict[str, dict]:
 
 def check_config(config: PruneConfig) -> None:
     """Every check that needs no model, in one place, before any loading or work."""
+    from .graph import LAYER_TYPES
     from .groups import check_sparsity, parse_pattern
+    from .io.hf import parse_dtype
     check_sparsity(config.sparsity)
     nm = parse_pattern(config.pattern)
     _check_counts(config)
-    _check_choice("dtype", config.dtype, DTYPES)
+    parse_dtype(config.dtype)
     _check_choice("offload_activations", config.offload_activations, OFFLOAD_MODES)
     _check_choice("stats_dtype", config.stats_dtype, ("float32", "float64"))
-    unknown_types = sorted(set(config.layer_types) - set(LAYER_TYPES))
+    unknown_types = sorted(set(config.layer_types) - set(LAYER_TYPES) - {"all"})
     if unknown_types:
-        raise PrunekitError(f"unknown layer type(s) {unknown_types}; choose from {', '.join(LAYER_TYPES)}")
+        raise PrunekitError(f"unknown layer type(s) {unknown_types}; choose from {', '.join(LAYER_TYPES)} or all")
     check_device(config.device)
     if config.structured:
         _check_structured(config)
