@@ -24,7 +24,7 @@ from .io import load_causal_lm, load_tokenizer, save_causal_lm, write_json
 from .io.hf import load_config
 from .io.atomic import OutputClaim, claim_output
 from .io.paths import check_file_writable, check_paths, checkpoint_bytes, looks_local
-from .io.compact import is_compact, save_compact
+from .io.compact import save_compact
 from .io.timm import is_vision_source, load_vision_model, local_path, save_vision_model
 from .recipe import PruneRecipe, dump_recipe
 
@@ -174,7 +174,7 @@ def run_eval_ppl(model: str, data: str, seqlen: int | None = None, batch_size: i
         check_file_writable(json_path, "--json")
     if seqlen is not None and seqlen < 1:
         raise PrunekitError(f"--seqlen must be a positive integer, got {seqlen}")
-    lm = _load_any_lm(model, dtype, trust_remote_code)
+    lm = load_causal_lm(model, dtype, trust_remote_code)
     seqlen = resolve_seqlen(seqlen, lm)
     tokens = tokenize(load_tokenizer(model, trust_remote_code), load_text(data))
     ppl = perplexity(lm, tokens, seqlen, batch_size, device)
@@ -185,11 +185,3 @@ def run_eval_ppl(model: str, data: str, seqlen: int | None = None, batch_size: i
     if json_path:
         write_json(json_path, result)
     return result
-
-
-def _load_any_lm(model: str, dtype: str, trust_remote_code: bool) -> nn.Module:
-    """A causal LM from a dense checkpoint, or from prunekit's compact format (restored in memory)."""
-    if Path(model).is_dir() and is_compact(model):
-        from .io.compact import load_compact_model
-        return load_compact_model(model, dtype, trust_remote_code)
-    return load_causal_lm(model, dtype, trust_remote_code)

@@ -105,6 +105,10 @@ def test_eval_reads_the_compact_format(checkpoint, tmp_path, capsys):  # noqa: F
                      "32"]) == 0
         results.append(capsys.readouterr().out)
     assert results[0] == results[1] and results[0].startswith("perplexity ")
+    again = tmp_path / "again"  # every command reads what prunekit writes: prune a compact output again
+    argv = _prune_args(checkpoint, again, "--sparsity", "0.6")
+    argv[argv.index("--model") + 1] = str(compact)
+    assert main(argv) == 0 and (again / "model.safetensors").exists()
 
 
 def test_eval_seqlen_zero_and_beyond_the_context(checkpoint, capsys):  # noqa: F811

@@ -50,11 +50,16 @@ def _hub_cached(repo_id: str) -> bool:
 
 def load_causal_lm(source: str | os.PathLike, dtype: str | torch.dtype | None = None,
                    trust_remote_code: bool = False) -> nn.Module:
-    """A HF causal LM in eval mode. A truncated safetensors file or weights that do not fit ``config.json``
-    is one ``PrunekitError`` naming the file, not a loader traceback."""
+    """A HF causal LM in eval mode, from a dense checkpoint or prunekit's compact format (restored in memory,
+    so every command reads what ``prunekit prune`` writes). A truncated safetensors file or weights that do
+    not fit ``config.json`` is one ``PrunekitError`` naming the file, not a loader traceback."""
     from transformers import AutoModelForCausalLM
+
+    from .compact import is_compact, load_compact_model
     cache_only = check_model_source(source)
     local = Path(str(source)).expanduser()
+    if local.is_dir() and is_compact(local):
+        return load_compact_model(local, dtype, trust_remote_code)
     if local.is_dir():
         check_safetensors_dir(local)
     try:

@@ -28,7 +28,6 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None) -> Pat
 
 def load(path: str | os.PathLike, dtype: str | None = None, trust_remote_code: bool = False) -> nn.Module:
     """A model saved by ``save`` or ``prunekit prune`` (dense or compact), in eval mode."""
-    from .compact import is_compact, load_compact_model
     from .hf import load_causal_lm
     from .timm import is_vision_source, load_vision_model
     path = Path(path).expanduser()
@@ -36,6 +35,4 @@ def load(path: str | os.PathLike, dtype: str | None = None, trust_remote_code: b
         raise PrunekitError(f"{str(path)!r} is not a saved model directory")
     if is_vision_source(path):
         return load_vision_model(path)
-    if is_compact(path):
-        return load_compact_model(path, dtype, trust_remote_code)
     return load_causal_lm(path, dtype, trust_remote_code)
