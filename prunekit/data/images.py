@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from ..errors import PrunekitError
@@ -143,7 +144,8 @@ def image_calibration(model: nn.Module, data: ImageData, nsamples: int = 128, ba
     indices = sample_indices(len(dataset), nsamples, seed)
     loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=functools.partial(collate_images, transform=transform))
-    batches = [batch for batch in loader if batch is not None]
+    batches = [batch for batch in tqdm(loader, desc="loading calibration images", unit="batch", leave=False)
+               if batch is not None]
     kept = sum(len(b) for b in batches)
     if kept < nsamples:
         log.warning("skipped %d unreadable image(s) of the %d sampled from %s; calibrating on %d", nsamples - kept,
