@@ -68,8 +68,8 @@ def bench_shape(shape: tuple[int, int], repeats: int) -> list[dict]:
     for _ in range(repeats):  # interleaved: machine load falls on every measurement alike
         times["score"].append(timed(lambda: weight.abs() * norms)[0])
         for name in SELECTIONS:
-            t_new, new = timed(lambda: new_select(scores, name))
-            t_old, old = timed(lambda: old_select(scores, name))
+            t_new, new = timed(lambda name=name: new_select(scores, name))
+            t_old, old = timed(lambda name=name: old_select(scores, name))
             assert torch.equal(new, old), f"{name} on {shape}: masks differ"
             times[(name, "new")].append(t_new)
             times[(name, "old")].append(t_old)
