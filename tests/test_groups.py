@@ -89,3 +89,75 @@ def test_selection_equals_a_stable_sort_also_with_many_ties(values):
         flat = _stable_sort_mask(scores.reshape(-1), int(scores.numel() * sparsity), 0).reshape(scores.shape)
         assert torch.equal(select_mask(scores, sparsity, "per-layer"), flat)
     assert torch.equal(select_nm(scores, 2, 4), _stable_sort_mask(scores.reshape(16, 12, 4), 2, 2).reshape(16, 48))
+
+
+def _random_scores(kind: str, shape: tuple[int, int], seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    if kind == "rounded":  # heavy ties: a handful of distinct values
+        x = (x * 2).round()
+    elif kind == "inf":
+        x = torch.where(torch.rand(shape, generator=gen) < 0.15, float("inf"), x.round())
+        x = torch.where(torch.rand(shape, generator=gen) < 0.15, float("-inf"), x)
+    elif kind == "constant":
+        x = torch.full(shape, 3.0)
+    elif kind == "periodic":  # structured: a strided sample would alias
+        x = torch.arange(shape[0] * shape[1], dtype=torch.float).reshape(shape) % 7
+    return x
+
+
+@pytest.fixture(params=["default", "tiny-chunks"])
+def chunking(request, monkeypatch):
+    """Run each property twice: as shipped, and with chunks and samples so small that every path is taken
+    (many chunks, rows split across them, sampled brackets that miss)."""
+    import prunekit.groups as groups
+    if request.param == "tiny-chunks":
+        monkeypatch.setattr(groups, "CHUNK", 7)
+        monkeypatch.setattr(groups, "SAMPLE", 5)
+    return request.param
+
+
+@pytest.mark.parametrize("kind", ["continuous", "rounded", "inf", "constant", "periodic"])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (7, 13), (33, 20), (4, 64)])
+def test_fast_selection_equals_a_stable_sort(kind, shape, chunking):
+    from prunekit.groups import _prune_lowest_cols, _prune_lowest_flat, _prune_lowest_rows
+    scores = _random_scores(kind, shape, seed=sum(shape))
+    rows, cols = shape
+    for k in sorted({0, 1, cols // 2, cols - 1, cols}):
+        assert torch.equal(_prune_lowest_rows(scores, k), _stable_sort_mask(scores, k, 1)), (k, "rows")
+    for k in sorted({0, 1, rows // 2, rows - 1, rows}):
+        assert torch.equal(_prune_lowest_cols(scores, k), _stable_sort_mask(scores, k, 0)), (k, "cols")
+    flat, n = scores.reshape(-1), scores.numel()
+    for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+        assert torch.equal(_prune_lowest_flat(flat, k), _stable_sort_mask(flat, k, 0)), (k, "flat")
+
+
+@pytest.mark.parametrize("kind", ["continuous", "rounded", "inf", "constant", "periodic"])
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (5, 16), (2, 6), (7, 32)])
+def test_fast_nm_equals_a_stable_sort(kind, n, m, chunking):
+    scores = _random_scores(kind, (6, 4 * m), seed=m)
+    expected = _stable_sort_mask(scores.reshape(6, 4, m), m - n, 2).reshape(6, 4 * m)
+    assert torch.equal(select_nm(scores, n, m), expected)
+
+
+def test_fast_paths_match_the_old_masks_on_a_large_tie_heavy_layer():
+    """Bigger than a chunk and than the sample, so the shipped sizes run their real paths."""
+    from prunekit.groups import _prune_lowest
+    scores = (torch.randn(700, 3000, generator=torch.Generator().manual_seed(3)) * 4).round().abs()
+    scores[5] = 1.0  # one row entirely tied
+    for sparsity in (0.5, 0.7):
+        k_row, k_col = int(3000 * sparsity), int(700 * sparsity)
+        assert torch.equal(select_mask(scores, sparsity, "per-output"), _prune_lowest(scores, k_row, 1))
+        assert torch.equal(select_mask(scores, sparsity, "per-input"), _prune_lowest(scores, k_col, 0))
+        flat = _prune_lowest(scores.reshape(-1), int(scores.numel() * sparsity), 0).reshape(scores.shape)
+        assert torch.equal(select_mask(scores, sparsity, "per-layer"), flat)
+    blocks = _prune_lowest(scores.reshape(700, 750, 4), 2, 2).reshape(700, 3000)
+    assert torch.equal(select_nm(scores, 2, 4), blocks)
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 8, 16])
+def test_sorting_networks_sort_every_zero_one_input(m):
+    """The 0-1 principle: a comparator network that sorts all 2^m inputs of zeros and ones sorts everything."""
+    from prunekit.groups import _sorted_columns
+    bits = ((torch.arange(2 ** m)[:, None] >> torch.arange(m)) & 1).float()
+    assert torch.equal(torch.stack(_sorted_columns(bits), 1), bits.sort(1).values)
