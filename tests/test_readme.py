@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_LINES = 400  # the copy's kjv/test.txt is cut to its first verses so the two evaluations take seconds
+CALIB_LINES = 2000  # and its train.txt (tokenised twice, by the CLI and by the Python block) to ~70k tokens, 8x
+#                     the 32 x 256 the quick start samples
 
 
 def quick_start_blocks(readme: str) -> dict[str, str]:
@@ -26,9 +28,9 @@ def fresh_clone(tmp: Path) -> Path:
     """The package with its assets, plus the ``.venv/bin`` entry points that ``.ci/setup`` would create."""
     root = tmp / "prunekit-clone"
     shutil.copytree(ROOT / "prunekit", root / "prunekit", ignore=shutil.ignore_patterns("__pycache__"))
-    test_text = root / "prunekit" / "assets" / "kjv" / "test.txt"
-    test_text.write_text("".join(test_text.read_text(encoding="utf-8").splitlines(True)[:EVAL_LINES]),
-                         encoding="utf-8")
+    for name, lines in (("test.txt", EVAL_LINES), ("train.txt", CALIB_LINES)):
+        text = root / "prunekit" / "assets" / "kjv" / name
+        text.write_text("".join(text.read_text(encoding="utf-8").splitlines(True)[:lines]), encoding="utf-8")
     bin_dir = root / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     for name, args in (("python", ""), ("prunekit", " -m prunekit.cli")):

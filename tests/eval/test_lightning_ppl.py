@@ -10,7 +10,7 @@ import yaml
 
 from prunekit.eval.lightning_ppl import TokenWindowDataModule, lightning_perplexity, run_ppl_eval_config
 from prunekit.eval.perplexity import perplexity
-from tests.conftest import fixture_path, tiny_llama
+from tests.conftest import fixture_path, load_kjv_llama, tiny_llama
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "llama-ppl-eval.yaml"
 QUIET = dict(enable_progress_bar=False, accelerator="cpu")
@@ -35,11 +35,8 @@ def test_max_windows_takes_the_first_windows():
 
 
 @pytest.mark.slow
-def test_kjv_recipe_equals_plain_evaluator(tmp_path):
+def test_kjv_recipe_equals_plain_evaluator(tmp_path, kjv_test_tokens):
     """The shipped recipe on kjv-llama-5m (first 16 test windows, to stay fast) = prunekit.eval.perplexity."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from prunekit.data import load_text, tokenize
     source = fixture_path("kjv-llama-5m")
     test_text = fixture_path("kjv", "test.txt")
     out = run_ppl_eval_config(RECIPE, {"model": {"source": str(source)},
@@ -47,8 +44,8 @@ def test_kjv_recipe_equals_plain_evaluator(tmp_path):
                                        "trainer": QUIET, "results": str(tmp_path / "ppl.json")})
     config = yaml.safe_load(RECIPE.read_text())
     seqlen = config["data"]["seqlen"]
-    tokens = tokenize(AutoTokenizer.from_pretrained(source), load_text(test_text))[: 16 * seqlen]
-    want = perplexity(AutoModelForCausalLM.from_pretrained(source), tokens, seqlen=seqlen, batch_size=8)
+    tokens = kjv_test_tokens[: 16 * seqlen]
+    want = perplexity(load_kjv_llama(), tokens, seqlen=seqlen, batch_size=8)
     assert out["ppl"] == pytest.approx(want, rel=1e-4)
     assert out["windows"] == 16 and out["tokens"] == 16 * (seqlen - 1)
     assert json.loads((tmp_path / "ppl.json").read_text())["ppl"] == out["ppl"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prunekit.eval import perplexity, token_windows
-from tests.conftest import fixture_path, tiny_llama
+from tests.conftest import tiny_llama
 
 
 def test_perplexity_equals_hf_loss_per_window():
@@ -24,10 +24,6 @@ def test_too_short_text():
 
 
 @pytest.mark.slow
-def test_fixture_dense_perplexity_matches_metrics():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from prunekit.data import load_text, tokenize
-    path = fixture_path("kjv-llama-5m")
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tokens = tokenize(AutoTokenizer.from_pretrained(path), load_text(fixture_path("kjv", "test.txt")))
-    assert perplexity(model, tokens, 256) == pytest.approx(46.62, abs=0.01)  # METRICS.md
+def test_fixture_dense_perplexity_matches_metrics(kjv_dense_ppl):
+    """perplexity(kjv-llama-5m, all of kjv/test.txt, 256) -- computed once per session in conftest.py."""
+    assert kjv_dense_ppl == pytest.approx(46.62, abs=0.01)  # METRICS.md

@@ -211,16 +211,13 @@ def test_registered_with_defaults():
 # ------------------------------------------------------------------ on the trained fixture
 
 @pytest.mark.slow
-def test_layer_error_ordering_on_fixture():
+def test_layer_error_ordering_on_fixture(kjv_train_tokens):
     """One real layer (block 0's down_proj of kjv-llama-5m, dense inputs) at 70%: the weight-update
     methods reconstruct its output better than Wanda's mask alone, and ADMM-gradual beats SparseGPT."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from prunekit.collect import collect
-    from prunekit.data import load_text, random_windows, tokenize
-    from tests.conftest import fixture_path
-    path = fixture_path("kjv-llama-5m")
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tokens = tokenize(AutoTokenizer.from_pretrained(path), load_text(fixture_path("kjv", "train.txt")))
+    from prunekit.data import random_windows
+    from tests.conftest import load_kjv_llama
+    model, tokens = load_kjv_llama(), kjv_train_tokens
     layer = model.model.layers[0].mlp.down_proj
     with torch.no_grad(), collect({"down": layer}, hessian=True) as stats:
         model(random_windows(tokens, 16, 256, seed=0), use_cache=False)

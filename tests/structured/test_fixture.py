@@ -3,33 +3,27 @@ LlamaForCausalLM with the promised size and a perplexity close to the dense mode
 import pytest
 import torch
 
-from prunekit.data import calibration_batches, load_text, tokenize
+from prunekit.data import calibration_batches, random_windows
 from prunekit.eval import perplexity
 from prunekit.structured import STRUCTURED
-from tests.conftest import fixture_path
+from tests.conftest import load_kjv_llama
 
 pytestmark = pytest.mark.slow
 
 
-def _load():
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(fixture_path("kjv-llama-5m")).eval()
-
-
 @pytest.fixture(scope="module")
-def kjv():
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(fixture_path("kjv-llama-5m"))
-    calib = calibration_batches(str(fixture_path("kjv", "train.txt")), tok, nsamples=16, seqlen=256, seed=0)
-    test = tokenize(tok, load_text(fixture_path("kjv", "test.txt")))[: 48 * 256]
-    return calib, test, perplexity(_load(), test, 256)
+def kjv(kjv_train_tokens, kjv_test_tokens):
+    # = calibration_batches("kjv/train.txt", tokenizer, nsamples=16, seqlen=256, seed=0), on the session's tokens
+    calib = calibration_batches(random_windows(kjv_train_tokens, 16, 256, 0))
+    test = kjv_test_tokens[: 48 * 256]
+    return calib, test, perplexity(load_kjv_llama(), test, 256)
 
 
 @pytest.mark.parametrize("method", ["depth", "width", "slicegpt"])
 def test_twenty_percent_reloads_and_keeps_quality(method, kjv, tmp_path):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
     calib, test, dense_ppl = kjv
-    model = _load()
+    model = load_kjv_llama()
     summary = STRUCTURED.create(method, {}).prune_model(model, calib, 0.2)
     assert abs(summary["removed_fraction"] - 0.2) < 0.06  # depth: 1 of 4 blocks = 25%
     model.save_pretrained(tmp_path)
