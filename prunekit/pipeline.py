@@ -18,7 +18,6 @@ from .api import PruneReport, prune, resolve_seqlen
 from .data.images import image_calibration
 from .data.text import load_text, random_windows, tokenize
 from .errors import PrunekitError
-from .eval.image import evaluate_image
 from .eval.perplexity import perplexity
 from .io import load_causal_lm, load_tokenizer, save_causal_lm, write_json
 from .io.hf import load_config
@@ -105,6 +104,7 @@ def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, cache: dict)
     if not recipe.eval_data:
         return {}
     if tokenizer is None:
+        from .eval.image import evaluate_image  # Lightning: imported only for image models
         result = evaluate_image(model, recipe.eval_data, batch_size=recipe.eval_batch_size,
                                 num_workers=recipe.num_workers, progress=False,
                                 skip_bad_images=recipe.skip_bad_images)

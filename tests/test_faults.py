@@ -199,18 +199,6 @@ def test_two_runs_on_one_out(checkpoint, tmp_path):  # noqa: F811
     assert no_temporaries(tmp_path)
 
 
-@pytest.mark.slow
-def test_ctrl_c_exits_130_and_leaves_nothing(checkpoint, tmp_path):  # noqa: F811
-    out = tmp_path / "o"
-    proc = run(args(checkpoint, out, "--nsamples", "120", "--seqlen", "128", "--method", "sparsegpt"))
-    wait_for(tmp_path / ".o.lock", proc)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted"), err
-    assert not out.exists() and no_temporaries(tmp_path)
-
-
 # A prune whose save pauses after writing the model: it touches argv[1], then waits (at most 2 minutes) for
 # argv[2] to appear.
 SLOW_SAVE = """
@@ -234,6 +222,17 @@ def slow_save(marker: Path, release: Path, argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(marker), str(release), *argv], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_leaves_nothing(checkpoint, tmp_path):  # noqa: F811
+    out, marker = tmp_path / "o", tmp_path / "marker"
+    proc = slow_save(marker, tmp_path / "never", args(checkpoint, out))
+    wait_for(marker, proc)  # interrupted in the middle of writing the output
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted"), err
+    assert not out.exists() and no_temporaries(tmp_path)
 
 
 @pytest.mark.slow

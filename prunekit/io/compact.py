@@ -428,24 +428,3 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, to: str = "dense"
     log.info("converted %s -> %s (%s, %d tensors)", source, out, to, len(weight_map))
     return weight_map
 
-
-def load_compact_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
-                       trust_remote_code: bool = False) -> nn.Module:
-    """A Hugging Face causal LM saved with ``--save-format compact``, restored dense in memory, so every
-    prunekit command reads what prunekit writes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .hf import parse_dtype
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    state = load_compact(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
-    if set(missing) - tied or unexpected:
-        raise PrunekitError(f"compact checkpoint {str(path)!r} does not match its config: missing "
-                            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    if tied:
-        model.tie_weights()
-    stored = next((t.dtype for t in state.values() if t.is_floating_point()), None)
-    target = parse_dtype(dtype) or stored  # "auto": as stored
-    return (model.to(target) if target is not None else model).eval()

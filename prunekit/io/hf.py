@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import PrunekitError
 from .files import check_safetensors_dir, safetensors_shapes
+from .compact import is_compact, load_compact
 from .paths import looks_local, require_hub, require_local
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -55,7 +56,6 @@ def load_causal_lm(source: str | os.PathLike, dtype: str | torch.dtype | None = 
     not fit ``config.json`` is one ``PrunekitError`` naming the file, not a loader traceback."""
     from transformers import AutoModelForCausalLM
 
-    from .compact import is_compact, load_compact_model
     cache_only = check_model_source(source)
     local = Path(str(source)).expanduser()
     if local.is_dir() and is_compact(local):
@@ -131,3 +131,23 @@ def save_causal_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> N
     model.save_pretrained(str(out_dir), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
+
+
+def load_compact_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                       trust_remote_code: bool = False) -> nn.Module:
+    """A Hugging Face causal LM saved with ``--save-format compact``, restored dense in memory, so every
+    prunekit command reads what prunekit writes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    state = load_compact(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
+    if set(missing) - tied or unexpected:
+        raise PrunekitError(f"compact checkpoint {str(path)!r} does not match its config: missing "
+                            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    if tied:
+        model.tie_weights()
+    stored = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    target = parse_dtype(dtype) or stored  # "auto": as stored
+    return (model.to(target) if target is not None else model).eval()
