@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import json
 import logging
 import sys
 import traceback
@@ -288,9 +287,40 @@ def cmd_finetune(args) -> int:
     from .finetune.run import run_finetune_recipe
     overrides = {k: getattr(args, k) for k in ("out", "overwrite", "trust_remote_code")
                  if getattr(args, k) is not None}
-    result = run_finetune_recipe(args.recipe, overrides)
-    print(json.dumps(result.get("metrics", result), indent=2, default=str))
+    report = run_finetune_recipe(args.recipe, overrides)
+    print_finetune_report(report)
+    if report["settings"].get("out"):
+        print(f"saved to {report['settings']['out']}")
     return 0
+
+
+def print_finetune_report(report: dict[str, Any]) -> None:
+    """The metrics before and after as a small table (4 decimals), then sparsity and times."""
+    from rich.console import Console
+    console = Console()
+    console.print(f"{report['task']} fine-tuning: sparsity {report['sparsity']:.4f}")
+    console.print(finetune_table(report["metrics"]))
+    timings = report.get("timings") or {}
+    console.print("  ".join(f"{k.removesuffix('_s').replace('_', ' ')} time {v:.2f}s" for k, v in timings.items()))
+
+
+def finetune_table(metrics: dict[str, float]):
+    """``{"top1_dense": .., "top1_finetuned": .., "ppl_lora_unmerged": ..}`` as one row per stage (dense, pruned,
+    lora unmerged, finetuned) and one column per metric, each value to 4 decimals."""
+    from rich.table import Table
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        metric, _, stage = key.partition("_")
+        rows.setdefault(stage.replace("_", " "), {})[metric] = value
+    columns = list(dict.fromkeys(metric for row in rows.values() for metric in row))
+    table = Table()
+    table.add_column("stage")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for stage, row in rows.items():
+        table.add_row(stage, *(f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "–"))
+                               for c in columns))
+    return table
 
 
 def _add_convert(sub) -> None:
@@ -406,10 +436,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Lightning's loggers (made before Lightning is imported, so nothing here imports it) and the advert it logs
+# at INFO when a Trainer has no LitLogger / LitModelCheckpoint.
+LIGHTNING_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+ADVERT_PREFIX = "\N{ELECTRIC LIGHT BULB} Tip:"
+# Deprecation notes one dependency raises about another's use of it (Lightning -> torch, peft -> transformers):
+# nothing a prunekit user can act on.
+DEPENDENCY_DEPRECATIONS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                           r"`is_gradient_checkpointing` is deprecated")
+
+
+class PrintedOnTheWay(logging.Filter):
+    """Drops a record at the root handler when a handler on a logger below the root printed it already:
+    Lightning adds its own console handler to the ``lightning`` logger when imported and lets its records
+    propagate, so without this every Lightning ``INFO:`` line appeared twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None and logger is not logging.root:
+            if logger.handlers:
+                return False
+            logger = logger.parent if logger.propagate else None
+        return True
+
+
+PRINTED_ON_THE_WAY = PrintedOnTheWay()  # one instance: calling main() again adds no second filter
+
+
+def not_an_advert(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(ADVERT_PREFIX)
+
+
+def configure_logging(verbose: bool) -> None:
+    """One handler on the root at WARNING (INFO with ``-v``); every line printed once; no adverts; no
+    deprecation notes of one dependency about another that the user cannot act on."""
+    import warnings
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.root.handlers:
+        handler.addFilter(PRINTED_ON_THE_WAY)
+    for name in LIGHTNING_RANK_ZERO_LOGGERS:
+        logging.getLogger(name).addFilter(not_an_advert)
+    for message in DEPENDENCY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return args.func(args)
     except PrunekitError as err:  # the user's to fix: one line, no traceback

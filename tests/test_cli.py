@@ -107,12 +107,15 @@ def test_methods_listing(capsys):
     assert "wanda" in out and "magnitude" in out and "uniform" in out
 
 
-def test_repo_recipes_parse():
-    """Every YAML in recipes/ is valid for the command it is written for (unknown keys are errors)."""
+def test_repo_recipes_parse(monkeypatch):
+    """Every YAML in recipes/ is valid for the command it is written for (unknown keys are errors), with its
+    paths relative to the repository root (tests/test_recipes.py runs them all)."""
     from pathlib import Path
     from prunekit.finetune.recipe import load_finetune_recipe
     from prunekit.recipe import PruneRecipe, load_recipe
-    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(root)
+    recipes = sorted((root / "recipes").glob("*.yaml"))
     assert len(recipes) >= 4
     for path in recipes:
         data = yaml.safe_load(path.read_text())
@@ -122,3 +125,34 @@ def test_repo_recipes_parse():
             load_finetune_recipe(path)
         else:
             load_recipe(PruneRecipe, path, {})
+
+
+# ---------------------------------------------------------------- what the CLI prints
+
+def test_finetune_summary_is_a_rounded_table(capsys):
+    """One row per stage, one column per metric, 4 decimals: never 0.9933333396911621."""
+    from prunekit.cli import print_finetune_report
+    report = {"task": "image-classification", "sparsity": 0.80000001,
+              "metrics": {"top1_dense": 0.9933333396911621, "loss_dense": 0.11501, "top1_finetuned": 0.98,
+                          "loss_finetuned": 0.2, "ppl_lora_unmerged": 53.22334},
+              "timings": {"prune_s": 0.5, "finetune_s": 61.687}}
+    print_finetune_report(report)
+    out = capsys.readouterr().out
+    assert "0.99333" not in out and "sparsity 0.8000" in out and "finetune time 61.69s" in out
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in out.splitlines() if line.startswith("│")}
+    assert rows == {"dense": ["0.9933", "0.1150", "–"], "finetuned": ["0.9800", "0.2000", "–"],
+                    "lora unmerged": ["–", "–", "53.2233"]}
+
+
+def test_lightning_lines_print_once_without_advert():
+    """Lightning's own console handler and prunekit's root handler both saw its INFO lines (each printed twice),
+    and a Trainer without LitLogger logs an advert; after configure_logging each line appears once, no advert."""
+    import subprocess
+    import sys
+    code = ("from prunekit.cli import configure_logging; configure_logging(False); import lightning.pytorch as L; "
+            "L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, accelerator='cpu')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if "available" in line or "Tip" in line]
+    assert [line.split(" available")[0] for line in lines] == ["INFO: GPU", "INFO: TPU"], run.stderr

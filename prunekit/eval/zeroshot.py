@@ -91,17 +91,18 @@ def mean_metrics(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float
 
 
 def format_table(result: Mapping[str, Any], metrics: Iterable[str] = METRICS) -> str:
-    """A markdown table: one row per task plus the mean, one column per metric (percent)."""
+    """A markdown table: one row per task plus the mean, one column per metric, as fractions with 4 decimals
+    (``0.4150 ± 0.0120``), the form the README and docs report accuracy in."""
     metrics = list(metrics)
     lines = ["| task | " + " | ".join(metrics) + " | docs |", "|---|" + "---|" * (len(metrics) + 1)]
     for name, row in result["tasks"].items():
-        cells = [_percent(row.get(m), row.get(f"{m}_stderr")) for m in metrics]
+        cells = [_fraction(row.get(m), row.get(f"{m}_stderr")) for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row.get('n', '')} |")
-    lines.append("| **mean** | " + " | ".join(_percent(result["mean"].get(m)) for m in metrics) + " | |")
+    lines.append("| **mean** | " + " | ".join(_fraction(result["mean"].get(m)) for m in metrics) + " | |")
     return "\n".join(lines)
 
 
-def _percent(value: float | None, stderr: float | None = None) -> str:
+def _fraction(value: float | None, stderr: float | None = None) -> str:
     if value is None:
         return "–"
-    return f"{100 * value:.2f}" + (f" ± {100 * stderr:.2f}" if isinstance(stderr, float) else "")
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, float) else "")

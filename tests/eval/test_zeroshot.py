@@ -42,9 +42,11 @@ def test_mean_metrics_only_over_metrics_every_task_has():
     assert mean_metrics(per_task) == {"acc": 0.375}
 
 
-def test_format_table_marks_missing_metrics():
+def test_format_table_fractions_and_missing_metrics():
+    """Accuracy as a fraction with 4 decimals, as the README and docs give it (not a percentage)."""
     table = format_table({"tasks": {"b": {"acc": 0.25, "acc_stderr": 0.05, "n": 8}}, "mean": {"acc": 0.25}})
-    assert "| b | 25.00 ± 5.00 | – | 8 |" in table
+    assert "| b | 0.2500 ± 0.0500 | – | 8 |" in table
+    assert "| **mean** | 0.2500 | – | |" in table
 
 
 def test_parse_tasks_and_errors(tmp_path):

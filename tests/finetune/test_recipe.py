@@ -34,13 +34,13 @@ def test_bad_recipes_fail_before_any_work(tmp_path, settings, message):
 
 
 def test_shipped_recipes_parse(monkeypatch):
-    fixture_path("kjv")
-    fixture_path("digits")
+    """The shipped recipes run on prunekit/assets (paths from the repository root); flags override them."""
     monkeypatch.chdir(ROOT)
     llm = load_finetune_recipe(ROOT / "recipes" / "llama-wanda70-lora.yaml")
     vision = load_finetune_recipe(ROOT / "recipes" / "convnext-gradual.yaml", {"max_steps": 400})
     assert (llm.sparsity, llm.schedule, llm.lora["r"]) == (0.7, "oneshot", 16)
-    assert (vision.schedule, vision.end_step, vision.max_steps) == ("cubic", 216, 400)
+    assert (vision.schedule, vision.end_step, vision.max_steps) == ("cubic", 15, 400)
+    assert llm.model.startswith("prunekit/assets/") and vision.train_data.startswith("prunekit/assets/")
 
 
 def head_text(tmp_path: Path, name: str, chars: int) -> Path:
