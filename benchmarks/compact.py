@@ -6,6 +6,7 @@ which runs only on a CUDA GPU with compute capability >= 8.0 (recorded as skippe
 
 Writes benchmarks/results/compact.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def dense_size(state: dict[str, torch.Tensor], path: Path) -> int:
     from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
     return path.stat().st_size
 
@@ -49,6 +51,7 @@ def restored_exactly(state: dict[str, torch.Tensor], restored: dict[str, torch.T
 def layer_ratio(model, path: Path) -> float:
     """Stored bytes of the pruned layers' weights (values + mask or index) over their dense bytes."""
     from safetensors import safe_open
+
     infos = CompactReader(path).infos
     names = [f"{n}.weight" for n in prunekit.select_layers(model)]
     with safe_open(str(path), framework="pt") as f:
@@ -75,9 +78,17 @@ def measure(model, label: str, work: Path) -> dict:
     tokens = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         same_logits = torch.equal(model(tokens).logits, fresh(tokens).logits)
-    return {"dense_bytes": dense, "compact_bytes": compact, "ratio": compact / dense,
-            "pruned_layers_ratio": layer_ratio(model, work / f"{label}.safetensors"), "formats": formats,
-            "save_s": save_s, "load_s": load_s, "same_logits": same_logits, **restored_exactly(state, restored)}
+    return {
+        "dense_bytes": dense,
+        "compact_bytes": compact,
+        "ratio": compact / dense,
+        "pruned_layers_ratio": layer_ratio(model, work / f"{label}.safetensors"),
+        "formats": formats,
+        "save_s": save_s,
+        "load_s": load_s,
+        "same_logits": same_logits,
+        **restored_exactly(state, restored),
+    }
 
 
 def semi_structured(model) -> dict:
@@ -90,28 +101,46 @@ def semi_structured(model) -> dict:
 
 
 def markdown(result: dict) -> str:
-    rows = ["| pruning | dtype | dense | compact | compact / dense | pruned layers only | formats | round trip |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| pruning | dtype | dense | compact | compact / dense | pruned layers only | formats | round trip |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, r in result["runs"].items():
         pruning, dtype = key.split(" / ")
         exact = "exact" if r["torch_equal"] and r["bits_equal_up_to_zero_sign"] and r["same_logits"] else "NOT exact"
-        rows.append(f"| {pruning} | {dtype} | {r['dense_bytes'] / 1e6:.2f} MB | {r['compact_bytes'] / 1e6:.2f} MB | "
-                    f"{r['ratio']:.3f} | {r['pruned_layers_ratio']:.3f} | {r['formats']} | {exact} |")
+        rows.append(
+            f"| {pruning} | {dtype} | {r['dense_bytes'] / 1e6:.2f} MB | {r['compact_bytes'] / 1e6:.2f} MB | "
+            f"{r['ratio']:.3f} | {r['pruned_layers_ratio']:.3f} | {r['formats']} | {exact} |"
+        )
     speed = result["semi_structured"]
-    speed_text = (f"Skipped: {speed['skipped']}" if "skipped" in speed else
-                  f"{speed['device']}: dense {speed['dense_tokens_per_s']:.0f} tokens/s, 2:4 "
-                  f"{speed['semi_structured_tokens_per_s']:.0f} tokens/s (x{speed['speedup']:.2f}), max |logit diff| "
-                  f"{speed['max_abs_logit_diff']:.3g}")
-    return "\n".join([
-        "# Compact sparse checkpoints", "",
-        f"kjv-llama-5m pruned with Wanda ({result['calibration']}); every Linear in the decoder blocks pruned, "
-        "embeddings, norms and head dense (stored as they are). Dense = the same state dict as one safetensors "
-        "file. Round trip: `load_compact` gives tensors equal to the saved ones (`torch.equal`), bit for bit "
-        "apart from zero signs (a pruned negative weight is -0.0 in the model and comes back +0.0), and the "
-        "reloaded model gives identical logits. Measured on CPU.", "", *rows, "",
-        f"{result['runs']['Wanda 50% / float32']['negative_zeros_in_input']} of the fp32 50% model's zeros are "
-        "-0.0 (the engine prunes by `W * mask`).", "",
-        "## 2:4 semi-structured speed (dense vs `to_semi_structured`, same run)", "", speed_text, ""])
+    speed_text = (
+        f"Skipped: {speed['skipped']}"
+        if "skipped" in speed
+        else f"{speed['device']}: dense {speed['dense_tokens_per_s']:.0f} tokens/s, 2:4 "
+        f"{speed['semi_structured_tokens_per_s']:.0f} tokens/s (x{speed['speedup']:.2f}), max |logit diff| "
+        f"{speed['max_abs_logit_diff']:.3g}"
+    )
+    return "\n".join(
+        [
+            "# Compact sparse checkpoints",
+            "",
+            f"kjv-llama-5m pruned with Wanda ({result['calibration']}); every Linear in the decoder blocks pruned, "
+            "embeddings, norms and head dense (stored as they are). Dense = the same state dict as one safetensors "
+            "file. Round trip: `load_compact` gives tensors equal to the saved ones (`torch.equal`), bit for bit "
+            "apart from zero signs (a pruned negative weight is -0.0 in the model and comes back +0.0), and the "
+            "reloaded model gives identical logits. Measured on CPU.",
+            "",
+            *rows,
+            "",
+            f"{result['runs']['Wanda 50% / float32']['negative_zeros_in_input']} of the fp32 50% model's zeros are "
+            "-0.0 (the engine prunes by `W * mask`).",
+            "",
+            "## 2:4 semi-structured speed (dense vs `to_semi_structured`, same run)",
+            "",
+            speed_text,
+            "",
+        ]
+    )
 
 
 def main() -> None:
@@ -122,14 +151,23 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = Path(args.fixtures) / "kjv-llama-5m"
     tokenizer = AutoTokenizer.from_pretrained(path)
     runs, models = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for pattern in (None, "2:4"):
             model = AutoModelForCausalLM.from_pretrained(path).eval()
-            prunekit.prune(model, "wanda", 0.5, pattern=pattern, calib=Path(args.fixtures) / "kjv" / "train.txt",
-                           tokenizer=tokenizer, nsamples=args.nsamples, seqlen=args.seqlen)
+            prunekit.prune(
+                model,
+                "wanda",
+                0.5,
+                pattern=pattern,
+                calib=Path(args.fixtures) / "kjv" / "train.txt",
+                tokenizer=tokenizer,
+                nsamples=args.nsamples,
+                seqlen=args.seqlen,
+            )
             name = "Wanda 2:4" if pattern else "Wanda 50%"
             models[name] = model
             for dtype in (torch.float32, torch.float16):
@@ -137,9 +175,13 @@ def main() -> None:
                 label = f"{name} / {str(dtype).removeprefix('torch.')}"
                 runs[label] = measure(variant, label.replace(" ", "_").replace("/", "").replace(":", ""), Path(tmp))
                 print(label, json.dumps(runs[label]), flush=True)
-    result = {"model": "kjv-llama-5m", "calibration": f"{args.nsamples} x {args.seqlen} tokens of kjv/train.txt, "
-              "seed 0", "runs": runs, "semi_structured": semi_structured(models["Wanda 2:4"]),
-              "torch": torch.__version__}
+    result = {
+        "model": "kjv-llama-5m",
+        "calibration": f"{args.nsamples} x {args.seqlen} tokens of kjv/train.txt, seed 0",
+        "runs": runs,
+        "semi_structured": semi_structured(models["Wanda 2:4"]),
+        "torch": torch.__version__,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "compact.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (RESULTS / "compact.md").write_text(markdown(result))

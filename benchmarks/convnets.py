@@ -14,6 +14,7 @@ recalibration. Top-1 on ``digits/val`` before and after ``prunekit.bn.recalibrat
 Measured on 2 shared CPU cores (load 12-18): training 8 epochs 52 min (once; cached), then per setting
 ~1 min (magnitude), ~2.5 min (Wanda), ~7 min (SparseGPT) including two evaluations and a recalibration.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,14 @@ DIGITS = (HERE.parent / ".." / "shared" / "fixtures" / "digits").resolve()
 CACHE = HERE / ".cache"
 RESULTS = HERE / "results"
 # The preprocessing the model is trained with; prunekit's image helpers read it from ``pretrained_cfg``.
-DATA_CFG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
-            "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+DATA_CFG = {
+    "input_size": (3, 32, 32),
+    "interpolation": "bilinear",
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+}
 GROUPS = ("per-layer", "per-output")
 SPARSITIES = (0.5, 0.7)
 INCLUDE = ["layer*"]
@@ -68,11 +75,18 @@ def random_shift(images: torch.Tensor, gen: torch.Generator, pad: int = 2) -> to
     padded = F.pad(images, [pad] * 4, value=float(images.min()))
     offsets = torch.randint(0, 2 * pad + 1, (images.shape[0], 2), generator=gen).tolist()
     size = images.shape[-1]
-    return torch.stack([p[:, i:i + size, j:j + size] for p, (i, j) in zip(padded, offsets)])
+    return torch.stack([p[:, i : i + size, j : j + size] for p, (i, j) in zip(padded, offsets)])
 
 
-def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int,
-          batch_size: int = 64, lr: float = 0.05) -> None:
+def train(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    seed: int,
+    batch_size: int = 64,
+    lr: float = 0.05,
+) -> None:
     """SGD with momentum and a cosine schedule; seeded order and augmentation."""
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * -(-len(images) // batch_size)
@@ -119,22 +133,42 @@ def settings(methods: list[str]) -> list[dict[str, Any]]:
     return rows + [dict(method=m, group=None, sparsity=0.5, pattern="2:4") for m in methods]
 
 
-def run_setting(model: nn.Module, dense_state: dict, setting: dict[str, Any], calib: list[torch.Tensor]
-                ) -> dict[str, Any]:
+def run_setting(
+    model: nn.Module, dense_state: dict, setting: dict[str, Any], calib: list[torch.Tensor]
+) -> dict[str, Any]:
     """Prune a fresh copy of the dense weights, evaluate, recalibrate BatchNorm, evaluate again."""
     model.load_state_dict(dense_state)
-    report = prunekit.prune(model, setting["method"], setting["sparsity"], pattern=setting["pattern"],
-                            group=setting["group"], calib=calib, include=INCLUDE, recalibrate_bn=False)
-    row = {**setting, "group": report.settings["group"], "measured_sparsity": report.sparsity,
-           "prune_s": report.timings["total_s"], "layers": len(report.layers)}
+    report = prunekit.prune(
+        model,
+        setting["method"],
+        setting["sparsity"],
+        pattern=setting["pattern"],
+        group=setting["group"],
+        calib=calib,
+        include=INCLUDE,
+        recalibrate_bn=False,
+    )
+    row = {
+        **setting,
+        "group": report.settings["group"],
+        "measured_sparsity": report.sparsity,
+        "prune_s": report.timings["total_s"],
+        "layers": len(report.layers),
+    }
     row["needs_recalibration"] = needs_bn_recalibration(model, report.layers, example=calib[0])
     row["no_bn"] = evaluate(model)
     start = time.perf_counter()
     recalibrate_bn(model, calib)
     row["recalibrate_s"] = time.perf_counter() - start
     row["bn"] = evaluate(model)
-    log.info("%s %s %s: top-1 %.4f -> %.4f with BN recalibration", setting["method"], row["group"],
-             setting["pattern"] or f"{setting['sparsity']:.0%}", row["no_bn"]["top1"], row["bn"]["top1"])
+    log.info(
+        "%s %s %s: top-1 %.4f -> %.4f with BN recalibration",
+        setting["method"],
+        row["group"],
+        setting["pattern"] or f"{setting['sparsity']:.0%}",
+        row["no_bn"]["top1"],
+        row["bn"]["top1"],
+    )
     return row
 
 
@@ -145,22 +179,31 @@ def label(row: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """The results table: top-1 / cross-entropy without and with BatchNorm recalibration."""
     dense = result["dense"]
-    lines = [f"Dense top-1 **{dense['top1']:.4f}** (loss {dense['loss']:.3f}) on digits/val "
-             f"({result['config']['val_images']} images); {result['config']['calib_images']} calibration images; "
-             f"pruned: every conv in layer1-layer4 ({result['rows'][0]['layers']} layers).", "",
-             "| method | group | sparsity | top-1 | top-1 + BN recal | loss | loss + BN recal | prune s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Dense top-1 **{dense['top1']:.4f}** (loss {dense['loss']:.3f}) on digits/val "
+        f"({result['config']['val_images']} images); {result['config']['calib_images']} calibration images; "
+        f"pruned: every conv in layer1-layer4 ({result['rows'][0]['layers']} layers).",
+        "",
+        "| method | group | sparsity | top-1 | top-1 + BN recal | loss | loss + BN recal | prune s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         group = "n/a (N:M)" if r["pattern"] else r["group"]
-        lines.append(f"| {r['method']} | {group} | {label(r)} | {r['no_bn']['top1']:.4f} | {r['bn']['top1']:.4f} | "
-                     f"{r['no_bn']['loss']:.3f} | {r['bn']['loss']:.3f} | {r['prune_s']:.1f} |")
+        lines.append(
+            f"| {r['method']} | {group} | {label(r)} | {r['no_bn']['top1']:.4f} | {r['bn']['top1']:.4f} | "
+            f"{r['no_bn']['loss']:.3f} | {r['bn']['loss']:.3f} | {r['prune_s']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="registered methods to run (default: magnitude, wanda and sparsegpt when registered)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="registered methods to run (default: magnitude, wanda and sparsegpt when registered)",
+    )
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-images", type=int, default=512)
@@ -181,8 +224,15 @@ def main() -> None:
     dense = evaluate(model)
     log.info("dense top-1 %.4f", dense["top1"])
     rows = [run_setting(model, dense_state, s, calib) for s in settings(methods)]
-    config = {"model": "torchvision resnet18, 3x3 stride-1 stem", "epochs": args.epochs, "seed": args.seed,
-              "calib_images": args.calib_images, "include": INCLUDE, "val_images": dense["images"], "threads": 2}
+    config = {
+        "model": "torchvision resnet18, 3x3 stride-1 stem",
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "calib_images": args.calib_images,
+        "include": INCLUDE,
+        "val_images": dense["images"],
+        "threads": 2,
+    }
     result = {"config": config, "dense": dense, "rows": rows, "versions": versions()}
     write_json(args.out.with_suffix(".json"), result)
     args.out.with_suffix(".md").write_text(markdown(result))

@@ -16,6 +16,7 @@ during training and at the end.
     python benchmarks/finetune.py [--part llm|vision|all] [--threads 2] [--vision-sparsity 0.8 0.9]
 Writes benchmarks/results/finetune.{json,md} (a part run alone replaces only its own rows).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,21 +46,52 @@ from prunekit.lightning import PruningCallback, cubic_sparsity
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 RESULTS = ROOT / "benchmarks" / "results"
-LLM = dict(model=FIXTURES / "kjv-llama-5m", train=FIXTURES / "kjv" / "train.txt", test=FIXTURES / "kjv" / "test.txt",
-           sparsity=0.7, steps=150, batch=4, seqlen=256, lora=dict(r=16, alpha=32), lora_lr=1e-3, full_lr=3e-4,
-           warmup=15)
-VISION = dict(model=f"local-dir:{FIXTURES / 'convnext-digits'}", train=FIXTURES / "digits" / "train",
-              val=FIXTURES / "digits" / "val", sparsity=0.8, epochs=8, batch=32, lr=2e-4, weight_decay=0.05,
-              end_epoch=5, every=24, calib_batches=4)
+LLM = dict(
+    model=FIXTURES / "kjv-llama-5m",
+    train=FIXTURES / "kjv" / "train.txt",
+    test=FIXTURES / "kjv" / "test.txt",
+    sparsity=0.7,
+    steps=150,
+    batch=4,
+    seqlen=256,
+    lora=dict(r=16, alpha=32),
+    lora_lr=1e-3,
+    full_lr=3e-4,
+    warmup=15,
+)
+VISION = dict(
+    model=f"local-dir:{FIXTURES / 'convnext-digits'}",
+    train=FIXTURES / "digits" / "train",
+    val=FIXTURES / "digits" / "val",
+    sparsity=0.8,
+    epochs=8,
+    batch=32,
+    lr=2e-4,
+    weight_decay=0.05,
+    end_epoch=5,
+    every=24,
+    calib_batches=4,
+)
 
 
 def trainer(steps: int, callbacks: list, **kwargs: Any) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     limit_val_batches=0, callbacks=callbacks, **kwargs)
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
 
 
 # ---------------------------------------------------------------- LLM
+
 
 def llm_part() -> dict[str, Any]:
     tok = load_tokenizer(LLM["model"])
@@ -69,8 +101,9 @@ def llm_part() -> dict[str, Any]:
     dense = load_causal_lm(LLM["model"])
     rows = [{"run": "dense", "steps": 0, "ppl": ppl(dense), "sparsity": 0.0}]
     pruned = load_causal_lm(LLM["model"])
-    report = prunekit.prune(pruned, "wanda", LLM["sparsity"], calib=str(LLM["train"]), tokenizer=tok, nsamples=128,
-                            seqlen=256, seed=0)
+    report = prunekit.prune(
+        pruned, "wanda", LLM["sparsity"], calib=str(LLM["train"]), tokenizer=tok, nsamples=128, seqlen=256, seed=0
+    )
     masks = keep_masks(pruned, names=report.layers)
     rows.append({"run": "Wanda 70% one-shot", "steps": 0, "ppl": ppl(pruned), "sparsity": report.sparsity})
     rows += llm_lora(copy.deepcopy(pruned), masks, data, ppl, masked=False)
@@ -93,10 +126,17 @@ def llm_lora(model, masks, data, ppl, masked: bool) -> list[dict]:
     merged = merge_lora_keep_sparsity(adapted, masks)
     layers = dict(merged.named_modules())
     same_zeros = all(torch.equal(layers[n].weight != 0, m) for n, m in masks.items())
-    return [{"run": f"{name}, adapters unmerged", "steps": LLM["steps"], "ppl": unmerged, "train_s": seconds},
-            {"run": f"{name}, merged + masks re-applied", "steps": LLM["steps"], "ppl": ppl(merged),
-             "sparsity": layer_sparsity({n: layers[n] for n in masks})[1], "zeros_identical_to_base": same_zeros,
-             "state_dict_keys_unchanged": list(merged.state_dict()) == keys}]
+    return [
+        {"run": f"{name}, adapters unmerged", "steps": LLM["steps"], "ppl": unmerged, "train_s": seconds},
+        {
+            "run": f"{name}, merged + masks re-applied",
+            "steps": LLM["steps"],
+            "ppl": ppl(merged),
+            "sparsity": layer_sparsity({n: layers[n] for n in masks})[1],
+            "zeros_identical_to_base": same_zeros,
+            "state_dict_keys_unchanged": list(merged.state_dict()) == keys,
+        },
+    ]
 
 
 def llm_full(model, masks, data, ppl, name: str) -> dict:
@@ -105,8 +145,13 @@ def llm_full(model, masks, data, ppl, name: str) -> dict:
     module = CausalLMModule(model.train(), lr=LLM["full_lr"], warmup_steps=LLM["warmup"])
     start = time.perf_counter()
     trainer(LLM["steps"], callbacks).fit(module, datamodule=data)
-    row = {"run": name, "steps": LLM["steps"], "ppl": ppl(model), "train_s": time.perf_counter() - start,
-           "state_dict_keys_unchanged": list(model.state_dict()) == keys}
+    row = {
+        "run": name,
+        "steps": LLM["steps"],
+        "ppl": ppl(model),
+        "train_s": time.perf_counter() - start,
+        "state_dict_keys_unchanged": list(model.state_dict()) == keys,
+    }
     if masks is not None:
         layers = dict(model.named_modules())
         row["sparsity"] = layer_sparsity({n: layers[n] for n in masks})[1]
@@ -115,6 +160,7 @@ def llm_full(model, masks, data, ppl, name: str) -> dict:
 
 
 # ---------------------------------------------------------------- vision
+
 
 class KeySpy(L.Callback):
     """Records the model's state-dict keys half way through training (ModelPruning adds weight_orig/mask)."""
@@ -141,9 +187,16 @@ def vision_run(name: str, callbacks_for, prune_first: str | None = None) -> dict
     trainer(steps, callbacks_for(module) + [spy]).fit(module, datamodule=vision_data(model))
     seconds = time.perf_counter() - start
     result = evaluate_image(model.eval(), VISION["val"], batch_size=150, progress=False)
-    return {"run": name, "steps": steps, "top1": result["top1"], "loss": result["loss"],
-            "sparsity": layer_sparsity(prunekit.select_layers(model))[1], "train_s": seconds,
-            "keys_mid_training": compare_keys(keys, spy.keys), "keys_final": compare_keys(keys, list(model.state_dict()))}
+    return {
+        "run": name,
+        "steps": steps,
+        "top1": result["top1"],
+        "loss": result["loss"],
+        "sparsity": layer_sparsity(prunekit.select_layers(model))[1],
+        "train_s": seconds,
+        "keys_mid_training": compare_keys(keys, spy.keys),
+        "keys_final": compare_keys(keys, list(model.state_dict())),
+    }
 
 
 def compare_keys(original: list[str], now: list[str] | None) -> str:
@@ -170,16 +223,26 @@ def steps_per_epoch(model) -> int:
 
 
 def ours(method: str, schedule: str, end_step: int):
-    return lambda module: [PruningCallback(method, VISION["sparsity"], group="per-layer", schedule=schedule,
-                                           end_step=end_step, every_n_steps=VISION["every"],
-                                           calib_batches=VISION["calib_batches"])]
+    return lambda module: [
+        PruningCallback(
+            method,
+            VISION["sparsity"],
+            group="per-layer",
+            schedule=schedule,
+            end_step=end_step,
+            every_n_steps=VISION["every"],
+            calib_batches=VISION["calib_batches"],
+        )
+    ]
 
 
 def lightning_pruning(amount):
     """ModelPruning on the same layers; ``amount(epoch)`` is the fraction of the *remaining* weights."""
+
     def make(module):
         params = [(m, "weight") for m in prunekit.select_layers(module.model).values()]
         return [ModelPruning("l1_unstructured", parameters_to_prune=params, amount=amount, verbose=0)]
+
     return make
 
 
@@ -200,47 +263,78 @@ def vision_part(sparsity: float) -> dict[str, Any]:
     calib = image_calibration(model, VISION["train"], nsamples=128, batch_size=32, seed=0)
     prunekit.prune(model, "wanda", s, group="per-layer", calib=calib)
     oneshot = evaluate_image(model, VISION["val"], batch_size=150, progress=False)
-    rows.append({"run": f"Wanda {pct} one-shot, no fine-tuning", "steps": 0, "top1": oneshot["top1"],
-                 "loss": oneshot["loss"], "sparsity": layer_sparsity(prunekit.select_layers(model))[1]})
-    rows += [vision_run("dense fine-tune (control)", lambda m: []),
-             vision_run(f"Wanda {pct} one-shot, then fine-tune (PruningCallback fixed)",
-                        lambda m: [PruningCallback("wanda", s, schedule="fixed")], prune_first="wanda"),
-             vision_run(f"Wanda {pct} gradual cubic (PruningCallback)", ours("wanda", "cubic", end)),
-             vision_run(f"magnitude {pct} gradual cubic (PruningCallback)", ours("magnitude", "cubic", end)),
-             vision_run(f"magnitude {pct} one-shot at fit start (PruningCallback)", ours("magnitude", "oneshot", None)),
-             vision_run(f"ModelPruning l1_unstructured {pct}, epoch-wise cubic",
-                        lightning_pruning(epochwise_cubic(s, VISION["end_epoch"], per_epoch))),
-             vision_run(f"ModelPruning l1_unstructured {pct} at end of epoch 0",
-                        lightning_pruning(lambda epoch: s if epoch == 0 else 0.0))]
+    rows.append(
+        {
+            "run": f"Wanda {pct} one-shot, no fine-tuning",
+            "steps": 0,
+            "top1": oneshot["top1"],
+            "loss": oneshot["loss"],
+            "sparsity": layer_sparsity(prunekit.select_layers(model))[1],
+        }
+    )
+    rows += [
+        vision_run("dense fine-tune (control)", lambda m: []),
+        vision_run(
+            f"Wanda {pct} one-shot, then fine-tune (PruningCallback fixed)",
+            lambda m: [PruningCallback("wanda", s, schedule="fixed")],
+            prune_first="wanda",
+        ),
+        vision_run(f"Wanda {pct} gradual cubic (PruningCallback)", ours("wanda", "cubic", end)),
+        vision_run(f"magnitude {pct} gradual cubic (PruningCallback)", ours("magnitude", "cubic", end)),
+        vision_run(f"magnitude {pct} one-shot at fit start (PruningCallback)", ours("magnitude", "oneshot", None)),
+        vision_run(
+            f"ModelPruning l1_unstructured {pct}, epoch-wise cubic",
+            lightning_pruning(epochwise_cubic(s, VISION["end_epoch"], per_epoch)),
+        ),
+        vision_run(
+            f"ModelPruning l1_unstructured {pct} at end of epoch 0",
+            lightning_pruning(lambda epoch: s if epoch == 0 else 0.0),
+        ),
+    ]
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in VISION.items()}
     return {"settings": {**settings, "steps_per_epoch": per_epoch, "end_step": end}, "rows": rows}
 
 
 # ---------------------------------------------------------------- output
 
+
 def markdown(results: dict[str, Any]) -> str:
     lines = ["# Pruning with fine-tuning", "", f"Threads: {results.get('threads')}; CPU only.", ""]
     if "llm" in results:
         s = results["llm"]["settings"]
-        lines += [f"## kjv-llama-5m: Wanda 70% one-shot, then {s['steps']} steps (batch {s['batch']} x "
-                  f"{s['seqlen']} tokens of kjv/train.txt; LoRA r {s['lora']['r']}, alpha {s['lora']['alpha']}, lr "
-                  f"{s['lora_lr']}; full fine-tune lr {s['full_lr']}; {s['warmup']} warm-up steps, cosine)", "",
-                  "| run | steps | test ppl | sparsity | zeros = base | keys unchanged | train s |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['run']} | {r['steps']} | {r['ppl']:.2f} | {_fmt(r.get('sparsity'))} | "
-                  f"{_fmt(r.get('zeros_identical_to_base'))} | {_fmt(r.get('state_dict_keys_unchanged'))} | "
-                  f"{_fmt(r.get('train_s'), '.0f')} |" for r in results["llm"]["rows"]]
+        lines += [
+            f"## kjv-llama-5m: Wanda 70% one-shot, then {s['steps']} steps (batch {s['batch']} x "
+            f"{s['seqlen']} tokens of kjv/train.txt; LoRA r {s['lora']['r']}, alpha {s['lora']['alpha']}, lr "
+            f"{s['lora_lr']}; full fine-tune lr {s['full_lr']}; {s['warmup']} warm-up steps, cosine)",
+            "",
+            "| run | steps | test ppl | sparsity | zeros = base | keys unchanged | train s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['run']} | {r['steps']} | {r['ppl']:.2f} | {_fmt(r.get('sparsity'))} | "
+            f"{_fmt(r.get('zeros_identical_to_base'))} | {_fmt(r.get('state_dict_keys_unchanged'))} | "
+            f"{_fmt(r.get('train_s'), '.0f')} |"
+            for r in results["llm"]["rows"]
+        ]
         lines.append("")
     for key in sorted(k for k in results if k.startswith("vision")):
         s = results[key]["settings"]
-        lines += [f"## convnext-digits at {100 * s['sparsity']:.0f}%: {s['epochs']} epochs x {s['steps_per_epoch']} steps (batch {s['batch']}, "
-                  f"AdamW lr {s['lr']}, wd {s['weight_decay']}); gradual schedules reach {100 * s['sparsity']:.0f}% at step "
-                  f"{s['end_step']}",
-                  "", "| run | steps | top-1 | loss | sparsity | state-dict keys mid-training | final state-dict keys "
-                  "| train s |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['run']} | {r['steps']} | {r['top1']:.4f} | {r['loss']:.3f} | {_fmt(r.get('sparsity'))} | "
-                  f"{r.get('keys_mid_training', '–')} | {r.get('keys_final', '–')} | "
-                  f"{_fmt(r.get('train_s'), '.0f')} |" for r in results[key]["rows"]]
+        lines += [
+            f"## convnext-digits at {100 * s['sparsity']:.0f}%: {s['epochs']} epochs x {s['steps_per_epoch']} steps "
+            f"(batch {s['batch']}, "
+            f"AdamW lr {s['lr']}, wd {s['weight_decay']}); gradual schedules reach {100 * s['sparsity']:.0f}% at step "
+            f"{s['end_step']}",
+            "",
+            "| run | steps | top-1 | loss | sparsity | state-dict keys mid-training | final state-dict keys "
+            "| train s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['run']} | {r['steps']} | {r['top1']:.4f} | {r['loss']:.3f} | {_fmt(r.get('sparsity'))} | "
+            f"{r.get('keys_mid_training', '–')} | {r.get('keys_final', '–')} | "
+            f"{_fmt(r.get('train_s'), '.0f')} |"
+            for r in results[key]["rows"]
+        ]
         lines.append("")
     return "\n".join(lines) + "\n"
 

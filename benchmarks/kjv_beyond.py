@@ -11,6 +11,7 @@ combined kjv_all.md report too. Run from the repository root:
 
     python benchmarks/kjv_beyond.py [--settings 0.5 0.6 0.7 0.8 2:4] [--zeroshot 0.5 0.7] [--resume]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,23 @@ VARIANTS = {
 
 def load_model():
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(FIXTURES / "kjv-llama-5m").eval()
 
 
 def run_one(label: str, setting: str, tokenizer, test_tokens: torch.Tensor, dense: dict, zeroshot: bool) -> dict:
     """Prune a fresh copy of the fixture with one variant at one setting and measure it."""
     model = load_model()
-    report = prunekit.prune(model, **parse_setting(setting), calib=FIXTURES / "kjv/train.txt",
-                            tokenizer=tokenizer, nsamples=128, seqlen=SEQLEN, seed=0, **VARIANTS[label])
+    report = prunekit.prune(
+        model,
+        **parse_setting(setting),
+        calib=FIXTURES / "kjv/train.txt",
+        tokenizer=tokenizer,
+        nsamples=128,
+        seqlen=SEQLEN,
+        seed=0,
+        **VARIANTS[label],
+    )
     report.metrics.update(ppl_dense=dense["ppl"], ppl=perplexity(model, test_tokens, SEQLEN), eval_seqlen=SEQLEN)
     if zeroshot:
         report.metrics["zeroshot"] = kjv_cloze(model, tokenizer)
@@ -60,6 +70,7 @@ def run_one(label: str, setting: str, tokenizer, test_tokens: torch.Tensor, dens
 
 def kjv_cloze(model, tokenizer) -> dict:
     from prunekit.eval.zeroshot import zeroshot
+
     return zeroshot(model, tokenizer, ["kjv_cloze"], batch_size=16, include_path=TASKS)
 
 
@@ -91,6 +102,7 @@ def main() -> None:
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.WARNING)
     from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "kjv-llama-5m")
     test_tokens = tokenize(tokenizer, load_text(FIXTURES / "kjv/test.txt"))
     out = RESULTS / "kjv_beyond.json"
@@ -105,8 +117,11 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             runs.append(run_one(label, setting, tokenizer, test_tokens, dense, setting in args.zeroshot))
-            print(f"{label:12s} {setting:>4s}  ppl {runs[-1]['metrics']['ppl']:8.2f}  "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            print(
+                f"{label:12s} {setting:>4s}  ppl {runs[-1]['metrics']['ppl']:8.2f}  "
+                f"({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
             write_json(out, {"protocol": __doc__.split("\n\n")[1], "dense": dense, "runs": runs})
     write_reports(out)
 

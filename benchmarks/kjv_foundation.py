@@ -4,6 +4,7 @@ Writes benchmarks/results/kjv_foundation.{json,md} with METRICS.md's reference v
 
     python benchmarks/kjv_foundation.py [--fixtures ../shared/fixtures]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = Path(args.fixtures) / "kjv-llama-5m"
     tok = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -42,14 +44,25 @@ def main() -> None:
             model = copy.deepcopy(base)
             report = prunekit.prune(model, method, sparsity, pattern, calib=calib)
             ppl = perplexity(model, test, 256)
-            results["runs"].append({"method": method, "setting": label, "ppl": ppl, "sparsity": report.sparsity,
-                                    "prune_s": report.timings["total_s"], "reference": REFERENCE[method][label]})
+            results["runs"].append(
+                {
+                    "method": method,
+                    "setting": label,
+                    "ppl": ppl,
+                    "sparsity": report.sparsity,
+                    "prune_s": report.timings["total_s"],
+                    "reference": REFERENCE[method][label],
+                }
+            )
             print(method, label, f"{ppl:.2f}", "(reference", REFERENCE[method][label], ")", flush=True)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "kjv_foundation.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = [f"# kjv-llama-5m perplexity (dense {results['dense']:.2f}; reference = published code, METRICS.md)\n",
-             "| setting | magnitude | (ref) | Wanda | (ref) |", "|---|---|---|---|---|"]
+    lines = [
+        f"# kjv-llama-5m perplexity (dense {results['dense']:.2f}; reference = published code, METRICS.md)\n",
+        "| setting | magnitude | (ref) | Wanda | (ref) |",
+        "|---|---|---|---|---|",
+    ]
     by = {(r["method"], r["setting"]): r for r in results["runs"]}
     for label, _, _ in SETTINGS:
         m, w = by[("magnitude", label)], by[("wanda", label)]

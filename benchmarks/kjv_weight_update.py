@@ -7,6 +7,7 @@ Writes benchmarks/results/kjv_weight_update.{json,md} after every cell, so a lon
     python benchmarks/kjv_weight_update.py [--fixtures ../shared/fixtures] [--resume]
         [--methods sparsegpt admm-gradual] [--settings 0.7 2:4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,12 +45,17 @@ def setting_kwargs(setting: str) -> dict:
 
 def run_cell(path: Path, calib: torch.Tensor, test: torch.Tensor, label: str, setting: str) -> dict:
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     start = time.perf_counter()
     report = prunekit.prune(model, calib=calib, **METHODS[label], **setting_kwargs(setting))
     prune_s = time.perf_counter() - start
-    return {"ppl": perplexity(model, test, 256), "sparsity": report.sparsity, "prune_s": prune_s,
-            "group": report.settings["group"]}
+    return {
+        "ppl": perplexity(model, test, 256),
+        "sparsity": report.sparsity,
+        "prune_s": prune_s,
+        "group": report.settings["group"],
+    }
 
 
 def table(results: dict) -> str:
@@ -59,19 +65,23 @@ def table(results: dict) -> str:
     for s in SETTINGS:
         cells = [results["cells"].get(f"{m}@{s}") for m in labels]
         name = s if ":" in s else f"{float(s):.0%}"
-        lines.append(f"| {name} | " + " | ".join(f"{c['ppl']:.2f}" if c else "" for c in cells)
-                     + f" | {REFERENCE_SPARSEGPT[s]:.2f} |\n")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{c['ppl']:.2f}" if c else "" for c in cells)
+            + f" | {REFERENCE_SPARSEGPT[s]:.2f} |\n"
+        )
     return "".join(lines)
 
 
 def write(results: dict) -> None:
     write_json(OUT / "kjv_weight_update.json", results)
-    md = ("# Weight update vs mask criteria on kjv-llama-5m (CPU, fp32)\n\n"
-          f"Perplexity on kjv/test.txt (dense {results['dense_ppl']:.2f}); 128 x 256 calibration windows, "
-          "seed 0; every Linear in the decoder layers pruned, sequentially; each method's default group "
-          "(magnitude per-layer, Wanda / Wanda+ADMM / ADMM-gradual per-output, SparseGPT per-layer within "
-          f"each block of 128 columns). torch {results['torch']}, {results['threads']} thread(s).\n\n"
-          + table(results))
+    md = (
+        "# Weight update vs mask criteria on kjv-llama-5m (CPU, fp32)\n\n"
+        f"Perplexity on kjv/test.txt (dense {results['dense_ppl']:.2f}); 128 x 256 calibration windows, "
+        "seed 0; every Linear in the decoder layers pruned, sequentially; each method's default group "
+        "(magnitude per-layer, Wanda / Wanda+ADMM / ADMM-gradual per-output, SparseGPT per-layer within "
+        f"each block of 128 columns). torch {results['torch']}, {results['threads']} thread(s).\n\n" + table(results)
+    )
     (OUT / "kjv_weight_update.md").write_text(md)
 
 
@@ -85,6 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = Path(args.fixtures) / "kjv-llama-5m"
     tok = AutoTokenizer.from_pretrained(path)
     calib = random_windows(tokenize(tok, load_text(Path(args.fixtures) / "kjv" / "train.txt")), 128, 256, seed=0)

@@ -14,6 +14,7 @@ differences, the same checkpoint. About 10 minutes on a busy 2-core CPU machine.
 
     python benchmarks/make_digits_assets.py [--fixtures ../shared/fixtures] [--out prunekit/assets]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ ARCH = "convnext_atto"
 ARGS = dict(num_classes=10, dims=(16, 32, 64, 128))
 NAME = "convnext-digits-500k"
 # The fixtures' preprocessing: 32x32 input, no resize or crop, mean = std = 0.5.
-DATA_CFG = dict(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear",
-                crop_pct=1.0, num_classes=10)
+DATA_CFG = dict(
+    input_size=(3, 32, 32),
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    interpolation="bilinear",
+    crop_pct=1.0,
+    num_classes=10,
+)
 # What the saved config keeps of convnext_atto's own pretrained config: not its ImageNet weights' url, hub id,
 # tag, test-time size or pool size.
 KEPT_CFG = ("architecture", "custom_load", "fixed_input_size", "crop_mode", "first_conv", "classifier", "license")
@@ -72,7 +79,7 @@ def train(xtr: torch.Tensor, ytr: torch.Tensor) -> torch.nn.Module:
     for _ in range(EPOCHS):
         perm = torch.randperm(len(xtr))
         for start in range(0, len(xtr), BATCH):
-            j = perm[start:start + BATCH]
+            j = perm[start : start + BATCH]
             shift = torch.randint(-2, 3, (2,))
             x = torch.roll(xtr[j], shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
             loss = F.cross_entropy(model(x), ytr[j], label_smoothing=0.1)
@@ -102,9 +109,11 @@ def main() -> None:
     start = time.time()
     model = train(*tensors(source / "train"))
     params = sum(p.numel() for p in model.parameters())
-    print(f"{NAME}: {params:,} parameters, trained in {time.time() - start:.0f}s; top-1 on the fixture's val "
-          f"{top1(model, *tensors(source / 'val')):.4f}, on the bundled val "
-          f"{top1(model, *tensors(args.out / 'digits' / 'val')):.4f}")
+    print(
+        f"{NAME}: {params:,} parameters, trained in {time.time() - start:.0f}s; top-1 on the fixture's val "
+        f"{top1(model, *tensors(source / 'val')):.4f}, on the bundled val "
+        f"{top1(model, *tensors(args.out / 'digits' / 'val')):.4f}"
+    )
     save(model, args.out / NAME, tensors(args.out / "digits" / "val")[0])
 
 

@@ -12,6 +12,7 @@ larger than the machine's RAM; and the same ratio for the in-memory path on a mo
 3. Each measurement runs in its own subprocess, so its peak RSS (``ru_maxrss``) is that run's alone.
    Checkpoints are deleted at the end. Results: benchmarks/results/memory.{json,md}. CPU only here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,12 +39,21 @@ GIB = 2**30
 
 # ---------------------------------------------------------------- the random checkpoint, streamed
 
+
 def llama_config(args, layers: int):
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                       num_hidden_layers=layers, num_attention_heads=args.heads,
-                       num_key_value_heads=args.kv_heads, max_position_embeddings=2048, tie_word_embeddings=False,
-                       dtype="float32")
+
+    return LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
 
 
 def _random(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
@@ -57,6 +67,7 @@ def generate(args, layers: int, out: Path) -> int:
     only one block's tensors exist in memory at a time. Returns the bytes written."""
     from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
+
     config = llama_config(args, layers)
     with init_empty_weights():
         shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
@@ -75,6 +86,7 @@ def generate(args, layers: int, out: Path) -> int:
 
 # ---------------------------------------------------------------- workers (one measurement per process)
 
+
 def _calibration(args) -> torch.Tensor:
     return torch.randint(0, args.vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
 
@@ -85,40 +97,72 @@ def worker(args) -> None:
     import prunekit
     from prunekit.activations import peak_memory
     from prunekit.io.lazy import prune_lazy
+
     start = time.perf_counter()
     if args.worker == "imports":  # what the interpreter, torch and transformers cost before any model
         from transformers import LlamaForCausalLM  # noqa: F401
+
         print("RESULT " + json.dumps(peak_memory(torch.device("cpu"))), flush=True)
         return
     if args.worker == "lazy":
-        report = prune_lazy(args.source, args.out, "wanda", 0.5, args.pattern, calib=_calibration(args),
-                            device="cpu", batch_size=args.nsamples, save_format=args.save_format)
+        report = prune_lazy(
+            args.source,
+            args.out,
+            "wanda",
+            0.5,
+            args.pattern,
+            calib=_calibration(args),
+            device="cpu",
+            batch_size=args.nsamples,
+            save_format=args.save_format,
+        )
         timings, where = report.timings, report.metrics["offload_activations"]
     else:
         from transformers import AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_pretrained(args.source)
-        report = prunekit.prune(model, "wanda", 0.5, args.pattern, calib=_calibration(args),
-                                batch_size=args.nsamples)
+        report = prunekit.prune(model, "wanda", 0.5, args.pattern, calib=_calibration(args), batch_size=args.nsamples)
         model.save_pretrained(args.out)
         timings, where = report.timings, "in memory"
-    result = {"wall_s": time.perf_counter() - start, "sparsity": report.sparsity, "activations": where,
-              "block_s": [v for k, v in timings.items() if k.startswith("block_")], **peak_memory(torch.device("cpu"))}
+    result = {
+        "wall_s": time.perf_counter() - start,
+        "sparsity": report.sparsity,
+        "activations": where,
+        "block_s": [v for k, v in timings.items() if k.startswith("block_")],
+        **peak_memory(torch.device("cpu")),
+    }
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def run_worker(args, kind: str, source: Path, out: Path, pattern: str | None, save_format: str = "dense") -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--source", str(source), "--out", str(out),
-               "--save-format", save_format, "--vocab", str(args.vocab), "--nsamples", str(args.nsamples),
-               "--seqlen", str(args.seqlen)] + (["--pattern", pattern] if pattern else [])
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--source",
+        str(source),
+        "--out",
+        str(out),
+        "--save-format",
+        save_format,
+        "--vocab",
+        str(args.vocab),
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+    ] + (["--pattern", pattern] if pattern else [])
     print("running:", " ".join(command[2:]), flush=True)
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{kind} worker failed:\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # ---------------------------------------------------------------- comparisons and the report
+
 
 def identical(a: Path, b: Path) -> bool:
     """Every tensor of checkpoint ``a`` equals ``b``'s bit for bit (read one tensor at a time)."""
@@ -137,15 +181,22 @@ def measure(args, kind: str, layers: int, work: Path, pattern: str | None = None
     if not source.exists():
         start = time.perf_counter()
         size = generate(args, layers, source)
-        print(f"generated {layers}-layer checkpoint: {size / GIB:.2f} GiB in {time.perf_counter() - start:.0f}s",
-              flush=True)
+        print(
+            f"generated {layers}-layer checkpoint: {size / GIB:.2f} GiB in {time.perf_counter() - start:.0f}s",
+            flush=True,
+        )
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     result = run_worker(args, kind, source, out, pattern, save_format)
     result["started"] = started
     size = Checkpoint(source).nbytes(Checkpoint(source).names())
-    result.update(layers=layers, checkpoint_bytes=size, rss_over_checkpoint=result["peak_rss_bytes"] / size,
-                  pattern=pattern or "50% unstructured", save_format=save_format,
-                  out_bytes=sum(p.stat().st_size for p in out.iterdir()))
+    result.update(
+        layers=layers,
+        checkpoint_bytes=size,
+        rss_over_checkpoint=result["peak_rss_bytes"] / size,
+        pattern=pattern or "50% unstructured",
+        save_format=save_format,
+        out_bytes=sum(p.stat().st_size for p in out.iterdir()),
+    )
     print(json.dumps(result), flush=True)
     return result
 
@@ -166,42 +217,71 @@ def plan_layers(args, small: dict) -> int:
 def _big_lines(result: dict) -> list[str]:
     name, big = next((k, v) for k, v in result["runs"].items() if k.startswith("lazy big"))
     ram = result["machine"]
-    return [f"{name}: checkpoint {big['checkpoint_bytes'] / GIB:.2f} GiB vs {ram['ram_available_bytes'] / GIB:.2f} "
-            f"GiB RAM available at start (larger: **{big['exceeds_available_ram']}**) and "
-            f"{ram['ram_total_bytes'] / GIB:.2f} GiB total (larger: {big['exceeds_total_ram']}).", ""]
+    return [
+        f"{name}: checkpoint {big['checkpoint_bytes'] / GIB:.2f} GiB vs {ram['ram_available_bytes'] / GIB:.2f} "
+        f"GiB RAM available at start (larger: **{big['exceeds_available_ram']}**) and "
+        f"{ram['ram_total_bytes'] / GIB:.2f} GiB total (larger: {big['exceeds_total_ram']}).",
+        "",
+    ]
 
 
 def markdown(result: dict) -> str:
-    rows = ["| run | sparsity | layers | checkpoint | peak RSS | RSS / checkpoint | wall | s / block | activations "
-            "| output |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| run | sparsity | layers | checkpoint | peak RSS | RSS / checkpoint | wall | s / block | activations "
+        "| output |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in result["runs"].items():
         per_block = sum(r["block_s"]) / max(len(r["block_s"]), 1)
-        rows.append(f"| {name} | {r['pattern']} | {r['layers']} | {r['checkpoint_bytes'] / GIB:.2f} GiB | "
-                    f"{r['peak_rss_bytes'] / GIB:.2f} GiB | {r['rss_over_checkpoint']:.3f} | {r['wall_s']:.0f} s | "
-                    f"{per_block:.1f} | {r['activations']} | {r['save_format']} |")
+        rows.append(
+            f"| {name} | {r['pattern']} | {r['layers']} | {r['checkpoint_bytes'] / GIB:.2f} GiB | "
+            f"{r['peak_rss_bytes'] / GIB:.2f} GiB | {r['rss_over_checkpoint']:.3f} | {r['wall_s']:.0f} s | "
+            f"{per_block:.1f} | {r['activations']} | {r['save_format']} |"
+        )
     m = result["machine"]
-    return "\n".join([
-        "# Memory: lazy (block-by-block) pruning vs in-memory", "",
-        f"Wanda, calibration {result['nsamples']} x {result['seqlen']} random tokens, LLaMA shape hidden "
-        f"{result['shape']['hidden']}, intermediate {result['shape']['intermediate']}, vocab "
-        f"{result['shape']['vocab']}, fp32, random weights. CPU only ({m['cpus']} cores, torch threads 2), "
-        f"{m['ram_total_bytes'] / GIB:.1f} GiB RAM ({m['ram_available_bytes'] / GIB:.1f} GiB available at "
-        "start); no GPU. Peak RSS = the worker process's ru_maxrss, which includes "
-        f"{m['import_baseline_rss_bytes'] / GIB:.2f} GiB for Python + torch + transformers before any model "
-        "(a worker that only imports them).", "", *rows, "",
-        *_big_lines(result),
-        f"Lazy and in-memory outputs of the {result['small_layers']}-layer model bit-identical: "
-        f"**{result['small_outputs_identical']}**.", "",
-        f"Lazy wall time extrapolated to {result['shape']['layers']} layers from the {result['small_layers']}-layer "
-        "runs: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["extrapolated_full_s"].items()) + ".", "",
-        result["note"], ""])
+    return "\n".join(
+        [
+            "# Memory: lazy (block-by-block) pruning vs in-memory",
+            "",
+            f"Wanda, calibration {result['nsamples']} x {result['seqlen']} random tokens, LLaMA shape hidden "
+            f"{result['shape']['hidden']}, intermediate {result['shape']['intermediate']}, vocab "
+            f"{result['shape']['vocab']}, fp32, random weights. CPU only ({m['cpus']} cores, torch threads 2), "
+            f"{m['ram_total_bytes'] / GIB:.1f} GiB RAM ({m['ram_available_bytes'] / GIB:.1f} GiB available at "
+            "start); no GPU. Peak RSS = the worker process's ru_maxrss, which includes "
+            f"{m['import_baseline_rss_bytes'] / GIB:.2f} GiB for Python + torch + transformers before any model "
+            "(a worker that only imports them).",
+            "",
+            *rows,
+            "",
+            *_big_lines(result),
+            f"Lazy and in-memory outputs of the {result['small_layers']}-layer model bit-identical: "
+            f"**{result['small_outputs_identical']}**.",
+            "",
+            f"Lazy wall time extrapolated to {result['shape']['layers']} layers from the "
+            f"{result['small_layers']}-layer runs: "
+            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["extrapolated_full_s"].items())
+            + ".",
+            "",
+            result["note"],
+            "",
+        ]
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for flag, default in (("--layers", 32), ("--hidden", 4096), ("--intermediate", 11008), ("--heads", 32),
-                          ("--kv-heads", 32), ("--vocab", 32000), ("--small-layers", 2), ("--nsamples", 4),
-                          ("--seqlen", 64), ("--seed", 0)):
+    for flag, default in (
+        ("--layers", 32),
+        ("--hidden", 4096),
+        ("--intermediate", 11008),
+        ("--heads", 32),
+        ("--kv-heads", 32),
+        ("--vocab", 32000),
+        ("--small-layers", 2),
+        ("--nsamples", 4),
+        ("--seqlen", 64),
+        ("--seed", 0),
+    ):
         parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--budget-min", type=float, default=25.0)
     parser.add_argument("--big-layers", type=int, default=0, help="layers of the big run (default: fit the budget)")
@@ -226,18 +306,34 @@ def run(args) -> None:
     if work.exists():
         shutil.rmtree(work)
     work.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpus": os.cpu_count(), "ram_total_bytes": psutil.virtual_memory().total,
-               "ram_available_bytes": psutil.virtual_memory().available,
-               "disk_free_bytes": shutil.disk_usage(work.parent).free, "platform": platform.platform(),
-               "torch": torch.__version__}
+    machine = {
+        "cpus": os.cpu_count(),
+        "ram_total_bytes": psutil.virtual_memory().total,
+        "ram_available_bytes": psutil.virtual_memory().available,
+        "disk_free_bytes": shutil.disk_usage(work.parent).free,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
     try:
         runs, note = _runs(args, work, machine)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {"shape": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
-                        "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab},
-              "nsamples": args.nsamples, "seqlen": args.seqlen, "small_layers": args.small_layers,
-              "machine": machine, **runs, "note": note}
+    result = {
+        "shape": {
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "vocab": args.vocab,
+        },
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "small_layers": args.small_layers,
+        "machine": machine,
+        **runs,
+        "note": note,
+    }
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -248,8 +344,10 @@ def run(args) -> None:
 def _small_runs(args, work: Path, big_pattern: str | None) -> tuple[dict, bool]:
     """In-memory vs lazy on a model that fits (compared bit for bit), and lazy with the big run's pattern."""
     small = args.small_layers
-    runs = {f"in-memory {small} layers": measure(args, "memory", small, work),
-            f"lazy {small} layers": measure(args, "lazy", small, work)}
+    runs = {
+        f"in-memory {small} layers": measure(args, "memory", small, work),
+        f"lazy {small} layers": measure(args, "lazy", small, work),
+    }
     same = identical(work / f"out-memory-{small}-unstructured", work / f"out-lazy-{small}-unstructured")
     if big_pattern:
         runs[f"lazy {small} layers {big_pattern}"] = measure(args, "lazy", small, work, big_pattern)
@@ -274,14 +372,26 @@ def _runs(args, work: Path, machine: dict) -> tuple[dict, str]:
     big = runs[f"lazy big ({layers} layers)"] = measure(args, "lazy", layers, work, big_pattern, save_format)
     big["exceeds_available_ram"] = big["checkpoint_bytes"] > machine["ram_available_bytes"]
     big["exceeds_total_ram"] = big["checkpoint_bytes"] > machine["ram_total_bytes"]
-    note = (f"The big run used {layers} of {args.layers} layers" + ("" if layers == args.layers else
-            f" (about {args.budget_min:.0f} minutes of wall time on this shared, busy machine); the full model "
-            "is extrapolated above") + f"; its output was written {save_format}"
-            + ("" if save_format == "dense" else " because free disk was below 2.2x the checkpoint") + "."
-            + (" The small (2-layer) rows come from an earlier invocation on the same machine (--reuse-small)."
-               if args.reuse_small else ""))
-    extrapolated = {r["pattern"]: extrapolate(r, args.layers) for name, r in runs.items()
-                    if name.startswith(f"lazy {small} layers")}
+    note = (
+        f"The big run used {layers} of {args.layers} layers"
+        + (
+            ""
+            if layers == args.layers
+            else f" (about {args.budget_min:.0f} minutes of wall time on this shared, busy machine); the full model "
+            "is extrapolated above"
+        )
+        + f"; its output was written {save_format}"
+        + ("" if save_format == "dense" else " because free disk was below 2.2x the checkpoint")
+        + "."
+        + (
+            " The small (2-layer) rows come from an earlier invocation on the same machine (--reuse-small)."
+            if args.reuse_small
+            else ""
+        )
+    )
+    extrapolated = {
+        r["pattern"]: extrapolate(r, args.layers) for name, r in runs.items() if name.startswith(f"lazy {small} layers")
+    }
     return {"runs": runs, "small_outputs_identical": same, "extrapolated_full_s": extrapolated}, note
 
 

@@ -9,6 +9,7 @@ Writes benchmarks/results/methods_speed.{json,md}:
     python benchmarks/methods_speed.py [--fixtures ../shared/fixtures] [--repeats 1]
         [--hidden 2048 --layers 2 --nsamples 8 --seqlen 128] [--threads 2] [--skip-fixture] [--skip-large]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,6 +59,7 @@ def summarise(name: str, seconds: dict[str, list[float]], **info) -> dict:
 
 def fixture_run(fixtures: Path, repeats: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = fixtures / "kjv-llama-5m"
     base = AutoModelForCausalLM.from_pretrained(path).eval()
     tokens = tokenize(AutoTokenizer.from_pretrained(path), load_text(fixtures / "kjv" / "train.txt"))
@@ -68,10 +70,17 @@ def fixture_run(fixtures: Path, repeats: int) -> dict:
 
 def large_run(hidden: int, layers: int, nsamples: int, seqlen: int, repeats: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 43 // 16,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 128,
-                         num_key_value_heads=hidden // 128, max_position_embeddings=max(seqlen, 128))
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=hidden * 43 // 16,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+        max_position_embeddings=max(seqlen, 128),
+    )
     base = LlamaForCausalLM(config).eval()
     calib = torch.randint(0, 1024, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     name = f"random llama hidden {hidden}, {layers} layers, mlp {config.intermediate_size}"
@@ -80,11 +89,13 @@ def large_run(hidden: int, layers: int, nsamples: int, seqlen: int, repeats: int
 
 
 def markdown(runs: list[dict]) -> str:
-    lines = ["# Prune wall time per method, relative to Wanda (CPU, shared 2-core machine)\n\n",
-             "Seconds are medians of `prunekit.prune` (calibration forward passes + pruning, 50% unstructured); "
-             "the machine is shared with other jobs, so absolute seconds are noisy; ratios come from one "
-             "interleaved run. On an oversubscribed machine use `--threads 1`: two OpenMP threads fighting "
-             "other jobs for two cores slow every method down several-fold (LAPACK calls most).\n\n"]
+    lines = [
+        "# Prune wall time per method, relative to Wanda (CPU, shared 2-core machine)\n\n",
+        "Seconds are medians of `prunekit.prune` (calibration forward passes + pruning, 50% unstructured); "
+        "the machine is shared with other jobs, so absolute seconds are noisy; ratios come from one "
+        "interleaved run. On an oversubscribed machine use `--threads 1`: two OpenMP threads fighting "
+        "other jobs for two cores slow every method down several-fold (LAPACK calls most).\n\n",
+    ]
     for run in runs:
         lines.append(f"## {run['model']} ({run['calibration']}, {run['threads']} threads)\n\n")
         lines.append("| method | seconds | x Wanda |\n|---|---|---|\n")

@@ -4,6 +4,7 @@ every new mask is checked bit-identical to it. Prints ratios; writes benchmarks/
 
     python benchmarks/selection.py [--repeats 3] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,32 +78,58 @@ def bench_shape(shape: tuple[int, int], repeats: int) -> list[dict]:
     rows = []
     for name in SELECTIONS:
         new, old = statistics.median(times[(name, "new")]), statistics.median(times[(name, "old")])
-        rows.append({"shape": list(shape), "selection": name, "score_s": score, "select_s": new,
-                     "ratio": new / score, "old_select_s": old, "old_ratio": old / score,
-                     "masks_identical": True, "seconds": {"score": times["score"],
-                                                          "select": times[(name, "new")],
-                                                          "old_select": times[(name, "old")]}})
+        rows.append(
+            {
+                "shape": list(shape),
+                "selection": name,
+                "score_s": score,
+                "select_s": new,
+                "ratio": new / score,
+                "old_select_s": old,
+                "old_ratio": old / score,
+                "masks_identical": True,
+                "seconds": {
+                    "score": times["score"],
+                    "select": times[(name, "new")],
+                    "old_select": times[(name, "old")],
+                },
+            }
+        )
     return rows
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Mask selection vs the Wanda score (issue 18)", "",
-             f"CPU only: {result['cpu_threads']} threads, torch {result['torch']}, load average at start "
-             f"{result['loadavg_start']}, medians of {result['repeats']} interleaved runs. **No GPU figure exists**: "
-             "this machine has no GPU, and the code was not timed on CUDA.", "",
-             "Ratio = selection time / time of `weight.abs() * norms` on the same matrix, same run. "
-             "Old = the previous `kthvalue` + tie `cumsum` selection; every new mask was checked bit-identical to it.",
-             "", "| shape | selection | score s | select s | ratio | old select s | old ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Mask selection vs the Wanda score (issue 18)",
+        "",
+        f"CPU only: {result['cpu_threads']} threads, torch {result['torch']}, load average at start "
+        f"{result['loadavg_start']}, medians of {result['repeats']} interleaved runs. **No GPU figure exists**: "
+        "this machine has no GPU, and the code was not timed on CUDA.",
+        "",
+        "Ratio = selection time / time of `weight.abs() * norms` on the same matrix, same run. "
+        "Old = the previous `kthvalue` + tie `cumsum` selection; every new mask was checked bit-identical to it.",
+        "",
+        "| shape | selection | score s | select s | ratio | old select s | old ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['selection']} | {r['score_s']:.3f} | "
-                     f"{r['select_s']:.3f} | {r['ratio']:.2f} | {r['old_select_s']:.3f} | {r['old_ratio']:.2f} |")
+        lines.append(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['selection']} | {r['score_s']:.3f} | "
+            f"{r['select_s']:.3f} | {r['ratio']:.2f} | {r['old_select_s']:.3f} | {r['old_ratio']:.2f} |"
+        )
     target = [r for r in result["rows"] if r["selection"] != "per-input 50%"]
     missed = [f"{r['selection']} {r['shape'][0]}x{r['shape'][1]} ({r['ratio']:.2f}x)" for r in target if r["ratio"] > 2]
-    lines += ["", "Issue 18's target (per-output 50%, per-layer 50% and 2:4 each <= 2x the score): "
-              + ("met." if not missed else "**not met** for " + ", ".join(missed) + ". The machine's 2 cores were "
-                 "shared with other jobs during the run, which slows the many ops of a selection more than the "
-                 "two of the score; ratios from an idle machine may differ.")]
+    lines += [
+        "",
+        "Issue 18's target (per-output 50%, per-layer 50% and 2:4 each <= 2x the score): "
+        + (
+            "met."
+            if not missed
+            else "**not met** for " + ", ".join(missed) + ". The machine's 2 cores were "
+            "shared with other jobs during the run, which slows the many ops of a selection more than the "
+            "two of the score; ratios from an idle machine may differ."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -118,8 +145,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "repeats": args.repeats,
-              "loadavg_start": [round(x, 2) for x in os.getloadavg()], "gpu": None, "rows": []}
+    result = {
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "gpu": None,
+        "rows": [],
+    }
     for shape in SHAPES:
         result["rows"] += bench_shape(shape, args.repeats)
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

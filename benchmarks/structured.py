@@ -10,6 +10,7 @@ CPU time is reported next to wall-clock time.
 
     python benchmarks/structured.py            # writes benchmarks/results/structured.{json,md}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,13 @@ from prunekit.io import write_json
 from prunekit.structured import STRUCTURED
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = [("depth (cosine)", "depth", {"score": "cosine"}), ("depth (ppl)", "depth", {"score": "ppl"}),
-           ("width (Wanda-sp)", "width", {}), ("width (head_ratio 0.5)", "width", {"head_ratio": 0.5}),
-           ("slicegpt (global Q)", "slicegpt", {})]
+METHODS = [
+    ("depth (cosine)", "depth", {"score": "cosine"}),
+    ("depth (ppl)", "depth", {"score": "ppl"}),
+    ("width (Wanda-sp)", "width", {}),
+    ("width (head_ratio 0.5)", "width", {"head_ratio": 0.5}),
+    ("slicegpt (global Q)", "slicegpt", {}),
+]
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,9 +55,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads for pruning and perplexity")
     p.add_argument("--timing-threads", type=int, default=1, help="torch threads while timing")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "structured"))
-    p.add_argument("--append", action="store_true",
-                   help="add rows to the existing OUT.json (same settings required; rows re-measured now "
-                        "replace the saved ones) instead of starting anew")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add rows to the existing OUT.json (same settings required; rows re-measured now "
+        "replace the saved ones) instead of starting anew",
+    )
     return p.parse_args()
 
 
@@ -89,9 +97,12 @@ def interleaved_timing(dense, pruned, tokens: torch.Tensor, reps: int, threads: 
 def _speed(costs: dict, n_tokens: int, which: int, tag: str) -> dict:
     dense, pruned = ([c[which] for c in costs[k]] for k in ("dense", "pruned"))
     ratios = [d / p for d, p in zip(dense, pruned)]
-    return {f"tokens_per_s_dense_{tag}": n_tokens / statistics.median(dense),
-            f"tokens_per_s_pruned_{tag}": n_tokens / statistics.median(pruned),
-            f"speedup_{tag}": statistics.median(ratios), f"speedup_{tag}_range": [min(ratios), max(ratios)]}
+    return {
+        f"tokens_per_s_dense_{tag}": n_tokens / statistics.median(dense),
+        f"tokens_per_s_pruned_{tag}": n_tokens / statistics.median(pruned),
+        f"speedup_{tag}": statistics.median(ratios),
+        f"speedup_{tag}_range": [min(ratios), max(ratios)],
+    }
 
 
 def reloaded(model, tokens: torch.Tensor):
@@ -114,8 +125,9 @@ def fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def run_one(dense, label: str, name: str, params: dict, ratio: float, batches, test, timing_tokens, args,
-            ppl_cache: dict) -> dict:
+def run_one(
+    dense, label: str, name: str, params: dict, ratio: float, batches, test, timing_tokens, args, ppl_cache: dict
+) -> dict:
     model = copy.deepcopy(dense)
     start = time.perf_counter()
     summary = STRUCTURED.create(name, params).prune_model(model, batches, ratio)
@@ -125,11 +137,25 @@ def run_one(dense, label: str, name: str, params: dict, ratio: float, batches, t
     if key not in ppl_cache:
         ppl_cache[key] = perplexity(model, test, args.seqlen, batch_size=8)
     ppl = ppl_cache[key]
-    row = {"method": label, "name": name, "params": params, "ratio": ratio, "ppl": ppl, "prune_s": prune_s,
-           **interleaved_timing(dense, model, timing_tokens, args.reps, args.timing_threads),
-           **{k: v for k, v in summary.items() if k not in ("removed_units", "block_scores")}}
-    logging.info("%s @ %.0f%%: ppl %.2f, removed %.1f%%, speedup %.2fx wall, %.2fx cpu", label, 100 * ratio, ppl,
-                 100 * summary["removed_fraction"], row["speedup_wall"], row["speedup_cpu"])
+    row = {
+        "method": label,
+        "name": name,
+        "params": params,
+        "ratio": ratio,
+        "ppl": ppl,
+        "prune_s": prune_s,
+        **interleaved_timing(dense, model, timing_tokens, args.reps, args.timing_threads),
+        **{k: v for k, v in summary.items() if k not in ("removed_units", "block_scores")},
+    }
+    logging.info(
+        "%s @ %.0f%%: ppl %.2f, removed %.1f%%, speedup %.2fx wall, %.2fx cpu",
+        label,
+        100 * ratio,
+        ppl,
+        100 * summary["removed_fraction"],
+        row["speedup_wall"],
+        row["speedup_cpu"],
+    )
     return row
 
 
@@ -139,31 +165,40 @@ def _detail(row: dict) -> str:
     if row["name"] == "slicegpt":
         return f"hidden {row['hidden_before']}→{row['hidden_after']}, variance kept {row['variance_kept']:.3f}"
     cfg = row["config"]
-    return f"heads {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} kv, intermediate {cfg['intermediate_size']}"
+    return (
+        f"heads {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} kv, intermediate {cfg['intermediate_size']}"
+    )
 
 
 def markdown(result: dict) -> str:
     load = f"{min(result['load_average']):.1f}–{max(result['load_average']):.1f}"
-    lines = ["# Structured pruning on kjv-llama-5m (CPU)", "",
-             f"Dense perplexity {result['dense_ppl']:.2f} (kjv/test.txt, 256-token windows). Calibration "
-             f"{result['nsamples']} x {result['seqlen']} tokens of kjv/train.txt, seed 0. *Removed*: fraction of "
-             "the decoder-layer parameters actually removed (*model*: of all parameters). Every pruned model was "
-             "saved and reloaded with `from_pretrained` before it was measured.", "",
-             f"Throughput: one forward pass over {result['batch']} x {result['seqlen']} tokens with "
-             f"{result['timing_threads']} torch thread(s); each measurement is the fastest of 3 back-to-back "
-             f"passes; dense and pruned are timed alternately {result['reps']} times in the same process; tok/s "
-             "are medians, speedup is the median of the per-pair ratios (range in brackets). *wall* = elapsed "
-             "time, *cpu* = process CPU time. The machine (2 cores) was shared with other jobs (1-minute load "
-             f"average sampled after each row: {load}), so wall-clock numbers are noisy; CPU time is the steadier "
-             "measure of compute.", "",
-             "| method | target | removed (decoder) | removed (model) | ppl | tok/s dense (wall) | tok/s pruned "
-             "(wall) | speedup wall | speedup cpu | prune s | structure |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Structured pruning on kjv-llama-5m (CPU)",
+        "",
+        f"Dense perplexity {result['dense_ppl']:.2f} (kjv/test.txt, 256-token windows). Calibration "
+        f"{result['nsamples']} x {result['seqlen']} tokens of kjv/train.txt, seed 0. *Removed*: fraction of "
+        "the decoder-layer parameters actually removed (*model*: of all parameters). Every pruned model was "
+        "saved and reloaded with `from_pretrained` before it was measured.",
+        "",
+        f"Throughput: one forward pass over {result['batch']} x {result['seqlen']} tokens with "
+        f"{result['timing_threads']} torch thread(s); each measurement is the fastest of 3 back-to-back "
+        f"passes; dense and pruned are timed alternately {result['reps']} times in the same process; tok/s "
+        "are medians, speedup is the median of the per-pair ratios (range in brackets). *wall* = elapsed "
+        "time, *cpu* = process CPU time. The machine (2 cores) was shared with other jobs (1-minute load "
+        f"average sampled after each row: {load}), so wall-clock numbers are noisy; CPU time is the steadier "
+        "measure of compute.",
+        "",
+        "| method | target | removed (decoder) | removed (model) | ppl | tok/s dense (wall) | tok/s pruned "
+        "(wall) | speedup wall | speedup cpu | prune s | structure |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['method']} | {r['ratio']:.0%} | {r['removed_fraction']:.1%} | "
-                     f"{r['model_removed_fraction']:.1%} | {r['ppl']:.2f} | {r['tokens_per_s_dense_wall']:.0f} | "
-                     f"{r['tokens_per_s_pruned_wall']:.0f} | {_ratio(r, 'wall')} | {_ratio(r, 'cpu')} | "
-                     f"{r['prune_s']:.1f} | {_detail(r)} |")
+        lines.append(
+            f"| {r['method']} | {r['ratio']:.0%} | {r['removed_fraction']:.1%} | "
+            f"{r['model_removed_fraction']:.1%} | {r['ppl']:.2f} | {r['tokens_per_s_dense_wall']:.0f} | "
+            f"{r['tokens_per_s_pruned_wall']:.0f} | {_ratio(r, 'wall')} | {_ratio(r, 'cpu')} | "
+            f"{r['prune_s']:.1f} | {_detail(r)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -186,8 +221,9 @@ def main() -> None:
     ppl_cache: dict[str, float] = {}
     for label, name, params in (m for m in METHODS if m[0] in args.methods):
         for ratio in args.ratios:
-            result["rows"].append(run_one(dense, label, name, params, ratio, batches, test, timing_tokens, args,
-                                          ppl_cache))
+            result["rows"].append(
+                run_one(dense, label, name, params, ratio, batches, test, timing_tokens, args, ppl_cache)
+            )
             result["load_average"].append(os.getloadavg()[0])
             result["rows"].sort(key=lambda r: ([m[0] for m in METHODS].index(r["method"]), r["ratio"]))
             write_results(result, Path(args.out))  # after every row: a long run that fails keeps what it measured
@@ -198,8 +234,14 @@ SETTINGS = ("nsamples", "seqlen", "batch", "reps", "threads", "timing_threads")
 
 
 def new_result(args: argparse.Namespace, dense_ppl: float) -> dict:
-    return {"model": "kjv-llama-5m", "dense_ppl": dense_ppl, **{k: getattr(args, k) for k in SETTINGS},
-            "versions": versions(), "rows": [], "load_average": []}
+    return {
+        "model": "kjv-llama-5m",
+        "dense_ppl": dense_ppl,
+        **{k: getattr(args, k) for k in SETTINGS},
+        "versions": versions(),
+        "rows": [],
+        "load_average": [],
+    }
 
 
 def previous_result(args: argparse.Namespace) -> dict:
@@ -209,8 +251,11 @@ def previous_result(args: argparse.Namespace) -> dict:
     if differ:
         raise ValueError(f"--append: settings differ from the saved run (saved, now): {differ}")
     labels = [m[0] for m in METHODS]  # rows being re-measured, or of methods no longer listed, are dropped
-    result["rows"] = [r for r in result["rows"] if r["method"] in labels
-                      and not (r["method"] in args.methods and r["ratio"] in args.ratios)]
+    result["rows"] = [
+        r
+        for r in result["rows"]
+        if r["method"] in labels and not (r["method"] in args.methods and r["ratio"] in args.ratios)
+    ]
     return result
 
 

@@ -7,6 +7,7 @@ head dense; evaluation on digits/val (450 images) with the model's own timm data
 
     python benchmarks/vision_digits.py [--sparsities 0.5 0.6 0.7 0.8 0.9] [--out benchmarks/results]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 MODELS = ("convnext-digits", "vit-digits")
 SETTINGS = (("magnitude", "per-layer"), ("magnitude", "per-output"), ("wanda", "per-layer"), ("wanda", "per-output"))
-REFERENCE_COLUMNS = {"magnitude per-layer": ("magnitude", "per-layer"), "Wanda per-layer": ("wanda", "per-layer"),
-                     "Wanda per-output": ("wanda", "per-output")}
+REFERENCE_COLUMNS = {
+    "magnitude per-layer": ("magnitude", "per-layer"),
+    "Wanda per-layer": ("wanda", "per-layer"),
+    "Wanda per-output": ("wanda", "per-output"),
+}
 
 
 def val_tensors(model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,18 +54,39 @@ def run_model(name: str, sparsities: list[float]) -> list[dict]:
     calib = image_calibration(model, FIXTURES / "digits" / "train", nsamples=128, batch_size=32, seed=0)
     dense = top1_and_loss(model, images, labels)
     lightning = evaluate_image(model, FIXTURES / "digits" / "val", batch_size=150, progress=False)
-    rows = [{"model": name, "method": "dense", "group": None, "sparsity": 0.0, **dense,
-             "lightning_top1": lightning["top1"], "lightning_top5": lightning["top5"]}]
+    rows = [
+        {
+            "model": name,
+            "method": "dense",
+            "group": None,
+            "sparsity": 0.0,
+            **dense,
+            "lightning_top1": lightning["top1"],
+            "lightning_top5": lightning["top5"],
+        }
+    ]
     for sparsity in sparsities:
         for method, group in SETTINGS:
             model = load_vision_model(source)
             start = time.perf_counter()
             report = prunekit.prune(model, method, sparsity, group=group, calib=calib)
-            rows.append({"model": name, "method": method, "group": group, "sparsity": sparsity,
-                         "achieved_sparsity": report.sparsity, "layers": len(report.layers),
-                         "prune_s": time.perf_counter() - start, **top1_and_loss(model, images, labels)})
-            print(f"{name} {method:9s} {group:10s} {sparsity:.0%}: top-1 {rows[-1]['top1']:.4f} "
-                  f"CE {rows[-1]['loss']:.3f} ({rows[-1]['prune_s']:.1f}s)", flush=True)
+            rows.append(
+                {
+                    "model": name,
+                    "method": method,
+                    "group": group,
+                    "sparsity": sparsity,
+                    "achieved_sparsity": report.sparsity,
+                    "layers": len(report.layers),
+                    "prune_s": time.perf_counter() - start,
+                    **top1_and_loss(model, images, labels),
+                }
+            )
+            print(
+                f"{name} {method:9s} {group:10s} {sparsity:.0%}: top-1 {rows[-1]['top1']:.4f} "
+                f"CE {rows[-1]['loss']:.3f} ({rows[-1]['prune_s']:.1f}s)",
+                flush=True,
+            )
     return rows
 
 
@@ -82,17 +107,26 @@ def reference_table(path: Path = FIXTURES / "METRICS.md") -> dict[tuple, tuple[f
 
 
 def markdown(rows: list[dict], reference: dict) -> str:
-    out = ["# Digits vision fixtures: magnitude vs Wanda, per-layer vs per-output", "",
-           "Validation top-1 / mean cross-entropy on digits/val (450 images). 128 calibration images from "
-           "digits/train (torch.randperm seed 0), units calibrated in order, every Linear and 1x1 conv inside "
-           "the units pruned, stem and head dense. `ref` = METRICS.md (independent implementation), where it "
-           "has the cell.", ""]
+    out = [
+        "# Digits vision fixtures: magnitude vs Wanda, per-layer vs per-output",
+        "",
+        "Validation top-1 / mean cross-entropy on digits/val (450 images). 128 calibration images from "
+        "digits/train (torch.randperm seed 0), units calibrated in order, every Linear and 1x1 conv inside "
+        "the units pruned, stem and head dense. `ref` = METRICS.md (independent implementation), where it "
+        "has the cell.",
+        "",
+    ]
     for name in dict.fromkeys(r["model"] for r in rows):
         dense = next(r for r in rows if r["model"] == name and r["method"] == "dense")
-        out += [f"## {name}", "", f"Dense: {dense['top1']:.4f} / {dense['loss']:.3f} (Lightning eval: top-1 "
-                f"{dense['lightning_top1']:.4f}, top-5 {dense['lightning_top5']:.4f})", "",
-                "| sparsity | " + " | ".join(f"{m} {g}" for m, g in SETTINGS) + " |",
-                "|---" * (len(SETTINGS) + 1) + "|"]
+        out += [
+            f"## {name}",
+            "",
+            f"Dense: {dense['top1']:.4f} / {dense['loss']:.3f} (Lightning eval: top-1 "
+            f"{dense['lightning_top1']:.4f}, top-5 {dense['lightning_top5']:.4f})",
+            "",
+            "| sparsity | " + " | ".join(f"{m} {g}" for m, g in SETTINGS) + " |",
+            "|---" * (len(SETTINGS) + 1) + "|",
+        ]
         for sparsity in sorted({r["sparsity"] for r in rows if r["model"] == name and r["method"] != "dense"}):
             cells = [_cell(rows, reference, name, m, g, sparsity) for m, g in SETTINGS]
             out.append(f"| {sparsity:.0%} | " + " | ".join(cells) + " |")
@@ -101,7 +135,9 @@ def markdown(rows: list[dict], reference: dict) -> str:
 
 
 def _cell(rows, reference, name, method, group, sparsity) -> str:
-    row = next(r for r in rows if (r["model"], r["method"], r["group"], r["sparsity"]) == (name, method, group, sparsity))
+    row = next(
+        r for r in rows if (r["model"], r["method"], r["group"], r["sparsity"]) == (name, method, group, sparsity)
+    )
     text = f"{row['top1']:.4f} / {row['loss']:.3f}"
     ref = reference.get((name, method, group, sparsity))
     return text + (f" (ref {ref[0]:.4f} / {ref[1]:.3f})" if ref else "")
@@ -117,11 +153,18 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     rows = [r for name in args.models for r in run_model(name, args.sparsities)]
     reference = reference_table()
-    write_json(args.out / "vision_digits.json", {
-        "protocol": "128 calib images digits/train, randperm seed 0, sequential units, Linear+1x1 conv in units",
-        "results": rows, "reference": [{"model": k[0], "method": k[1], "group": k[2], "sparsity": k[3],
-                                        "top1": v[0], "loss": v[1]} for k, v in reference.items()],
-        "versions": prunekit.api.versions()})
+    write_json(
+        args.out / "vision_digits.json",
+        {
+            "protocol": "128 calib images digits/train, randperm seed 0, sequential units, Linear+1x1 conv in units",
+            "results": rows,
+            "reference": [
+                {"model": k[0], "method": k[1], "group": k[2], "sparsity": k[3], "top1": v[0], "loss": v[1]}
+                for k, v in reference.items()
+            ],
+            "versions": prunekit.api.versions(),
+        },
+    )
     (args.out / "vision_digits.md").write_text(markdown(rows, reference) + "\n")
     print(markdown(rows, reference))
 

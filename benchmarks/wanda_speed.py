@@ -3,6 +3,7 @@ published per-sample protocol, on kjv-llama-5m. Prints ratios; writes benchmarks
 
     python benchmarks/wanda_speed.py [--fixtures ../shared/fixtures] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = Path(args.fixtures) / "kjv-llama-5m"
     base = AutoModelForCausalLM.from_pretrained(path).eval()
     tokens = tokenize(AutoTokenizer.from_pretrained(path), load_text(Path(args.fixtures) / "kjv" / "train.txt"))
@@ -51,22 +53,32 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved so machine load affects all three alike
         rows["floor_forward_s"].append(timed(lambda: forward_floor(base, calib, args.batch_size)))
         model = copy.deepcopy(base)
-        rows["prunekit_wanda_s"].append(timed(lambda: prunekit.prune(model, "wanda", 0.5, calib=calib,
-                                                                    batch_size=args.batch_size)))
+        rows["prunekit_wanda_s"].append(
+            timed(lambda model=model: prunekit.prune(model, "wanda", 0.5, calib=calib, batch_size=args.batch_size))
+        )
         ref = copy.deepcopy(base)
-        rows["published_protocol_s"].append(timed(lambda: torch.no_grad()(reference_wanda)(ref, calib, 0.5)))
+        rows["published_protocol_s"].append(timed(lambda ref=ref: torch.no_grad()(reference_wanda)(ref, calib, 0.5)))
     med = {k: statistics.median(v) for k, v in rows.items()}
-    result = {"model": "kjv-llama-5m", "calibration": "128 x 256 tokens", "threads": torch.get_num_threads(),
-              "batch_size": args.batch_size, "repeats": args.repeats, "seconds": rows, "median_s": med,
-              "prune_over_floor": med["prunekit_wanda_s"] / med["floor_forward_s"],
-              "published_over_prunekit": med["published_protocol_s"] / med["prunekit_wanda_s"]}
+    result = {
+        "model": "kjv-llama-5m",
+        "calibration": "128 x 256 tokens",
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "seconds": rows,
+        "median_s": med,
+        "prune_over_floor": med["prunekit_wanda_s"] / med["floor_forward_s"],
+        "published_over_prunekit": med["published_protocol_s"] / med["prunekit_wanda_s"],
+    }
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "wanda_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = ("| measure | median seconds |\n|---|---|\n"
-             + "".join(f"| {k} | {v:.2f} |\n" for k, v in med.items())
-             + f"\n**Wanda prune / one forward pass (floor): {result['prune_over_floor']:.2f}x**; "
-               f"published per-sample protocol / prunekit: {result['published_over_prunekit']:.2f}x\n")
+    table = (
+        "| measure | median seconds |\n|---|---|\n"
+        + "".join(f"| {k} | {v:.2f} |\n" for k, v in med.items())
+        + f"\n**Wanda prune / one forward pass (floor): {result['prune_over_floor']:.2f}x**; "
+        f"published per-sample protocol / prunekit: {result['published_over_prunekit']:.2f}x\n"
+    )
     (out / "wanda_speed.md").write_text("# Wanda speed on kjv-llama-5m (CPU)\n\n" + table)
     print(table)
 

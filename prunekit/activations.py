@@ -4,10 +4,11 @@ The sequential loop keeps, for every calibration batch, the arguments of the cur
 hidden states (``nsamples x seqlen x hidden`` in all: 1 GiB of fp32 per block boundary for 128 x 2048
 tokens of a 7B model) are the big part; the other arguments (masks, rotary tables) are small.
 """
+
 from __future__ import annotations
 
-import gc
 import ctypes
+import gc
 import logging
 import resource
 import sys
@@ -27,6 +28,7 @@ _ACTIVATION_SHARE = 0.5
 
 
 # ---------------------------------------------------------------- memory
+
 
 def available_memory(device: torch.device) -> int:
     """Free bytes where tensors on ``device`` live (GPU memory for CUDA, else system RAM)."""
@@ -89,6 +91,7 @@ def choose_offload(mode: str, activation_bytes: int, device: torch.device, reser
 
 
 # ---------------------------------------------------------------- the store
+
 
 class Activations:
     """Block inputs for every calibration batch. The hidden states are kept on the compute device, in CPU

@@ -13,6 +13,7 @@ weighted by parameter count, must stay the target.
 Allocation works on units: a block (decoder layer, ViT block) shares one sparsity; a selected layer
 outside the blocks is a unit of its own.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -24,8 +25,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .errors import PrunekitError
 from .collect import LayerStats, column_norms_for_rows
+from .errors import PrunekitError
 from .graph import weight_matrix
 from .groups import check_sparsity
 from .methods.wanda import wanda_score
@@ -43,8 +44,13 @@ class Allocator:
     # does not (uniform, explicit) works without calibration data, e.g. with magnitude pruning.
     needs_calibration: ClassVar[bool] = False
 
-    def plan(self, layers: Mapping[str, nn.Module], sparsity: float, block_of: Mapping[str, int | None],
-             dense_stats: DenseStats) -> dict[str, float]:
+    def plan(
+        self,
+        layers: Mapping[str, nn.Module],
+        sparsity: float,
+        block_of: Mapping[str, int | None],
+        dense_stats: DenseStats,
+    ) -> dict[str, float]:
         raise NotImplementedError
 
 
@@ -86,8 +92,13 @@ def weighted_mean(values: Mapping[Hashable, float], weights: Mapping[Hashable, i
     return sum(values[k] * weights[k] for k in values) / sum(weights[k] for k in values)
 
 
-def rebalance(values: Mapping[Hashable, float], weights: Mapping[Hashable, int], target: float,
-              low: float = 0.0, high: float = MAX_SPARSITY) -> dict[Hashable, float]:
+def rebalance(
+    values: Mapping[Hashable, float],
+    weights: Mapping[Hashable, int],
+    target: float,
+    low: float = 0.0,
+    high: float = MAX_SPARSITY,
+) -> dict[Hashable, float]:
     """Clip ``values`` into ``[low, high]`` and shift the unclipped ones by one amount so that the
     ``weights``-weighted mean is ``target`` again (each round pins at least one more unit)."""
     vals = dict(values)
@@ -110,6 +121,7 @@ def spread_to_layers(per_unit: Mapping[Hashable, float], groups: Mapping[Hashabl
 
 # ---------------------------------------------------------------- OWL
 
+
 def wanda_scores(module: nn.Module, stats: LayerStats) -> torch.Tensor:
     """``|W_ij| * ||X_j||`` of one layer (conv groups broadcast to their rows)."""
     weight = weight_matrix(module).detach().float()
@@ -122,8 +134,9 @@ def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
     return sum(int((s > m * mean).sum()) for s in scores) / sum(s.numel() for s in scores)
 
 
-def owl_sparsities(ratios: Mapping[Hashable, float], params: Mapping[Hashable, int], target: float,
-                   lam: float) -> dict[Hashable, float]:
+def owl_sparsities(
+    ratios: Mapping[Hashable, float], params: Mapping[Hashable, int], target: float, lam: float
+) -> dict[Hashable, float]:
     """OWL's rule: outlier ratios rescaled to ``[0, 2 lam]`` and subtracted from the target around their
     (parameter-weighted) mean, so sparsities span ``2 lam`` with the most outliers pruned least; with
     equal-size blocks this is exactly the published code (the mean, not the midpoint, sits at the target)."""
@@ -153,8 +166,9 @@ class OWL(Allocator):
     def plan(self, layers, sparsity, block_of, dense_stats):
         groups = units(layers, block_of)
         stats = dense_stats()
-        ratios = {u: outlier_ratio([wanda_scores(layers[n], stats[n]) for n in names], self.m)
-                  for u, names in groups.items()}
+        ratios = {
+            u: outlier_ratio([wanda_scores(layers[n], stats[n]) for n in names], self.m) for u, names in groups.items()
+        }
         per_unit = owl_sparsities(ratios, unit_params(layers, groups), sparsity, self.lam)
         log.info("owl: outlier ratios %s -> sparsities %s", _rounded(ratios), _rounded(per_unit))
         return spread_to_layers(per_unit, groups)
@@ -165,6 +179,7 @@ def _rounded(values: Mapping[Hashable, float]) -> dict:
 
 
 # ---------------------------------------------------------------- explicit (from a recipe)
+
 
 @register_allocator
 @dataclass
@@ -181,7 +196,7 @@ class Explicit(Allocator):
     def __post_init__(self):
         if not self.sparsities:
             raise PrunekitError("explicit allocation needs sparsities: {pattern or block index: sparsity, ...}")
-        for key, value in self.sparsities.items():
+        for value in self.sparsities.values():
             check_sparsity(value)
 
     def plan(self, layers, sparsity, block_of, dense_stats):
@@ -191,16 +206,20 @@ class Explicit(Allocator):
         if abs(mean - sparsity) <= 1e-6:
             return chosen
         if not self.normalize:
-            raise PrunekitError(f"explicit sparsities average {mean:.6f} (weighted by parameters), not the target "
-                             f"{sparsity}; change them, or set normalize: true to rescale them to the target")
+            raise PrunekitError(
+                f"explicit sparsities average {mean:.6f} (weighted by parameters), not the target "
+                f"{sparsity}; change them, or set normalize: true to rescale them to the target"
+            )
         return _rescaled(chosen, sparsity / mean if mean > 0 else float("inf"))
 
     def _lookup(self, name: str, block: int | None) -> float:
         for key, value in self.sparsities.items():
             if _key_matches(key, name, block):
                 return float(value)
-        raise PrunekitError(f"layer {name!r} matches no key of the explicit sparsities {list(self.sparsities)}; "
-                         "add a pattern for it (a final '*' catches every other layer)")
+        raise PrunekitError(
+            f"layer {name!r} matches no key of the explicit sparsities {list(self.sparsities)}; "
+            "add a pattern for it (a final '*' catches every other layer)"
+        )
 
 
 def _key_matches(key, name: str, block: int | None) -> bool:
@@ -212,6 +231,8 @@ def _key_matches(key, name: str, block: int | None) -> bool:
 def _rescaled(chosen: dict[str, float], factor: float) -> dict[str, float]:
     scaled = {n: v * factor for n, v in chosen.items()}
     if any(not 0 <= v < 1 for v in scaled.values()):
-        raise PrunekitError("normalize would push some explicit sparsities outside [0, 1); give sparsities whose "
-                         "weighted mean is nearer the target")
+        raise PrunekitError(
+            "normalize would push some explicit sparsities outside [0, 1); give sparsities whose "
+            "weighted mean is nearer the target"
+        )
     return scaled

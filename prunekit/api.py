@@ -1,5 +1,6 @@
 """``prunekit.prune``: the Python front end. Takes a ``PruneConfig`` (or its settings as keywords), checks
 what needs the model before any work, then runs the engine."""
+
 from __future__ import annotations
 
 import logging
@@ -47,6 +48,7 @@ class PruneReport:
 
 def versions() -> dict[str, str]:
     import importlib.metadata as md
+
     out = {"python": platform.python_version()}
     for pkg in ("prunekit", "torch", "transformers", "timm"):
         try:
@@ -69,6 +71,7 @@ def layer_sparsity(layers: Mapping[str, nn.Module]) -> tuple[dict[str, dict[str,
 
 # ---------------------------------------------------------------- the plan: config resolved against a model
 
+
 def resolve_group(group: str | None, method_cls: type, model: nn.Module) -> str:
     """The user's group, else per-layer for image models (the Wanda paper's finding for ConvNeXt/ViT),
     else the method's own default (per-output for Wanda on LLMs, per-layer for magnitude)."""
@@ -85,8 +88,10 @@ def check_patterns(layers: Mapping[str, nn.Module], nm: tuple[int, int] | None) 
     bad = {name: cols for name, cols in columns.items() if cols % nm[1]}
     if bad:
         listed = ", ".join(f"{name} ({cols} columns)" for name, cols in bad.items())
-        raise PrunekitError(f"{nm[0]}:{nm[1]} sparsity needs every layer's input dimension to be a multiple of "
-                            f"{nm[1]}; these are not: {listed}; exclude them (--exclude) or pick another M")
+        raise PrunekitError(
+            f"{nm[0]}:{nm[1]} sparsity needs every layer's input dimension to be a multiple of "
+            f"{nm[1]}; these are not: {listed}; exclude them (--exclude) or pick another M"
+        )
 
 
 def plan_prune(model: nn.Module, config: PruneConfig | str | None = None, **settings: Any) -> engine.Plan:
@@ -100,14 +105,17 @@ def plan_prune(model: nn.Module, config: PruneConfig | str | None = None, **sett
     nm = parse_pattern(config.pattern)
     layers = select_layers(model, config.include, config.exclude, config.layer_types)
     if not layers:
-        raise PrunekitError("no prunable layers selected: the model has no Linear/Conv layers matching the "
-                            "include/exclude patterns and layer types; widen --include or use --layer-types all")
+        raise PrunekitError(
+            "no prunable layers selected: the model has no Linear/Conv layers matching the "
+            "include/exclude patterns and layer types; widen --include or use --layer-types all"
+        )
     check_patterns(layers, nm)
     needs = frozenset(method.needs).union(*(u.needs for u in updates))
     targets = {n: Target(config.sparsity, group, nm) for n in layers}
     device = torch.device(config.device) if config.device is not None else None
-    return engine.Plan(method, updates, layers, targets, _blocks(model, config, group, layers), device, needs,
-                       config.as_config())
+    return engine.Plan(
+        method, updates, layers, targets, _blocks(model, config, group, layers), device, needs, config.as_config()
+    )
 
 
 def _blocks(model: nn.Module, config: PruneConfig, group: str, layers: Mapping[str, nn.Module]):
@@ -117,8 +125,10 @@ def _blocks(model: nn.Module, config: PruneConfig, group: str, layers: Mapping[s
     if blocks is not None and any(block_index(n, blocks) is None for n in layers):
         if config.blocks is not None:
             outside = [n for n in layers if block_index(n, blocks) is None]
-            raise PrunekitError(f"selected layers {outside[:3]} lie outside blocks={config.blocks!r}; exclude them "
-                                "or calibrate in one pass (sequential=False)")
+            raise PrunekitError(
+                f"selected layers {outside[:3]} lie outside blocks={config.blocks!r}; exclude them "
+                "or calibrate in one pass (sequential=False)"
+            )
         log.warning("some selected layers are outside the block list %r: calibrating in one pass", blocks[0])
         return None
     return blocks
@@ -126,9 +136,18 @@ def _blocks(model: nn.Module, config: PruneConfig, group: str, layers: Mapping[s
 
 # ---------------------------------------------------------------- pruning
 
-def prune(model: nn.Module, config: PruneConfig | str | None = None, sparsity: float | None = None,
-          pattern: str | None = None, group: str | None = None, calib: Any = None, *, tokenizer: Any = None,
-          **settings: Any) -> PruneReport:
+
+def prune(
+    model: nn.Module,
+    config: PruneConfig | str | None = None,
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    group: str | None = None,
+    calib: Any = None,
+    *,
+    tokenizer: Any = None,
+    **settings: Any,
+) -> PruneReport:
     """Prune ``model`` in place and return a report.
 
     ``config`` is a ``PruneConfig`` or a method name; any setting of ``PruneConfig`` may also be given as a
@@ -162,8 +181,11 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, token
     layers, overall = layer_sparsity(plan.layers)
     for name, row in layers.items():
         row["target"] = plan.targets[name].sparsity
-    settings = {**config.settings(), "group": next(iter(plan.targets.values())).group,
-                "blocks": plan.blocks[0] if plan.blocks else None}
+    settings = {
+        **config.settings(),
+        "group": next(iter(plan.targets.values())).group,
+        "blocks": plan.blocks[0] if plan.blocks else None,
+    }
     log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(layers), 100 * overall, timings["total_s"])
     return PruneReport(settings, layers, overall, timings, versions(), bn_recalibration=bn)
 
@@ -171,6 +193,7 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, token
 def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
     """Structural methods change shapes and config; they get the calibration batches and a ratio."""
     from .structured import STRUCTURED
+
     method = STRUCTURED.create(config.method, config.method_params)
     start = time.perf_counter()
     batches = calibration(model, calib, tokenizer, config) if method.needs_calibration else []
@@ -181,8 +204,9 @@ def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokeniz
     return PruneReport(settings, {}, 0.0, timings, versions(), structure=summary)
 
 
-def allocate(model: nn.Module, batches: list, plan: engine.Plan, allocator: Allocator,
-             sparsity: float) -> dict[str, Target]:
+def allocate(
+    model: nn.Module, batches: list, plan: engine.Plan, allocator: Allocator, sparsity: float
+) -> dict[str, Target]:
     """Each layer's target after the allocation (an N:M pattern fixes every layer's sparsity)."""
     if next(iter(plan.targets.values())).nm is not None:
         return dict(plan.targets)
@@ -197,23 +221,33 @@ def allocate(model: nn.Module, batches: list, plan: engine.Plan, allocator: Allo
 
 def warn_existing_zeros(plan: engine.Plan) -> None:
     """Pruning an already sparser layer keeps its zeros (they score lowest): say so rather than surprise."""
-    sparser = [n for n, m in plan.layers.items()
-               if float((m.weight.detach() == 0).float().mean()) > plan.targets[n].sparsity + 1e-6]
+    sparser = [
+        n
+        for n, m in plan.layers.items()
+        if float((m.weight.detach() == 0).float().mean()) > plan.targets[n].sparsity + 1e-6
+    ]
     if sparser:
-        log.warning("%d selected layer(s) already hold more zeros than their target (e.g. %s); their zeros stay, so "
-                    "they end sparser than asked", len(sparser), sparser[0])
+        log.warning(
+            "%d selected layer(s) already hold more zeros than their target (e.g. %s); their zeros stay, so "
+            "they end sparser than asked",
+            len(sparser),
+            sparser[0],
+        )
 
 
 def _recalibrate_bn(model: nn.Module, plan: engine.Plan, batches: list, wanted: bool | None) -> dict | None:
     """BatchNorm statistics go stale when the convs feeding them are pruned; re-estimate them."""
     from .bn import needs_bn_recalibration, recalibrate_bn
+
     if wanted is False:
         return None
     if wanted is None and not batches:
         if needs_bn_recalibration(model, plan.layers):
-            log.warning("BatchNorm layers run after pruned layers, but without calibration data their running "
-                        "statistics cannot be re-estimated and are now stale; pass calib=... (--calib-data) to "
-                        "recalibrate them, or recalibrate_bn=False (--no-recalibrate-bn) to keep them as they are")
+            log.warning(
+                "BatchNorm layers run after pruned layers, but without calibration data their running "
+                "statistics cannot be re-estimated and are now stale; pass calib=... (--calib-data) to "
+                "recalibrate them, or recalibrate_bn=False (--no-recalibrate-bn) to keep them as they are"
+            )
         return None
     if wanted is None and not needs_bn_recalibration(model, plan.layers, batches[0], plan.device):
         return None
@@ -224,6 +258,7 @@ def _recalibrate_bn(model: nn.Module, plan: engine.Plan, batches: list, wanted: 
 
 
 # ---------------------------------------------------------------- calibration data and the model
+
 
 def context_length(model: Any) -> int | None:
     """The longest sequence the model (or its HF config) takes (``max_position_embeddings``), None when it
@@ -239,8 +274,10 @@ def resolve_seqlen(seqlen: int | None, model: Any, what: str = "seqlen") -> int:
     if seqlen is None:
         return min(DEFAULT_SEQLEN, context) if context else DEFAULT_SEQLEN
     if context is not None and seqlen > context:
-        raise PrunekitError(f"{what} {seqlen} is longer than the model's context of {context} tokens "
-                            f"(max_position_embeddings); use {what} <= {context}")
+        raise PrunekitError(
+            f"{what} {seqlen} is longer than the model's context of {context} tokens "
+            f"(max_position_embeddings); use {what} <= {context}"
+        )
     return seqlen
 
 
@@ -256,8 +293,10 @@ def check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"prune() takes a torch.nn.Module, got {type(model).__name__}")
     if model_device(model).type == "meta":
-        raise PrunekitError("the model's weights are on the meta device (not loaded); load real weights first, "
-                            "or prune the checkpoint with prunekit.io.lazy.prune_lazy / --lazy")
+        raise PrunekitError(
+            "the model's weights are on the meta device (not loaded); load real weights first, "
+            "or prune the checkpoint with prunekit.io.lazy.prune_lazy / --lazy"
+        )
 
 
 def check_token_batches(model: nn.Module, batches: list) -> None:
@@ -273,5 +312,7 @@ def check_token_batches(model: nn.Module, batches: list) -> None:
         if ids.is_floating_point():
             raise PrunekitError(f"calibration token ids are {ids.dtype}; pass integer ids (a LongTensor)")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= embed.num_embeddings):
-            raise PrunekitError(f"calibration token ids range over [{int(ids.min())}, {int(ids.max())}] but the "
-                                f"vocabulary has {embed.num_embeddings} tokens; tokenize with the model's tokenizer")
+            raise PrunekitError(
+                f"calibration token ids range over [{int(ids.min())}, {int(ids.max())}] but the "
+                f"vocabulary has {embed.num_embeddings} tokens; tokenize with the model's tokenizer"
+            )

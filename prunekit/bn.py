@@ -12,6 +12,7 @@ as they would in training, so later layers see batch-normalised inputs; everythi
 eval mode (Dropout off, stochastic depth off). Their momentum is 0 for the pass, so PyTorch's own
 running update is a no-op and a BatchNorm the data never reaches keeps its statistics.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,11 @@ BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 def batchnorm_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every BatchNorm that keeps running statistics (``track_running_stats=False`` ones always use
     batch statistics, so there is nothing to recalibrate)."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, BN_TYPES) and m.track_running_stats and m.running_mean is not None}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, BN_TYPES) and m.track_running_stats and m.running_mean is not None
+    }
 
 
 class _Moments:
@@ -60,8 +64,10 @@ class _Moments:
 
 def _summary(layers: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
     """Channel-averaged running mean and variance of each layer: enough to see the shift in a report."""
-    return {name: {"mean": float(m.running_mean.float().mean()), "var": float(m.running_var.float().mean())}
-            for name, m in layers.items()}
+    return {
+        name: {"mean": float(m.running_mean.float().mean()), "var": float(m.running_var.float().mean())}
+        for name, m in layers.items()
+    }
 
 
 @contextmanager
@@ -81,8 +87,9 @@ def _batchnorm_train_mode(model: nn.Module, layers: dict[str, nn.Module]):
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Sequence[Batch], device: str | torch.device | None = None
-                   ) -> dict[str, Any]:
+def recalibrate_bn(
+    model: nn.Module, batches: Sequence[Batch], device: str | torch.device | None = None
+) -> dict[str, Any]:
     """Re-estimate every BatchNorm's running mean/variance on ``batches`` (model inputs, as for
     ``prunekit.prune``). Weights and affine parameters are untouched. Returns before/after summaries.
     A model without BatchNorm is left alone (no forward pass)."""
@@ -91,8 +98,9 @@ def recalibrate_bn(model: nn.Module, batches: Sequence[Batch], device: str | tor
     if not layers:
         return {**result, "after": {}}
     if not batches:
-        raise PrunekitError("BatchNorm recalibration needs calibration batches (calib=...); pass "
-                         "recalibrate_bn=False to skip it")
+        raise PrunekitError(
+            "BatchNorm recalibration needs calibration batches (calib=...); pass recalibrate_bn=False to skip it"
+        )
     moments = _input_moments(model, layers, batches, torch.device(device) if device is not None else None)
     _write_statistics(layers, moments)
     result["after"] = _summary(layers)
@@ -100,12 +108,16 @@ def recalibrate_bn(model: nn.Module, batches: Sequence[Batch], device: str | tor
     return result
 
 
-def _input_moments(model: nn.Module, layers: dict[str, nn.Module], batches: Sequence[Batch],
-                   device: torch.device | None) -> dict[str, _Moments]:
+def _input_moments(
+    model: nn.Module, layers: dict[str, nn.Module], batches: Sequence[Batch], device: torch.device | None
+) -> dict[str, _Moments]:
     """Run ``batches`` with the BatchNorm layers in train mode and record the moments of their inputs."""
     moments = {name: _Moments() for name in layers}
-    with hooks(m.register_forward_pre_hook(moments[name]) for name, m in layers.items()), \
-            on_device(model, device), _batchnorm_train_mode(model, layers):
+    with (
+        hooks(m.register_forward_pre_hook(moments[name]) for name, m in layers.items()),
+        on_device(model, device),
+        _batchnorm_train_mode(model, layers),
+    ):
         for batch in batches:
             run_model(model, batch, device)
     return moments
@@ -126,15 +138,26 @@ def execution_order(model: nn.Module, example: Batch, device: str | torch.device
     BatchNorm statistic changes); a module called twice appears twice."""
     order: list[str] = []
     device = torch.device(device) if device is not None else None
-    with hooks(m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name))
-               for name, m in model.named_modules() if name), \
-            torch.no_grad(), on_device(model, device), eval_mode(model):
+    with (
+        hooks(
+            m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name))
+            for name, m in model.named_modules()
+            if name
+        ),
+        torch.no_grad(),
+        on_device(model, device),
+        eval_mode(model),
+    ):
         run_model(model, example, device)
     return order
 
 
-def needs_bn_recalibration(model: nn.Module, pruned_layer_names: Iterable[str], example: Batch | None = None,
-                           device: str | torch.device | None = None) -> bool:
+def needs_bn_recalibration(
+    model: nn.Module,
+    pruned_layer_names: Iterable[str],
+    example: Batch | None = None,
+    device: str | torch.device | None = None,
+) -> bool:
     """True when a BatchNorm with running statistics runs after a pruned layer, so its input
     distribution changed. "After" is the execution order of one forward pass on ``example`` when given
     (robust to models whose modules are registered out of order), else the registration order."""
@@ -144,4 +167,4 @@ def needs_bn_recalibration(model: nn.Module, pruned_layer_names: Iterable[str], 
         return False
     order = execution_order(model, example, device) if example is not None else [n for n, _ in model.named_modules()]
     first = next((i for i, name in enumerate(order) if name in pruned), None)
-    return first is not None and any(name in layers for name in order[first + 1:])
+    return first is not None and any(name in layers for name in order[first + 1 :])

@@ -4,6 +4,7 @@ The ``prune`` flags are derived from the fields of ``PruneRecipe`` (a ``PruneCon
 setting is a new field, and its flag and recipe key follow. Nothing here imports torch at import time, so
 ``prunekit --help`` answers at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,15 +21,18 @@ from .errors import PrunekitError
 from .recipe import PruneRecipe, load_recipe
 
 # Operating-system errors that are the machine's state, not our bug: one line and what to do.
-USER_OS_ERRORS = {errno.ENOSPC: "free some disk space or choose another --out",
-                  errno.EDQUOT: "free some of your disk quota or choose another --out",
-                  errno.EROFS: "the file system is read-only; choose another --out",
-                  errno.EACCES: "no permission; choose a path you can write",
-                  errno.EMFILE: "too many open files; raise the limit (ulimit -n)"}
+USER_OS_ERRORS = {
+    errno.ENOSPC: "free some disk space or choose another --out",
+    errno.EDQUOT: "free some of your disk quota or choose another --out",
+    errno.EROFS: "the file system is read-only; choose another --out",
+    errno.EACCES: "no permission; choose a path you can write",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n)",
+}
 BUG_HINT = "this is a bug in prunekit, not in your input: please report it with the command line and the traceback"
 
 
 # ---------------------------------------------------------------- flags from dataclass fields
+
 
 def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
@@ -77,6 +81,7 @@ def setting_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 def key_values(items: list[str], flag: str) -> dict[str, Any]:
     """``["rho=0.1", "steps=20"]`` -> ``{"rho": 0.1, "steps": 20}`` (values parsed as YAML scalars)."""
     import yaml
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -91,6 +96,7 @@ def key_values(items: list[str], flag: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- prune
 
+
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune a model (flags or --recipe YAML; flags override the recipe)")
     p.add_argument("--recipe", help="YAML recipe (see recipes/); every flag below is also a recipe key")
@@ -100,6 +106,7 @@ def _add_prune(sub) -> None:
 
 def cmd_prune(args) -> int:
     from .pipeline import run_prune
+
     recipe = load_recipe(PruneRecipe, args.recipe, setting_values(args, PruneRecipe))
     report = run_prune(recipe, args.recipe)
     print_prune_report(report.to_dict())
@@ -111,6 +118,7 @@ def cmd_prune(args) -> int:
 def print_prune_report(report: dict[str, Any]) -> None:
     """Per-layer sparsity (unstructured) or what was removed (structured), then metrics and time."""
     from rich.console import Console
+
     console = Console()
     if report.get("structure"):
         console.print(structure_table(report))
@@ -124,6 +132,7 @@ def print_prune_report(report: dict[str, Any]) -> None:
 
 def layer_table(report: dict[str, Any]):
     from rich.table import Table
+
     table = Table(title=f"{report['settings']['method']} - overall sparsity {report['sparsity']:.4f}")
     for col in ("layer", "shape", "sparsity"):
         table.add_column(col)
@@ -135,9 +144,12 @@ def layer_table(report: dict[str, Any]):
 def structure_table(report: dict[str, Any]):
     """A structured run's summary: parameters before and after, and what the method removed."""
     from rich.table import Table
+
     summary = report["structure"]
-    table = Table(title=f"{report['settings']['method']} - removed {summary['removed_fraction']:.1%} of the block "
-                        f"parameters, {summary['model_removed_fraction']:.1%} of the model")
+    table = Table(
+        title=f"{report['settings']['method']} - removed {summary['removed_fraction']:.1%} of the block "
+        f"parameters, {summary['model_removed_fraction']:.1%} of the model"
+    )
     table.add_column("what")
     table.add_column("value")
     for key, value in summary.items():
@@ -176,8 +188,10 @@ def _add_eval(sub) -> None:
 
 def _sections(args, data_keys: dict[str, str], model_keys: dict[str, str]) -> dict[str, Any]:
     """Flags the user set, as overrides of a LightningCLI-style config's model:/data:/results: sections."""
+
     def pick(keys: dict[str, str]) -> dict[str, Any]:
         return {k: getattr(args, a) for k, a in keys.items() if getattr(args, a, None) is not None}
+
     out: dict[str, Any] = {"model": pick(model_keys), "data": pick(data_keys)}
     if args.json:
         out["results"] = args.json
@@ -193,30 +207,56 @@ def _require(args, *names: str) -> None:
 def cmd_eval_ppl(args) -> int:
     if args.recipe:
         from .eval.lightning_ppl import run_ppl_eval_config
-        result = run_ppl_eval_config(args.recipe, _sections(
-            args, {"path": "data", "seqlen": "seqlen", "batch_size": "batch_size"}, {"source": "model"}),
-            trust_remote_code=args.trust_remote_code)
+
+        result = run_ppl_eval_config(
+            args.recipe,
+            _sections(args, {"path": "data", "seqlen": "seqlen", "batch_size": "batch_size"}, {"source": "model"}),
+            trust_remote_code=args.trust_remote_code,
+        )
     else:
         from .pipeline import run_eval_ppl
+
         _require(args, "model", "data")
-        result = run_eval_ppl(args.model, args.data, args.seqlen, args.batch_size or 8, args.device,
-                              args.dtype, args.trust_remote_code, args.json)
+        result = run_eval_ppl(
+            args.model,
+            args.data,
+            args.seqlen,
+            args.batch_size or 8,
+            args.device,
+            args.dtype,
+            args.trust_remote_code,
+            args.json,
+        )
     print(f"perplexity {result['ppl']:.4f}")
     return 0
 
 
 def cmd_eval_image(args) -> int:
     from .eval.image import evaluate_image, run_image_eval_config
+
     if args.recipe:
-        result = run_image_eval_config(args.recipe, _sections(
-            args, {"path": "data", "batch_size": "batch_size", "num_workers": "num_workers"},
-            {"source": "model", "num_classes": "num_classes"}))
+        result = run_image_eval_config(
+            args.recipe,
+            _sections(
+                args,
+                {"path": "data", "batch_size": "batch_size", "num_workers": "num_workers"},
+                {"source": "model", "num_classes": "num_classes"},
+            ),
+        )
     else:
         from .io.timm import load_vision_model
+
         _require(args, "model", "data")
         model = load_vision_model(args.model, num_classes=args.num_classes)
-        result = evaluate_image(model, args.data, batch_size=args.batch_size or 64, num_workers=args.num_workers or 0,
-                                accelerator=args.accelerator or "auto", devices=args.devices or 1, results=args.json)
+        result = evaluate_image(
+            model,
+            args.data,
+            batch_size=args.batch_size or 64,
+            num_workers=args.num_workers or 0,
+            accelerator=args.accelerator or "auto",
+            devices=args.devices or 1,
+            results=args.json,
+        )
     top5 = f"  top-5 {result['top5']:.4f}" if "top5" in result else ""
     print(f"top-1 {result['top1']:.4f}{top5}  ({result['images']} images)")
     return 0
@@ -225,8 +265,11 @@ def cmd_eval_image(args) -> int:
 def _add_zeroshot(esub) -> None:
     z = esub.add_parser("zeroshot", help="lm-eval-harness zero-shot accuracy with the model in memory")
     z.add_argument("--model", required=True)
-    z.add_argument("--tasks", required=True, help="comma list, e.g. boolq,rte,hellaswag,winogrande,arc_easy,"
-                                                  "arc_challenge,openbookqa")
+    z.add_argument(
+        "--tasks",
+        required=True,
+        help="comma list, e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+    )
     z.add_argument("--include-path", help="folder of local task YAMLs (offline tasks)")
     z.add_argument("--limit", type=float, help="documents per task (a fraction when < 1)")
     z.add_argument("--num-fewshot", type=int)
@@ -239,28 +282,44 @@ def _add_zeroshot(esub) -> None:
 def cmd_eval_zeroshot(args) -> int:
     from .eval.zeroshot import format_table, zeroshot
     from .io import load_causal_lm, load_tokenizer
+
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    result = zeroshot(load_causal_lm(args.model, args.dtype), load_tokenizer(args.model), args.tasks,
-                      args.batch_size, limit, args.num_fewshot, args.include_path)
+    result = zeroshot(
+        load_causal_lm(args.model, args.dtype),
+        load_tokenizer(args.model),
+        args.tasks,
+        args.batch_size,
+        limit,
+        args.num_fewshot,
+        args.include_path,
+    )
     print(format_table(result))
     _maybe_json(args.json, result)
     return 0
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="markdown table + plots from several runs' prune_report.json; or, with "
-                                      "--docs, the documentation pages from benchmark results")
+    p = sub.add_parser(
+        "report",
+        help="markdown table + plots from several runs' prune_report.json; or, with "
+        "--docs, the documentation pages from benchmark results",
+    )
     p.add_argument("runs", nargs="*", help="run directories or JSON files")
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="prunekit report")
-    p.add_argument("--docs", metavar="RESULTS_DIR", help="fill the templates in OUT/templates from RESULTS_DIR "
-                                                         "(e.g. benchmarks/results) and write the pages to OUT")
+    p.add_argument(
+        "--docs",
+        metavar="RESULTS_DIR",
+        help="fill the templates in OUT/templates from RESULTS_DIR "
+        "(e.g. benchmarks/results) and write the pages to OUT",
+    )
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
     from .errors import PrunekitError
     from .report import build_docs, build_report
+
     if bool(args.docs) == bool(args.runs):
         raise PrunekitError("prunekit report takes run directories / JSON files, or --docs RESULTS_DIR: exactly one")
     if args.docs:
@@ -275,18 +334,24 @@ def cmd_report(args) -> int:
 
 def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="prune + fine-tune (LoRA or full, one-shot or gradual) from a recipe")
-    p.add_argument("--recipe", required=True, help="e.g. recipes/llama-wanda70-lora.yaml, recipes/convnext-gradual.yaml")
+    p.add_argument(
+        "--recipe", required=True, help="e.g. recipes/llama-wanda70-lora.yaml, recipes/convnext-gradual.yaml"
+    )
     p.add_argument("--out")
     p.add_argument("--overwrite", action="store_const", const=True)
-    p.add_argument("--trust-remote-code", action="store_const", const=True,
-                   help="run the checkpoint's own Python code (never enabled by a recipe)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_const",
+        const=True,
+        help="run the checkpoint's own Python code (never enabled by a recipe)",
+    )
     p.set_defaults(func=cmd_finetune)
 
 
 def cmd_finetune(args) -> int:
     from .finetune.run import run_finetune_recipe
-    overrides = {k: getattr(args, k) for k in ("out", "overwrite", "trust_remote_code")
-                 if getattr(args, k) is not None}
+
+    overrides = {k: getattr(args, k) for k in ("out", "overwrite", "trust_remote_code") if getattr(args, k) is not None}
     report = run_finetune_recipe(args.recipe, overrides)
     print_finetune_report(report)
     if report["settings"].get("out"):
@@ -297,6 +362,7 @@ def cmd_finetune(args) -> int:
 def print_finetune_report(report: dict[str, Any]) -> None:
     """The metrics before and after as a small table (4 decimals), then sparsity and times."""
     from rich.console import Console
+
     console = Console()
     console.print(f"{report['task']} fine-tuning: sparsity {report['sparsity']:.4f}")
     console.print(finetune_table(report["metrics"]))
@@ -308,6 +374,7 @@ def finetune_table(metrics: dict[str, float]):
     """``{"top1_dense": .., "top1_finetuned": .., "ppl_lora_unmerged": ..}`` as one row per stage (dense, pruned,
     lora unmerged, finetuned) and one column per metric, each value to 4 decimals."""
     from rich.table import Table
+
     rows: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         metric, _, stage = key.partition("_")
@@ -318,8 +385,9 @@ def finetune_table(metrics: dict[str, float]):
     for column in columns:
         table.add_column(column, justify="right")
     for stage, row in rows.items():
-        table.add_row(stage, *(f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "–"))
-                               for c in columns))
+        table.add_row(
+            stage, *(f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "–")) for c in columns)
+        )
     return table
 
 
@@ -334,6 +402,7 @@ def _add_convert(sub) -> None:
 
 def cmd_convert(args) -> int:
     from .io.compact import convert
+
     weight_map = convert(args.source, args.out, args.to, overwrite=args.overwrite)
     print(f"wrote {len(weight_map)} tensors to {args.out} ({args.to})")
     return 0
@@ -342,13 +411,19 @@ def cmd_convert(args) -> int:
 def _maybe_json(path: str | None, data: dict) -> None:
     if path:
         from .io import write_json
+
         write_json(path, data)
 
 
 def _add_methods(sub) -> None:
     p = sub.add_parser("methods", help="list registered methods, updates, groups, allocations")
-    p.add_argument("-v", "--verbose", dest="details", action="store_true",
-                   help="a table: kind, calibration, default group, parameters, description")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        dest="details",
+        action="store_true",
+        help="a table: kind, calibration, default group, parameters, description",
+    )
     p.set_defaults(func=cmd_methods)
 
 
@@ -357,8 +432,14 @@ def registries() -> list[tuple[str, Any]]:
     from .groups import GROUPS
     from .methods import METHODS, UPDATES
     from .structured import STRUCTURED
-    return [("methods", METHODS), ("updates", UPDATES), ("structured", STRUCTURED), ("groups", GROUPS),
-            ("allocations", ALLOCATORS)]
+
+    return [
+        ("methods", METHODS),
+        ("updates", UPDATES),
+        ("structured", STRUCTURED),
+        ("groups", GROUPS),
+        ("allocations", ALLOCATORS),
+    ]
 
 
 def cmd_methods(args) -> int:
@@ -368,6 +449,7 @@ def cmd_methods(args) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
+
     table = Table(title="prunekit methods")
     for col in ("name", "kind", "calibration", "default group", "parameters (default)", "what"):
         table.add_column(col)
@@ -385,8 +467,11 @@ def describe(entry: Any) -> tuple[str, str, str, str]:
     calibration = "yes" if needs or calib else ("no" if needs is not None or calib is not None else "")
     if needs:
         calibration += f" ({', '.join(sorted(needs))})"
-    params = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(entry)
-                       if f.default is not dataclasses.MISSING) if dataclasses.is_dataclass(entry) else ""
+    params = (
+        ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(entry) if f.default is not dataclasses.MISSING)
+        if dataclasses.is_dataclass(entry)
+        else ""
+    )
     doc = (entry.__doc__ or "").strip().split("\n")[0]
     return calibration, getattr(entry, "default_group", ""), params, doc
 
@@ -396,8 +481,11 @@ def demo_assets() -> Path:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on the built-in default: Wanda 50%% on a small LLaMA "
-                                    "(kjv-llama-5m, shipped with prunekit), perplexity before/after")
+    p = sub.add_parser(
+        "demo",
+        help="the main job on the built-in default: Wanda 50%% on a small LLaMA "
+        "(kjv-llama-5m, shipped with prunekit), perplexity before/after",
+    )
     p.add_argument("--out", default="out/demo-wanda-50")
     p.add_argument("--method", default="wanda")
     p.add_argument("--sparsity", type=float, default=0.5)
@@ -407,10 +495,20 @@ def _add_demo(sub) -> None:
 
 def cmd_demo(args) -> int:
     from .pipeline import run_prune
+
     assets = demo_assets()
-    recipe = PruneRecipe(model=str(assets / "kjv-llama-5m"), out=args.out, method=args.method,
-                         sparsity=args.sparsity, pattern=args.pattern, calib_data=str(assets / "kjv" / "train.txt"),
-                         nsamples=128, seqlen=256, eval_data=str(assets / "kjv" / "test.txt"), overwrite=True)
+    recipe = PruneRecipe(
+        model=str(assets / "kjv-llama-5m"),
+        out=args.out,
+        method=args.method,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        calib_data=str(assets / "kjv" / "train.txt"),
+        nsamples=128,
+        seqlen=256,
+        eval_data=str(assets / "kjv" / "test.txt"),
+        overwrite=True,
+    )
     report = run_prune(recipe)
     print_prune_report(report.to_dict())
     print(f"saved to {args.out}")
@@ -420,6 +518,7 @@ def cmd_demo(args) -> int:
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as installed
+
     try:
         return installed("prunekit")
     except PackageNotFoundError:  # running from a source tree that was never installed
@@ -442,8 +541,10 @@ LIGHTNING_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightni
 ADVERT_PREFIX = "\N{ELECTRIC LIGHT BULB} Tip:"
 # Deprecation notes one dependency raises about another's use of it (Lightning -> torch, peft -> transformers):
 # nothing a prunekit user can act on.
-DEPENDENCY_DEPRECATIONS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                           r"`is_gradient_checkpointing` is deprecated")
+DEPENDENCY_DEPRECATIONS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"`is_gradient_checkpointing` is deprecated",
+)
 
 
 class PrintedOnTheWay(logging.Filter):
@@ -471,8 +572,10 @@ def configure_logging(verbose: bool) -> None:
     """One handler on the root at WARNING (INFO with ``-v``); every line printed once; no adverts; no
     deprecation notes of one dependency about another that the user cannot act on."""
     import warnings
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     for handler in logging.root.handlers:
         handler.addFilter(PRINTED_ON_THE_WAY)
     for name in LIGHTNING_RANK_ZERO_LOGGERS:
@@ -496,8 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno not in USER_OS_ERRORS:
             return _bug()
         where = f" writing {err.filename!r}" if err.filename else ""
-        print(f"error: {err.strerror}{where}: {USER_OS_ERRORS[err.errno]} (no partial output was left)",
-              file=sys.stderr)
+        print(
+            f"error: {err.strerror}{where}: {USER_OS_ERRORS[err.errno]} (no partial output was left)", file=sys.stderr
+        )
         return 2
     except Exception:
         return _bug()

@@ -10,13 +10,14 @@ Every layer is seen as a matmul over columns: token features for Linear / HF Con
 ``nsamples`` counts batch items (sequences / images) as the published Wanda/SparseGPT code does, so the
 Hessian ``2 XtX / nsamples`` and its damping are comparable with theirs.
 """
+
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -54,24 +55,25 @@ class LayerStats:
             raise RuntimeError("the Hessian was not collected for this layer (method did not declare it)")
         return self.xtx * (2.0 / max(self.nsamples, 1))
 
-    def to(self, dtype: torch.dtype) -> "LayerStats":
+    def to(self, dtype: torch.dtype) -> LayerStats:
         """The same statistics in ``dtype`` (itself when already there)."""
         if self.sq_sum.dtype == dtype:
             return self
         cast = {k: getattr(self, k).to(dtype) for k in ("sq_sum", "xtx", "col_sum") if getattr(self, k) is not None}
         return replace(self, **cast)
 
-    def group(self, g: int) -> "LayerStats":
+    def group(self, g: int) -> LayerStats:
         """The statistics of conv group ``g`` alone (the whole thing for ``groups == 1``)."""
-        xtx = None if self.xtx is None else self.xtx[g:g + 1]
-        col_sum = None if self.col_sum is None else self.col_sum[g:g + 1]
-        return replace(self, sq_sum=self.sq_sum[g:g + 1], xtx=xtx, col_sum=col_sum)
+        xtx = None if self.xtx is None else self.xtx[g : g + 1]
+        col_sum = None if self.col_sum is None else self.col_sum[g : g + 1]
+        return replace(self, sq_sum=self.sq_sum[g : g + 1], xtx=xtx, col_sum=col_sum)
 
     def check_finite(self, name: str) -> None:
         if not torch.isfinite(self.sq_sum).all() or (self.xtx is not None and not torch.isfinite(self.xtx).all()):
             raise PrunekitError(
                 f"layer {name!r} received NaN/inf activations during calibration; check the model's dtype "
-                "(fp16 overflow: run in bf16/fp32) and the calibration data")
+                "(fp16 overflow: run in bf16/fp32) and the calibration data"
+            )
 
 
 def _conv_padding(module: nn.Module) -> list[int]:
@@ -116,8 +118,9 @@ def conv_columns(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return cols.permute(1, 0, 4, 2, 3).reshape(groups, -1, (c // groups) * kk)
 
 
-def conv_sq_sum(x: torch.Tensor, module: nn.Module, square: bool = True,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def conv_sq_sum(
+    x: torch.Tensor, module: nn.Module, square: bool = True, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Column sums of squares (or, with ``square=False``, plain column sums) of the im2col matrix,
     ``[groups, cols]``, one kernel offset at a time."""
     groups = num_groups(module)
@@ -138,7 +141,9 @@ class _Collector:
     def _init(self, groups: int, cols: int, device: torch.device) -> LayerStats:
         zeros = dict(device=device, dtype=self.dtype)
         xtx = torch.zeros(groups, cols, cols, **zeros) if self.want_hessian else None
-        return LayerStats(sq_sum=torch.zeros(groups, cols, **zeros), xtx=xtx, col_sum=torch.zeros(groups, cols, **zeros))
+        return LayerStats(
+            sq_sum=torch.zeros(groups, cols, **zeros), xtx=xtx, col_sum=torch.zeros(groups, cols, **zeros)
+        )
 
     def __call__(self, module: nn.Module, args: tuple, output) -> None:
         x = args[0].detach()
@@ -182,8 +187,9 @@ def _out_positions(module: nn.Module, x: torch.Tensor) -> int:
 
 
 @contextmanager
-def collect(layers: dict[str, nn.Module], hessian: bool = False,
-            dtype: torch.dtype = torch.float32) -> Iterator[Mapping[str, LayerStats]]:
+def collect(
+    layers: dict[str, nn.Module], hessian: bool = False, dtype: torch.dtype = torch.float32
+) -> Iterator[Mapping[str, LayerStats]]:
     """Hook ``layers`` for the duration of the block; yields ``{name: LayerStats}`` filled as data flows.
 
     The hooks are removed on exit, also when the forward pass raises.
@@ -218,5 +224,3 @@ def column_norms_for_rows(stats: LayerStats, out_features: int) -> torch.Tensor:
     if norms.shape[0] == 1:
         return norms
     return norms.repeat_interleave(out_features // norms.shape[0], dim=0)
-
-

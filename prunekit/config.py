@@ -8,6 +8,7 @@ setting is one field here plus the code that uses it.
 This module imports no torch at import time (``prunekit --help`` stays fast); validation imports the
 registries when a config is built.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,16 @@ from .errors import PrunekitError
 OFFLOAD_MODES = ("auto", "device", "cpu", "disk")
 
 
-def setting(default: Any = None, help: str = "", *, flag: str | None = None, type: Any = None,  # noqa: A002
-            repeat: bool = False, keyvalue: bool = False, recipe: bool = True) -> Any:
+def setting(
+    default: Any = None,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    type: Any = None,  # noqa: A002
+    repeat: bool = False,
+    keyvalue: bool = False,
+    recipe: bool = True,
+) -> Any:
     """A dataclass field with what the CLI needs to offer it as a flag.
 
     ``repeat``: the flag may be given several times (a tuple; commas also split); ``keyvalue``: ``KEY=VALUE``
@@ -44,37 +53,59 @@ class PruneConfig:
 
     method: str = setting("wanda", "mask criterion, solver or structured method (see `prunekit methods`)")
     method_params: dict = setting({}, "method hyper-parameter", flag="--method-param", keyvalue=True)
-    update: tuple = setting((), "weight update / mask refinement after the mask (admm, dsnot); repeatable",
-                            repeat=True)
-    update_params: dict = setting({}, "update hyper-parameter; with several updates name it: admm.iterations=3",
-                                  flag="--update-param", keyvalue=True)
+    update: tuple = setting((), "weight update / mask refinement after the mask (admm, dsnot); repeatable", repeat=True)
+    update_params: dict = setting(
+        {},
+        "update hyper-parameter; with several updates name it: admm.iterations=3",
+        flag="--update-param",
+        keyvalue=True,
+    )
     sparsity: float = setting(0.5, "fraction of zeros in the selected layers, in [0, 1)", type=float)
-    pattern: str | None = setting(None, "N:M sparsity, e.g. 2:4 = keep (at most) 2 non-zeros in every 4 "
-                                  "consecutive weights along the input dimension (the hardware convention; the "
-                                  "Wanda code's prune_n:prune_m counts pruned weights instead, the same at 2:4)")
-    group: str | None = setting(None, "where scores compete: per-output, per-input, per-layer, global "
-                                "(default: the method's, per-layer for image models)")
+    pattern: str | None = setting(
+        None,
+        "N:M sparsity, e.g. 2:4 = keep (at most) 2 non-zeros in every 4 "
+        "consecutive weights along the input dimension (the hardware convention; the "
+        "Wanda code's prune_n:prune_m counts pruned weights instead, the same at 2:4)",
+    )
+    group: str | None = setting(
+        None,
+        "where scores compete: per-output, per-input, per-layer, global "
+        "(default: the method's, per-layer for image models)",
+    )
     allocation: str = setting("uniform", "per-layer sparsity: uniform, owl, explicit")
     allocation_params: dict = setting({}, "allocation parameter", flag="--allocation-param", keyvalue=True)
     include: tuple = setting((), "fnmatch pattern of layer names to prune (repeatable)", repeat=True)
     exclude: tuple = setting((), "fnmatch pattern of layer names to keep dense (repeatable)", repeat=True)
     layer_types: tuple = setting(("linear",), "linear (incl. 1x1 conv and HF Conv1D), conv, all", repeat=True)
-    blocks: str | None = setting(None, "module path of the block list to calibrate one block at a time "
-                                 "(default: found automatically, e.g. model.layers)")
+    blocks: str | None = setting(
+        None,
+        "module path of the block list to calibrate one block at a time "
+        "(default: found automatically, e.g. model.layers)",
+    )
     nsamples: int = setting(128, "calibration samples (text windows / images)", type=int)
-    seqlen: int | None = setting(None, "tokens per calibration window (default: min(2048, the model's context))",
-                                 type=int)
+    seqlen: int | None = setting(
+        None, "tokens per calibration window (default: min(2048, the model's context))", type=int
+    )
     seed: int = setting(0, "seed of the calibration sample", type=int)
     batch_size: int = setting(8, "calibration batch size", type=int)
-    sequential: bool = setting(True, "block by block, each fed the pruned blocks' outputs (--no-sequential: one "
-                               "pass over the dense model)", type=bool)
+    sequential: bool = setting(
+        True,
+        "block by block, each fed the pruned blocks' outputs (--no-sequential: one pass over the dense model)",
+        type=bool,
+    )
     device: str | None = setting(None, "compute device for the current block (cuda, cuda:1, cpu)")
     dtype: str = setting("auto", "model dtype when loading: auto, float32, bfloat16, float16")
     offload_activations: str = setting("auto", "where calibration activations live: auto, device, cpu, disk")
-    stats_dtype: str = setting("float32", "dtype statistics accumulate in: float32, or float64 for very long "
-                               "calibration (methods still see float32)")
-    recalibrate_bn: bool | None = setting(None, "re-estimate BatchNorm statistics after pruning (default: when a "
-                                          "pruned layer feeds a BatchNorm and calibration data is given)", type=bool)
+    stats_dtype: str = setting(
+        "float32",
+        "dtype statistics accumulate in: float32, or float64 for very long calibration (methods still see float32)",
+    )
+    recalibrate_bn: bool | None = setting(
+        None,
+        "re-estimate BatchNorm statistics after pruning (default: when a "
+        "pruned layer feeds a BatchNorm and calibration data is given)",
+        type=bool,
+    )
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -92,7 +123,7 @@ class PruneConfig:
         object.__setattr__(self, "update_params", per_update_params(self.update, self.update_params))
 
     @classmethod
-    def of(cls, config: "PruneConfig | str | None" = None, /, **settings: Any) -> "PruneConfig":
+    def of(cls, config: PruneConfig | str | None = None, /, **settings: Any) -> PruneConfig:
         """A config from a ``PruneConfig``, a method name or nothing, with ``settings`` on top (``None`` =
         not given). Unknown settings are errors that list the known ones."""
         given = {k: v for k, v in settings.items() if v is not None}
@@ -108,9 +139,10 @@ class PruneConfig:
     @property
     def structured(self) -> bool:
         from .structured import STRUCTURED
+
         return self.method in STRUCTURED
 
-    def as_config(self) -> "PruneConfig":
+    def as_config(self) -> PruneConfig:
         """The prune settings alone, as a plain ``PruneConfig`` (a recipe is a config with a job around it)."""
         if type(self) is PruneConfig:
             return self
@@ -145,8 +177,10 @@ def per_update_params(updates: tuple, params: Mapping) -> dict[str, dict]:
             flat[key] = value
     if flat and len(updates) != 1:
         what = "no update is set" if not updates else f"there are {len(updates)} updates {list(updates)}"
-        raise PrunekitError(f"update parameters {sorted(flat)} given but {what}; name the update they belong to "
-                            "(--update-param admm.iterations=3, or update_params: {admm: {iterations: 3}})")
+        raise PrunekitError(
+            f"update parameters {sorted(flat)} given but {what}; name the update they belong to "
+            "(--update-param admm.iterations=3, or update_params: {admm: {iterations: 3}})"
+        )
     if flat:
         nested.setdefault(updates[0], {}).update(flat)
     return nested
@@ -154,11 +188,13 @@ def per_update_params(updates: tuple, params: Mapping) -> dict[str, dict]:
 
 # ---------------------------------------------------------------- validation (no model needed)
 
+
 def check_config(config: PruneConfig) -> None:
     """Every check that needs no model, in one place, before any loading or work."""
     from .graph import LAYER_TYPES
     from .groups import check_sparsity, parse_pattern
     from .io.hf import parse_dtype
+
     check_sparsity(config.sparsity)
     nm = parse_pattern(config.pattern)
     _check_counts(config)
@@ -193,13 +229,15 @@ def check_device(device: str | None) -> None:
     if device is None:
         return
     import torch
+
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise PrunekitError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise PrunekitError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use --device cpu "
-                            "(or leave --device out)")
+        raise PrunekitError(
+            f"device {device!r} asked for, but torch sees no CUDA GPU here; use --device cpu (or leave --device out)"
+        )
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise PrunekitError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
 
@@ -210,9 +248,12 @@ def _check_unstructured(config: PruneConfig, nm: tuple[int, int] | None) -> None
     from .methods import METHODS, UPDATES, Solver
     from .registry import check_params
     from .structured import STRUCTURED
+
     if config.method not in METHODS:
-        raise PrunekitError(f"unknown method {config.method!r}; available: {', '.join(METHODS.names())} "
-                            f"(structured: {', '.join(STRUCTURED.names())})")
+        raise PrunekitError(
+            f"unknown method {config.method!r}; available: {', '.join(METHODS.names())} "
+            f"(structured: {', '.join(STRUCTURED.names())})"
+        )
     check_params("method", config.method, METHODS[config.method], config.method_params)
     for name in config.update:
         check_params("update", name, UPDATES[name], config.update_params.get(name))
@@ -221,24 +262,42 @@ def _check_unstructured(config: PruneConfig, nm: tuple[int, int] | None) -> None
     check_params("allocation", config.allocation, ALLOCATORS[config.allocation], config.allocation_params)
     ALLOCATORS.create(config.allocation, config.allocation_params)  # its own parameter checks
     if config.group == GLOBAL and issubclass(METHODS[config.method], Solver):
-        raise PrunekitError(f"method {config.method!r} chooses its own masks layer by layer; use group per-output "
-                            "or per-layer, not global")
+        raise PrunekitError(
+            f"method {config.method!r} chooses its own masks layer by layer; use group per-output "
+            "or per-layer, not global"
+        )
     if config.group == GLOBAL and config.allocation != "uniform":
-        raise PrunekitError(f"group 'global' sets every layer's sparsity with one threshold, so allocation "
-                            f"{config.allocation!r} cannot apply; use allocation uniform or another group")
+        raise PrunekitError(
+            f"group 'global' sets every layer's sparsity with one threshold, so allocation "
+            f"{config.allocation!r} cannot apply; use allocation uniform or another group"
+        )
     if nm is not None and config.allocation != "uniform":
-        raise PrunekitError(f"an N:M pattern fixes every layer's sparsity, so allocation {config.allocation!r} "
-                            "cannot apply; drop the pattern or use allocation uniform")
+        raise PrunekitError(
+            f"an N:M pattern fixes every layer's sparsity, so allocation {config.allocation!r} "
+            "cannot apply; drop the pattern or use allocation uniform"
+        )
 
 
 # Settings structured methods do not use, with their defaults: setting one of them is an error, not a no-op.
-_UNUSED_BY_STRUCTURED = ("pattern", "group", "update", "update_params", "allocation", "allocation_params", "include",
-                         "exclude", "layer_types", "blocks", "recalibrate_bn")
+_UNUSED_BY_STRUCTURED = (
+    "pattern",
+    "group",
+    "update",
+    "update_params",
+    "allocation",
+    "allocation_params",
+    "include",
+    "exclude",
+    "layer_types",
+    "blocks",
+    "recalibrate_bn",
+)
 
 
 def _check_structured(config: PruneConfig) -> None:
     from .registry import check_params
     from .structured import STRUCTURED
+
     check_params("structured method", config.method, STRUCTURED[config.method], config.method_params)
     defaults = PruneConfig.__dataclass_fields__
     given = [name for name in _UNUSED_BY_STRUCTURED if getattr(config, name) != _default(defaults[name])]
@@ -246,8 +305,10 @@ def _check_structured(config: PruneConfig) -> None:
         given.append("sequential")
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise PrunekitError(f"structured method {config.method!r} removes whole blocks/heads/channels and does not "
-                            f"use {flags}; drop them (or choose an unstructured method)")
+        raise PrunekitError(
+            f"structured method {config.method!r} removes whole blocks/heads/channels and does not "
+            f"use {flags}; drop them (or choose an unstructured method)"
+        )
 
 
 def _default(f: dataclasses.Field) -> Any:

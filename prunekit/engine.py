@@ -12,6 +12,7 @@ outputs to the next block. Two parts plug into the loop:
 Models without a block list (or runs that need every layer at once, like a global threshold) get one
 calibration pass over the whole model.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,17 @@ from .activations import Activations, choose_offload, gib
 from .collect import LayerStats, collect
 from .config import PruneConfig
 from .errors import PrunekitError
-from .forward import CACHE_KWARGS, Batch, StopForward, block_output, hidden_state, hooks, model_device, on_device, run_model
+from .forward import (
+    CACHE_KWARGS,
+    Batch,
+    StopForward,
+    block_output,
+    hidden_state,
+    hooks,
+    model_device,
+    on_device,
+    run_model,
+)
 from .graph import block_layers, num_groups, set_weight_matrix, weight_matrix
 from .groups import GLOBAL, select_global
 from .methods import HESSIAN, NORMS, Method, Solver, Target, Update, mask_from_scores
@@ -56,9 +67,16 @@ class Plan:
 
 # ---------------------------------------------------------------- layer level (pure tensor work)
 
-def prune_matrix(weight: torch.Tensor, stats: LayerStats | None, groups: int, method: Method,
-                 updates: Sequence[Update], target: Target,
-                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def prune_matrix(
+    weight: torch.Tensor,
+    stats: LayerStats | None,
+    groups: int,
+    method: Method,
+    updates: Sequence[Update],
+    target: Target,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one ``[rows, cols]`` float32 matrix; conv groups are pruned as the separate matmuls they are.
 
     ``mask`` is given when the mask was chosen across layers (global group); otherwise it comes from the
@@ -83,8 +101,7 @@ def prune_matrix(weight: torch.Tensor, stats: LayerStats | None, groups: int, me
 
 def score_matrix(weight: torch.Tensor, stats: LayerStats | None, groups: int, method: Method) -> torch.Tensor:
     chunks = weight.split(weight.shape[0] // groups)
-    return torch.cat([method.score(w, stats.group(g) if stats is not None else None)
-                      for g, w in enumerate(chunks)])
+    return torch.cat([method.score(w, stats.group(g) if stats is not None else None) for g, w in enumerate(chunks)])
 
 
 @torch.no_grad()
@@ -97,24 +114,37 @@ def prune_layers(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats
             layer_stats.check_finite(name)
         weight = weight_matrix(module).detach().float()
         check_finite_weight(name, weight)
-        new, _ = prune_matrix(weight, layer_stats, num_groups(module), plan.method, plan.updates,
-                              plan.targets[name], global_masks.get(name))
+        new, _ = prune_matrix(
+            weight,
+            layer_stats,
+            num_groups(module),
+            plan.method,
+            plan.updates,
+            plan.targets[name],
+            global_masks.get(name),
+        )
         set_weight_matrix(module, new)
 
 
 def check_finite_weight(name: str, weight: torch.Tensor) -> None:
     """NaN ranks above every score and would be kept: a layer with NaN/inf weights cannot be pruned honestly."""
     if not torch.isfinite(weight).all():
-        raise PrunekitError(f"layer {name!r} has NaN/inf weights; the checkpoint is damaged or was saved after a "
-                            "diverged training step: prune a healthy checkpoint (or exclude the layer)")
+        raise PrunekitError(
+            f"layer {name!r} has NaN/inf weights; the checkpoint is damaged or was saved after a "
+            "diverged training step: prune a healthy checkpoint (or exclude the layer)"
+        )
 
 
 def _global_masks(layers, stats, plan: Plan) -> dict[str, torch.Tensor]:
     globals_ = [n for n in layers if plan.targets[n].group == GLOBAL and plan.targets[n].nm is None]
     if not globals_:
         return {}
-    scores = {n: score_matrix(weight_matrix(layers[n]).detach().float(), stats[n] if stats else None,
-                              num_groups(layers[n]), plan.method) for n in globals_}
+    scores = {
+        n: score_matrix(
+            weight_matrix(layers[n]).detach().float(), stats[n] if stats else None, num_groups(layers[n]), plan.method
+        )
+        for n in globals_
+    }
     return select_global(scores, plan.targets[globals_[0]].sparsity)
 
 
@@ -131,9 +161,15 @@ def plan_collect(layers: Mapping[str, nn.Module], plan: Plan):
 
 # ---------------------------------------------------------------- capturing block 0's inputs
 
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Sequence[Batch],
-                         device: torch.device | None, store: Callable[[tuple, dict], None]) -> None:
+def capture_block_inputs(
+    model: nn.Module,
+    first_block: nn.Module,
+    batches: Sequence[Batch],
+    device: torch.device | None,
+    store: Callable[[tuple, dict], None],
+) -> None:
     """Run the model up to block 0 for every batch and hand what block 0 received (args, kwargs) to ``store``."""
     seen = []
 
@@ -149,12 +185,15 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Sequ
             except StopForward:
                 pass
     if len(seen) != len(batches):
-        raise PrunekitError("the first block was not reached by every calibration batch: the block list found is "
-                            "not on the model's forward path; name the right one (blocks=..., --blocks) or "
-                            "calibrate in one pass (sequential=False, --no-sequential)")
+        raise PrunekitError(
+            "the first block was not reached by every calibration batch: the block list found is "
+            "not on the model's forward path; name the right one (blocks=..., --blocks) or "
+            "calibrate in one pass (sequential=False, --no-sequential)"
+        )
 
 
 # ---------------------------------------------------------------- how blocks arrive
+
 
 class BlockSource(Protocol):
     """How the sequential loop gets each block onto the compute device, and what happens after its turn."""
@@ -224,8 +263,15 @@ BlockStep = Callable[[int, Mapping[str, nn.Module], Mapping[str, LayerStats] | N
 
 
 @torch.no_grad()
-def sequential(model: nn.Module, batches: Sequence[Batch], plan: Plan, source: BlockSource, step: BlockStep,
-               timings: dict[str, float], offload_dir: str | None = None) -> str | None:
+def sequential(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    plan: Plan,
+    source: BlockSource,
+    step: BlockStep,
+    timings: dict[str, float],
+    offload_dir: str | None = None,
+) -> str | None:
     """Visit the blocks in order: statistics of block ``i``'s selected layers on its inputs, ``step(i, layers,
     stats)`` (prune them, or only record the statistics), then the block's outputs become block ``i+1``'s
     inputs. Returns where the activations lived (None without calibration)."""
@@ -279,8 +325,9 @@ def run_call(block: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
     return block_output(block(*args, **kwargs))
 
 
-def _block_statistics(block: nn.Module, layers: Mapping[str, nn.Module], acts: Activations | None,
-                      plan: Plan) -> Mapping[str, LayerStats] | None:
+def _block_statistics(
+    block: nn.Module, layers: Mapping[str, nn.Module], acts: Activations | None, plan: Plan
+) -> Mapping[str, LayerStats] | None:
     """Input statistics of ``layers`` over every calibration batch through the dense ``block``."""
     if acts is None or not layers:
         return None
@@ -291,6 +338,7 @@ def _block_statistics(block: nn.Module, layers: Mapping[str, nn.Module], acts: A
 
 
 # ---------------------------------------------------------------- one pass over the whole model
+
 
 @torch.no_grad()
 def prune_oneshot(model: nn.Module, batches: Sequence[Batch], plan: Plan, timings: dict[str, float]) -> None:
@@ -316,8 +364,14 @@ def dense_statistics(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> 
             for batch in batches:
                 run_model(model, batch, plan.device)
             return dict(stats)
-    sequential(model, batches, plan, InMemoryBlocks(model, plan.blocks[1], plan.device),
-               lambda i, layers, stats: result.update(stats or {}), {})
+    sequential(
+        model,
+        batches,
+        plan,
+        InMemoryBlocks(model, plan.blocks[1], plan.device),
+        lambda i, layers, stats: result.update(stats or {}),
+        {},
+    )
     return result
 
 
@@ -334,16 +388,21 @@ def blocks_are_chained(model: nn.Module, blocks: nn.Module, batch: Batch, device
         seen["in"] = hidden_state(args, kwargs) if args or kwargs else None
         raise StopForward
 
-    with hooks([blocks[0].register_forward_hook(out_hook),
-                blocks[1].register_forward_pre_hook(in_hook, with_kwargs=True)]):
+    with hooks(
+        [blocks[0].register_forward_hook(out_hook), blocks[1].register_forward_pre_hook(in_hook, with_kwargs=True)]
+    ):
         try:
             with _outside_blocks_on_device(model, blocks, device), on_device(blocks[1], device):
                 run_model(model, batch, device)
         except StopForward:
             pass
     out, inp = seen.get("out"), seen.get("in")
-    return isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and out.shape == inp.shape \
+    return (
+        isinstance(out, torch.Tensor)
+        and isinstance(inp, torch.Tensor)
+        and out.shape == inp.shape
         and out.data_ptr() == inp.data_ptr()
+    )
 
 
 def chained(model: nn.Module, plan: Plan, batches: Sequence[Batch]) -> Plan:
@@ -367,4 +426,3 @@ def run(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> dict[str, flo
         prune_oneshot(model, batches, plan, timings)
     timings["total_s"] = time.perf_counter() - start
     return timings
-

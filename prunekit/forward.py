@@ -7,6 +7,7 @@
 This module sits below the engine, the structured methods, BatchNorm recalibration and evaluation, and
 imports none of them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
@@ -65,6 +66,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 # ---------------------------------------------------------------- block calls
 
+
 def hidden_state(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
     """The hidden state a block receives: its first positional argument, else ``hidden_states=``, else its
     first keyword (blocks called with keywords only)."""
@@ -89,6 +91,7 @@ def block_output(output: Any) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- temporary changes
+
 
 @contextmanager
 def hooks(handles: Iterable[RemovableHandle]) -> Iterator[None]:

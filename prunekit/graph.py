@@ -4,15 +4,17 @@ Every prunable layer is a matmul ``W[out, cols] @ columns``: a Linear, a HF ``Co
 transposed), or a convolution (im2col columns, one matmul per group). ``weight_matrix`` gives that view
 so collectors and methods never special-case layer types.
 """
+
 from __future__ import annotations
-from .errors import PrunekitError
 
 import fnmatch
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from .errors import PrunekitError
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,12 @@ def is_prunable(module: nn.Module) -> bool:
 
 def is_pointwise_conv(module: nn.Module) -> bool:
     """A 1x1 (or 1x1x1) conv with stride 1 and one group is a Linear over channels."""
-    return (isinstance(module, CONV_TYPES) and module.groups == 1
-            and all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride))
+    return (
+        isinstance(module, CONV_TYPES)
+        and module.groups == 1
+        and all(k == 1 for k in module.kernel_size)
+        and all(s == 1 for s in module.stride)
+    )
 
 
 def layer_type(module: nn.Module) -> str:
@@ -103,9 +109,14 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def select_layers(model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
-                  layer_types: Iterable[str] = ("linear",), keep_head: bool = True,
-                  keep_stem: bool = True) -> dict[str, nn.Module]:
+def select_layers(
+    model: nn.Module,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    layer_types: Iterable[str] = ("linear",),
+    keep_head: bool = True,
+    keep_stem: bool = True,
+) -> dict[str, nn.Module]:
     """Prunable layers after the defaults (head and stem dense, Linear-like only) and name patterns.
 
     ``include``/``exclude`` are fnmatch patterns on module names (``"model.layers.*.mlp.*"``); a layer
@@ -128,10 +139,11 @@ def select_layers(model: nn.Module, include: Iterable[str] | None = None, exclud
         if keep and not _matches(name, exclude):
             chosen[name] = m
     for name, m in model.named_modules():
-        if isinstance(m, TRANSPOSED_CONV_TYPES) and include and _matches(name, include) \
-                and not _matches(name, exclude):
-            raise PrunekitError(f"layer {name!r} is a transposed convolution, which prunekit does not prune; "
-                             "exclude it (--exclude) or narrow --include")
+        if isinstance(m, TRANSPOSED_CONV_TYPES) and include and _matches(name, include) and not _matches(name, exclude):
+            raise PrunekitError(
+                f"layer {name!r} is a transposed convolution, which prunekit does not prune; "
+                "exclude it (--exclude) or narrow --include"
+            )
     return chosen
 
 
@@ -168,8 +180,10 @@ def named_block_list(model: nn.Module, path: str) -> nn.ModuleList | nn.Sequenti
         container = None
     if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 1:
         candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and n]
-        raise PrunekitError(f"blocks={path!r} is not a ModuleList/Sequential of {type(model).__name__}; "
-                            f"candidates: {', '.join(candidates[:8]) or 'none'}")
+        raise PrunekitError(
+            f"blocks={path!r} is not a ModuleList/Sequential of {type(model).__name__}; "
+            f"candidates: {', '.join(candidates[:8]) or 'none'}"
+        )
     return container
 
 
@@ -178,7 +192,7 @@ def block_index(name: str, blocks: tuple[str, nn.Module] | None) -> int | None:
     if blocks is None:
         return None
     prefix = f"{blocks[0]}." if blocks[0] else ""
-    rest = name[len(prefix):] if name.startswith(prefix) else None
+    rest = name[len(prefix) :] if name.startswith(prefix) else None
     head = rest.split(".", 1)[0] if rest else ""
     return int(head) if head.isdigit() else None
 
@@ -190,6 +204,7 @@ def block_layers(block_prefix: str, index: int, layers: dict[str, nn.Module]) ->
 
 
 # ---------------------------------------------------------------- model families
+
 
 def is_vision_model(model: nn.Module) -> bool:
     """Whether the Wanda paper's image-classifier defaults apply (per-layer comparison group).

@@ -4,6 +4,7 @@ Ties are broken deterministically: among equal scores the lower index is pruned 
 N:M follows the hardware convention: keep at most N of every M consecutive weights along the input
 dimension (2:4 keeps 2 of 4).
 """
+
 from __future__ import annotations
 
 import math
@@ -72,7 +73,7 @@ def _prune_lowest_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
         return keep.fill_(k <= 0)
     step = _rows_per_chunk(cols)
     for start in range(0, rows, step):
-        x, out = scores[start:start + step], keep[start:start + step]
+        x, out = scores[start : start + step], keep[start : start + step]
         torch.gt(x, _kth_per_row(x, k), out=out)
         tied = (torch.count_nonzero(out, dim=1) != cols - k).nonzero().squeeze(1)
         if tied.numel():
@@ -86,7 +87,7 @@ def _prune_lowest_cols(scores: torch.Tensor, k: int) -> torch.Tensor:
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     step = _rows_per_chunk(rows)
     for start in range(0, cols, step):
-        keep[:, start:start + step] = _prune_lowest_rows(scores[:, start:start + step].T.contiguous(), k).T
+        keep[:, start : start + step] = _prune_lowest_rows(scores[:, start : start + step].T.contiguous(), k).T
     return keep
 
 
@@ -179,7 +180,7 @@ def select_global(scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[s
     out, start = {}, 0
     for n in names:
         size = scores[n].numel()
-        out[n] = keep[start:start + size].reshape(scores[n].shape).to(scores[n].device)
+        out[n] = keep[start : start + size].reshape(scores[n].shape).to(scores[n].device)
         start += size
     return out
 
@@ -201,14 +202,38 @@ def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | No
 
 def check_nm(cols: int, nm: tuple[int, int], name: str = "layer") -> None:
     if cols % nm[1]:
-        raise PrunekitError(f"{nm[0]}:{nm[1]} sparsity needs the input dimension to be a multiple of {nm[1]}, "
-                         f"but {name} has {cols} input columns; exclude it (--exclude) or pick another M")
+        raise PrunekitError(
+            f"{nm[0]}:{nm[1]} sparsity needs the input dimension to be a multiple of {nm[1]}, "
+            f"but {name} has {cols} input columns; exclude it (--exclude) or pick another M"
+        )
 
 
 # Sorting networks (compare-exchange pairs) that sort a block of M scores; other M use odd-even transposition.
-_NETWORKS = {2: [(0, 1)], 4: [(0, 1), (2, 3), (0, 2), (1, 3), (1, 2)],
-             8: [(0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7), (0, 1), (2, 3), (4, 5), (6, 7),
-                 (2, 4), (3, 5), (1, 4), (3, 6), (1, 2), (3, 4), (5, 6)]}
+_NETWORKS = {
+    2: [(0, 1)],
+    4: [(0, 1), (2, 3), (0, 2), (1, 3), (1, 2)],
+    8: [
+        (0, 2),
+        (1, 3),
+        (4, 6),
+        (5, 7),
+        (0, 4),
+        (1, 5),
+        (2, 6),
+        (3, 7),
+        (0, 1),
+        (2, 3),
+        (4, 5),
+        (6, 7),
+        (2, 4),
+        (3, 5),
+        (1, 4),
+        (3, 6),
+        (1, 2),
+        (3, 4),
+        (5, 6),
+    ],
+}
 
 
 def sorting_network(m: int) -> list[tuple[int, int]]:
@@ -257,14 +282,15 @@ def select_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     step = _rows_per_chunk(cols)
     for start in range(0, rows, step):
-        blocks = scores[start:start + step].reshape(-1, m)
+        blocks = scores[start : start + step].reshape(-1, m)
         chosen = _prune_lowest_blocks(blocks, m - n) if m <= NM_NETWORK_MAX else _prune_lowest_rows(blocks, m - n)
-        keep[start:start + step] = chosen.reshape(-1, cols)
+        keep[start : start + step] = chosen.reshape(-1, cols)
     return keep
 
 
-def select_mask(scores: torch.Tensor, sparsity: float, group: str = "per-output",
-                nm: tuple[int, int] | None = None) -> torch.Tensor:
+def select_mask(
+    scores: torch.Tensor, sparsity: float, group: str = "per-output", nm: tuple[int, int] | None = None
+) -> torch.Tensor:
     """The keep mask of one layer for its ``[out, cols]`` scores."""
     if nm is not None:
         return select_nm(scores, *nm)
@@ -275,4 +301,3 @@ def check_sparsity(sparsity: float) -> float:
     if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0 <= sparsity < 1:
         raise PrunekitError(f"sparsity must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}")
     return float(sparsity)
-

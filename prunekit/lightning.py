@@ -11,13 +11,14 @@ training batches seen just before it (kept only during that window), or, for an 
 batches of the train dataloader. Under DDP the statistics are summed over ranks and the pruned weights
 broadcast from rank 0, so every rank holds the same masks.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 from collections import deque
-from dataclasses import replace
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as L
@@ -26,11 +27,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from .errors import PrunekitError
 from . import engine
 from .api import layer_sparsity, plan_prune
 from .collect import LayerStats
 from .config import PruneConfig
+from .errors import PrunekitError
 from .forward import eval_mode
 from .graph import select_layers
 from .groups import check_sparsity
@@ -44,6 +45,7 @@ _STATE_VERSION = 2  # 2: masks packed most significant bit first (prunekit.masks
 
 # ---------------------------------------------------------------- schedule (pure)
 
+
 def cubic_sparsity(step: int, final: float, initial: float = 0.0, start: int = 0, end: int = 1) -> float:
     """Zhu & Gupta: ``s_t = s_f + (s_i - s_f)(1 - (t - t0) / (n dt))^3``, flat outside ``[start, end]``.
 
@@ -55,8 +57,9 @@ def cubic_sparsity(step: int, final: float, initial: float = 0.0, start: int = 0
     return final + (initial - final) * (1.0 - frac) ** 3
 
 
-def schedule_events(schedule: str, sparsity: float, start: int = 0, end: int | None = None, every: int = 100,
-                    initial: float = 0.0) -> list[tuple[int, float]]:
+def schedule_events(
+    schedule: str, sparsity: float, start: int = 0, end: int | None = None, every: int = 100, initial: float = 0.0
+) -> list[tuple[int, float]]:
     """The ``(step, sparsity)`` pruning events of a schedule, in step order; the last one reaches ``sparsity``."""
     if schedule == "fixed":
         return []
@@ -68,6 +71,7 @@ def schedule_events(schedule: str, sparsity: float, start: int = 0, end: int | N
 
 
 # ---------------------------------------------------------------- multi-process (no-ops on one process)
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -96,6 +100,7 @@ def broadcast_weights(layers: Mapping[str, nn.Module]) -> None:
 
 
 # ---------------------------------------------------------------- calibration batches
+
 
 def forward_batch(module: nn.Module, batch: Any) -> Any:
     """Default calibration forward: ``module(**batch)`` for dicts, ``module(batch[0])`` for ``(inputs, target)``.
@@ -139,6 +144,7 @@ def _target_module(pl_module: nn.Module, submodule: str | None) -> nn.Module:
 
 # ---------------------------------------------------------------- the callback
 
+
 class PruningCallback(L.Callback):
     """Prune the selected layers of ``pl_module.model`` (or ``submodule``) during ``trainer.fit``.
 
@@ -150,23 +156,55 @@ class PruningCallback(L.Callback):
     the module's ``forward``, else its ``training_step``).
     """
 
-    def __init__(self, config: PruneConfig | str | None = None, sparsity: float | None = None,
-                 pattern: str | None = None, group: str | None = None, schedule: str = "oneshot", start_step: int = 0,
-                 end_step: int | None = None, every_n_steps: int = 100, calib_batches: int = 16,
-                 initial_sparsity: float = 0.0, *, submodule: str | None = None, mask_gradients: bool = True,
-                 forward_fn: Callable[[nn.Module, Any], Any] | None = None, **settings: Any):
+    def __init__(
+        self,
+        config: PruneConfig | str | None = None,
+        sparsity: float | None = None,
+        pattern: str | None = None,
+        group: str | None = None,
+        schedule: str = "oneshot",
+        start_step: int = 0,
+        end_step: int | None = None,
+        every_n_steps: int = 100,
+        calib_batches: int = 16,
+        initial_sparsity: float = 0.0,
+        *,
+        submodule: str | None = None,
+        mask_gradients: bool = True,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        **settings: Any,
+    ):
         self.config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
         if self.config.structured and schedule != "fixed":
-            raise PrunekitError(f"structured method {self.config.method!r} changes the model's shapes, which cannot "
-                                "happen inside training; prune first (prunekit.prune), then fine-tune with "
-                                "schedule='fixed'")
-        _check_schedule(schedule, self.config.sparsity, self.config.pattern, start_step, end_step, every_n_steps,
-                        calib_batches, initial_sparsity)
-        self.settings = dict(method=self.config.method, sparsity=self.config.sparsity, pattern=self.config.pattern,
-                             group=self.config.group, schedule=schedule, start_step=start_step, end_step=end_step,
-                             every_n_steps=every_n_steps, initial_sparsity=float(initial_sparsity))
-        self.events = schedule_events(schedule, self.config.sparsity, start_step, end_step, every_n_steps,
-                                      initial_sparsity)
+            raise PrunekitError(
+                f"structured method {self.config.method!r} changes the model's shapes, which cannot "
+                "happen inside training; prune first (prunekit.prune), then fine-tune with "
+                "schedule='fixed'"
+            )
+        _check_schedule(
+            schedule,
+            self.config.sparsity,
+            self.config.pattern,
+            start_step,
+            end_step,
+            every_n_steps,
+            calib_batches,
+            initial_sparsity,
+        )
+        self.settings = dict(
+            method=self.config.method,
+            sparsity=self.config.sparsity,
+            pattern=self.config.pattern,
+            group=self.config.group,
+            schedule=schedule,
+            start_step=start_step,
+            end_step=end_step,
+            every_n_steps=every_n_steps,
+            initial_sparsity=float(initial_sparsity),
+        )
+        self.events = schedule_events(
+            schedule, self.config.sparsity, start_step, end_step, every_n_steps, initial_sparsity
+        )
         self.calib_batches, self.submodule = calib_batches, submodule
         self.mask_grads, self.forward_fn = mask_gradients, forward_fn or forward_batch
         self.masks: dict[str, torch.Tensor] = {}
@@ -178,8 +216,9 @@ class PruningCallback(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(**{k: self.settings[k] for k in ("method", "sparsity", "schedule")},
-                                        submodule=self.submodule)
+        return self._generate_state_key(
+            **{k: self.settings[k] for k in ("method", "sparsity", "schedule")}, submodule=self.submodule
+        )
 
     @property
     def layers(self) -> dict[str, nn.Module]:
@@ -207,20 +246,27 @@ class PruningCallback(L.Callback):
         self._restore_or_fix_masks()
         self._handles = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
         if self.events and trainer.max_steps >= 0 and self.events[-1][0] > trainer.max_steps:
-            log.warning("the pruning schedule ends at step %d, after max_steps=%d: the target sparsity %.3f will "
-                        "not be reached; lower end_step", self.events[-1][0], trainer.max_steps, self.events[-1][1])
+            log.warning(
+                "the pruning schedule ends at step %d, after max_steps=%d: the target sparsity %.3f will "
+                "not be reached; lower end_step",
+                self.events[-1][0],
+                trainer.max_steps,
+                self.events[-1][1],
+            )
         if self._due(trainer.global_step):
             self._prune(trainer, pl_module)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._due(trainer.global_step):
             self._prune(trainer, pl_module)
         if self._in_window(trainer):
             self._recent.append(batch)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._to_log is not None:
             pl_module.log("pruning/sparsity", self._to_log, on_step=True, on_epoch=False)
             self._to_log = None
@@ -234,8 +280,12 @@ class PruningCallback(L.Callback):
             self._prune(trainer, pl_module)
         self._recent.clear()
         if self._done < len(self.events):
-            log.warning("training ended at step %d before the pruning schedule finished: sparsity %.4f, target "
-                        "%.4f", trainer.global_step, self.sparsity(), self.settings["sparsity"])
+            log.warning(
+                "training ended at step %d before the pruning schedule finished: sparsity %.4f, target %.4f",
+                trainer.global_step,
+                self.sparsity(),
+                self.settings["sparsity"],
+            )
         apply_masks(self.layers, self.masks)
         self._remove_hooks()
         log.info("fine-tuning ended with %.2f%% sparsity over %d layers", 100 * self.sparsity(), len(self.masks))
@@ -245,16 +295,24 @@ class PruningCallback(L.Callback):
         self._remove_hooks()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "settings": dict(self.settings), "events_done": self._done,
-                "history": list(self.history), "masks": {n: pack_mask(m) for n, m in self.masks.items()}}
+        return {
+            "version": _STATE_VERSION,
+            "settings": dict(self.settings),
+            "events_done": self._done,
+            "history": list(self.history),
+            "masks": {n: pack_mask(m) for n, m in self.masks.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("version") != _STATE_VERSION:
-            raise PrunekitError(f"PruningCallback state version {state_dict.get('version')!r} is not supported "
-                             f"(expected {_STATE_VERSION}); resume with the prunekit version that wrote it")
+            raise PrunekitError(
+                f"PruningCallback state version {state_dict.get('version')!r} is not supported "
+                f"(expected {_STATE_VERSION}); resume with the prunekit version that wrote it"
+            )
         if state_dict["settings"] != self.settings:
-            log.warning("resuming with different pruning settings: checkpoint %s, now %s",
-                        state_dict["settings"], self.settings)
+            log.warning(
+                "resuming with different pruning settings: checkpoint %s, now %s", state_dict["settings"], self.settings
+            )
         self._pending = state_dict
 
     # -------------------------------------------------------- internals
@@ -267,7 +325,9 @@ class PruningCallback(L.Callback):
             state, self._pending = self._pending, None
             unknown = set(state["masks"]) - set(self.layers)
             if unknown:
-                raise PrunekitError(f"checkpoint has masks for layers this model does not select: {sorted(unknown)[:5]}")
+                raise PrunekitError(
+                    f"checkpoint has masks for layers this model does not select: {sorted(unknown)[:5]}"
+                )
             self.masks = {n: unpack_mask(p).to(self.layers[n].weight.device) for n, p in state["masks"].items()}
             self._done, self.history = state["events_done"], list(state["history"])
         elif self.settings["schedule"] == "fixed" and not self.masks:
@@ -301,8 +361,11 @@ class PruningCallback(L.Callback):
         if not self._needs_stats():
             return None
         batches = self._calibration_batches(trainer)
-        with engine.plan_collect(self.layers, self._plan) as stats, eval_mode(pl_module), \
-                trainer.precision_plugin.forward_context():
+        with (
+            engine.plan_collect(self.layers, self._plan) as stats,
+            eval_mode(pl_module),
+            trainer.precision_plugin.forward_context(),
+        ):
             for batch in batches:
                 self._forward(pl_module, batch)
         self._recent.clear()
@@ -326,14 +389,17 @@ class PruningCallback(L.Callback):
         try:
             self.forward_fn(pl_module, batch)
         except NotImplementedError as err:
-            raise PrunekitError(f"PruningCallback could not run a calibration batch through "
-                                f"{type(pl_module).__name__} ({err}); define forward() or training_step(), or pass "
-                                "forward_fn=lambda module, batch: ...") from None
+            raise PrunekitError(
+                f"PruningCallback could not run a calibration batch through "
+                f"{type(pl_module).__name__} ({err}); define forward() or training_step(), or pass "
+                "forward_fn=lambda module, batch: ..."
+            ) from None
 
     def _record(self, global_step: int, step: int, target: float, samples: int) -> None:
         achieved = self.sparsity()
-        self.history.append({"step": global_step, "event_step": step, "target": target, "sparsity": achieved,
-                             "calib_samples": samples})
+        self.history.append(
+            {"step": global_step, "event_step": step, "target": target, "sparsity": achieved, "calib_samples": samples}
+        )
         self._to_log = achieved
         log.info("step %d: pruned to %.4f sparsity (target %.4f)", global_step, achieved, target)
 
@@ -343,8 +409,16 @@ class PruningCallback(L.Callback):
         self._handles = []
 
 
-def _check_schedule(schedule: str, sparsity: float, pattern: str | None, start: int, end: int | None,
-                    every: int, calib_batches: int, initial: float) -> None:
+def _check_schedule(
+    schedule: str,
+    sparsity: float,
+    pattern: str | None,
+    start: int,
+    end: int | None,
+    every: int,
+    calib_batches: int,
+    initial: float,
+) -> None:
     if schedule not in SCHEDULES:
         raise PrunekitError(f"unknown pruning schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
     check_sparsity(sparsity)
@@ -353,10 +427,14 @@ def _check_schedule(schedule: str, sparsity: float, pattern: str | None, start: 
     if schedule != "cubic":
         return
     if end is None or end <= start or every < 1:
-        raise PrunekitError(f"the cubic schedule needs end_step > start_step and every_n_steps >= 1, got "
-                         f"start_step={start}, end_step={end}, every_n_steps={every}")
+        raise PrunekitError(
+            f"the cubic schedule needs end_step > start_step and every_n_steps >= 1, got "
+            f"start_step={start}, end_step={end}, every_n_steps={every}"
+        )
     if pattern is not None:
-        raise PrunekitError("N:M patterns fix the sparsity of every group, so they cannot grow gradually; use "
-                         "schedule='oneshot' with a pattern")
+        raise PrunekitError(
+            "N:M patterns fix the sparsity of every group, so they cannot grow gradually; use "
+            "schedule='oneshot' with a pattern"
+        )
     if not 0 <= initial < sparsity:
         raise PrunekitError(f"initial_sparsity must be in [0, sparsity), got {initial} with sparsity {sparsity}")

@@ -3,6 +3,7 @@
 One bit packing serves both the compact checkpoint format and the Lightning callback's state:
 most significant bit first, as ``numpy.packbits``.
 """
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 Every check that needs no model runs in ``validate`` (and in the recipe's own ``__post_init__``) before
 anything is loaded; the recipe *is* the ``PruneConfig`` that ``prunekit.prune`` and the lazy path take.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,10 +21,10 @@ from .data.text import load_text, random_windows, tokenize
 from .errors import PrunekitError
 from .eval.perplexity import perplexity
 from .io import load_causal_lm, load_tokenizer, save_causal_lm, write_json
-from .io.hf import load_config
 from .io.atomic import OutputClaim, claim_output
-from .io.paths import check_file_writable, check_paths, checkpoint_bytes, looks_local
 from .io.compact import save_compact
+from .io.hf import load_config
+from .io.paths import check_file_writable, check_paths, checkpoint_bytes, looks_local
 from .io.timm import is_vision_source, load_vision_model, local_path, save_vision_model
 from .recipe import PruneRecipe, dump_recipe
 
@@ -32,14 +33,21 @@ log = logging.getLogger(__name__)
 
 def job_inputs(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None) -> dict[str, str | None]:
     """Every path the run reads, by flag: none of them may be written, and each local one must exist."""
-    return {"--model": str(local_path(recipe.model) or recipe.model), "--calib-data": recipe.calib_data,
-            "--eval-data": recipe.eval_data, "--recipe": str(recipe_path) if recipe_path else None}
+    return {
+        "--model": str(local_path(recipe.model) or recipe.model),
+        "--calib-data": recipe.calib_data,
+        "--eval-data": recipe.eval_data,
+        "--recipe": str(recipe_path) if recipe_path else None,
+    }
 
 
 def check_inputs(inputs: dict[str, str | None]) -> None:
     """Every local-looking input must exist, all reported at once (hub names are checked when loaded)."""
-    missing = [f"{flag} {path!r}" for flag, path in inputs.items()
-               if path and looks_local(path) and not Path(path).expanduser().exists()]
+    missing = [
+        f"{flag} {path!r}"
+        for flag, path in inputs.items()
+        if path and looks_local(path) and not Path(path).expanduser().exists()
+    ]
     if missing:
         raise PrunekitError(f"{', '.join(missing)} does not exist; check the path(s)")
 
@@ -88,8 +96,15 @@ def load_job(recipe: PruneRecipe, calibrate: bool = True) -> tuple[nn.Module, An
 def calibration(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> Any:
     """Image models take a seeded sample of preprocessed images; LLMs take the text path as it is."""
     if recipe.calib_data and tokenizer is None:
-        return image_calibration(model, recipe.calib_data, recipe.nsamples, recipe.batch_size, recipe.seed,
-                                 recipe.num_workers, skip_bad_images=recipe.skip_bad_images)
+        return image_calibration(
+            model,
+            recipe.calib_data,
+            recipe.nsamples,
+            recipe.batch_size,
+            recipe.seed,
+            recipe.num_workers,
+            skip_bad_images=recipe.skip_bad_images,
+        )
     return recipe.calib_data
 
 
@@ -105,9 +120,15 @@ def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, cache: dict)
         return {}
     if tokenizer is None:
         from .eval.image import evaluate_image  # Lightning: imported only for image models
-        result = evaluate_image(model, recipe.eval_data, batch_size=recipe.eval_batch_size,
-                                num_workers=recipe.num_workers, progress=False,
-                                skip_bad_images=recipe.skip_bad_images)
+
+        result = evaluate_image(
+            model,
+            recipe.eval_data,
+            batch_size=recipe.eval_batch_size,
+            num_workers=recipe.num_workers,
+            progress=False,
+            skip_bad_images=recipe.skip_bad_images,
+        )
         return {k: result[k] for k in ("top1", "top5", "loss") if k in result}
     if "tokens" not in cache:
         cache["tokens"] = tokenize(tokenizer, load_text(recipe.eval_data))
@@ -156,17 +177,34 @@ def save_run(model: nn.Module, tokenizer: Any, report: PruneReport, recipe: Prun
 def run_prune_lazy(recipe: PruneRecipe, inputs: dict[str, str | None]) -> PruneReport:
     """Checkpoints larger than memory: one block at a time from the safetensors files to the output shards."""
     from .io.lazy import prune_lazy
+
     tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code) if recipe.calib_data else None
-    report = prune_lazy(recipe.model, recipe.out, recipe, calib=recipe.calib_data, tokenizer=tokenizer,
-                        save_format=recipe.save_format, overwrite=recipe.overwrite, inputs=inputs,
-                        trust_remote_code=recipe.trust_remote_code,
-                        extra_files={"recipe.yaml": lambda path: dump_recipe(recipe, path)})
+    report = prune_lazy(
+        recipe.model,
+        recipe.out,
+        recipe,
+        calib=recipe.calib_data,
+        tokenizer=tokenizer,
+        save_format=recipe.save_format,
+        overwrite=recipe.overwrite,
+        inputs=inputs,
+        trust_remote_code=recipe.trust_remote_code,
+        extra_files={"recipe.yaml": lambda path: dump_recipe(recipe, path)},
+    )
     _write_report_json(recipe, report)
     return report
 
 
-def run_eval_ppl(model: str, data: str, seqlen: int | None = None, batch_size: int = 8, device: str | None = None,
-                 dtype: str = "auto", trust_remote_code: bool = False, json_path: str | None = None) -> dict[str, Any]:
+def run_eval_ppl(
+    model: str,
+    data: str,
+    seqlen: int | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    json_path: str | None = None,
+) -> dict[str, Any]:
     """Perplexity of a saved model (dense or compact prunekit output, or any HF causal LM) on a text file."""
     check_inputs({"--model": model, "--data": data})
     if json_path:
@@ -179,8 +217,10 @@ def run_eval_ppl(model: str, data: str, seqlen: int | None = None, batch_size: i
     tokens = tokenize(load_tokenizer(model, trust_remote_code), load_text(data))
     ppl = perplexity(lm, tokens, seqlen, batch_size, device)
     if ppl != ppl or ppl == float("inf"):
-        raise PrunekitError(f"perplexity is {ppl}: the model produced NaN/inf losses (damaged weights, or fp16 "
-                            "overflow: evaluate with --dtype float32)")
+        raise PrunekitError(
+            f"perplexity is {ppl}: the model produced NaN/inf losses (damaged weights, or fp16 "
+            "overflow: evaluate with --dtype float32)"
+        )
     result = {"model": str(model), "data": str(data), "seqlen": seqlen, "windows": tokens.numel() // seqlen, "ppl": ppl}
     if json_path:
         write_json(json_path, result)

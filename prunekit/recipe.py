@@ -8,6 +8,7 @@ only on the command line (or in Python), never by a recipe file alone.
 One loader (``load_yaml``) serves prune, fine-tune and evaluation configs: ``yaml.safe_load`` only, with
 one-line errors for a missing file, malformed YAML, or a top level that is not a mapping.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,24 +26,33 @@ SAVE_FORMATS = ("dense", "compact")
 class PruneRecipe(PruneConfig):
     """Everything ``prunekit prune`` does. Field names are the CLI's long flags with underscores."""
 
-    model: str | None = setting(None, "local checkpoint directory or hub id; timm:NAME, local-dir:PATH, "
-                                "torchvision:NAME for image models")
+    model: str | None = setting(
+        None, "local checkpoint directory or hub id; timm:NAME, local-dir:PATH, torchvision:NAME for image models"
+    )
     out: str | None = setting(None, "output directory (claimed at the start, written atomically; never an input)")
     calib_data: str | None = setting(None, "calibration text file / dataset (LLMs) or ImageFolder (image models)")
     eval_data: str | None = setting(None, "held-out text (perplexity) or ImageFolder (top-1/top-5), before and after")
     eval_seqlen: int | None = setting(None, "tokens per evaluation window (default: seqlen)", type=int)
     eval_batch_size: int = setting(8, "evaluation batch size", type=int)
     num_workers: int = setting(0, "image loading workers (calibration and evaluation)", type=int)
-    skip_bad_images: bool = setting(False, "skip unreadable images in the image folders (counted in the log) "
-                                    "instead of failing on the first one", type=bool)
-    lazy: bool = setting(False, "HF checkpoints larger than memory: read, prune and write one block at a time",
-                         type=bool)
-    save_format: str = setting("dense", "dense (from_pretrained layout) or compact (kept values + bitmask / 2:4 "
-                               "packing; `prunekit convert --to dense` restores)")
+    skip_bad_images: bool = setting(
+        False,
+        "skip unreadable images in the image folders (counted in the log) instead of failing on the first one",
+        type=bool,
+    )
+    lazy: bool = setting(
+        False, "HF checkpoints larger than memory: read, prune and write one block at a time", type=bool
+    )
+    save_format: str = setting(
+        "dense",
+        "dense (from_pretrained layout) or compact (kept values + bitmask / 2:4 "
+        "packing; `prunekit convert --to dense` restores)",
+    )
     overwrite: bool = setting(False, "replace a non-empty --out (at the very end, atomically)", type=bool)
     report_json: str | None = setting(None, "also write the prune report to this JSON file", flag="--json")
-    trust_remote_code: bool = setting(False, "run the checkpoint's own Python code (command line only, never from "
-                                      "a recipe)", type=bool, recipe=False)
+    trust_remote_code: bool = setting(
+        False, "run the checkpoint's own Python code (command line only, never from a recipe)", type=bool, recipe=False
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,13 +72,18 @@ def check_job(recipe: PruneRecipe) -> None:
 
 
 def _check_lazy(recipe: PruneRecipe) -> None:
-    problems = [what for what, bad in (
-        ("--out (lazy pruning writes the checkpoint block by block)", not recipe.out),
-        ("allocation uniform", recipe.allocation != "uniform"),
-        ("no --eval-data (evaluate the output afterwards with `prunekit eval ppl`)", bool(recipe.eval_data)),
-        ("an unstructured method", recipe.structured),
-        ("a group other than global", recipe.group == "global"),
-        ("sequential calibration", not recipe.sequential)) if bad]
+    problems = [
+        what
+        for what, bad in (
+            ("--out (lazy pruning writes the checkpoint block by block)", not recipe.out),
+            ("allocation uniform", recipe.allocation != "uniform"),
+            ("no --eval-data (evaluate the output afterwards with `prunekit eval ppl`)", bool(recipe.eval_data)),
+            ("an unstructured method", recipe.structured),
+            ("a group other than global", recipe.group == "global"),
+            ("sequential calibration", not recipe.sequential),
+        )
+        if bad
+    ]
     if problems:
         raise PrunekitError(f"--lazy needs {'; '.join(problems)}")
 
@@ -90,8 +105,10 @@ def recipe_from_dict(cls, data: dict[str, Any], source: str = "recipe", cli: dic
     cli_only = sorted(set(data) & (field_names(cls) - recipe_keys(cls)))
     if cli_only:
         flags = ", ".join("--" + k.replace("_", "-") for k in cli_only)
-        raise PrunekitError(f"{source} sets {cli_only}, which only the command line may enable; remove it from the "
-                            f"recipe and pass {flags} if you trust the checkpoint")
+        raise PrunekitError(
+            f"{source} sets {cli_only}, which only the command line may enable; remove it from the "
+            f"recipe and pass {flags} if you trust the checkpoint"
+        )
     unknown = sorted(set(data) - field_names(cls))
     if unknown:
         raise PrunekitError(f"unknown key(s) {unknown} in {source}; known keys: {', '.join(sorted(recipe_keys(cls)))}")
@@ -104,19 +121,23 @@ def recipe_from_dict(cls, data: dict[str, Any], source: str = "recipe", cli: dic
 def load_yaml(path: str | os.PathLike, what: str = "recipe") -> dict[str, Any]:
     """A YAML mapping from ``path`` (``yaml.safe_load``: no Python tags), or a one-line error."""
     import yaml
+
     path = Path(path)
     if not path.is_file():
         raise PrunekitError(f"{what} {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.constructor.ConstructorError as err:
-        raise PrunekitError(f"{what} {str(path)!r} uses a YAML tag prunekit does not load ({_mark(err)}): recipes "
-                            "are plain data; remove the tag") from None
+        raise PrunekitError(
+            f"{what} {str(path)!r} uses a YAML tag prunekit does not load ({_mark(err)}): recipes "
+            "are plain data; remove the tag"
+        ) from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise PrunekitError(f"{what} {str(path)!r} is not valid YAML ({_mark(err)}); fix the file") from None
     if not isinstance(data, dict):
-        raise PrunekitError(f"{what} {str(path)!r} must be a YAML mapping of settings (key: value), "
-                            f"not a {type(data).__name__}")
+        raise PrunekitError(
+            f"{what} {str(path)!r} must be a YAML mapping of settings (key: value), not a {type(data).__name__}"
+        )
     return data
 
 
@@ -149,5 +170,5 @@ def _plain(value: Any) -> Any:
 
 def dump_recipe(recipe, path: str | os.PathLike) -> None:
     import yaml
-    Path(path).write_text(yaml.safe_dump(recipe_dict(recipe), sort_keys=False))
 
+    Path(path).write_text(yaml.safe_dump(recipe_dict(recipe), sort_keys=False))

@@ -1,4 +1,5 @@
 """A tiny name -> object registry, one per extension point (methods, updates, groups, allocators, ...)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,5 +58,6 @@ def check_params(kind: str, name: str, cls: Callable, params: dict | None) -> No
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     unknown = set(params or {}) - fields
     if unknown:
-        raise PrunekitError(f"{kind} {name!r} has no parameter(s) {sorted(unknown)}; "
-                            f"its parameters are {sorted(fields) or 'none'}")
+        raise PrunekitError(
+            f"{kind} {name!r} has no parameter(s) {sorted(unknown)}; its parameters are {sorted(fields) or 'none'}"
+        )

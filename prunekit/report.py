@@ -9,8 +9,8 @@ backend.
 ``build_docs`` writes the documentation pages from templates whose ``{{ ... }}`` markers pull tables and
 numbers out of ``benchmarks/results``, so the docs never hold a hand-copied (and then stale) number.
 """
+
 from __future__ import annotations
-from .errors import PrunekitError
 
 import json
 import logging
@@ -35,6 +35,7 @@ SCALAR_RESULTS = ("ppl", "top1", "top5", "loss")  # what evaluation files and be
 
 # ---------------------------------------------------------------- reading runs
 
+
 def load_runs(paths: Iterable[str | Path]) -> list[dict]:
     """Runs from run directories (their ``prune_report.json`` plus the results of ``prunekit eval ... --json``
     saved beside it) and/or JSON files of one or many runs."""
@@ -42,8 +43,9 @@ def load_runs(paths: Iterable[str | Path]) -> list[dict]:
     for path in map(Path, paths):
         file = path / "prune_report.json" if path.is_dir() else path
         if not file.is_file():
-            raise PrunekitError(f"{str(path)!r} is neither a run directory with prune_report.json nor a "
-                                    "JSON report file")
+            raise PrunekitError(
+                f"{str(path)!r} is neither a run directory with prune_report.json nor a JSON report file"
+            )
         data = json.loads(file.read_text(encoding="utf-8"))
         if path.is_dir() and isinstance(data, dict):
             data.setdefault("metrics", {}).update(eval_results(path))
@@ -86,10 +88,16 @@ def runs_from_cells(cells: Mapping[str, Mapping[str, Any]], dense_ppl: float | N
         if dense_ppl is not None:
             metrics["ppl_dense"] = dense_ppl
         target = nm_sparsity(pattern) if pattern else float(setting)
-        runs.append({"label": label, "settings": {"method": label, "sparsity": target, "pattern": pattern,
-                                                  "group": cell.get("group")},
-                     "sparsity": cell.get("sparsity", target), "layers": {}, "metrics": metrics,
-                     "timings": {"total_s": cell["prune_s"]} if "prune_s" in cell else {}})
+        runs.append(
+            {
+                "label": label,
+                "settings": {"method": label, "sparsity": target, "pattern": pattern, "group": cell.get("group")},
+                "sparsity": cell.get("sparsity", target),
+                "layers": {},
+                "metrics": metrics,
+                "timings": {"total_s": cell["prune_s"]} if "prune_s" in cell else {},
+            }
+        )
     return runs
 
 
@@ -148,6 +156,7 @@ def primary_metric(runs: Sequence[Run]) -> str | None:
 
 # ---------------------------------------------------------------- tables
 
+
 def _fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -194,9 +203,11 @@ def _setting_order(setting: str) -> tuple[int, float]:
 
 # ---------------------------------------------------------------- plots
 
+
 def _figure(width: float = 7.0, height: float = 4.5):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot(1, 1, 1)
@@ -214,16 +225,29 @@ def plot_metric(runs: Sequence[Run], metric: str, path: Path) -> Path:
     annotated: set[str] = set()  # each N:M setting is named once, not once per method on top of each other
     for label in dict.fromkeys(run_label(r) for r in runs):
         mine = [r for r in runs if run_label(r) == label and metric in flat_metrics(r)]
-        line = sorted((float(r["settings"]["sparsity"]), flat_metrics(r)[metric]) for r in mine
-                      if not r["settings"].get("pattern"))
+        line = sorted(
+            (float(r["settings"]["sparsity"]), flat_metrics(r)[metric])
+            for r in mine
+            if not r["settings"].get("pattern")
+        )
         color = ax.plot(*zip(*line), marker="o", label=label)[0].get_color() if line else None
         for r in (r for r in mine if r["settings"].get("pattern")):
-            ax.scatter([measured_sparsity(r)], [flat_metrics(r)[metric]], marker="x", color=color,
-                       label=None if line else label)
+            ax.scatter(
+                [measured_sparsity(r)],
+                [flat_metrics(r)[metric]],
+                marker="x",
+                color=color,
+                label=None if line else label,
+            )
             if run_setting(r) not in annotated:
                 annotated.add(run_setting(r))
-                ax.annotate(run_setting(r), (measured_sparsity(r), flat_metrics(r)[metric]), fontsize=7,
-                            xytext=(-14, 0), textcoords="offset points")
+                ax.annotate(
+                    run_setting(r),
+                    (measured_sparsity(r), flat_metrics(r)[metric]),
+                    fontsize=7,
+                    xytext=(-14, 0),
+                    textcoords="offset points",
+                )
     _dense_line(ax, runs, metric)
     if metric in LOWER_IS_BETTER:
         ax.set_yscale("log")
@@ -270,7 +294,7 @@ def _short(name: str) -> str:
     """``model.layers.3.self_attn.q_proj`` -> ``3.self_attn.q_proj``: the block index and the layer."""
     parts = name.split(".")
     digits = [i for i, p in enumerate(parts) if p.isdigit()]
-    return ".".join(parts[digits[0]:]) if digits else name
+    return ".".join(parts[digits[0] :]) if digits else name
 
 
 def plot_prune_time(runs: Sequence[Run], path: Path) -> Path:
@@ -288,15 +312,19 @@ def plot_prune_time(runs: Sequence[Run], path: Path) -> Path:
 
 # ---------------------------------------------------------------- the report
 
-def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path, title: str = "prunekit report",
-                 name: str = "report") -> dict[str, Path]:
+
+def build_report(
+    run_dirs: Iterable[str | Path], out_dir: str | Path, title: str = "prunekit report", name: str = "report"
+) -> dict[str, Path]:
     """Read the runs, write ``{name}.md`` and the ``{name}_*.png`` plots into ``out_dir``; returns their paths."""
     runs = load_runs(run_dirs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metric = primary_metric(runs)
-    files = {"layer_sparsity": plot_layer_sparsity(layer_sparsity_runs(runs), out / f"{name}_layer_sparsity.png"),
-             "prune_time": plot_prune_time(runs, out / f"{name}_prune_time.png")}
+    files = {
+        "layer_sparsity": plot_layer_sparsity(layer_sparsity_runs(runs), out / f"{name}_layer_sparsity.png"),
+        "prune_time": plot_prune_time(runs, out / f"{name}_prune_time.png"),
+    }
     if metric is not None:
         files["metric"] = plot_metric(runs, metric, out / f"{name}_{metric}_vs_sparsity.png")
     files["markdown"] = out / f"{name}.md"
@@ -319,8 +347,10 @@ def report_markdown(runs: Sequence[Run], metric: str | None, files: Mapping[str,
 
 MARKER = re.compile(r"(?<!`)\{\{(.*?)\}\}", re.S)  # right after a backtick it is an example: left alone
 HEADING = re.compile(r"^#{1,5} ")
-GENERATED = ("<!-- Generated by `prunekit report --docs RESULTS --out DOCS` from templates/{name} and the "
-             "benchmark results. Edit the template, then regenerate; do not edit this page. -->\n")
+GENERATED = (
+    "<!-- Generated by `prunekit report --docs RESULTS --out DOCS` from templates/{name} and the "
+    "benchmark results. Edit the template, then regenerate; do not edit this page. -->\n"
+)
 
 
 def build_docs(results_dir: str | Path, out_dir: str | Path, templates_dir: str | Path | None = None) -> list[Path]:
@@ -334,20 +364,24 @@ def build_docs(results_dir: str | Path, out_dir: str | Path, templates_dir: str 
     return list(pages)
 
 
-def render_docs(results_dir: str | Path, out_dir: str | Path,
-                templates_dir: str | Path | None = None) -> dict[Path, str]:
+def render_docs(
+    results_dir: str | Path, out_dir: str | Path, templates_dir: str | Path | None = None
+) -> dict[Path, str]:
     """Each page's text as ``build_docs`` would write it, writing nothing: what a staleness check compares."""
     out, results = Path(out_dir), Path(results_dir)
     folder = Path(templates_dir) if templates_dir is not None else out / "templates"
     templates = sorted(folder.glob("*.md"))
     if not results.is_dir() or not templates:
-        raise PrunekitError(f"--docs needs a results folder ({str(results)!r}) and *.md templates in "
-                            f"{str(folder)!r}; give the folder benchmarks write to and an --out holding templates/")
+        raise PrunekitError(
+            f"--docs needs a results folder ({str(results)!r}) and *.md templates in "
+            f"{str(folder)!r}; give the folder benchmarks write to and an --out holding templates/"
+        )
     return {out / t.name: render_page(t.read_text(encoding="utf-8"), results, out, t.name) for t in templates}
 
 
 def render_page(template: str, results: Path, out: Path, name: str = "page") -> str:
     """``template`` with every ``{{ KIND ARGS }}`` marker replaced (see ``MARKERS``); links are relative to ``out``."""
+
     def fill(match: re.Match) -> str:
         try:
             kind, *args = shlex.split(match.group(1))
@@ -356,6 +390,7 @@ def render_page(template: str, results: Path, out: Path, name: str = "page") -> 
             return MARKERS[kind](results, out, *args)
         except (KeyError, IndexError, TypeError, ValueError, OSError) as err:
             raise PrunekitError(f"{name}: cannot fill {match.group(0)!r} from {results}: {err}") from err
+
     return GENERATED.format(name=name) + MARKER.sub(fill, template)
 
 

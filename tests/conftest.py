@@ -1,4 +1,5 @@
 """Shared test helpers: tiny random models built in-process, and the offline fixtures (skipped if absent)."""
+
 from __future__ import annotations
 
 import os
@@ -29,14 +30,29 @@ def fixture_path(*parts: str) -> Path:
     return path
 
 
-def tiny_llama(layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2, intermediate: int = 64,
-               vocab: int = 128, seed: int = 0):
+def tiny_llama(
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 64,
+    vocab: int = 128,
+    seed: int = 0,
+):
     """A random LlamaForCausalLM small enough for unit tests (grouped-query attention on by default)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=128, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -61,12 +77,14 @@ KJV_SEQLEN = 256  # METRICS.md's perplexity protocol: non-overlapping 256-token 
 def load_kjv_llama():
     """A fresh kjv-llama-5m (eval mode) that the caller may prune."""
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(fixture_path("kjv-llama-5m")).eval()
 
 
 @pytest.fixture(scope="session")
 def kjv_tokenizer():
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(fixture_path("kjv-llama-5m"))
 
 
@@ -74,6 +92,7 @@ def kjv_tokenizer():
 def kjv_test_tokens(kjv_tokenizer) -> torch.Tensor:
     """All of kjv/test.txt, tokenised as prunekit.data does it (1-D)."""
     from prunekit.data import load_text, tokenize
+
     return tokenize(kjv_tokenizer, load_text(fixture_path("kjv", "test.txt")))
 
 
@@ -81,6 +100,7 @@ def kjv_test_tokens(kjv_tokenizer) -> torch.Tensor:
 def kjv_train_tokens(kjv_tokenizer) -> torch.Tensor:
     """All of kjv/train.txt, tokenised as prunekit.data does it (1-D)."""
     from prunekit.data import load_text, tokenize
+
     return tokenize(kjv_tokenizer, load_text(fixture_path("kjv", "train.txt")))
 
 
@@ -88,4 +108,5 @@ def kjv_train_tokens(kjv_tokenizer) -> torch.Tensor:
 def kjv_dense_ppl(kjv_test_tokens) -> float:
     """The dense kjv-llama-5m's perplexity by METRICS.md's protocol (the whole test split, 256-token windows)."""
     from prunekit.eval import perplexity
+
     return perplexity(load_kjv_llama(), kjv_test_tokens, KJV_SEQLEN)

@@ -1,4 +1,5 @@
 """Independent, plain implementations of published algorithms, to check prunekit against (tests, benchmarks)."""
+
 import torch
 from torch import nn
 
@@ -36,11 +37,12 @@ def reference_wanda(model, calib, sparsity, prune_n=0, prune_m=0):
             scaler[name] = torch.zeros(lin.in_features)
             counts[name] = 0
 
-            def hook(mod, args, out, name=name):
+            def hook(mod, args, out, name=name, scaler=scaler, counts=counts):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 scaler[name] *= counts[name] / (counts[name] + 1)
                 counts[name] += 1
                 scaler[name] += torch.norm(x, p=2, dim=0) ** 2 / counts[name]
+
             handles.append(lin.register_forward_hook(hook))
         for x in inps:
             layer(x, **kwargs)
@@ -51,10 +53,10 @@ def reference_wanda(model, calib, sparsity, prune_n=0, prune_m=0):
             mask = torch.zeros_like(metric, dtype=torch.bool)
             if prune_n:
                 for i in range(0, metric.shape[1], prune_m):
-                    block = metric[:, i:i + prune_m]
+                    block = metric[:, i : i + prune_m]
                     mask.scatter_(1, i + torch.topk(block, prune_n, dim=1, largest=False)[1], True)
             else:
-                idx = torch.sort(metric, dim=-1, stable=True)[1][:, :int(metric.shape[1] * sparsity)]
+                idx = torch.sort(metric, dim=-1, stable=True)[1][:, : int(metric.shape[1] * sparsity)]
                 mask.scatter_(1, idx, True)
             lin.weight.data[mask] = 0
         outs = []

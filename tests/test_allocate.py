@@ -93,6 +93,7 @@ def test_owl_on_a_tiny_llama_gives_one_sparsity_per_block_and_the_target_overall
 
 # ---------------------------------------------------------------- explicit
 
+
 def test_explicit_patterns_and_block_indices_first_match_wins():
     layers, block_of, _ = _outlier_setup()  # params: b.0.x 512, b.0.y 128, b.1.x 1024, b.2.x 64, head 64
     spec = {"b.0.y": 0.0, 0: 0.5, "1": 0.5, "*": 0.5}
@@ -105,8 +106,7 @@ def test_explicit_mean_must_match_the_target_unless_normalized():
     spec = {"b.1.*": 0.6, "*": 0.3}
     with pytest.raises(ValueError, match="normalize"):
         ALLOCATORS.create("explicit", {"sparsities": spec}).plan(layers, 0.5, block_of, _no_stats)
-    plan = ALLOCATORS.create("explicit", {"sparsities": spec, "normalize": True}).plan(layers, 0.5, block_of,
-                                                                                        _no_stats)
+    plan = ALLOCATORS.create("explicit", {"sparsities": spec, "normalize": True}).plan(layers, 0.5, block_of, _no_stats)
     params = {n: m.weight.numel() for n, m in layers.items()}
     assert weighted_mean(plan, params) == pytest.approx(0.5, abs=1e-9)
     assert plan["b.1.x"] == pytest.approx(2 * plan["head"])
@@ -120,4 +120,5 @@ def test_explicit_errors_name_the_problem():
         ALLOCATORS.create("explicit", {"sparsities": {"*": 1.5}})
     with pytest.raises(ValueError, match="outside"):
         ALLOCATORS.create("explicit", {"sparsities": {"b.1.*": 0.9, "*": 0.1}, "normalize": True}).plan(
-            layers, 0.8, block_of, _no_stats)
+            layers, 0.8, block_of, _no_stats
+        )

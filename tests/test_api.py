@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.errors import PrunekitError
 import prunekit
+from prunekit.errors import PrunekitError
 from tests.conftest import tiny_llama
 from tests.reference import reference_wanda
 
@@ -17,8 +17,9 @@ def test_sequential_matters_and_oneshot_runs(token_batch):
     w_seq = seq.model.layers[1].mlp.down_proj.weight
     w_one = one.model.layers[1].mlp.down_proj.weight
     assert not torch.equal(w_seq == 0, w_one == 0)  # block 1 sees the pruned block 0's outputs
-    assert torch.equal(seq.model.layers[0].self_attn.q_proj.weight == 0,
-                       one.model.layers[0].self_attn.q_proj.weight == 0)  # block 0 sees the same inputs
+    assert torch.equal(
+        seq.model.layers[0].self_attn.q_proj.weight == 0, one.model.layers[0].self_attn.q_proj.weight == 0
+    )  # block 0 sees the same inputs
 
 
 def test_report_contents(token_batch):
@@ -51,8 +52,15 @@ def test_bf16_model():
 
 def test_plain_sequential_model_and_conv_groups():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=4, padding=1), nn.ReLU(),
-                          nn.Conv2d(8, 8, 1), nn.Flatten(), nn.LazyLinear(4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=4, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 1),
+        nn.Flatten(),
+        nn.LazyLinear(4),
+    )
     model(torch.randn(1, 3, 8, 8))
     batches = [torch.randn(2, 3, 8, 8) for _ in range(2)]
     report = prunekit.prune(model, "wanda", 0.5, group="per-output", calib=batches, layer_types=["all"])
@@ -67,17 +75,20 @@ def test_dataloader_of_dicts(token_batch):
     assert prunekit.prune(model, "wanda", 0.5, calib=loader).sparsity == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(sparsity=1.0), r"sparsity must be in \[0, 1\)"),
-    (dict(sparsity=-0.1), r"sparsity must be in \[0, 1\)"),
-    (dict(pattern="2:6"), "multiple of 6"),
-    (dict(pattern="4:4"), "0 < N < M"),
-    (dict(method="nope"), "unknown method 'nope'"),
-    (dict(group="rows"), "unknown comparison group"),
-    (dict(include=["nothing.*"]), "no prunable layers"),
-    (dict(method_params={"alpha": 1}), "has no parameter"),
-    (dict(calib=None), "needs calibration data"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(sparsity=1.0), r"sparsity must be in \[0, 1\)"),
+        (dict(sparsity=-0.1), r"sparsity must be in \[0, 1\)"),
+        (dict(pattern="2:6"), "multiple of 6"),
+        (dict(pattern="4:4"), "0 < N < M"),
+        (dict(method="nope"), "unknown method 'nope'"),
+        (dict(group="rows"), "unknown comparison group"),
+        (dict(include=["nothing.*"]), "no prunable layers"),
+        (dict(method_params={"alpha": 1}), "has no parameter"),
+        (dict(calib=None), "needs calibration data"),
+    ],
+)
 def test_bad_inputs_fail_before_any_change(kwargs, match):
     model = tiny_llama()
     before = copy.deepcopy(model.state_dict())
@@ -132,6 +143,7 @@ def test_blocks_after_the_last_pruned_one_are_not_run():
 
 # ---------------------------------------------------------------- front-end defects (issue 16) and API input checks
 
+
 def test_allocation_dense_pass_runs_in_eval_mode(token_batch):
     """Defect 5: OWL's dense pass ran before model.eval(), with dropout on; every forward is in eval mode now."""
     model = tiny_llama(layers=2)
@@ -146,14 +158,20 @@ def test_allocation_dense_pass_runs_in_eval_mode(token_batch):
 def test_magnitude_with_explicit_allocation_needs_no_calibration():
     """Defect 5: magnitude + explicit failed with "this method needs calibration data"."""
     model = tiny_llama(layers=2)
-    report = prunekit.prune(model, "magnitude", 0.5, allocation="explicit",
-                            allocation_params={"sparsities": {"model.layers.0.*": 0.25, "*": 0.75}})
+    report = prunekit.prune(
+        model,
+        "magnitude",
+        0.5,
+        allocation="explicit",
+        allocation_params={"sparsities": {"model.layers.0.*": 0.25, "*": 0.75}},
+    )
     assert report.sparsity == pytest.approx(0.5, abs=1e-3)
     assert {round(row["sparsity"], 2) for row in report.layers.values()} == {0.25, 0.75}
 
 
-@pytest.mark.parametrize("calib, message", [(torch.rand(2, 8), "integer ids"),
-                                            (torch.full((2, 8), 500), "vocabulary has 128")])
+@pytest.mark.parametrize(
+    "calib, message", [(torch.rand(2, 8), "integer ids"), (torch.full((2, 8), 500), "vocabulary has 128")]
+)
 def test_bad_token_ids_are_one_clear_error(calib, message):
     with pytest.raises(PrunekitError, match=message):
         prunekit.prune(tiny_llama(), "wanda", 0.5, calib=calib)
@@ -173,6 +191,7 @@ def test_meta_model_and_nan_weights_are_refused():
 
 def test_seqlen_defaults_to_the_context_and_longer_is_an_error(tmp_path):
     from prunekit.api import resolve_seqlen
+
     model = tiny_llama()  # max_position_embeddings 128
     assert resolve_seqlen(None, model) == 128 and resolve_seqlen(64, model) == 64
     assert resolve_seqlen(None, torch.nn.Linear(2, 2)) == 2048

@@ -1,4 +1,5 @@
 """BatchNorm recalibration: exact pooled statistics, nothing else changes, modes restored."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,9 +21,18 @@ def _randomise_bn(bn: nn.Module, seed: int) -> None:
 
 def small_cnn() -> nn.Sequential:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
-                          nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5, momentum=0.3), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Conv2d(4, 5, 3, padding=1),
+        nn.BatchNorm2d(5, momentum=0.3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 3),
+    )
     _randomise_bn(model[1], 1)
     _randomise_bn(model[5], 2)
     return model.eval()
@@ -98,12 +108,16 @@ def test_dropout_stays_off_during_recalibration():
     assert torch.equal(model[5].running_var, first)
 
 
-@pytest.mark.parametrize("bn, shape", [
-    (lambda: nn.BatchNorm1d(4), (6, 4)),
-    (lambda: nn.BatchNorm1d(4), (6, 4, 5)),
-    (lambda: nn.BatchNorm3d(4), (3, 4, 2, 3, 2)),
-    (lambda: nn.SyncBatchNorm(4), (3, 4, 5, 2)),
-], ids=["bn1d-features", "bn1d-sequence", "bn3d", "syncbn"])
+@pytest.mark.parametrize(
+    "bn, shape",
+    [
+        (lambda: nn.BatchNorm1d(4), (6, 4)),
+        (lambda: nn.BatchNorm1d(4), (6, 4, 5)),
+        (lambda: nn.BatchNorm3d(4), (3, 4, 2, 3, 2)),
+        (lambda: nn.SyncBatchNorm(4), (3, 4, 5, 2)),
+    ],
+    ids=["bn1d-features", "bn1d-sequence", "bn3d", "syncbn"],
+)
 def test_every_batchnorm_kind(bn, shape):
     layer = bn()
     _randomise_bn(layer, 0)
@@ -119,6 +133,7 @@ def test_every_batchnorm_kind(bn, shape):
 
 def test_timm_batchnorm_act_subclass_is_recalibrated():
     from timm.layers import BatchNormAct2d
+
     layer = BatchNormAct2d(4, act_layer=nn.ReLU)
     _randomise_bn(layer, 0)
     data = [torch.randn(2, 4, 3, 3) + 2 for _ in range(2)]
@@ -184,6 +199,7 @@ def test_dict_and_tuple_batches_and_device():
 
 # ---------------------------------------------------------------- when is recalibration needed
 
+
 class RegisteredBackwards(nn.Module):
     """BatchNorm registered before the conv that feeds it: registration order misleads, execution does not."""
 
@@ -216,6 +232,7 @@ def test_execution_trace_changes_no_statistics_and_restores_modes():
 
 def test_magnitude_without_calibration_data_warns_that_batchnorm_is_stale(caplog):
     import prunekit
+
     model = small_cnn()
     with caplog.at_level("WARNING", logger="prunekit.api"):
         report = prunekit.prune(model, "magnitude", 0.5, layer_types=["all"], include=["0", "4"])

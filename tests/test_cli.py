@@ -11,6 +11,7 @@ from tests.conftest import tiny_llama
 def checkpoint(tmp_path_factory):
     """A tiny random LLaMA saved with the built-in tokenizer, plus calibration/eval text files."""
     from transformers import AutoTokenizer
+
     root = tmp_path_factory.mktemp("ckpt")
     tiny_llama(vocab=4096).save_pretrained(root / "model")
     AutoTokenizer.from_pretrained(demo_assets() / "kjv-llama-5m").save_pretrained(root / "model")
@@ -21,12 +22,25 @@ def checkpoint(tmp_path_factory):
 
 
 def _prune_args(ckpt, out, *extra):
-    return ["prune", "--model", str(ckpt / "model"), "--calib-data", str(ckpt / "train.txt"), "--nsamples", "8",
-            "--seqlen", "32", "--out", str(out), *extra]
+    return [
+        "prune",
+        "--model",
+        str(ckpt / "model"),
+        "--calib-data",
+        str(ckpt / "train.txt"),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_prune_saves_loadable_model_report_and_recipe(checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
+
     out = tmp_path / "pruned"
     assert main(_prune_args(checkpoint, out, "--eval-data", str(checkpoint / "test.txt"), "--pattern", "2:4")) == 0
     report = json.loads((out / "prune_report.json").read_text())
@@ -42,27 +56,48 @@ def test_prune_saves_loadable_model_report_and_recipe(checkpoint, tmp_path):
 
 def test_recipe_and_flag_override(checkpoint, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model": str(checkpoint / "model"), "method": "magnitude", "sparsity": 0.6,
-                                      "out": str(tmp_path / "o1")}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {"model": str(checkpoint / "model"), "method": "magnitude", "sparsity": 0.6, "out": str(tmp_path / "o1")}
+        )
+    )
     assert main(["prune", "--recipe", str(recipe), "--sparsity", "0.7"]) == 0
     report = json.loads((tmp_path / "o1" / "prune_report.json").read_text())
     assert report["sparsity"] == pytest.approx(0.7, abs=1e-3)  # floor(numel * 0.7) per layer
 
 
 def test_eval_ppl(checkpoint, tmp_path, capsys):
-    assert main(["eval", "ppl", "--model", str(checkpoint / "model"), "--data", str(checkpoint / "test.txt"),
-                 "--seqlen", "64", "--json", str(tmp_path / "ppl.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "ppl",
+                "--model",
+                str(checkpoint / "model"),
+                "--data",
+                str(checkpoint / "test.txt"),
+                "--seqlen",
+                "64",
+                "--json",
+                str(tmp_path / "ppl.json"),
+            ]
+        )
+        == 0
+    )
     assert "perplexity" in capsys.readouterr().out
     assert json.loads((tmp_path / "ppl.json").read_text())["ppl"] > 1
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--sparsity", "1.5"], "sparsity must be in"),
-    (["--pattern", "3:3"], "0 < N < M"),
-    (["--method", "bogus"], "unknown method"),
-    (["--group", "rows"], "unknown comparison group"),
-    (["--include", "nothing"], "no prunable layers"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--sparsity", "1.5"], "sparsity must be in"),
+        (["--pattern", "3:3"], "0 < N < M"),
+        (["--method", "bogus"], "unknown method"),
+        (["--group", "rows"], "unknown comparison group"),
+        (["--include", "nothing"], "no prunable layers"),
+    ],
+)
 def test_bad_input_errors_write_nothing(checkpoint, tmp_path, capsys, extra, match):
     out = tmp_path / "never"
     assert main(_prune_args(checkpoint, out, *extra)) == 2
@@ -111,8 +146,10 @@ def test_repo_recipes_parse(monkeypatch):
     """Every YAML in recipes/ is valid for the command it is written for (unknown keys are errors), with its
     paths relative to the repository root (tests/test_recipes.py runs them all)."""
     from pathlib import Path
+
     from prunekit.finetune.recipe import load_finetune_recipe
     from prunekit.recipe import PruneRecipe, load_recipe
+
     root = Path(__file__).parents[1]
     monkeypatch.chdir(root)
     recipes = sorted((root / "recipes").glob("*.yaml"))
@@ -129,20 +166,36 @@ def test_repo_recipes_parse(monkeypatch):
 
 # ---------------------------------------------------------------- what the CLI prints
 
+
 def test_finetune_summary_is_a_rounded_table(capsys):
     """One row per stage, one column per metric, 4 decimals: never 0.9933333396911621."""
     from prunekit.cli import print_finetune_report
-    report = {"task": "image-classification", "sparsity": 0.80000001,
-              "metrics": {"top1_dense": 0.9933333396911621, "loss_dense": 0.11501, "top1_finetuned": 0.98,
-                          "loss_finetuned": 0.2, "ppl_lora_unmerged": 53.22334},
-              "timings": {"prune_s": 0.5, "finetune_s": 61.687}}
+
+    report = {
+        "task": "image-classification",
+        "sparsity": 0.80000001,
+        "metrics": {
+            "top1_dense": 0.9933333396911621,
+            "loss_dense": 0.11501,
+            "top1_finetuned": 0.98,
+            "loss_finetuned": 0.2,
+            "ppl_lora_unmerged": 53.22334,
+        },
+        "timings": {"prune_s": 0.5, "finetune_s": 61.687},
+    }
     print_finetune_report(report)
     out = capsys.readouterr().out
     assert "0.99333" not in out and "sparsity 0.8000" in out and "finetune time 61.69s" in out
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
-            for line in out.splitlines() if line.startswith("│")}
-    assert rows == {"dense": ["0.9933", "0.1150", "–"], "finetuned": ["0.9800", "0.2000", "–"],
-                    "lora unmerged": ["–", "–", "53.2233"]}
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+        for line in out.splitlines()
+        if line.startswith("│")
+    }
+    assert rows == {
+        "dense": ["0.9933", "0.1150", "–"],
+        "finetuned": ["0.9800", "0.2000", "–"],
+        "lora unmerged": ["–", "–", "53.2233"],
+    }
 
 
 def test_lightning_lines_print_once_without_advert():
@@ -150,8 +203,11 @@ def test_lightning_lines_print_once_without_advert():
     and a Trainer without LitLogger logs an advert; after configure_logging each line appears once, no advert."""
     import subprocess
     import sys
-    code = ("from prunekit.cli import configure_logging; configure_logging(False); import lightning.pytorch as L; "
-            "L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, accelerator='cpu')")
+
+    code = (
+        "from prunekit.cli import configure_logging; configure_logging(False); import lightning.pytorch as L; "
+        "L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, accelerator='cpu')"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = [line for line in run.stderr.splitlines() if "available" in line or "Tip" in line]

@@ -1,4 +1,5 @@
 """The CLI on image models, as a user runs it: a timm model + an ImageFolder (offline: local-dir fixtures)."""
+
 import json
 
 import pytest
@@ -10,11 +11,35 @@ from tests.conftest import fixture_path
 @pytest.mark.slow
 def test_prune_convnext_digits_per_layer_default_and_reload(tmp_path):
     import timm
+
     model_dir, digits = fixture_path("convnext-digits"), fixture_path("digits")
     out = tmp_path / "convnext-50"
-    assert main(["prune", "--model", f"local-dir:{model_dir}", "--method", "wanda", "--sparsity", "0.5",
-                 "--calib-data", str(digits / "train"), "--nsamples", "64", "--batch-size", "32",
-                 "--eval-data", str(digits / "val"), "--eval-batch-size", "150", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                f"local-dir:{model_dir}",
+                "--method",
+                "wanda",
+                "--sparsity",
+                "0.5",
+                "--calib-data",
+                str(digits / "train"),
+                "--nsamples",
+                "64",
+                "--batch-size",
+                "32",
+                "--eval-data",
+                str(digits / "val"),
+                "--eval-batch-size",
+                "150",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "prune_report.json").read_text())
     assert report["settings"]["group"] == "per-layer"  # the vision default
     assert report["settings"]["blocks"] == "stages"
@@ -31,12 +56,49 @@ def test_prune_convnext_digits_per_layer_default_and_reload(tmp_path):
 def test_resnet_bn_recalibration_is_automatic_and_reported(tmp_path):
     digits = fixture_path("digits")
     out = tmp_path / "resnet"
-    assert main(["prune", "--model", "torchvision:resnet18", "--method", "magnitude", "--sparsity", "0.5",
-                 "--include", "layer*", "--calib-data", str(digits / "train"), "--nsamples", "8",
-                 "--out", str(out)]) == 0  # 8 images (each a 224 px resnet18 forward): the checks need no more
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                "torchvision:resnet18",
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                "--include",
+                "layer*",
+                "--calib-data",
+                str(digits / "train"),
+                "--nsamples",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )  # 8 images (each a 224 px resnet18 forward): the checks need no more
     report = json.loads((out / "prune_report.json").read_text())
     assert report["bn_recalibration"]["layers"] > 0
-    assert main(["prune", "--model", "torchvision:resnet18", "--method", "magnitude", "--include", "layer*",
-                 "--calib-data", str(digits / "train"), "--nsamples", "8", "--no-recalibrate-bn",
-                 "--out", str(tmp_path / "r2")]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                "torchvision:resnet18",
+                "--method",
+                "magnitude",
+                "--include",
+                "layer*",
+                "--calib-data",
+                str(digits / "train"),
+                "--nsamples",
+                "8",
+                "--no-recalibrate-bn",
+                "--out",
+                str(tmp_path / "r2"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "r2" / "prune_report.json").read_text())["bn_recalibration"] is None

@@ -1,6 +1,7 @@
 """torchvision and timm CNNs end to end on tiny random instances (no weights downloaded): the walker finds
 their layers, the defaults keep stem and classifier dense, and magnitude / Wanda prune every conv and
 Linear to the exact per-layer count with the model still producing finite logits."""
+
 from __future__ import annotations
 
 import copy
@@ -18,11 +19,13 @@ SMALL_DIMS = dict(dims=(16, 32, 48, 64))
 
 def _torchvision(name: str):
     import torchvision
+
     return lambda: torchvision.models.get_model(name, weights=None, **TINY)
 
 
 def _timm(name: str, **kwargs):
     import timm
+
     return lambda: timm.create_model(name, pretrained=False, **TINY, **kwargs)
 
 
@@ -68,7 +71,8 @@ def test_cnn_walk_and_prune(name, images):
         report = prunekit.prune(model, method, 0.5, group="per-layer", calib=[images], layer_types=("all",))
         assert set(report.layers) == set(selected)
         assert {n: r["zeros"] for n, r in report.layers.items()} == {
-            n: int(r["numel"] * 0.5) for n, r in report.layers.items()}
+            n: int(r["numel"] * 0.5) for n, r in report.layers.items()
+        }
         # BatchNorm statistics are recalibrated by default when calibration data is given (ConvNeXt has none)
         assert (report.bn_recalibration is not None) == bool(batchnorm_layers(model))
         assert all(torch.isfinite(bn.running_var).all() for bn in batchnorm_layers(model).values())

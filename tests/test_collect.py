@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import PrunekitError
 from prunekit.collect import collect
+from prunekit.errors import PrunekitError
 
 
 def _stats(module, *inputs, hessian=True):
@@ -28,14 +28,23 @@ def test_linear_norms_and_hessian_equal_explicit():
 
 def test_hf_conv1d_columns_are_inputs():
     from transformers.pytorch_utils import Conv1D
+
     conv = Conv1D(4, 6)
     x = torch.randn(2, 3, 6)
     s = _stats(conv, x)
     torch.testing.assert_close(s.sq_sum[0], x.reshape(-1, 6).square().sum(0))
 
 
-@pytest.mark.parametrize("kwargs", [dict(stride=2, padding=1), dict(dilation=2, padding=2),
-                                    dict(groups=2, padding=1), dict(groups=4), dict(stride=(2, 1))])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(stride=2, padding=1),
+        dict(dilation=2, padding=2),
+        dict(groups=2, padding=1),
+        dict(groups=4),
+        dict(stride=(2, 1)),
+    ],
+)
 def test_conv2d_equals_unfold(kwargs):
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, 3, **kwargs)
@@ -98,6 +107,7 @@ def test_stats_dtype_setting_reaches_the_collectors(token_batch):
     import prunekit
     from prunekit.errors import PrunekitError
     from tests.conftest import tiny_llama
+
     a, b = tiny_llama(), tiny_llama()
     prunekit.prune(a, "wanda", 0.5, calib=token_batch)
     prunekit.prune(b, "wanda", 0.5, calib=token_batch, stats_dtype="float64")

@@ -1,5 +1,6 @@
 """Convolutions as matmuls: collector statistics against an explicit im2col, grouped convs as separate
 matmuls, 1x1 convs as Linears, N:M along the flattened input dimension, transposed convs rejected."""
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,7 @@ def explicit_im2col(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
         x = x.unfold(2 + dim, d * (k - 1) + 1, s)  # window appended last: [B, C, o.., rest.., w..]
     x = x[(...,) + tuple(slice(None, None, d) for d in conv.dilation)]  # keep the dilated taps
     b, c, g = x.shape[0], x.shape[1], conv.groups
-    out = x.shape[2:2 + n]
+    out = x.shape[2 : 2 + n]
     x = x.reshape(b, g, c // g, *out, *conv.kernel_size)
     x = x.permute(1, 0, *range(3, 3 + n), 2, *range(3 + n, 3 + 2 * n))  # [G, B, out.., Cg, k..]
     return x.reshape(g, b * math.prod(out), (c // g) * math.prod(conv.kernel_size))
@@ -85,8 +86,7 @@ def test_explicit_im2col_reproduces_the_conv(key):
     conv, x, _ = make(key)
     with torch.no_grad():
         out = conv(x) - conv.bias.view(1, -1, *[1] * len(conv.kernel_size))
-    torch.testing.assert_close(conv_output_from_columns(explicit_im2col(x, conv), conv, out), out,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv_output_from_columns(explicit_im2col(x, conv), conv, out), out, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("key", sorted(CONVS))
@@ -142,11 +142,13 @@ def test_unbatched_conv_input_counts_one_sample(key):
     with torch.no_grad(), collect({"c": conv}) as stats:
         conv(x[0])
     assert stats["c"].nsamples == 1
-    torch.testing.assert_close(stats["c"].sq_sum, explicit_im2col(x[:1], conv).square().sum(dim=1),
-                               atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        stats["c"].sq_sum, explicit_im2col(x[:1], conv).square().sum(dim=1), atol=1e-4, rtol=1e-5
+    )
 
 
 # ---------------------------------------------------------------- 1x1 convs are Linears
+
 
 class ChannelsLastLinear(nn.Module):
     """A Linear applied to every pixel: the same matmul as a 1x1 conv."""
@@ -190,6 +192,7 @@ def test_pointwise_conv_prunes_like_the_linear(method):
 
 # ---------------------------------------------------------------- grouped convs are separate matmuls
 
+
 class SplitConv(nn.Module):
     """A grouped conv written as ``groups`` independent convs, each on its slice of channels."""
 
@@ -197,12 +200,14 @@ class SplitConv(nn.Module):
         super().__init__()
         g = grouped.groups
         cin, cout = grouped.in_channels // g, grouped.out_channels // g
-        self.parts = nn.ModuleList(nn.Conv2d(cin, cout, grouped.kernel_size, grouped.stride, grouped.padding,
-                                             grouped.dilation) for _ in range(g))
+        self.parts = nn.ModuleList(
+            nn.Conv2d(cin, cout, grouped.kernel_size, grouped.stride, grouped.padding, grouped.dilation)
+            for _ in range(g)
+        )
         with torch.no_grad():
             for i, part in enumerate(self.parts):
-                part.weight.copy_(grouped.weight[i * cout:(i + 1) * cout])
-                part.bias.copy_(grouped.bias[i * cout:(i + 1) * cout])
+                part.weight.copy_(grouped.weight[i * cout : (i + 1) * cout])
+                part.bias.copy_(grouped.bias[i * cout : (i + 1) * cout])
 
     def forward(self, x):
         chunks = x.chunk(len(self.parts), dim=1)
@@ -236,8 +241,9 @@ def test_every_method_prunes_conv_groups_as_separate_matmuls(method):
 def test_every_update_treats_conv_groups_as_separate_matmuls(update):
     grouped, split, calib = _grouped_and_split()
     prunekit.prune(grouped, "wanda", 0.5, group="per-output", update=update, calib=calib, include=["0"])
-    prunekit.prune(split, "wanda", 0.5, group="per-output", update=update, calib=calib, include=["parts.*"],
-                   sequential=False)
+    prunekit.prune(
+        split, "wanda", 0.5, group="per-output", update=update, calib=calib, include=["parts.*"], sequential=False
+    )
     torch.testing.assert_close(grouped[0].weight, torch.cat([p.weight for p in split.parts]), atol=1e-4, rtol=1e-4)
 
 
@@ -257,9 +263,11 @@ def test_per_layer_compares_across_conv_groups():
 
 # ---------------------------------------------------------------- every method on every conv kind
 
+
 @pytest.mark.parametrize("method", sorted(prunekit.METHODS.names()))
-@pytest.mark.parametrize("key", ["1d-grouped-strided-dilated-padded", "2d-same-reflect-dilated", "2d-depthwise",
-                                 "3d-grouped"])
+@pytest.mark.parametrize(
+    "key", ["1d-grouped-strided-dilated-padded", "2d-same-reflect-dilated", "2d-depthwise", "3d-grouped"]
+)
 def test_every_method_prunes_every_conv_kind(key, method):
     conv, x, _ = make(key)
     net = nn.Sequential(conv)
@@ -308,6 +316,7 @@ def test_nm_error_names_the_conv_and_its_columns():
 
 
 # ---------------------------------------------------------------- which convs are selected
+
 
 class UNetish(nn.Module):
     def __init__(self):

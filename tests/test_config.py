@@ -1,4 +1,5 @@
 """PruneConfig: one config for every front end, validated once before any model is loaded."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,22 +29,25 @@ def test_lists_and_strings_become_tuples():
     assert config.update == ("admm",) and config.include == ("model.*",) and config.layer_types == ("linear", "conv")
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"sparsity": 1.0}, "sparsity"),
-    ({"pattern": "4:2"}, "0 < N < M"),
-    ({"group": "per-row"}, "unknown comparison group"),
-    ({"allocation": "owl", "allocation_params": {"lam": 2}}, "lam"),
-    ({"layer_types": ["dense"]}, "layer type"),
-    ({"nsamples": 0}, "nsamples"),
-    ({"seqlen": 0}, "seqlen"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"dtype": "float8"}, "dtype"),
-    ({"offload_activations": "gpu"}, "offload_activations"),
-    ({"method_params": {"alpha": 1}}, "no parameter"),
-    ({"update": "admm", "update_params": {"rho2": 1}}, "no parameter"),
-    ({"method": "sparsegpt", "group": "global"}, "global"),
-    ({"pattern": "2:4", "allocation": "owl"}, "N:M pattern fixes"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"sparsity": 1.0}, "sparsity"),
+        ({"pattern": "4:2"}, "0 < N < M"),
+        ({"group": "per-row"}, "unknown comparison group"),
+        ({"allocation": "owl", "allocation_params": {"lam": 2}}, "lam"),
+        ({"layer_types": ["dense"]}, "layer type"),
+        ({"nsamples": 0}, "nsamples"),
+        ({"seqlen": 0}, "seqlen"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"dtype": "float8"}, "dtype"),
+        ({"offload_activations": "gpu"}, "offload_activations"),
+        ({"method_params": {"alpha": 1}}, "no parameter"),
+        ({"update": "admm", "update_params": {"rho2": 1}}, "no parameter"),
+        ({"method": "sparsegpt", "group": "global"}, "global"),
+        ({"pattern": "2:4", "allocation": "owl"}, "N:M pattern fixes"),
+    ],
+)
 def test_bad_combinations_fail_at_construction(settings, message):
     with pytest.raises(PrunekitError, match=message):
         PruneConfig(**settings)
@@ -60,6 +64,7 @@ def test_cuda_without_a_gpu_is_refused_at_once():
 
 # ---------------------------------------------------------------- defects of the copies (issue 16)
 
+
 def test_flat_update_params_with_two_updates_is_an_error_not_dropped():
     """Defect 2: ``--update admm --update dsnot --update-param iterations=3`` silently ran 20 iterations."""
     with pytest.raises(PrunekitError, match="name the update"):
@@ -74,13 +79,27 @@ def test_flat_update_params_with_two_updates_is_an_error_not_dropped():
 def test_global_group_with_a_per_layer_allocation_is_an_error():
     """Defect 3: global + explicit {layers.0: 0.2, rest: 0.8} gave 0.2 overall while reporting 0.2/0.8."""
     with pytest.raises(PrunekitError, match="global"):
-        PruneConfig(method="magnitude", group="global", allocation="explicit",
-                    allocation_params={"sparsities": {"model.layers.0.*": 0.2, "*": 0.8}, "normalize": True})
+        PruneConfig(
+            method="magnitude",
+            group="global",
+            allocation="explicit",
+            allocation_params={"sparsities": {"model.layers.0.*": 0.2, "*": 0.8}, "normalize": True},
+        )
 
 
-@pytest.mark.parametrize("setting", [{"pattern": "2:4"}, {"group": "per-layer"}, {"update": "admm"},
-                                     {"include": ["model.*"]}, {"layer_types": ["all"]}, {"allocation": "owl"},
-                                     {"recalibrate_bn": True}, {"sequential": False}])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"pattern": "2:4"},
+        {"group": "per-layer"},
+        {"update": "admm"},
+        {"include": ["model.*"]},
+        {"layer_types": ["all"]},
+        {"allocation": "owl"},
+        {"recalibrate_bn": True},
+        {"sequential": False},
+    ],
+)
 def test_structured_methods_refuse_settings_they_would_ignore(setting):
     """Defect 4: depth/width/slicegpt silently ignored pattern, group, update, selection, allocation, BN."""
     with pytest.raises(PrunekitError, match="does not use"):
@@ -117,15 +136,24 @@ def test_unknown_method_lists_structured_methods_too():
 
 # ---------------------------------------------------------------- recipes are configs
 
+
 def test_recipe_is_a_config_and_round_trips(tmp_path):
-    recipe = PruneRecipe(model="m", method="wanda", update=["admm"], update_params={"iterations": 3},
-                         include=["a.*"], trust_remote_code=True)
+    recipe = PruneRecipe(
+        model="m",
+        method="wanda",
+        update=["admm"],
+        update_params={"iterations": 3},
+        include=["a.*"],
+        trust_remote_code=True,
+    )
     assert isinstance(recipe, PruneConfig) and recipe.as_config() == PruneConfig(
-        method="wanda", update=("admm",), update_params={"admm": {"iterations": 3}}, include=("a.*",))
+        method="wanda", update=("admm",), update_params={"admm": {"iterations": 3}}, include=("a.*",)
+    )
     data = recipe_dict(recipe)
     assert "trust_remote_code" not in data  # never saved: remote code is enabled on the command line only
     path = tmp_path / "r.yaml"
     import yaml
+
     path.write_text(yaml.safe_dump(data))
     assert load_recipe(PruneRecipe, path, {}) == dataclasses.replace(recipe, trust_remote_code=False)
 
@@ -138,9 +166,15 @@ def test_recipe_cannot_enable_remote_code(tmp_path):
     assert load_recipe(PruneRecipe, None, {"model": "m", "trust_remote_code": True}).trust_remote_code
 
 
-@pytest.mark.parametrize("text, message", [("- a\n- b\n", "mapping"), ("model: [\n", "not valid YAML"),
-                                           ("model: !!python/name:os.system\n", "tag"),
-                                           ("modle: m\n", "unknown key")])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- a\n- b\n", "mapping"),
+        ("model: [\n", "not valid YAML"),
+        ("model: !!python/name:os.system\n", "tag"),
+        ("modle: m\n", "unknown key"),
+    ],
+)
 def test_bad_recipe_files_are_one_line_errors(tmp_path, text, message):
     path = tmp_path / "r.yaml"
     path.write_text(text)
@@ -158,6 +192,7 @@ def test_lazy_recipe_checks_need_no_model():
 def test_a_new_setting_is_one_field():
     """The CLI flags and recipe keys come from the fields: every PruneConfig field is a prune flag."""
     from prunekit.cli import build_parser
+
     parser = build_parser()
     prune = parser._subparsers._group_actions[0].choices["prune"]
     dests = {a.dest for a in prune._actions}

@@ -1,5 +1,6 @@
 """The docs pages are generated from benchmarks/results (``prunekit report --docs``): the generator's markers, and
 the committed pages checked against a fresh generation so a stale page fails."""
+
 import json
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ REGENERATE = "prunekit report --docs benchmarks/results --out docs/"
 
 # ---------------------------------------------------------------- the committed pages
 
+
 def test_committed_docs_are_generated_from_the_results():
     pages = render_docs(ROOT / "benchmarks" / "results", ROOT / "docs")
     assert pages, "no templates in docs/templates"
@@ -29,8 +31,15 @@ def test_committed_docs_are_generated_from_the_results():
 def _typed_numbers(template: str) -> list[str]:
     """Numbers written in a template's prose: not in markers, code, comments or link targets; ``2:4`` (a pattern's
     name), years, and digits inside words (``top-1``, ``float32``, ``ResNet-18``) are names, not results."""
-    for pattern in (r"```.*?```", r"`[^`]*`", r"\{\{.*?\}\}", r"<!--.*?-->", r"\]\([^)]*\)", r"\b\d+:\d+\b",
-                    r"\b(?:19|20)\d\d\b"):
+    for pattern in (
+        r"```.*?```",
+        r"`[^`]*`",
+        r"\{\{.*?\}\}",
+        r"<!--.*?-->",
+        r"\]\([^)]*\)",
+        r"\b\d+:\d+\b",
+        r"\b(?:19|20)\d\d\b",
+    ):
         template = re.sub(pattern, " ", template, flags=re.S)
     return re.findall(r"(?<![\w.\-/])\d+(?:[.,]\d+)*", template)
 
@@ -47,15 +56,28 @@ def test_the_typed_number_check_catches_numbers():
 
 # ---------------------------------------------------------------- markers
 
+
 @pytest.fixture
 def results(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
-    (folder / "bench.json").write_text(json.dumps({
-        "dense": 46.61646, "version": "2.14.1",
-        "cells": {"wanda@0.5": {"ppl": 47.8599, "sparsity": 0.5}, "wanda@2:4": {"ppl": 49.5024, "sparsity": 0.5},
-                  "sparsegpt@0.7": {"ppl": 48.139}},
-        "rows": [{"method": "a", "cfg": {"k": 0.5}, "top1": 0.98444}, {"method": "b, c", "cfg": {"k": 0.7}, "top1": 0.5}]}))
+    (folder / "bench.json").write_text(
+        json.dumps(
+            {
+                "dense": 46.61646,
+                "version": "2.14.1",
+                "cells": {
+                    "wanda@0.5": {"ppl": 47.8599, "sparsity": 0.5},
+                    "wanda@2:4": {"ppl": 49.5024, "sparsity": 0.5},
+                    "sparsegpt@0.7": {"ppl": 48.139},
+                },
+                "rows": [
+                    {"method": "a", "cfg": {"k": 0.5}, "top1": 0.98444},
+                    {"method": "b, c", "cfg": {"k": 0.7}, "top1": 0.5},
+                ],
+            }
+        )
+    )
     (folder / "bench.md").write_text("# Bench title\n\nProse 1.\n\n## Section\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
     (folder / "plot.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     return folder
@@ -93,10 +115,17 @@ def test_markers_after_a_backtick_are_examples_left_alone(results):
     assert _page("`{{ value FILE.json KEY }}`", results) == "`{{ value FILE.json KEY }}`"
 
 
-@pytest.mark.parametrize("marker, message", [
-    ("{{ value bench.json cells nope ppl }}", "nope"), ("{{ value bench.json rows [method=z] top1 }}", "method=z"),
-    ("{{ value bench.json cells }}", "dict"), ("{{ value absent.json x }}", "absent.json"),
-    ("{{ table bench.md }}", "unknown marker 'table'"), ("{{ }}", "cannot fill")])
+@pytest.mark.parametrize(
+    "marker, message",
+    [
+        ("{{ value bench.json cells nope ppl }}", "nope"),
+        ("{{ value bench.json rows [method=z] top1 }}", "method=z"),
+        ("{{ value bench.json cells }}", "dict"),
+        ("{{ value absent.json x }}", "absent.json"),
+        ("{{ table bench.md }}", "unknown marker 'table'"),
+        ("{{ }}", "cannot fill"),
+    ],
+)
 def test_a_marker_that_cannot_be_filled_names_the_template_and_the_marker(results, marker, message):
     with pytest.raises(PrunekitError, match="t.md") as err:
         _page(f"text {marker} text", results)

@@ -3,6 +3,7 @@
 After every test the inputs hash as before, and ``--out`` is absent, the complete previous output or the
 complete new output: never a half-written one, never a leftover temporary.
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,8 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +42,20 @@ def inputs_untouched(checkpoint):  # noqa: F811
 
 
 def args(ckpt: Path, out: Path, *extra: str) -> list[str]:
-    return ["prune", "--model", str(ckpt / "model"), "--calib-data", str(ckpt / "train.txt"), "--nsamples", "4",
-            "--seqlen", "32", "--out", str(out), *extra]
+    return [
+        "prune",
+        "--model",
+        str(ckpt / "model"),
+        "--calib-data",
+        str(ckpt / "train.txt"),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def no_temporaries(folder: Path) -> bool:
@@ -57,13 +73,16 @@ def fail(capsys, argv: list[str], match: str) -> str:
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fails the test if any weights are loaded: the check must come before."""
+
     def refuse(*a, **k):
         raise AssertionError("weights were loaded before the check")
+
     monkeypatch.setattr(pipeline, "load_causal_lm", refuse)
     monkeypatch.setattr(pipeline, "load_vision_model", refuse)
 
 
 # ---------------------------------------------------------------- data loss (1-3)
+
 
 def test_json_may_not_point_into_an_input(checkpoint, tmp_path, capsys, no_loading):  # noqa: F811
     fail(capsys, args(checkpoint, tmp_path / "o", "--json", str(checkpoint / "model" / "config.json")), "--json")
@@ -82,6 +101,7 @@ def test_overwrite_never_deletes_inputs_inside_out(checkpoint, tmp_path, capsys,
 
 # ---------------------------------------------------------------- found before any work (4-5)
 
+
 def test_json_that_is_a_directory_fails_before_loading(checkpoint, tmp_path, capsys, no_loading):  # noqa: F811
     (tmp_path / "j").mkdir()
     fail(capsys, args(checkpoint, tmp_path / "o", "--json", str(tmp_path / "j")), "--json")
@@ -92,14 +112,19 @@ def test_out_that_cannot_be_written_fails_before_loading(checkpoint, tmp_path, c
     fail(capsys, args(checkpoint, tmp_path / "file" / "o"), "--out")
 
 
-@pytest.mark.parametrize("extra, match", [(["--group", "per-row"], "comparison group"),
-                                          (["--update", "admmm"], "unknown update"),
-                                          (["--method-param", "alpha=1"], "no parameter"),
-                                          (["--allocation", "owll"], "unknown allocation"),
-                                          (["--layer-types", "dense"], "layer type"),
-                                          (["--seqlen", "0"], "seqlen"),
-                                          (["--save-format", "compactt"], "save_format"),
-                                          (["--device", "cuda:7"], "cuda")])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--group", "per-row"], "comparison group"),
+        (["--update", "admmm"], "unknown update"),
+        (["--method-param", "alpha=1"], "no parameter"),
+        (["--allocation", "owll"], "unknown allocation"),
+        (["--layer-types", "dense"], "layer type"),
+        (["--seqlen", "0"], "seqlen"),
+        (["--save-format", "compactt"], "save_format"),
+        (["--device", "cuda:7"], "cuda"),
+    ],
+)
 def test_settings_fail_before_loading(checkpoint, tmp_path, capsys, no_loading, extra, match):  # noqa: F811
     fail(capsys, args(checkpoint, tmp_path / "o", *extra), match)
 
@@ -111,9 +136,16 @@ def test_calibration_text_is_checked_before_the_weights_load(checkpoint, tmp_pat
 
 # ---------------------------------------------------------------- one line, not a traceback (6-7)
 
-@pytest.mark.parametrize("text, match", [("- a\n", "mapping"), ("model: [\n", "not valid YAML"),
-                                         ("model: !!python/object/apply:os.system [ls]\n", "tag"),
-                                         ("model: m\ntrust_remote_code: true\n", "only the command line")])
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("- a\n", "mapping"),
+        ("model: [\n", "not valid YAML"),
+        ("model: !!python/object/apply:os.system [ls]\n", "tag"),
+        ("model: m\ntrust_remote_code: true\n", "only the command line"),
+    ],
+)
 def test_bad_recipes(tmp_path, capsys, text, match):
     (tmp_path / "r.yaml").write_text(text)
     fail(capsys, ["prune", "--recipe", str(tmp_path / "r.yaml")], match)
@@ -147,6 +179,7 @@ def test_truncated_checkpoint(checkpoint, tmp_path, capsys):  # noqa: F811
 def test_disk_full_while_saving_is_one_line_and_leaves_nothing(checkpoint, tmp_path, capsys, monkeypatch):  # noqa: F811
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "o" / "model.safetensors"))
+
     monkeypatch.setattr(pipeline, "save_causal_lm", full)
     fail(capsys, args(checkpoint, tmp_path / "o"), "No space left on device")
     assert not (tmp_path / "o").exists() and no_temporaries(tmp_path)
@@ -154,8 +187,10 @@ def test_disk_full_while_saving_is_one_line_and_leaves_nothing(checkpoint, tmp_p
 
 # ---------------------------------------------------------------- silently accepted (9-10)
 
+
 def test_nan_weights_are_refused_and_nan_perplexity_is_an_error(checkpoint, tmp_path, capsys):  # noqa: F811
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     bad = tmp_path / "nan"
     model = AutoModelForCausalLM.from_pretrained(checkpoint / "model")
     with torch.no_grad():
@@ -165,16 +200,27 @@ def test_nan_weights_are_refused_and_nan_perplexity_is_an_error(checkpoint, tmp_
     argv = args(checkpoint, tmp_path / "o")
     argv[argv.index("--model") + 1] = str(bad)
     fail(capsys, argv, "NaN/inf weights")
-    fail(capsys, ["eval", "ppl", "--model", str(bad), "--data", str(checkpoint / "test.txt"), "--seqlen", "32"],
-         "perplexity is nan")
+    fail(
+        capsys,
+        ["eval", "ppl", "--model", str(bad), "--data", str(checkpoint / "test.txt"), "--seqlen", "32"],
+        "perplexity is nan",
+    )
 
 
 # ---------------------------------------------------------------- interrupts and concurrent runs (2, 11)
 
+
 def run(argv: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "prunekit.cli", *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "prunekit.cli", *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
@@ -220,8 +266,14 @@ sys.exit(main(sys.argv[3:]))
 
 def slow_save(marker: Path, release: Path, argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(marker), str(release), *argv], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE, str(marker), str(release), *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow

@@ -2,8 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.graph import (find_blocks, find_layers, layer_type, select_layers, set_weight_matrix,
-                            weight_matrix)
+from prunekit.graph import find_blocks, find_layers, layer_type, select_layers, set_weight_matrix, weight_matrix
 from tests.conftest import tiny_llama
 
 
@@ -21,6 +20,7 @@ def test_llama_layers_blocks_and_head_excluded():
 def test_gpt2_conv1d_is_transposed_and_found():
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.pytorch_utils import Conv1D
+
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32))
     selected = select_layers(model)
     assert "transformer.h.0.attn.c_attn" in selected and "lm_head" not in selected
@@ -33,13 +33,24 @@ def test_gpt2_conv1d_is_transposed_and_found():
 
 def test_opt_blocks():
     from transformers import OPTConfig, OPTForCausalLM
-    model = OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
-                                     vocab_size=64, word_embed_proj_dim=32, max_position_embeddings=64))
+
+    model = OPTForCausalLM(
+        OPTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=2,
+            vocab_size=64,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+        )
+    )
     assert find_blocks(model)[0] == "model.decoder.layers"
 
 
 def test_timm_convnext_pointwise_convs_count_as_linear():
     import timm
+
     model = timm.create_model("convnext_atto", pretrained=False, num_classes=10)
     selected = select_layers(model)
     assert selected and all(layer_type(m) == "linear" for m in selected.values())
@@ -52,8 +63,10 @@ def test_timm_convnext_pointwise_convs_count_as_linear():
 
 def test_timm_vit_blocks():
     import timm
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                              num_classes=10)
+
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=10
+    )
     selected = select_layers(model)
     assert "patch_embed.proj" not in selected and "head" not in selected
     assert "blocks.0.attn.qkv" in selected and "blocks.1.mlp.fc2" in selected
@@ -62,6 +75,7 @@ def test_timm_vit_blocks():
 
 def test_torchvision_resnet_no_single_block_list():
     import torchvision
+
     model = torchvision.models.resnet18(num_classes=10)
     layers = find_layers(model)
     assert "conv1" in layers and "fc" in layers and "layer1.0.conv1" in layers
@@ -90,6 +104,7 @@ def test_unknown_layer_type():
 
 def test_set_weight_matrix_roundtrip_conv_and_conv1d():
     from transformers.pytorch_utils import Conv1D
+
     for module in (nn.Conv2d(4, 6, 3, groups=2), Conv1D(5, 3), nn.Linear(3, 5)):
         w = weight_matrix(module).detach().clone()
         set_weight_matrix(module, torch.zeros_like(w))

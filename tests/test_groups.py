@@ -78,10 +78,13 @@ def _stable_sort_mask(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 @pytest.mark.parametrize("values", ["continuous", "few-distinct", "with-inf"])
 def test_selection_equals_a_stable_sort_also_with_many_ties(values):
     gen = torch.Generator().manual_seed(2)
-    scores = {"continuous": torch.rand(16, 48, generator=gen),
-              "few-distinct": torch.randint(0, 3, (16, 48), generator=gen).float(),
-              "with-inf": torch.where(torch.rand(16, 48, generator=gen) < 0.2, float("inf"),
-                                      torch.randint(0, 4, (16, 48), generator=gen).float())}[values]
+    scores = {
+        "continuous": torch.rand(16, 48, generator=gen),
+        "few-distinct": torch.randint(0, 3, (16, 48), generator=gen).float(),
+        "with-inf": torch.where(
+            torch.rand(16, 48, generator=gen) < 0.2, float("inf"), torch.randint(0, 4, (16, 48), generator=gen).float()
+        ),
+    }[values]
     for sparsity in (0.1, 0.5, 0.9):
         per_output = _stable_sort_mask(scores, int(48 * sparsity), 1)
         assert torch.equal(select_mask(scores, sparsity, "per-output"), per_output)
@@ -111,6 +114,7 @@ def chunking(request, monkeypatch):
     """Run each property twice: as shipped, and with chunks and samples so small that every path is taken
     (many chunks, rows split across them, sampled brackets that miss)."""
     import prunekit.groups as groups
+
     if request.param == "tiny-chunks":
         monkeypatch.setattr(groups, "CHUNK", 7)
         monkeypatch.setattr(groups, "SAMPLE", 5)
@@ -121,6 +125,7 @@ def chunking(request, monkeypatch):
 @pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (7, 13), (33, 20), (4, 64)])
 def test_fast_selection_equals_a_stable_sort(kind, shape, chunking):
     from prunekit.groups import _prune_lowest_cols, _prune_lowest_flat, _prune_lowest_rows
+
     scores = _random_scores(kind, shape, seed=sum(shape))
     rows, cols = shape
     for k in sorted({0, 1, cols // 2, cols - 1, cols}):
@@ -143,6 +148,7 @@ def test_fast_nm_equals_a_stable_sort(kind, n, m, chunking):
 def test_fast_paths_match_the_old_masks_on_a_large_tie_heavy_layer():
     """Bigger than a chunk and than the sample, so the shipped sizes run their real paths."""
     from prunekit.groups import _prune_lowest
+
     scores = (torch.randn(700, 3000, generator=torch.Generator().manual_seed(3)) * 4).round().abs()
     scores[5] = 1.0  # one row entirely tied
     for sparsity in (0.5, 0.7):
@@ -159,5 +165,6 @@ def test_fast_paths_match_the_old_masks_on_a_large_tie_heavy_layer():
 def test_sorting_networks_sort_every_zero_one_input(m):
     """The 0-1 principle: a comparator network that sorts all 2^m inputs of zeros and ones sorts everything."""
     from prunekit.groups import _sorted_columns
-    bits = ((torch.arange(2 ** m)[:, None] >> torch.arange(m)) & 1).float()
+
+    bits = ((torch.arange(2**m)[:, None] >> torch.arange(m)) & 1).float()
     assert torch.equal(torch.stack(_sorted_columns(bits), 1), bits.sort(1).values)

@@ -1,5 +1,6 @@
 """The package's import graph, read from the source, has no cycle: every module has one job and a place
 below or above the others (module-level and function-level imports both count)."""
+
 from __future__ import annotations
 
 import ast
@@ -61,7 +62,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -86,7 +87,13 @@ def test_cycle_finder_finds_one():
 def test_engine_does_not_depend_on_front_ends():
     """The flow runs one way: the engine never imports the API, CLI, pipeline, recipes or structured methods."""
     edges = graph()
-    below = {"prunekit.api", "prunekit.cli", "prunekit.pipeline", "prunekit.recipe", "prunekit.lightning",
-             "prunekit.structured"}
+    below = {
+        "prunekit.api",
+        "prunekit.cli",
+        "prunekit.pipeline",
+        "prunekit.recipe",
+        "prunekit.lightning",
+        "prunekit.structured",
+    }
     assert not edges["prunekit.engine"] & below
     assert "prunekit.engine" not in edges["prunekit.structured.common"]

@@ -1,4 +1,5 @@
 """PruningCallback: schedules, masks through AdamW + bf16 autocast, checkpoint resume, final state dict, DDP."""
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,16 @@ def loader(n: int = 256, batch_size: int = 16, seed: int = 0, shuffle: bool = Tr
 
 
 def trainer(max_steps: int, callbacks: list, **kwargs) -> L.Trainer:
-    opts = dict(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    opts = dict(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     opts.update(kwargs)
     return L.Trainer(callbacks=callbacks, **opts)
 
@@ -78,9 +87,10 @@ class Spy(L.Callback):
 
 # ---------------------------------------------------------------- pure parts
 
+
 def test_cubic_schedule_formula_and_exact_end():
     assert cubic_sparsity(0, 0.8, 0.0, 0, 100) == 0.0
-    assert cubic_sparsity(50, 0.8, 0.0, 0, 100) == pytest.approx(0.8 * (1 - 0.5 ** 3))
+    assert cubic_sparsity(50, 0.8, 0.0, 0, 100) == pytest.approx(0.8 * (1 - 0.5**3))
     assert cubic_sparsity(100, 0.8, 0.0, 0, 100) == 0.8
     assert cubic_sparsity(250, 0.8, 0.1, 0, 100) == 0.8
     events = schedule_events("cubic", 0.7, start=10, end=95, every=20)
@@ -97,9 +107,16 @@ def test_pack_unpack_roundtrip(shape):
     assert torch.equal(unpack_mask(packed), mask)
 
 
-@pytest.mark.parametrize("kwargs", [dict(schedule="linear"), dict(schedule="cubic", end_step=None),
-                                    dict(schedule="cubic", end_step=10, pattern="2:4"), dict(sparsity=1.0),
-                                    dict(schedule="cubic", end_step=10, initial_sparsity=0.6)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(schedule="linear"),
+        dict(schedule="cubic", end_step=None),
+        dict(schedule="cubic", end_step=10, pattern="2:4"),
+        dict(sparsity=1.0),
+        dict(schedule="cubic", end_step=10, initial_sparsity=0.6),
+    ],
+)
 def test_bad_settings_fail_early(kwargs):
     with pytest.raises(ValueError):
         PruningCallback(**{"sparsity": 0.5, **kwargs})
@@ -115,6 +132,7 @@ def test_calibration_never_touches_the_training_iterator():
 
 
 # ---------------------------------------------------------------- training
+
 
 def test_masks_hold_through_adamw_weight_decay_and_bf16_autocast():
     module = TinyMLP(lr=1e-2, weight_decay=0.1)
@@ -139,8 +157,9 @@ def test_without_enforcement_adamw_revives_pruned_weights():
 
 def test_cubic_reaches_exactly_the_target_at_end_step():
     module = TinyMLP()
-    pruning = PruningCallback(method="magnitude", sparsity=0.75, schedule="cubic", start_step=0, end_step=8,
-                              every_n_steps=3, calib_batches=2)
+    pruning = PruningCallback(
+        method="magnitude", sparsity=0.75, schedule="cubic", start_step=0, end_step=8, every_n_steps=3, calib_batches=2
+    )
     spy = Spy(pruning)
     trainer(11, [pruning, spy]).fit(module, loader())
     expected = {t: s for t, s in pruning.events}
@@ -155,8 +174,9 @@ def test_cubic_reaches_exactly_the_target_at_end_step():
 
 def test_last_event_on_the_final_step_is_applied():
     module = TinyMLP()
-    pruning = PruningCallback(method="wanda", sparsity=0.5, schedule="cubic", end_step=6, every_n_steps=2,
-                              calib_batches=2)
+    pruning = PruningCallback(
+        method="wanda", sparsity=0.5, schedule="cubic", end_step=6, every_n_steps=2, calib_batches=2
+    )
     trainer(6, [pruning]).fit(module, loader())
     assert pruning.history[-1]["event_step"] == 6 and zeros_fraction(module) == 0.5
 
@@ -198,7 +218,7 @@ def test_checkpoint_resume_restores_identical_masks(tmp_path):
     assert set(spy.restored) == set(saved_masks)
     assert all(torch.equal(spy.restored[n], saved_masks[n]) for n in saved_masks)
     assert spy.start_sparsity[5] == pytest.approx(first.sparsity(), abs=0)
-    assert second.history[:len(first.history)] == first.history
+    assert second.history[: len(first.history)] == first.history
     assert spy.violations == 0 and zeros_fraction(resumed) == 0.6875  # per row: floor(0.7 * cols) / cols
 
 
@@ -215,6 +235,7 @@ def test_gradient_accumulation_collects_whole_steps():
 def test_every_registered_method_runs_in_the_callback(method):
     from prunekit.finetune import CausalLMModule
     from tests.conftest import tiny_llama
+
     module = CausalLMModule(tiny_llama(layers=1), lr=1e-3)
     ids = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(0))
     data = DataLoader([{"input_ids": row} for row in ids], batch_size=4)
@@ -239,8 +260,15 @@ class RankDump(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         weights = {n: m.weight.detach().clone() for n, m in self.pruning.layers.items()}
-        torch.save({"masks": self.pruning.masks, "weights": weights, "history": self.pruning.history,
-                    "calib": torch.cat(CALIB_INPUTS)}, self.out / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {
+                "masks": self.pruning.masks,
+                "weights": weights,
+                "history": self.pruning.history,
+                "calib": torch.cat(CALIB_INPUTS),
+            },
+            self.out / f"rank{trainer.global_rank}.pt",
+        )
 
 
 @pytest.mark.slow
@@ -251,11 +279,19 @@ def test_ddp_two_cpu_processes_hold_identical_masks(tmp_path):
     a second for ``ddp_fork``). The callback is still checked to pickle, as ``ddp_spawn`` needs. The loader has
     no torch.Generator (one does not pickle to a spawned process in this sandbox: shared-fd storage); Lightning
     swaps in a DistributedSampler, which shuffles each rank's shard anyway."""
-    pruning = PruningCallback(method="wanda", sparsity=0.625, schedule="cubic", end_step=4, every_n_steps=2,
-                              calib_batches=2, forward_fn=record_forward)
+    pruning = PruningCallback(
+        method="wanda",
+        sparsity=0.625,
+        schedule="cubic",
+        end_step=4,
+        every_n_steps=2,
+        calib_batches=2,
+        forward_fn=record_forward,
+    )
     assert isinstance(pickle.loads(pickle.dumps(pruning)), PruningCallback)
     trainer(6, [pruning, RankDump(pruning, tmp_path)], strategy="ddp_fork", devices=2).fit(
-        TinyMLP(), loader(shuffle=False))
+        TinyMLP(), loader(shuffle=False)
+    )
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert set(r0["masks"]) == {"0", "2"}
     assert all(torch.equal(r0["masks"][n], r1["masks"][n]) for n in r0["masks"])
@@ -270,6 +306,7 @@ def test_ddp_two_cpu_processes_hold_identical_masks(tmp_path):
 def _stats_worker(rank: int, world: int, init: str, out: str) -> None:
     """One rank: statistics of a Linear on its own shard, summed over ranks, saved by rank 0."""
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         layer = nn.Linear(6, 3)
@@ -290,9 +327,11 @@ def test_ddp_statistics_equal_one_process_over_both_shards(tmp_path):
     """Defect 1: DSnoT's column sums were not summed over ranks (only sq_sum and the counts were). Rank 0's
     statistics after the all-reduce must equal one process collecting over both shards."""
     import torch.multiprocessing as mp
+
     out = tmp_path / "rank0.pt"
-    mp.start_processes(_stats_worker, args=(2, f"file://{tmp_path / 'store'}", str(out)), nprocs=2, join=True,
-                       start_method="fork")  # spawn re-imports torch in each process: seconds, not milliseconds
+    mp.start_processes(
+        _stats_worker, args=(2, f"file://{tmp_path / 'store'}", str(out)), nprocs=2, join=True, start_method="fork"
+    )  # spawn re-imports torch in each process: seconds, not milliseconds
     got = torch.load(out, weights_only=True)
     layer = nn.Linear(6, 3)
     with collect({"fc": layer}) as stats:

@@ -1,4 +1,5 @@
 """Keep masks and the one bit packing (shared by the compact format and the Lightning callback's state)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.masks import apply_masks, mask_gradients, masks_from_weights, pack_mask, packbits, unpack_mask, \
-    unpackbits
+from prunekit.masks import apply_masks, mask_gradients, masks_from_weights, pack_mask, packbits, unpack_mask, unpackbits
 
 
 @pytest.mark.parametrize("count", [1, 7, 8, 83])
@@ -21,6 +21,7 @@ def test_packbits_is_numpys_bit_order_and_inverts(count):
 def test_callback_state_and_compact_format_share_the_packing():
     """Defect 13: the callback packed LSB-first, the compact format MSB-first; one packing now."""
     from prunekit.io import compact
+
     mask = torch.rand(5, 9, generator=torch.Generator().manual_seed(1)) > 0.3
     packed = pack_mask(mask)
     assert torch.equal(packed["bits"], compact.packbits(mask)) and packed["shape"] == [5, 9]

@@ -1,12 +1,12 @@
 """Jobs behind the CLI: structured methods through fine-tuning, evaluation on the compute device, every
 format prunekit writes read back, and errors as one line."""
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 
-import pytest
 import torch
 import yaml
 from torch import nn
@@ -21,11 +21,23 @@ from tests.test_cli import _prune_args, checkpoint  # noqa: F401  (the module-sc
 def test_finetune_with_a_structured_method_runs_to_the_end(checkpoint, tmp_path):  # noqa: F811
     """Defect 7: the one-shot structured prune ran, then fit failed with "unknown method 'depth'"."""
     from prunekit.finetune import run_finetune_recipe
+
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": str(checkpoint / "model"), "method": "depth", "sparsity": 0.5,
-        "calib_data": str(checkpoint / "train.txt"), "nsamples": 4, "seqlen": 32, "max_steps": 2,
-        "train_batch_size": 2, "out": str(tmp_path / "out")}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(checkpoint / "model"),
+                "method": "depth",
+                "sparsity": 0.5,
+                "calib_data": str(checkpoint / "train.txt"),
+                "nsamples": 4,
+                "seqlen": 32,
+                "max_steps": 2,
+                "train_batch_size": 2,
+                "out": str(tmp_path / "out"),
+            }
+        )
+    )
     report = run_finetune_recipe(recipe)
     assert report["task"] == "causal-lm" and (tmp_path / "out" / "finetune_report.json").exists()
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -86,9 +98,28 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
 
 def test_structured_run_prints_what_was_removed(checkpoint, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "depth"
-    assert main(["prune", "--model", str(checkpoint / "model"), "--method", "depth", "--sparsity", "0.5",
-                 "--calib-data", str(checkpoint / "train.txt"), "--nsamples", "4", "--seqlen", "32",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(checkpoint / "model"),
+                "--method",
+                "depth",
+                "--sparsity",
+                "0.5",
+                "--calib-data",
+                str(checkpoint / "train.txt"),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "removed 50.0% of the block parameters" in text and "params before" in text
     assert "overall sparsity" not in text
@@ -101,8 +132,7 @@ def test_eval_reads_the_compact_format(checkpoint, tmp_path, capsys):  # noqa: F
     capsys.readouterr()
     results = []
     for out in (dense, compact):
-        assert main(["eval", "ppl", "--model", str(out), "--data", str(checkpoint / "test.txt"), "--seqlen",
-                     "32"]) == 0
+        assert main(["eval", "ppl", "--model", str(out), "--data", str(checkpoint / "test.txt"), "--seqlen", "32"]) == 0
         results.append(capsys.readouterr().out)
     assert results[0] == results[1] and results[0].startswith("perplexity ")
     again = tmp_path / "again"  # every command reads what prunekit writes: prune a compact output again
@@ -123,13 +153,13 @@ def test_offload_activations_works_without_lazy(checkpoint, tmp_path):  # noqa: 
     assert main(_prune_args(checkpoint, a)) == 0
     assert main(_prune_args(checkpoint, b, "--offload-activations", "disk")) == 0
     from safetensors.torch import load_file
+
     first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_version_and_help_do_not_import_torch():
-    code = ("import sys; from prunekit.cli import build_parser; build_parser(); "
-            "print('torch' in sys.modules)")
+    code = "import sys; from prunekit.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     version = subprocess.run([sys.executable, "-m", "prunekit.cli", "--version"], capture_output=True, text=True)

@@ -1,5 +1,6 @@
 """The README's quick start runs as pasted on a fresh clone: its bash and Python blocks are extracted and run in a
 temporary copy of the package (no ../shared, no network)."""
+
 import json
 import os
 import re
@@ -40,8 +41,14 @@ def fresh_clone(tmp: Path) -> Path:
 
 
 def run(args: list[str], cwd: Path) -> str:
-    env = dict(os.environ, PYTHONPATH=str(cwd), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(cwd),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TQDM_DISABLE="1",
+    )
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, f"{args[:2]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
@@ -86,6 +93,7 @@ def test_readme_methods_table_lists_every_registered_name_with_its_defaults():
     from prunekit.allocate import ALLOCATORS
     from prunekit.methods import METHODS, UPDATES
     from prunekit.structured import STRUCTURED
+
     registries = {"method": METHODS, "update": UPDATES, "allocation": ALLOCATORS, "structured": STRUCTURED}
     rows = methods_table((ROOT / "README.md").read_text(encoding="utf-8"))
     listed = {(kind, name) for kind, reg in registries.items() for name in reg.names() if name != "uniform"}
@@ -96,5 +104,6 @@ def test_readme_methods_table_lists_every_registered_name_with_its_defaults():
             assert param in fields, f"{name} has no parameter {param}"
             default = text.split(";")[0].strip("` ")
             if not default.startswith("="):  # "(= sparsity)": the default follows another setting
-                assert yaml.safe_load(default) == fields[param].default, f"{name}.{param} defaults to " \
-                                                                         f"{fields[param].default!r}, not {text}"
+                assert yaml.safe_load(default) == fields[param].default, (
+                    f"{name}.{param} defaults to {fields[param].default!r}, not {text}"
+                )

@@ -1,6 +1,7 @@
 """Every recipe in recipes/ runs as shipped, with its own command, from a copy of the repository that has only
 the package and the recipes (no ../shared/fixtures beside it), offline; its output appears, and what it prints
 has no line twice in a row and no advert."""
+
 from __future__ import annotations
 
 import os
@@ -43,9 +44,14 @@ def test_recipes_use_only_shipped_files_and_write_apart():
         assert sum(line.startswith("# Real data:") for line in text.splitlines()) == 1, recipe.name
         data = yaml.safe_load(text)
         sections = [data, data.get("model") or {}, data.get("data") or {}]
-        paths = [v for s in sections if isinstance(s, dict) for k, v in s.items()
-                 if k in ("model", "source", "calib_data", "train_data", "eval_data", "val_data", "path")
-                 and isinstance(v, str)]
+        paths = [
+            v
+            for s in sections
+            if isinstance(s, dict)
+            for k, v in s.items()
+            if k in ("model", "source", "calib_data", "train_data", "eval_data", "val_data", "path")
+            and isinstance(v, str)
+        ]
         for path in paths:
             assert (ROOT / path.removeprefix("local-dir:")).exists(), (recipe.name, path)
     outs = [outputs(r) for r in RECIPES]
@@ -75,11 +81,22 @@ def fresh_clone(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_runs_as_shipped(recipe, fresh_clone):
     args, out = command(recipe)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": str(fresh_clone)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": str(fresh_clone),
+    }
     start, cpu = time.perf_counter(), _children_cpu()
-    run = subprocess.run([sys.executable, "-m", "prunekit.cli", *args], cwd=fresh_clone, env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "prunekit.cli", *args],
+        cwd=fresh_clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu
     assert run.returncode == 0, f"{' '.join(args)} failed after {seconds:.0f}s:\n{run.stderr[-3000:]}"
     assert (fresh_clone / out).exists()

@@ -2,21 +2,49 @@ import json
 
 import pytest
 
-from prunekit.errors import PrunekitError
 import prunekit
-from prunekit.report import (build_report, flat_metrics, load_runs, measured_sparsity, pivot_table, run_label,
-                             run_setting, runs_from_cells, runs_table)
+from prunekit.errors import PrunekitError
+from prunekit.report import (
+    build_report,
+    flat_metrics,
+    load_runs,
+    measured_sparsity,
+    pivot_table,
+    run_label,
+    run_setting,
+    runs_from_cells,
+    runs_table,
+)
 from tests.conftest import tiny_llama
 
 
-def _run(method="wanda", sparsity=0.5, pattern=None, update=None, allocation="uniform", ppl=50.0, total_s=1.0,
-         layer_sparsity=(0.5, 0.5)):
-    layers = {f"model.layers.{i}.mlp.down_proj": {"sparsity": s, "numel": 64, "target": s}
-              for i, s in enumerate(layer_sparsity)}
-    return {"settings": {"method": method, "sparsity": sparsity, "pattern": pattern, "update": update,
-                         "allocation": allocation},
-            "layers": layers, "sparsity": sparsity, "timings": {"total_s": total_s},
-            "metrics": {"ppl_dense": 46.6, "ppl": ppl, "eval_seqlen": 256}}
+def _run(
+    method="wanda",
+    sparsity=0.5,
+    pattern=None,
+    update=None,
+    allocation="uniform",
+    ppl=50.0,
+    total_s=1.0,
+    layer_sparsity=(0.5, 0.5),
+):
+    layers = {
+        f"model.layers.{i}.mlp.down_proj": {"sparsity": s, "numel": 64, "target": s}
+        for i, s in enumerate(layer_sparsity)
+    }
+    return {
+        "settings": {
+            "method": method,
+            "sparsity": sparsity,
+            "pattern": pattern,
+            "update": update,
+            "allocation": allocation,
+        },
+        "layers": layers,
+        "sparsity": sparsity,
+        "timings": {"total_s": total_s},
+        "metrics": {"ppl_dense": 46.6, "ppl": ppl, "eval_seqlen": 256},
+    }
 
 
 def _write(dir_, run):
@@ -34,8 +62,12 @@ def test_labels_settings_and_metrics():
 
 
 def test_tables_hold_every_run():
-    runs = [_run(sparsity=0.5, ppl=48.0), _run(sparsity=0.7, ppl=57.125), _run(method="ria", ppl=47.5),
-            _run(pattern="2:4", ppl=49.5)]
+    runs = [
+        _run(sparsity=0.5, ppl=48.0),
+        _run(sparsity=0.7, ppl=57.125),
+        _run(method="ria", ppl=47.5),
+        _run(pattern="2:4", ppl=49.5),
+    ]
     pivot = pivot_table(runs, "ppl")
     assert pivot.splitlines()[0] == "| ppl | wanda | ria |"
     assert "| 50% | 48.00 | 47.50 |" in pivot and "| 70% | 57.12 | – |" in pivot and "| 2:4 | 49.50 | – |" in pivot
@@ -43,9 +75,17 @@ def test_tables_hold_every_run():
 
 
 def test_build_report_writes_table_and_plots(tmp_path):
-    dirs = [_write(tmp_path / f"run{i}", r) for i, r in enumerate(
-        [_run(sparsity=0.5, ppl=48.0, total_s=2.0), _run(sparsity=0.7, ppl=57.0),
-         _run(allocation="owl", ppl=47.0, layer_sparsity=(0.42, 0.58)), _run(pattern="2:4", ppl=49.5)])]
+    dirs = [
+        _write(tmp_path / f"run{i}", r)
+        for i, r in enumerate(
+            [
+                _run(sparsity=0.5, ppl=48.0, total_s=2.0),
+                _run(sparsity=0.7, ppl=57.0),
+                _run(allocation="owl", ppl=47.0, layer_sparsity=(0.42, 0.58)),
+                _run(pattern="2:4", ppl=49.5),
+            ]
+        )
+    ]
     many = tmp_path / "more.json"  # a benchmark file holding several runs
     many.write_text(json.dumps({"runs": [_run(method="ria", sparsity=s, ppl=45 + 10 * s) for s in (0.5, 0.7)]}))
     files = build_report(dirs + [many], tmp_path / "out", title="kjv")
@@ -72,8 +112,13 @@ def test_load_runs_errors(tmp_path):
 
 
 def test_benchmark_cell_summaries_are_read_as_runs(tmp_path):
-    summary = {"dense_ppl": 46.6, "cells": {"sparsegpt@0.5": {"ppl": 46.8, "sparsity": 0.5, "prune_s": 3.0},
-                                            "wanda+admm@2:4": {"ppl": 46.78, "sparsity": 0.5, "prune_s": 4.0}}}
+    summary = {
+        "dense_ppl": 46.6,
+        "cells": {
+            "sparsegpt@0.5": {"ppl": 46.8, "sparsity": 0.5, "prune_s": 3.0},
+            "wanda+admm@2:4": {"ppl": 46.78, "sparsity": 0.5, "prune_s": 4.0},
+        },
+    }
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     runs = load_runs([tmp_path / "summary.json"])
     assert [(run_label(r), run_setting(r)) for r in runs] == [("sparsegpt", "50%"), ("wanda+admm", "2:4")]
@@ -103,8 +148,9 @@ def test_run_directories_pick_up_eval_results_saved_beside_the_report(tmp_path):
 
 def test_nm_runs_are_as_sparse_as_their_pattern():
     """Defect 10: N:M keeps N of every M weights, so a 1:4 run is 75% sparse, not 50%; a measured sparsity wins."""
-    runs = runs_from_cells({"wanda@1:4": {"ppl": 60.0}, "wanda@2:4": {"ppl": 50.0},
-                            "sparsegpt@1:4": {"ppl": 55.0, "sparsity": 0.7493}})
+    runs = runs_from_cells(
+        {"wanda@1:4": {"ppl": 60.0}, "wanda@2:4": {"ppl": 50.0}, "sparsegpt@1:4": {"ppl": 55.0, "sparsity": 0.7493}}
+    )
     assert [r["settings"]["sparsity"] for r in runs] == [0.75, 0.5, 0.75]
     assert [measured_sparsity(r) for r in runs] == [0.75, 0.5, 0.7493]
     assert "| wanda | 1:4 | 75.00% |" in runs_table(runs)

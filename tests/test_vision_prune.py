@@ -1,6 +1,7 @@
 """Pruning timm classifiers: default layer selection (Linear + 1x1 conv inside the stages/blocks, stem and
 head dense), exact per-layer counts, conv layers on request, and sequential calibration through ConvNeXt
 stages / ViT blocks matching the Wanda paper's image protocol."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,24 +10,37 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.graph import find_blocks, select_layers, weight_matrix
-from prunekit.graph import is_vision_model
+from prunekit.graph import find_blocks, is_vision_model, select_layers, weight_matrix
 from tests.conftest import fixture_path
 
 
 def tiny_convnext(conv_mlp: bool = True, num_classes: int = 10, seed: int = 0) -> nn.Module:
     """convnext_atto's layout (1x1-conv MLPs when ``conv_mlp``, else Linear MLPs) with tiny widths, 32 px."""
     torch.manual_seed(seed)
-    model = timm.create_model("convnext_atto", depths=(1, 1, 2, 1), dims=(8, 16, 16, 24), conv_mlp=conv_mlp,
-                              num_classes=num_classes, pretrained=False)
+    model = timm.create_model(
+        "convnext_atto",
+        depths=(1, 1, 2, 1),
+        dims=(8, 16, 16, 24),
+        conv_mlp=conv_mlp,
+        num_classes=num_classes,
+        pretrained=False,
+    )
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 32, 32), crop_pct=1.0, test_input_size=None)
     return model.eval()
 
 
 def tiny_vit(num_classes: int = 10, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=2, embed_dim=32,
-                              num_heads=2, num_classes=num_classes, pretrained=False)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=16,
+        patch_size=4,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=num_classes,
+        pretrained=False,
+    )
     return model.eval()
 
 
@@ -67,8 +81,9 @@ def test_conv_layer_type_adds_depthwise_and_downsample_but_keeps_stem_and_head_d
     assert "stem.0" in select_layers(model, include=["stem.0"])
 
 
-@pytest.mark.parametrize("make, size", [(lambda: tiny_convnext(True), 32), (lambda: tiny_convnext(False), 32),
-                                        (tiny_vit, 16)])
+@pytest.mark.parametrize(
+    "make, size", [(lambda: tiny_convnext(True), 32), (lambda: tiny_convnext(False), 32), (tiny_vit, 16)]
+)
 def test_wanda_per_layer_exact_counts_and_other_layers_untouched(make, size):
     model = make()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -103,12 +118,14 @@ def _reference_wanda(model: nn.Module, blocks: list[dict[str, nn.Module]], batch
     for layers in blocks:
         sq = {n: 0.0 for n in layers}
 
-        def hook(name):
+        def hook(name, sq=sq):
             def fn(module, args, out):
                 x = args[0].float()
                 x = x.transpose(1, -1) if isinstance(module, nn.Conv2d) else x  # channels last
                 sq[name] = sq[name] + x.reshape(-1, x.shape[-1]).square().sum(0)
+
             return fn
+
         handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
         with torch.no_grad():
             for b in batches:
@@ -139,6 +156,7 @@ def test_sequential_engine_matches_the_published_unit_by_unit_protocol(make, siz
 
 def test_vision_models_are_detected_and_llms_are_not():
     from tests.conftest import tiny_llama
+
     assert is_vision_model(tiny_convnext()) and is_vision_model(tiny_vit())
     assert is_vision_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2)))
     assert not is_vision_model(tiny_llama())
@@ -154,6 +172,7 @@ def test_digits_convnext_wanda_per_layer_keeps_accuracy():
     from prunekit.data.images import data_config, image_calibration, image_dataset, image_transform
     from prunekit.eval.image import evaluate_image
     from prunekit.io.timm import load_vision_model
+
     model = load_vision_model(f"local-dir:{fixture_path('convnext-digits')}")
     val = image_dataset(fixture_path("digits", "val"), image_transform(data_config(model)))
     val = Subset(val, range(0, len(val), 3))
@@ -174,12 +193,15 @@ def test_user_flow_local_dir_model_and_image_folders(tmp_path):
     from prunekit.eval.image import evaluate_image
     from prunekit.io import atomic_dir
     from prunekit.io.timm import load_vision_model, save_vision_model
+
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for c in range(3):
             (tmp_path / split / f"c{c}").mkdir(parents=True)
             for i in range(3):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / split / f"c{c}" / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / split / f"c{c}" / f"{i}.png"
+                )
     save_vision_model(tiny_convnext(num_classes=3), tmp_path / "dense")
     model = load_vision_model(f"local-dir:{tmp_path / 'dense'}")
     assert is_vision_model(model)
@@ -188,7 +210,10 @@ def test_user_flow_local_dir_model_and_image_folders(tmp_path):
     with atomic_dir(tmp_path / "out") as tmp:
         save_vision_model(model, tmp)
     direct = evaluate_image(model, tmp_path / "val", batch_size=4, progress=False, accelerator="cpu")
-    reloaded = evaluate_image(load_vision_model(tmp_path / "out"), tmp_path / "val", batch_size=5, progress=False,
-                              accelerator="cpu")
+    reloaded = evaluate_image(
+        load_vision_model(tmp_path / "out"), tmp_path / "val", batch_size=5, progress=False, accelerator="cpu"
+    )
     assert reloaded["images"] == 9 and reloaded["top1"] == direct["top1"] and "top5" not in reloaded
-    assert reloaded["loss"] == pytest.approx(direct["loss"], rel=1e-5) and report.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert reloaded["loss"] == pytest.approx(direct["loss"], rel=1e-5) and report.sparsity == pytest.approx(
+        0.5, abs=1e-3
+    )

@@ -1,4 +1,5 @@
 """Calibration and evaluation data."""
+
 from .calib import calibration_batches
 from .text import load_text, random_windows, tokenize
 

@@ -1,4 +1,5 @@
 """Turn whatever the user calls calibration data into a list of model-input batches."""
+
 from __future__ import annotations
 
 import os
@@ -11,13 +12,15 @@ from ..errors import PrunekitError
 from .text import load_text, random_windows, tokenize
 
 
-def calibration_batches(calib: Any, tokenizer: Any = None, nsamples: int = 128, seqlen: int = 2048,
-                        seed: int = 0, batch_size: int = 8) -> list[Any]:
+def calibration_batches(
+    calib: Any, tokenizer: Any = None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0, batch_size: int = 8
+) -> list[Any]:
     """Batches for the engine from: a LongTensor ``[nsamples, seqlen]``, an iterable / DataLoader of
     batches (tensors, tuples or dicts of model inputs), or a text path / dataset name (needs ``tokenizer``)."""
     if calib is None:
-        raise PrunekitError("this method needs calibration data: pass calib= (token tensor, batches or a text "
-                         "path) or --calib-data")
+        raise PrunekitError(
+            "this method needs calibration data: pass calib= (token tensor, batches or a text path) or --calib-data"
+        )
     if isinstance(calib, (str, os.PathLike)):
         if tokenizer is None:
             raise PrunekitError("calibration from text needs a tokenizer (tokenizer=...)")

@@ -3,6 +3,7 @@
 An ImageFolder tree (``ROOT/<class>/<image>``) maps the sorted class-folder names to indices 0..C-1; for
 ImageNet-1k the sorted synset folders (``n01440764`` ...) are exactly timm's class-index order.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,8 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from tqdm.auto import tqdm
 
 from ..errors import PrunekitError
 
@@ -38,6 +39,7 @@ class BadImageError(PrunekitError):
 def read_image(path: str) -> Any:
     """torchvision's PIL loader (RGB), with an unreadable file as one line naming it."""
     from PIL import Image
+
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
@@ -52,11 +54,13 @@ class CheckedImages(Dataset):
 
     def __init__(self, root: Path, transform: Callable | None = None, skip_bad_images: bool = False):
         from torchvision.datasets import ImageFolder
+
         try:
             self.folder = ImageFolder(str(root), transform=transform, loader=read_image)
         except FileNotFoundError as err:  # no class folders, or no image files in them
-            raise PrunekitError(f"image data {str(root)!r}: {err}; give an ImageFolder tree "
-                                "(ROOT/<class>/<image files>)") from None
+            raise PrunekitError(
+                f"image data {str(root)!r}: {err}; give an ImageFolder tree (ROOT/<class>/<image files>)"
+            ) from None
         self.skip_bad_images = skip_bad_images
         self.root, self.transform = self.folder.root, transform
         self.classes, self.class_to_idx = self.folder.classes, self.folder.class_to_idx
@@ -78,12 +82,14 @@ class CheckedImages(Dataset):
 def data_config(model: nn.Module) -> dict[str, Any]:
     """The model's own eval preprocessing (input size, resize/crop, interpolation, mean/std), from timm."""
     from timm.data import resolve_data_config
+
     return resolve_data_config(model=model)
 
 
 def image_transform(config: dict[str, Any], is_training: bool = False) -> Callable:
     """timm's transform for a data config: resize + centre crop + normalise (eval) or its train augmentation."""
     from timm.data import create_transform
+
     return create_transform(**config, is_training=is_training)
 
 
@@ -96,8 +102,10 @@ def image_dataset(data: ImageData, transform: Callable | None = None, skip_bad_i
         return data
     path = Path(os.path.expanduser(str(data)))
     if not path.is_dir():
-        raise PrunekitError(f"image data {str(data)!r} is not a directory; give an ImageFolder tree "
-                            "(ROOT/<class>/<image files>), e.g. /data/imagenet/val")
+        raise PrunekitError(
+            f"image data {str(data)!r} is not a directory; give an ImageFolder tree "
+            "(ROOT/<class>/<image files>), e.g. /data/imagenet/val"
+        )
     return CheckedImages(path, transform, skip_bad_images)
 
 
@@ -106,8 +114,10 @@ def sample_indices(n: int, nsamples: int, seed: int = 0) -> torch.Tensor:
     if nsamples < 1:
         raise PrunekitError(f"nsamples must be positive, got {nsamples}")
     if nsamples > n:
-        raise PrunekitError(f"asked for {nsamples} calibration images but the data holds only {n}; "
-                         "lower --nsamples or give a larger image folder")
+        raise PrunekitError(
+            f"asked for {nsamples} calibration images but the data holds only {n}; "
+            "lower --nsamples or give a larger image folder"
+        )
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:nsamples]
 
 
@@ -134,22 +144,42 @@ def collate_labeled(items: Sequence[Any]) -> Any:
     return default_collate(kept) if kept else None
 
 
-def image_calibration(model: nn.Module, data: ImageData, nsamples: int = 128, batch_size: int = 32,
-                      seed: int = 0, num_workers: int = 0, skip_bad_images: bool = False) -> list[torch.Tensor]:
+def image_calibration(
+    model: nn.Module,
+    data: ImageData,
+    nsamples: int = 128,
+    batch_size: int = 32,
+    seed: int = 0,
+    num_workers: int = 0,
+    skip_bad_images: bool = False,
+) -> list[torch.Tensor]:
     """A seeded sample of ``nsamples`` images, preprocessed for ``model``, as a list of ``[B, C, H, W]``
     batches that ``prunekit.prune(model, ..., calib=batches)`` takes. An unreadable image fails naming
     it; with ``skip_bad_images`` it is left out of the sample and counted in a warning."""
     transform = image_transform(data_config(model))
     dataset = image_dataset(data, transform, skip_bad_images)
     indices = sample_indices(len(dataset), nsamples, seed)
-    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=functools.partial(collate_images, transform=transform))
-    batches = [batch for batch in tqdm(loader, desc="loading calibration images", unit="batch", leave=False)
-               if batch is not None]
+    loader = DataLoader(
+        Subset(dataset, indices.tolist()),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=functools.partial(collate_images, transform=transform),
+    )
+    batches = [
+        batch
+        for batch in tqdm(loader, desc="loading calibration images", unit="batch", leave=False)
+        if batch is not None
+    ]
     kept = sum(len(b) for b in batches)
     if kept < nsamples:
-        log.warning("skipped %d unreadable image(s) of the %d sampled from %s; calibrating on %d", nsamples - kept,
-                    nsamples, data, kept)
+        log.warning(
+            "skipped %d unreadable image(s) of the %d sampled from %s; calibrating on %d",
+            nsamples - kept,
+            nsamples,
+            data,
+            kept,
+        )
     if not batches:
         raise PrunekitError(f"none of the {nsamples} images sampled from {str(data)!r} could be read; check the folder")
     log.info("calibration: %d images in %d batches of shape %s", nsamples, len(batches), tuple(batches[0].shape[1:]))

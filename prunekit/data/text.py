@@ -1,4 +1,5 @@
 """Text for calibration and perplexity: local files, a `datasets` dataset, tokenised once."""
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,11 @@ def load_text(source: str | os.PathLike, split: str = "train", column: str = "te
     text = str(source)
     if not looks_local(text):
         return _dataset_text(_load_hub_dataset(text, split, what), column, source)
-    path = require_local(text, what, "give a .txt file, a data file (.json/.jsonl/.csv/.parquet), a saved dataset "
-                                     "directory or a datasets hub name")
+    path = require_local(
+        text,
+        what,
+        "give a .txt file, a data file (.json/.jsonl/.csv/.parquet), a saved dataset directory or a datasets hub name",
+    )
     if path.is_file() and path.suffix.lower() not in _DATASET_SUFFIXES:
         return read_utf8(path, what)
     return _dataset_text(_load_local_dataset(path, split, what), column, source)
@@ -39,29 +43,38 @@ def read_utf8(path: Path, what: str = "text data") -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise PrunekitError(f"{what} {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); convert it, "
-                            "e.g. iconv -f latin1 -t utf-8, or give a UTF-8 .txt file") from None
+        raise PrunekitError(
+            f"{what} {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); convert it, "
+            "e.g. iconv -f latin1 -t utf-8, or give a UTF-8 .txt file"
+        ) from None
     if "\0" in text:
-        raise PrunekitError(f"{what} {str(path)!r} is a binary file (it contains NUL bytes), not text; give a UTF-8 "
-                            ".txt file or a data file (.json/.jsonl/.csv/.parquet)")
+        raise PrunekitError(
+            f"{what} {str(path)!r} is a binary file (it contains NUL bytes), not text; give a UTF-8 "
+            ".txt file or a data file (.json/.jsonl/.csv/.parquet)"
+        )
     return text
 
 
 def _load_hub_dataset(name: str, split: str, what: str):
     """``datasets.load_dataset(name[:config])``, failing at once instead of retrying when it cannot work."""
     import datasets
+
     offline = paths.hub_offline(datasets=True)
     if not offline and not paths.hub_reachable():
-        raise PrunekitError(f"{what} {name!r} is not a local file, and the Hugging Face hub cannot be reached to "
-                            "download it (no network?); give a local file, or set HF_DATASETS_OFFLINE=1 to use a "
-                            "cached copy")
+        raise PrunekitError(
+            f"{what} {name!r} is not a local file, and the Hugging Face hub cannot be reached to "
+            "download it (no network?); give a local file, or set HF_DATASETS_OFFLINE=1 to use a "
+            "cached copy"
+        )
     dataset, _, config = name.partition(":")
     try:
         return datasets.load_dataset(dataset, config or None, split=split)
     except (ConnectionError, FileNotFoundError, ValueError) as err:
         where = "in the datasets cache (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set)" if offline else "on the hub"
-        raise PrunekitError(f"{what} {name!r} is neither a local file nor a dataset {where} "
-                            f"({_first_line(err)}); give an existing file, or check the name") from err
+        raise PrunekitError(
+            f"{what} {name!r} is neither a local file nor a dataset {where} "
+            f"({_first_line(err)}); give an existing file, or check the name"
+        ) from err
 
 
 def _first_line(err: BaseException) -> str:
@@ -70,14 +83,17 @@ def _first_line(err: BaseException) -> str:
 
 def _load_local_dataset(path: Path, split: str, what: str):
     import datasets
+
     if path.is_dir() and (path / "dataset_info.json").exists() or (path / "state.json").exists():
         ds = datasets.load_from_disk(str(path))
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
-            raise PrunekitError(f"{what} directory {str(path)!r} has no .txt files and is not a saved dataset; give "
-                                "a folder of .txt files, a saved dataset or a file")
+            raise PrunekitError(
+                f"{what} directory {str(path)!r} has no .txt files and is not a saved dataset; give "
+                "a folder of .txt files, a saved dataset or a file"
+            )
         for file in files:
             read_utf8(file, what)  # names the bad file; the datasets reader would not
         return datasets.load_dataset("text", data_files=[str(f) for f in files], split="train")
@@ -86,8 +102,10 @@ def _load_local_dataset(path: Path, split: str, what: str):
         return datasets.load_dataset(kind, data_files=str(path), split="train")
     except datasets.exceptions.DatasetGenerationError as err:
         cause = err.__cause__ or err
-        raise PrunekitError(f"{what} {str(path)!r} could not be read as {kind} ({_first_line(cause)}); check that it "
-                            f"is valid {kind}{' in UTF-8' if kind != 'parquet' else ''}") from err
+        raise PrunekitError(
+            f"{what} {str(path)!r} could not be read as {kind} ({_first_line(cause)}); check that it "
+            f"is valid {kind}{' in UTF-8' if kind != 'parquet' else ''}"
+        ) from err
 
 
 def _dataset_text(ds, column: str, source) -> str:
@@ -117,8 +135,10 @@ def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int =
         raise PrunekitError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
     n = tokens.numel()
     if n < nsamples * seqlen + 2:
-        raise PrunekitError(f"calibration text has {n} tokens, fewer than nsamples x seqlen = {nsamples} x {seqlen}"
-                         f" = {nsamples * seqlen}; give more text, or lower --nsamples / --seqlen")
+        raise PrunekitError(
+            f"calibration text has {n} tokens, fewer than nsamples x seqlen = {nsamples} x {seqlen}"
+            f" = {nsamples * seqlen}; give more text, or lower --nsamples / --seqlen"
+        )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seqlen - 1, (nsamples,), generator=gen)
-    return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])

@@ -10,12 +10,12 @@ Class order: an ImageFolder maps its sorted class-folder names to 0..C-1. For Im
 validation set must be in ImageNet layout (``val/<synset>/*.JPEG``, 1000 synset folders); the sorted
 synsets are timm's class-index order.
 """
+
 from __future__ import annotations
 
 import inspect
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..errors import PrunekitError
 from ..data.images import ImageData, collate_labeled, data_config, image_dataset, image_transform
+from ..errors import PrunekitError
 from ..io.atomic import write_json
 from ..io.timm import load_vision_model, num_classes_of
 
@@ -47,8 +47,14 @@ def accuracy_metrics(num_classes: int) -> MetricCollection:
 class ImageClassifier(L.LightningModule):
     """Any classifier as a LightningModule: evaluates top-1/top-5/loss, trains with cross-entropy + AdamW."""
 
-    def __init__(self, model: nn.Module, num_classes: int | None = None, lr: float = 1e-4,
-                 weight_decay: float = 0.05, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        label_smoothing: float = 0.0,
+    ):
         super().__init__()
         self.model = model
         self.num_classes = num_classes or num_classes_of(model)
@@ -92,8 +98,10 @@ class ImageClassifier(L.LightningModule):
 
     def _check_logits(self, logits: torch.Tensor) -> None:
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise PrunekitError(f"the model returned logits of shape {tuple(logits.shape)}, expected "
-                             f"[batch, {self.num_classes}]; is it a classifier with that many classes?")
+            raise PrunekitError(
+                f"the model returned logits of shape {tuple(logits.shape)}, expected "
+                f"[batch, {self.num_classes}]; is it a classifier with that many classes?"
+            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -104,24 +112,35 @@ def check_class_folders(dataset: Dataset, num_classes: int, where: str) -> None:
     """An ImageFolder must have one folder per model class, or labels would point at the wrong logits."""
     classes = getattr(dataset, "classes", None)
     if classes is not None and len(classes) != num_classes:
-        raise PrunekitError(f"the model predicts {num_classes} classes but {where} has {len(classes)} class "
-                         f"folders; ImageFolder numbers the sorted folder names 0..{len(classes) - 1}, which must be "
-                         "the model's class order (ImageNet-1k: the 1000 synset folders, as in val/n01440764/)")
+        raise PrunekitError(
+            f"the model predicts {num_classes} classes but {where} has {len(classes)} class "
+            f"folders; ImageFolder numbers the sorted folder names 0..{len(classes) - 1}, which must be "
+            "the model's class order (ImageNet-1k: the 1000 synset folders, as in val/n01440764/)"
+        )
 
 
 class ImageDataModule(L.LightningDataModule):
     """ImageFolder trees (or Datasets) with timm preprocessing: ``val`` for validate/test, ``train`` for fit."""
 
-    def __init__(self, val: ImageData | None = None, train: ImageData | None = None,
-                 data_config: dict[str, Any] | None = None, num_classes: int | None = None,
-                 batch_size: int = 64, num_workers: int = 0, train_augment: bool = True,
-                 skip_bad_images: bool = False):
+    def __init__(
+        self,
+        val: ImageData | None = None,
+        train: ImageData | None = None,
+        data_config: dict[str, Any] | None = None,
+        num_classes: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        train_augment: bool = True,
+        skip_bad_images: bool = False,
+    ):
         super().__init__()
         if val is None and train is None:
             raise PrunekitError("give val= (evaluation images) and/or train= (fine-tuning images)")
         if data_config is None:
-            raise PrunekitError("data_config is needed for preprocessing; build it with prunekit.data.images.data_config"
-                             "(model) or use ImageDataModule.for_model(model, ...)")
+            raise PrunekitError(
+                "data_config is needed for preprocessing; build it with prunekit.data.images.data_config"
+                "(model) or use ImageDataModule.for_model(model, ...)"
+            )
         self.val_data, self.train_data, self.config = val, train, data_config
         self.num_classes, self.batch_size, self.num_workers = num_classes, batch_size, num_workers
         self.train_augment, self.skip_bad_images = train_augment, skip_bad_images
@@ -129,7 +148,7 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
 
     @classmethod
-    def for_model(cls, model: nn.Module, **kwargs: Any) -> "ImageDataModule":
+    def for_model(cls, model: nn.Module, **kwargs: Any) -> ImageDataModule:
         """Preprocessing and class count taken from ``model`` (timm's data config / classifier head)."""
         kwargs.setdefault("num_classes", num_classes_of(model))
         return cls(data_config=data_config(model), **kwargs)
@@ -149,8 +168,13 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             raise PrunekitError("no training images: give ImageDataModule(train=...)")
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader()
@@ -161,8 +185,14 @@ class ImageDataModule(L.LightningDataModule):
     def _eval_loader(self) -> DataLoader:
         if self.val_set is None:
             raise PrunekitError("no evaluation images: give ImageDataModule(val=...)")
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          sampler=eval_sampler(self.val_set, self.trainer), collate_fn=collate_labeled)
+        return DataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            sampler=eval_sampler(self.val_set, self.trainer),
+            collate_fn=collate_labeled,
+        )
 
 
 def eval_sampler(dataset: Dataset, trainer: L.Trainer | None):
@@ -171,12 +201,19 @@ def eval_sampler(dataset: Dataset, trainer: L.Trainer | None):
     if trainer is None or trainer.world_size <= 1:
         return None
     from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-    return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                        shuffle=False)
+
+    return UnrepeatedDistributedSampler(
+        dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+    )
 
 
-EVAL_TRAINER_DEFAULTS = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
-                         "enable_model_summary": False}
+EVAL_TRAINER_DEFAULTS = {
+    "accelerator": "auto",
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+}
 
 
 def eval_trainer(**kwargs: Any) -> L.Trainer:
@@ -186,33 +223,51 @@ def eval_trainer(**kwargs: Any) -> L.Trainer:
 
 def _results(metrics: dict[str, Any], stage: str = "test") -> dict[str, float]:
     prefix = f"{stage}/"
-    out = {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+    out = {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
     out["images"] = int(out["images"])
     return out
 
 
-def evaluate_image(model: nn.Module, data: ImageData, batch_size: int = 64, num_workers: int = 0,
-                   accelerator: str = "auto", devices: int | str = 1, progress: bool = True,
-                   results: str | os.PathLike | None = None, skip_bad_images: bool = False,
-                   **trainer_kwargs: Any) -> dict[str, Any]:
+def evaluate_image(
+    model: nn.Module,
+    data: ImageData,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    progress: bool = True,
+    results: str | os.PathLike | None = None,
+    skip_bad_images: bool = False,
+    **trainer_kwargs: Any,
+) -> dict[str, Any]:
     """Top-1 / top-5 / mean cross-entropy of ``model`` on an ImageFolder (or Dataset) via ``trainer.test``.
 
     Returns ``{"top1", "top5" (>= 5 classes), "loss", "images", "num_classes", "data_config"}``, also
     written to ``results`` (JSON) when given. ``trainer_kwargs`` go to ``lightning.Trainer``.
     """
     module = ImageClassifier(model)
-    datamodule = ImageDataModule.for_model(model, val=data, batch_size=batch_size, num_workers=num_workers,
-                                           skip_bad_images=skip_bad_images)
+    datamodule = ImageDataModule.for_model(
+        model, val=data, batch_size=batch_size, num_workers=num_workers, skip_bad_images=skip_bad_images
+    )
     trainer = eval_trainer(accelerator=accelerator, devices=devices, enable_progress_bar=progress, **trainer_kwargs)
     described = type(data).__name__ if isinstance(data, Dataset) else str(data)
     return _run_test(trainer, module, datamodule, {"data": described}, results)
 
 
-def _run_test(trainer: L.Trainer, module: ImageClassifier, datamodule: ImageDataModule, extra: dict[str, Any],
-              results: str | os.PathLike | None) -> dict[str, Any]:
+def _run_test(
+    trainer: L.Trainer,
+    module: ImageClassifier,
+    datamodule: ImageDataModule,
+    extra: dict[str, Any],
+    results: str | os.PathLike | None,
+) -> dict[str, Any]:
     trainer.test(module, datamodule=datamodule, verbose=False)
-    out = {**_results(trainer.callback_metrics), "num_classes": module.num_classes,
-           "data_config": datamodule.config, **extra}
+    out = {
+        **_results(trainer.callback_metrics),
+        "num_classes": module.num_classes,
+        "data_config": datamodule.config,
+        **extra,
+    }
     log.info("image eval: top-1 %.4f over %d images", out["top1"], out["images"])
     if results is not None and trainer.is_global_zero:
         write_json(results, out)
@@ -226,14 +281,16 @@ MODEL_KEYS = {"source", "pretrained", "num_classes", "weights"}
 DATA_KEYS = {"path", "batch_size", "num_workers"}
 
 
-def load_eval_config(path: str | os.PathLike, sections: set[str],
-                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def load_eval_config(
+    path: str | os.PathLike, sections: set[str], overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A YAML mapping whose top-level keys must all be in ``sections`` (typos fail before any work).
 
     ``overrides`` (e.g. from CLI flags) are merged on top, one level deep: ``{"model": {"source": ...}}``
     replaces only ``model.source``.
     """
     from ..recipe import load_yaml
+
     config = load_yaml(path, "eval config")
     for key, value in (overrides or {}).items():
         config[key] = {**(config.get(key) or {}), **value} if isinstance(value, dict) else value
@@ -258,8 +315,9 @@ def check_trainer_keys(section: dict[str, Any] | None) -> dict[str, Any]:
     return check_keys(section, allowed, "trainer", set())
 
 
-def eval_sections(path: str | os.PathLike, overrides: dict[str, Any] | None, model_keys: set[str],
-                  data_keys: set[str]) -> tuple[dict, dict, dict, dict]:
+def eval_sections(
+    path: str | os.PathLike, overrides: dict[str, Any] | None, model_keys: set[str], data_keys: set[str]
+) -> tuple[dict, dict, dict, dict]:
     """A LightningCLI-style eval config: the whole mapping and its checked ``trainer:``, ``model:`` (needs
     ``source``) and ``data:`` (needs ``path``) sections; seeds everything when ``seed_everything`` is set."""
     config = load_eval_config(path, CONFIG_SECTIONS, overrides)

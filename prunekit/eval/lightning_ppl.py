@@ -6,6 +6,7 @@ same per-window summed NLL; the module sums NLL and predicted-token counts in fl
 ``exp(sum NLL / sum tokens)`` — never a mean of batch means, so batch size and device count do not
 change the number.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,25 +61,42 @@ class TokenWindowDataModule(L.LightningDataModule):
         self.batch_size = batch_size
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.windows, batch_size=self.batch_size, shuffle=False,
-                          sampler=eval_sampler(self.windows, self.trainer))
+        return DataLoader(
+            self.windows, batch_size=self.batch_size, shuffle=False, sampler=eval_sampler(self.windows, self.trainer)
+        )
 
 
-def lightning_perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 2048, batch_size: int = 8,
-                         max_windows: int | None = None, results: str | os.PathLike | None = None,
-                         **trainer_kwargs: Any) -> dict[str, float]:
+def lightning_perplexity(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    seqlen: int = 2048,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    results: str | os.PathLike | None = None,
+    **trainer_kwargs: Any,
+) -> dict[str, float]:
     """``trainer.test`` over the perplexity windows; ``{"ppl", "nll_sum", "tokens", "windows"}``."""
     datamodule = TokenWindowDataModule(tokens, seqlen, batch_size, max_windows)
     trainer = eval_trainer(**trainer_kwargs)
     return _run(trainer, model, datamodule, {"seqlen": seqlen}, results)
 
 
-def _run(trainer: L.Trainer, model: nn.Module, datamodule: TokenWindowDataModule, extra: dict[str, Any],
-         results: str | os.PathLike | None) -> dict[str, Any]:
+def _run(
+    trainer: L.Trainer,
+    model: nn.Module,
+    datamodule: TokenWindowDataModule,
+    extra: dict[str, Any],
+    results: str | os.PathLike | None,
+) -> dict[str, Any]:
     trainer.test(PerplexityModule(model), datamodule=datamodule, verbose=False)
     metrics = trainer.callback_metrics
-    out = {"ppl": float(metrics["test/ppl"]), "nll_sum": float(metrics["test/nll_sum"]),
-           "tokens": int(metrics["test/tokens"]), "windows": int(datamodule.windows.shape[0]), **extra}
+    out = {
+        "ppl": float(metrics["test/ppl"]),
+        "nll_sum": float(metrics["test/nll_sum"]),
+        "tokens": int(metrics["test/tokens"]),
+        "windows": int(datamodule.windows.shape[0]),
+        **extra,
+    }
     if not math.isfinite(out["ppl"]):
         log.warning("perplexity is not finite (%s): the model produced inf/NaN losses", out["ppl"])
     if results is not None and trainer.is_global_zero:
@@ -90,8 +108,9 @@ MODEL_KEYS = {"source", "dtype"}  # remote code only from the command line / Pyt
 DATA_KEYS = {"path", "tokenizer", "seqlen", "batch_size", "max_windows", "split", "column"}
 
 
-def run_ppl_eval_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
-                        trust_remote_code: bool = False) -> dict[str, Any]:
+def run_ppl_eval_config(
+    path: str | os.PathLike, overrides: dict[str, Any] | None = None, trust_remote_code: bool = False
+) -> dict[str, Any]:
     """Perplexity as a LightningCLI-style YAML says: ``trainer:`` (Trainer arguments), ``model:``
     (``source``, ``dtype``), ``data:`` (``path`` of the test text, ``seqlen``, ``batch_size``,
     ``tokenizer`` defaulting to the model, ``max_windows``), optional ``results:`` JSON path.
@@ -99,8 +118,12 @@ def run_ppl_eval_config(path: str | os.PathLike, overrides: dict[str, Any] | Non
     config, trainer_cfg, model_cfg, data_cfg = eval_sections(path, overrides, MODEL_KEYS, DATA_KEYS)
     tokenizer = load_tokenizer(data_cfg.get("tokenizer", model_cfg["source"]), trust_remote_code)
     text = load_text(data_cfg["path"], data_cfg.get("split", "test"), data_cfg.get("column", "text"))
-    datamodule = TokenWindowDataModule(tokenize(tokenizer, text), data_cfg.get("seqlen", 2048),
-                                       data_cfg.get("batch_size", 8), data_cfg.get("max_windows"))
+    datamodule = TokenWindowDataModule(
+        tokenize(tokenizer, text),
+        data_cfg.get("seqlen", 2048),
+        data_cfg.get("batch_size", 8),
+        data_cfg.get("max_windows"),
+    )
     model = load_causal_lm(**model_cfg, trust_remote_code=trust_remote_code)
     extra = {"model": str(model_cfg["source"]), "data": str(data_cfg["path"]), "seqlen": datamodule.windows.shape[1]}
     return _run(eval_trainer(**trainer_cfg), model, datamodule, extra, config.get("results"))

@@ -4,9 +4,8 @@
 Every window has the same length, so the mean token NLL equals the mean of per-window losses, which is
 what the Wanda/SparseGPT evaluation computes.
 """
+
 from __future__ import annotations
-from ..errors import PrunekitError
-from ..forward import eval_mode, model_device, on_device
 
 import math
 
@@ -14,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from ..errors import PrunekitError
+from ..forward import eval_mode, model_device, on_device
 
 
 def token_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
@@ -33,8 +35,13 @@ def window_nll(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 2048, batch_size: int = 8,
-               device: str | torch.device | None = None) -> float:
+def perplexity(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    seqlen: int = 2048,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> float:
     """Perplexity of ``model`` over the 1-D ``tokens`` in non-overlapping windows."""
     windows = token_windows(tokens, seqlen)
     device = torch.device(device) if device is not None else model_device(model)

@@ -5,9 +5,8 @@ is exactly what was pruned. Local task folders (YAML + data) are added with ``in
 requested task is found there, lm-eval's few thousand built-in task configs are not indexed at all
 (that alone takes seconds), which also keeps local evaluations off the network.
 """
+
 from __future__ import annotations
-from ..errors import PrunekitError
-from ..forward import eval_mode
 
 import logging
 import os
@@ -15,6 +14,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
+
+from ..errors import PrunekitError
+from ..forward import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
 def task_manager(tasks: list[str], include_path: str | os.PathLike | None = None):
     """A TaskManager that knows ``tasks``: the local folder alone when it has them all, else with lm-eval's own."""
     from lm_eval.tasks import TaskManager
+
     if include_path is not None:
         if not os.path.isdir(include_path):
             raise PrunekitError(f"task folder {str(include_path)!r} does not exist (--include-path)")
@@ -42,29 +45,43 @@ def task_manager(tasks: list[str], include_path: str | os.PathLike | None = None
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise PrunekitError(f"unknown lm-eval task(s) {unknown}; check the names (lm-eval --tasks list) or add the "
-                         "folder with their YAML files via include_path / --include-path")
+        raise PrunekitError(
+            f"unknown lm-eval task(s) {unknown}; check the names (lm-eval --tasks list) or add the "
+            "folder with their YAML files via include_path / --include-path"
+        )
     return manager
 
 
-def zeroshot(model: nn.Module, tokenizer: Any, tasks: str | Iterable[str], batch_size: int = 8,
-             limit: int | float | None = None, num_fewshot: int | None = None,
-             include_path: str | os.PathLike | None = None) -> dict[str, Any]:
+def zeroshot(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: str | Iterable[str],
+    batch_size: int = 8,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    include_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """Accuracy of ``model`` on lm-eval ``tasks``: ``{"tasks": {name: {metric: value, "n": docs}},
     "mean": {metric: mean over tasks}, "settings": {...}}``; metrics are ``acc`` / ``acc_norm``
     (with ``*_stderr``) where the task reports them. ``limit`` caps the documents per task."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+
     names = parse_tasks(tasks)
     manager = task_manager(names, include_path)
     with eval_mode(model):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=False)
-    per_task = {name: task_metrics(out["results"].get(name, {}), out.get("n-samples", {}).get(name))
-                for name in names}
-    settings = dict(tasks=names, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot,
-                    include_path=str(include_path) if include_path else None)
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False
+        )
+    per_task = {name: task_metrics(out["results"].get(name, {}), out.get("n-samples", {}).get(name)) for name in names}
+    settings = dict(
+        tasks=names,
+        batch_size=batch_size,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        include_path=str(include_path) if include_path else None,
+    )
     return {"tasks": per_task, "mean": mean_metrics(per_task), "settings": settings}
 
 

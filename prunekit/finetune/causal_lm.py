@@ -6,6 +6,7 @@ non-overlapping ``seqlen`` windows; training shuffles the windows with a seeded 
 ``{"input_ids": LongTensor[B, seqlen]}``, so ``PruningCallback``'s default calibration forward
 (``module(**batch)``) works on them unchanged.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import PrunekitError
 from ..data import load_text, tokenize
+from ..errors import PrunekitError
 from ..eval.perplexity import token_windows
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,16 @@ class TokenWindows(Dataset):
 class TextDataModule(L.LightningDataModule):
     """Train (and optional validation) windows from text files, a saved dataset or a hub dataset name."""
 
-    def __init__(self, tokenizer: Any, train: str | os.PathLike, val: str | os.PathLike | None = None,
-                 seqlen: int = 256, batch_size: int = 8, seed: int = 0, num_workers: int = 0):
+    def __init__(
+        self,
+        tokenizer: Any,
+        train: str | os.PathLike,
+        val: str | os.PathLike | None = None,
+        seqlen: int = 256,
+        batch_size: int = 8,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
         super().__init__()
         self.tokenizer, self.train_source, self.val_source = tokenizer, train, val
         self.seqlen, self.batch_size, self.seed, self.num_workers = seqlen, batch_size, seed, num_workers
@@ -61,8 +70,14 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=gen, num_workers=self.num_workers)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=gen,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
@@ -74,8 +89,15 @@ class CausalLMModule(L.LightningModule):
     """Next-token loss on ``input_ids``; AdamW over the trainable parameters (all, or only LoRA's), with a
     linear warm-up and cosine decay to ``min_lr_ratio * lr`` over ``trainer.max_steps``."""
 
-    def __init__(self, model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+    ):
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
@@ -107,8 +129,9 @@ class CausalLMModule(L.LightningModule):
             raise PrunekitError("the model has no trainable parameters; unfreeze some or add LoRA adapters")
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
         total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, self.warmup_steps, total,
-                                                                               self.min_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, self.warmup_steps, total, self.min_lr_ratio)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

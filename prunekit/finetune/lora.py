@@ -7,6 +7,7 @@ adapters also learn to use the pruned positions, and re-masking drops that part,
 worse than the adapted one. ``add_lora(..., masks=...)`` trains a masked delta instead (``dW * M`` in every
 forward pass), so the merged model is exactly the model that was trained.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,20 +25,30 @@ from ..masks import apply_masks, masks_from_weights
 log = logging.getLogger(__name__)
 
 
-def lora_targets(model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
-                 layer_types: Iterable[str] = ("linear",)) -> list[str]:
+def lora_targets(
+    model: nn.Module,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    layer_types: Iterable[str] = ("linear",),
+) -> list[str]:
     """The module-name suffixes peft should adapt: those of the layers prunekit prunes by default
     (``q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj`` on Llama; the head stays out)."""
     names = select_layers(model, include, exclude, layer_types)
     return sorted({name.rsplit(".", 1)[-1] for name in names})
 
 
-def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-             target_modules: Iterable[str] | None = None,
-             masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+def add_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    target_modules: Iterable[str] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """Wrap ``model`` in peft LoRA adapters (base weights frozen); targets default to ``lora_targets``.
     With ``masks`` (``keep_masks(model)``) the adapters train a masked delta (``mask_lora_deltas``)."""
     from peft import LoraConfig, get_peft_model
+
     targets = list(target_modules) if target_modules else lora_targets(model)
     if not targets:
         raise PrunekitError("no LoRA target modules: the model has no prunable Linear layers; pass target_modules")
@@ -56,8 +67,11 @@ def mask_lora_deltas(peft_model: nn.Module, masks: Mapping[str, torch.Tensor]) -
     """Keep every adapter's update off the pruned positions: each adapted layer outputs its LoRA result minus
     ``x (dW * ~M)^T``, i.e. ``base(x) + x (dW * M)^T``. One extra matmul per layer, and ``dW`` is formed."""
     layers = dict(peft_model.get_base_model().named_modules())
-    handles = [layers[name].register_forward_hook(_masked_delta_hook(~mask))
-               for name, mask in masks.items() if hasattr(layers.get(name), "get_delta_weight")]
+    handles = [
+        layers[name].register_forward_hook(_masked_delta_hook(~mask))
+        for name, mask in masks.items()
+        if hasattr(layers.get(name), "get_delta_weight")
+    ]
     if not handles:
         raise PrunekitError("no adapted layer has a mask: take the masks with keep_masks(model) before add_lora")
     return handles
@@ -69,6 +83,7 @@ def _masked_delta_hook(pruned: torch.Tensor):
             return output
         delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
         return output - F.linear(args[0], (delta * pruned).to(args[0].dtype))
+
     return hook
 
 
@@ -90,7 +105,9 @@ def merge_lora_keep_sparsity(peft_model: nn.Module, masks: Mapping[str, torch.Te
     layers = dict(merged.named_modules())
     missing = [n for n in masks if n not in layers]
     if missing:
-        raise PrunekitError(f"masks name layers the merged model does not have: {missing[:5]}; take the masks from "
-                       "the base model before wrapping it (keep_masks(model))")
+        raise PrunekitError(
+            f"masks name layers the merged model does not have: {missing[:5]}; take the masks from "
+            "the base model before wrapping it (keep_masks(model))"
+        )
     apply_masks({n: layers[n] for n in masks}, {n: m.to(layers[n].weight.device) for n, m in masks.items()})
     return merged

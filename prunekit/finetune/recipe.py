@@ -4,6 +4,7 @@
 ``calib_data``, block by block), then fine-tunes with the masks held (or with LoRA adapters merged back
 without losing a zero); ``schedule: cubic`` prunes gradually during fine-tuning with ``PruningCallback``.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,25 +23,25 @@ LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "masked"}
 class FinetuneRecipe(PruneRecipe):
     """``prunekit finetune``. ``batch_size``/``nsamples``/``seqlen`` are the calibration's, as in ``prune``."""
 
-    train_data: str | None = None         # text file / ImageFolder tree to fine-tune on (default: calib_data)
-    val_data: str | None = None           # optional validation during training (val loss / top-1)
-    schedule: str = "oneshot"             # oneshot: prune, then fine-tune; cubic: prune gradually while training
+    train_data: str | None = None  # text file / ImageFolder tree to fine-tune on (default: calib_data)
+    val_data: str | None = None  # optional validation during training (val loss / top-1)
+    schedule: str = "oneshot"  # oneshot: prune, then fine-tune; cubic: prune gradually while training
     start_step: int = 0
-    end_step: int | None = None           # cubic: the step the target sparsity is reached
+    end_step: int | None = None  # cubic: the step the target sparsity is reached
     every_n_steps: int = 100
     initial_sparsity: float = 0.0
-    calib_batches: int = 16               # cubic: training batches each re-scoring runs
-    lora: dict | None = None              # {r, alpha, dropout, target_modules, masked}: LoRA recovery (LLMs)
+    calib_batches: int = 16  # cubic: training batches each re-scoring runs
+    lora: dict | None = None  # {r, alpha, dropout, target_modules, masked}: LoRA recovery (LLMs)
     max_steps: int = 300
     train_batch_size: int = 8
-    train_seqlen: int | None = None       # LLM window length for training (default: seqlen)
+    train_seqlen: int | None = None  # LLM window length for training (default: seqlen)
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    precision: str = "32-true"            # Lightning precision, e.g. bf16-mixed
+    precision: str = "32-true"  # Lightning precision, e.g. bf16-mixed
     accumulate_grad_batches: int = 1
-    train_augment: bool = False           # images: timm's training augmentation instead of eval preprocessing
-    task: str | None = None               # causal-lm / image-classification; default: from the model source
+    train_augment: bool = False  # images: timm's training augmentation instead of eval preprocessing
+    task: str | None = None  # causal-lm / image-classification; default: from the model source
 
     @property
     def training_data(self) -> str:
@@ -60,13 +61,16 @@ def check_finetune(recipe: FinetuneRecipe) -> None:
     if recipe.lora is not None and recipe.schedule != "oneshot":
         raise PrunekitError("LoRA freezes the base weights, so they cannot be pruned gradually: use schedule: oneshot")
     if recipe.schedule == "cubic" and recipe.structured:
-        raise PrunekitError(f"structured method {recipe.method!r} changes shapes once, before training: use "
-                         "schedule: oneshot")
+        raise PrunekitError(
+            f"structured method {recipe.method!r} changes shapes once, before training: use schedule: oneshot"
+        )
     if recipe.schedule == "cubic" and recipe.allocation != "uniform":
         raise PrunekitError("the cubic schedule prunes every layer to the same sparsity; use allocation: uniform")
     if recipe.schedule == "cubic" and (recipe.end_step or 0) > recipe.max_steps:
-        raise PrunekitError(f"end_step {recipe.end_step} is after max_steps {recipe.max_steps}: the target sparsity "
-                         "would never be reached")
+        raise PrunekitError(
+            f"end_step {recipe.end_step} is after max_steps {recipe.max_steps}: the target sparsity "
+            "would never be reached"
+        )
     for key, path in (("train_data", recipe.training_data), ("val_data", recipe.val_data)):
         if path and looks_local(path):
             require_local(path, key, "give an existing text file, data file or ImageFolder tree")

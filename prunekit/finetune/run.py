@@ -1,5 +1,6 @@
 """``prunekit finetune``: load, evaluate, prune (one-shot) or not, fine-tune with Lightning, merge LoRA,
 evaluate again, save atomically (model, ``finetune_report.json``, the resolved ``recipe.yaml``)."""
+
 from __future__ import annotations
 
 import logging
@@ -10,8 +11,8 @@ from typing import Any
 import lightning.pytorch as L
 from torch import nn
 
-from ..errors import PrunekitError
 from ..api import layer_sparsity, versions
+from ..errors import PrunekitError
 from ..graph import select_layers
 from ..io import OutputClaim, save_causal_lm, write_json
 from ..io.timm import save_vision_model
@@ -74,27 +75,51 @@ def _prefixed(values: dict[str, float], stage: str) -> dict[str, float]:
 def pruning_callback(recipe: FinetuneRecipe) -> PruningCallback:
     """The callback a recipe asks for: hold the one-shot masks (``fixed``), or prune gradually (``cubic``)."""
     schedule = "fixed" if recipe.schedule == "oneshot" else recipe.schedule
-    return PruningCallback(recipe.as_config(), schedule=schedule, start_step=recipe.start_step,
-                           end_step=recipe.end_step, every_n_steps=recipe.every_n_steps,
-                           calib_batches=recipe.calib_batches, initial_sparsity=recipe.initial_sparsity)
+    return PruningCallback(
+        recipe.as_config(),
+        schedule=schedule,
+        start_step=recipe.start_step,
+        end_step=recipe.end_step,
+        every_n_steps=recipe.every_n_steps,
+        calib_batches=recipe.calib_batches,
+        initial_sparsity=recipe.initial_sparsity,
+    )
 
 
 def finetune_trainer(recipe: FinetuneRecipe, callbacks: list, **kwargs: Any) -> L.Trainer:
     """``max_steps`` of training, no checkpoints or logger files; validation 4 times when there is val_data."""
-    val = dict(val_check_interval=max(recipe.max_steps // 4, 1), check_val_every_n_epoch=None) \
-        if recipe.val_data else dict(limit_val_batches=0)
-    opts = dict(max_steps=recipe.max_steps, precision=recipe.precision, logger=False, enable_checkpointing=False,
-                accumulate_grad_batches=recipe.accumulate_grad_batches, num_sanity_val_steps=0,
-                enable_model_summary=False, **val)
+    val = (
+        dict(val_check_interval=max(recipe.max_steps // 4, 1), check_val_every_n_epoch=None)
+        if recipe.val_data
+        else dict(limit_val_batches=0)
+    )
+    opts = dict(
+        max_steps=recipe.max_steps,
+        precision=recipe.precision,
+        logger=False,
+        enable_checkpointing=False,
+        accumulate_grad_batches=recipe.accumulate_grad_batches,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        **val,
+    )
     return L.Trainer(callbacks=callbacks, **{**opts, **kwargs})
 
 
-def _finetune(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe, task: str, pruned: dict | None,
-              metrics: dict, cache: dict) -> tuple[nn.Module, list]:
+def _finetune(
+    model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe, task: str, pruned: dict | None, metrics: dict, cache: dict
+) -> tuple[nn.Module, list]:
     if task == "image-classification":
         return _finetune_image(model, recipe)
-    data = TextDataModule(tokenizer, recipe.training_data, recipe.val_data, recipe.train_seqlen or recipe.seqlen,
-                          recipe.train_batch_size, recipe.seed, recipe.num_workers or 0)
+    data = TextDataModule(
+        tokenizer,
+        recipe.training_data,
+        recipe.val_data,
+        recipe.train_seqlen or recipe.seqlen,
+        recipe.train_batch_size,
+        recipe.seed,
+        recipe.num_workers or 0,
+    )
     if recipe.lora is None:
         callback = pruning_callback(recipe)
         finetune_trainer(recipe, [callback]).fit(_lm_module(model, recipe), datamodule=data)
@@ -109,28 +134,44 @@ def _finetune(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe, task: st
 
 
 def _lm_module(model: nn.Module, recipe: FinetuneRecipe) -> CausalLMModule:
-    return CausalLMModule(model.train(), lr=recipe.lr, weight_decay=recipe.weight_decay,
-                          warmup_steps=recipe.warmup_steps)
+    return CausalLMModule(
+        model.train(), lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps
+    )
 
 
 def _finetune_image(model: nn.Module, recipe: FinetuneRecipe) -> tuple[nn.Module, list]:
     from ..eval.image import ImageClassifier, ImageDataModule
-    data = ImageDataModule.for_model(model, train=recipe.training_data, val=recipe.val_data,
-                                     batch_size=recipe.train_batch_size, num_workers=recipe.num_workers or 0,
-                                     train_augment=recipe.train_augment)
+
+    data = ImageDataModule.for_model(
+        model,
+        train=recipe.training_data,
+        val=recipe.val_data,
+        batch_size=recipe.train_batch_size,
+        num_workers=recipe.num_workers or 0,
+        train_augment=recipe.train_augment,
+    )
     callback = pruning_callback(recipe)
     module = ImageClassifier(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
     finetune_trainer(recipe, [callback]).fit(module, datamodule=data)
     return model.eval(), callback.history
 
 
-def _report(model: nn.Module, recipe: FinetuneRecipe, task: str, metrics: dict, history: list,
-            timings: dict, keys: list[str]) -> dict[str, Any]:
+def _report(
+    model: nn.Module, recipe: FinetuneRecipe, task: str, metrics: dict, history: list, timings: dict, keys: list[str]
+) -> dict[str, Any]:
     layers, overall = layer_sparsity(select_layers(model, recipe.include, recipe.exclude, recipe.layer_types))
     log.info("fine-tuned %s: sparsity %.4f, %s", task, overall, metrics)
-    return {"task": task, "settings": recipe_dict(recipe), "metrics": metrics, "sparsity": overall,
-            "layers": layers, "history": history, "timings": timings,
-            "state_dict_keys_unchanged": list(model.state_dict()) == keys, "versions": versions()}
+    return {
+        "task": task,
+        "settings": recipe_dict(recipe),
+        "metrics": metrics,
+        "sparsity": overall,
+        "layers": layers,
+        "history": history,
+        "timings": timings,
+        "state_dict_keys_unchanged": list(model.state_dict()) == keys,
+        "versions": versions(),
+    }
 
 
 def _save(model: nn.Module, tokenizer: Any, report: dict, recipe: FinetuneRecipe, claim: OutputClaim) -> None:

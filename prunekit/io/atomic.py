@@ -11,6 +11,7 @@ next run that claims the same ``out``.
 Liveness comes from ``flock`` (the kernel drops it when the holder dies, whatever happened to its pid);
 where the file system has no ``flock``, from the pid in the lock file.
 """
+
 from __future__ import annotations
 
 import errno
@@ -45,6 +46,7 @@ FRESH_LOCK_S = 10.0  # an empty lock file younger than this is a run writing its
 
 # ------------------------------------------------------------------ names next to the output
 
+
 def lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
@@ -75,6 +77,7 @@ def _identity(path: Path) -> tuple[int, int, int, bool] | None:
 
 # ------------------------------------------------------------------ who holds a lock
 
+
 @dataclass(frozen=True)
 class Holder:
     """The run named in a lock file."""
@@ -85,11 +88,11 @@ class Holder:
     command: str = ""
 
     @classmethod
-    def me(cls) -> "Holder":
+    def me(cls) -> Holder:
         return cls(os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S"), " ".join(sys.argv)[:500])
 
     @classmethod
-    def parse(cls, text: str) -> "Holder | None":
+    def parse(cls, text: str) -> Holder | None:
         try:
             data = json.loads(text)
             return cls(int(data["pid"]), str(data["host"]), str(data["started"]), str(data.get("command", "")))
@@ -117,6 +120,7 @@ def pid_alive(pid: int) -> bool:
 
 
 # ------------------------------------------------------------------ taking and releasing the lock
+
 
 def _flock(fd: int, wait: bool = False) -> bool | None:
     """Try an exclusive flock: True taken, False held by a live process, None when unsupported here."""
@@ -166,8 +170,10 @@ def _stale(fd: int, locked: bool | None) -> tuple[bool, Holder | None]:
 def _busy(out: Path, lock: Path, holder: Holder | None, name: str) -> PrunekitError:
     who = holder.describe() if holder else "a run that is starting now"
     gone = "" if holder is None or holder.host == socket.gethostname() else f"; if it is gone, delete {str(lock)!r}"
-    return PrunekitError(f"{name} {str(out)!r} is being written by another prunekit run ({who}); wait for it or "
-                         f"choose another {name}{gone}")
+    return PrunekitError(
+        f"{name} {str(out)!r} is being written by another prunekit run ({who}); wait for it or "
+        f"choose another {name}{gone}"
+    )
 
 
 def _create(lock: Path, me: Holder) -> int | None:
@@ -207,8 +213,11 @@ def _take_over(out: Path, lock: Path, me: Holder, name: str) -> int | None:
         stale, holder = _stale(fd, locked) if locked is not False else (False, Holder.parse(_read(fd)))
         if not stale:
             raise _busy(out, lock, holder, name)
-        log.warning("taking over the lock on %s from a prunekit run that is gone (%s)", out,
-                    holder.describe() if holder else "unnamed")
+        log.warning(
+            "taking over the lock on %s from a prunekit run that is gone (%s)",
+            out,
+            holder.describe() if holder else "unnamed",
+        )
         lock.unlink(missing_ok=True)  # while holding the old file's flock, so no third run can decide the same
         return _create(lock, me)
     finally:
@@ -225,6 +234,7 @@ def release_lock(out: Path, fd: int) -> None:
 
 
 # ------------------------------------------------------------------ the claim
+
 
 @dataclass
 class OutputClaim:
@@ -257,8 +267,10 @@ class OutputClaim:
         If ``out`` changed since the claim, keep ``tmp`` as a sibling and raise."""
         if _identity(self.out) != self.identity:
             kept = _keep(tmp, self.out)
-            raise PrunekitError(f"{self.name} {str(self.out)!r} was created or changed by something else while this "
-                                f"run held it; the new output is kept in {str(kept)!r}: move it where you want it")
+            raise PrunekitError(
+                f"{self.name} {str(self.out)!r} was created or changed by something else while this "
+                f"run held it; the new output is kept in {str(kept)!r}: move it where you want it"
+            )
         backup = None
         if self.identity is not None:
             backup = temp_path(self.out)  # a recognisable name: removed by a later run if we die right here
@@ -267,9 +279,10 @@ class OutputClaim:
             os.rename(tmp, self.out)
         except OSError as err:
             kept = _keep(tmp, self.out)
-            raise PrunekitError(f"could not move the new output into {str(self.out)!r} ({err.strerror}); it is "
-                                f"kept in {str(kept)!r}" + (f", the previous one in {str(_keep(backup, self.out))!r}"
-                                                            if backup else "")) from err
+            raise PrunekitError(
+                f"could not move the new output into {str(self.out)!r} ({err.strerror}); it is "
+                f"kept in {str(kept)!r}" + (f", the previous one in {str(_keep(backup, self.out))!r}" if backup else "")
+            ) from err
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
 
@@ -285,8 +298,10 @@ def _check_out_state(out: Path, overwrite: bool, name: str) -> None:
     if out.exists() and not out.is_dir():
         raise PrunekitError(f"{name} {str(out)!r} is a file; give a directory path for {name}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise PrunekitError(f"{name} {str(out)!r} is not empty; pass --overwrite (it is replaced at the end, "
-                            f"atomically) or choose another {name}")
+        raise PrunekitError(
+            f"{name} {str(out)!r} is not empty; pass --overwrite (it is replaced at the end, "
+            f"atomically) or choose another {name}"
+        )
 
 
 def _remove_stale_temps(out: Path) -> None:
@@ -299,8 +314,13 @@ def _remove_stale_temps(out: Path) -> None:
 
 
 @contextmanager
-def claim_output(out: PathLike, inputs: Mapping[str, PathLike | None] | None = None, overwrite: bool = False,
-                 expected_bytes: int | None = None, name: str = "--out") -> Iterator[OutputClaim]:
+def claim_output(
+    out: PathLike,
+    inputs: Mapping[str, PathLike | None] | None = None,
+    overwrite: bool = False,
+    expected_bytes: int | None = None,
+    name: str = "--out",
+) -> Iterator[OutputClaim]:
     """Claim output directory ``out`` for the length of the block, before any loading or work.
 
     Checks (``PrunekitError``): ``out`` overlaps no input (``inputs``: flag -> path, see ``check_paths``),
@@ -332,6 +352,7 @@ def check_output_dir(out: PathLike, inputs: list[PathLike] = (), overwrite: bool
 
 
 # ------------------------------------------------------------------ permissions and writing
+
 
 def _umask() -> int:
     mask = os.umask(0o022)  # the only portable way to read it is to set it, then restore it at once

@@ -18,6 +18,7 @@ Each shard is a safetensors file whose header metadata carries a small JSON tabl
 (``prunekit.compact``: format, shape and dtype of every tensor in that shard). Dense checkpoints are
 written in the layout ``from_pretrained`` reads (``model.safetensors`` or shards plus an index).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import PrunekitError
-from .atomic import claim_output, write_json
 from ..masks import packbits, unpackbits  # noqa: F401  (re-exported: the compact format's bit order)
+from .atomic import claim_output, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,29 @@ DENSE_NAME, COMPACT_NAME = "model.safetensors", "model.compact.safetensors"
 META_KEY = "prunekit.compact"
 FORMAT_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-    torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)}
+_DTYPE_NAMES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+    )
+}
 # 2:4 is preferred when a tensor has the pattern, unless the bitmask is this much smaller (far sparser).
 _PREFER_24 = 0.9
 
 
 # ---------------------------------------------------------------- sizes and side files
+
 
 def parse_size(size: int | str) -> int:
     """``5GB`` / ``500MB`` / ``64KiB`` / bytes -> bytes (decimal units like Hugging Face, binary with ``i``)."""
@@ -80,6 +96,7 @@ def nbytes(tensor: torch.Tensor) -> int:
 
 
 # ---------------------------------------------------------------- reading dense checkpoints
+
 
 class Checkpoint:
     """A safetensors checkpoint directory (one file or shards with an index), read a few tensors at a time.
@@ -122,8 +139,10 @@ def _weight_map(root: Path, single: str) -> dict[str, str]:
     if (root / single).exists():
         with safe_open(str(root / single), framework="pt") as f:
             return {name: single for name in f.keys()}
-    raise PrunekitError(f"no {single} or {single}.index.json in {str(root)!r}; prunekit streams "
-                            "safetensors checkpoints (re-save a .bin checkpoint with save_pretrained first)")
+    raise PrunekitError(
+        f"no {single} or {single}.index.json in {str(root)!r}; prunekit streams "
+        "safetensors checkpoints (re-save a .bin checkpoint with save_pretrained first)"
+    )
 
 
 def _by_file(weight_map: Mapping[str, str], names: Iterable[str]) -> dict[str, list[str]]:
@@ -146,14 +165,20 @@ def _dtype_size(name: str) -> int:
 
 # ---------------------------------------------------------------- writing sharded checkpoints
 
+
 class ShardWriter:
     """Writes tensors into numbered safetensors shards of at most ``max_shard_size`` and, at ``close``,
     names them ``model-0000k-of-0000n.safetensors`` with an index json (or ``model.safetensors`` when one
     file holds everything): the layout ``from_pretrained`` reads. ``flush`` starts a new shard, so a
     caller streaming a model one block at a time never holds more than a block."""
 
-    def __init__(self, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB", filename: str = DENSE_NAME,
-                 shard_metadata: Callable[[list[str]], dict[str, str]] | None = None):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        max_shard_size: int | str = "5GB",
+        filename: str = DENSE_NAME,
+        shard_metadata: Callable[[list[str]], dict[str, str]] | None = None,
+    ):
         self.out_dir, self.max_bytes, self.filename = Path(out_dir), parse_size(max_shard_size), filename
         self.shard_metadata = shard_metadata or (lambda names: {})
         self.pending: dict[str, torch.Tensor] = {}
@@ -186,9 +211,13 @@ class ShardWriter:
             self._tmp_path(k).rename(self.out_dir / final)
             weight_map.update({weight_names(key): final for key in keys})
         if count > 1:
-            write_json(self.out_dir / f"{self.filename}.index.json", {
-                "metadata": {"total_size": self.total_bytes, "total_parameters": self.total_numel},
-                "weight_map": dict(sorted(weight_map.items()))})
+            write_json(
+                self.out_dir / f"{self.filename}.index.json",
+                {
+                    "metadata": {"total_size": self.total_bytes, "total_parameters": self.total_numel},
+                    "weight_map": dict(sorted(weight_map.items())),
+                },
+            )
         return weight_map
 
     def _tmp_path(self, k: int) -> Path:
@@ -210,12 +239,14 @@ def _own_storage(tensor: torch.Tensor, others: Iterable[torch.Tensor]) -> torch.
 
 # ---------------------------------------------------------------- sparse values
 
+
 def kept(tensor: torch.Tensor) -> torch.Tensor:
     """True where a weight is stored: everything but zeros of either sign (NaN != 0, so NaN is kept)."""
     return tensor != 0
 
 
 # ---------------------------------------------------------------- the two sparse encodings
+
 
 def _groups_of_4(tensor: torch.Tensor) -> torch.Tensor | None:
     """``[numel / 4, 4]`` groups along the input dimension, or None when rows are not a multiple of 4."""
@@ -297,6 +328,7 @@ def decode(name: str, info: Mapping, read: Callable[[str], torch.Tensor]) -> tor
 
 # ---------------------------------------------------------------- compact files
 
+
 class CompactWriter:
     """Streams tensors into compact shards (``model.compact.safetensors`` or shards plus an index)."""
 
@@ -352,8 +384,10 @@ def _compact_table(file: Path) -> dict[str, dict]:
     with safe_open(str(file), framework="pt") as f:
         metadata = f.metadata() or {}
     if META_KEY not in metadata:
-        raise PrunekitError(f"{str(file)!r} is not a prunekit compact file (no {META_KEY!r} header); "
-                         "load dense checkpoints with from_pretrained / safetensors")
+        raise PrunekitError(
+            f"{str(file)!r} is not a prunekit compact file (no {META_KEY!r} header); "
+            "load dense checkpoints with from_pretrained / safetensors"
+        )
     table = json.loads(metadata[META_KEY])
     if table.get("version", 0) > FORMAT_VERSION:
         raise PrunekitError(f"{str(file)!r} uses compact format version {table['version']}; upgrade prunekit")
@@ -364,16 +398,18 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, tor
     return obj.state_dict() if isinstance(obj, nn.Module) else obj
 
 
-def save_compact(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike,
-                 max_shard_size: int | str = "5GB") -> dict[str, int]:
+def save_compact(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+) -> dict[str, int]:
     """Write a model / state dict in the compact format: ``path`` is a directory (shards as needed) or a
     ``.safetensors`` file (one file). Returns how many tensors went into each format."""
     path = Path(path)
     one_file = path.suffix == ".safetensors"
     directory = path.parent if one_file else path
     directory.mkdir(parents=True, exist_ok=True)
-    writer = CompactWriter(directory, "1000TB" if one_file else max_shard_size,
-                           path.name if one_file else COMPACT_NAME)
+    writer = CompactWriter(directory, "1000TB" if one_file else max_shard_size, path.name if one_file else COMPACT_NAME)
     writer.add(_state_dict(model_or_state_dict))
     writer.close()
     return writer.formats
@@ -399,6 +435,7 @@ def _metadata(file: Path) -> dict[str, str] | None:
 
 # ---------------------------------------------------------------- converting checkpoint directories
 
+
 def _dense_tensors(source: Path) -> Iterator[tuple[str, torch.Tensor]]:
     checkpoint = Checkpoint(source)
     for name in checkpoint.names():
@@ -411,8 +448,13 @@ def _compact_tensors(source: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, reader.read(name)
 
 
-def convert(source: str | os.PathLike, out: str | os.PathLike, to: str = "dense",
-            max_shard_size: int | str = "5GB", overwrite: bool = False) -> dict[str, str]:
+def convert(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    to: str = "dense",
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> dict[str, str]:
     """Convert a checkpoint directory between the dense Hugging Face layout and the compact format,
     one tensor at a time, copying config and tokenizer files. Returns ``{tensor name: file}``."""
     if to not in ("dense", "compact"):
@@ -427,4 +469,3 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, to: str = "dense"
         copy_side_files(source, tmp)
     log.info("converted %s -> %s (%s, %d tensors)", source, out, to, len(weight_map))
     return weight_map
-

@@ -1,5 +1,6 @@
 """Checks on the weight files we read, so that a broken file is one line naming it (not a Rust or pickle
 traceback): safetensors headers and sizes, shard indexes, and torch pickles loaded weights-only."""
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,11 @@ def check_safetensors_dir(folder: str | os.PathLike) -> None:
             raise _broken(index, "not a shard index with a weight_map") from None
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
-            raise PrunekitError(f"checkpoint {str(folder)!r} lacks {missing[0]}"
-                                f"{f' and {len(missing) - 1} more shards' if len(missing) > 1 else ''} named in "
-                                f"{index.name}; re-download the checkpoint")
+            raise PrunekitError(
+                f"checkpoint {str(folder)!r} lacks {missing[0]}"
+                f"{f' and {len(missing) - 1} more shards' if len(missing) > 1 else ''} named in "
+                f"{index.name}; re-download the checkpoint"
+            )
     for file in sorted(folder.glob("*.safetensors")):
         safetensors_header(file)
 
@@ -76,17 +79,22 @@ def load_weights_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise PrunekitError(f"weights file {str(file)!r} does not exist; give a .pth/.pt/.safetensors state dict")
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         safetensors_header(file)
         return load_file(str(file))
     try:
         state = torch.load(str(file), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise PrunekitError(f"weights file {str(file)!r} is not weights-only loadable (it pickles other objects, "
-                            "which prunekit never unpickles); re-save it as torch.save(model.state_dict(), path) "
-                            f"or as .safetensors ({str(err).splitlines()[0][:120]})") from None
+        raise PrunekitError(
+            f"weights file {str(file)!r} is not weights-only loadable (it pickles other objects, "
+            "which prunekit never unpickles); re-save it as torch.save(model.state_dict(), path) "
+            f"or as .safetensors ({str(err).splitlines()[0][:120]})"
+        ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise _broken(file, str(err).splitlines()[0][:160]) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PrunekitError(f"weights file {str(file)!r} holds a {type(state).__name__}, not a state dict of "
-                            "tensors; re-save it as torch.save(model.state_dict(), path)")
+        raise PrunekitError(
+            f"weights file {str(file)!r} holds a {type(state).__name__}, not a state dict of "
+            "tensors; re-save it as torch.save(model.state_dict(), path)"
+        )
     return state

@@ -1,5 +1,6 @@
 """Hugging Face causal LMs: load from a local directory or hub id (no remote code unless asked), save as
 safetensors with the tokenizer."""
+
 from __future__ import annotations
 
 import os
@@ -10,12 +11,18 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import PrunekitError
-from .files import check_safetensors_dir, safetensors_shapes
 from .compact import is_compact, load_compact
+from .files import check_safetensors_dir, safetensors_shapes
 from .paths import looks_local, require_hub, require_local
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -32,25 +39,29 @@ def check_model_source(source: str | os.PathLike, what: str = "model") -> bool:
     Returns True when the hub must not be asked (load from the cache only)."""
     text = str(source)
     if looks_local(text):
-        path = require_local(text, f"{what} path", "give a checkpoint directory (save_pretrained output) or a hub "
-                                                   "id like 'org/name'")
+        path = require_local(
+            text, f"{what} path", "give a checkpoint directory (save_pretrained output) or a hub id like 'org/name'"
+        )
         if path.is_dir() and not (path / "config.json").is_file():
-            raise PrunekitError(f"{what} path {text!r} has no config.json; give a checkpoint directory as "
-                                "save_pretrained writes it")
+            raise PrunekitError(
+                f"{what} path {text!r} has no config.json; give a checkpoint directory as save_pretrained writes it"
+            )
         return False
     return require_hub(text, what, _hub_cached(text))
 
 
 def _hub_cached(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
+
     try:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except ValueError:  # not a valid repo id
         return False
 
 
-def load_causal_lm(source: str | os.PathLike, dtype: str | torch.dtype | None = None,
-                   trust_remote_code: bool = False) -> nn.Module:
+def load_causal_lm(
+    source: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+) -> nn.Module:
     """A HF causal LM in eval mode, from a dense checkpoint or prunekit's compact format (restored in memory,
     so every command reads what ``prunekit prune`` writes). A truncated safetensors file or weights that do
     not fit ``config.json`` is one ``PrunekitError`` naming the file, not a loader traceback."""
@@ -63,17 +74,23 @@ def load_causal_lm(source: str | os.PathLike, dtype: str | torch.dtype | None = 
     if local.is_dir():
         check_safetensors_dir(local)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=parse_dtype(dtype) or "auto",
-                                                     trust_remote_code=trust_remote_code, local_files_only=cache_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source),
+            dtype=parse_dtype(dtype) or "auto",
+            trust_remote_code=trust_remote_code,
+            local_files_only=cache_only,
+        )
     except RuntimeError as err:
         _raise_mismatch(local, trust_remote_code, err)
         raise
     except OSError as err:
-        raise PrunekitError(f"model {str(source)!r} could not be loaded ({_first_line(err)}); check the path or hub "
-                            "id") from err
+        raise PrunekitError(
+            f"model {str(source)!r} could not be loaded ({_first_line(err)}); check the path or hub id"
+        ) from err
     except SafetensorError as err:
-        raise PrunekitError(f"model {str(source)!r} has an unreadable safetensors file ({err}); re-download or "
-                            "re-save the checkpoint") from err
+        raise PrunekitError(
+            f"model {str(source)!r} has an unreadable safetensors file ({err}); re-download or re-save the checkpoint"
+        ) from err
     return model.eval()
 
 
@@ -84,9 +101,11 @@ def _first_line(err: BaseException) -> str:
 def shape_mismatches(model: nn.Module, folder: Path) -> list[str]:
     """The tensors of ``folder``'s safetensors whose shapes differ from ``model``'s (built from its config)."""
     own = model.state_dict()
-    return [f"{name} is {list(shape)} in {file} but {list(own[name].shape)} per config.json"
-            for name, (file, shape) in safetensors_shapes(folder).items()
-            if name in own and tuple(own[name].shape) != shape]
+    return [
+        f"{name} is {list(shape)} in {file} but {list(own[name].shape)} per config.json"
+        for name, (file, shape) in safetensors_shapes(folder).items()
+        if name in own and tuple(own[name].shape) != shape
+    ]
 
 
 def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException) -> None:
@@ -94,36 +113,44 @@ def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException) -
     if not folder.is_dir():
         return
     from transformers import AutoConfig, AutoModelForCausalLM
+
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     found = shape_mismatches(skeleton, folder)
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-        raise PrunekitError(f"checkpoint {str(folder)!r} does not match its config.json: {found[0]}{more}; fix "
-                            "config.json or re-save the checkpoint") from err
+        raise PrunekitError(
+            f"checkpoint {str(folder)!r} does not match its config.json: {found[0]}{more}; fix "
+            "config.json or re-save the checkpoint"
+        ) from err
 
 
 def load_config(source: str | os.PathLike, trust_remote_code: bool = False):
     """The checkpoint's ``config.json`` alone (no weights): enough to check settings against the model."""
     from transformers import AutoConfig
+
     cache_only = check_model_source(source)
     try:
         return AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code, local_files_only=cache_only)
     except (OSError, ValueError) as err:
-        raise PrunekitError(f"model config {str(source)!r} could not be read ({_first_line(err)}); check the path or "
-                            "hub id") from err
+        raise PrunekitError(
+            f"model config {str(source)!r} could not be read ({_first_line(err)}); check the path or hub id"
+        ) from err
 
 
 def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+
     cache_only = check_model_source(source, "tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code,
-                                             local_files_only=cache_only)
+        return AutoTokenizer.from_pretrained(
+            str(source), trust_remote_code=trust_remote_code, local_files_only=cache_only
+        )
     except OSError as err:
-        raise PrunekitError(f"tokenizer {str(source)!r} could not be loaded ({_first_line(err)}); check the path or "
-                            "hub id") from err
+        raise PrunekitError(
+            f"tokenizer {str(source)!r} could not be loaded ({_first_line(err)}); check the path or hub id"
+        ) from err
 
 
 def save_causal_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> None:
@@ -133,19 +160,23 @@ def save_causal_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> N
         tokenizer.save_pretrained(str(out_dir))
 
 
-def load_compact_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
-                       trust_remote_code: bool = False) -> nn.Module:
+def load_compact_model(
+    path: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+) -> nn.Module:
     """A Hugging Face causal LM saved with ``--save-format compact``, restored dense in memory, so every
     prunekit command reads what prunekit writes."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     state = load_compact(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
     if set(missing) - tied or unexpected:
-        raise PrunekitError(f"compact checkpoint {str(path)!r} does not match its config: missing "
-                            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        raise PrunekitError(
+            f"compact checkpoint {str(path)!r} does not match its config: missing "
+            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
     if tied:
         model.tie_weights()
     stored = next((t.dtype for t in state.values() if t.is_floating_point()), None)

@@ -11,6 +11,7 @@ to pruning the loaded model in memory and calling ``save_pretrained``.
 Calibration activations (``nsamples x seqlen x hidden``) stay on the compute device when they fit,
 else in CPU memory, else in files on disk (``offload_activations``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,6 +43,7 @@ SAVE_FORMATS = ("dense", "compact")
 
 # ---------------------------------------------------------------- the skeleton and its tensors
 
+
 def _config_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
@@ -49,16 +51,19 @@ def _config_dtype(config) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def build_skeleton(source: str | os.PathLike, dtype: torch.dtype | None = None,
-                   trust_remote_code: bool = False) -> nn.Module:
+def build_skeleton(
+    source: str | os.PathLike, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+) -> nn.Module:
     """The model with parameters on ``meta`` (no memory) and real buffers (rotary tables are computed, not
     stored, so they must exist before block 0 runs)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+
     config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or _config_dtype(config),
-                                                 trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype or _config_dtype(config), trust_remote_code=trust_remote_code
+        )
     return model.eval()
 
 
@@ -96,8 +101,13 @@ class LazyModel:
     dtype: torch.dtype | None = None
 
     @classmethod
-    def open(cls, source: str | os.PathLike, device: str | torch.device | None = None,
-             dtype: str | torch.dtype | None = None, trust_remote_code: bool = False) -> "LazyModel":
+    def open(
+        cls,
+        source: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        trust_remote_code: bool = False,
+    ) -> LazyModel:
         dtype = parse_dtype(dtype)
         device = torch.device(device) if device is not None else default_device()
         model = build_skeleton(source, dtype, trust_remote_code)
@@ -128,17 +138,27 @@ class LazyModel:
     def input_names(self, prefix: str) -> list[str]:
         """Outside tensors needed to compute block 0's inputs: all but the output head."""
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        head_names = {f"{n}.{k}" for n, m in self.model.named_modules() if m is head for k, _ in
-                      m.named_parameters(recurse=False)} if head is not None else set()
+        head_names = (
+            {
+                f"{n}.{k}"
+                for n, m in self.model.named_modules()
+                if m is head
+                for k, _ in m.named_parameters(recurse=False)
+            }
+            if head is not None
+            else set()
+        )
         return [n for n in self.outside_names(prefix) if n not in head_names]
 
     def _read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         names = list(names)
         missing = [n for n in names if n not in self.checkpoint.weight_map]
         if missing:
-            raise PrunekitError(f"the checkpoint has no tensors {missing[:3]}... that the model defines; its tensor "
-                           "names differ from the module names (transformers renames keys for some "
-                           "architectures), which lazy pruning does not support: prune it in memory")
+            raise PrunekitError(
+                f"the checkpoint has no tensors {missing[:3]}... that the model defines; its tensor "
+                "names differ from the module names (transformers renames keys for some "
+                "architectures), which lazy pruning does not support: prune it in memory"
+            )
         return self.checkpoint.read(names, self.dtype)
 
 
@@ -147,6 +167,7 @@ def default_device() -> torch.device:
 
 
 # ---------------------------------------------------------------- how a block arrives: streamed
+
 
 class StreamedBlocks:
     """The engine's block source for a checkpoint on disk: each block is read onto the compute device for its
@@ -194,12 +215,26 @@ def write(lazy: LazyModel, names: Sequence[str], writer, from_model: bool) -> No
 
 # ---------------------------------------------------------------- the job
 
-def prune_lazy(source: str | os.PathLike, out: str | os.PathLike, config: PruneConfig | str | None = None,
-               sparsity: float | None = None, pattern: str | None = None, group: str | None = None,
-               calib: Any = None, *, tokenizer: Any = None, offload_dir: str | None = None,
-               save_format: str = "dense", max_shard_size: int | str = "5GB", overwrite: bool = False,
-               trust_remote_code: bool = False, inputs: Mapping[str, Any] | None = None,
-               extra_files: Mapping[str, Callable[[Path], None]] | None = None, **settings: Any) -> PruneReport:
+
+def prune_lazy(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    config: PruneConfig | str | None = None,
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    group: str | None = None,
+    calib: Any = None,
+    *,
+    tokenizer: Any = None,
+    offload_dir: str | None = None,
+    save_format: str = "dense",
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    inputs: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, Callable[[Path], None]] | None = None,
+    **settings: Any,
+) -> PruneReport:
     """Prune the safetensors checkpoint in ``source`` block by block into ``out`` without ever holding the
     whole model in memory. Same settings (a ``PruneConfig`` or its keywords) and result as ``prunekit.prune``
     on the loaded model followed by ``save_pretrained`` (allocation is uniform; N:M and every method/update
@@ -211,27 +246,54 @@ def prune_lazy(source: str | os.PathLike, out: str | os.PathLike, config: PruneC
     _check_lazy_config(config, save_format)
     inputs = {"--model": source, **(inputs or {})}
     with claim_output(out, inputs, overwrite, checkpoint_bytes(source)) as claim:
-        return _prune_claimed(source, claim, config, calib, tokenizer, offload_dir, save_format, max_shard_size,
-                              trust_remote_code, extra_files)
+        return _prune_claimed(
+            source,
+            claim,
+            config,
+            calib,
+            tokenizer,
+            offload_dir,
+            save_format,
+            max_shard_size,
+            trust_remote_code,
+            extra_files,
+        )
 
 
-def _prune_claimed(source, claim: OutputClaim, config: PruneConfig, calib, tokenizer, offload_dir, save_format,
-                   max_shard_size, trust_remote_code: bool, extra_files) -> PruneReport:
+def _prune_claimed(
+    source,
+    claim: OutputClaim,
+    config: PruneConfig,
+    calib,
+    tokenizer,
+    offload_dir,
+    save_format,
+    max_shard_size,
+    trust_remote_code: bool,
+    extra_files,
+) -> PruneReport:
     lazy = LazyModel.open(source, config.device, config.dtype, trust_remote_code)
     plan = replace(plan_prune(lazy.model, config), device=lazy.device)
     if plan.blocks is None:
-        raise PrunekitError("lazy pruning goes block by block, but no block list covers the selected layers; "
-                            "prune in memory instead, or select only layers inside the decoder blocks")
+        raise PrunekitError(
+            "lazy pruning goes block by block, but no block list covers the selected layers; "
+            "prune in memory instead, or select only layers inside the decoder blocks"
+        )
     if tokenizer is None and isinstance(calib, (str, os.PathLike)) and plan.needs:
         from .hf import load_tokenizer
+
         tokenizer = load_tokenizer(source, trust_remote_code)
     batches = calibration(lazy.model, calib, tokenizer, config) if plan.needs else []
     with claim.staging() as tmp:
         timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, save_format, max_shard_size)
-        metrics = {**peak_memory(lazy.device), "offload_activations": where,
-                   "checkpoint_bytes": lazy.checkpoint.nbytes(lazy.checkpoint.names())}
-        report = _report(config, {"source": str(source), "out": str(claim.out), "lazy": True}, rows, plan, timings,
-                         metrics)
+        metrics = {
+            **peak_memory(lazy.device),
+            "offload_activations": where,
+            "checkpoint_bytes": lazy.checkpoint.nbytes(lazy.checkpoint.names()),
+        }
+        report = _report(
+            config, {"source": str(source), "out": str(claim.out), "lazy": True}, rows, plan, timings, metrics
+        )
         write_json(tmp / "prune_report.json", report.to_dict())
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
@@ -242,20 +304,24 @@ def _check_lazy_config(config: PruneConfig, save_format: str) -> None:
     if save_format not in SAVE_FORMATS:
         raise PrunekitError(f"unknown save_format {save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
     if config.structured or config.allocation != "uniform" or config.group == "global" or not config.sequential:
-        raise PrunekitError("lazy pruning supports unstructured methods with uniform allocation, a per-layer / "
-                            "per-output / per-input group and sequential calibration; prune in memory otherwise")
+        raise PrunekitError(
+            "lazy pruning supports unstructured methods with uniform allocation, a per-layer / "
+            "per-output / per-input group and sequential calibration; prune in memory otherwise"
+        )
 
 
-def _writer(lazy: LazyModel, source: StreamedBlocks, tmp: Path, save_format: str,
-            max_shard_size: int | str) -> ShardWriter | CompactWriter:
+def _writer(
+    lazy: LazyModel, source: StreamedBlocks, tmp: Path, save_format: str, max_shard_size: int | str
+) -> ShardWriter | CompactWriter:
     """Shards of at most one block's size (each block gets its own shard anyway): copying the embeddings
     and head then never holds more than a block's worth of memory either."""
     limit = min(parse_size(max_shard_size), source.block_bytes())
     return CompactWriter(tmp, limit) if save_format == "compact" else ShardWriter(tmp, limit)
 
 
-def _run(lazy: LazyModel, plan: Plan, batches: list, tmp: Path, offload_dir: str | None, save_format: str,
-         max_shard_size) -> tuple[dict, dict, str | None]:
+def _run(
+    lazy: LazyModel, plan: Plan, batches: list, tmp: Path, offload_dir: str | None, save_format: str, max_shard_size
+) -> tuple[dict, dict, str | None]:
     timings: dict[str, float] = {}
     rows: dict[str, dict] = {}
     start = time.perf_counter()
@@ -283,6 +349,5 @@ def _report(config: PruneConfig, job: dict, rows: dict, plan: Plan, timings: dic
     zeros, total = sum(r["zeros"] for r in rows.values()), sum(r["numel"] for r in rows.values())
     for name, row in rows.items():
         row["target"] = plan.targets[name].sparsity
-    settings = {**config.settings(), **job, "group": next(iter(plan.targets.values())).group,
-                "blocks": plan.blocks[0]}
+    settings = {**config.settings(), **job, "group": next(iter(plan.targets.values())).group, "blocks": plan.blocks[0]}
     return PruneReport(settings, rows, zeros / max(total, 1), timings, versions(), metrics)

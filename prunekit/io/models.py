@@ -1,5 +1,6 @@
 """``prunekit.save`` / ``prunekit.load``: one pair for every model prunekit prunes, the format picked by the
 model (Hugging Face ``save_pretrained`` for transformers models, timm / torchvision for image models)."""
+
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None) -> Pat
     from .atomic import atomic_dir
     from .hf import save_causal_lm
     from .timm import save_vision_model
+
     out = Path(out)
     with atomic_dir(out) as tmp:
         if is_hf_model(model):
@@ -30,6 +32,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, trust_remote_code: b
     """A model saved by ``save`` or ``prunekit prune`` (dense or compact), in eval mode."""
     from .hf import load_causal_lm
     from .timm import is_vision_source, load_vision_model
+
     path = Path(path).expanduser()
     if not path.is_dir():
         raise PrunekitError(f"{str(path)!r} is not a saved model directory")

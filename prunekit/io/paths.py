@@ -1,6 +1,7 @@
 """Paths the user gives us: is it local or a hub name, does it exist, may we write there, and do the
 outputs stay clear of the inputs. Every check raises ``PrunekitError`` before any loading, so a typo
 costs a second, not a model load or a minute of hub retries."""
+
 from __future__ import annotations
 
 import logging
@@ -21,14 +22,36 @@ PathLike = str | os.PathLike
 # Hub repo ids: ``name`` or ``org/name`` of letters, digits, ``-``, ``_``, ``.`` (no ``--`` or ``..``).
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
 # Suffixes of files, never of hub ids: ``calib.txt`` is a missing file, not a dataset name.
-FILE_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".parquet", ".arrow", ".yaml", ".yml", ".safetensors",
-                 ".bin", ".pt", ".pth", ".ckpt", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".jpg", ".jpeg",
-                 ".png"}
+FILE_SUFFIXES = {
+    ".txt",
+    ".json",
+    ".jsonl",
+    ".csv",
+    ".parquet",
+    ".arrow",
+    ".yaml",
+    ".yml",
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".gz",
+    ".bz2",
+    ".xz",
+    ".zst",
+    ".zip",
+    ".tar",
+    ".jpg",
+    ".jpeg",
+    ".png",
+}
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _DATASETS_OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
 
 # ------------------------------------------------------------------ local or hub
+
 
 def is_hub_id(text: str) -> bool:
     """Whether ``text`` could name a hub repo (``gpt2``, ``org/name``); a ``:config`` suffix is ignored."""
@@ -59,6 +82,7 @@ def require_local(path: PathLike, what: str, fix: str = "") -> Path:
 
 
 # ------------------------------------------------------------------ the hub, offline and unreachable
+
 
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
@@ -107,20 +131,30 @@ def require_hub(name: str, what: str, cached: bool, datasets: bool = False) -> b
     var = "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE" if datasets else "HF_HUB_OFFLINE"
     if hub_offline(datasets):
         if not cached:
-            raise PrunekitError(f"{what} {name!r} is not a local path and not in the Hugging Face cache, and {var} "
-                                f"is set; give an existing local path, or unset {var} to download it")
+            raise PrunekitError(
+                f"{what} {name!r} is not a local path and not in the Hugging Face cache, and {var} "
+                f"is set; give an existing local path, or unset {var} to download it"
+            )
         return True
     if hub_reachable():
         return False
     if cached:
-        log.warning("%s cannot be reached; using the cached %s %r (set %s=1 to skip this check)",
-                    "%s:%d" % _hub_address(), what, name, var.split("/")[0])
+        log.warning(
+            "%s cannot be reached; using the cached %s %r (set %s=1 to skip this check)",
+            "{}:{}".format(*_hub_address()),
+            what,
+            name,
+            var.split("/")[0],
+        )
         return True
-    raise PrunekitError(f"{what} {name!r} is not a local path, and the Hugging Face hub cannot be reached to "
-                        "download it (no network?); give an existing local path, or download it first")
+    raise PrunekitError(
+        f"{what} {name!r} is not a local path, and the Hugging Face hub cannot be reached to "
+        "download it (no network?); give an existing local path, or download it first"
+    )
 
 
 # ------------------------------------------------------------------ inputs are sacred
+
 
 def _real(path: PathLike) -> Path:
     return Path(os.path.realpath(Path(str(path)).expanduser()))
@@ -148,11 +182,13 @@ def check_paths(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, Pat
         for in_name, inp in ins.items():
             relation = _relation(out, inp)
             if relation:
-                raise PrunekitError(f"{out_name} {str(out)!r} overlaps the input {in_name} (it {relation} "
-                                    f"{str(inp)!r}); choose another {out_name}: prunekit never writes over its inputs")
+                raise PrunekitError(
+                    f"{out_name} {str(out)!r} overlaps the input {in_name} (it {relation} "
+                    f"{str(inp)!r}); choose another {out_name}: prunekit never writes over its inputs"
+                )
     names = list(outs)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             _check_two_outputs(a, outs[a], b, outs[b])
 
 
@@ -161,11 +197,14 @@ def _check_two_outputs(a: str, path_a: Path, b: str, path_b: Path) -> None:
         raise PrunekitError(f"{a} and {b} are the same path {str(path_a)!r}; give them different paths")
     for inner_name, inner, outer_name, outer in ((a, path_a, b, path_b), (b, path_b, a, path_a)):
         if inner.is_relative_to(outer):
-            raise PrunekitError(f"{inner_name} {str(inner)!r} is inside {outer_name} {str(outer)!r}, which is "
-                                f"replaced as a whole at the end; put {inner_name} outside it")
+            raise PrunekitError(
+                f"{inner_name} {str(inner)!r} is inside {outer_name} {str(outer)!r}, which is "
+                f"replaced as a whole at the end; put {inner_name} outside it"
+            )
 
 
 # ------------------------------------------------------------------ writable before any work
+
 
 def _existing_ancestor(path: Path) -> Path:
     """The nearest part of ``path`` (itself included) that exists: where a write would create the rest."""
@@ -194,8 +233,10 @@ def check_file_writable(path: PathLike, name: str = "--json") -> Path:
     folder is (or can be created inside) a writable directory. Returns the resolved path."""
     out = _real(path)
     if out.is_dir():
-        raise PrunekitError(f"{name} {str(path)!r} is a directory; give a file path for {name}, e.g. "
-                            f"{str(Path(str(path)) / 'report.json')!r}")
+        raise PrunekitError(
+            f"{name} {str(path)!r} is a directory; give a file path for {name}, e.g. "
+            f"{str(Path(str(path)) / 'report.json')!r}"
+        )
     _check_parent(out, path, name)
     return out
 
@@ -203,11 +244,14 @@ def check_file_writable(path: PathLike, name: str = "--json") -> Path:
 def _check_parent(out: Path, given: PathLike, name: str) -> None:
     base = _existing_ancestor(out.parent)
     if not base.is_dir():
-        raise PrunekitError(f"{name} {str(given)!r} cannot be created: {str(base)!r} is a file, not a directory; "
-                            f"choose another {name}")
+        raise PrunekitError(
+            f"{name} {str(given)!r} cannot be created: {str(base)!r} is a file, not a directory; choose another {name}"
+        )
     if not _can_write_in(base):
-        raise PrunekitError(f"{name} {str(given)!r} cannot be written: {str(base)!r} is not writable (read-only "
-                            f"or no permission); choose another {name}")
+        raise PrunekitError(
+            f"{name} {str(given)!r} cannot be written: {str(base)!r} is not writable (read-only "
+            f"or no permission); choose another {name}"
+        )
 
 
 def check_free_space(path: PathLike, expected_bytes: int | None, name: str = "--out") -> bool:
@@ -219,8 +263,14 @@ def check_free_space(path: PathLike, expected_bytes: int | None, name: str = "--
     free = shutil.disk_usage(base).free
     if free >= expected_bytes:
         return True
-    log.warning("%s %s: about %.2f GB free on its disk, the output needs about %.2f GB; free some space or "
-                "choose another %s", name, path, free / 1e9, expected_bytes / 1e9, name)
+    log.warning(
+        "%s %s: about %.2f GB free on its disk, the output needs about %.2f GB; free some space or choose another %s",
+        name,
+        path,
+        free / 1e9,
+        expected_bytes / 1e9,
+        name,
+    )
     return False
 
 

@@ -5,6 +5,7 @@ that the cuSPARSELt / CUTLASS sparse tensor-core kernels multiply directly, so a
 does about half the multiply work. Only those GPUs run it, in float16 / bfloat16; on anything else
 the functions here raise and say so (a 2:4 model still runs everywhere as a dense model with zeros).
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,13 +29,17 @@ def unsupported_reason(device: str | torch.device) -> str | None:
     """None when 2:4 kernels run on ``device``; otherwise why they do not."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        return (f"2:4 semi-structured kernels need a CUDA GPU with compute capability >= 8.0 (Ampere or newer); "
-                f"the model is on {device}. Move it with model.to('cuda') on such a GPU, or keep the dense "
-                "model with zeros (it runs everywhere, without the speedup)")
+        return (
+            f"2:4 semi-structured kernels need a CUDA GPU with compute capability >= 8.0 (Ampere or newer); "
+            f"the model is on {device}. Move it with model.to('cuda') on such a GPU, or keep the dense "
+            "model with zeros (it runs everywhere, without the speedup)"
+        )
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
-        return (f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}; "
-                "2:4 semi-structured kernels need 8.0 or newer (A100, H100, RTX 30xx/40xx)")
+        return (
+            f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}; "
+            "2:4 semi-structured kernels need 8.0 or newer (A100, H100, RTX 30xx/40xx)"
+        )
     return None
 
 
@@ -46,20 +51,27 @@ def check_support(device: str | torch.device) -> None:
 
 def semi_structured_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """Linear layers whose weight keeps at most 2 of every 4 weights along the input dimension."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m.weight.dim() == 2 and is_2_4(m.weight.detach().cpu())}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.weight.dim() == 2 and is_2_4(m.weight.detach().cpu())
+    }
 
 
 def _convert(name: str, module: nn.Linear) -> None:
     weight = module.weight.detach()
     if weight.dtype not in KERNEL_DTYPES:
-        raise PrunekitError(f"layer {name!r} is {weight.dtype}; 2:4 kernels take float16 or bfloat16: convert the "
-                        "model first (model.half() or model.to(torch.bfloat16))")
+        raise PrunekitError(
+            f"layer {name!r} is {weight.dtype}; 2:4 kernels take float16 or bfloat16: convert the "
+            "model first (model.half() or model.to(torch.bfloat16))"
+        )
     try:
         sparse = torch.sparse.to_sparse_semi_structured(weight)
     except (RuntimeError, ValueError) as error:
-        raise PrunekitError(f"layer {name!r} of shape {tuple(weight.shape)} cannot use 2:4 kernels ({error}); "
-                         "leave it out (pass layers=...)") from error
+        raise PrunekitError(
+            f"layer {name!r} of shape {tuple(weight.shape)} cannot use 2:4 kernels ({error}); "
+            "leave it out (pass layers=...)"
+        ) from error
     module.weight = nn.Parameter(sparse, requires_grad=False)
 
 
@@ -90,8 +102,9 @@ def tokens_per_second(model: nn.Module, tokens: torch.Tensor, iters: int = 10, w
 
 
 @torch.no_grad()
-def benchmark(model: nn.Module, batch_size: int = 8, seqlen: int = 512, iters: int = 10, warmup: int = 3,
-              seed: int = 0) -> dict[str, float | str]:
+def benchmark(
+    model: nn.Module, batch_size: int = 8, seqlen: int = 512, iters: int = 10, warmup: int = 3, seed: int = 0
+) -> dict[str, float | str]:
     """Tokens/s of a 2:4-pruned causal LM dense and after ``to_semi_structured`` (a copy), in the same run,
     plus the largest logit difference between the two (the kernels compute the same product)."""
     device = next(model.parameters()).device
@@ -102,9 +115,16 @@ def benchmark(model: nn.Module, batch_size: int = 8, seqlen: int = 512, iters: i
     sparse = copy.deepcopy(model)
     converted = to_semi_structured(sparse)
     sparse_tps = tokens_per_second(sparse, tokens, iters, warmup)
-    diff = (model(tokens, use_cache=False).logits.float() - sparse(tokens, use_cache=False).logits.float())
+    diff = model(tokens, use_cache=False).logits.float() - sparse(tokens, use_cache=False).logits.float()
     diff = diff.abs().max().item()
-    return {"device": torch.cuda.get_device_name(device), "dtype": str(next(model.parameters()).dtype),
-            "batch_size": batch_size, "seqlen": seqlen, "layers": len(converted),
-            "dense_tokens_per_s": dense_tps, "semi_structured_tokens_per_s": sparse_tps,
-            "speedup": sparse_tps / dense_tps, "max_abs_logit_diff": diff}
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "dtype": str(next(model.parameters()).dtype),
+        "batch_size": batch_size,
+        "seqlen": seqlen,
+        "layers": len(converted),
+        "dense_tokens_per_s": dense_tps,
+        "semi_structured_tokens_per_s": sparse_tps,
+        "speedup": sparse_tps / dense_tps,
+        "max_abs_logit_diff": diff,
+    }

@@ -13,6 +13,7 @@ Sources (``load_vision_model``):
 Saved timm models use timm's format, so ``timm.create_model("local-dir:OUT", pretrained=True)`` loads
 them without prunekit.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import PrunekitError
@@ -37,8 +37,14 @@ WEIGHTS_FILE = "model.safetensors"
 # torchvision models carry no name of their own; load_vision_model records it here for saving.
 TORCHVISION_ARCH_ATTR = "prunekit_torchvision_arch"
 # torchvision's ImageNet eval preprocessing (resize 256, centre crop 224, bilinear) in timm's terms.
-TORCHVISION_DATA_CFG = {"input_size": (3, 224, 224), "interpolation": "bilinear", "crop_pct": 0.875,
-                        "crop_mode": "center", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+TORCHVISION_DATA_CFG = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bilinear",
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+}
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
@@ -76,24 +82,30 @@ def local_path(source: str | os.PathLike) -> Path | None:
     output directory never overlaps its input; None for registry / hub / torchvision names."""
     text = str(source)
     if text.startswith("local-dir:"):
-        return Path(text[len("local-dir:"):]).expanduser()
+        return Path(text[len("local-dir:") :]).expanduser()
     if text.startswith((TIMM_PREFIX, TORCHVISION_PREFIX, "hf-hub:")):
         return None
     return Path(text).expanduser()
 
 
-def load_vision_model(source: str | os.PathLike, pretrained: bool = True, num_classes: int | None = None,
-                      weights: str | os.PathLike | None = None) -> nn.Module:
+def load_vision_model(
+    source: str | os.PathLike,
+    pretrained: bool = True,
+    num_classes: int | None = None,
+    weights: str | os.PathLike | None = None,
+) -> nn.Module:
     """An image classifier in eval mode from a ``timm:`` / ``local-dir:`` / ``hf-hub:`` / ``torchvision:``
     source or a saved directory. ``num_classes`` replaces the classifier (timm drops the old head)."""
     text = str(source)
     if text.startswith(TORCHVISION_PREFIX):
-        return _load_torchvision(text[len(TORCHVISION_PREFIX):], num_classes, weights)
+        return _load_torchvision(text[len(TORCHVISION_PREFIX) :], num_classes, weights)
     if weights is not None:
-        raise PrunekitError("weights= is for torchvision: sources; timm models load their own weights "
-                         "(timm:NAME downloads them, local-dir:PATH reads them)")
+        raise PrunekitError(
+            "weights= is for torchvision: sources; timm models load their own weights "
+            "(timm:NAME downloads them, local-dir:PATH reads them)"
+        )
     if text.startswith(TIMM_PREFIX):
-        return _create_timm(text[len(TIMM_PREFIX):], pretrained, num_classes)
+        return _create_timm(text[len(TIMM_PREFIX) :], pretrained, num_classes)
     if text.startswith(TIMM_SCHEMES):
         return _create_timm(text, pretrained, num_classes)
     return _load_saved_dir(Path(text).expanduser(), num_classes)
@@ -101,9 +113,13 @@ def load_vision_model(source: str | os.PathLike, pretrained: bool = True, num_cl
 
 def _create_timm(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
     import timm
+
     if name.startswith("local-dir:"):
-        require_local(local_path(name), "timm model directory", "give a directory saved by save_vision_model or "
-                                                                "timm's save_for_hf")
+        require_local(
+            local_path(name),
+            "timm model directory",
+            "give a directory saved by save_vision_model or timm's save_for_hf",
+        )
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
 
@@ -115,17 +131,21 @@ def _load_saved_dir(path: Path, num_classes: int | None) -> nn.Module:
     if library == "torchvision":
         cfg = _read_config(path)
         if num_classes is not None and num_classes != cfg.get("num_classes"):
-            raise PrunekitError(f"{str(path)!r} holds a {cfg.get('num_classes')}-class torchvision model; "
-                             f"num_classes={num_classes} would not match its saved head")
+            raise PrunekitError(
+                f"{str(path)!r} holds a {cfg.get('num_classes')}-class torchvision model; "
+                f"num_classes={num_classes} would not match its saved head"
+            )
         return _load_torchvision(cfg["architecture"], cfg.get("num_classes"), path / WEIGHTS_FILE)
     require_local(path, "model path", "give timm:NAME, torchvision:NAME or a saved model directory")
     raise PrunekitError(
         f"{str(path)!r} is not a vision model: give timm:NAME, torchvision:NAME, local-dir:PATH or a directory "
-        "with config.json (timm's 'architecture' key) and model.safetensors, as prunekit saves them")
+        "with config.json (timm's 'architecture' key) and model.safetensors, as prunekit saves them"
+    )
 
 
 def _load_torchvision(name: str, num_classes: int | None, weights: str | os.PathLike | None) -> nn.Module:
     import torchvision
+
     if name not in torchvision.models.list_models():
         raise PrunekitError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
@@ -145,8 +165,10 @@ def _load_weights(model: nn.Module, name: str, path: Path) -> None:
         model.load_state_dict(load_weights_file(path))
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
-        raise PrunekitError(f"weights file {str(path)!r} does not fit torchvision:{name} ({detail}); give that "
-                            "architecture's state dict (and num_classes for another head)") from None
+        raise PrunekitError(
+            f"weights file {str(path)!r} does not fit torchvision:{name} ({detail}); give that "
+            "architecture's state dict (and num_classes for another head)"
+        ) from None
 
 
 def is_timm_model(model: nn.Module) -> bool:
@@ -161,20 +183,27 @@ def save_vision_model(model: nn.Module, out_dir: str | os.PathLike) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if is_timm_model(model):
         from timm.models import save_for_hf
+
         save_for_hf(model, str(out), safe_serialization=True)
         return
     arch = getattr(model, TORCHVISION_ARCH_ATTR, None)
     if arch is None:
-        raise PrunekitError(f"cannot save a {type(model).__name__} as a vision model: only timm models and "
-                         "torchvision models loaded with load_vision_model('torchvision:NAME') are supported")
+        raise PrunekitError(
+            f"cannot save a {type(model).__name__} as a vision model: only timm models and "
+            "torchvision models loaded with load_vision_model('torchvision:NAME') are supported"
+        )
     _save_torchvision(model, arch, out)
 
 
 def _save_torchvision(model: nn.Module, arch: str, out: Path) -> None:
     from safetensors.torch import save_file
+
     head = _last_linear(model)
-    config = {"library": "torchvision", "architecture": arch,
-              "num_classes": head.out_features if head is not None else None}
+    config = {
+        "library": "torchvision",
+        "architecture": arch,
+        "num_classes": head.out_features if head is not None else None,
+    }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

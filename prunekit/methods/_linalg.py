@@ -3,12 +3,13 @@
 Both solve the layer-wise problem ``min ||W X - W_hat X||^2`` whose Gram matrix is ``X^T X`` (or the
 Hessian ``2 X^T X / n``, the same up to a scale). Factorisations run in float32 on the weight's device.
 """
+
 from __future__ import annotations
 
 import torch
 
-from ..errors import PrunekitError
 from ..collect import LayerStats
+from ..errors import PrunekitError
 
 
 def gram(stats: LayerStats) -> torch.Tensor:
@@ -32,7 +33,8 @@ def cholesky(matrix: torch.Tensor, upper: bool = False, what: str = "the Hessian
     if int(info) != 0:
         raise PrunekitError(
             f"{what} is not positive definite (Cholesky failed at column {int(info) - 1}); the calibration "
-            "inputs are (nearly) rank deficient: raise percdamp or use more calibration samples")
+            "inputs are (nearly) rank deficient: raise percdamp or use more calibration samples"
+        )
     return factor
 
 

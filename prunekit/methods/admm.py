@@ -21,14 +21,15 @@ solver: during the first ``steps`` iterations the mask is re-chosen by Wanda sco
 ``iterations - steps`` iterations refine the weights with the mask fixed; ``steps=0`` is the Wanda mask
 plus the ``admm`` update).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import PrunekitError
 from ..collect import LayerStats
+from ..errors import PrunekitError
 from ..groups import select_mask, select_nm
 from ._linalg import add_to_diagonal, gram, spd_inverse
 from .base import HESSIAN, Solver, Target, Update, register_method, register_update
@@ -58,8 +59,9 @@ def make_problem(weight: torch.Tensor, gram_matrix: torch.Tensor, rho: float, pe
     return Problem(w, w @ a, inverse, scale, alive, rho)
 
 
-def admm_iteration(w: torch.Tensor, u: torch.Tensor, mask: torch.Tensor,
-                   p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+def admm_iteration(
+    w: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, p: Problem
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One ADMM round (projection, dual step, least-squares step) in the preconditioned space."""
     z = (w + u) * mask
     u = u + w - z
@@ -72,8 +74,14 @@ def admm_result(w: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, p: Problem
     return (w + u) * mask / p.scale
 
 
-def admm_update(weight: torch.Tensor, mask: torch.Tensor, gram_matrix: torch.Tensor, rho: float = 1.0,
-                iterations: int = 20, percdamp: float = 0.01) -> torch.Tensor:
+def admm_update(
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    gram_matrix: torch.Tensor,
+    rho: float = 1.0,
+    iterations: int = 20,
+    percdamp: float = 0.01,
+) -> torch.Tensor:
     """Re-fit the kept weights of ``weight`` for a fixed keep ``mask``; returns the new (sparse) weight."""
     p = make_problem(weight, gram_matrix.to(weight.device), rho, percdamp)
     w, u = p.weight, torch.zeros_like(p.weight)
@@ -102,9 +110,15 @@ def gradual_mask(v: torch.Tensor, alive: torch.Tensor, sparsity: float, target: 
     return select_mask(torch.where(keep_nm, torch.inf, scores), sparsity, "per-layer")
 
 
-def admm_gradual(weight: torch.Tensor, gram_matrix: torch.Tensor, target: Target, rho: float = 1.0,
-                 iterations: int = 20, steps: int = 15,
-                 percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def admm_gradual(
+    weight: torch.Tensor,
+    gram_matrix: torch.Tensor,
+    target: Target,
+    rho: float = 1.0,
+    iterations: int = 20,
+    steps: int = 15,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` to ``target`` while ADMM re-fits it; returns (new weight, keep mask)."""
     p = make_problem(weight, gram_matrix.to(weight.device), rho, percdamp)
     final = target.sparsity if target.nm is None else 1.0 - target.nm[0] / target.nm[1]
@@ -142,8 +156,9 @@ class ADMM(Update):
     def __post_init__(self) -> None:
         _check_params(self.name, self.rho, self.iterations, self.percdamp)
 
-    def update(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats,
-               target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats, target: Target
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         new = admm_update(weight, mask, gram(stats), self.rho, self.iterations, self.percdamp)
         return new, mask
 
@@ -165,8 +180,10 @@ class ADMMGradual(Solver):
     def __post_init__(self) -> None:
         _check_params(self.name, self.rho, self.iterations, self.percdamp)
         if not 0 <= self.steps <= self.iterations:
-            raise PrunekitError(f"admm-gradual: steps (mask-raising iterations) must be in [0, iterations="
-                             f"{self.iterations}], got {self.steps}")
+            raise PrunekitError(
+                f"admm-gradual: steps (mask-raising iterations) must be in [0, iterations="
+                f"{self.iterations}], got {self.steps}"
+            )
 
     def prune(self, weight: torch.Tensor, stats: LayerStats, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
         return admm_gradual(weight, gram(stats), target, self.rho, self.iterations, self.steps, self.percdamp)

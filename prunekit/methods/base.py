@@ -10,6 +10,7 @@ Methods see one matmul at a time: ``W`` is the float32 ``[rows, cols]`` matrix o
 conv group) and ``stats`` its input statistics (``LayerStats``). They declare the statistics they need
 in ``needs`` so the engine only collects those (norms are cheap, a Hessian is cols x cols).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,8 +68,9 @@ class Update:
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
 
-    def update(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats,
-               target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats, target: Target
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
 

@@ -23,6 +23,7 @@ so can overshoot; its variance averages per-sequence variances where this uses t
 tokens; it skips MLP layers by default (here: choose the layers with include/exclude). The weights are
 not changed, only the mask: use it after criteria that do not update weights (not after SparseGPT).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PrunekitError
 from ..collect import LayerStats
+from ..errors import PrunekitError
 from .base import NORMS, Target, Update, register_update
 from .wanda import wanda_score
 
@@ -41,8 +42,10 @@ _EPS = 1e-12
 def column_sums_per_sample(stats: LayerStats) -> torch.Tensor:
     """``sum_t x_tj / nsamples``, ``[1, cols]``: DSnoT's expected-input vector."""
     if stats.col_sum is None:
-        raise PrunekitError("DSnoT needs the column sums of each layer's input (LayerStats.col_sum); collect the "
-                         "statistics with prunekit.collect.collect, which accumulates them")
+        raise PrunekitError(
+            "DSnoT needs the column sums of each layer's input (LayerStats.col_sum); collect the "
+            "statistics with prunekit.collect.collect, which accumulates them"
+        )
     return stats.col_sum / max(stats.nsamples, 1)
 
 
@@ -67,7 +70,7 @@ class _Queue:
     back: torch.Tensor  # [rows] next index from the end (members only)
 
     @classmethod
-    def of(cls, key: torch.Tensor, member: torch.Tensor) -> "_Queue":
+    def of(cls, key: torch.Tensor, member: torch.Tensor) -> _Queue:
         order = torch.sort(torch.where(member, key, math.inf), dim=1, stable=True).indices
         return cls(order, torch.zeros(key.shape[0], dtype=torch.long, device=key.device), member.sum(dim=1) - 1)
 
@@ -126,8 +129,9 @@ class DSnoT(Update):
     var_power: float = 1.0
     same_sign: bool = True
 
-    def update(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats,
-               target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats, target: Target
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         drift = weight * column_sums_per_sample(stats)
         wanda = wanda_score(weight, stats.norms())
         regrow = _Queue.of(drift / column_variance(stats).pow(self.var_power), ~mask)

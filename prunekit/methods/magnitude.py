@@ -1,4 +1,5 @@
 """Magnitude pruning (Han et al. 2015): importance = |W|. Compared per layer by default."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -7,6 +7,7 @@ strip a whole input channel or output neuron just because its weights there are 
 layer by default, as in the published code (``--per_outneuron`` off); the optional channel permutation
 for N:M is not implemented (plain N:M selection on the scores).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

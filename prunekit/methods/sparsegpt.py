@@ -10,14 +10,15 @@ unstructured sparsity once per block of columns, compared within the target's gr
 (the published code compares across the whole block: ``per-layer``, our default); for N:M at every M-th
 column, on the weights as the sweep has updated them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import PrunekitError
 from ..collect import LayerStats
+from ..errors import PrunekitError
 from ..groups import select_mask, select_nm
 from ._linalg import add_to_diagonal, gram, inverse_cholesky_upper
 from .base import HESSIAN, Solver, Target, register_method
@@ -45,8 +46,9 @@ class SparseGPT(Solver):
         return sparsegpt(weight, gram(stats).to(weight.device), target, self.blocksize, self.percdamp)
 
 
-def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, target: Target, blocksize: int = 128,
-              percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt(
+    weight: torch.Tensor, hessian: torch.Tensor, target: Target, blocksize: int = 128, percdamp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight [rows, cols]`` given its input Hessian; returns (new weight, keep mask)."""
     _check_blocksize(blocksize, target)
     weight, hessian = drop_dead_inputs(weight.float().clone(), hessian.float().clone())
@@ -71,8 +73,10 @@ def drop_dead_inputs(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch
 
 def _check_blocksize(blocksize: int, target: Target) -> None:
     if target.nm is not None and blocksize % target.nm[1]:
-        raise PrunekitError(f"sparsegpt blocksize {blocksize} must be a multiple of M={target.nm[1]} for "
-                         f"{target.nm[0]}:{target.nm[1]} sparsity (each group of M columns lies in one block)")
+        raise PrunekitError(
+            f"sparsegpt blocksize {blocksize} must be a multiple of M={target.nm[1]} for "
+            f"{target.nm[0]}:{target.nm[1]} sparsity (each group of M columns lies in one block)"
+        )
 
 
 def _sweep_block(w1: torch.Tensor, keep1: torch.Tensor, u1: torch.Tensor, target: Target) -> torch.Tensor:
@@ -93,10 +97,9 @@ def _sweep_block(w1: torch.Tensor, keep1: torch.Tensor, u1: torch.Tensor, target
     return err.t()
 
 
-def _select_nm_columns(wt: torch.Tensor, keept: torch.Tensor, d: torch.Tensor, i: int,
-                       nm: tuple[int, int]) -> None:
+def _select_nm_columns(wt: torch.Tensor, keept: torch.Tensor, d: torch.Tensor, i: int, nm: tuple[int, int]) -> None:
     """N:M for columns ``i..i+M`` (rows of the transposed block), chosen on the weights as updated so far
     (the published timing)."""
     n, m = nm
-    saliency = wt[i:i + m].square() / d[i:i + m, None].square()
-    keept[i:i + m] = select_nm(saliency.t(), n, m).t()
+    saliency = wt[i : i + m].square() / d[i : i + m, None].square()
+    keept[i : i + m] = select_nm(saliency.t(), n, m).t()

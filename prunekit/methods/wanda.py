@@ -2,6 +2,7 @@
 
 Compared per output row by default, as published for LLMs (per-layer is better for ConvNeXt/ViT).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

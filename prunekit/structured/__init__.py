@@ -1,6 +1,7 @@
 """Structured pruning that makes models smaller and faster: remove blocks (``depth``), heads and channels
 (``width``), or slice the residual stream after a PCA rotation (``slicegpt``). Each is a ``ModelMethod`` in
 the ``STRUCTURED`` registry; the result is a plain dense model whose config matches its new shapes."""
+
 from .base import STRUCTURED, ModelMethod, register_structured
 from .depth import Depth, remove_blocks
 from .slicegpt import SliceGPT

@@ -1,4 +1,5 @@
 """What a structured method is, and their registry (kept apart from the weight-zeroing methods)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

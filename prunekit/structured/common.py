@@ -5,6 +5,7 @@ The structural methods change shapes, so whatever describes those shapes (``conf
 ``intermediate_size``, head counts, ``hidden_size``) must change with them, or ``from_pretrained`` would
 build the old architecture and refuse the smaller checkpoint.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,8 +24,10 @@ def block_list(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
     """The model's repeated blocks (decoder layers, ViT blocks) as ``(name, container)``."""
     found = find_blocks(model)
     if found is None:
-        raise PrunekitError(f"{type(model).__name__} has no list of repeated blocks holding most of its weights "
-                         "(decoder layers, ViT blocks); structured pruning needs one")
+        raise PrunekitError(
+            f"{type(model).__name__} has no list of repeated blocks holding most of its weights "
+            "(decoder layers, ViT blocks); structured pruning needs one"
+        )
     return found
 
 
@@ -115,6 +118,12 @@ def set_config(model: nn.Module, values: Mapping[str, Any]) -> None:
 
 def summary(before: int, after: int, total_before: int, total_after: int, **extra) -> dict:
     """The JSON-able report every structural method returns: what it removed, as counts and fractions."""
-    return {"params_before": before, "params_after": after, "removed_fraction": (before - after) / max(before, 1),
-            "model_params_before": total_before, "model_params_after": total_after,
-            "model_removed_fraction": (total_before - total_after) / max(total_before, 1), **extra}
+    return {
+        "params_before": before,
+        "params_after": after,
+        "removed_fraction": (before - after) / max(before, 1),
+        "model_params_before": total_before,
+        "model_params_after": total_after,
+        "model_removed_fraction": (total_before - total_after) / max(total_before, 1),
+        **extra,
+    }

@@ -15,6 +15,7 @@ module layouts we support, by their attributes (never by class name), and descri
 
 Removing a unit from every slot of its group is exact: the model equals the original with those weights zeroed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -88,18 +89,25 @@ def hf_attention(name: str, m: nn.Module) -> Group | None:
     hd = m.head_dim
     kv, q_rows = m.k_proj.out_features // hd, m.q_proj.out_features
     if kv * hd != m.k_proj.out_features or q_rows % (kv * hd):
-        raise PrunekitError(f"{name}: q/k projections ({q_rows}, {m.k_proj.out_features} rows) are not whole heads "
-                         f"of head_dim {hd}; cannot group query heads by KV head")
+        raise PrunekitError(
+            f"{name}: q/k projections ({q_rows}, {m.k_proj.out_features} rows) are not whole heads "
+            f"of head_dim {hd}; cannot group query heads by KV head"
+        )
     rep = q_rows // (kv * hd)
     q_index, kv_index = torch.arange(q_rows).view(kv, rep * hd), torch.arange(kv * hd).view(kv, hd)
-    slots = [Slot(f"{name}.q_proj", m.q_proj, 0, q_index), Slot(f"{name}.k_proj", m.k_proj, 0, kv_index),
-             Slot(f"{name}.v_proj", m.v_proj, 0, kv_index), Slot(f"{name}.o_proj", m.o_proj, 1, q_index)]
+    slots = [
+        Slot(f"{name}.q_proj", m.q_proj, 0, q_index),
+        Slot(f"{name}.k_proj", m.k_proj, 0, kv_index),
+        Slot(f"{name}.v_proj", m.v_proj, 0, kv_index),
+        Slot(f"{name}.o_proj", m.o_proj, 1, q_index),
+    ]
 
     def commit(kept: int) -> None:  # older transformers versions keep head counts on the module
         _set_if_present(m, num_heads=kept * rep, num_key_value_heads=kept)
 
     def config(kept: int) -> dict:
         return {"num_attention_heads": kept * rep, "num_key_value_heads": kept, "head_dim": hd}
+
     return Group(name, "heads", slots, commit, config)
 
 
@@ -107,32 +115,49 @@ def hf_gated_mlp(name: str, m: nn.Module) -> Group | None:
     if not _linears(m, ("gate_proj", "up_proj", "down_proj")):
         return None
     index = torch.arange(m.gate_proj.out_features).view(-1, 1)
-    slots = [Slot(f"{name}.gate_proj", m.gate_proj, 0, index), Slot(f"{name}.up_proj", m.up_proj, 0, index),
-             Slot(f"{name}.down_proj", m.down_proj, 1, index)]
-    return Group(name, "channels", slots, lambda kept: _set_if_present(m, intermediate_size=kept),
-                 lambda kept: {"intermediate_size": kept})
+    slots = [
+        Slot(f"{name}.gate_proj", m.gate_proj, 0, index),
+        Slot(f"{name}.up_proj", m.up_proj, 0, index),
+        Slot(f"{name}.down_proj", m.down_proj, 1, index),
+    ]
+    return Group(
+        name,
+        "channels",
+        slots,
+        lambda kept: _set_if_present(m, intermediate_size=kept),
+        lambda kept: {"intermediate_size": kept},
+    )
 
 
 def _require_identity(name: str, module: nn.Module | None, what: str) -> None:
     if module is not None and not isinstance(module, nn.Identity):
-        raise PrunekitError(f"{name}: a {what} over the pruned features is not invariant to removing some of them; "
-                         "width pruning supports this timm block only without it")
+        raise PrunekitError(
+            f"{name}: a {what} over the pruned features is not invariant to removing some of them; "
+            "width pruning supports this timm block only without it"
+        )
 
 
 def timm_attention(name: str, m: nn.Module) -> Group | None:
-    if not _linears(m, ("qkv", "proj")) or not isinstance(getattr(m, "num_heads", None), int) \
-            or not isinstance(getattr(m, "head_dim", None), int):
+    if (
+        not _linears(m, ("qkv", "proj"))
+        or not isinstance(getattr(m, "num_heads", None), int)
+        or not isinstance(getattr(m, "head_dim", None), int)
+    ):
         return None
     heads, hd = m.num_heads, m.head_dim
     if m.qkv.out_features != 3 * heads * hd:
         return None
     if not hasattr(m, "attn_dim"):
-        raise PrunekitError(f"{name}: this timm Attention reshapes its output to the input width, so heads cannot be "
-                         "removed; upgrade timm to a version whose Attention has `attn_dim`")
+        raise PrunekitError(
+            f"{name}: this timm Attention reshapes its output to the input width, so heads cannot be "
+            "removed; upgrade timm to a version whose Attention has `attn_dim`"
+        )
     _require_identity(name, getattr(m, "norm", None), "scale norm")
     per_head = torch.arange(heads * hd).view(heads, hd)
-    slots = [Slot(f"{name}.qkv", m.qkv, 0, torch.cat([per_head + i * heads * hd for i in range(3)], dim=1)),
-             Slot(f"{name}.proj", m.proj, 1, per_head)]
+    slots = [
+        Slot(f"{name}.qkv", m.qkv, 0, torch.cat([per_head + i * heads * hd for i in range(3)], dim=1)),
+        Slot(f"{name}.proj", m.proj, 1, per_head),
+    ]
     if isinstance(getattr(m, "gate", None), nn.Linear):
         slots.append(Slot(f"{name}.gate", m.gate, 0, per_head))
     return Group(name, "heads", slots, lambda kept: _set_if_present(m, num_heads=kept, attn_dim=kept * hd))
@@ -146,8 +171,7 @@ def timm_mlp(name: str, m: nn.Module) -> Group | None:
     return Group(name, "channels", [Slot(f"{name}.fc1", m.fc1, 0, index), Slot(f"{name}.fc2", m.fc2, 1, index)])
 
 
-ADAPTERS: tuple[Callable[[str, nn.Module], Group | None], ...] = (hf_attention, hf_gated_mlp, timm_attention,
-                                                                   timm_mlp)
+ADAPTERS: tuple[Callable[[str, nn.Module], Group | None], ...] = (hf_attention, hf_gated_mlp, timm_attention, timm_mlp)
 
 
 def find_groups(prefix: str, blocks: nn.Module) -> list[Group]:
@@ -160,6 +184,8 @@ def find_groups(prefix: str, blocks: nn.Module) -> list[Group]:
             if group is not None:
                 groups.append(group)
     if not groups:
-        raise PrunekitError("no attention or MLP layout that width pruning supports was found in the blocks (HF "
-                         "q/k/v/o_proj attention, gate/up/down_proj MLP; timm Attention with qkv/proj, Mlp fc1/fc2)")
+        raise PrunekitError(
+            "no attention or MLP layout that width pruning supports was found in the blocks (HF "
+            "q/k/v/o_proj attention, gate/up/down_proj MLP; timm Attention with qkv/proj, Mlp fc1/fc2)"
+        )
     return groups

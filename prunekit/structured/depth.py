@@ -12,6 +12,7 @@ All ``k`` blocks are chosen from these one-shot scores. ``k = round(ratio * n_bl
 The config is kept consistent (``num_hidden_layers``, per-layer lists such as ``layer_types``, every
 attention's ``layer_idx`` for the KV cache) so ``save_pretrained`` / ``from_pretrained`` round-trip.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,7 @@ from torch import nn
 from ..errors import PrunekitError
 from ..forward import block_output, hidden_state, hooks
 from .base import ModelMethod, register_structured
-from .common import (block_list, check_batches, check_ratio, count_params, forward, hf_config, input_ids,
-                     summary)
+from .common import block_list, check_batches, check_ratio, count_params, forward, hf_config, input_ids, summary
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def blocks_to_remove(n_blocks: int, ratio: float) -> int:
 
 # ---------------------------------------------------------------- scores
 
+
 @torch.no_grad()
 def cosine_scores(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence) -> torch.Tensor:
     """``1 - mean cos(input, output)`` of each block's hidden states over all calibration tokens."""
@@ -60,6 +61,7 @@ def cosine_scores(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequen
             cos = F.cosine_similarity(hidden_state(args, kwargs).float(), block_output(output).float(), dim=-1)
             sums[i] += cos.double().sum().cpu()
             counts[i] += cos.numel()
+
         return fn
 
     with hooks(b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)):
@@ -76,8 +78,7 @@ def causal_nll(model: nn.Module, batches: Sequence) -> float:
         ids = input_ids(batch)
         logits = forward(model, batch).logits[:, :-1].float()
         targets = ids[:, 1:].to(logits.device)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                 reduction="sum").item()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         count += targets.numel()
     return total / max(count, 1)
 
@@ -105,6 +106,7 @@ def ppl_scores(model: nn.Module, prefix: str, n_blocks: int, batches: Sequence) 
 
 
 # ---------------------------------------------------------------- removal
+
 
 def _container(model: nn.Module, prefix: str) -> tuple[nn.Module, str, nn.Module]:
     parent_name, _, attr = prefix.rpartition(".")
@@ -174,6 +176,13 @@ class Depth(ModelMethod):
         drop = sorted(torch.argsort(scores, stable=True)[:k].tolist())
         kept = remove_blocks(model, prefix, drop)
         log.info("depth (%s): removed blocks %s of %d", self.score, drop, len(blocks))
-        return summary(before, count_params(kept), total_before, count_params(model), score=self.score,
-                       blocks_before=len(blocks), removed_blocks=drop,
-                       block_scores=[round(float(s), 6) for s in scores])
+        return summary(
+            before,
+            count_params(kept),
+            total_before,
+            count_params(model),
+            score=self.score,
+            blocks_before=len(blocks),
+            removed_blocks=drop,
+            block_scores=[round(float(s), 6) for s in scores],
+        )

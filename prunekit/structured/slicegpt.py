@@ -27,6 +27,7 @@ Supported: LLaMA-style decoders (``input_layernorm`` -> ``self_attn.{q,k,v}_proj
 ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` ... ``down_proj``, final ``norm``, ``lm_head``) with
 ``weight * x / rms(x)`` norms (LLaMA, Mistral, Qwen2/3); the norm formula is checked numerically.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,8 +43,17 @@ from torch import nn
 from ..errors import PrunekitError
 from ..forward import hooks
 from .base import ModelMethod, register_structured
-from .common import (block_list, check_batches, check_ratio, config_accepts, count_params, forward, hf_config,
-                     set_config, summary)
+from .common import (
+    block_list,
+    check_batches,
+    check_ratio,
+    config_accepts,
+    count_params,
+    forward,
+    hf_config,
+    set_config,
+    summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +84,23 @@ class Layout:
 def _block_layout(name: str, block: nn.Module) -> BlockLayout:
     try:
         attn, mlp = block.self_attn, block.mlp
-        layout = BlockLayout(block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], attn.o_proj,
-                             block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], mlp.down_proj)
+        layout = BlockLayout(
+            block.input_layernorm,
+            [attn.q_proj, attn.k_proj, attn.v_proj],
+            attn.o_proj,
+            block.post_attention_layernorm,
+            [mlp.gate_proj, mlp.up_proj],
+            mlp.down_proj,
+        )
     except AttributeError as err:
-        raise PrunekitError(f"{name} is not a LLaMA-style decoder layer ({err}); slicegpt supports input_layernorm -> "
-                         "self_attn.q/k/v/o_proj, post_attention_layernorm -> mlp.gate/up/down_proj") from None
+        raise PrunekitError(
+            f"{name} is not a LLaMA-style decoder layer ({err}); slicegpt supports input_layernorm -> "
+            "self_attn.q/k/v/o_proj, post_attention_layernorm -> mlp.gate/up/down_proj"
+        ) from None
     if not all(isinstance(m, nn.Linear) for m in layout.attn_in + layout.mlp_in + [layout.attn_out, layout.mlp_out]):
-        raise PrunekitError(f"{name}: slicegpt needs nn.Linear projections (quantised or fused layers are not supported)")
+        raise PrunekitError(
+            f"{name}: slicegpt needs nn.Linear projections (quantised or fused layers are not supported)"
+        )
     return layout
 
 
@@ -90,8 +110,10 @@ def llama_layout(model: nn.Module) -> Layout:
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     final_norm = getattr(getattr(model, "base_model", None), "norm", None)
     if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear) or final_norm is None:
-        raise PrunekitError(f"{type(model).__name__}: slicegpt needs an nn.Embedding input, a final `norm` on the base "
-                         "model and an nn.Linear head (a LLaMA-style causal LM)")
+        raise PrunekitError(
+            f"{type(model).__name__}: slicegpt needs an nn.Embedding input, a final `norm` on the base "
+            "model and an nn.Linear head (a LLaMA-style causal LM)"
+        )
     layout = Layout(embed, [_block_layout(f"{prefix}.{i}", b) for i, b in enumerate(blocks)], final_norm, head)
     for norm in layout.norms():
         check_rmsnorm(norm, embed.embedding_dim)
@@ -113,10 +135,13 @@ def check_rmsnorm(norm: nn.Module, dim: int) -> None:
     x = torch.randn(3, dim, generator=torch.Generator().manual_seed(0)).to(probe.weight.device)
     expected = probe.weight * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps(norm))
     if not torch.allclose(probe(x), expected, rtol=1e-4, atol=1e-5):
-        raise PrunekitError(f"{type(norm).__name__} is not `weight * x / rms(x)`; slicegpt supports LLaMA-style RMSNorm")
+        raise PrunekitError(
+            f"{type(norm).__name__} is not `weight * x / rms(x)`; slicegpt supports LLaMA-style RMSNorm"
+        )
 
 
 # ---------------------------------------------------------------- PCA of the residual stream
+
 
 @torch.no_grad()
 def residual_covariance(model: nn.Module, norms: Sequence[nn.Module], batches: Sequence) -> torch.Tensor:
@@ -143,6 +168,7 @@ def principal_axes(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- fold, rotate, slice
+
 
 def _set_weight(module: nn.Module, weight: torch.Tensor, like: torch.Tensor) -> None:
     module.weight = nn.Parameter(weight.to(like.dtype).contiguous(), requires_grad=like.requires_grad)
@@ -269,13 +295,22 @@ class SliceGPT(ModelMethod):
         check_batches(batches, self.name)
         layout = llama_layout(model)
         d, head_dim = layout.embed.embedding_dim, _head_dim(model)
-        d_new = sliced_dim(d, ratio, self.round_to,
-                           lambda c: config_accepts(model, {"hidden_size": c, "head_dim": head_dim}))
+        d_new = sliced_dim(
+            d, ratio, self.round_to, lambda c: config_accepts(model, {"hidden_size": c, "head_dim": head_dim})
+        )
         _, blocks = block_list(model)
         before, total_before = count_params(blocks), count_params(model)
         values, vectors = principal_axes(residual_covariance(model, layout.norms(), batches))
         config = slice_model(model, layout, vectors[:, :d_new], head_dim)
         kept = float(values[:d_new].sum() / values.sum())
         log.info("slicegpt: hidden %d -> %d, %.4f of the residual variance kept", d, d_new, kept)
-        return summary(before, count_params(blocks), total_before, count_params(model), hidden_before=d,
-                       hidden_after=d_new, variance_kept=kept, config=config)
+        return summary(
+            before,
+            count_params(blocks),
+            total_before,
+            count_params(model),
+            hidden_before=d,
+            hidden_after=d_new,
+            variance_kept=kept,
+            config=config,
+        )

@@ -18,6 +18,7 @@ LLaMA config has one ``num_attention_heads`` / ``num_key_value_heads`` / ``inter
 uniform counts so the result is a plain ``LlamaForCausalLM``.) ``head_dim`` is written into the config
 explicitly, since ``hidden_size / num_attention_heads`` no longer gives it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,12 +31,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import PrunekitError
 from ..collect import collect
+from ..errors import PrunekitError
 from ..methods.wanda import wanda_score
 from .base import ModelMethod, register_structured
-from .common import (block_list, check_batches, check_ratio, config_accepts, count_params, forward, set_config,
-                     summary)
+from .common import block_list, check_batches, check_ratio, config_accepts, count_params, forward, set_config, summary
 from .coupling import Group, Slot, find_groups
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ SCORES = ("wanda", "magnitude")
 
 
 # ---------------------------------------------------------------- scores
+
 
 def slot_scores(slot: Slot, norms: torch.Tensor | None) -> torch.Tensor:
     """``sum |W_ij| * ||X_j||`` along each row (``dim=0``) or column (``dim=1``) of the slot's layer."""
@@ -74,6 +75,7 @@ def input_norms(model: nn.Module, groups: Sequence[Group], batches: Sequence) ->
 
 # ---------------------------------------------------------------- how many units go
 
+
 def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
@@ -92,8 +94,14 @@ def channels_to_remove(units: int, fraction: float, round_to: int) -> int:
     return units - min(max(kept, min(round_to, units)), units)
 
 
-def removal_counts(groups: Sequence[Group], ratio: float, head_ratio: float | None, round_to: int,
-                   total_params: int, accepts: Accepts = lambda values: True) -> dict[str, int]:
+def removal_counts(
+    groups: Sequence[Group],
+    ratio: float,
+    head_ratio: float | None,
+    round_to: int,
+    total_params: int,
+    accepts: Accepts = lambda values: True,
+) -> dict[str, int]:
     """Units to remove per group: heads at ``head_ratio``, then channels to bring the total to ``ratio``."""
     heads = [g for g in groups if g.kind == "heads"]
     channels = [g for g in groups if g.kind == "channels"]
@@ -104,8 +112,7 @@ def removal_counts(groups: Sequence[Group], ratio: float, head_ratio: float | No
     budget = ratio * total_params - sum(counts[g.name] * g.params_per_unit() for g in heads)
     c_frac = max(budget, 0.0) / sum(g.units * g.params_per_unit() for g in channels)
     if c_frac >= 1.0:
-        log.warning("width: ratio %.2f cannot be met with head_ratio %s; MLPs keep one channel step", ratio,
-                    head_ratio)
+        log.warning("width: ratio %.2f cannot be met with head_ratio %s; MLPs keep one channel step", ratio, head_ratio)
     counts.update({g.name: channels_to_remove(g.units, min(c_frac, 1.0), round_to) for g in channels})
     return counts
 
@@ -116,8 +123,10 @@ def planned_config(groups: Sequence[Group], counts: Mapping[str, int], accepts: 
     for group in groups:
         for key, value in group.config(group.units - counts[group.name]).items():
             if values.setdefault(key, value) != value:
-                raise PrunekitError(f"width pruning would leave {key} = {values[key]} in one layer and {value} in "
-                                 f"{group.name}; a Hugging Face config holds one value for all layers")
+                raise PrunekitError(
+                    f"width pruning would leave {key} = {values[key]} in one layer and {value} in "
+                    f"{group.name}; a Hugging Face config holds one value for all layers"
+                )
     if not accepts(values):
         raise PrunekitError(f"the model's config class rejects {values}; choose another ratio / head_ratio / round_to")
     return values
@@ -125,13 +134,15 @@ def planned_config(groups: Sequence[Group], counts: Mapping[str, int], accepts: 
 
 # ---------------------------------------------------------------- cutting
 
-def cut_groups(groups: Sequence[Group], scores: Mapping[str, torch.Tensor],
-               counts: Mapping[str, int]) -> dict[str, list[int]]:
+
+def cut_groups(
+    groups: Sequence[Group], scores: Mapping[str, torch.Tensor], counts: Mapping[str, int]
+) -> dict[str, list[int]]:
     """Remove the ``counts[name]`` lowest-scoring units of each group; returns the removed unit indices."""
     removed = {}
     for group in groups:
         order = torch.argsort(scores[group.name], stable=True)
-        drop, keep = order[:counts[group.name]], order[counts[group.name]:].sort().values
+        drop, keep = order[: counts[group.name]], order[counts[group.name] :].sort().values
         group.cut(keep)
         removed[group.name] = sorted(drop.tolist())
     return removed
@@ -174,7 +185,12 @@ class Width(ModelMethod):
         removed = cut_groups(groups, scores, counts)
         set_config(model, config)
         log.info("width: removed %s units per group", sorted(set(counts.values())))
-        return summary(before, count_params(blocks), total_before, count_params(model), score=self.score,
-                       removed_units={g.name: {"kind": g.kind, "before": g.units,
-                                               "removed": removed[g.name]} for g in groups},
-                       config=config)
+        return summary(
+            before,
+            count_params(blocks),
+            total_before,
+            count_params(model),
+            score=self.score,
+            removed_units={g.name: {"kind": g.kind, "before": g.units, "removed": removed[g.name]} for g in groups},
+            config=config,
+        )

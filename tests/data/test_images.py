@@ -1,4 +1,5 @@
 """Image calibration: a seeded sample of an ImageFolder, preprocessed with the model's timm data config."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +8,15 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from prunekit.errors import PrunekitError
 import prunekit
-from prunekit.data.images import (collate_labeled, data_config, image_calibration, image_dataset, image_transform,
-                                  sample_indices)
+from prunekit.data.images import (
+    collate_labeled,
+    data_config,
+    image_calibration,
+    image_dataset,
+    image_transform,
+    sample_indices,
+)
 from prunekit.errors import PrunekitError
 from tests.conftest import fixture_path
 from tests.test_vision_prune import tiny_convnext
@@ -83,14 +89,18 @@ def _break(folder):
 def test_corrupt_images_fail_naming_the_file(folder, workers):
     model = tiny_convnext()
     _break(folder)
-    with pytest.raises(PrunekitError, match=r"^image '.*(cut.png|junk.jpg)' cannot be read \(.*\); replace or remove "
-                                            r"it, or skip unreadable images \(--skip-bad-images") as err:
+    with pytest.raises(
+        PrunekitError,
+        match=r"^image '.*(cut.png|junk.jpg)' cannot be read \(.*\); replace or remove "
+        r"it, or skip unreadable images \(--skip-bad-images",
+    ) as err:
         image_calibration(model, folder, nsamples=17, batch_size=17, num_workers=workers)
     assert "\n" not in str(err.value)  # one line, even when a DataLoader worker raised it
 
 
 def test_corrupt_images_can_be_skipped_and_counted(folder, caplog):
     import logging
+
     model = tiny_convnext()
     bad = _break(folder)
     with caplog.at_level(logging.WARNING):
@@ -106,6 +116,7 @@ def test_corrupt_images_can_be_skipped_and_counted(folder, caplog):
 
 def test_digits_calibration_uses_the_fixture_config():
     from prunekit.io.timm import load_vision_model
+
     model = load_vision_model(f"local-dir:{fixture_path('convnext-digits')}")
     batches = image_calibration(model, fixture_path("digits", "train"), nsamples=8, batch_size=8)
     assert batches[0].shape == (8, 3, 32, 32)
@@ -115,6 +126,7 @@ def test_digits_calibration_uses_the_fixture_config():
 def test_evaluation_skips_unreadable_images_when_asked(folder):
     """--skip-bad-images covers evaluation folders too: by default the first bad image fails naming the file."""
     from prunekit.eval.image import evaluate_image
+
     model = tiny_convnext(num_classes=3)
     _break(folder)
     with pytest.raises(PrunekitError, match="cannot be read"):

@@ -43,8 +43,11 @@ def test_missing_path_is_not_a_hub_download(tmp_path, monkeypatch):
 
 def test_binary_and_non_utf8_text_name_the_file_and_the_fix(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
-    with pytest.raises(PrunekitError, match=r"^--calib-data '.*latin1.txt' is not UTF-8 text \(byte 3: .*\); convert "
-                                            r"it, e.g. iconv"):
+    with pytest.raises(
+        PrunekitError,
+        match=r"^--calib-data '.*latin1.txt' is not UTF-8 text \(byte 3: .*\); convert "
+        r"it, e.g. iconv",
+    ):
         load_text(tmp_path / "latin1.txt", what="--calib-data")
     (tmp_path / "utf16.txt").write_bytes("hello".encode("utf-16-le"))
     with pytest.raises(PrunekitError, match="utf16.txt' is a binary file .*NUL bytes"):
@@ -55,17 +58,21 @@ def test_binary_and_non_utf8_text_name_the_file_and_the_fix(tmp_path):
     (folder / "b.txt").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(PrunekitError, match="b.txt' is not UTF-8 text"):
         load_text(folder)
-    (tmp_path / "bad.csv").write_bytes(b"text\n\"unclosed\n\xff\xfe\n")
+    (tmp_path / "bad.csv").write_bytes(b'text\n"unclosed\n\xff\xfe\n')
     with pytest.raises(PrunekitError, match="bad.csv' could not be read as csv"):
         load_text(tmp_path / "bad.csv")
 
 
 def test_hub_dataset_names_fail_at_once_offline_or_unreachable(monkeypatch):
     import time
+
     start = time.perf_counter()
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(PrunekitError, match=r"--calib-data 'prunekit-test/no-such-data' is neither a local file nor a "
-                                            r"dataset in the datasets cache \(HF_DATASETS_OFFLINE"):
+    with pytest.raises(
+        PrunekitError,
+        match=r"--calib-data 'prunekit-test/no-such-data' is neither a local file nor a "
+        r"dataset in the datasets cache \(HF_DATASETS_OFFLINE",
+    ):
         load_text("prunekit-test/no-such-data", what="--calib-data")
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
@@ -77,13 +84,16 @@ def test_hub_dataset_names_fail_at_once_offline_or_unreachable(monkeypatch):
 
 def test_saved_dataset_directory(tmp_path):
     import datasets
+
     datasets.Dataset.from_dict({"text": ["a b", "c"]}).save_to_disk(str(tmp_path / "ds"))
     assert load_text(tmp_path / "ds") == "a b\n\nc"
 
 
 def test_calibration_from_text_path(tmp_path):
     from transformers import AutoTokenizer
+
     from prunekit.cli import demo_assets
+
     tok = AutoTokenizer.from_pretrained(demo_assets() / "kjv-llama-5m")
     text = (demo_assets() / "kjv" / "test.txt").read_text()[:20000]
     (tmp_path / "t.txt").write_text(text)

@@ -1,4 +1,5 @@
 """Image classification with Lightning: the same top-1/top-5/loss as a plain loop, whatever the batching."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from prunekit.eval.image import (ImageClassifier, ImageDataModule, eval_sampler, evaluate_image,
-                                 run_image_eval_config)
+from prunekit.eval.image import ImageClassifier, ImageDataModule, eval_sampler, evaluate_image, run_image_eval_config
 from prunekit.io.timm import save_vision_model
 from tests.conftest import fixture_path
 from tests.test_vision_prune import tiny_convnext
@@ -33,9 +33,11 @@ def direct_metrics(model, dataset: TensorDataset) -> dict[str, float]:
     with torch.no_grad():
         logits = model(images)
     top5 = logits.topk(5, dim=1).indices
-    return {"top1": (logits.argmax(1) == labels).float().mean().item(),
-            "top5": (top5 == labels[:, None]).any(1).float().mean().item(),
-            "loss": F.cross_entropy(logits, labels).item()}
+    return {
+        "top1": (logits.argmax(1) == labels).float().mean().item(),
+        "top5": (top5 == labels[:, None]).any(1).float().mean().item(),
+        "loss": F.cross_entropy(logits, labels).item(),
+    }
 
 
 @pytest.mark.parametrize("batch_size", [8, 37])
@@ -52,8 +54,9 @@ def test_lightning_eval_equals_a_direct_loop(batch_size):
 
 def test_top5_only_with_five_classes_or_more(tmp_path):
     model = tiny_convnext(num_classes=3)
-    out = evaluate_image(model, random_images(9, classes=3), batch_size=4, progress=False, accelerator="cpu",
-                         results=tmp_path / "r.json")
+    out = evaluate_image(
+        model, random_images(9, classes=3), batch_size=4, progress=False, accelerator="cpu", results=tmp_path / "r.json"
+    )
     assert "top5" not in out and 0 <= out["top1"] <= 1
     assert json.loads((tmp_path / "r.json").read_text())["images"] == 9
 
@@ -79,9 +82,16 @@ def test_training_step_fits_the_same_module():
     data = random_images(16)
     dm = ImageDataModule(train=data, val=data, data_config={"input_size": (3, 32, 32)}, batch_size=8)
     before = model.head.fc.weight.detach().clone()
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=dm)
     assert not torch.equal(model.head.fc.weight, before)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -113,18 +123,26 @@ def test_recipe_runs_on_a_saved_pruned_model(tmp_path):
     out = run_image_eval_config(_recipe_with(tmp_path, f"local-dir:{tmp_path / 'model'}", str(folder)))
     assert out["images"] == 6
     assert json.loads((tmp_path / "results.json").read_text())["top1"] == out["top1"]
-    again = run_image_eval_config(RECIPE, {"model": {"source": str(tmp_path / "model")},
-                                           "data": {"path": str(folder), "num_workers": 0},
-                                           "trainer": {"enable_progress_bar": False, "accelerator": "cpu"},
-                                           "results": None})
+    again = run_image_eval_config(
+        RECIPE,
+        {
+            "model": {"source": str(tmp_path / "model")},
+            "data": {"path": str(folder), "num_workers": 0},
+            "trainer": {"enable_progress_bar": False, "accelerator": "cpu"},
+            "results": None,
+        },
+    )
     assert again["top1"] == out["top1"]
 
 
 def test_recipe_typos_fail_before_work(tmp_path):
     path = tmp_path / "bad.yaml"
-    for bad, match in (({"modle": {}}, "unknown section"), ({"model": {"source": "x", "sauce": 1}}, "unknown key"),
-                       ({"trainer": {"max_epoch": 1}, "model": {"source": "x"}}, "unknown key"),
-                       ({"model": {"source": "x"}}, "needs \\['path'\\]")):
+    for bad, match in (
+        ({"modle": {}}, "unknown section"),
+        ({"model": {"source": "x", "sauce": 1}}, "unknown key"),
+        ({"trainer": {"max_epoch": 1}, "model": {"source": "x"}}, "unknown key"),
+        ({"model": {"source": "x"}}, "needs \\['path'\\]"),
+    ):
         path.write_text(yaml.safe_dump(bad))
         with pytest.raises(ValueError, match=match):
             run_image_eval_config(path)
@@ -135,6 +153,7 @@ def test_recipe_on_the_digits_fixture_matches_a_direct_loop(tmp_path):
     """convnext-digits through the shipped recipe = a plain loop over the same preprocessed images."""
     from prunekit.data.images import data_config, image_dataset, image_transform
     from prunekit.io.timm import load_vision_model
+
     source = f"local-dir:{fixture_path('convnext-digits')}"
     val = fixture_path("digits", "val")
     out = run_image_eval_config(_recipe_with(tmp_path, source, str(val)))

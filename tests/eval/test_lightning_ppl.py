@@ -1,4 +1,5 @@
 """The Lightning perplexity recipe reports exactly the plain evaluator's perplexity."""
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,15 @@ def test_kjv_recipe_equals_plain_evaluator(tmp_path, kjv_test_tokens):
     """The shipped recipe on kjv-llama-5m (first 16 test windows, to stay fast) = prunekit.eval.perplexity."""
     source = fixture_path("kjv-llama-5m")
     test_text = fixture_path("kjv", "test.txt")
-    out = run_ppl_eval_config(RECIPE, {"model": {"source": str(source)},
-                                       "data": {"path": str(test_text), "max_windows": 16, "batch_size": 5},
-                                       "trainer": QUIET, "results": str(tmp_path / "ppl.json")})
+    out = run_ppl_eval_config(
+        RECIPE,
+        {
+            "model": {"source": str(source)},
+            "data": {"path": str(test_text), "max_windows": 16, "batch_size": 5},
+            "trainer": QUIET,
+            "results": str(tmp_path / "ppl.json"),
+        },
+    )
     config = yaml.safe_load(RECIPE.read_text())
     seqlen = config["data"]["seqlen"]
     tokens = kjv_test_tokens[: 16 * seqlen]

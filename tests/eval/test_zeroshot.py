@@ -18,6 +18,7 @@ def offline(monkeypatch):
 
 def test_zeroshot_runs_a_local_task_end_to_end_on_an_in_memory_model(offline):
     from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(fixture_path("kjv-llama-5m"))
     model = tiny_llama(vocab=len(tokenizer)).train()
     result = zeroshot(model, tokenizer, "kjv_cloze", batch_size=4, limit=6, include_path=TASK_DIR)
@@ -33,8 +34,12 @@ def test_zeroshot_runs_a_local_task_end_to_end_on_an_in_memory_model(offline):
 
 def test_task_metrics_reads_lm_eval_keys():
     row = {"alias": "x", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.25, "acc_norm_stderr,none": "N/A"}
-    assert task_metrics(row, {"original": 10, "effective": 4}) == {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25,
-                                                                    "n": 4}
+    assert task_metrics(row, {"original": 10, "effective": 4}) == {
+        "acc": 0.5,
+        "acc_stderr": 0.1,
+        "acc_norm": 0.25,
+        "n": 4,
+    }
 
 
 def test_mean_metrics_only_over_metrics_every_task_has():

@@ -1,4 +1,5 @@
 """Causal-LM fine-tuning module and text windows."""
+
 from __future__ import annotations
 
 import lightning.pytorch as L
@@ -52,8 +53,16 @@ def test_finetuning_lowers_the_loss_and_keeps_gradual_masks(text_file):
     with torch.no_grad():
         before = module._loss(batch).item()
     pruning = PruningCallback("wanda", 0.5, schedule="cubic", end_step=6, every_n_steps=3, calib_batches=2)
-    L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, limit_val_batches=0, callbacks=[pruning]).fit(module, datamodule=data)
+    L.Trainer(
+        max_steps=12,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[pruning],
+    ).fit(module, datamodule=data)
     with torch.no_grad():
         after = module._loss(batch).item()
     assert after < before and pruning.sparsity() == 0.5

@@ -1,4 +1,5 @@
 """LoRA recovery: adapters on the pruned layers, and a merge that keeps exactly the base model's zeros."""
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,14 @@ LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_pro
 def train(module, steps: int = 4) -> None:
     ids = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(0))
     data = DataLoader([{"input_ids": row} for row in ids], batch_size=4)
-    L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(module, data)
+    L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, data)
 
 
 def zeros(model, masks) -> int:

@@ -1,4 +1,5 @@
 """``prunekit finetune`` recipes: validation before any work, and end to end on the fixtures (slow)."""
+
 from __future__ import annotations
 
 import json
@@ -20,14 +21,17 @@ def write(tmp_path: Path, **settings) -> Path:
     return path
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(lora_rank=4), "unknown key"),
-    (dict(lora={"r": 4, "rank": 8}), "unknown lora key"),
-    (dict(lora={"r": 4}, schedule="cubic", end_step=10), "LoRA freezes"),
-    (dict(schedule="cubic", end_step=500, max_steps=100), "after max_steps"),
-    (dict(schedule="gradual"), "schedule must be"),
-    (dict(task="segmentation"), "task must be"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(lora_rank=4), "unknown key"),
+        (dict(lora={"r": 4, "rank": 8}), "unknown lora key"),
+        (dict(lora={"r": 4}, schedule="cubic", end_step=10), "LoRA freezes"),
+        (dict(schedule="cubic", end_step=500, max_steps=100), "after max_steps"),
+        (dict(schedule="gradual"), "schedule must be"),
+        (dict(task="segmentation"), "task must be"),
+    ],
+)
 def test_bad_recipes_fail_before_any_work(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         load_finetune_recipe(write(tmp_path, **settings))
@@ -64,15 +68,28 @@ def test_llm_wanda_lora_recipe_end_to_end(tmp_path):
     model = fixture_path("kjv-llama-5m")
     train, test = head_text(tmp_path, "train.txt", 60000), head_text(tmp_path, "test.txt", 6000)
     out = tmp_path / "out"
-    recipe = write(tmp_path, model=str(model), method="wanda", sparsity=0.7, calib_data=str(train), nsamples=8,
-                   seqlen=64, lora={"r": 4, "alpha": 8}, max_steps=2, train_batch_size=2, lr=1e-3,
-                   eval_data=str(test), out=str(out))
+    recipe = write(
+        tmp_path,
+        model=str(model),
+        method="wanda",
+        sparsity=0.7,
+        calib_data=str(train),
+        nsamples=8,
+        seqlen=64,
+        lora={"r": 4, "alpha": 8},
+        max_steps=2,
+        train_batch_size=2,
+        lr=1e-3,
+        eval_data=str(test),
+        out=str(out),
+    )
     report = run_finetune_recipe(recipe)
     assert set(report["metrics"]) == {"ppl_dense", "ppl_pruned", "ppl_lora_unmerged", "ppl_finetuned"}
     assert report["sparsity"] == pytest.approx(0.7, abs=0.002) and report["state_dict_keys_unchanged"]
     saved = json.loads((out / "finetune_report.json").read_text())
     assert saved["metrics"] == report["metrics"] and (out / "recipe.yaml").exists()
     from transformers import AutoModelForCausalLM
+
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     weight = reloaded.model.layers[0].mlp.down_proj.weight
     assert float((weight == 0).float().mean()) == pytest.approx(0.7, abs=0.002)
@@ -82,15 +99,31 @@ def test_llm_wanda_lora_recipe_end_to_end(tmp_path):
 def test_convnext_gradual_recipe_end_to_end(tmp_path):
     model = fixture_path("convnext-digits")
     train, val = image_subset(tmp_path, "train", 8), image_subset(tmp_path, "val", 5)
-    recipe = write(tmp_path, model=f"local-dir:{model}", method="wanda", sparsity=0.8, group="per-layer",
-                   schedule="cubic", end_step=4, every_n_steps=2, calib_batches=1, max_steps=5,
-                   train_data=str(train), calib_data=None, train_batch_size=16, lr=2e-4,
-                   eval_data=str(val), eval_batch_size=50, out=str(tmp_path / "out"))
+    recipe = write(
+        tmp_path,
+        model=f"local-dir:{model}",
+        method="wanda",
+        sparsity=0.8,
+        group="per-layer",
+        schedule="cubic",
+        end_step=4,
+        every_n_steps=2,
+        calib_batches=1,
+        max_steps=5,
+        train_data=str(train),
+        calib_data=None,
+        train_batch_size=16,
+        lr=2e-4,
+        eval_data=str(val),
+        eval_batch_size=50,
+        out=str(tmp_path / "out"),
+    )
     report = run_finetune_recipe(recipe)
     assert set(report["metrics"]) >= {"top1_dense", "top1_finetuned"}
     assert report["sparsity"] == pytest.approx(0.8, abs=1e-3) and report["state_dict_keys_unchanged"]
     assert [e["event_step"] for e in report["history"]] == [2, 4]
     from prunekit.io.timm import load_vision_model
+
     reloaded = load_vision_model(str(tmp_path / "out"))
     assert float((reloaded.stages[1].blocks[0].mlp.fc1.weight == 0).float().mean()) == pytest.approx(0.8, abs=1e-3)
 
@@ -99,6 +132,7 @@ def test_missing_training_data_is_one_line_before_any_loading(tmp_path, monkeypa
     """A relative path beside an existing folder, or with a file suffix, is a missing file, not a hub name."""
     from prunekit.errors import PrunekitError
     from prunekit.finetune.recipe import load_finetune_recipe
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     with pytest.raises(PrunekitError, match="train_data 'data/train' does not exist; give an existing"):

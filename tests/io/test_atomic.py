@@ -68,8 +68,16 @@ def _dead_pid() -> int:
 
 def _write_lock(out: Path, pid: int, host: str | None = None) -> Path:
     lock = lock_path(out)
-    lock.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": "2026-01-01 10:00:00",
-                                "command": "prunekit prune --out x"}))
+    lock.write_text(
+        json.dumps(
+            {
+                "pid": pid,
+                "host": host or socket.gethostname(),
+                "started": "2026-01-01 10:00:00",
+                "command": "prunekit prune --out x",
+            }
+        )
+    )
     return lock
 
 
@@ -91,12 +99,14 @@ def test_claim_writes_atomically_and_leaves_only_the_output(tmp_path):
 def test_a_second_claim_fails_at_once_naming_the_first_run(tmp_path):
     out, errors = tmp_path / "out", []
     with claim_output(out):
+
         def second():
             try:
                 with claim_output(out):
                     pass
             except PrunekitError as err:
                 errors.append(str(err))
+
         thread = threading.Thread(target=second)
         thread.start()
         thread.join(30)
@@ -132,8 +142,11 @@ def test_the_rename_never_replaces_an_out_that_changed_after_the_claim(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(PrunekitError, match="changed by something else"), \
-            claim_output(out, overwrite=True) as claim, claim.staging() as tmp:
+    with (
+        pytest.raises(PrunekitError, match="changed by something else"),
+        claim_output(out, overwrite=True) as claim,
+        claim.staging() as tmp,
+    ):
         (tmp / "mine.txt").write_text("new")
         (out / "added.txt").write_text("added while we ran")
     assert sorted(os.listdir(out)) == ["added.txt", "old.txt"]

@@ -1,15 +1,30 @@
 """The compact sparse format restores the exact dense tensors and is smaller than dense."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from prunekit.errors import PrunekitError
 import prunekit
-from prunekit.io.compact import (Checkpoint, ShardWriter, choose_format, convert, decode_2_4, decode_bitmask,
-                                 encode_2_4, encode_bitmask, is_2_4, is_compact, load_compact, packbits,
-                                 parse_size, save_compact, unpackbits)
+from prunekit.errors import PrunekitError
+from prunekit.io.compact import (
+    Checkpoint,
+    ShardWriter,
+    choose_format,
+    convert,
+    decode_2_4,
+    decode_bitmask,
+    encode_2_4,
+    encode_bitmask,
+    is_2_4,
+    is_compact,
+    load_compact,
+    packbits,
+    parse_size,
+    save_compact,
+    unpackbits,
+)
 from tests.conftest import tiny_llama
 
 
@@ -98,6 +113,7 @@ def test_tied_state_dict_round_trip(tmp_path):
 
 def test_convert_dense_compact_dense(tmp_path, token_batch):
     from transformers import AutoModelForCausalLM
+
     model = tiny_llama()
     prunekit.prune(model, "wanda", 0.5, pattern="2:4", calib=token_batch)
     model.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
@@ -114,6 +130,7 @@ def test_convert_dense_compact_dense(tmp_path, token_batch):
 
 def test_errors_name_the_problem(tmp_path):
     from safetensors.torch import save_file
+
     save_file({"w": torch.ones(2, 2)}, str(tmp_path / "dense.safetensors"))
     with pytest.raises(ValueError, match="not a prunekit compact file"):
         load_compact(tmp_path / "dense.safetensors")

@@ -1,4 +1,5 @@
 """Loading HF checkpoints: every broken input is one PrunekitError naming the file, at once."""
+
 import json
 import time
 
@@ -21,6 +22,7 @@ def saved(tmp_path_factory):
 
 def _copy(saved, tmp_path):
     import shutil
+
     return shutil.copytree(saved, tmp_path / "copy")
 
 
@@ -34,8 +36,11 @@ def test_truncated_safetensors_names_the_file(saved, tmp_path):
     weights = folder / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
-    with pytest.raises(PrunekitError, match=r"model.safetensors' is truncated or corrupt \(\d+ bytes, its tensors "
-                                            r"need \d+\); re-download"):
+    with pytest.raises(
+        PrunekitError,
+        match=r"model.safetensors' is truncated or corrupt \(\d+ bytes, its tensors "
+        r"need \d+\); re-download",
+    ):
         load_causal_lm(folder)
     with open(weights, "r+b") as f:
         f.truncate(5)
@@ -45,8 +50,9 @@ def test_truncated_safetensors_names_the_file(saved, tmp_path):
 
 def test_missing_shard_names_it(saved, tmp_path):
     folder = _copy(saved, tmp_path)
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
     with pytest.raises(PrunekitError, match="lacks model-00001-of-00002.safetensors and 1 more shards"):
         load_causal_lm(folder)
 
@@ -55,9 +61,12 @@ def test_weights_that_do_not_fit_the_config_name_the_tensor_and_file(saved, tmp_
     folder = _copy(saved, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
-    with pytest.raises(PrunekitError, match=r"does not match its config.json: model.layers.0.mlp.\w+.weight is "
-                                            r"\[\d+, \d+\] in model.safetensors but \[\d+, \d+\] per config.json "
-                                            r"\(and 5 more\); fix config.json"):
+    with pytest.raises(
+        PrunekitError,
+        match=r"does not match its config.json: model.layers.0.mlp.\w+.weight is "
+        r"\[\d+, \d+\] in model.safetensors but \[\d+, \d+\] per config.json "
+        r"\(and 5 more\); fix config.json",
+    ):
         load_causal_lm(folder)
 
 

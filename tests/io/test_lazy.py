@@ -1,4 +1,5 @@
 """Lazy (block-by-block from safetensors) pruning must write exactly what the in-memory path writes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import prunekit
-from prunekit.io.compact import load_compact
 from prunekit.activations import Activations, choose_offload
+from prunekit.io.compact import load_compact
 from prunekit.io.lazy import LazyModel, prune_lazy
 from tests.conftest import tiny_llama
 
@@ -50,6 +51,7 @@ def tokens() -> torch.Tensor:
 
 def _in_memory(source: Path, out: Path, **kwargs) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(source)
     prunekit.prune(model, batch_size=3, **kwargs)
     model.save_pretrained(out)
@@ -60,8 +62,16 @@ def _in_memory(source: Path, out: Path, **kwargs) -> dict[str, torch.Tensor]:
 def test_lazy_equals_in_memory_wanda(source, tokens, tmp_path, mode):
     before = _digest(source)
     ref = _in_memory(source, tmp_path / "ref", method="wanda", sparsity=0.5, calib=tokens)
-    report = prune_lazy(source, tmp_path / "lazy", "wanda", 0.5, calib=tokens, batch_size=3,
-                        offload_activations=mode, max_shard_size="20KB")
+    report = prune_lazy(
+        source,
+        tmp_path / "lazy",
+        "wanda",
+        0.5,
+        calib=tokens,
+        batch_size=3,
+        offload_activations=mode,
+        max_shard_size="20KB",
+    )
     _assert_identical(ref, _state(tmp_path / "lazy"))
     assert report.metrics["offload_activations"] == mode
     assert report.sparsity == pytest.approx(0.5)
@@ -74,6 +84,7 @@ def test_lazy_equals_in_memory_wanda(source, tokens, tmp_path, mode):
 
 def test_lazy_output_loads_with_from_pretrained(source, tokens, tmp_path):
     from transformers import AutoModelForCausalLM
+
     prune_lazy(source, tmp_path / "lazy", "wanda", 0.5, pattern="2:4", calib=tokens)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "lazy")
     weight = model.model.layers[1].mlp.down_proj.weight
@@ -125,8 +136,11 @@ def test_skeleton_holds_no_weights_and_onload_offload_round_trip(source):
     lazy.offload(names)
     assert all(p.device.type == "meta" for p in lazy.model.parameters())
     assert "lm_head.weight" not in lazy.input_names("model.layers")
-    assert set(lazy.outside_names("model.layers")) == {"model.embed_tokens.weight", "model.norm.weight",
-                                                       "lm_head.weight"}
+    assert set(lazy.outside_names("model.layers")) == {
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    }
 
 
 def test_choose_offload():

@@ -1,4 +1,5 @@
 """Paths: local or hub, inputs never overlapped by outputs, writability and free space before any work."""
+
 import logging
 import os
 
@@ -6,8 +7,17 @@ import pytest
 
 from prunekit.errors import PrunekitError
 from prunekit.io import paths
-from prunekit.io.paths import (check_dir_writable, check_file_writable, check_free_space, check_paths,
-                               checkpoint_bytes, is_hub_id, looks_local, require_hub, require_local)
+from prunekit.io.paths import (
+    check_dir_writable,
+    check_file_writable,
+    check_free_space,
+    check_paths,
+    checkpoint_bytes,
+    is_hub_id,
+    looks_local,
+    require_hub,
+    require_local,
+)
 
 
 @pytest.fixture
@@ -21,15 +31,19 @@ def model(tmp_path):
 
 # ---------------------------------------------------------------- local or hub
 
-@pytest.mark.parametrize("name", ["gpt2", "org/name", "EleutherAI/pythia-1.4b", "wikitext:wikitext-2-raw-v1",
-                                  "timm:convnext_tiny.fb_in1k"])
+
+@pytest.mark.parametrize(
+    "name", ["gpt2", "org/name", "EleutherAI/pythia-1.4b", "wikitext:wikitext-2-raw-v1", "timm:convnext_tiny.fb_in1k"]
+)
 def test_hub_names_are_not_local(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert is_hub_id(name) and not looks_local(name)
 
 
-@pytest.mark.parametrize("name", ["./model", "/abs/model", "~/model", "calib.txt", "a/b/c", "my model",
-                                  "weights.pth", "org--x/name", "../up"])
+@pytest.mark.parametrize(
+    "name",
+    ["./model", "/abs/model", "~/model", "calib.txt", "a/b/c", "my model", "weights.pth", "org--x/name", "../up"],
+)
 def test_paths_that_cannot_be_hub_names_are_local(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert looks_local(name)
@@ -82,10 +96,14 @@ def test_hub_probe_reports_a_dead_endpoint_quickly(monkeypatch):
 
 # ---------------------------------------------------------------- inputs are sacred
 
+
 def test_json_pointing_into_the_model_is_refused(model):
     """Issue 17 #1: --json M/config.json replaced the input's config."""
-    with pytest.raises(PrunekitError, match=r"--json .*config.json' overlaps the input --model \(it is inside "
-                                            r".*model'\)"):
+    with pytest.raises(
+        PrunekitError,
+        match=r"--json .*config.json' overlaps the input --model \(it is inside "
+        r".*model'\)",
+    ):
         check_paths({"--json": model / "config.json"}, {"--model": model})
     with pytest.raises(PrunekitError, match=r"--json .* overlaps the input --model \(it is inside"):
         check_paths({"--json": model / "report.json"}, {"--model": model})
@@ -101,8 +119,10 @@ def test_outputs_that_contain_or_equal_inputs_are_refused(model, tmp_path):
         check_paths({"--out": tmp_path / "data"}, {"--model": model, "--calib-data": calib})
     with pytest.raises(PrunekitError, match="overlaps the input --model"):
         check_paths({"--out": model}, {"--model": model})
-    check_paths({"--out": tmp_path / "pruned", "--json": tmp_path / "r.json"},
-                {"--model": model, "--calib-data": calib, "--eval-data": None, "--tokenizer": "gpt2"})
+    check_paths(
+        {"--out": tmp_path / "pruned", "--json": tmp_path / "r.json"},
+        {"--model": model, "--calib-data": calib, "--eval-data": None, "--tokenizer": "gpt2"},
+    )
 
 
 def test_symlinks_and_hard_links_are_followed(model, tmp_path):
@@ -122,6 +142,7 @@ def test_json_inside_out_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- writable before any work
+
 
 def test_out_under_a_file_cannot_be_created(tmp_path):
     (tmp_path / "f").write_text("x")

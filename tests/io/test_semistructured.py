@@ -1,11 +1,12 @@
 """2:4 semi-structured conversion: which layers qualify, clear errors off-GPU, and (on a GPU) the same output."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from prunekit.errors import PrunekitError
 import prunekit
+from prunekit.errors import PrunekitError
 from prunekit.io.semistructured import benchmark, semi_structured_layers, to_semi_structured, unsupported_reason
 from tests.conftest import tiny_llama
 

@@ -1,4 +1,5 @@
 """Vision model sources and saving: pruned timm models reload with timm's own ``local-dir:`` scheme."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ def _outputs(model: nn.Module, size: int) -> torch.Tensor:
         return model(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3)))
 
 
-@pytest.mark.parametrize("make, size", [(lambda: tiny_convnext(True), 32), (lambda: tiny_convnext(False), 32),
-                                        (tiny_vit, 16)])
+@pytest.mark.parametrize(
+    "make, size", [(lambda: tiny_convnext(True), 32), (lambda: tiny_convnext(False), 32), (tiny_vit, 16)]
+)
 def test_pruned_timm_model_round_trips_through_local_dir(tmp_path, make, size):
     model = make()
     prunekit.prune(model, "magnitude", 0.5)
@@ -29,8 +31,10 @@ def test_pruned_timm_model_round_trips_through_local_dir(tmp_path, make, size):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert {"architecture", "num_classes", "pretrained_cfg"} <= set(config)
     assert (tmp_path / "out" / "model.safetensors").is_file()
-    for reloaded in (timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval(),
-                     load_vision_model(tmp_path / "out")):
+    for reloaded in (
+        timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval(),
+        load_vision_model(tmp_path / "out"),
+    ):
         assert type(reloaded) is type(model)
         state = reloaded.state_dict()
         assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -113,6 +117,7 @@ class Custom:
 
 def test_torchvision_weights_files_fail_in_one_line(tmp_path):
     import torchvision
+
     state = torchvision.models.get_model("resnet18", weights=None, num_classes=3).state_dict()
     torch.save({"state": state, "extra": Custom()}, tmp_path / "pickled.pth")
     with pytest.raises(PrunekitError, match="pickled.pth' is not weights-only loadable .* re-save it as"):
@@ -132,5 +137,6 @@ def test_torchvision_weights_files_fail_in_one_line(tmp_path):
 
 def test_local_path_of_sources(tmp_path):
     from prunekit.io.timm import local_path
+
     assert local_path(f"local-dir:{tmp_path}") == tmp_path and local_path(str(tmp_path)) == tmp_path
     assert local_path("timm:convnext_tiny.fb_in1k") is None and local_path("torchvision:resnet18") is None

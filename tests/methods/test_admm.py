@@ -1,4 +1,5 @@
 """ADMM weight update and gradual ADMM pruning: optimality against a direct solve, masks, engine use."""
+
 from __future__ import annotations
 
 import math
@@ -62,7 +63,10 @@ def test_update_solves_the_dampened_problem(percdamp):
     new = admm_update(weight, mask, x.T @ x, percdamp=percdamp)
     ridge = percdamp * (x.T @ x).diagonal().double()
     target = exact_refit(weight, mask, x, ridge)
-    objective = lambda w: _error(x, weight, w) + float((ridge * (weight.double() - w.double()) ** 2).sum())
+
+    def objective(w):
+        return _error(x, weight, w) + float((ridge * (weight.double() - w.double()) ** 2).sum())
+
     assert objective(new) <= 1.01 * objective(target)
 
 
@@ -92,6 +96,7 @@ def test_dead_inputs_stay_finite():
 
 
 # ------------------------------------------------------------------ gradual pruning
+
 
 def test_cubic_schedule_rises_fast_then_lands_on_target():
     values = [cubic_sparsity(0.6, t, 15) for t in range(15)]
@@ -146,10 +151,13 @@ def test_parameters_validated():
 
 # ------------------------------------------------------------------ through the engine
 
+
 def _stats(x):
     from prunekit.collect import LayerStats
-    return LayerStats(sq_sum=x.square().sum(0, keepdim=True), xtx=(x.T @ x).unsqueeze(0), nsamples=x.shape[0],
-                      ntokens=x.shape[0])
+
+    return LayerStats(
+        sq_sum=x.square().sum(0, keepdim=True), xtx=(x.T @ x).unsqueeze(0), nsamples=x.shape[0], ntokens=x.shape[0]
+    )
 
 
 def _block0_masks(model):
@@ -159,10 +167,12 @@ def _block0_masks(model):
 @pytest.mark.parametrize("criterion", ["wanda", "magnitude"])
 def test_criterion_times_admm_keeps_the_criterion_mask(criterion, token_batch):
     from tests.conftest import tiny_llama
+
     plain, updated = tiny_llama(), tiny_llama()
     prunekit.prune(plain, criterion, 0.75, calib=token_batch)
-    report = prunekit.prune(updated, criterion, 0.75, calib=token_batch, update="admm",
-                            update_params={"iterations": 10})
+    report = prunekit.prune(
+        updated, criterion, 0.75, calib=token_batch, update="admm", update_params={"iterations": 10}
+    )
     assert report.sparsity == pytest.approx(0.75)
     for name, mask in _block0_masks(plain).items():  # block 0 sees the same inputs in both runs
         assert torch.equal(_block0_masks(updated)[name], mask)
@@ -179,13 +189,20 @@ def test_gradual_through_prune_nm(llama, token_batch):
 
 def _conv_net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
-                         nn.ReLU(), nn.Conv2d(8, 6, 1)).eval()
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 6, 1)
+    ).eval()
 
 
-@pytest.mark.parametrize("method,update,group", [("admm-gradual", None, "per-output"),
-                                                 ("admm-gradual", None, "per-layer"),
-                                                 ("magnitude", "admm", "per-layer"), ("wanda", "admm", "per-output")])
+@pytest.mark.parametrize(
+    "method,update,group",
+    [
+        ("admm-gradual", None, "per-output"),
+        ("admm-gradual", None, "per-layer"),
+        ("magnitude", "admm", "per-layer"),
+        ("wanda", "admm", "per-output"),
+    ],
+)
 def test_conv_layers_with_groups_through_prune(method, update, group):
     model = _conv_net()
     images = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(0))
@@ -210,6 +227,7 @@ def test_registered_with_defaults():
 
 # ------------------------------------------------------------------ on the trained fixture
 
+
 @pytest.mark.slow
 def test_layer_error_ordering_on_fixture(kjv_train_tokens):
     """One real layer (block 0's down_proj of kjv-llama-5m, dense inputs) at 70%: the weight-update
@@ -217,18 +235,24 @@ def test_layer_error_ordering_on_fixture(kjv_train_tokens):
     from prunekit.collect import collect
     from prunekit.data import random_windows
     from tests.conftest import load_kjv_llama
+
     model, tokens = load_kjv_llama(), kjv_train_tokens
     layer = model.model.layers[0].mlp.down_proj
     with torch.no_grad(), collect({"down": layer}, hessian=True) as stats:
         model(random_windows(tokens, 16, 256, seed=0), use_cache=False)
     stats = stats["down"]
     weight, hessian = layer.weight.detach().float(), stats.hessian()[0]
-    error = lambda w: float(torch.einsum("ij,jk,ik->", weight - w, hessian, weight - w))
+
+    def error(w):
+        return float(torch.einsum("ij,jk,ik->", weight - w, hessian, weight - w))
+
     target = Target(0.7, "per-output")
     wanda_mask = prunekit.groups.select_mask(METHODS.create("wanda").score(weight, stats), 0.7, "per-output")
-    errors = {"wanda": error(weight * wanda_mask),
-              "sparsegpt": error(METHODS.create("sparsegpt").prune(weight, stats, Target(0.7, "per-layer"))[0]),
-              "wanda+admm": error(UPDATES.create("admm").update(weight, wanda_mask, stats, target)[0]),
-              "admm-gradual": error(METHODS.create("admm-gradual").prune(weight, stats, target)[0])}
+    errors = {
+        "wanda": error(weight * wanda_mask),
+        "sparsegpt": error(METHODS.create("sparsegpt").prune(weight, stats, Target(0.7, "per-layer"))[0]),
+        "wanda+admm": error(UPDATES.create("admm").update(weight, wanda_mask, stats, target)[0]),
+        "admm-gradual": error(METHODS.create("admm-gradual").prune(weight, stats, target)[0]),
+    }
     assert errors["admm-gradual"] < errors["sparsegpt"] < errors["wanda"], errors
     assert errors["wanda+admm"] < 0.5 * errors["wanda"], errors

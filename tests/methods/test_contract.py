@@ -1,4 +1,5 @@
 """Every registered method and update goes through the same contract, so a new one is tested on arrival."""
+
 from dataclasses import dataclass
 
 import pytest
@@ -32,8 +33,15 @@ def test_method_unstructured_and_nm_on_llama(name):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_on_grouped_conv(name):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2, padding=1), nn.ReLU(),
-                          nn.Conv2d(8, 16, 1), nn.Flatten(), nn.Linear(16 * 36, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 1),
+        nn.Flatten(),
+        nn.Linear(16 * 36, 4),
+    )
     batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
     report = prunekit.prune(model, name, 0.5, calib=batches, layer_types=["all"])
     assert set(report.layers) == {"2", "4"}
@@ -50,6 +58,7 @@ def test_update_after_wanda_keeps_sparsity(name):
 
 def test_registering_twice_is_an_error():
     with pytest.raises(ValueError, match="registered twice"):
+
         @register_method
         @dataclass
         class Again(Method):

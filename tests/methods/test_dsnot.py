@@ -8,8 +8,8 @@ from prunekit.engine import prune_matrix
 from prunekit.methods import METHODS, UPDATES, Target
 from tests.conftest import tiny_llama
 
-
 # ---------------------------------------------------------------- the collector's column sums
+
 
 def test_collect_accumulates_column_sums_of_linear_inputs():
     layer = nn.Linear(6, 3)
@@ -33,6 +33,7 @@ def test_collect_accumulates_im2col_column_sums_of_grouped_convs(hessian):
 
 
 # ---------------------------------------------------------------- DSnoT
+
 
 def _layer_stats(x: torch.Tensor, cols: int) -> LayerStats:
     layer = nn.Linear(cols, 1, bias=False)
@@ -84,8 +85,9 @@ def test_dsnot_nm_stays_valid_and_never_increases_the_error(nm):
     w, x = torch.randn(24, 64), _inputs(64, seed=1)
     stats = _layer_stats(x, 64)
     target = Target(0.5, nm=nm)
-    new_w, mask = prune_matrix(w, stats, 1, METHODS.create("wanda"), [UPDATES.create("dsnot", {"threshold": 0.0})],
-                               target)
+    new_w, mask = prune_matrix(
+        w, stats, 1, METHODS.create("wanda"), [UPDATES.create("dsnot", {"threshold": 0.0})], target
+    )
     _, wanda_mask = prune_matrix(w, stats, 1, METHODS.create("wanda"), [], target)
     assert (mask.reshape(24, -1, nm[1]).sum(-1) == nm[0]).all()
     assert torch.equal(new_w == 0, ~mask)
@@ -116,17 +118,34 @@ def test_wanda_plus_dsnot_prunes_a_tiny_llama_at_the_target():
     report = prunekit.prune(refined, "wanda", 0.5, calib=calib, update="dsnot", update_params={"threshold": 0.0})
     assert report.sparsity == pytest.approx(0.5)
     assert all(row["sparsity"] == pytest.approx(0.5) for row in report.layers.values())
-    differs = [not torch.equal(a.weight == 0, b.weight == 0) for a, b in
-               zip(plain.model.layers.modules(), refined.model.layers.modules()) if isinstance(a, nn.Linear)]
+    differs = [
+        not torch.equal(a.weight == 0, b.weight == 0)
+        for a, b in zip(plain.model.layers.modules(), refined.model.layers.modules())
+        if isinstance(a, nn.Linear)
+    ]
     assert any(differs)
 
 
 def test_dsnot_on_grouped_convs_keeps_each_row_count():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(8 * 36, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 36, 4),
+    )
     batches = [torch.randn(4, 3, 8, 8) + 1 for _ in range(2)]
-    report = prunekit.prune(model, "wanda", 0.5, calib=batches, layer_types=["all"], group="per-output", update="dsnot",
-                            update_params={"threshold": 0.0})
+    report = prunekit.prune(
+        model,
+        "wanda",
+        0.5,
+        calib=batches,
+        layer_types=["all"],
+        group="per-output",
+        update="dsnot",
+        update_params={"threshold": 0.0},
+    )
     assert set(report.layers) == {"2"}
     assert ((model[2].weight != 0).reshape(8, -1).sum(dim=1) == 18).all()  # 36 columns per row, half kept

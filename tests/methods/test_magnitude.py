@@ -1,4 +1,5 @@
 """Magnitude (prunekit/methods/magnitude.py): no calibration data, compared per layer by default."""
+
 import prunekit
 from tests.conftest import tiny_llama
 

@@ -1,4 +1,5 @@
 """SparseGPT against a plain, unblocked OBS loop; Hessian counting against the published add_batch."""
+
 from __future__ import annotations
 
 import math
@@ -8,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import PrunekitError
 import prunekit
 from prunekit.collect import collect
+from prunekit.errors import PrunekitError
 from prunekit.graph import weight_matrix
 from prunekit.methods import METHODS, Solver, Target
 from prunekit.methods.sparsegpt import SparseGPT, sparsegpt
 
-
 # ------------------------------------------------------------------ plain reference (float64, no tricks)
+
 
 def _lowest(scores: list[float], k: int) -> list[int]:
     """Indices of the k lowest scores, lower index first on ties."""
@@ -90,7 +91,7 @@ def test_nm_keeps_exactly_n_of_every_m(nm):
 def test_blocks_prune_exactly_their_share():
     weight, hessian, _ = _layer_problem(rows=5, cols=24)
     _, keep = sparsegpt(weight, hessian, Target(0.6, "per-layer"), blocksize=10)
-    pruned_per_block = [int((~keep[:, a:a + 10]).sum()) for a in (0, 10, 20)]
+    pruned_per_block = [int((~keep[:, a : a + 10]).sum()) for a in (0, 10, 20)]
     assert pruned_per_block == [int(50 * 0.6), int(50 * 0.6), int(20 * 0.6)]
 
 
@@ -138,10 +139,12 @@ def test_singular_hessian_without_damping_names_the_fix():
 
 # ------------------------------------------------------------------ through the engine
 
+
 def _conv_net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
-                         nn.ReLU(), nn.Conv2d(8, 6, 1)).eval()
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 6, 1)
+    ).eval()
 
 
 def test_conv_layers_with_groups_through_prune():
@@ -168,6 +171,7 @@ def test_registered_with_defaults():
 
 
 # ------------------------------------------------------------------ Hessian counting (collect.py)
+
 
 def published_hessian(batches: list[torch.Tensor], unfold: nn.Unfold | None = None) -> torch.Tensor:
     """IST-DASLab/sparsegpt ``add_batch`` written out: a running average where each call counts its batch
@@ -209,8 +213,9 @@ def test_hessian_counts_batch_items_like_published_conv():
     layer = nn.Conv2d(3, 4, 3, padding=1, stride=2)
     batches = [torch.randn(2, 3, 7, 7, generator=g), torch.randn(5, 3, 7, 7, generator=g)]
     unfold = nn.Unfold(3, dilation=1, padding=1, stride=2)
-    torch.testing.assert_close(_collected_hessian(layer, batches), published_hessian(batches, unfold),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        _collected_hessian(layer, batches), published_hessian(batches, unfold), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_hessian_counts_unbatched_conv_input_as_one_item():
@@ -228,5 +233,4 @@ def test_conv_hessian_columns_match_unfold_order():
     layer = nn.Conv2d(2, 3, (2, 3))
     x = torch.randn(2, 2, 4, 5, generator=g)
     cols = F.unfold(x, (2, 3)).permute(0, 2, 1).reshape(-1, 12)
-    torch.testing.assert_close(_collected_hessian(layer, [x]), (2 * cols.T @ cols / 2).double(),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_collected_hessian(layer, [x]), (2 * cols.T @ cols / 2).double(), rtol=1e-5, atol=1e-6)

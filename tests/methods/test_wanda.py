@@ -1,5 +1,6 @@
 """Wanda (prunekit/methods/wanda.py): the score formula, and whole-model pruning equal to the published
 algorithm (tests/reference.py)."""
+
 import copy
 
 import pytest
@@ -13,6 +14,7 @@ from tests.reference import reference_wanda
 
 def test_wanda_score_is_the_formula():
     from prunekit.collect import LayerStats
+
     w = torch.randn(3, 4)
     stats = LayerStats(sq_sum=torch.tensor([[1.0, 4.0, 9.0, 16.0]]))
     score = METHODS.create("wanda").score(w, stats)

@@ -1,4 +1,5 @@
 """Depth pruning: block scores find planted do-nothing blocks, removal keeps config and checkpoint consistent."""
+
 import copy
 
 import pytest
@@ -58,6 +59,7 @@ def test_ppl_scores_match_brute_force_removal(token_batch):
 
 def test_depth_round_trips_through_save_and_load(tmp_path, token_batch):
     from transformers import AutoModelForCausalLM
+
     model = tiny_llama(layers=4)
     model.config.layer_types = ["full_attention"] * 4
     model.config.no_rope_layers = [10, 11, 12, 13]  # a per-layer list (SmolLM3); LLaMA ignores it
@@ -73,14 +75,17 @@ def test_depth_round_trips_through_save_and_load(tmp_path, token_batch):
     with torch.no_grad():
         assert torch.equal(loaded(token_batch).logits, model(token_batch).logits)
         prompt = token_batch[:1, :5]  # generation uses the KV cache, indexed by layer_idx
-        assert torch.equal(loaded.generate(prompt, max_new_tokens=4, do_sample=False),
-                           model.generate(prompt, max_new_tokens=4, do_sample=False))
+        assert torch.equal(
+            loaded.generate(prompt, max_new_tokens=4, do_sample=False),
+            model.generate(prompt, max_new_tokens=4, do_sample=False),
+        )
 
 
 def test_depth_on_timm_vit():
     timm = pytest.importorskip("timm")
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=10,
-                              pretrained=False).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=10, pretrained=False
+    ).eval()
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     summary = STRUCTURED.create("depth", {}).prune_model(model, [images], 0.3)
     assert len(model.blocks) == 2 and len(summary["removed_blocks"]) == 1

@@ -1,5 +1,6 @@
 """On the trained kjv-llama-5m: each structural method at 20% gives a checkpoint that reloads as a plain
 LlamaForCausalLM with the promised size and a perplexity close to the dense model's."""
+
 import pytest
 import torch
 
@@ -22,6 +23,7 @@ def kjv(kjv_train_tokens, kjv_test_tokens):
 @pytest.mark.parametrize("method", ["depth", "width", "slicegpt"])
 def test_twenty_percent_reloads_and_keeps_quality(method, kjv, tmp_path):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
     calib, test, dense_ppl = kjv
     model = load_kjv_llama()
     summary = STRUCTURED.create(method, {}).prune_model(model, calib, 0.2)

@@ -1,4 +1,5 @@
 """The three structural methods are reachable by name, with their parameters checked like every method's."""
+
 import pytest
 
 from prunekit.structured import STRUCTURED, ModelMethod

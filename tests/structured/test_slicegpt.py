@@ -1,5 +1,6 @@
 """SliceGPT-style slicing: the rotation alone changes nothing, the sliced model is a plain LlamaForCausalLM that
 loads back, and the rescaled RMSNorm over d' equals SliceGPT's norm with the mean over the original d."""
+
 import pytest
 import torch
 from torch import nn
@@ -11,9 +12,17 @@ from tests.conftest import tiny_llama
 
 def _tied_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -43,6 +52,7 @@ def test_rotation_without_slicing_leaves_outputs_unchanged(make, token_batch):
 
 def test_sliced_model_is_smaller_and_loads_back(tmp_path, token_batch):
     from transformers import AutoModelForCausalLM
+
     model = _tied_llama()
     summary = SliceGPT().prune_model(model, [token_batch], 0.25)
     assert summary["hidden_after"] == 24 and summary["removed_fraction"] == pytest.approx(0.25, abs=0.01)
@@ -57,6 +67,7 @@ def test_sliced_model_is_smaller_and_loads_back(tmp_path, token_batch):
 
 def test_rescaled_norm_equals_rmsn_over_original_width():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
     d, d_new, eps = 32, 20, 1e-2
     norm = LlamaRMSNorm(d_new, eps=eps)
     rescale_norm(norm, d, d_new)
@@ -102,8 +113,9 @@ def test_unsupported_norm_is_refused_before_any_change(token_batch):
     assert torch.equal(model.model.embed_tokens.weight, weight)
 
 
-@pytest.mark.parametrize("d, ratio, round_to, expected", [(256, 0.1, 1, 230), (256, 0.3, 8, 176), (32, 0.99, 8, 8),
-                                                         (256, 0.0, 100, 256)])
+@pytest.mark.parametrize(
+    "d, ratio, round_to, expected", [(256, 0.1, 1, 230), (256, 0.3, 8, 176), (32, 0.99, 8, 8), (256, 0.0, 100, 256)]
+)
 def test_sliced_dim(d, ratio, round_to, expected):
     assert sliced_dim(d, ratio, round_to) == expected
 

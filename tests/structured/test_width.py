@@ -1,5 +1,6 @@
 """Width pruning: removing heads / KV groups / channels equals zeroing their weights in the original, GQA
 groups stay whole, the parameter budget is met, and the smaller LLaMA saves and loads."""
+
 import copy
 
 import pytest
@@ -56,8 +57,14 @@ def test_head_count_is_one_the_config_accepts(head_ratio, heads, kv_heads, token
 def test_ratio_is_met_to_one_channel_step(token_batch):
     model = tiny_llama(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
     summary = Width().prune_model(model, [token_batch], 0.25)
-    per_channel = 3 * 32 / sum(p.numel() for p in tiny_llama(layers=1, hidden=32, heads=4, kv_heads=2,
-                                                                intermediate=64).model.layers.parameters())
+    per_channel = (
+        3
+        * 32
+        / sum(
+            p.numel()
+            for p in tiny_llama(layers=1, hidden=32, heads=4, kv_heads=2, intermediate=64).model.layers.parameters()
+        )
+    )
     assert abs(summary["removed_fraction"] - 0.25) <= per_channel / 2 + 1e-9
 
 
@@ -65,8 +72,11 @@ def test_planted_weak_units_are_removed(token_batch):
     model = tiny_llama(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     with torch.no_grad():  # KV group 1 = query heads 2,3 (rows 16:32), kv rows 8:16; MLP channel 7
-        for w, sl in ((attn.q_proj.weight, slice(16, 32)), (attn.k_proj.weight, slice(8, 16)),
-                      (attn.v_proj.weight, slice(8, 16))):
+        for w, sl in (
+            (attn.q_proj.weight, slice(16, 32)),
+            (attn.k_proj.weight, slice(8, 16)),
+            (attn.v_proj.weight, slice(8, 16)),
+        ):
             w[sl] *= 1e-3
         attn.o_proj.weight[:, 16:32] *= 1e-3
         for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
@@ -79,6 +89,7 @@ def test_planted_weak_units_are_removed(token_batch):
 
 def test_width_llama_saves_and_loads(tmp_path, token_batch):
     from transformers import AutoModelForCausalLM
+
     model = tiny_llama(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
     Width(head_ratio=0.5, round_to=8).prune_model(model, [token_batch], 0.3)
     assert model.config.intermediate_size % 8 == 0 and model.config.intermediate_size < 64
@@ -91,8 +102,9 @@ def test_width_llama_saves_and_loads(tmp_path, token_batch):
 
 def _tiny_vit():
     timm = pytest.importorskip("timm")
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10,
-                             pretrained=False).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10, pretrained=False
+    ).eval()
 
 
 def test_vit_width_equals_masked_original():
@@ -109,7 +121,7 @@ def test_vit_width_equals_masked_original():
                     rows = slice(part * dim + h * hd, part * dim + (h + 1) * hd)
                     block.attn.qkv.weight[rows] = 0
                     block.attn.qkv.bias[rows] = 0
-                block.attn.proj.weight[:, h * hd:(h + 1) * hd] = 0
+                block.attn.proj.weight[:, h * hd : (h + 1) * hd] = 0
             for c in removed[f"blocks.{i}.mlp"]["removed"]:
                 block.mlp.fc1.weight[c] = 0
                 block.mlp.fc1.bias[c] = 0
@@ -127,9 +139,10 @@ def test_magnitude_score_needs_no_data():
     assert model.config.intermediate_size < 64
 
 
-@pytest.mark.parametrize("units, fraction, round_to, removed", [(64, 0.25, 1, 16), (64, 0.2, 8, 16),
-                                                                 (64, 0.99, 8, 56), (10, 0.5, 4, 6),
-                                                                 (10, 0.0, 4, 0)])
+@pytest.mark.parametrize(
+    "units, fraction, round_to, removed",
+    [(64, 0.25, 1, 16), (64, 0.2, 8, 16), (64, 0.99, 8, 56), (10, 0.5, 4, 6), (10, 0.0, 4, 0)],
+)
 def test_channels_to_remove_keeps_multiples(units, fraction, round_to, removed):
     assert channels_to_remove(units, fraction, round_to) == removed
 

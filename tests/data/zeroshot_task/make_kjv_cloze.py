@@ -3,6 +3,7 @@
 A local, offline multiple-choice task in the HellaSwag style for the kjv-llama-5m fixture. Run from the
 repository root: ``python tests/data/zeroshot_task/make_kjv_cloze.py [n_items]``.
 """
+
 from __future__ import annotations
 
 import json

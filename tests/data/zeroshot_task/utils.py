@@ -1,4 +1,5 @@
 """Loads the task's JSON next to this file, in memory: no download, no datasets cache."""
+
 import json
 from pathlib import Path
 
