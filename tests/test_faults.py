@@ -21,6 +21,7 @@ import torch
 
 import prunekit.pipeline as pipeline
 from prunekit.cli import main
+from tests.test_cli import _prune_args as args  # the CLI tests' prune command line
 from tests.test_cli import checkpoint  # noqa: F401  (module-scoped: a tiny LLaMA with tokenizer and text)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,23 +40,6 @@ def inputs_untouched(checkpoint):  # noqa: F811
     before = digest(checkpoint)
     yield
     assert digest(checkpoint) == before, "an input file was changed"
-
-
-def args(ckpt: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "prune",
-        "--model",
-        str(ckpt / "model"),
-        "--calib-data",
-        str(ckpt / "train.txt"),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "32",
-        "--out",
-        str(out),
-        *extra,
-    ]
 
 
 def no_temporaries(folder: Path) -> bool:
