@@ -17,6 +17,7 @@ from . import engine
 from .allocate import ALLOCATORS, Allocator
 from .collect import LayerStats
 from .config import PruneConfig
+from .coverage import block_coverage
 from .data.calib import calibration_batches
 from .errors import PrunekitError
 from .forward import eval_mode, model_device, on_device
@@ -41,6 +42,7 @@ class PruneReport:
     metrics: dict[str, Any] = field(default_factory=dict)
     bn_recalibration: dict[str, Any] | None = None
     structure: dict[str, Any] | None = None
+    coverage: dict[str, Any] | None = None  # sparsity over every weight inside the blocks (``coverage.py``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,7 +181,8 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, token
         "blocks": ",".join(prefix for prefix, _ in plan.stacks) or None,
     }
     log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(layers), 100 * overall, timings["total_s"])
-    return PruneReport(settings, layers, overall, timings, versions(), bn_recalibration=bn)
+    coverage = block_coverage(model, plan.layers)
+    return PruneReport(settings, layers, overall, timings, versions(), bn_recalibration=bn, coverage=coverage)
 
 
 def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
