@@ -23,6 +23,7 @@ from .forward import eval_mode, model_device, on_device
 from .graph import block_index, find_blocks, is_vision_model, select_layers, weight_matrix
 from .groups import GLOBAL, parse_pattern
 from .methods import METHODS, UPDATES, Target
+from .moe import calibrated_on, expert_report
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class PruneReport:
     metrics: dict[str, Any] = field(default_factory=dict)
     bn_recalibration: dict[str, Any] | None = None
     structure: dict[str, Any] | None = None
+    experts: dict[str, Any] | None = None  # MoE: routed tokens per expert, few-token experts, dense routers
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,7 +105,7 @@ def plan_prune(model: nn.Module, config: PruneConfig | str | None = None, **sett
     updates = tuple(UPDATES.create(u, config.update_params.get(u)) for u in config.update)
     group = resolve_group(config.group, type(method), model)
     nm = parse_pattern(config.pattern)
-    layers = select_layers(model, config.include, config.exclude, config.layer_types)
+    layers = calibrated_on(select_layers(model, config.include, config.exclude, config.layer_types), config.expert_tokens)
     if not layers:
         raise PrunekitError(
             "no prunable layers selected: the model has no Linear/Conv layers matching the "
@@ -187,7 +189,8 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, token
         "blocks": plan.blocks[0] if plan.blocks else None,
     }
     log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(layers), 100 * overall, timings["total_s"])
-    return PruneReport(settings, layers, overall, timings, versions(), bn_recalibration=bn)
+    experts = expert_report(model, plan.layers, config.expert_tokens, config.expert_min_tokens)
+    return PruneReport(settings, layers, overall, timings, versions(), bn_recalibration=bn, experts=experts)
 
 
 def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
