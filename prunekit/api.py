@@ -105,7 +105,8 @@ def plan_prune(model: nn.Module, config: PruneConfig | str | None = None, **sett
     updates = tuple(UPDATES.create(u, config.update_params.get(u)) for u in config.update)
     group = resolve_group(config.group, type(method), model)
     nm = parse_pattern(config.pattern)
-    layers = calibrated_on(select_layers(model, config.include, config.exclude, config.layer_types), config.expert_tokens)
+    layers = select_layers(model, config.include, config.exclude, config.layer_types)
+    layers = calibrated_on(layers, config.expert_tokens)
     if not layers:
         raise PrunekitError(
             "no prunable layers selected: the model has no Linear/Conv layers matching the "

@@ -56,7 +56,9 @@ def is_fused_experts(module: nn.Module) -> bool:
     if not all(hasattr(module, a) for a in LAYOUT_ATTRIBUTES):
         return False
     params = [getattr(module, up_param(module), None), getattr(module, DOWN, None)]
-    return all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in params) and params[0].shape[0] == params[1].shape[0]
+    return (
+        all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in params) and params[0].shape[0] == params[1].shape[0]
+    )
 
 
 def num_experts(experts: nn.Module) -> int:
@@ -156,7 +158,9 @@ def calibrated_on(layers: Mapping[str, Any], tokens: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- what an expert computes
 
 
-def routing_call(experts: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def routing_call(
+    experts: nn.Module, args: tuple, kwargs: Mapping[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(hidden_states, top_k_index, top_k_weights)`` of one experts call, whatever the families name them
     (GPT-OSS: ``router_indices``, ``routing_weights``)."""
     bound = inspect.signature(experts.forward).bind(*args, **kwargs)
