@@ -2,6 +2,7 @@
 be removed. Every model is a tiny zoo model built from transformers' own modeling code."""
 
 import copy
+import json
 import logging
 
 import pytest
@@ -17,6 +18,7 @@ from prunekit.graph import find_blocks, select_layers, set_weight_matrix, weight
 from prunekit.io.compact import is_2_4
 from prunekit.methods import METHODS
 from prunekit.moe import ExpertWeight, calibrated_on, find_experts
+from prunekit.report import build_report
 from prunekit.structured.experts import EXPERT_COUNT_KEYS
 from prunekit.testing import zoo
 from tests.conftest import tiny_llama
@@ -301,7 +303,7 @@ def test_exclude_one_expert_keeps_it_dense():
     assert experts.gate_up_proj[1].eq(0).float().mean().item() == pytest.approx(0.5)
 
 
-def test_report_warns_about_experts_with_few_tokens(caplog):
+def test_report_warns_about_experts_with_few_tokens(caplog, tmp_path):
     with caplog.at_level(logging.WARNING, logger="prunekit.moe"):
         report = _prune(zoo.build("qwen2_moe"), expert_min_tokens=10_000)
     counts = report.experts["routed_tokens"]
@@ -311,6 +313,10 @@ def test_report_warns_about_experts_with_few_tokens(caplog):
     assert len(report.experts["few_tokens"]) == 12 and "expert_tokens='all'" in caplog.text
     assert _prune(zoo.build("qwen2_moe")).experts["few_tokens"] == []  # 16 by default, ~64 tokens each here
     assert report.to_dict()["experts"]["routed_tokens"] == counts
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "prune_report.json").write_text(json.dumps(report.to_dict()))
+    markdown = build_report([tmp_path / "run"], tmp_path / "out")["markdown"].read_text()
+    assert "calibrated on few tokens" in markdown and "| model.layers.2.mlp.experts | 3 |" in markdown
 
 
 @pytest.mark.parametrize("method", METHODS.names())
