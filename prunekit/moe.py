@@ -217,8 +217,8 @@ class _ExpertSite:
         return handles
 
     def on_block(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = hidden_state(args, kwargs)
-        self.samples = hidden.shape[0] if hidden.dim() > 2 else 1
+        hidden = hidden_state(args, kwargs) if args or kwargs else None
+        self.samples = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() > 2 else 1
 
     @torch.no_grad()
     def on_experts(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -258,12 +258,14 @@ def expert_views(layers: Mapping[str, Any]) -> Iterator[tuple[str, ExpertWeight]
 
 
 def routed_counts(layers: Mapping[str, Any]) -> dict[str, list[int | None]]:
-    """``{experts module name: [tokens routed to expert 0, 1, ...]}`` from the selected views' latest pass."""
-    counts: dict[str, dict[int, int | None]] = {}
+    """``{experts module name: [tokens routed to expert 0, 1, ...]}`` from the selected views' latest pass
+    (None for an expert none of whose matrices was selected; nothing without a calibration pass)."""
+    counts: dict[str, list[int | None]] = {}
     for name, view in expert_views(layers):
-        module_name = parent_name(parent_name(name))
-        counts.setdefault(module_name, {})[view.index] = view.routed_tokens
-    return {m: [per.get(e) for e in range(max(per) + 1)] for m, per in counts.items()}
+        if view.routed_tokens is not None:
+            row = counts.setdefault(parent_name(parent_name(name)), [None] * num_experts(view.experts))
+            row[view.index] = view.routed_tokens
+    return counts
 
 
 def few_tokens(layers: Mapping[str, Any], minimum: int) -> list[dict[str, Any]]:
@@ -279,6 +281,30 @@ def few_tokens(layers: Mapping[str, Any], minimum: int) -> list[dict[str, Any]]:
     return low
 
 
+def warn_few_tokens(low: list[dict[str, Any]], minimum: int) -> None:
+    """Log the experts ``few_tokens`` found; those that got no token at all separately, as their masks mean
+    nothing (all-zero inputs: SparseGPT zeroes the whole expert, input-aware scores all tie)."""
+    if not low:
+        return
+    first = low[0]
+    log.warning(
+        "%d expert(s) were calibrated on fewer than %d routed tokens (e.g. %s expert %d: %d tokens); their "
+        "statistics are noisy: calibrate on more data, or on every token with expert_tokens='all'",
+        len(low),
+        minimum,
+        first["experts"],
+        first["expert"],
+        first["tokens"],
+    )
+    unseen = sum(row["tokens"] == 0 for row in low)
+    if unseen:
+        log.warning(
+            "%d of them got no token at all: on all-zero inputs SparseGPT zeroes such an expert completely and "
+            "input-aware scores (Wanda, RIA) all tie; use expert_tokens='all' for these models",
+            unseen,
+        )
+
+
 def expert_report(model: nn.Module, layers: Mapping[str, Any], tokens: str, minimum: int) -> dict[str, Any] | None:
     """The MoE part of a prune report (None for a model without fused experts): routed token counts per
     experts module, the experts calibrated on too few tokens (also logged) and the routers left dense."""
@@ -286,17 +312,7 @@ def expert_report(model: nn.Module, layers: Mapping[str, Any], tokens: str, mini
     if not gates and not any(True for _ in expert_views(layers)):
         return None
     low = few_tokens(layers, minimum)
-    if low:
-        first = low[0]
-        log.warning(
-            "%d expert(s) were calibrated on fewer than %d routed tokens (e.g. %s expert %d: %d tokens); their "
-            "statistics are noisy: calibrate on more data, or on every token with expert_tokens='all'",
-            len(low),
-            minimum,
-            first["experts"],
-            first["expert"],
-            first["tokens"],
-        )
+    warn_few_tokens(low, minimum)
     return {
         "expert_tokens": tokens,
         "min_tokens": minimum,

@@ -369,3 +369,24 @@ def test_expert_tokens_is_checked_and_reaches_cli_and_recipes():
     assert {"expert_tokens", "expert_min_tokens"} <= recipe_keys(PruneRecipe)
     args = build_parser().parse_args(["prune", "--expert-tokens", "all", "--expert-min-tokens", "64"])
     assert setting_values(args, PruneRecipe) == {"expert_tokens": "all", "expert_min_tokens": 64}
+
+
+def test_an_expert_no_token_reaches_is_reported_and_all_tokens_calibrate_it(caplog):
+    """SparseGPT on an expert without tokens sees only dead inputs and zeroes it; ``expert_tokens="all"`` avoids
+    that, and the report says which expert it was."""
+    results = {}
+    for tokens in ("routed", "all"):
+        model = zoo.build("gpt_oss")
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.router.bias[3] = -1e4  # the router never picks expert 3
+        with caplog.at_level(logging.WARNING, logger="prunekit.moe"):
+            report = _prune(model, "sparsegpt", include=["*.experts.*"], expert_tokens=tokens)
+        results[tokens] = (report, (model.model.layers[1].mlp.experts.down_proj[3] == 0).float().mean().item())
+    routed, every = results["routed"], results["all"]
+    assert {(r["expert"], r["tokens"]) for r in routed[0].experts["few_tokens"]} == {(3, 0)}
+    assert "got no token at all" in caplog.text
+    assert routed[1] == 1.0 and every[1] == pytest.approx(0.5, abs=0.02)
+    assert (
+        every[0].experts["few_tokens"] == [] and every[0].experts["routed_tokens"]["model.layers.1.mlp.experts"][3] == 0
+    )
