@@ -24,6 +24,7 @@ from .forward import eval_mode, model_device, on_device
 from .graph import find_stacks, is_vision_model, select_layers, stack_block_index, weight_matrix
 from .groups import GLOBAL, parse_pattern
 from .methods import METHODS, UPDATES, Target
+from .moe import calibrated_on, expert_report
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class PruneReport:
     bn_recalibration: dict[str, Any] | None = None
     structure: dict[str, Any] | None = None
     coverage: dict[str, Any] | None = None  # sparsity over every weight inside the blocks (``coverage.py``)
+    experts: dict[str, Any] | None = None  # MoE: routed tokens per expert, few-token experts, dense routers
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +108,7 @@ def plan_prune(model: nn.Module, config: PruneConfig | str | None = None, **sett
     group = resolve_group(config.group, type(method), model)
     nm = parse_pattern(config.pattern)
     layers = select_layers(model, config.include, config.exclude, config.layer_types)
+    layers = calibrated_on(layers, config.expert_tokens)
     if not layers:
         raise PrunekitError(
             "no prunable layers selected: the model has no Linear/Conv layers matching the "
@@ -182,7 +185,10 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, token
     }
     log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(layers), 100 * overall, timings["total_s"])
     coverage = block_coverage(model, plan.layers)
-    return PruneReport(settings, layers, overall, timings, versions(), bn_recalibration=bn, coverage=coverage)
+    experts = expert_report(model, plan.layers, config.expert_tokens, config.expert_min_tokens)
+    return PruneReport(
+        settings, layers, overall, timings, versions(), bn_recalibration=bn, coverage=coverage, experts=experts
+    )
 
 
 def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from .graph import find_layers, find_stacks
+from .moe import gate_modules
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,9 @@ def _storage(tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
-def _reason(module_name: str, param: str, model: nn.Module, prunable: Mapping[str, nn.Module]) -> str:
+def _reason(module_name: str, param: str, model: nn.Module, prunable: Mapping[str, nn.Module], gates: set) -> str:
+    if module_name in gates:
+        return "MoE router / gate: kept dense by default (name it with --include to prune it)"
     if module_name in prunable:
         return "not selected (include/exclude patterns, layer types)"
     kind = type(model.get_submodule(module_name)).__name__
@@ -44,11 +47,12 @@ def block_coverage(model: nn.Module, layers: Mapping[str, nn.Module], stacks: tu
         return {"blocks": [], "note": "no block list found: coverage is the selected layers' own sparsity"}
     covered = {_storage(m.weight) for m in layers.values()}
     prunable = find_layers(model)
+    gates = set(gate_modules(model))
     zeros = total = sel_zeros = sel_total = 0
     left = []
     for prefix, blocks in stacks:
         for name, p in blocks.named_parameters():
-            if p.dim() < 2:
+            if p.dim() < 2 or name.endswith("bias"):  # biases (also fused experts' [experts, out] ones)
                 continue
             full = f"{prefix}.{name}" if prefix else name
             nzeros = int((p.detach() == 0).sum())
@@ -57,7 +61,7 @@ def block_coverage(model: nn.Module, layers: Mapping[str, nn.Module], stacks: tu
                 sel_zeros, sel_total = sel_zeros + nzeros, sel_total + p.numel()
             else:
                 module_name, _, param = full.rpartition(".")
-                reason = _reason(module_name, param, model, prunable)
+                reason = _reason(module_name, param, model, prunable, gates)
                 left.append({"name": full, "shape": list(p.shape), "numel": p.numel(), "reason": reason})
     result = {
         "blocks": [prefix for prefix, _ in stacks],

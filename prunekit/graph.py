@@ -1,8 +1,9 @@
 """Module-graph walker: find prunable layers and the model's repeated blocks.
 
 Every prunable layer is a matmul ``W[out, cols] @ columns``: a Linear, a HF ``Conv1D`` (weight stored
-transposed), or a convolution (im2col columns, one matmul per group). ``weight_matrix`` gives that view
-so collectors and methods never special-case layer types.
+transposed), a convolution (im2col columns, one matmul per group), or one expert's slice of a fused MoE
+experts tensor (``prunekit.moe.ExpertWeight``). ``weight_matrix`` gives that view so collectors and methods
+never special-case layer types.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import PrunekitError
+from .moe import ExpertWeight, expert_weights, gate_modules, is_fused_experts, parent_name
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ def num_groups(module: nn.Module) -> int:
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as ``[out, cols]`` (a view where possible). Conv: cols = in/groups * prod(kernel)."""
+    if isinstance(module, ExpertWeight):
+        return module.matrix()
     w = module.weight
     if isinstance(module, HFConv1D):
         return w.t()
@@ -64,19 +68,32 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     """Write a ``[out, cols]`` matrix back into the layer's own layout and dtype."""
+    if isinstance(module, ExpertWeight):
+        module.set_matrix(matrix)
+        return
     w = module.weight
     if isinstance(module, HFConv1D):
         matrix = matrix.t()
     w.copy_(matrix.reshape(w.shape).to(dtype=w.dtype, device=w.device))
 
 
-def find_layers(model: nn.Module) -> dict[str, nn.Module]:
+def find_layers(model: nn.Module) -> dict[str, nn.Module | ExpertWeight]:
     """Every prunable layer, in registration order (which is forward order for HF/timm models).
 
-    Transposed convolutions are not matmuls over im2col columns of their input; they are rejected
-    only when selected (see ``select_layers``), so a model that has them can still be walked.
+    Fused MoE experts give one ``ExpertWeight`` per (parameter, expert), and MoE routers count as the
+    Linear-layout matrices they are. Transposed convolutions are not matmuls over im2col columns of their
+    input; they are rejected only when selected (see ``select_layers``), so a model that has them can still
+    be walked.
     """
-    return {name: m for name, m in model.named_modules() if is_prunable(m)}
+    modules = dict(model.named_modules())
+    gates = gate_modules(model)
+    layers: dict[str, nn.Module | ExpertWeight] = {}
+    for name, m in modules.items():
+        if is_fused_experts(m):
+            layers.update(expert_weights(name, m, modules.get(parent_name(name))))
+        elif is_prunable(m) or name in gates:
+            layers[name] = m
+    return layers
 
 
 def _head_names(model: nn.Module, layers: dict[str, nn.Module]) -> set[str]:
@@ -117,10 +134,11 @@ def select_layers(
     keep_head: bool = True,
     keep_stem: bool = True,
 ) -> dict[str, nn.Module]:
-    """Prunable layers after the defaults (head and stem dense, Linear-like only) and name patterns.
+    """Prunable layers after the defaults (head, stem and MoE routers dense, Linear-like only) and name patterns.
 
-    ``include``/``exclude`` are fnmatch patterns on module names (``"model.layers.*.mlp.*"``); a layer
-    named by an include pattern is selected whatever its type, head or stem.
+    ``include``/``exclude`` are fnmatch patterns on module names (``"model.layers.*.mlp.*"``; experts are
+    ``<experts>.<param>.<expert>``: ``"*.experts.down_proj.*"``); a layer named by an include pattern is
+    selected whatever its type, head, stem or router.
     """
     include, exclude, layer_types = list(include or []), list(exclude or []), set(layer_types)
     unknown = layer_types - set(LAYER_TYPES) - {"all"}
@@ -130,6 +148,7 @@ def select_layers(
         layer_types = set(LAYER_TYPES)
     layers = find_layers(model)
     dense = (_head_names(model, layers) if keep_head else set()) | (_stem_names(layers) if keep_stem else set())
+    dense |= set(gate_modules(model))  # routing decides which weights run at all: kept exact by default
     chosen = {}
     for name, m in layers.items():
         if include:

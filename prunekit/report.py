@@ -339,8 +339,26 @@ def report_markdown(runs: Sequence[Run], metric: str | None, files: Mapping[str,
     for m in [metric] + [m for m in PRIMARY if m in present and m != metric] if metric else []:
         parts += [f"## {m}", "", pivot_table(runs, m), ""]
     parts += ["## All runs", "", runs_table(runs), ""]
+    if any(few_token_experts(r) for r in runs):
+        parts += ["## MoE experts calibrated on few tokens", "", few_tokens_table(runs), ""]
     parts += [f"![{key}]({path.name})" for key, path in files.items() if path.suffix == ".png"]
     return "\n".join(parts) + "\n"
+
+
+def few_token_experts(run: Run) -> list[Mapping[str, Any]]:
+    """The experts a run's report flagged as calibrated on fewer tokens than its ``expert_min_tokens``."""
+    return list((run.get("experts") or {}).get("few_tokens") or [])
+
+
+def few_tokens_table(runs: Sequence[Run]) -> str:
+    """One row per flagged expert: their masks rest on noisy statistics (``expert_tokens: all`` helps)."""
+    lines = ["| run | setting | experts | expert | routed tokens |", "|---|---|---|---|---|"]
+    for r in runs:
+        for row in few_token_experts(r):
+            lines.append(
+                f"| {run_label(r)} | {run_setting(r)} | {row['experts']} | {row['expert']} | {row['tokens']} |"
+            )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- docs pages from benchmark results
