@@ -1,5 +1,5 @@
-"""SliceGPT-style slicing of the residual stream, with one global rotation, saved as a plain
-``LlamaForCausalLM`` whose ``hidden_size`` is smaller.
+"""SliceGPT-style slicing of the residual stream, with one global rotation, saved as a plain model of the same
+class (``LlamaForCausalLM`` ...) whose ``hidden_size`` is smaller.
 
 1. Fold every RMSNorm's scale into the Linear layers that read its output (q/k/v, gate/up, lm_head). The norms
    are then scale-free, and a scale-free RMSNorm commutes with any orthogonal ``Q``: ``RMSNorm(xQ) = RMSNorm(x) Q``
@@ -16,16 +16,22 @@
    over ``d'`` with weight ``sqrt(d/d')`` and epsilon ``eps d/d'`` computes exactly that:
    ``sqrt(d/d') x' / sqrt(||x'||^2/d' + eps d/d') = x' / sqrt(||x'||^2/d + eps)``.
    So the config takes ``hidden_size = d'``, ``rms_norm_eps = eps d/d'`` and an explicit ``head_dim``, and the
-   checkpoint loads with ``from_pretrained``: no custom class, no ``trust_remote_code``.
+   checkpoint loads with ``from_pretrained``: no custom class, no ``trust_remote_code``. (Where per-head q/k norms
+   share that epsilon, Qwen 3, it stays as it is: see ``shared_eps``.)
 
 Why one global ``Q`` and not one per block as in SliceGPT: per-block rotations need a ``Q_l^T Q_(l+1)`` matrix
 on each residual shortcut, which a ``LlamaForCausalLM`` has no place for. With one ``Q`` the shortcuts stay
 identities. The cost is that one basis must serve every layer, so a slice removes somewhat more signal than
 SliceGPT's per-block bases would.
 
-Supported: LLaMA-style decoders (``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` ... ``o_proj``,
-``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` ... ``down_proj``, final ``norm``, ``lm_head``) with
-``weight * x / rms(x)`` norms (LLaMA, Mistral, Qwen2/3); the norm formula is checked numerically.
+Supported: LLaMA-style decoders (``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` or Phi-3's fused ``qkv_proj``
+... ``o_proj``, ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` or ``gate_up_proj`` ... ``down_proj``, final
+``norm``, ``lm_head``) with RMSNorms ``weight * x / rms(x)`` (LLaMA, Mistral, Qwen 2/3, Phi-3) or ``(1 + weight) *
+x / rms(x)`` (Gemma, whose embeddings are also scaled by ``sqrt(hidden_size)``: the rows are rescaled so the smaller
+scale gives the same stream); the norm formula is checked numerically. Refused, with the reason, before any work:
+LayerNorm models (the mean subtraction does not commute with a rotation), post-norms (Gemma 2/3, OLMo 2: a
+per-channel scale on a sublayer's output, before the residual add), mixture-of-experts blocks, T5, LLaVA (see
+``REFUSED``). Every slice is first rehearsed on a meta copy and checked against what its new config describes.
 """
 
 from __future__ import annotations

@@ -15,8 +15,14 @@ or loads, so a 256-wide model with 8 query heads in 4 KV groups can keep 4, 2 or
 Which heads/channels go is chosen per layer; how many is the same in every layer because a Hugging Face
 LLaMA config has one ``num_attention_heads`` / ``num_key_value_heads`` / ``intermediate_size`` for all layers.
 (Per-layer counts would need a config with per-layer lists and a model class that reads them; we keep
-uniform counts so the result is a plain ``LlamaForCausalLM``.) ``head_dim`` is written into the config
+uniform counts so the result is a plain model of the same class.) ``head_dim`` is written into the config
 explicitly, since ``hidden_size / num_attention_heads`` no longer gives it.
+
+Heads go only where the layout allows (``coupling``): models whose ``head_dim`` is ``hidden_size / heads`` (GPT-2,
+OPT, Falcon, GPT-NeoX, BERT) or whose q/k norm spans all heads (OLMo 2) lose MLP channels only, and an explicit
+``head_ratio`` there is an error. Refused before any work: mixture-of-experts blocks (fused expert tensors) and
+T5 (its two stacks share one config's sizes). Every cut is first rehearsed on a meta copy of the model and
+checked against what the new config describes, so a model that would not reload is never produced.
 """
 
 from __future__ import annotations
@@ -156,7 +162,7 @@ def check_heads(groups: Sequence[Group], head_ratio: float | None, arch: str) ->
     heads = [g for g in groups if g.kind == "heads"]
     if not head_ratio or any(not g.fixed for g in heads):
         return
-    why = heads[0].fixed if heads else "no attention whose head count its config can change (head_dim fixed)"
+    why = heads[0].fixed if heads else "no attention whose head count its config can change (head_dim = hidden / heads)"
     raise PrunekitError(f"{arch}: width pruning cannot remove attention heads: {why}; set head_ratio=0")
 
 
