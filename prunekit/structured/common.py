@@ -177,10 +177,8 @@ def differences(actual: nn.Module, expected: nn.Module, limit: int = 3) -> list[
     a, e = signature(actual), signature(expected)
     found = []
     for name in sorted(set(a) | set(e), key=lambda n: (n.count("."), n)):
-        fa, fe = a.get(name, {}), e.get(name, {})
-        found += [
-            f"{name}.{k}: {fa.get(k)} != {fe.get(k)}" for k in sorted(set(fa) | set(fe)) if fa.get(k) != fe.get(k)
-        ]
+        fa, fe, where = a.get(name, {}), e.get(name, {}), f"{name}." if name else ""
+        found += [f"{where}{k}: {fa.get(k)} != {fe.get(k)}" for k in sorted({*fa, *fe}) if fa.get(k) != fe.get(k)]
     return found[:limit]
 
 

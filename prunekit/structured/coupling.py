@@ -130,7 +130,7 @@ def _attention_group(name: str, m: nn.Module, slots: list[Slot], rep: int) -> Gr
     return Group(name, "heads", slots, commit, config, _whole_projection_norm(m))
 
 
-def hf_attention(name: str, m: nn.Module, mlp_key: str) -> Group | None:
+def hf_attention(name: str, m: nn.Module, mlp_key: str | None) -> Group | None:
     if not _linears(m, ("q_proj", "k_proj", "v_proj", "o_proj")) or not isinstance(getattr(m, "head_dim", None), int):
         return None
     q_index, kv_index = _kv_groups(name, m.q_proj.out_features, m.k_proj.out_features, m.head_dim)
@@ -143,7 +143,7 @@ def hf_attention(name: str, m: nn.Module, mlp_key: str) -> Group | None:
     return _attention_group(name, m, slots, q_index.shape[1] // m.head_dim)
 
 
-def fused_attention(name: str, m: nn.Module, mlp_key: str) -> Group | None:
+def fused_attention(name: str, m: nn.Module, mlp_key: str | None) -> Group | None:
     """Phi-3: ``qkv_proj`` rows are all query heads, then the k heads, then the v heads."""
     if not _linears(m, ("qkv_proj", "o_proj")) or not isinstance(getattr(m, "head_dim", None), int):
         return None
@@ -155,17 +155,17 @@ def fused_attention(name: str, m: nn.Module, mlp_key: str) -> Group | None:
     return _attention_group(name, m, slots, q_index.shape[1] // m.head_dim)
 
 
-def _channel_group(name: str, m: nn.Module, slots: list[Slot], mlp_key: str) -> Group:
+def _channel_group(name: str, m: nn.Module, slots: list[Slot], mlp_key: str | None) -> Group:
     return Group(
         name,
         "channels",
         slots,
         lambda kept: _set_if_present(m, intermediate_size=kept),
-        lambda kept: {mlp_key: kept},
+        lambda kept: {mlp_key: kept} if mlp_key else {},
     )
 
 
-def hf_gated_mlp(name: str, m: nn.Module, mlp_key: str) -> Group | None:
+def hf_gated_mlp(name: str, m: nn.Module, mlp_key: str | None) -> Group | None:
     if _linears(m, ("gate_up_proj", "down_proj")):  # Phi-3: gate rows, then up rows
         index = torch.arange(m.down_proj.in_features).view(-1, 1)
         slots = [
@@ -192,7 +192,7 @@ def _require_identity(name: str, module: nn.Module | None, what: str) -> None:
         )
 
 
-def timm_attention(name: str, m: nn.Module, mlp_key: str) -> Group | None:
+def timm_attention(name: str, m: nn.Module, mlp_key: str | None) -> Group | None:
     if (
         not _linears(m, ("qkv", "proj"))
         or not isinstance(getattr(m, "num_heads", None), int)
@@ -228,7 +228,7 @@ PLAIN_MLPS = (
 )
 
 
-def plain_mlp(name: str, m: nn.Module, mlp_key: str) -> Group | None:
+def plain_mlp(name: str, m: nn.Module, mlp_key: str | None) -> Group | None:
     pair = next((p for p in PLAIN_MLPS if _linears(m, p)), None)
     if pair is None:
         return None
@@ -242,13 +242,13 @@ def plain_mlp(name: str, m: nn.Module, mlp_key: str) -> Group | None:
     return _channel_group(name, m, slots, mlp_key)
 
 
-Adapter = Callable[[str, nn.Module, str], "Group | None"]
+Adapter = Callable[[str, nn.Module, "str | None"], "Group | None"]
 ADAPTERS: tuple[Adapter, ...] = (hf_attention, fused_attention, hf_gated_mlp, timm_attention, plain_mlp)
 
 
-def find_groups(prefix: str, blocks: nn.Module, mlp_key: str = "intermediate_size") -> list[Group]:
+def find_groups(prefix: str, blocks: nn.Module, mlp_key: str | None = "intermediate_size") -> list[Group]:
     """Every coupled group inside the blocks, in forward order; ``mlp_key`` is the config entry that holds
-    the MLP width (``intermediate_size``; ``ffn_dim`` for OPT ...)."""
+    the MLP width (``intermediate_size``; ``ffn_dim`` for OPT ...; None for models without an HF config)."""
     groups = []
     for i, block in enumerate(blocks):
         for sub, module in block.named_modules():

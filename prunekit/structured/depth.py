@@ -50,7 +50,6 @@ from .common import (
 log = logging.getLogger(__name__)
 
 SCORES = ("cosine", "ppl")
-# Config entries that hold one value per decoder layer and must lose the removed layers' entries.
 # Config entries that describe decoder layers by position (transformers' names), rewritten for the kept layers:
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type", "layer_rope_theta", "no_rope_layers")
 LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")  # indices of the layers that are special
@@ -251,7 +250,7 @@ class Depth(ModelMethod):
         if self.score not in SCORES:
             raise PrunekitError(f"unknown depth score {self.score!r}; choose from {', '.join(SCORES)}")
 
-    def block_scores(self, model: nn.Module, prefix: str, blocks: nn.Module, batches: Sequence) -> torch.Tensor:
+    def block_scores(self, model: nn.Module, blocks: nn.Module, batches: Sequence) -> torch.Tensor:
         if self.score == "cosine":
             return cosine_scores(model, list(blocks), batches)
         return ppl_scores(model, list(blocks), batches)
@@ -261,9 +260,9 @@ class Depth(ModelMethod):
         check_batches(batches, self.name)
         prefix, blocks = block_list(model)
         k, pinned = blocks_to_remove(len(blocks), ratio), pinned_blocks(model)
-        rehearse(model, prefix, choose_drop(torch.arange(len(blocks), 0, -1), k, pinned))  # before any work
+        rehearse(model, prefix, choose_drop(torch.arange(len(blocks), 0, -1), k, pinned))  # the last k, before any work
         before, total_before = count_params(blocks), count_params(model)
-        scores = self.block_scores(model, prefix, blocks, batches)
+        scores = self.block_scores(model, blocks, batches)
         drop = choose_drop(scores, k, pinned)
         rehearse(model, prefix, drop)
         kept = remove_blocks(model, prefix, drop)

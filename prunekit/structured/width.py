@@ -53,6 +53,7 @@ from .common import (
     count_params,
     ensure_reloadable,
     forward,
+    hf_config,
     meta_clone,
     set_config,
     summary,
@@ -65,6 +66,11 @@ Accepts = Callable[[Mapping[str, Any]], bool]
 SCORES = ("wanda", "magnitude")
 # The config entry that holds the MLP width, for families that do not call it ``intermediate_size``.
 MLP_SIZE_KEYS = {"gpt2": "n_inner", "opt": "ffn_dim", "falcon": "ffn_hidden_size", "t5": "d_ff"}
+
+
+def mlp_size_key(model: nn.Module) -> str | None:
+    """The config entry that holds the MLP width (None without an HF config: timm models have none)."""
+    return MLP_SIZE_KEYS.get(arch_name(model), "intermediate_size") if hf_config(model) is not None else None
 
 
 # ---------------------------------------------------------------- scores
@@ -166,7 +172,7 @@ def check_heads(groups: Sequence[Group], head_ratio: float | None, arch: str) ->
     raise PrunekitError(f"{arch}: width pruning cannot remove attention heads: {why}; set head_ratio=0")
 
 
-def rehearse(model: nn.Module, prefix: str, counts: Mapping[str, int], values: Mapping, mlp_key: str) -> None:
+def rehearse(model: nn.Module, prefix: str, counts: Mapping[str, int], values: Mapping, mlp_key: str | None) -> None:
     """Cut a meta copy of the model the same way and check it is what its new config describes."""
     clone = meta_clone(model)
     for group in find_groups(prefix, clone.get_submodule(prefix), mlp_key):
@@ -220,17 +226,17 @@ class Width(ModelMethod):
         prefix, blocks = block_list(model)
         check_resizable(model, prefix, blocks, self.name)
         before, total_before = count_params(blocks), count_params(model)
-        mlp_key = MLP_SIZE_KEYS.get(arch_name(model), "intermediate_size")
+        hf, mlp_key = block_config(model, prefix), mlp_size_key(model)
         groups = find_groups(prefix, blocks, mlp_key)
         check_heads(groups, self.head_ratio, arch_name(model))
-        accepts = functools.partial(config_accepts, block_config(model, prefix))
+        accepts = functools.partial(config_accepts, hf)
         counts = removal_counts(groups, ratio, self.head_ratio, self.round_to, before, accepts)
         config = planned_config(groups, counts, accepts)
         rehearse(model, prefix, counts, config, mlp_key)
         norms = input_norms(model, groups, batches) if self.needs_calibration else None
         scores = {g.name: unit_scores(g, norms) for g in groups}
         removed = cut_groups(groups, scores, counts)
-        set_config(block_config(model, prefix), config)
+        set_config(hf, config)
         log.info("width: removed %s units per group", sorted(set(counts.values())))
         return summary(
             before,

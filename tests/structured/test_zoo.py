@@ -16,7 +16,7 @@ from prunekit.structured.coupling import find_groups
 from prunekit.structured.depth import rehearse, remove_blocks, skipping
 from prunekit.structured.slicegpt import SliceGPT, find_layout
 from prunekit.structured.support import prune_zoo_model, reloaded, same_logits, structured_support
-from prunekit.structured.width import MLP_SIZE_KEYS, Width
+from prunekit.structured.width import Width, mlp_size_key
 from prunekit.testing import zoo
 
 # The support matrix, (depth, width, slicegpt). Reasons for the gaps: MoE experts are fused 3-D tensors (width,
@@ -133,7 +133,7 @@ def _zero_removed(model, removed: dict) -> None:
     """Zero, in the original model, every row and column of the units width pruning removed."""
     prefix, blocks = block_list(model)
     with torch.no_grad():
-        for group in find_groups(prefix, blocks, MLP_SIZE_KEYS.get(arch_name(model), "intermediate_size")):
+        for group in find_groups(prefix, blocks, mlp_size_key(model)):
             for slot in group.slots:
                 index = slot.index[removed[group.name]["removed"]].flatten()
                 if slot.dim == 0:
