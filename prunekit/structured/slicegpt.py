@@ -387,9 +387,9 @@ class SliceGPT(ModelMethod):
         check_batches(batches, self.name)
         layout = find_layout(model)
         prefix, blocks = block_list(model)
-        d, head_dim, config = layout.embed.embedding_dim, _head_dim(layout), block_config(model, prefix)
+        d, head_dim, hf = layout.embed.embedding_dim, _head_dim(layout), block_config(model, prefix)
         d_new = sliced_dim(
-            d, ratio, self.round_to, lambda c: config_accepts(config, {"hidden_size": c, "head_dim": head_dim})
+            d, ratio, self.round_to, lambda c: config_accepts(hf, {"hidden_size": c, "head_dim": head_dim})
         )
         rehearse(model, layout, d_new, head_dim)
         before, total_before = count_params(blocks), count_params(model)
