@@ -17,6 +17,7 @@ for it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ from .eval.masked import masked_inputs
 from .eval.perplexity import labeled_perplexity, perplexity, token_windows
 from .io.hf import load_processor, load_tokenizer
 from .recipe import PruneRecipe
+
+log = logging.getLogger(__name__)
 
 IMAGE_TEXT = "image-text-to-text"
 # Tokenizers that do not know their model's length say so with a huge model_max_length (1e30).
@@ -77,6 +80,8 @@ def _tokens(tokenizer: Any, source: str, what: str) -> torch.Tensor:
 def calibration_data(model_class: str, preprocessor: Any, config: Any, recipe: PruneRecipe) -> Any:
     """The calibration batches ``prunekit.prune`` takes for this model class (causal LMs: the windows tensor)."""
     if model_class == IMAGE_TEXT:
+        if recipe.seqlen is not None:
+            log.warning("--seqlen does not apply to image-text models: each record is one sample, as long as it is")
         records = sample_records(read_image_text(recipe.calib_data, "--calib-data"), recipe.nsamples, recipe.seed)
         return image_text_inputs(preprocessor, records, recipe.batch_size)
     seqlen = text_seqlen(recipe.seqlen, config, preprocessor)

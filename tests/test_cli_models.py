@@ -104,24 +104,12 @@ def eval_data(models: Path, name: str) -> Path:
 
 
 def prune_args(models: Path, name: str, out: Path, *extra: str) -> list[str]:
-    calib = ["--calib-data", str(models / "pairs")] if name == "llava" else ["--calib-data", str(models / "train.txt")]
-    return [
-        "prune",
-        "--model",
-        str(models / name),
-        *calib,
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "32",
-        "--batch-size",
-        "2",
-        "--eval-data",
-        str(eval_data(models, name)),
-        "--out",
-        str(out),
-        *extra,
-    ]
+    """4 samples in batches of 2; text models in 32-token windows, image-text models one record a sample."""
+    data = ["--calib-data", str(models / "pairs")] if name == "llava" else ["--calib-data", str(models / "train.txt")]
+    data += ["--eval-data", str(eval_data(models, name))]
+    windows = [] if name == "llava" else ["--seqlen", "32"]
+    model = ["--model", str(models / name)]
+    return ["prune", *model, *data, "--nsamples", "4", "--batch-size", "2", *windows, "--out", str(out), *extra]
 
 
 METRIC = {
