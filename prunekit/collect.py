@@ -211,6 +211,10 @@ class _StatsView(Mapping):
             raise PrunekitError(f"layer {name!r} saw no input during calibration: is it used in forward()?")
         return stats.to(torch.float32)  # accumulated in float64 when asked; methods see float32
 
+    def seen(self, name: str) -> bool:
+        """Whether layer ``name`` has received input yet."""
+        return self._collectors[name].stats is not None
+
     def __iter__(self):
         return iter(self._collectors)
 

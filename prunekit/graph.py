@@ -147,29 +147,67 @@ def select_layers(
     return chosen
 
 
-def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList | nn.Sequential] | None:
-    """The repeated blocks to calibrate one at a time: decoder layers, ViT blocks, ConvNeXt stages.
+Stack = tuple[str, "nn.ModuleList | nn.Sequential"]  # a block list and its module path
 
-    ``path`` names the block list for models the rule below gets wrong. Generic rule: among
-    ``ModuleList``/``Sequential`` containers whose children (at least two) all share one class, take the one
-    holding the most prunable layers; it must hold at least half of the model's prunable layers (ResNet's
-    four separate ``layerN`` lists do not, so ResNets get one calibration pass).
-    """
-    if path is not None:
-        return path, named_block_list(model, path)
-    total = len(find_layers(model))
-    best, best_count = None, 0
+
+def _block_lists(model: nn.Module) -> list[tuple[Stack, int]]:
+    """The outermost ``ModuleList``/``Sequential`` containers of at least two blocks of one class (not
+    themselves layers) holding prunable layers, with their prunable layer counts; a list inside another is
+    part of the outer list's blocks."""
+    found = []
     for name, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 2:
             continue
-        if len({type(c) for c in container}) != 1:
+        if len({type(c) for c in container}) != 1 or is_prunable(container[0]):
             continue
         count = sum(len(find_layers(c)) for c in container)
-        if count > best_count:
-            best, best_count = (name, container), count
-    if best is None or best_count * 2 < total:
+        if count:
+            found.append(((name, container), count))
+    return [item for item in found if not any(_inside(item[0][0], other[0][0]) for other in found)]
+
+
+def _inside(name: str, outer: str) -> bool:
+    return name != outer and (outer == "" or name.startswith(f"{outer}."))
+
+
+def _uniform(blocks: nn.Module) -> bool:
+    """Whether every block holds the same prunable layers (names and shapes): repeated blocks of one stack,
+    not stages that change width (ResNet's ``layerN``, whose first block downsamples)."""
+    shapes = [{n: tuple(m.weight.shape) for n, m in find_layers(b).items()} for b in blocks]
+    return all(s == shapes[0] for s in shapes[1:])
+
+
+def find_stacks(model: nn.Module, path: str | None = None) -> tuple[Stack, ...]:
+    """The block lists to calibrate one block at a time: one for a decoder-only LM or a ViT, two for an
+    encoder-decoder (encoder, decoder) or a vision-language model (vision tower, language model).
+
+    ``path`` names them (comma-separated) for models the rule gets wrong. Generic rule: the list holding the
+    most prunable layers, plus every other outermost list of repeated identical blocks; together they must
+    hold at least half of the model's prunable layers, else there are none (ResNet's ``layerN`` stages change
+    width and hold a quarter each: one calibration pass). Returned in registration order; the engine runs them
+    in the order the model's forward pass reaches them.
+    """
+    if path is not None:
+        return tuple((p.strip(), named_block_list(model, p.strip())) for p in path.split(",") if p.strip())
+    lists = _block_lists(model)
+    if not lists:
+        return ()
+    best = max(lists, key=lambda item: item[1])
+    chosen = [item for item in lists if item is best or _uniform(item[0][1])]
+    if 2 * sum(count for _, count in chosen) < len(find_layers(model)):
+        return ()
+    return tuple(stack for stack, _ in chosen)
+
+
+def find_blocks(model: nn.Module, path: str | None = None) -> Stack | None:
+    """The main block list (the one holding the most prunable layers): decoder layers, ViT blocks, ConvNeXt
+    stages. Structured methods that remove or reshape blocks work on it."""
+    if path is not None:
+        return path, named_block_list(model, path)
+    stacks = find_stacks(model)
+    if not stacks:
         return None
-    return best
+    return max(stacks, key=lambda stack: sum(len(find_layers(b)) for b in stack[1]))
 
 
 def named_block_list(model: nn.Module, path: str) -> nn.ModuleList | nn.Sequential:
@@ -187,20 +225,36 @@ def named_block_list(model: nn.Module, path: str) -> nn.ModuleList | nn.Sequenti
     return container
 
 
-def block_index(name: str, blocks: tuple[str, nn.Module] | None) -> int | None:
-    """Index of the block holding layer ``name`` in the block list ``blocks``, None when outside it."""
+def block_index(name: str, blocks: Stack | None) -> int | None:
+    """Index of the block holding layer ``name`` in the block list ``blocks``, None when outside it. Blocks are
+    found by their child names (``0``, ``1``, ... in a ModuleList; any names in a Sequential built from a dict,
+    like torchvision's RegNet ``block1``)."""
     if blocks is None:
         return None
     prefix = f"{blocks[0]}." if blocks[0] else ""
     rest = name[len(prefix) :] if name.startswith(prefix) else None
-    head = rest.split(".", 1)[0] if rest else ""
-    return int(head) if head.isdigit() else None
+    if not rest:
+        return None
+    head = rest.split(".", 1)[0]
+    children = [child for child, _ in blocks[1].named_children()]
+    return children.index(head) if head in children else None
 
 
-def block_layers(block_prefix: str, index: int, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """The selected layers that live inside block ``index`` of the block list at ``block_prefix``."""
-    stem = f"{block_prefix}.{index}." if block_prefix else f"{index}."
-    return {n: m for n, m in layers.items() if n.startswith(stem)}
+def stack_block_index(name: str, stacks: tuple[Stack, ...]) -> int | None:
+    """A number for the block holding ``name`` that is unique across ``stacks`` (blocks of the first stack,
+    then of the second, ...), None when the layer is outside every stack."""
+    offset = 0
+    for stack in stacks:
+        index = block_index(name, stack)
+        if index is not None:
+            return offset + index
+        offset += len(stack[1])
+    return None
+
+
+def block_layers(stack: Stack, index: int, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The selected layers that live inside block ``index`` of the block list ``stack``."""
+    return {n: m for n, m in layers.items() if block_index(n, stack) == index}
 
 
 # ---------------------------------------------------------------- model families
