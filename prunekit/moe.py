@@ -33,7 +33,6 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .config import EXPERT_TOKENS
 from .errors import PrunekitError
 from .forward import hidden_state
 
@@ -149,9 +148,8 @@ def expert_weights(name: str, experts: nn.Module, block: nn.Module | None = None
 
 
 def calibrated_on(layers: Mapping[str, Any], tokens: str) -> dict[str, Any]:
-    """``layers`` with every expert view calibrated on ``tokens`` (``routed`` or ``all``)."""
-    if tokens not in EXPERT_TOKENS:
-        raise PrunekitError(f"unknown expert_tokens {tokens!r}; choose from {', '.join(EXPERT_TOKENS)}")
+    """``layers`` with every expert view calibrated on ``tokens`` (``routed`` or ``all``; ``PruneConfig`` checked
+    which)."""
     return {n: replace(m, tokens=tokens) if isinstance(m, ExpertWeight) else m for n, m in layers.items()}
 
 
