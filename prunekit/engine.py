@@ -38,7 +38,6 @@ from .collect import LayerStats, collect
 from .config import PruneConfig
 from .errors import PrunekitError
 from .forward import (
-    CACHE_KWARGS,
     Batch,
     StopForward,
     block_output,
@@ -50,6 +49,7 @@ from .forward import (
     run_model,
     same_value,
     with_hidden,
+    without_cache,
 )
 from .graph import Stack, block_index, block_layers, num_groups, set_weight_matrix, weight_matrix
 from .groups import GLOBAL, select_global
@@ -182,7 +182,7 @@ def capture_block_inputs(
     seen = []
 
     def catch(module, args, kwargs):
-        store(args, {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS})
+        store(args, without_cache(kwargs))
         seen.append(True)
         raise StopForward
 
@@ -202,7 +202,7 @@ def capture_block_inputs(
 
 def block_call(args: tuple, kwargs: Mapping) -> tuple[tuple, dict]:
     """A block call as stored: the hidden state left out, no KV cache."""
-    return with_hidden(args, {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}, None)
+    return with_hidden(args, without_cache(kwargs), None)
 
 
 @torch.no_grad()

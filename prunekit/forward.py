@@ -10,6 +10,7 @@ imports none of them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -19,8 +20,18 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 Batch = torch.Tensor | Mapping[str, torch.Tensor]
-# Keyword arguments of a block call that hold a KV cache: calibration never uses one.
-CACHE_KWARGS = ("past_key_value", "past_key_values")
+# Keyword arguments of a block call that hold a KV cache (transformers 5 names it ``cache``): calibration never
+# uses one, and a cache kept with a captured call would make every later call attend to stale keys.
+CACHE_KWARGS = ("past_key_value", "past_key_values", "cache")
+
+
+def without_cache(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A block call's keyword arguments without its KV cache (by name, or any transformers ``Cache`` object)."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover
+        Cache = ()
+    return {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS and not isinstance(v, Cache)}
 
 
 class StopForward(Exception):
@@ -73,9 +84,20 @@ def first_sample(batch: Batch) -> Batch:
 def run_model(model: nn.Module, batch: Batch, device: torch.device | None = None) -> Any:
     """``model(batch)`` on ``device`` without a KV cache (calibration never generates)."""
     args, kwargs = model_inputs(batch, device)
-    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+    if _takes_use_cache(model):
         kwargs.setdefault("use_cache", False)
     return model(*args, **kwargs)
+
+
+def _takes_use_cache(model: nn.Module) -> bool:
+    """Whether ``model(...)`` accepts ``use_cache`` (its config says so, or its forward names it: a LLaVA's
+    top-level config has no ``use_cache``, its language model does and would build a cache)."""
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        return True
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def model_device(model: nn.Module) -> torch.device:
