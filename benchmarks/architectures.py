@@ -8,7 +8,7 @@ run the way prunekit did before per-block capture (every block calibrated with b
 rotary tables), reproduced here only, so the gain from exact calibration is measured in the same run.
 Writes benchmarks/results/architectures.{json,md}.
 
-    python benchmarks/architectures.py [--steps 600] [--threads 2]
+    python benchmarks/architectures.py [--steps 300] [--threads 2]
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ RUNS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--test-tokens", type=int, default=60000)
     args = parser.parse_args()

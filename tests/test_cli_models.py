@@ -27,13 +27,6 @@ CASES = {
 }
 
 
-def kjv_tokenizer():
-    """The bundled tokenizer, with an existing token standing in as the mask token masked LMs evaluate with."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(demo_assets() / "kjv-llama-5m")
-    tokenizer.add_special_tokens({"mask_token": "<unk>"})
-    return tokenizer
-
-
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if name == "bert-classifier":
@@ -42,44 +35,7 @@ def build(name: str) -> torch.nn.Module:
         return transformers.BertForSequenceClassification(config)
     if name == "bert-encoder":
         return transformers.BertModel(zoo.config("bert"))
-    if name == "llava":
-        return transformers.LlavaForConditionalGeneration(llava_config())
     return zoo.build(name)
-
-
-def llava_config():
-    """The zoo's LLaVA with one more token, ``<image>``, that the processor expands into the image's patches."""
-    config = zoo.config("llava")
-    config.text_config.vocab_size = zoo.VOCAB + 1
-    config.image_token_index = zoo.VOCAB
-    return config
-
-
-def llava_processor():
-    tokenizer = transformers.AutoTokenizer.from_pretrained(demo_assets() / "kjv-llama-5m")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    size = zoo.IMAGE_SIZE
-    images = transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return transformers.LlavaProcessor(
-        image_processor=images,
-        tokenizer=tokenizer,
-        patch_size=zoo.PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-
-
-def write_image_text(folder: Path, lines: list[str]) -> Path:
-    """The image-text format: ``data.jsonl`` beside an ``images/`` folder of small solid-colour PNGs."""
-    from PIL import Image
-
-    (folder / "images").mkdir(parents=True)
-    records = []
-    for i, line in enumerate(lines):
-        Image.new("RGB", (40, 30), (20 * i % 256, 255 - 20 * i % 256, 90)).save(folder / "images" / f"{i}.png")
-        records.append({"image": f"images/{i}.png", "text": line})
-    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +43,16 @@ def models(tmp_path_factory):
     """Every case saved as a checkpoint with its tokenizer (LLaVA: its processor), plus the data files."""
     root = tmp_path_factory.mktemp("models")
     for name in CASES:
-        build(name).save_pretrained(root / name)
-        (llava_processor() if name == "llava" else kjv_tokenizer()).save_pretrained(root / name)
+        model = build(name)
+        model.save_pretrained(root / name)
+        zoo.processor("llava" if name == "llava" else "bert").save_pretrained(root / name)
     text = (demo_assets() / "kjv" / "test.txt").read_text()
     (root / "train.txt").write_text(text[:30000])
     (root / "test.txt").write_text(text[30000:36000])
     verses = [line for line in text.splitlines() if line.strip()][:24]
     labeled = "".join(json.dumps({"text": v, "label": i % 3}) + "\n" for i, v in enumerate(verses))
     (root / "labeled.jsonl").write_text(labeled)
-    write_image_text(root / "pairs", verses[:8])
+    zoo.write_image_text(root / "pairs", verses[:8])
     return root
 
 
@@ -126,16 +83,7 @@ def zero_fraction(model: torch.nn.Module, layer: str) -> float:
     return float((model.get_submodule(layer).weight == 0).float().mean())
 
 
-# The engine's stack-by-stack calibration of LLaVA (vision tower, then language model) fails on a calibration batch
-# whose attention mask pads a shorter record; one record a batch (no padding) runs below.
-PADDED_LLAVA = pytest.mark.xfail(
-    strict=True,
-    reason="engine.sequential on model.language_model.layers with a padded attention_mask: RuntimeError: The size of "
-    "tensor a (88) must match the size of tensor b (44) at non-singleton dimension 3 (sdpa_attention_forward)",
-)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=PADDED_LLAVA) if n == "llava" else n for n in CASES])
+@pytest.mark.parametrize("name", CASES)
 def test_prune_any_model_class_end_to_end(models, tmp_path, name):
     check_end_to_end(models, tmp_path, name)
 

@@ -143,24 +143,28 @@ def _structured(method: str) -> Callable[[str, nn.Module], None]:
 
 
 def check_cli(name: str, model: nn.Module) -> None:
-    """``prunekit prune`` on a saved copy with the bundled tokenizer; a refusal is the CLI's one-line error."""
-    from transformers import AutoTokenizer
-
+    """``prunekit prune`` on a saved copy with its tokenizer / processor and data in the format its class takes
+    (text, or an image-text folder); a refusal is the CLI's one-line error."""
     from ..cli import demo_assets, main
+    from .zoo import ZOO, save, write_image_text
 
     with tempfile.TemporaryDirectory() as tmp:
         source, out = Path(tmp) / "model", Path(tmp) / "pruned"
-        model.save_pretrained(source)
-        AutoTokenizer.from_pretrained(demo_assets() / "kjv-llama-5m").save_pretrained(source)
-        args = ["prune", "--model", str(source), "--calib-data", str(demo_assets() / "kjv" / "test-small.txt")]
+        save(name, source, model)
+        text = demo_assets() / "kjv" / "test-small.txt"
+        if ZOO[name].kind == "vlm":
+            verses = [line for line in text.read_text().splitlines() if line.strip()][:4]
+            data = ["--calib-data", str(write_image_text(Path(tmp) / "pairs", verses))]
+        else:
+            data = ["--calib-data", str(text), "--seqlen", "32"]
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            code = main([*args, "--nsamples", "4", "--seqlen", "32", "--out", str(out)])
+            code = main(["prune", "--model", str(source), *data, "--nsamples", "4", "--out", str(out)])
         if code == 2:
             lines = [line for line in stderr.getvalue().splitlines() if line.startswith("error: ")]
             raise PrunekitError(lines[-1][len("error: ") :] if lines else "refused by the command line")
         if code != 0:
-            raise AssertionError(f"{name}: prunekit prune exited {code}")
+            raise AssertionError(f"{name}: prunekit prune exited {code}: {stderr.getvalue()[-2000:]}")
         report = json.loads((out / "prune_report.json").read_text())
         if abs(report["sparsity"] - 0.5) > 0.01:
             raise AssertionError(f"{name}: CLI run reached {report['sparsity']:.3f}")

@@ -22,7 +22,7 @@ from torch import nn
 
 VOCAB = 4096  # the bundled KJV tokenizer's vocabulary
 BOS, EOS = 0, 1
-IMAGE_TOKEN = VOCAB - 1  # LLaVA-style models: the placeholder token an image's patches replace
+IMAGE_TOKEN = VOCAB  # LLaVA-style models: ``<image>``, added to the tokenizer; the processor expands it per patch
 IMAGE_SIZE, PATCH = 32, 8  # 16 image tokens per image
 
 _SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
@@ -182,7 +182,7 @@ ZOO: dict[str, Spec] = {
 def _llava_config():
     import transformers
 
-    text = transformers.LlamaConfig(**_DECODER)
+    text = transformers.LlamaConfig(**{**_DECODER, "vocab_size": VOCAB + 1})
     vision = transformers.CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -236,6 +236,55 @@ def batch(name: str, ids: torch.Tensor, generator: torch.Generator | None = None
 
 
 def token_ids(batch_size: int = 2, seqlen: int = 24, seed: int = 0) -> torch.Tensor:
-    """Random ids that avoid the special and image tokens."""
+    """Random ids that avoid the special tokens."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(2, VOCAB - 1, (batch_size, seqlen), generator=generator)
+    return torch.randint(2, VOCAB, (batch_size, seqlen), generator=generator)
+
+
+def processor(name: str):
+    """What a checkpoint of ``name`` ships to turn data into inputs: the bundled KJV tokenizer, and for a
+    vision-language model a processor around it (CLIP image processor, ``<image>`` token added)."""
+    import transformers
+
+    from ..cli import demo_assets
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(demo_assets() / "kjv-llama-5m")
+    if ZOO[name].kind == "masked":
+        tokenizer.add_special_tokens({"mask_token": "<unk>"})  # an existing token stands in for [MASK]
+    if ZOO[name].kind != "vlm":
+        return tokenizer
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    images = transformers.CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return transformers.LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def save(name: str, path, model: nn.Module | None = None) -> None:
+    """``model`` (default: a fresh ``build(name)``) saved as a checkpoint the CLI can prune: weights, config and the
+    tokenizer / processor."""
+    (model if model is not None else build(name)).save_pretrained(path)
+    processor(name).save_pretrained(path)
+
+
+def write_image_text(folder, lines: list[str]):
+    """The CLI's image-text data format: ``data.jsonl`` beside an ``images/`` folder of small PNGs."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True)
+    records = []
+    for i, line in enumerate(lines):
+        Image.new("RGB", (40, 30), (20 * i % 256, 255 - 20 * i % 256, 90)).save(folder / "images" / f"{i}.png")
+        records.append({"image": f"images/{i}.png", "text": line})
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
