@@ -136,7 +136,7 @@ def config_counts(model: nn.Module, before: int, after: int) -> dict[str, int]:
             f"the config of {type(model).__name__} holds the expert count {before} under none of "
             f"{', '.join(EXPERT_COUNT_KEYS)}; the pruned model could not be reloaded"
         )
-    if not config_accepts(model, values):
+    if not config_accepts(config, values):
         raise PrunekitError(f"the config of {type(model).__name__} rejects {values}; lower the ratio")
     return values
 
@@ -166,7 +166,7 @@ class Experts(ModelMethod):
             keep = torch.tensor([e for e in range(count) if e not in set(removed[name])])
             keep_experts(experts, keep, count)
             keep_experts(router, keep, count)
-        set_config(model, values)
+        set_config(hf_config(model), values)
         log.info("experts: removed %d of %d experts in each of %d MoE layers", k * groups, count, len(layers))
         return summary(
             before,

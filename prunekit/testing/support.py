@@ -13,6 +13,8 @@ import contextlib
 import copy
 import io
 import json
+import logging
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +24,10 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..forward import hidden_state, hooks, run_model
-from ..graph import find_stacks
+from ..graph import find_stacks, weight_matrix
 from .zoo import ZOO, batch, build, token_ids
+
+log = logging.getLogger(__name__)
 
 YES = "yes"
 
@@ -32,19 +36,32 @@ def calibration(name: str, batches: int = 2) -> list[dict]:
     return [batch(name, token_ids(2, 24, seed)) for seed in range(batches)]
 
 
-def _logits(model: nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
+def reloaded(model: nn.Module) -> nn.Module:
+    """``model`` after ``save_pretrained`` and ``from_pretrained`` (of its own class), in eval mode."""
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return type(model).from_pretrained(folder).eval()
+
+
+@torch.no_grad()
+def same_logits(a: nn.Module, b: nn.Module, inputs) -> bool:
+    return torch.equal(run_model(a, inputs).logits, run_model(b, inputs).logits)
 
 
 def _reloads_identically(model: nn.Module, name: str) -> None:
     """Saved and reloaded with ``from_pretrained`` of its own class, the model gives the same logits."""
-    inputs = calibration(name, 1)[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        reloaded = type(model).from_pretrained(tmp).eval()
-        if not torch.equal(_logits(model, inputs), _logits(reloaded, inputs)):
-            raise AssertionError(f"{name}: logits change when the pruned model is saved and reloaded")
+    if not same_logits(model, reloaded(model), calibration(name, 1)[0]):
+        raise AssertionError(f"{name}: logits change when the pruned model is saved and reloaded")
+
+
+def prune_zoo_model(name: str, method: str, ratio: float = 0.3, params: dict | None = None):
+    """The tiny ``name`` model pruned by the structured ``method``, with its calibration batch and the method's
+    summary; raises the method's ``PrunekitError`` when it refuses the architecture."""
+    from ..structured import STRUCTURED
+
+    model, inputs = build(name), batch(name, token_ids())
+    summary = STRUCTURED.create(method, params or {}).prune_model(model, [inputs], ratio)
+    return model, inputs, summary
 
 
 # ---------------------------------------------------------------- the checks
@@ -109,12 +126,12 @@ def check_unstructured(name: str, model: nn.Module) -> None:
 
 
 def check_nm(name: str, model: nn.Module) -> None:
-    from .. import prune
+    from .. import plan_prune, prune
 
-    report = prune(model, "wanda", 0.5, pattern="2:4", calib=calibration(name))
-    for layer in report.layers:
-        w = dict(model.named_modules())[layer].weight if layer in dict(model.named_modules()) else None
-        if w is not None and ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) > 2).any():
+    prune(model, "wanda", 0.5, pattern="2:4", calib=calibration(name))
+    for layer, module in plan_prune(model, "wanda").layers.items():
+        w = weight_matrix(module)
+        if ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) > 2).any():
             raise AssertionError(f"{name}: {layer} breaks the 2:4 pattern")
     _reloads_identically(model, name)
 
@@ -132,13 +149,12 @@ def _structured(method: str) -> Callable[[str, nn.Module], None]:
     def check(name: str, model: nn.Module) -> None:
         from .. import prune
 
-        before = sum(p.numel() for p in model.parameters())
-        prune(model, method, 0.25, calib=calibration(name))
-        if sum(p.numel() for p in model.parameters()) >= before:
-            raise AssertionError(f"{name}: {method} removed nothing")
+        removed = prune(model, method, 0.25, calib=calibration(name)).structure["removed_fraction"]
+        if removed <= 0:
+            raise AssertionError(f"{name}: {method} removed nothing from the blocks")
         _reloads_identically(model, name)
 
-    check.__doc__ = f"structured {method} at 25%: smaller, reloads with identical logits"
+    check.__doc__ = f"structured {method} at 25%: smaller blocks, reloads with identical logits"
     return check
 
 
@@ -178,6 +194,7 @@ CAPABILITIES: dict[str, Callable[[str, nn.Module], None]] = {
     "depth": _structured("depth"),
     "width": _structured("width"),
     "SliceGPT": _structured("slicegpt"),
+    "experts": _structured("experts"),
     "CLI": check_cli,
 }
 
@@ -196,6 +213,7 @@ def support_matrix(names: list[str] | None = None) -> dict[str, dict[str, str]]:
     """Every capability of every zoo architecture, by running it."""
     result = {}
     for name in names or list(ZOO):
+        log.info("support checks: %s", name)
         dense = build(name)
         result[name] = {capability: check(name, capability, dense) for capability in CAPABILITIES}
     return result
@@ -216,7 +234,7 @@ def markdown(matrix: dict[str, dict[str, str]]) -> str:
             if status == YES:
                 cells.append("✓")
             else:
-                reason = status.removeprefix("no: ")
+                reason = re.sub(r"^[\w.-]+: ", "", status.removeprefix("no: "))  # the architecture is the row
                 number = notes.setdefault(reason, len(notes) + 1)
                 cells.append(f"– [{number}]")
         lines.append(f"| {name} | `{ZOO[name].model}` | " + " | ".join(cells) + " |")

@@ -4,6 +4,8 @@ skipped blocks, removed units = zeroed units, an unneeded slice = no change); wh
 names the architecture, raised before the model is touched."""
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,38 +17,15 @@ from prunekit.structured.common import arch_name, block_list, count_params
 from prunekit.structured.coupling import find_groups
 from prunekit.structured.depth import rehearse, remove_blocks, skipping
 from prunekit.structured.slicegpt import SliceGPT, find_layout
-from prunekit.structured.support import prune_zoo_model, reloaded, same_logits, structured_support
 from prunekit.structured.width import Width, mlp_size_key
 from prunekit.testing import zoo
+from prunekit.testing.support import YES, prune_zoo_model, reloaded, same_logits
 
-# The support matrix, (depth, width, slicegpt). Reasons for the gaps: MoE experts are fused 3-D tensors (width,
-# slicegpt); T5's stacks share one config's sizes; LayerNorm's mean subtraction and post-norms (Gemma 2/3,
-# OLMo 2) do not commute with a rotation; LLaVA's projector is as wide as the text model behind a GELU.
-SUPPORT = {
-    "llama": (1, 1, 1),
-    "mistral": (1, 1, 1),
-    "qwen2": (1, 1, 1),
-    "qwen3": (1, 1, 1),
-    "phi3": (1, 1, 1),
-    "gemma": (1, 1, 1),
-    "gemma2": (1, 1, 0),
-    "gemma3": (1, 1, 0),
-    "olmo2": (1, 1, 0),
-    "starcoder2": (1, 1, 0),
-    "gpt2": (1, 1, 0),
-    "opt": (1, 1, 0),
-    "falcon": (1, 1, 0),
-    "gpt_neox": (1, 1, 0),
-    "mixtral": (1, 0, 0),
-    "qwen2_moe": (1, 0, 0),
-    "qwen3_moe": (1, 0, 0),
-    "gpt_oss": (1, 0, 0),
-    "deepseek_v3": (1, 0, 0),
-    "bert": (1, 1, 0),
-    "roberta": (1, 1, 0),
-    "t5": (1, 0, 0),
-    "llava": (1, 1, 0),
-}
+# Which structured method works where: the recorded support table (benchmarks/results/support.json, the README's
+# table), which tests/test_architectures.py keeps true by rerunning every check.
+RECORDED = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "support.json").read_text())
+COLUMNS = {"depth": "depth", "width": "width", "slicegpt": "SliceGPT"}
+SUPPORT = {arch: tuple(int(row[c] == YES) for c in COLUMNS.values()) for arch, row in RECORDED.items()}
 METHODS = ("depth", "width", "slicegpt")
 # Width removes heads (KV groups) here too; elsewhere head_dim is hidden_size / heads, or a q/k norm spans all heads.
 HEADS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "starcoder2", "llava"}
@@ -97,15 +76,6 @@ def test_refused_with_one_line_error_before_any_change(arch, method):
     assert "\n" not in message and message.startswith(f"{arch_name(model)}: ")
     assert model.config.to_dict() == config
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-
-
-def test_structured_support_reports_by_trying():
-    table = structured_support(["llama", "gemma2", "mixtral"])
-    assert table == {
-        "llama": {"depth": True, "width": True, "slicegpt": True},
-        "gemma2": {"depth": True, "width": True, "slicegpt": False},
-        "mixtral": {"depth": True, "width": False, "slicegpt": False},
-    }
 
 
 # ---------------------------------------------------------------- what each method computes
