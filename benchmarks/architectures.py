@@ -3,9 +3,10 @@
 Both are small (hidden 128, 4 blocks; Gemma 3: sliding-window and full-attention blocks alternating; Mixtral:
 4 experts, 2 routed per token), trained by a seeded loop on kjv/train.txt with the bundled tokenizer and cached
 under benchmarks/.cache/ (a rerun only prunes). For each: perplexity on kjv/test.txt dense and after Wanda 50%,
-SparseGPT 50% and Wanda 2:4 (calibration: 64 x 128 tokens of kjv/train.txt). For the Gemma-3 model, Wanda is also
-run the way prunekit did before per-block capture (every block calibrated with block 0's attention mask and
-rotary tables), reproduced here only, so the gain from exact calibration is measured in the same run.
+SparseGPT 50%, Wanda 2:4 and Wanda 70% (calibration: 64 x 128 tokens of kjv/train.txt). For the Gemma-3 model,
+Wanda 50% and 70% are also run the way prunekit did before per-block capture (every block calibrated with block
+0's attention mask and rotary tables), reproduced here only, so the gain from exact calibration is measured in the
+same run.
 Writes benchmarks/results/architectures.{json,md}.
 
     python benchmarks/architectures.py [--steps 300] [--threads 2]
@@ -99,6 +100,12 @@ RUNS = [
     ("wanda 50%", dict(method="wanda", sparsity=0.5)),
     ("sparsegpt 50%", dict(method="sparsegpt", sparsity=0.5)),
     ("wanda 2:4", dict(method="wanda", sparsity=0.5, pattern="2:4")),
+    ("wanda 70%", dict(method="wanda", sparsity=0.7)),
+]
+# Gemma 3 only: the same Wanda runs calibrated the way prunekit did before per-block capture.
+BLOCK_ZERO = [
+    ("wanda 50%, block 0's arguments", dict(method="wanda", sparsity=0.5)),
+    ("wanda 70%, block 0's arguments", dict(method="wanda", sparsity=0.7)),
 ]
 
 
@@ -120,9 +127,7 @@ def main() -> None:
         dense, info = train(name, config, train_tokens, args.steps)
         row = {"train": info, "dense": perplexity(dense, test, SEQLEN)}
         print(f"{name}: dense ppl {row['dense']:.3f}", flush=True)
-        variants = list(RUNS) + (
-            [("wanda 50%, block 0's arguments", dict(method="wanda", sparsity=0.5))] if name == "gemma3" else []
-        )
+        variants = RUNS + (BLOCK_ZERO if name == "gemma3" else [])
         for label, settings in variants:
             model = copy.deepcopy(dense)
             context = block_zero_arguments() if "block 0" in label else nullcontext()

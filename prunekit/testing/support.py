@@ -238,6 +238,7 @@ def markdown(matrix: dict[str, dict[str, str]]) -> str:
                 number = notes.setdefault(reason, len(notes) + 1)
                 cells.append(f"– [{number}]")
         lines.append(f"| {name} | `{ZOO[name].model}` | " + " | ".join(cells) + " |")
-    lines.append("")
+    lines += ["", "<details><summary>The one-line reason behind each –</summary>", ""]
     lines += [f"[{number}] {reason}  " for reason, number in notes.items()]
-    return "\n".join(lines).rstrip() + "\n"
+    lines += ["", "</details>"]
+    return "\n".join(lines) + "\n"
