@@ -223,3 +223,13 @@ def test_save_and_load_pick_the_format(tmp_path):
     again = prunekit.load(tmp_path / "m")
     ids = torch.randint(0, 128, (1, 8))
     assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("name", ["t5", "bert", "llava"])
+def test_load_returns_the_class_the_config_names(name, tmp_path):
+    """``prunekit.load`` once loaded every Hugging Face checkpoint as a causal LM."""
+    from prunekit.testing.zoo import build
+
+    model = build(name)
+    prunekit.save(model, tmp_path)
+    assert type(prunekit.load(tmp_path)) is type(model)
