@@ -34,6 +34,7 @@ def run_finetune_recipe(path: str | os.PathLike | None, overrides: dict[str, Any
 def run_finetune(recipe: FinetuneRecipe, recipe_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Prune (one-shot) or not, fine-tune, evaluate; ``--out`` is claimed before loading and written at the end."""
     inputs = {**validate(recipe, recipe_path), "--train-data": recipe.training_data, "--val-data": recipe.val_data}
+    _check_trainable_class(recipe)
     with claimed(recipe, inputs) as claim:
         report = _run(recipe)
         if claim is not None:
@@ -57,6 +58,24 @@ def _run(recipe: FinetuneRecipe) -> tuple[nn.Module, Any, dict[str, Any]]:
     timings["finetune_s"] = time.perf_counter() - start
     metrics.update(_prefixed(evaluate(model, tokenizer, recipe, cache), "finetuned"))
     return model, tokenizer, _report(model, recipe, task, metrics, history, timings, keys)
+
+
+def _check_trainable_class(recipe: FinetuneRecipe) -> None:
+    """Fine-tuning trains causal LMs and image classifiers; another Hugging Face class (masked LM, seq2seq, VLM)
+    would silently go down the causal-LM path. Read from config.json before anything loads."""
+    from ..io.hf import load_config
+    from ..io.timm import is_vision_source
+    from ..model_classes import resolve_model_class
+
+    if not recipe.model or is_vision_source(recipe.model):
+        return
+    config = load_config(recipe.model, recipe.trust_remote_code)
+    model_class = resolve_model_class(config, recipe.model_class, recipe.model)
+    if model_class != "causal-lm":
+        raise PrunekitError(
+            f"prunekit finetune trains causal LMs and image classifiers; {recipe.model!r} loads as {model_class}: "
+            "prune it with prunekit prune and fine-tune it with your own training loop"
+        )
 
 
 def _task(recipe: FinetuneRecipe, tokenizer: Any) -> str:

@@ -139,3 +139,21 @@ def test_missing_training_data_is_one_line_before_any_loading(tmp_path, monkeypa
         load_finetune_recipe(None, {"model": "m", "train_data": "data/train"})
     with pytest.raises(PrunekitError, match="val_data 'val.txt' does not exist"):
         load_finetune_recipe(None, {"model": "m", "train_data": str(tmp_path / "data"), "val_data": "val.txt"})
+
+
+def test_a_model_class_finetune_cannot_train_is_one_line_before_loading(tmp_path, monkeypatch):
+    """A masked LM once went down the causal-LM training path; now it is refused from config.json alone."""
+    from prunekit.errors import PrunekitError
+    from prunekit.finetune.recipe import load_finetune_recipe
+    from prunekit.finetune.run import run_finetune
+    from prunekit.testing import zoo
+
+    zoo.save("bert", tmp_path / "bert")
+    (tmp_path / "train.txt").write_text("In the beginning God created the heaven and the earth.\n" * 40)
+    monkeypatch.setattr("prunekit.io.hf.load_hf_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    recipe = load_finetune_recipe(
+        None, {"model": str(tmp_path / "bert"), "train_data": str(tmp_path / "train.txt"), "out": str(tmp_path / "o")}
+    )
+    with pytest.raises(PrunekitError, match="loads as masked-lm"):
+        run_finetune(recipe)
+    assert not (tmp_path / "o").exists()
