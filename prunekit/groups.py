@@ -27,12 +27,15 @@ def register_group(name: str):
     return GROUPS.register(name=name)
 
 
-# Elements per chunk (16 MiB of fp32): the extra memory of a selection is a few chunks whatever the layer's
-# size. Smaller chunks fit caches better but, on a loaded machine, pay for each op's thread start-up and
-# barrier: on 2 busy cores 2^18 was 2-5x slower than 2^22 (benchmarks/selection.py).
+# Elements per chunk: the extra memory of a selection is a few bool buffers of this many bytes, whatever the
+# layer's size. Smaller chunks fit caches better but, on a loaded machine, pay for each op's thread start-up and
+# barrier (benchmarks/selection.py).
 CHUNK = 1 << 22
 # Scores sampled to bracket a whole-layer threshold: the k-th value is then found among the few in the bracket.
 SAMPLE = 1 << 19
+# Scores sampled per row (or column) for a first guess of its k-th smallest; shorter slices use ``topk``.
+SLICE_SAMPLE = 64
+SEARCH_MIN = 512
 # Largest M whose N:M blocks are sorted by a network of elementwise min/max (beyond it: the row path).
 NM_NETWORK_MAX = 16
 
@@ -51,49 +54,137 @@ def _prune_lowest(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     return ~(below | (ties & (ties.cumsum(dim=dim) <= still_needed)))
 
 
-def _rows_per_chunk(cols: int) -> int:
-    return max(1, CHUNK // max(cols, 1))
+def _count(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-slice ``True`` count, ``int32``, keepdim: summing the bytes as uint8 is vectorized, unlike
+    ``sum``/``count_nonzero`` of a bool tensor (about 10x slower on CPU)."""
+    return mask.view(torch.uint8).sum(dim, keepdim=True, dtype=torch.int32)
 
 
-def _kth_per_row(x: torch.Tensor, k: int) -> torch.Tensor:
-    """``[rows, 1]`` k-th smallest of each row (``0 < k < cols``), by ``topk`` of the smaller side (cheaper
-    than ``kthvalue`` on CPU; neither sorts)."""
-    cols = x.shape[1]
-    if 2 * k <= cols:
-        return x.topk(k, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True)
-    return x.topk(cols - k + 1, dim=1, sorted=False).values.amin(1, keepdim=True)
+def _count_le(x: torch.Tensor, t: torch.Tensor, buf: torch.Tensor, dim: int, strict: bool = False) -> torch.Tensor:
+    """Per-slice count of ``x <= t`` (``x < t`` if ``strict``), keepdim, as float32 (exact below 2^24): a
+    comparison written as 0/1 into a reused float32 buffer and a float sum are both vectorized, faster on CPU
+    than a bool buffer and an integer sum."""
+    return (torch.lt if strict else torch.le)(x, t, out=buf).sum(dim, keepdim=True)
 
 
-def _prune_lowest_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``_prune_lowest(scores, k, dim=1)`` chunk by chunk of rows. ``scores > kth`` is the answer wherever exactly
-    ``k`` scores are ``<= kth``; only rows where more are (ties at the threshold) take the exact tie path."""
-    rows, cols = scores.shape
+def _slices(kth: torch.Tensor, dim: int) -> torch.Tensor:
+    """One value per slice shaped to broadcast against the 2-D scores: ``[rows, 1]`` or ``[1, cols]``."""
+    return kth.reshape(-1, 1) if dim == 1 else kth.reshape(1, -1)
+
+
+def _kth_topk(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Each slice's k-th smallest (``0 < k < n``) by ``topk`` of the smaller side (cheaper than ``kthvalue``
+    on CPU; neither sorts). The fallback where the sampled search does not apply."""
+    n = x.shape[dim]
+    if 2 * k <= n:
+        return x.topk(k, dim, largest=False, sorted=False).values.amax(dim, keepdim=True)
+    return x.topk(n - k + 1, dim, sorted=False).values.amin(dim, keepdim=True)
+
+
+def _rank_guess(x: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A guess of each slice's k-th smallest, and of the value gained per rank around it, read off a sorted
+    strided sample of about ``SLICE_SAMPLE`` scores per slice."""
+    n = x.shape[dim]
+    s = (x[:, :: max(1, n // SLICE_SAMPLE)] if dim == 1 else x[:: max(1, n // SLICE_SAMPLE)]).sort(dim).values
+    m = s.shape[dim]
+    j = min(m - 1, max(0, round(k * m / n - 0.5)))
+    lo, hi = max(0, j - 4), min(m - 1, j + 4)
+    slope = (s.narrow(dim, hi, 1) - s.narrow(dim, lo, 1)) / ((hi - lo) * n / m)
+    return s.narrow(dim, j, 1), slope
+
+
+def _bracket(x: torch.Tensor, k: int, dim: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per slice, values ``lo < hi`` that should enclose ranks ``k`` and ``k + 1`` with a few dozen scores
+    between them: a Newton step from the sampled guess, then a secant through the two exact counts, widened
+    by a margin for the scores' irregular spacing. Two counting passes."""
+    t0, slope = _rank_guess(x, k, dim)
+    c0 = _count_le(x, t0, buf, dim)
+    t1 = t0 + (k + 0.5 - c0) * slope
+    c1 = _count_le(x, t1, buf, dim)
+    moved = c1 - c0
+    slope = torch.where(moved != 0, (t1 - t0) / moved, slope)
+    miss = (k - c1).abs()
+    margin = 4 * (miss + 4).sqrt() + miss / 4
+    return t1 + (k - margin - c1) * slope, t1 + (k + 1 + margin - c1) * slope
+
+
+def _sorted_by_slice(values: torch.Tensor, slice_id: torch.Tensor) -> torch.Tensor:
+    """``values`` ordered by (slice, value) with one sort of int64 keys: the slice in the high half, the float's
+    bits in the low half, made monotone (a negative float flips its magnitude bits)."""
+    if values.dtype in (torch.float16, torch.bfloat16):
+        values = values.float()  # exact
+    if values.dtype != torch.float32:  # no 32-bit pattern to pack: two stable sorts
+        order = values.argsort(stable=True)
+        return values[order[slice_id[order].argsort(stable=True)]]
+    bits = values.view(torch.int32)
+    return values[((bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() + (slice_id << 32)).argsort()]
+
+
+def _kth_in_bracket(
+    x: torch.Tensor, k: int, dim: int, lo: torch.Tensor, hi: torch.Tensor, bufs: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each slice's k-th smallest, whether the bracket held it (ranks ``k`` and ``k + 1`` both inside) and
+    whether it is sure to separate (held, and the two differ): one pass counts what lies below ``lo`` and
+    up to ``hi``, then only the few scores between are gathered and sorted. Scores equal to ``lo`` count as
+    inside, so a bracket on a tied value still holds it."""
+    below, inside = bufs
+    n_below = _count_le(x, lo, below, dim, strict=True).flatten().long()
+    n_inside = _count_le(x, hi, inside, dim).flatten().long() - n_below
+    at = inside.sub_(below).nonzero()  # 1 where lo <= x <= hi (-1 where hi < x < lo: never held)
+    ordered = _sorted_by_slice(x[at[:, 0], at[:, 1]], at[:, 1 - dim])
+    rank = k - n_below  # of the k-th among the slice's candidates, from 1
+    held = (rank >= 1) & (rank < n_inside)
+    if ordered.numel() < 2:
+        return torch.zeros_like(n_below, dtype=x.dtype), held & False, held & False
+    first = (n_inside.cumsum(0) - n_inside + rank - 1).clamp(0, ordered.numel() - 2)
+    kth, after = ordered[first], ordered[first + 1]
+    return kth.to(x.dtype), held, held & (kth < after)
+
+
+def _chunk_thresholds(x: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-th smallest of each slice of a chunk, and which of them are sure to separate exactly ``k`` scores;
+    the slices the bracket missed get theirs from ``topk``, unsure (a tie is checked later)."""
+    n, slices = x.shape[dim], x.shape[1 - dim]
+    if n < max(SEARCH_MIN, 2):
+        return _kth_topk(x, k, dim), torch.zeros(slices, dtype=torch.bool, device=x.device)
+    bufs = (torch.empty(x.shape, device=x.device), torch.empty(x.shape, device=x.device))
+    kth, held, sure = _kth_in_bracket(x, k, dim, *_bracket(x, k, dim, bufs[0]), bufs)
+    kth = _slices(kth, dim)
+    missed = (~held).nonzero().squeeze(1)
+    if missed.numel():
+        kth.index_copy_(1 - dim, missed, _kth_topk(x.index_select(1 - dim, missed), k, dim))
+    return kth, sure
+
+
+def _prune_lowest_slices(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """``_prune_lowest(scores, k, dim)`` for 2-D scores (``dim`` 1: rows, 0: columns): thresholds chunk by chunk,
+    one comparison for the whole mask, and the exact tie path only where a slice's k-th equals its (k+1)-th."""
+    n = scores.shape[dim]
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-    if k <= 0 or k >= cols:
+    if k <= 0 or k >= n:
         return keep.fill_(k <= 0)
-    step = _rows_per_chunk(cols)
-    for start in range(0, rows, step):
-        x, out = scores[start : start + step], keep[start : start + step]
-        torch.gt(x, _kth_per_row(x, k), out=out)
-        tied = (torch.count_nonzero(out, dim=1) != cols - k).nonzero().squeeze(1)
+    parts = [_chunk_thresholds(x, k, dim) for x in scores.split(max(1, CHUNK // n), 1 - dim)]
+    kth = torch.cat([p[0] for p in parts], 1 - dim)
+    torch.gt(scores, kth, out=keep)
+    unsure = (~torch.cat([p[1] for p in parts])).nonzero().squeeze(1)
+    if unsure.numel():
+        _settle_ties(scores, keep, k, dim, unsure)
+    return keep
+
+
+def _settle_ties(scores: torch.Tensor, keep: torch.Tensor, k: int, dim: int, unsure: torch.Tensor) -> None:
+    """Of the ``unsure`` slices (their threshold is the exact k-th smallest), those that kept fewer than
+    ``n - k`` have ties at the threshold: redo them with the exact definition, a chunk of slices at a time."""
+    n = scores.shape[dim]
+    for part in unsure.split(max(1, CHUNK // n)):
+        tied = part[_count(keep.index_select(1 - dim, part), dim).flatten() != n - k]
         if tied.numel():
-            out[tied] = _prune_lowest(x[tied], k, dim=1)
-    return keep
+            keep.index_copy_(1 - dim, tied, _prune_lowest(scores.index_select(1 - dim, tied), k, dim))
 
 
-def _prune_lowest_cols(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``_prune_lowest(scores, k, dim=0)``: column chunks transposed to rows, so the row path's cache use holds."""
-    rows, cols = scores.shape
-    keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-    step = _rows_per_chunk(rows)
-    for start in range(0, cols, step):
-        keep[:, start : start + step] = _prune_lowest_rows(scores[:, start : start + step].T.contiguous(), k).T
-    return keep
-
-
-def _bracket(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values ``lo <= hi`` that almost surely enclose the k-th smallest of ``flat``: the sample's order
-    statistics 4 standard deviations either side of rank ``k``. Exact when the sample is the whole tensor."""
+def _bracket_flat(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values ``lo <= hi`` that almost surely enclose ranks ``k`` and ``k + 1`` of ``flat``: the sample's order
+    statistics 4 standard deviations either side. Exact when the sample is the whole tensor."""
     n = flat.numel()
     if n <= SAMPLE:
         sample = flat
@@ -102,47 +193,55 @@ def _bracket(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = flat[torch.randint(n, (SAMPLE,), generator=gen).to(flat.device)]
     s, q = sample.numel(), k / n
     spread = 4 * math.sqrt(s * q * (1 - q)) + 1
-    lo_rank, hi_rank = math.floor(q * s - spread), math.ceil(q * s + spread)
+    lo_rank, hi_rank = math.floor(q * s - spread), math.ceil(q * s + spread) + 1
     inf = torch.tensor(math.inf, dtype=flat.dtype, device=flat.device)
     lo = sample.kthvalue(lo_rank).values if lo_rank >= 1 else -inf
     hi = sample.kthvalue(hi_rank).values if hi_rank <= s else inf
     return lo, hi
 
 
-def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact k-th smallest of a 1-D tensor: count what lies below a sampled bracket, then ``kthvalue`` over
-    the few scores inside it. Falls back to ``kthvalue`` over everything if the bracket missed."""
-    lo, hi = _bracket(flat, k)
-    below, inside = torch.zeros((), dtype=torch.long, device=flat.device), []
+def _flat_candidates(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """How many scores lie below ``lo``, and those in ``[lo, hi]`` (index order), one chunk at a time through two
+    reused float32 0/1 buffers (see ``_count_le``)."""
+    below = torch.empty(min(CHUNK, flat.numel()), device=flat.device)
+    inside, n_below, parts = torch.empty_like(below), 0, []
     for chunk in flat.split(CHUNK):
-        under = chunk < lo
-        below += torch.count_nonzero(under)
-        inside.append(chunk[(chunk <= hi) & ~under])
-    inside, below = torch.cat(inside), int(below)
+        b, i = below[: chunk.numel()], inside[: chunk.numel()]
+        n_below += int(_count_le(chunk, lo, b, 0, strict=True))
+        torch.le(chunk, hi, out=i).sub_(b)  # 1 where lo <= x <= hi
+        parts.append(chunk[i.nonzero().squeeze(1)])
+    return n_below, torch.cat(parts)
+
+
+def _kth_smallest(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The exact k-th smallest of a 1-D tensor (``0 < k < n``) and how many scores are ``<=`` it: count what lies
+    below a sampled bracket, then ``kthvalue`` over the few scores inside it. Falls back to ``kthvalue`` over
+    everything, and a counting pass, if the bracket missed."""
+    lo, hi = _bracket_flat(flat, k)
+    below, inside = _flat_candidates(flat, lo, hi)
     if below < k <= below + inside.numel():
-        return inside.kthvalue(k - below).values
-    return flat.kthvalue(k).values
+        kth = inside.kthvalue(k - below).values
+        return kth, below + int(_count(inside <= kth, 0))
+    kth = flat.kthvalue(k).values
+    return kth, sum(int(_count(chunk <= kth, 0)) for chunk in flat.split(CHUNK))
 
 
 def _prune_lowest_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """``_prune_lowest(flat, k, dim=0)`` for a 1-D tensor in bounded memory: ``flat > kth`` chunk by chunk, then,
+    """``_prune_lowest(flat, k, dim=0)`` for a 1-D tensor in bounded memory: one ``flat > kth`` comparison, then,
     only if ties meet the threshold, the first of them in index order are pruned, chunk by chunk."""
     keep = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
     if k <= 0 or k >= flat.numel():
         return keep.fill_(k <= 0)
-    kth = _kth_smallest(flat, k)
-    pairs = list(zip(flat.split(CHUNK), keep.split(CHUNK)))
-    for chunk, out in pairs:
-        torch.gt(chunk, kth, out=out)
-    at_most_kth = flat.numel() - int(torch.count_nonzero(keep))
+    kth, at_most_kth = _kth_smallest(flat, k)
+    torch.gt(flat, kth, out=keep)
     if at_most_kth > k:
-        _keep_later_ties(pairs, kth, at_most_kth - k)
+        _keep_later_ties(list(zip(flat.split(CHUNK), keep.split(CHUNK))), kth, at_most_kth - k)
     return keep
 
 
 def _keep_later_ties(pairs: list[tuple[torch.Tensor, torch.Tensor]], kth: torch.Tensor, spare: int) -> None:
     """Of the scores equal to ``kth`` (all pruned so far), keep the last ``spare`` in index order."""
-    ties = [int(torch.count_nonzero(chunk == kth)) for chunk, _ in pairs]
+    ties = [int(_count(chunk == kth, 0)) for chunk, _ in pairs]
     to_prune = sum(ties) - spare
     for (chunk, out), count in zip(pairs, ties):
         if count and to_prune <= 0:
@@ -156,13 +255,13 @@ def _keep_later_ties(pairs: list[tuple[torch.Tensor, torch.Tensor]], kth: torch.
 @register_group("per-output")
 def per_output(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Each output row prunes exactly ``floor(cols * sparsity)`` (Wanda's default for LLMs)."""
-    return _prune_lowest_rows(scores, int(scores.shape[1] * sparsity))
+    return _prune_lowest_slices(scores, int(scores.shape[1] * sparsity), 1)
 
 
 @register_group("per-input")
 def per_input(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Each input column prunes exactly ``floor(rows * sparsity)``."""
-    return _prune_lowest_cols(scores, int(scores.shape[0] * sparsity))
+    return _prune_lowest_slices(scores, int(scores.shape[0] * sparsity), 0)
 
 
 @register_group(GLOBAL)
@@ -241,13 +340,24 @@ def sorting_network(m: int) -> list[tuple[int, int]]:
     return _NETWORKS.get(m) or [(i, i + 1) for r in range(m) for i in range(r % 2, m - 1, 2)]
 
 
-def _sorted_columns(blocks: torch.Tensor) -> list[torch.Tensor]:
-    """``[B, m]`` -> the ``m`` order statistics of each block, as ``m`` vectors: a sorting network of elementwise
-    min/max, which beats ``sort``/``topk``/``kthvalue`` along a dimension of size ``m`` (per-slice overhead)."""
+def _selection_network(m: int, k: int) -> list[tuple[int, int, bool, bool]]:
+    """The comparators of ``sorting_network(m)`` that order statistics ``k - 1`` and ``k`` (from 0) depend on, each
+    with whether its min and its max are used: for 2:4, 8 elementwise min/max instead of the full sort's 10."""
+    needed, ops = {k - 1, k}, []
+    for i, j in reversed(sorting_network(m)):
+        if i in needed or j in needed:
+            ops.append((i, j, i in needed, j in needed))
+            needed |= {i, j}
+    return ops[::-1]
+
+
+def _order_stats(blocks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, m]`` -> the k-th and (k+1)-th smallest of each block, by elementwise min/max over its lanes, which
+    beats ``sort``/``topk``/``kthvalue`` along a dimension of size ``m`` (per-slice overhead)."""
     v = list(blocks.unbind(1))
-    for i, j in sorting_network(blocks.shape[1]):
-        v[i], v[j] = torch.minimum(v[i], v[j]), torch.maximum(v[i], v[j])
-    return v
+    for i, j, use_min, use_max in _selection_network(blocks.shape[1], k):
+        v[i], v[j] = (torch.minimum(v[i], v[j]) if use_min else v[i]), (torch.maximum(v[i], v[j]) if use_max else v[j])
+    return v[k - 1], v[k]
 
 
 def _stable_ranks(blocks: torch.Tensor) -> torch.Tensor:
@@ -266,9 +376,9 @@ def _stable_ranks(blocks: torch.Tensor) -> torch.Tensor:
 def _prune_lowest_blocks(blocks: torch.Tensor, k: int) -> torch.Tensor:
     """``_prune_lowest(blocks, k, dim=1)`` for small blocks: keep what is above the k-th order statistic;
     blocks where the k-th equals the (k+1)-th (a tie at the threshold) are ranked exactly."""
-    order = _sorted_columns(blocks)
-    keep = blocks > order[k - 1].unsqueeze(1)
-    tied = (order[k - 1] == order[k]).nonzero().squeeze(1)
+    kth, after = _order_stats(blocks, k)
+    keep = blocks > kth.unsqueeze(1)
+    tied = (kth == after).nonzero().squeeze(1)
     if tied.numel():
         keep[tied] = _stable_ranks(blocks[tied]) >= k
     return keep
@@ -280,10 +390,10 @@ def select_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = scores.shape
     check_nm(cols, (n, m))
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-    step = _rows_per_chunk(cols)
+    step = max(1, CHUNK // cols)
     for start in range(0, rows, step):
         blocks = scores[start : start + step].reshape(-1, m)
-        chosen = _prune_lowest_blocks(blocks, m - n) if m <= NM_NETWORK_MAX else _prune_lowest_rows(blocks, m - n)
+        chosen = _prune_lowest_blocks(blocks, m - n) if m <= NM_NETWORK_MAX else _prune_lowest_slices(blocks, m - n, 1)
         keep[start : start + step] = chosen.reshape(-1, cols)
     return keep
 

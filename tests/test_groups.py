@@ -118,20 +118,22 @@ def chunking(request, monkeypatch):
     if request.param == "tiny-chunks":
         monkeypatch.setattr(groups, "CHUNK", 7)
         monkeypatch.setattr(groups, "SAMPLE", 5)
+        monkeypatch.setattr(groups, "SEARCH_MIN", 2)
+        monkeypatch.setattr(groups, "SLICE_SAMPLE", 3)
     return request.param
 
 
 @pytest.mark.parametrize("kind", ["continuous", "rounded", "inf", "constant", "periodic"])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (7, 13), (33, 20), (4, 64)])
 def test_fast_selection_equals_a_stable_sort(kind, shape, chunking):
-    from prunekit.groups import _prune_lowest_cols, _prune_lowest_flat, _prune_lowest_rows
+    from prunekit.groups import _prune_lowest_flat, _prune_lowest_slices
 
     scores = _random_scores(kind, shape, seed=sum(shape))
     rows, cols = shape
     for k in sorted({0, 1, cols // 2, cols - 1, cols}):
-        assert torch.equal(_prune_lowest_rows(scores, k), _stable_sort_mask(scores, k, 1)), (k, "rows")
+        assert torch.equal(_prune_lowest_slices(scores, k, 1), _stable_sort_mask(scores, k, 1)), (k, "rows")
     for k in sorted({0, 1, rows // 2, rows - 1, rows}):
-        assert torch.equal(_prune_lowest_cols(scores, k), _stable_sort_mask(scores, k, 0)), (k, "cols")
+        assert torch.equal(_prune_lowest_slices(scores, k, 0), _stable_sort_mask(scores, k, 0)), (k, "cols")
     flat, n = scores.reshape(-1), scores.numel()
     for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
         assert torch.equal(_prune_lowest_flat(flat, k), _stable_sort_mask(flat, k, 0)), (k, "flat")
@@ -164,7 +166,26 @@ def test_fast_paths_match_the_old_masks_on_a_large_tie_heavy_layer():
 @pytest.mark.parametrize("m", [2, 3, 4, 5, 8, 16])
 def test_sorting_networks_sort_every_zero_one_input(m):
     """The 0-1 principle: a comparator network that sorts all 2^m inputs of zeros and ones sorts everything."""
-    from prunekit.groups import _sorted_columns
+    from prunekit.groups import sorting_network
 
     bits = ((torch.arange(2**m)[:, None] >> torch.arange(m)) & 1).float()
-    assert torch.equal(torch.stack(_sorted_columns(bits), 1), bits.sort(1).values)
+    v = list(bits.unbind(1))
+    for i, j in sorting_network(m):
+        v[i], v[j] = torch.minimum(v[i], v[j]), torch.maximum(v[i], v[j])
+    assert torch.equal(torch.stack(v, 1), bits.sort(1).values)
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 8, 16])
+def test_pruned_networks_give_the_two_order_statistics(m):
+    """The comparators dropped for N:M leave the k-th and (k+1)-th smallest exact, on every 0-1 input and on
+    random scores with ties."""
+    from prunekit.groups import _order_stats, _selection_network, sorting_network
+
+    bits = ((torch.arange(2**m)[:, None] >> torch.arange(m)) & 1).float()
+    tied = torch.randint(0, 3, (500, m), generator=torch.Generator().manual_seed(m)).float()
+    for blocks in (bits, tied):
+        ordered = blocks.sort(1).values
+        for k in range(1, m):
+            kth, after = _order_stats(blocks, k)
+            assert torch.equal(kth, ordered[:, k - 1]) and torch.equal(after, ordered[:, k]), k
+    assert sum(a + b for _, _, a, b in _selection_network(4, 2)) == 8 < 2 * len(sorting_network(4))
