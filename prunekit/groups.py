@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from collections.abc import Callable, Mapping
 
 import torch
@@ -36,6 +37,8 @@ SAMPLE = 1 << 19
 # Scores sampled per row (or column) for a first guess of its k-th smallest; shorter slices use ``topk``.
 SLICE_SAMPLE = 64
 SEARCH_MIN = 512
+# A slice gathers at most max(this, 1/16 of its scores) candidates around its k-th; more (heavy ties) fall back.
+CANDIDATES_MIN = 64
 # Largest M whose N:M blocks are sorted by a network of elementwise min/max (beyond it: the row path).
 NM_NETWORK_MAX = 16
 
@@ -55,8 +58,7 @@ def _prune_lowest(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 
 
 def _count(mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """Per-slice ``True`` count, ``int32``, keepdim: summing the bytes as uint8 is vectorized, unlike
-    ``sum``/``count_nonzero`` of a bool tensor (about 10x slower on CPU)."""
+    """Per-slice ``True`` count, ``int32``, keepdim (uint8 sums beat ``sum``/``count_nonzero`` of bool)."""
     return mask.view(torch.uint8).sum(dim, keepdim=True, dtype=torch.int32)
 
 
@@ -67,9 +69,21 @@ def _count_le(x: torch.Tensor, t: torch.Tensor, buf: torch.Tensor, dim: int, str
     return (torch.lt if strict else torch.le)(x, t, out=buf).sum(dim, keepdim=True)
 
 
-def _slices(kth: torch.Tensor, dim: int) -> torch.Tensor:
+def _chunks(scores: torch.Tensor, t: torch.Tensor, dim: int, buf: torch.Tensor):
+    """``(chunk, its thresholds, buf viewed to its shape)`` over chunks of whole slices that fit ``buf``."""
+    step = buf.numel() // scores.shape[dim]
+    for x, tx in zip(scores.split(step, 1 - dim), t.split(step, 1 - dim)):
+        yield x, tx, buf[: x.numel()].view(x.shape)
+
+
+def _counts_le(scores: torch.Tensor, t: torch.Tensor, dim: int, buf: torch.Tensor) -> torch.Tensor:
+    """Per-slice count of ``scores <= t`` over the whole matrix (one pass), chunk by chunk."""
+    return torch.cat([_count_le(x, tx, b, dim) for x, tx, b in _chunks(scores, t, dim, buf)], 1 - dim)
+
+
+def _slices(v: torch.Tensor, dim: int) -> torch.Tensor:
     """One value per slice shaped to broadcast against the 2-D scores: ``[rows, 1]`` or ``[1, cols]``."""
-    return kth.reshape(-1, 1) if dim == 1 else kth.reshape(1, -1)
+    return v.reshape(-1, 1) if dim == 1 else v.reshape(1, -1)
 
 
 def _kth_topk(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
@@ -81,11 +95,12 @@ def _kth_topk(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     return x.topk(n - k + 1, dim, sorted=False).values.amin(dim, keepdim=True)
 
 
-def _rank_guess(x: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rank_guess(scores: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A guess of each slice's k-th smallest, and of the value gained per rank around it, read off a sorted
     strided sample of about ``SLICE_SAMPLE`` scores per slice."""
-    n = x.shape[dim]
-    s = (x[:, :: max(1, n // SLICE_SAMPLE)] if dim == 1 else x[:: max(1, n // SLICE_SAMPLE)]).sort(dim).values
+    n = scores.shape[dim]
+    step = max(1, n // SLICE_SAMPLE)
+    s = (scores[:, ::step] if dim == 1 else scores[::step]).sort(dim).values
     m = s.shape[dim]
     j = min(m - 1, max(0, round(k * m / n - 0.5)))
     lo, hi = max(0, j - 4), min(m - 1, j + 4)
@@ -93,80 +108,115 @@ def _rank_guess(x: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.
     return s.narrow(dim, j, 1), slope
 
 
-def _bracket(x: torch.Tensor, k: int, dim: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _bracket(scores: torch.Tensor, k: int, dim: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per slice, values ``lo < hi`` that should enclose ranks ``k`` and ``k + 1`` with a few dozen scores
     between them: a Newton step from the sampled guess, then a secant through the two exact counts, widened
     by a margin for the scores' irregular spacing. Two counting passes."""
-    t0, slope = _rank_guess(x, k, dim)
-    c0 = _count_le(x, t0, buf, dim)
+    t0, slope = _rank_guess(scores, k, dim)
+    c0 = _counts_le(scores, t0, dim, buf)
     t1 = t0 + (k + 0.5 - c0) * slope
-    c1 = _count_le(x, t1, buf, dim)
+    c1 = _counts_le(scores, t1, dim, buf)
     moved = c1 - c0
     slope = torch.where(moved != 0, (t1 - t0) / moved, slope)
     miss = (k - c1).abs()
-    margin = 4 * (miss + 4).sqrt() + miss / 4
+    margin = 4 * (miss + 4).sqrt() + 0.4 * miss
     return t1 + (k - margin - c1) * slope, t1 + (k + 1 + margin - c1) * slope
 
 
-def _sorted_by_slice(values: torch.Tensor, slice_id: torch.Tensor) -> torch.Tensor:
-    """``values`` ordered by (slice, value) with one sort of int64 keys: the slice in the high half, the float's
-    bits in the low half, made monotone (a negative float flips its magnitude bits)."""
-    if values.dtype in (torch.float16, torch.bfloat16):
-        values = values.float()  # exact
-    if values.dtype != torch.float32:  # no 32-bit pattern to pack: two stable sorts
-        order = values.argsort(stable=True)
-        return values[order[slice_id[order].argsort(stable=True)]]
-    bits = values.view(torch.int32)
-    return values[((bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() + (slice_id << 32)).argsort()]
+def _chunk_candidates(x, lo, hi, bufs, dim: int):
+    """For one chunk of slices: per slice, how many scores lie below ``lo`` and how many in ``[lo, hi]`` (a score
+    equal to ``lo`` is inside, so a bracket on a tied value holds it), and those scores with their slice in the
+    chunk. A slice with more than 1/16 of its scores inside gathers none (count 0: it falls back)."""
+    inside_buf, below_buf = bufs
+    upto = _count_le(x, hi, inside_buf, dim)
+    inside = inside_buf.masked_fill_(torch.lt(x, lo, out=below_buf), 0).sum(dim, keepdim=True)
+    below = upto - inside
+    crowded = inside > max(CANDIDATES_MIN, x.shape[dim] // 16)
+    if crowded.any():
+        inside_buf.masked_fill_(crowded, 0)
+        inside.masked_fill_(crowded, 0)
+    at = inside_buf.nonzero()
+    return below.flatten().long(), inside.flatten().long(), x[at[:, 0], at[:, 1]], at[:, 1 - dim]
 
 
-def _kth_in_bracket(
-    x: torch.Tensor, k: int, dim: int, lo: torch.Tensor, hi: torch.Tensor, bufs: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each slice's k-th smallest, whether the bracket held it (ranks ``k`` and ``k + 1`` both inside) and
-    whether it is sure to separate (held, and the two differ): one pass counts what lies below ``lo`` and
-    up to ``hi``, then only the few scores between are gathered and sorted. Scores equal to ``lo`` count as
-    inside, so a bracket on a tied value still holds it."""
-    below, inside = bufs
-    n_below = _count_le(x, lo, below, dim, strict=True).flatten().long()
-    n_inside = _count_le(x, hi, inside, dim).flatten().long() - n_below
-    at = inside.sub_(below).nonzero()  # 1 where lo <= x <= hi (-1 where hi < x < lo: never held)
-    ordered = _sorted_by_slice(x[at[:, 0], at[:, 1]], at[:, 1 - dim])
-    rank = k - n_below  # of the k-th among the slice's candidates, from 1
-    held = (rank >= 1) & (rank < n_inside)
-    if ordered.numel() < 2:
-        return torch.zeros_like(n_below, dtype=x.dtype), held & False, held & False
-    first = (n_inside.cumsum(0) - n_inside + rank - 1).clamp(0, ordered.numel() - 2)
-    kth, after = ordered[first], ordered[first + 1]
-    return kth.to(x.dtype), held, held & (kth < after)
+def _candidate_batches(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int, bufs):
+    """One pass over the chunks, yielding ``(below, inside, values, slice_id)`` for runs of whole slices, each
+    batch flushed once it holds ``CHUNK // 16`` candidates: what is gathered stays bounded."""
+    batch, size, offset = [], 0, 0
+    for (x, tlo, b), (_, thi, i) in zip(_chunks(scores, lo, dim, bufs[1]), _chunks(scores, hi, dim, bufs[0])):
+        below, inside, values, slice_id = _chunk_candidates(x, tlo, thi, (i, b), dim)
+        batch.append((below, inside, values, slice_id + offset if offset else slice_id))
+        size, offset = size + values.numel(), offset + x.shape[1 - dim]
+        if size >= CHUNK // 16:
+            yield [torch.cat(p) for p in zip(*batch)]
+            batch, size, offset = [], 0, 0
+    if batch:
+        yield [torch.cat(p) for p in zip(*batch)]
 
 
-def _chunk_thresholds(x: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-th smallest of each slice of a chunk, and which of them are sure to separate exactly ``k`` scores;
-    the slices the bracket missed get theirs from ``topk``, unsure (a tie is checked later)."""
-    n, slices = x.shape[dim], x.shape[1 - dim]
-    if n < max(SEARCH_MIN, 2):
-        return _kth_topk(x, k, dim), torch.zeros(slices, dtype=torch.bool, device=x.device)
-    bufs = (torch.empty(x.shape, device=x.device), torch.empty(x.shape, device=x.device))
-    kth, held, sure = _kth_in_bracket(x, k, dim, *_bracket(x, k, dim, bufs[0]), bufs)
+def _sorted_keys(values: torch.Tensor, slice_id: torch.Tensor, signed: bool) -> torch.Tensor:
+    """``values`` (float32 or narrower) sorted by (slice, value), as int64 keys: the slice in the high half, the
+    float's bits in the low half, made monotone first if some may be negative (a negative float flips its
+    magnitude bits; ``_key_values`` undoes it)."""
+    bits = values.float().view(torch.int32)
+    if signed:
+        bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return ((slice_id << 32) + bits).sort().values
+
+
+def _key_values(keys: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The float32 values of ``_sorted_keys`` keys (the low halves)."""
+    bits = keys.to(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF) if signed else bits).view(torch.float32)
+
+
+def _kth_of_candidates(k: int, below, inside, values, slice_id, signed: bool):
+    """From one batch's candidates: each slice's k-th smallest, whether the bracket held it (ranks ``k`` and
+    ``k + 1`` both inside) and whether it surely separates (held, and the two differ)."""
+    rank = k - below  # of the k-th among the slice's candidates, from 1
+    held = (rank >= 1) & (rank < inside)
+    if values.numel() < 2:
+        return torch.zeros(below.shape, device=below.device), held & False, held & False
+    keys = _sorted_keys(values, slice_id, signed)
+    first = (inside.cumsum(0) - inside + rank - 1).clamp(0, keys.numel() - 2)
+    kth, after = _key_values(keys[first], signed), _key_values(keys[first + 1], signed)
+    return kth, held, held & (kth < after)
+
+
+def _kth_in_bracket(scores: torch.Tensor, k: int, dim: int, lo: torch.Tensor, hi: torch.Tensor, bufs):
+    """Per slice: the k-th smallest, whether the bracket held it, whether it surely separates; one pass."""
+    signed = bool((lo < 0).any())
+    parts = [_kth_of_candidates(k, *batch, signed) for batch in _candidate_batches(scores, lo, hi, dim, bufs)]
+    kth, held, sure = (torch.cat(p) for p in zip(*parts))
+    return kth.to(scores.dtype), held, sure
+
+
+def _slice_thresholds(scores: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slice's k-th smallest, and which of them surely separate exactly ``k`` scores; slices the bracket
+    missed get theirs from ``topk``, unsure (a tie is checked after). Scratch: two float32 chunk buffers."""
+    n, slices = scores.shape[dim], scores.shape[1 - dim]
+    step = max(1, CHUNK // n)
+    if n < max(SEARCH_MIN, 2) or scores.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        kth = torch.cat([_kth_topk(x, k, dim) for x in scores.split(step, 1 - dim)], 1 - dim)
+        return kth, torch.zeros(slices, dtype=torch.bool, device=scores.device)
+    bufs = torch.empty(step * n, device=scores.device), torch.empty(step * n, dtype=torch.bool, device=scores.device)
+    kth, held, sure = _kth_in_bracket(scores, k, dim, *_bracket(scores, k, dim, bufs[0]), bufs)
     kth = _slices(kth, dim)
-    missed = (~held).nonzero().squeeze(1)
-    if missed.numel():
-        kth.index_copy_(1 - dim, missed, _kth_topk(x.index_select(1 - dim, missed), k, dim))
+    for part in (~held).nonzero().squeeze(1).split(step):
+        kth.index_copy_(1 - dim, part, _kth_topk(scores.index_select(1 - dim, part), k, dim))
     return kth, sure
 
 
 def _prune_lowest_slices(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    """``_prune_lowest(scores, k, dim)`` for 2-D scores (``dim`` 1: rows, 0: columns): thresholds chunk by chunk,
-    one comparison for the whole mask, and the exact tie path only where a slice's k-th equals its (k+1)-th."""
+    """``_prune_lowest(scores, k, dim)`` for 2-D scores (``dim`` 1: rows, 0: columns): all thresholds first, one
+    comparison for the whole mask, and the exact tie path only where a slice's k-th equals its (k+1)-th."""
     n = scores.shape[dim]
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     if k <= 0 or k >= n:
         return keep.fill_(k <= 0)
-    parts = [_chunk_thresholds(x, k, dim) for x in scores.split(max(1, CHUNK // n), 1 - dim)]
-    kth = torch.cat([p[0] for p in parts], 1 - dim)
+    kth, sure = _slice_thresholds(scores, k, dim)
     torch.gt(scores, kth, out=keep)
-    unsure = (~torch.cat([p[1] for p in parts])).nonzero().squeeze(1)
+    unsure = (~sure).nonzero().squeeze(1)
     if unsure.numel():
         _settle_ties(scores, keep, k, dim, unsure)
     return keep
@@ -200,30 +250,63 @@ def _bracket_flat(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return lo, hi
 
 
-def _flat_candidates(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """How many scores lie below ``lo``, and those in ``[lo, hi]`` (index order), one chunk at a time through two
-    reused float32 0/1 buffers (see ``_count_le``)."""
-    below = torch.empty(min(CHUNK, flat.numel()), device=flat.device)
-    inside, n_below, parts = torch.empty_like(below), 0, []
+def _flat_candidates(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, int, torch.Tensor | None]:
+    """One pass, a chunk at a time: how many scores lie below ``lo``, how many in ``[lo, hi]``, and those (index
+    order), or ``None`` when ``lo == hi`` (all equal: nothing to gather) or more than ``CHUNK // 16`` are."""
+    inside_buf = torch.empty(min(CHUNK, flat.numel()), device=flat.device)
+    below_buf = torch.empty(inside_buf.shape, dtype=torch.bool, device=flat.device)
+    below, inside, parts, gather = 0, 0, [], bool(lo < hi)
     for chunk in flat.split(CHUNK):
-        b, i = below[: chunk.numel()], inside[: chunk.numel()]
-        n_below += int(_count_le(chunk, lo, b, 0, strict=True))
-        torch.le(chunk, hi, out=i).sub_(b)  # 1 where lo <= x <= hi
-        parts.append(chunk[i.nonzero().squeeze(1)])
-    return n_below, torch.cat(parts)
+        i, b = inside_buf[: chunk.numel()], below_buf[: chunk.numel()]
+        upto = int(_count_le(chunk, hi, i, 0))
+        n = int(i.masked_fill_(torch.lt(chunk, lo, out=b), 0).sum())
+        below, inside = below + upto - n, inside + n
+        gather = gather and inside <= CHUNK // 16
+        if gather:
+            parts.append(chunk[i.nonzero().squeeze(1)])
+    return below, inside, torch.cat(parts) if gather else None
+
+
+def _float_key(v: float, wide: bool) -> int:
+    """A float's bits (float64's if ``wide``, else float32's) as an integer in the floats' order."""
+    bits = struct.unpack("<q" if wide else "<i", struct.pack("<d" if wide else "<f", v))[0]
+    return bits if bits >= 0 else bits ^ ((1 << (63 if wide else 31)) - 1)
+
+
+def _key_float(key: int, wide: bool) -> float:
+    """The inverse of ``_float_key``."""
+    bits = key if key >= 0 else key ^ ((1 << (63 if wide else 31)) - 1)
+    return struct.unpack("<d" if wide else "<f", struct.pack("<q" if wide else "<i", bits))[0]
+
+
+def _kth_by_bisection(flat: torch.Tensor, k: int, lo: float, hi: float) -> tuple[torch.Tensor, int]:
+    """The k-th smallest in ``[lo, hi]`` and how many scores are ``<=`` it, by bisecting the floats between with
+    counting passes (at most 32, 64 for float64): slow, but bounded memory whatever the ties."""
+    wide, buf = flat.dtype == torch.float64, torch.empty(min(CHUNK, flat.numel()), device=flat.device)
+
+    def at_most(key: int) -> int:
+        t = torch.tensor(_key_float(key, wide), dtype=flat.dtype, device=flat.device)
+        return sum(int(_count_le(c, t, buf[: c.numel()], 0)) for c in flat.split(CHUNK))
+
+    a, b = _float_key(lo, wide), _float_key(hi, wide)
+    while a < b:
+        mid = (a + b) // 2
+        a, b = (a, mid) if at_most(mid) >= k else (mid + 1, b)
+    return torch.tensor(_key_float(a, wide), dtype=flat.dtype, device=flat.device), at_most(a)
 
 
 def _kth_smallest(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     """The exact k-th smallest of a 1-D tensor (``0 < k < n``) and how many scores are ``<=`` it: count what lies
-    below a sampled bracket, then ``kthvalue`` over the few scores inside it. Falls back to ``kthvalue`` over
-    everything, and a counting pass, if the bracket missed."""
+    below a sampled bracket, then ``kthvalue`` over the few scores inside it. Bisection where the bracket
+    missed (improbable) or is crowded with ties."""
     lo, hi = _bracket_flat(flat, k)
-    below, inside = _flat_candidates(flat, lo, hi)
-    if below < k <= below + inside.numel():
-        kth = inside.kthvalue(k - below).values
-        return kth, below + int(_count(inside <= kth, 0))
-    kth = flat.kthvalue(k).values
-    return kth, sum(int(_count(chunk <= kth, 0)) for chunk in flat.split(CHUNK))
+    below, inside, values = _flat_candidates(flat, lo, hi)
+    if not below < k <= below + inside:
+        return _kth_by_bisection(flat, k, -math.inf, math.inf)
+    if values is None:
+        return (lo, below + inside) if lo == hi else _kth_by_bisection(flat, k, float(lo), float(hi))
+    kth = values.kthvalue(k - below).values
+    return kth, below + int(_count(values <= kth, 0))
 
 
 def _prune_lowest_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -373,15 +456,14 @@ def _stable_ranks(blocks: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def _prune_lowest_blocks(blocks: torch.Tensor, k: int) -> torch.Tensor:
-    """``_prune_lowest(blocks, k, dim=1)`` for small blocks: keep what is above the k-th order statistic;
+def _prune_lowest_blocks(blocks: torch.Tensor, k: int, keep: torch.Tensor) -> None:
+    """``keep = _prune_lowest(blocks, k, dim=1)`` for small blocks: what is above the k-th order statistic;
     blocks where the k-th equals the (k+1)-th (a tie at the threshold) are ranked exactly."""
     kth, after = _order_stats(blocks, k)
-    keep = blocks > kth.unsqueeze(1)
+    torch.gt(blocks, kth.unsqueeze(1), out=keep)
     tied = (kth == after).nonzero().squeeze(1)
     if tied.numel():
         keep[tied] = _stable_ranks(blocks[tied]) >= k
-    return keep
 
 
 def select_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -392,9 +474,11 @@ def select_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     step = max(1, CHUNK // cols)
     for start in range(0, rows, step):
-        blocks = scores[start : start + step].reshape(-1, m)
-        chosen = _prune_lowest_blocks(blocks, m - n) if m <= NM_NETWORK_MAX else _prune_lowest_slices(blocks, m - n, 1)
-        keep[start : start + step] = chosen.reshape(-1, cols)
+        blocks, out = scores[start : start + step].reshape(-1, m), keep[start : start + step].view(-1, m)
+        if m <= NM_NETWORK_MAX:
+            _prune_lowest_blocks(blocks, m - n, out)
+        else:
+            out.copy_(_prune_lowest_slices(blocks, m - n, 1))
     return keep
 
 
