@@ -31,14 +31,17 @@ def register_group(name: str):
 # Elements per chunk: the extra memory of a selection is a few bool buffers of this many bytes, whatever the
 # layer's size. Smaller chunks fit caches better but, on a loaded machine, pay for each op's thread start-up and
 # barrier (benchmarks/selection.py).
-CHUNK = 1 << 22
+CHUNK = 1 << 24
 # Scores sampled to bracket a whole-layer threshold: the k-th value is then found among the few in the bracket.
 SAMPLE = 1 << 19
 # Scores sampled per row (or column) for a first guess of its k-th smallest; shorter slices use ``topk``.
-SLICE_SAMPLE = 64
+SLICE_SAMPLE = 96
 SEARCH_MIN = 512
-# A slice gathers at most max(this, 1/16 of its scores) candidates around its k-th; more (heavy ties) fall back.
+# A slice gathers at most max(this, 1/8 of its scores) candidates around its k-th; more (heavy ties) fall back.
 CANDIDATES_MIN = 64
+# Candidates sorted at once: below torch's parallel grain (32768 elements), so these many small ops run on one
+# thread; on a loaded machine each parallel op can wait ~10 ms for a descheduled helper thread.
+BATCH = 1 << 14
 # Largest M whose N:M blocks are sorted by a network of elementwise min/max (beyond it: the row path).
 NM_NETWORK_MAX = 16
 
@@ -103,7 +106,7 @@ def _rank_guess(scores: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, t
     s = (scores[:, ::step] if dim == 1 else scores[::step]).sort(dim).values
     m = s.shape[dim]
     j = min(m - 1, max(0, round(k * m / n - 0.5)))
-    lo, hi = max(0, j - 4), min(m - 1, j + 4)
+    lo, hi = max(0, j - 6), min(m - 1, j + 6)
     slope = (s.narrow(dim, hi, 1) - s.narrow(dim, lo, 1)) / ((hi - lo) * n / m)
     return s.narrow(dim, j, 1), slope
 
@@ -120,38 +123,24 @@ def _bracket(scores: torch.Tensor, k: int, dim: int, buf: torch.Tensor) -> tuple
     slope = torch.where(moved != 0, (t1 - t0) / moved, slope)
     miss = (k - c1).abs()
     margin = 4 * (miss + 4).sqrt() + 0.4 * miss
-    return t1 + (k - margin - c1) * slope, t1 + (k + 1 + margin - c1) * slope
+    lo = t1 + (k - margin - c1) * slope
+    return lo, torch.maximum(lo, t1 + (k + 1 + margin - c1) * slope)  # lo <= hi even when rounding or inf bite
 
 
-def _chunk_candidates(x, lo, hi, bufs, dim: int):
-    """For one chunk of slices: per slice, how many scores lie below ``lo`` and how many in ``[lo, hi]`` (a score
-    equal to ``lo`` is inside, so a bracket on a tied value holds it), and those scores with their slice in the
-    chunk. A slice with more than 1/16 of its scores inside gathers none (count 0: it falls back)."""
-    inside_buf, below_buf = bufs
-    upto = _count_le(x, hi, inside_buf, dim)
-    inside = inside_buf.masked_fill_(torch.lt(x, lo, out=below_buf), 0).sum(dim, keepdim=True)
-    below = upto - inside
-    crowded = inside > max(CANDIDATES_MIN, x.shape[dim] // 16)
-    if crowded.any():
-        inside_buf.masked_fill_(crowded, 0)
-        inside.masked_fill_(crowded, 0)
-    at = inside_buf.nonzero()
-    return below.flatten().long(), inside.flatten().long(), x[at[:, 0], at[:, 1]], at[:, 1 - dim]
-
-
-def _candidate_batches(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int, bufs):
-    """One pass over the chunks, yielding ``(below, inside, values, slice_id)`` for runs of whole slices, each
-    batch flushed once it holds ``CHUNK // 16`` candidates: what is gathered stays bounded."""
-    batch, size, offset = [], 0, 0
-    for (x, tlo, b), (_, thi, i) in zip(_chunks(scores, lo, dim, bufs[1]), _chunks(scores, hi, dim, bufs[0])):
-        below, inside, values, slice_id = _chunk_candidates(x, tlo, thi, (i, b), dim)
-        batch.append((below, inside, values, slice_id + offset if offset else slice_id))
-        size, offset = size + values.numel(), offset + x.shape[1 - dim]
-        if size >= CHUNK // 16:
-            yield [torch.cat(p) for p in zip(*batch)]
-            batch, size, offset = [], 0, 0
-    if batch:
-        yield [torch.cat(p) for p in zip(*batch)]
+def _chunk_candidates(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, buf: torch.Tensor, dim: int):
+    """For one chunk of slices, one comparison against both ends: per slice how many scores lie below ``lo`` and
+    how many in ``[lo, hi]`` (a score equal to ``lo`` is inside, so a bracket on a tied value holds it), and
+    where those are, slice by slice. A slice with more than 1/8 of its scores inside gathers none (count 0)."""
+    ends = torch.stack([torch.nextafter(lo, torch.full_like(lo, -math.inf)), hi])  # x < lo: x <= the float before
+    counts = torch.le(x, ends, out=buf.view(2, *x.shape)).sum(dim + 1, keepdim=True)
+    below, inside = counts[0], counts[1] - counts[0]
+    marks = buf.view(2, *x.shape)[1].sub_(buf.view(2, *x.shape)[0])  # 1 where lo <= x <= hi
+    crowded = (inside > max(CANDIDATES_MIN, x.shape[dim] // 8)).flatten().nonzero().squeeze(1)
+    if crowded.numel():
+        marks.index_fill_(1 - dim, crowded, 0)
+        inside.index_fill_(1 - dim, crowded, 0)
+    at = marks.nonzero()  # row-major; columns are grouped by a stable sort (nonzero of the transpose is 5x slower)
+    return below.flatten().long(), inside.flatten().long(), at if dim else at[at[:, 1].argsort(stable=True)]
 
 
 def _sorted_keys(values: torch.Tensor, slice_id: torch.Tensor, signed: bool) -> torch.Tensor:
@@ -170,37 +159,52 @@ def _key_values(keys: torch.Tensor, signed: bool) -> torch.Tensor:
     return (bits ^ ((bits >> 31) & 0x7FFFFFFF) if signed else bits).view(torch.float32)
 
 
-def _kth_of_candidates(k: int, below, inside, values, slice_id, signed: bool):
-    """From one batch's candidates: each slice's k-th smallest, whether the bracket held it (ranks ``k`` and
-    ``k + 1`` both inside) and whether it surely separates (held, and the two differ)."""
-    rank = k - below  # of the k-th among the slice's candidates, from 1
+def _batches(inside: torch.Tensor) -> list[tuple[int, int]]:
+    """Runs ``[first, last)`` of slices holding about ``BATCH`` candidates each."""
+    ends = inside.cumsum(0)
+    marks = torch.arange(1, max(1, -(-int(ends[-1]) // BATCH)), device=ends.device) * BATCH
+    cuts = torch.searchsorted(ends, marks).tolist()
+    edges = sorted({0, len(inside), *cuts})
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _chunk_kth(x: torch.Tensor, k: int, dim: int, below, inside, at, signed: bool):
+    """Per slice of a chunk: the k-th smallest, whether the bracket held it (ranks ``k`` and ``k + 1`` both
+    inside) and whether it surely separates (held, and the two differ), sorting ``BATCH`` candidates at a time."""
+    rank, start = k - below, (inside.cumsum(0) - inside).tolist()  # rank of the k-th among the candidates
     held = (rank >= 1) & (rank < inside)
-    if values.numel() < 2:
-        return torch.zeros(below.shape, device=below.device), held & False, held & False
-    keys = _sorted_keys(values, slice_id, signed)
-    first = (inside.cumsum(0) - inside + rank - 1).clamp(0, keys.numel() - 2)
-    kth, after = _key_values(keys[first], signed), _key_values(keys[first + 1], signed)
+    kth, after = torch.zeros(len(rank), device=x.device), torch.zeros(len(rank), device=x.device)
+    for a, b in _batches(inside):
+        first, last = start[a], start[b - 1] + int(inside[b - 1])
+        if last - first < 2:
+            continue
+        sel = at[first:last]
+        keys = _sorted_keys(x[sel[:, 0], sel[:, 1]], sel[:, 1 - dim] - a, signed)
+        pos = (inside[a:b].cumsum(0) - inside[a:b] + rank[a:b] - 1).clamp(0, last - first - 2)
+        kth[a:b], after[a:b] = _key_values(keys[pos], signed), _key_values(keys[pos + 1], signed)
     return kth, held, held & (kth < after)
 
 
-def _kth_in_bracket(scores: torch.Tensor, k: int, dim: int, lo: torch.Tensor, hi: torch.Tensor, bufs):
+def _kth_in_bracket(scores: torch.Tensor, k: int, dim: int, lo: torch.Tensor, hi: torch.Tensor, buf: torch.Tensor):
     """Per slice: the k-th smallest, whether the bracket held it, whether it surely separates; one pass."""
-    signed = bool((lo < 0).any())
-    parts = [_kth_of_candidates(k, *batch, signed) for batch in _candidate_batches(scores, lo, hi, dim, bufs)]
+    signed, parts = bool((lo < 0).any()), []
+    step = buf.numel() // (2 * scores.shape[dim])
+    for x, tlo, thi in zip(*(v.split(step, 1 - dim) for v in (scores, lo, hi))):
+        parts.append(_chunk_kth(x, k, dim, *_chunk_candidates(x, tlo, thi, buf[: 2 * x.numel()], dim), signed))
     kth, held, sure = (torch.cat(p) for p in zip(*parts))
     return kth.to(scores.dtype), held, sure
 
 
 def _slice_thresholds(scores: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each slice's k-th smallest, and which of them surely separate exactly ``k`` scores; slices the bracket
-    missed get theirs from ``topk``, unsure (a tie is checked after). Scratch: two float32 chunk buffers."""
+    missed get theirs from ``topk``, unsure (a tie is checked after). Scratch: a float32 buffer of 2 chunks."""
     n, slices = scores.shape[dim], scores.shape[1 - dim]
     step = max(1, CHUNK // n)
     if n < max(SEARCH_MIN, 2) or scores.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         kth = torch.cat([_kth_topk(x, k, dim) for x in scores.split(step, 1 - dim)], 1 - dim)
         return kth, torch.zeros(slices, dtype=torch.bool, device=scores.device)
-    bufs = torch.empty(step * n, device=scores.device), torch.empty(step * n, dtype=torch.bool, device=scores.device)
-    kth, held, sure = _kth_in_bracket(scores, k, dim, *_bracket(scores, k, dim, bufs[0]), bufs)
+    buf = torch.empty(2 * step * n, device=scores.device)
+    kth, held, sure = _kth_in_bracket(scores, k, dim, *_bracket(scores, k, dim, buf[: step * n]), buf)
     kth = _slices(kth, dim)
     for part in (~held).nonzero().squeeze(1).split(step):
         kth.index_copy_(1 - dim, part, _kth_topk(scores.index_select(1 - dim, part), k, dim))
@@ -253,14 +257,13 @@ def _bracket_flat(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 def _flat_candidates(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, int, torch.Tensor | None]:
     """One pass, a chunk at a time: how many scores lie below ``lo``, how many in ``[lo, hi]``, and those (index
     order), or ``None`` when ``lo == hi`` (all equal: nothing to gather) or more than ``CHUNK // 16`` are."""
-    inside_buf = torch.empty(min(CHUNK, flat.numel()), device=flat.device)
-    below_buf = torch.empty(inside_buf.shape, dtype=torch.bool, device=flat.device)
+    inside_buf, below_buf = (torch.empty(min(CHUNK, flat.numel()), device=flat.device) for _ in range(2))
     below, inside, parts, gather = 0, 0, [], bool(lo < hi)
     for chunk in flat.split(CHUNK):
         i, b = inside_buf[: chunk.numel()], below_buf[: chunk.numel()]
-        upto = int(_count_le(chunk, hi, i, 0))
-        n = int(i.masked_fill_(torch.lt(chunk, lo, out=b), 0).sum())
-        below, inside = below + upto - n, inside + n
+        n_below = int(_count_le(chunk, lo, b, 0, strict=True))
+        below, inside = below + n_below, inside + int(_count_le(chunk, hi, i, 0)) - n_below
+        i.sub_(b)  # 1 where lo <= x <= hi
         gather = gather and inside <= CHUNK // 16
         if gather:
             parts.append(chunk[i.nonzero().squeeze(1)])
