@@ -124,8 +124,8 @@ def _marked(marks: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     bits[n:].zero_()
     bits[:n].view(marks.shape).copy_(marks)
     words = bits.view(torch.int64).nonzero().squeeze(1)
-    inner = bits.view(-1, 8)[words].nonzero()
-    return words[inner[:, 0]] * 8 + inner[:, 1]
+    inner = bits.view(-1, 8).index_select(0, words).nonzero()
+    return torch.add(inner[:, 1], words.index_select(0, inner[:, 0]), alpha=8)
 
 
 def _chunk_candidates(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bufs: tuple[torch.Tensor, ...], dim: int):
@@ -142,7 +142,11 @@ def _chunk_candidates(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bufs:
         marks.index_fill_(1 - dim, crowded, 0)
         inside.index_fill_(1 - dim, crowded, 0)
     at = _marked(marks, bits)  # row-major; columns are grouped by a stable sort (``nonzero`` of a transpose is slow)
-    return below.flatten().long(), inside.flatten().long(), at if dim else at[(at % x.shape[1]).argsort(stable=True)]
+    return (
+        below.flatten().long(),
+        inside.flatten().long(),
+        at if dim else at.index_select(0, (at % x.shape[1]).argsort(stable=True)),
+    )
 
 
 def _sorted_keys(values: torch.Tensor, slice_id: torch.Tensor, signed: bool) -> torch.Tensor:
@@ -181,9 +185,12 @@ def _chunk_kth(x: torch.Tensor, k: int, dim: int, below, inside, at, signed: boo
         if last - first < 2:
             continue
         sel = at[first:last]
-        keys = _sorted_keys(x.view(-1)[sel], (sel // x.shape[1] if dim else sel % x.shape[1]) - a, signed)
+        keys = _sorted_keys(
+            x.view(-1).index_select(0, sel), (sel // x.shape[1] if dim else sel % x.shape[1]) - a, signed
+        )
         pos = (inside[a:b].cumsum(0) - inside[a:b] + rank[a:b] - 1).clamp(0, last - first - 2)
-        kth[a:b], after[a:b] = _key_values(keys[pos], signed), _key_values(keys[pos + 1], signed)
+        kth[a:b] = _key_values(keys.index_select(0, pos), signed)
+        after[a:b] = _key_values(keys.index_select(0, pos + 1), signed)
     return kth, held, held & (kth < after)
 
 
@@ -273,7 +280,7 @@ def _flat_candidates(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> 
         i.sub_(b)  # 1 where lo <= x <= hi
         gather = gather and inside <= CHUNK // 16
         if gather:
-            parts.append(chunk[i.nonzero().squeeze(1)])
+            parts.append(chunk.index_select(0, i.nonzero().squeeze(1)))
     return below, inside, torch.cat(parts) if gather else None
 
 
@@ -473,7 +480,7 @@ def _prune_lowest_blocks(blocks: torch.Tensor, k: int, keep: torch.Tensor) -> No
     torch.gt(blocks, kth.unsqueeze(1), out=keep)
     tied = (kth == after).nonzero().squeeze(1)
     if tied.numel():
-        keep[tied] = _stable_ranks(blocks[tied]) >= k
+        keep.index_copy_(0, tied, _stable_ranks(blocks.index_select(0, tied)) >= k)
 
 
 def select_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
