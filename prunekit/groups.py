@@ -65,16 +65,11 @@ def _count(mask: torch.Tensor, dim: int) -> torch.Tensor:
     return mask.view(torch.uint8).sum(dim, keepdim=True, dtype=torch.int32)
 
 
-def _count_le(x: torch.Tensor, t: torch.Tensor, buf: torch.Tensor, dim: int, strict: bool = False) -> torch.Tensor:
+def _count_le(x: torch.Tensor, t: torch.Tensor, buf: torch.Tensor, dim: int = 1, strict: bool = False) -> torch.Tensor:
     """Per-slice count of ``x <= t`` (``x < t`` if ``strict``), keepdim, as float32 (exact below 2^24): a
     comparison written as 0/1 into a reused float32 buffer and a float sum are both vectorized, faster on CPU
-    than a bool buffer and an integer sum."""
+    than bool and an integer sum."""
     return (torch.lt if strict else torch.le)(x, t, out=buf).sum(dim, keepdim=True)
-
-
-def _slices(v: torch.Tensor, dim: int) -> torch.Tensor:
-    """One value per slice shaped to broadcast against the 2-D scores: ``[rows, 1]`` or ``[1, cols]``."""
-    return v.reshape(-1, 1) if dim == 1 else v.reshape(1, -1)
 
 
 def _kth_topk(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
@@ -86,27 +81,30 @@ def _kth_topk(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     return x.topk(n - k + 1, dim, sorted=False).values.amin(dim, keepdim=True)
 
 
-def _rank_guess(scores: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+# The search below works on chunks shaped ``[A, n, B]``: the ``A * B`` slices (rows, or columns) compete along
+# ``n``. A chunk of rows is ``[rows, n, 1]``; a chunk of columns is copied into blocks of ``B`` adjacent columns,
+# ``[cols / B, n, B]``, so that every pass reads contiguous memory and a block's candidates come out together.
+
+
+def _rank_guess(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A guess of each slice's k-th smallest, and of the value gained per rank around it, read off a sorted
     strided sample of about ``SLICE_SAMPLE`` scores per slice."""
-    n = scores.shape[dim]
-    step = max(1, n // SLICE_SAMPLE)
-    s = (scores[:, ::step] if dim == 1 else scores[::step]).sort(dim).values
-    m = s.shape[dim]
+    n = x.shape[1]
+    s = x[:, :: max(1, n // SLICE_SAMPLE)].sort(1).values
+    m = s.shape[1]
     j = min(m - 1, max(0, round(k * m / n - 0.5)))
     lo, hi = max(0, j - 6), min(m - 1, j + 6)
-    slope = (s.narrow(dim, hi, 1) - s.narrow(dim, lo, 1)) / ((hi - lo) * n / m)
-    return s.narrow(dim, j, 1), slope
+    return s[:, j : j + 1], (s[:, hi : hi + 1] - s[:, lo : lo + 1]) / ((hi - lo) * n / m)
 
 
-def _bracket(x: torch.Tensor, k: int, dim: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _bracket(x: torch.Tensor, k: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per slice, values ``lo <= hi`` that should enclose ranks ``k`` and ``k + 1`` with a few dozen scores
     between them: a Newton step from the sampled guess, then a secant through the two exact counts, widened
     by a margin for the scores' irregular spacing. Two counting passes."""
-    t0, slope = _rank_guess(x, k, dim)
-    c0 = _count_le(x, t0, buf, dim)
+    t0, slope = _rank_guess(x, k)
+    c0 = _count_le(x, t0, buf)
     t1 = t0 + (k + 0.5 - c0) * slope
-    c1 = _count_le(x, t1, buf, dim)
+    c1 = _count_le(x, t1, buf)
     moved = c1 - c0
     slope = torch.where(moved != 0, (t1 - t0) / moved, slope)
     miss = (k - c1).abs()
@@ -128,25 +126,21 @@ def _marked(marks: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return torch.add(inner[:, 1], words.index_select(0, inner[:, 0]), alpha=8)
 
 
-def _chunk_candidates(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bufs: tuple[torch.Tensor, ...], dim: int):
-    """For one chunk of slices, one comparison against both ends: per slice how many scores lie below ``lo`` and
-    how many in ``[lo, hi]`` (a score equal to ``lo`` is inside, so a bracket on a tied value holds it), and
-    their flat positions, slice by slice. A slice with more than 1/8 of its scores inside gathers none."""
+def _candidates(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bufs: tuple[torch.Tensor, ...]):
+    """One comparison of a chunk against both ends: per slice how many scores lie below ``lo`` and how many in
+    ``[lo, hi]`` (a score equal to ``lo`` is inside, so a bracket on a tied value holds it), and their flat
+    positions. A slice with more than 1/8 of its scores inside gathers none (count 0: it falls back)."""
     buf, bits = bufs
     ends = torch.stack([torch.nextafter(lo, torch.full_like(lo, -math.inf)), hi])  # x < lo: x <= the float before
-    counts = torch.le(x, ends, out=buf.view(2, *x.shape)).sum(dim + 1, keepdim=True)
+    marks = torch.le(x, ends, out=buf.view(2, *x.shape))
+    counts = marks.sum(2, keepdim=True)
     below, inside = counts[0], counts[1] - counts[0]
-    marks = buf.view(2, *x.shape)[1].sub_(buf.view(2, *x.shape)[0])  # 1 where lo <= x <= hi
-    crowded = (inside > max(CANDIDATES_MIN, x.shape[dim] // 8)).flatten().nonzero().squeeze(1)
-    if crowded.numel():
-        marks.index_fill_(1 - dim, crowded, 0)
-        inside.index_fill_(1 - dim, crowded, 0)
-    at = _marked(marks, bits)  # row-major; columns are grouped by a stable sort (``nonzero`` of a transpose is slow)
-    return (
-        below.flatten().long(),
-        inside.flatten().long(),
-        at if dim else at.index_select(0, (at % x.shape[1]).argsort(stable=True)),
-    )
+    marks = marks[1].sub_(marks[0])  # 1 where lo <= x <= hi
+    crowded = inside > max(CANDIDATES_MIN, x.shape[1] // 8)
+    if crowded.any():
+        marks.masked_fill_(crowded, 0)
+        inside.masked_fill_(crowded, 0)
+    return below.flatten().long(), inside.flatten().long(), _marked(marks, bits)
 
 
 def _sorted_keys(values: torch.Tensor, slice_id: torch.Tensor, signed: bool) -> torch.Tensor:
@@ -165,64 +159,76 @@ def _key_values(keys: torch.Tensor, signed: bool) -> torch.Tensor:
     return (bits ^ ((bits >> 31) & 0x7FFFFFFF) if signed else bits).view(torch.float32)
 
 
-def _batches(inside: torch.Tensor) -> list[tuple[int, int]]:
-    """Runs ``[first, last)`` of slices holding about ``BATCH`` candidates each."""
+def _batches(inside: torch.Tensor, block: int) -> list[tuple[int, int]]:
+    """Runs ``[first, last)`` of slices, whole blocks of ``block``, holding about ``BATCH`` candidates each."""
     ends = inside.cumsum(0)
     marks = torch.arange(1, max(1, -(-int(ends[-1]) // BATCH)), device=ends.device) * BATCH
-    cuts = torch.searchsorted(ends, marks).tolist()
-    edges = sorted({0, len(inside), *cuts})
+    edges = sorted({0, len(inside), *(c - c % block for c in torch.searchsorted(ends, marks).tolist())})
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _chunk_kth(x: torch.Tensor, k: int, dim: int, below, inside, at, signed: bool):
+def _kth_of_candidates(x: torch.Tensor, k: int, below, inside, at, signed: bool):
     """Per slice of a chunk: the k-th smallest, whether the bracket held it (ranks ``k`` and ``k + 1`` both
-    inside) and whether it surely separates (held, and the two differ), sorting ``BATCH`` candidates at a time."""
-    rank, start = k - below, (inside.cumsum(0) - inside).tolist()  # rank of the k-th among the candidates
-    held = (rank >= 1) & (rank < inside)
+    inside) and whether it surely separates (held, and the two differ). Candidates are sorted ``BATCH`` at a
+    time: torch runs ops that small on one thread, and on a loaded machine every parallel op waits ~10 ms for
+    a descheduled helper thread."""
+    (_, n, block), rank = x.shape, k - below  # rank of the k-th among the slice's candidates
+    held, start = (rank >= 1) & (rank < inside), (inside.cumsum(0) - inside).tolist()
     kth, after = torch.zeros(len(rank), device=x.device), torch.zeros(len(rank), device=x.device)
-    for a, b in _batches(inside):
+    for a, b in _batches(inside, block):
         first, last = start[a], start[b - 1] + int(inside[b - 1])
         if last - first < 2:
             continue
-        sel = at[first:last]
-        keys = _sorted_keys(
-            x.view(-1).index_select(0, sel), (sel // x.shape[1] if dim else sel % x.shape[1]) - a, signed
-        )
-        pos = (inside[a:b].cumsum(0) - inside[a:b] + rank[a:b] - 1).clamp(0, last - first - 2)
-        kth[a:b] = _key_values(keys.index_select(0, pos), signed)
-        after[a:b] = _key_values(keys.index_select(0, pos + 1), signed)
+        pos = at[first:last]
+        keys = _sorted_keys(x.view(-1).index_select(0, pos), pos // (n * block) * block + pos % block - a, signed)
+        i = (inside[a:b].cumsum(0) - inside[a:b] + rank[a:b] - 1).clamp(0, last - first - 2)
+        kth[a:b] = _key_values(keys.index_select(0, i), signed)
+        after[a:b] = _key_values(keys.index_select(0, i + 1), signed)
     return kth, held, held & (kth < after)
 
 
-def _chunk_thresholds(x: torch.Tensor, k: int, dim: int, bufs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Each slice's k-th smallest in a chunk of slices, and which surely separate exactly ``k`` scores; every
-    pass runs on the chunk while it sits in cache. Slices the bracket missed get theirs from ``topk``, unsure."""
-    lo, hi = _bracket(x, k, dim, bufs[0][: x.numel()].view(x.shape))
-    kth, held, sure = _chunk_kth(x, k, dim, *_chunk_candidates(x, lo, hi, bufs, dim), signed=bool((lo < 0).any()))
-    kth = _slices(kth.to(x.dtype), dim)
+def _chunk_thresholds(x: torch.Tensor, k: int, bufs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slice's k-th smallest in a ``[A, n, B]`` chunk (flat, slice ``a * B + b``), and which surely separate
+    exactly ``k`` scores; every pass runs on the chunk while it sits in cache. Slices the bracket missed get
+    theirs from ``topk``, unsure."""
+    lo, hi = _bracket(x, k, bufs[0][: x.numel()].view(x.shape))
+    kth, held, sure = _kth_of_candidates(x, k, *_candidates(x, lo, hi, bufs), signed=bool((lo < 0).any()))
     missed = (~held).nonzero().squeeze(1)
     if missed.numel():
-        kth.index_copy_(1 - dim, missed, _kth_topk(x.index_select(1 - dim, missed), k, dim))
-    return kth, sure
+        fallback = x[missed // x.shape[2], :, missed % x.shape[2]]
+        kth.index_copy_(0, missed, _kth_topk(fallback, k, 1).squeeze(1).to(kth.dtype))
+    return kth.to(x.dtype), sure
+
+
+def _blocks(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """A ``[n, cols]`` block of columns copied into ``buf`` as ``[cols / B, n, B]``, ``B`` adjacent columns
+    (up to 32) contiguous: a cheap strided copy, where a transposing one costs 10x more on CPU."""
+    n, cols = x.shape
+    block = math.gcd(cols, 32)
+    return buf[: x.numel()].view(cols // block, n, block).copy_(x.view(n, cols // block, block).transpose(0, 1))
 
 
 def _slice_thresholds(scores: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each slice's k-th smallest, and which of them surely separate exactly ``k`` scores (the others are checked
-    for ties after), chunk by chunk of whole slices. Scratch: a float32 buffer of two chunks, and a chunk of
-    columns copied contiguous (strided passes are 2x slower)."""
+    """Each slice's k-th smallest (shaped to broadcast), and which of them surely separate exactly ``k`` scores
+    (the others are checked for ties after), chunk by chunk of whole slices. Scratch: two chunks of float32,
+    a chunk of bytes, and for columns a copy of the chunk."""
     n, slices = scores.shape[dim], scores.shape[1 - dim]
     step = max(1, CHUNK // n)
     if n < max(SEARCH_MIN, 2) or scores.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         kth = torch.cat([_kth_topk(x, k, dim) for x in scores.split(step, 1 - dim)], 1 - dim)
         return kth, torch.zeros(slices, dtype=torch.bool, device=scores.device)
-    buf, copy, parts = torch.empty(2 * step * n, device=scores.device), None, []
-    bits = torch.empty(-(-step * n // 8) * 8, dtype=torch.bool, device=scores.device)
-    for x in scores.split(step, 1 - dim):
-        if not x.is_contiguous():  # a block of columns: copied once, every pass then reads it from cache
-            copy = torch.empty(step * n, dtype=x.dtype, device=x.device) if copy is None else copy
-            x = copy[: x.numel()].view(x.shape).copy_(x)
-        parts.append(_chunk_thresholds(x, k, dim, (buf[: 2 * x.numel()], bits)))
-    return torch.cat([p[0] for p in parts], 1 - dim), torch.cat([p[1] for p in parts])
+    step = step - step % 32 if step >= 32 else step
+    buf, bits = (
+        torch.empty(2 * step * n, device=scores.device),
+        torch.empty(-(-step * n // 8) * 8, dtype=torch.bool, device=scores.device),
+    )
+    copy = torch.empty(step * n, dtype=scores.dtype, device=scores.device) if dim == 0 else None
+    parts = [
+        _chunk_thresholds(x.unsqueeze(2) if dim else _blocks(x, copy), k, (buf[: 2 * x.numel()], bits))
+        for x in scores.split(step, 1 - dim)
+    ]
+    kth, sure = (torch.cat(p) for p in zip(*parts))
+    return (kth.view(-1, 1) if dim else kth.view(1, -1)), sure
 
 
 def _prune_lowest_slices(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
