@@ -31,7 +31,7 @@ def register_group(name: str):
 # Elements per chunk: the extra memory of a selection is a few bool buffers of this many bytes, whatever the
 # layer's size. Smaller chunks fit caches better but, on a loaded machine, pay for each op's thread start-up and
 # barrier (benchmarks/selection.py).
-CHUNK = 1 << 24
+CHUNK = 1 << 23
 # Scores sampled to bracket a whole-layer threshold: the k-th value is then found among the few in the bracket.
 SAMPLE = 1 << 19
 # Scores sampled per row (or column) for a first guess of its k-th smallest; shorter slices use ``topk``.
@@ -86,22 +86,22 @@ def _kth_topk(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 # ``[cols / B, n, B]``, so that every pass reads contiguous memory and a block's candidates come out together.
 
 
-def _rank_guess(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A guess of each slice's k-th smallest, and of the value gained per rank around it, read off a sorted
-    strided sample of about ``SLICE_SAMPLE`` scores per slice."""
-    n = x.shape[1]
-    s = x[:, :: max(1, n // SLICE_SAMPLE)].sort(1).values
+def _rank_guess(scores: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per slice, a guess of its k-th smallest and of the value gained per rank around it, read off one sort of
+    a strided sample of about ``SLICE_SAMPLE`` scores from every slice."""
+    n = scores.shape[dim]
+    step = max(1, n // SLICE_SAMPLE)
+    s = (scores[:, ::step] if dim else scores[::step].T).sort(1).values
     m = s.shape[1]
     j = min(m - 1, max(0, round(k * m / n - 0.5)))
     lo, hi = max(0, j - 6), min(m - 1, j + 6)
-    return s[:, j : j + 1], (s[:, hi : hi + 1] - s[:, lo : lo + 1]) / ((hi - lo) * n / m)
+    return s[:, j], (s[:, hi] - s[:, lo]) / ((hi - lo) * n / m)
 
 
-def _bracket(x: torch.Tensor, k: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _bracket(x: torch.Tensor, k: int, buf: torch.Tensor, t0: torch.Tensor, slope: torch.Tensor):
     """Per slice, values ``lo <= hi`` that should enclose ranks ``k`` and ``k + 1`` with a few dozen scores
     between them: a Newton step from the sampled guess, then a secant through the two exact counts, widened
     by a margin for the scores' irregular spacing. Two counting passes."""
-    t0, slope = _rank_guess(x, k)
     c0 = _count_le(x, t0, buf)
     t1 = t0 + (k + 0.5 - c0) * slope
     c1 = _count_le(x, t1, buf)
@@ -113,14 +113,10 @@ def _bracket(x: torch.Tensor, k: int, buf: torch.Tensor) -> tuple[torch.Tensor, 
     return lo, torch.maximum(lo, t1 + (k + 1 + margin - c1) * slope)  # lo <= hi even when rounding or inf bite
 
 
-def _marked(marks: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Flat positions of the 1s of a float 0/1 tensor, ascending. Copied to bytes, 8 to an int64 word, so that
-    ``nonzero`` scans 8x fewer elements, then looks inside the few marked words: 4x faster on CPU than
-    ``nonzero`` of the floats. ``bits``: a bool buffer of at least ``marks.numel()`` rounded up to 8."""
-    n = marks.numel()
-    bits = bits[: -(-n // 8) * 8]
-    bits[n:].zero_()
-    bits[:n].view(marks.shape).copy_(marks)
+def _marked(bits: torch.Tensor) -> torch.Tensor:
+    """Flat positions of the ``True``s of a bool buffer whose length is a multiple of 8, ascending: read 8 to an
+    int64 word, ``nonzero`` scans 8x fewer elements, then looks inside the few marked words (4x faster on CPU
+    than ``nonzero`` of the whole)."""
     words = bits.view(torch.int64).nonzero().squeeze(1)
     inner = bits.view(-1, 8).index_select(0, words).nonzero()
     return torch.add(inner[:, 1], words.index_select(0, inner[:, 0]), alpha=8)
@@ -132,15 +128,17 @@ def _candidates(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bufs: tuple
     positions. A slice with more than 1/8 of its scores inside gathers none (count 0: it falls back)."""
     buf, bits = bufs
     ends = torch.stack([torch.nextafter(lo, torch.full_like(lo, -math.inf)), hi])  # x < lo: x <= the float before
-    marks = torch.le(x, ends, out=buf.view(2, *x.shape))
-    counts = marks.sum(2, keepdim=True)
+    upto = torch.le(x, ends, out=buf.view(2, *x.shape))
+    counts = upto.sum(2, keepdim=True)
     below, inside = counts[0], counts[1] - counts[0]
-    marks = marks[1].sub_(marks[0])  # 1 where lo <= x <= hi
+    bits = bits[: -(-x.numel() // 8) * 8]  # whole int64 words: the tail stays False
+    bits[x.numel() :].zero_()
+    marks = torch.gt(upto[1], upto[0], out=bits[: x.numel()].view(x.shape))  # lo <= x <= hi
     crowded = inside > max(CANDIDATES_MIN, x.shape[1] // 8)
     if crowded.any():
-        marks.masked_fill_(crowded, 0)
+        marks.masked_fill_(crowded, False)
         inside.masked_fill_(crowded, 0)
-    return below.flatten().long(), inside.flatten().long(), _marked(marks, bits)
+    return below.flatten().long(), inside.flatten().long(), _marked(bits)
 
 
 def _sorted_keys(values: torch.Tensor, slice_id: torch.Tensor, signed: bool) -> torch.Tensor:
@@ -187,17 +185,13 @@ def _kth_of_candidates(x: torch.Tensor, k: int, below, inside, at, signed: bool)
     return kth, held, held & (kth < after)
 
 
-def _chunk_thresholds(x: torch.Tensor, k: int, bufs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each slice's k-th smallest in a ``[A, n, B]`` chunk (flat, slice ``a * B + b``), and which surely separate
-    exactly ``k`` scores; every pass runs on the chunk while it sits in cache. Slices the bracket missed get
-    theirs from ``topk``, unsure."""
-    lo, hi = _bracket(x, k, bufs[0][: x.numel()].view(x.shape))
-    kth, held, sure = _kth_of_candidates(x, k, *_candidates(x, lo, hi, bufs), signed=bool((lo < 0).any()))
-    missed = (~held).nonzero().squeeze(1)
-    if missed.numel():
-        fallback = x[missed // x.shape[2], :, missed % x.shape[2]]
-        kth.index_copy_(0, missed, _kth_topk(fallback, k, 1).squeeze(1).to(kth.dtype))
-    return kth.to(x.dtype), sure
+def _chunk_thresholds(x: torch.Tensor, k: int, bufs: tuple[torch.Tensor, ...], t0: torch.Tensor, slope: torch.Tensor):
+    """Per slice of a ``[A, n, B]`` chunk (flat, slice ``a * B + b``): the k-th smallest, whether the bracket
+    held it, and whether it surely separates exactly ``k`` scores. Every pass runs on the chunk while it is
+    in cache."""
+    guess = (t0.view(x.shape[0], 1, x.shape[2]), slope.view(x.shape[0], 1, x.shape[2]))
+    lo, hi = _bracket(x, k, bufs[0][: x.numel()].view(x.shape), *guess)
+    return _kth_of_candidates(x, k, *_candidates(x, lo, hi, bufs), signed=bool((lo < 0).any()))
 
 
 def _blocks(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
@@ -210,24 +204,26 @@ def _blocks(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
 
 def _slice_thresholds(scores: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each slice's k-th smallest (shaped to broadcast), and which of them surely separate exactly ``k`` scores
-    (the others are checked for ties after), chunk by chunk of whole slices. Scratch: two chunks of float32,
-    a chunk of bytes, and for columns a copy of the chunk."""
-    n, slices = scores.shape[dim], scores.shape[1 - dim]
-    step = max(1, CHUNK // n)
+    (the others are checked for ties after), chunk by chunk of whole slices; slices the bracket missed get
+    theirs from ``topk``. Scratch: two chunks of float32, a chunk of bytes, for columns a copy of the chunk."""
+    n, step = scores.shape[dim], max(1, CHUNK // scores.shape[dim])
     if n < max(SEARCH_MIN, 2) or scores.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         kth = torch.cat([_kth_topk(x, k, dim) for x in scores.split(step, 1 - dim)], 1 - dim)
-        return kth, torch.zeros(slices, dtype=torch.bool, device=scores.device)
+        return kth, torch.zeros(scores.shape[1 - dim], dtype=torch.bool, device=scores.device)
     step = step - step % 32 if step >= 32 else step
-    buf, bits = (
+    bufs = (
         torch.empty(2 * step * n, device=scores.device),
         torch.empty(-(-step * n // 8) * 8, dtype=torch.bool, device=scores.device),
     )
     copy = torch.empty(step * n, dtype=scores.dtype, device=scores.device) if dim == 0 else None
     parts = [
-        _chunk_thresholds(x.unsqueeze(2) if dim else _blocks(x, copy), k, (buf[: 2 * x.numel()], bits))
-        for x in scores.split(step, 1 - dim)
+        _chunk_thresholds(x.unsqueeze(2) if dim else _blocks(x, copy), k, (bufs[0][: 2 * x.numel()], bufs[1]), *g)
+        for x, *g in zip(scores.split(step, 1 - dim), *(v.split(step) for v in _rank_guess(scores, k, dim)))
     ]
-    kth, sure = (torch.cat(p) for p in zip(*parts))
+    kth, held, sure = (torch.cat(p) for p in zip(*parts))
+    for missed in (~held).nonzero().squeeze(1).split(step):
+        kth.index_copy_(0, missed, _kth_topk(scores.index_select(1 - dim, missed), k, dim).flatten().to(kth.dtype))
+    kth = kth.to(scores.dtype)
     return (kth.view(-1, 1) if dim else kth.view(1, -1)), sure
 
 
