@@ -28,9 +28,10 @@ def register_group(name: str):
     return GROUPS.register(name=name)
 
 
-# Elements per chunk: the extra memory of a selection is a few bool buffers of this many bytes, whatever the
-# layer's size. Smaller chunks fit caches better but, on a loaded machine, pay for each op's thread start-up and
-# barrier (benchmarks/selection.py).
+# Scores per chunk: a selection's scratch is at most ~13 bytes per chunk element (two float32 chunks, one of
+# bytes, a copy of a chunk of columns), whatever the layer's size. Also at most 2^24, so that float32 counts
+# stay exact. Smaller chunks fit caches better but, on a loaded machine, pay for each parallel op's wait on a
+# descheduled helper thread (ms each): 2^23 was the best compromise on 2 busy cores (benchmarks/selection.py).
 CHUNK = 1 << 23
 # Scores sampled to bracket a whole-layer threshold: the k-th value is then found among the few in the bracket.
 SAMPLE = 1 << 19

@@ -109,22 +109,25 @@ def _random_scores(kind: str, shape: tuple[int, int], seed: int) -> torch.Tensor
     return x
 
 
-@pytest.fixture(params=["default", "tiny-chunks"])
+@pytest.fixture(params=["default", "tiny-chunks", "small-blocks"])
 def chunking(request, monkeypatch):
-    """Run each property twice: as shipped, and with chunks and samples so small that every path is taken
-    (many chunks, rows split across them, sampled brackets that miss)."""
+    """Run each property three times: as shipped, and with chunks, samples and batches so small that every path
+    is taken: one slice per chunk (tiny-chunks); blocks of several columns, candidates sorted a few at a time
+    across block boundaries, crowded brackets and sampled brackets that miss (small-blocks)."""
     import prunekit.groups as groups
 
-    if request.param == "tiny-chunks":
-        monkeypatch.setattr(groups, "CHUNK", 7)
+    if request.param != "default":
+        monkeypatch.setattr(groups, "CHUNK", 7 if request.param == "tiny-chunks" else 200)
         monkeypatch.setattr(groups, "SAMPLE", 5)
         monkeypatch.setattr(groups, "SEARCH_MIN", 2)
         monkeypatch.setattr(groups, "SLICE_SAMPLE", 3)
+        monkeypatch.setattr(groups, "BATCH", 3)
+        monkeypatch.setattr(groups, "CANDIDATES_MIN", 2)
     return request.param
 
 
 @pytest.mark.parametrize("kind", ["continuous", "rounded", "inf", "constant", "periodic"])
-@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (7, 13), (33, 20), (4, 64)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (7, 13), (33, 20), (4, 64), (40, 64)])
 def test_fast_selection_equals_a_stable_sort(kind, shape, chunking):
     from prunekit.groups import _prune_lowest_flat, _prune_lowest_slices
 
@@ -189,3 +192,119 @@ def test_pruned_networks_give_the_two_order_statistics(m):
             kth, after = _order_stats(blocks, k)
             assert torch.equal(kth, ordered[:, k - 1]) and torch.equal(after, ordered[:, k]), k
     assert sum(a + b for _, _, a, b in _selection_network(4, 2)) == 8 < 2 * len(sorting_network(4))
+
+
+def _old(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    from prunekit.groups import _prune_lowest
+
+    return _prune_lowest(scores, k, dim)
+
+
+@pytest.mark.parametrize("shape", [(600, 2048), (2048, 600), (96, 4099)])
+def test_search_matches_the_old_masks_on_continuous_layers(shape):
+    """Shipped sizes, slices long enough for the sampled search, signed scores (the int64 key trick flips
+    negative floats), odd lengths (blocks of 1 column), several sparsities."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    scores = torch.randn(shape, generator=gen) * (torch.rand(shape[1], generator=gen) + 0.1)
+    for source in (scores, scores.abs()):
+        for sparsity in (0.1, 0.5, 0.9):
+            k_row, k_col = int(shape[1] * sparsity), int(shape[0] * sparsity)
+            assert torch.equal(select_mask(source, sparsity, "per-output"), _old(source, k_row, 1)), sparsity
+            assert torch.equal(select_mask(source, sparsity, "per-input"), _old(source, k_col, 0)), sparsity
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes_select_like_a_stable_sort(dtype):
+    """Half precision scores are searched (many ties); float64 ones take ``topk``: both exact."""
+    gen = torch.Generator().manual_seed(7)
+    scores = (torch.randn(64, 1024, generator=gen).abs() * (torch.rand(1024, generator=gen) + 0.1)).to(dtype)
+    for sparsity in (0.3, 0.5):
+        k_row, k_col, k_all = int(1024 * sparsity), int(64 * sparsity), int(scores.numel() * sparsity)
+        assert torch.equal(select_mask(scores, sparsity, "per-output"), _stable_sort_mask(scores, k_row, 1))
+        assert torch.equal(select_mask(scores.T, sparsity, "per-input"), _stable_sort_mask(scores.T, k_row, 0))
+        assert torch.equal(select_mask(scores, sparsity, "per-input"), _stable_sort_mask(scores, k_col, 0))
+        flat = _stable_sort_mask(scores.reshape(-1), k_all, 0).reshape(scores.shape)
+        assert torch.equal(select_mask(scores, sparsity, "per-layer"), flat)
+
+
+def test_tie_path_runs_only_where_ties_meet_the_threshold(monkeypatch):
+    """Continuous scores never reach the exact tie path; a row (or column) tied at its threshold alone does."""
+    import prunekit.groups as groups
+
+    gen = torch.Generator().manual_seed(11)
+    scores = torch.rand(40, 2048, generator=gen)
+    tied = scores.clone()
+    tied[7, :1024] = 0.5  # row 7: its k-th and (k+1)-th smallest are both 0.5
+    tied[7, 1024:] = torch.rand(1024, generator=gen) + 1
+    expected = _old(tied, int(2048 * 0.4), 1), _old(tied.T, int(2048 * 0.4), 0)
+    calls, original = [], groups._prune_lowest
+    monkeypatch.setattr(groups, "_prune_lowest", lambda s, k, d: calls.append(tuple(s.shape)) or original(s, k, d))
+    select_mask(scores, 0.5, "per-output"), select_mask(scores.T, 0.5, "per-input")
+    assert calls == []
+    assert torch.equal(select_mask(tied, 0.4, "per-output"), expected[0])
+    assert torch.equal(select_mask(tied.T, 0.4, "per-input"), expected[1])
+    assert calls == [(1, 2048), (2048, 1)]
+
+
+def test_blocks_and_flat_layers_take_their_tie_paths_only_where_ties_are(monkeypatch):
+    import prunekit.groups as groups
+
+    calls = []
+    for name in ("_stable_ranks", "_keep_later_ties"):
+        original = getattr(groups, name)
+        monkeypatch.setattr(groups, name, lambda *a, f=original, n=name: calls.append(n) or f(*a))
+    scores = torch.rand(64, 512, generator=torch.Generator().manual_seed(12))
+    select_nm(scores, 2, 4), select_mask(scores, 0.5, "per-layer")
+    assert calls == []
+    scores[3, :4] = 1.0  # one block tied
+    flat = scores.view(-1)
+    flat[flat.argmax()] = flat.kthvalue(flat.numel() // 2).values  # the layer's threshold, now twice
+    assert torch.equal(select_nm(scores, 2, 4), _old(scores.reshape(64, 128, 4), 2, 2).reshape(64, 512))
+    flat = _old(scores.reshape(-1), scores.numel() // 2, 0).reshape(scores.shape)
+    assert torch.equal(select_mask(scores, 0.5, "per-layer"), flat)
+    assert calls == ["_stable_ranks", "_keep_later_ties"]
+
+
+def test_search_resolves_nearly_every_slice_itself(monkeypatch):
+    """The speed claim: on continuous scores the sampled bracket holds the threshold of (nearly) every slice, so
+    ``topk`` runs on almost none of them."""
+    import prunekit.groups as groups
+
+    fallback = []
+    original = groups._kth_topk
+    monkeypatch.setattr(groups, "_kth_topk", lambda x, k, d: fallback.append(x.shape[1 - d]) or original(x, k, d))
+    gen = torch.Generator().manual_seed(13)
+    scores = torch.randn(1000, 4096, generator=gen).abs() * (torch.rand(4096, generator=gen) + 0.1)
+    select_mask(scores, 0.5, "per-output"), select_mask(scores[:, :1000].T, 0.5, "per-input")
+    assert sum(fallback) <= 20, fallback
+
+
+@pytest.mark.parametrize("case", ["few-values", "constant", "missed-bracket"])
+def test_flat_selection_in_bounded_memory_when_the_bracket_is_crowded_or_missed(case, monkeypatch):
+    """More than ``CHUNK // 16`` scores in the bracket (or a bracket that misses) find the threshold by counting
+    passes instead of gathering; one value in the bracket needs neither."""
+    import prunekit.groups as groups
+
+    monkeypatch.setattr(groups, "CHUNK", 4096)
+    monkeypatch.setattr(groups, "SAMPLE", 1000)
+    gen = torch.Generator().manual_seed(14)
+    scores = torch.randint(0, 3, (300, 200), generator=gen).float() - 1
+    if case == "constant":
+        scores.fill_(2.0)
+    if case == "missed-bracket":
+        scores = torch.randn(300, 200, generator=gen)
+        monkeypatch.setattr(groups, "_bracket_flat", lambda flat, k: (flat.max(), flat.max()))
+    flat, ordered = scores.reshape(-1), scores.reshape(-1).sort().values
+    for k in (1, 12345, flat.numel() // 2, flat.numel() - 1):
+        kth, at_most = groups._kth_smallest(flat, k)
+        assert kth == ordered[k - 1] and at_most == int((flat <= kth).sum()), k
+        assert torch.equal(groups._prune_lowest_flat(flat, k), _stable_sort_mask(flat, k, 0)), k
+
+
+def test_marked_finds_every_mark():
+    from prunekit.groups import _marked
+
+    bits = torch.rand(8 * 1001, generator=torch.Generator().manual_seed(15)) < 0.03
+    bits[:3] = True
+    bits[-1] = True
+    assert torch.equal(_marked(bits), bits.nonzero().squeeze(1))
