@@ -11,6 +11,7 @@ import math
 import re
 import struct
 from collections.abc import Callable, Mapping
+from functools import reduce
 
 import torch
 
@@ -253,38 +254,51 @@ def _settle_ties(scores: torch.Tensor, keep: torch.Tensor, k: int, dim: int, uns
             keep.index_copy_(1 - dim, tied, _prune_lowest(scores.index_select(1 - dim, tied), k, dim))
 
 
-def _bracket_flat(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values ``lo <= hi`` that almost surely enclose ranks ``k`` and ``k + 1`` of ``flat``: the sample's order
-    statistics 4 standard deviations either side. Exact when the sample is the whole tensor."""
-    n = flat.numel()
+# The whole-layer (and cross-layer) selection works on ``parts``: 1-D score tensors, one per layer, taken in
+# order as if concatenated, a chunk at a time and never copied whole. Thresholds are compared as 1-element
+# tensors of the parts' common dtype: a 0-d float32 threshold would be rounded to a half-precision part's dtype.
+
+
+def _at(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d threshold as a 1-element tensor on ``like``'s device (see above)."""
+    return t.reshape(1).to(like.device)
+
+
+def _bracket_flat(parts: list[torch.Tensor], k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values ``lo <= hi`` that almost surely enclose ranks ``k`` and ``k + 1`` of the scores: a sample's order
+    statistics 4 standard deviations either side. Exact when the sample is every score."""
+    n = sum(p.numel() for p in parts)
     if n <= SAMPLE:
-        sample = flat
+        sample = torch.cat([p.to("cpu", dtype) for p in parts])
     else:  # random positions, not a stride: a stride can alias with the columns of a structured matrix
-        gen = torch.Generator().manual_seed(0)
-        sample = flat[torch.randint(n, (SAMPLE,), generator=gen).to(flat.device)]
+        at, start, sample = torch.randint(n, (SAMPLE,), generator=torch.Generator().manual_seed(0)), 0, []
+        for p in parts:
+            mine = at[(at >= start) & (at < start + p.numel())] - start
+            sample, start = [*sample, p.index_select(0, mine.to(p.device)).to("cpu", dtype)], start + p.numel()
+        sample = torch.cat(sample)
     s, q = sample.numel(), k / n
     spread = 4 * math.sqrt(s * q * (1 - q)) + 1
     lo_rank, hi_rank = math.floor(q * s - spread), math.ceil(q * s + spread) + 1
-    inf = torch.tensor(math.inf, dtype=flat.dtype, device=flat.device)
+    inf = torch.tensor(math.inf, dtype=dtype)
     lo = sample.kthvalue(lo_rank).values if lo_rank >= 1 else -inf
     hi = sample.kthvalue(hi_rank).values if hi_rank <= s else inf
     return lo, hi
 
 
-def _flat_candidates(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, int, torch.Tensor | None]:
-    """One pass, a chunk at a time: how many scores lie below ``lo``, how many in ``[lo, hi]``, and those (index
-    order), or ``None`` when ``lo == hi`` (all equal: nothing to gather) or more than ``CHUNK // 16`` are."""
-    inside_buf, below_buf = (torch.empty(min(CHUNK, flat.numel()), device=flat.device) for _ in range(2))
-    below, inside, parts, gather = 0, 0, [], bool(lo < hi)
-    for chunk in flat.split(CHUNK):
-        i, b = inside_buf[: chunk.numel()], below_buf[: chunk.numel()]
-        n_below = int(_count_le(chunk, lo, b, 0, strict=True))
-        below, inside = below + n_below, inside + int(_count_le(chunk, hi, i, 0)) - n_below
-        i.sub_(b)  # 1 where lo <= x <= hi
+def _flat_candidates(chunks: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor):
+    """One pass: how many scores lie below ``lo``, how many in ``[lo, hi]``, and those (index order, on the CPU),
+    or ``None`` when ``lo == hi`` (all equal: nothing to gather) or more than ``CHUNK // 16`` are."""
+    below, inside, values, gather, bufs = 0, 0, [], bool(lo < hi), {}
+    for c in chunks:
+        if c.device not in bufs:
+            bufs[c.device] = torch.empty(2, min(CHUNK, max(c.numel() for c in chunks)), device=c.device)
+        b, i = bufs[c.device][:, : c.numel()]
+        n_below = int(_count_le(c, _at(lo, c), b, 0, strict=True))
+        below, inside = below + n_below, inside + int(_count_le(c, _at(hi, c), i, 0)) - n_below
         gather = gather and inside <= CHUNK // 16
         if gather:
-            parts.append(chunk.index_select(0, i.nonzero().squeeze(1)))
-    return below, inside, torch.cat(parts) if gather else None
+            values.append(c.index_select(0, i.sub_(b).nonzero().squeeze(1)).to("cpu", lo.dtype))  # lo <= x <= hi
+    return below, inside, torch.cat(values) if gather else None
 
 
 def _float_key(v: float, wide: bool) -> int:
@@ -299,58 +313,66 @@ def _key_float(key: int, wide: bool) -> float:
     return struct.unpack("<d" if wide else "<f", struct.pack("<q" if wide else "<i", bits))[0]
 
 
-def _kth_by_bisection(flat: torch.Tensor, k: int, lo: float, hi: float) -> tuple[torch.Tensor, int]:
+def _kth_by_bisection(chunks: list[torch.Tensor], k: int, lo: torch.Tensor, hi: torch.Tensor):
     """The k-th smallest in ``[lo, hi]`` and how many scores are ``<=`` it, by bisecting the floats between with
     counting passes (at most 32, 64 for float64): slow, but bounded memory whatever the ties."""
-    wide, buf = flat.dtype == torch.float64, torch.empty(min(CHUNK, flat.numel()), device=flat.device)
+    wide = lo.dtype == torch.float64
 
     def at_most(key: int) -> int:
-        t = torch.tensor(_key_float(key, wide), dtype=flat.dtype, device=flat.device)
-        return sum(int(_count_le(c, t, buf[: c.numel()], 0)) for c in flat.split(CHUNK))
+        t = torch.tensor(_key_float(key, wide), dtype=lo.dtype)
+        return sum(int(_count_le(c, _at(t, c), torch.empty(c.shape, device=c.device), 0)) for c in chunks)
 
-    a, b = _float_key(lo, wide), _float_key(hi, wide)
+    a, b = _float_key(float(lo), wide), _float_key(float(hi), wide)
     while a < b:
         mid = (a + b) // 2
         a, b = (a, mid) if at_most(mid) >= k else (mid + 1, b)
-    return torch.tensor(_key_float(a, wide), dtype=flat.dtype, device=flat.device), at_most(a)
+    return torch.tensor(_key_float(a, wide), dtype=lo.dtype), at_most(a)
 
 
-def _kth_smallest(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-    """The exact k-th smallest of a 1-D tensor (``0 < k < n``) and how many scores are ``<=`` it: count what lies
-    below a sampled bracket, then ``kthvalue`` over the few scores inside it. Bisection where the bracket
-    missed (improbable) or is crowded with ties."""
-    lo, hi = _bracket_flat(flat, k)
-    below, inside, values = _flat_candidates(flat, lo, hi)
+def _kth_smallest(parts: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int]:
+    """The exact k-th smallest of the scores (``0 < k < n``, a 0-d CPU tensor of their common dtype) and how
+    many are ``<=`` it: count what lies below a sampled bracket, then ``kthvalue`` over the few scores inside
+    it. Bisection where the bracket missed (improbable) or is crowded with ties."""
+    dtype, chunks = reduce(torch.promote_types, (p.dtype for p in parts)), [c for p in parts for c in p.split(CHUNK)]
+    lo, hi = _bracket_flat(parts, k, dtype)
+    below, inside, values = _flat_candidates(chunks, lo, hi)
     if not below < k <= below + inside:
-        return _kth_by_bisection(flat, k, -math.inf, math.inf)
+        return _kth_by_bisection(chunks, k, torch.tensor(-math.inf, dtype=dtype), torch.tensor(math.inf, dtype=dtype))
     if values is None:
-        return (lo, below + inside) if lo == hi else _kth_by_bisection(flat, k, float(lo), float(hi))
+        return (lo, below + inside) if lo == hi else _kth_by_bisection(chunks, k, lo, hi)
     kth = values.kthvalue(k - below).values
     return kth, below + int(_count(values <= kth, 0))
 
 
-def _prune_lowest_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """``_prune_lowest(flat, k, dim=0)`` for a 1-D tensor in bounded memory: one ``flat > kth`` comparison, then,
-    only if ties meet the threshold, the first of them in index order are pruned, chunk by chunk."""
-    keep = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
-    if k <= 0 or k >= flat.numel():
-        return keep.fill_(k <= 0)
-    kth, at_most_kth = _kth_smallest(flat, k)
-    torch.gt(flat, kth, out=keep)
+def _prune_lowest_parts(parts: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """``_prune_lowest`` over 1-D ``parts`` taken as one: one ``part > kth`` comparison each, then, only if ties
+    meet the threshold, the first of them in index order are pruned, chunk by chunk."""
+    keep = [torch.empty(p.shape, dtype=torch.bool, device=p.device) for p in parts]
+    if k <= 0 or k >= sum(p.numel() for p in parts):
+        return [m.fill_(k <= 0) for m in keep]
+    kth, at_most_kth = _kth_smallest(parts, k)
+    for p, m in zip(parts, keep):
+        torch.gt(p, _at(kth, p), out=m)
     if at_most_kth > k:
-        _keep_later_ties(list(zip(flat.split(CHUNK), keep.split(CHUNK))), kth, at_most_kth - k)
+        pairs = [pair for p, m in zip(parts, keep) for pair in zip(p.split(CHUNK), m.split(CHUNK))]
+        _keep_later_ties(pairs, kth, at_most_kth - k)
     return keep
+
+
+def _prune_lowest_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """``_prune_lowest(flat, k, dim=0)`` for a 1-D tensor, in bounded memory."""
+    return _prune_lowest_parts([flat], k)[0]
 
 
 def _keep_later_ties(pairs: list[tuple[torch.Tensor, torch.Tensor]], kth: torch.Tensor, spare: int) -> None:
     """Of the scores equal to ``kth`` (all pruned so far), keep the last ``spare`` in index order."""
-    ties = [int(_count(chunk == kth, 0)) for chunk, _ in pairs]
+    ties = [int(_count(chunk == _at(kth, chunk), 0)) for chunk, _ in pairs]
     to_prune = sum(ties) - spare
     for (chunk, out), count in zip(pairs, ties):
         if count and to_prune <= 0:
-            out |= chunk == kth
+            out |= chunk == _at(kth, chunk)
         elif count and to_prune < count:
-            equal = chunk == kth
+            equal = chunk == _at(kth, chunk)
             out |= equal & (equal.cumsum(0) > to_prune)
         to_prune -= count
 
@@ -375,16 +397,12 @@ def per_layer(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def select_global(scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
-    """One threshold across layers: ``floor(total * sparsity)`` lowest scores pruned, wherever they are."""
-    names = list(scores)
-    flat = torch.cat([scores[n].reshape(-1).float().cpu() for n in names])
-    keep = _prune_lowest_flat(flat, int(flat.numel() * sparsity))
-    out, start = {}, 0
-    for n in names:
-        size = scores[n].numel()
-        out[n] = keep[start : start + size].reshape(scores[n].shape).to(scores[n].device)
-        start += size
-    return out
+    """One threshold across layers: ``floor(total * sparsity)`` lowest scores pruned, wherever they are, compared
+    as float32 (ties: the earlier layer, then the lower index, first). Never concatenated: no copy of them all."""
+    names, exact = list(scores), (torch.float32, torch.float16, torch.bfloat16)
+    parts = [scores[n].reshape(-1) if scores[n].dtype in exact else scores[n].reshape(-1).float() for n in names]
+    keep = _prune_lowest_parts(parts, int(sum(p.numel() for p in parts) * sparsity))
+    return {n: m.reshape(scores[n].shape) for n, m in zip(names, keep)}
 
 
 def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | None:

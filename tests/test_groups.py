@@ -56,6 +56,24 @@ def test_parse_pattern():
     assert parse_pattern("2:4") == (2, 4) and parse_pattern(None) is None
 
 
+def test_global_selection_compares_mixed_dtypes_as_float32(monkeypatch):
+    """As if every layer were cast to float32 and concatenated (the definition), without the copy: float64 scores
+    are rounded first (here into ties with the earlier layer "b"), half-precision ones are exact in float32, and
+    a 0-d float32 threshold would be rounded to half precision. Small chunks: many per layer."""
+    import prunekit.groups as groups
+
+    monkeypatch.setattr(groups, "CHUNK", 100)
+    monkeypatch.setattr(groups, "SAMPLE", 50)
+    gen = torch.Generator().manual_seed(16)
+    base = torch.randn(3, 30, 40, generator=gen).abs()
+    scores = {"a": base[0].half(), "b": base[1], "c": base[1].double() - 1e-12, "d": base[0].round().bfloat16()}
+    flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
+    for sparsity in (0.2, 0.5, 0.8):
+        expected = _stable_sort_mask(flat, int(flat.numel() * sparsity), 0).split(1200)
+        masks = select_global(scores, sparsity)
+        assert all(torch.equal(masks[n], e.reshape(30, 40)) for n, e in zip(scores, expected)), sparsity
+
+
 def test_global_threshold_across_layers():
     scores = {"a": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([[5.0, 6.0, 7.0, 8.0]])}
     masks = select_global(scores, 0.5)
@@ -127,7 +145,7 @@ def chunking(request, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["continuous", "rounded", "inf", "constant", "periodic"])
-@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (7, 13), (33, 20), (4, 64), (40, 64)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (7, 13), (33, 20), (4, 64), (24, 40)])
 def test_fast_selection_equals_a_stable_sort(kind, shape, chunking):
     from prunekit.groups import _prune_lowest_flat, _prune_lowest_slices
 
@@ -293,10 +311,10 @@ def test_flat_selection_in_bounded_memory_when_the_bracket_is_crowded_or_missed(
         scores.fill_(2.0)
     if case == "missed-bracket":
         scores = torch.randn(300, 200, generator=gen)
-        monkeypatch.setattr(groups, "_bracket_flat", lambda flat, k: (flat.max(), flat.max()))
+        monkeypatch.setattr(groups, "_bracket_flat", lambda parts, k, dtype: (parts[0].max(), parts[0].max()))
     flat, ordered = scores.reshape(-1), scores.reshape(-1).sort().values
     for k in (1, 12345, flat.numel() // 2, flat.numel() - 1):
-        kth, at_most = groups._kth_smallest(flat, k)
+        kth, at_most = groups._kth_smallest([flat], k)
         assert kth == ordered[k - 1] and at_most == int((flat <= kth).sum()), k
         assert torch.equal(groups._prune_lowest_flat(flat, k), _stable_sort_mask(flat, k, 0)), k
 
