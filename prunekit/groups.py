@@ -136,11 +136,12 @@ def _candidates(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bufs: tuple
     bits = bits[: -(-x.numel() // 8) * 8]  # whole int64 words: the tail stays False
     bits[x.numel() :].zero_()
     marks = torch.gt(upto[1], upto[0], out=bits[: x.numel()].view(x.shape))  # lo <= x <= hi
-    crowded = inside > max(CANDIDATES_MIN, x.shape[1] // 8)
-    if crowded.any():
-        marks.masked_fill_(crowded, False)
-        inside.masked_fill_(crowded, 0)
-    return below.flatten().long(), inside.flatten().long(), _marked(bits)
+    below, inside = below.flatten().long(), inside.flatten().long()
+    crowded = (inside > max(CANDIDATES_MIN, x.shape[1] // 8)).nonzero().squeeze(1)
+    if crowded.numel():
+        marks[crowded // x.shape[2], :, crowded % x.shape[2]] = False
+        inside[crowded] = 0
+    return below, inside, _marked(bits)
 
 
 def _sorted_keys(values: torch.Tensor, slice_id: torch.Tensor, signed: bool) -> torch.Tensor:
