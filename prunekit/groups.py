@@ -93,7 +93,7 @@ def _rank_guess(scores: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, t
     a strided sample of about ``SLICE_SAMPLE`` scores from every slice."""
     n = scores.shape[dim]
     step = max(1, n // SLICE_SAMPLE)
-    s = (scores[:, ::step] if dim else scores[::step].T).sort(1).values
+    s = (scores[:, ::step] if dim else scores[::step].T).sort(1).values.float()  # no half-precision slopes
     m = s.shape[1]
     j = min(m - 1, max(0, round(k * m / n - 0.5)))
     lo, hi = max(0, j - 6), min(m - 1, j + 6)
@@ -161,14 +161,18 @@ def _key_values(keys: torch.Tensor, signed: bool) -> torch.Tensor:
 
 
 def _batches(inside: torch.Tensor, block: int) -> list[tuple[int, int]]:
-    """Runs ``[first, last)`` of slices, whole blocks of ``block``, holding about ``BATCH`` candidates each."""
+    """Runs ``[first, last)`` of slices, whole blocks of ``block``, holding about ``BATCH`` candidates each on
+    the CPU (one run elsewhere: the batching only dodges CPU thread waits)."""
     ends = inside.cumsum(0)
-    marks = torch.arange(1, max(1, -(-int(ends[-1]) // BATCH)), device=ends.device) * BATCH
+    size = BATCH if inside.device.type == "cpu" else max(1, int(ends[-1]))
+    marks = torch.arange(1, max(1, -(-int(ends[-1]) // size)), device=ends.device) * size
     edges = sorted({0, len(inside), *(c - c % block for c in torch.searchsorted(ends, marks).tolist())})
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _kth_of_candidates(x: torch.Tensor, k: int, below, inside, at, signed: bool):
+def _kth_of_candidates(
+    x: torch.Tensor, k: int, below: torch.Tensor, inside: torch.Tensor, at: torch.Tensor, signed: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per slice of a chunk: the k-th smallest, whether the bracket held it (ranks ``k`` and ``k + 1`` both
     inside) and whether it surely separates (held, and the two differ). Candidates are sorted ``BATCH`` at a
     time: torch runs ops that small on one thread, and on a loaded machine every parallel op waits ~10 ms for
@@ -286,13 +290,17 @@ def _bracket_flat(parts: list[torch.Tensor], k: int, dtype: torch.dtype) -> tupl
     return lo, hi
 
 
+def _buffers(chunks: list[torch.Tensor], count: int) -> dict[torch.device, torch.Tensor]:
+    """``count`` float32 rows as long as the longest chunk, one set per device the chunks live on."""
+    size = max(c.numel() for c in chunks)
+    return {c.device: torch.empty(count, size, device=c.device) for c in chunks}
+
+
 def _flat_candidates(chunks: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor):
     """One pass: how many scores lie below ``lo``, how many in ``[lo, hi]``, and those (index order, on the CPU),
     or ``None`` when ``lo == hi`` (all equal: nothing to gather) or more than ``CHUNK // 16`` are."""
-    below, inside, values, gather, bufs = 0, 0, [], bool(lo < hi), {}
+    below, inside, values, gather, bufs = 0, 0, [], bool(lo < hi), _buffers(chunks, 2)
     for c in chunks:
-        if c.device not in bufs:
-            bufs[c.device] = torch.empty(2, min(CHUNK, max(c.numel() for c in chunks)), device=c.device)
         b, i = bufs[c.device][:, : c.numel()]
         n_below = int(_count_le(c, _at(lo, c), b, 0, strict=True))
         below, inside = below + n_below, inside + int(_count_le(c, _at(hi, c), i, 0)) - n_below
@@ -317,11 +325,11 @@ def _key_float(key: int, wide: bool) -> float:
 def _kth_by_bisection(chunks: list[torch.Tensor], k: int, lo: torch.Tensor, hi: torch.Tensor):
     """The k-th smallest in ``[lo, hi]`` and how many scores are ``<=`` it, by bisecting the floats between with
     counting passes (at most 32, 64 for float64): slow, but bounded memory whatever the ties."""
-    wide = lo.dtype == torch.float64
+    wide, bufs = lo.dtype == torch.float64, _buffers(chunks, 1)
 
     def at_most(key: int) -> int:
         t = torch.tensor(_key_float(key, wide), dtype=lo.dtype)
-        return sum(int(_count_le(c, _at(t, c), torch.empty(c.shape, device=c.device), 0)) for c in chunks)
+        return sum(int(_count_le(c, _at(t, c), bufs[c.device][0, : c.numel()], 0)) for c in chunks)
 
     a, b = _float_key(float(lo), wide), _float_key(float(hi), wide)
     while a < b:
