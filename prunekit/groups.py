@@ -67,11 +67,11 @@ def _count(mask: torch.Tensor, dim: int) -> torch.Tensor:
     return mask.view(torch.uint8).sum(dim, keepdim=True, dtype=torch.int32)
 
 
-def _count_le(x: torch.Tensor, t: torch.Tensor, buf: torch.Tensor, dim: int = 1, strict: bool = False) -> torch.Tensor:
-    """Per-slice count of ``x <= t`` (``x < t`` if ``strict``), keepdim, as float32 (exact below 2^24): a
-    comparison written as 0/1 into a reused float32 buffer and a float sum are both vectorized, faster on CPU
-    than bool and an integer sum."""
-    return (torch.lt if strict else torch.le)(x, t, out=buf).sum(dim, keepdim=True)
+def _count_le(x: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Per-slice count of ``x <= t`` along dim 1, keepdim, as float32 (exact below 2^24): a comparison written as
+    0/1 into a reused float32 buffer and a float sum are both vectorized, where per-slice sums of bool are not
+    (10x slower on CPU)."""
+    return torch.le(x, t, out=buf).sum(1, keepdim=True)
 
 
 def _kth_topk(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
@@ -292,23 +292,28 @@ def _bracket_flat(parts: list[torch.Tensor], k: int, dtype: torch.dtype) -> tupl
     return lo, hi
 
 
-def _buffers(chunks: list[torch.Tensor], count: int) -> dict[torch.device, torch.Tensor]:
-    """``count`` float32 rows as long as the longest chunk, one set per device the chunks live on."""
-    size = max(c.numel() for c in chunks)
-    return {c.device: torch.empty(count, size, device=c.device) for c in chunks}
+def _buffers(chunks: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+    """Two bool rows as long as the longest chunk, rounded up to whole int64 words, per device of the chunks."""
+    size = -(-max(c.numel() for c in chunks) // 8) * 8
+    return {c.device: torch.empty(2, size, dtype=torch.bool, device=c.device) for c in chunks}
 
 
 def _flat_candidates(chunks: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor):
     """One pass: how many scores lie below ``lo``, how many in ``[lo, hi]``, and those (index order, on the CPU),
-    or ``None`` when ``lo == hi`` (all equal: nothing to gather) or more than ``CHUNK // 16`` are."""
-    below, inside, values, gather, bufs = 0, 0, [], bool(lo < hi), _buffers(chunks, 2)
+    or ``None`` when ``lo == hi`` (all equal: nothing to gather) or more than ``CHUNK // 16`` are. Whole-chunk
+    counts of bool are fast (unlike per-slice ones, see ``_count_le``)."""
+    below, inside, values, gather, bufs = 0, 0, [], bool(lo < hi), _buffers(chunks)
     for c in chunks:
-        b, i = bufs[c.device][:, : c.numel()]
-        n_below = int(_count_le(c, _at(lo, c), b, 0, strict=True))
-        below, inside = below + n_below, inside + int(_count_le(c, _at(hi, c), i, 0)) - n_below
+        n = c.numel()
+        b, i = bufs[c.device][:, : -(-n // 8) * 8]
+        i[n:].zero_()  # whole words for ``_marked``
+        n_below = int(torch.lt(c, _at(lo, c), out=b[:n]).count_nonzero())
+        n_upto = int(torch.le(c, _at(hi, c), out=i[:n]).count_nonzero())
+        below, inside = below + n_below, inside + n_upto - n_below
         gather = gather and inside <= CHUNK // 16
-        if gather:
-            values.append(c.index_select(0, i.sub_(b).nonzero().squeeze(1)).to("cpu", lo.dtype))  # lo <= x <= hi
+        if gather:  # lo <= x <= hi: up to hi and not below lo
+            torch.logical_xor(i[:n], b[:n], out=i[:n])
+            values.append(c.index_select(0, _marked(i)).to("cpu", lo.dtype))
     return below, inside, torch.cat(values) if gather else None
 
 
@@ -327,11 +332,11 @@ def _key_float(key: int, wide: bool) -> float:
 def _kth_by_bisection(chunks: list[torch.Tensor], k: int, lo: torch.Tensor, hi: torch.Tensor):
     """The k-th smallest in ``[lo, hi]`` and how many scores are ``<=`` it, by bisecting the floats between with
     counting passes (at most 32, 64 for float64): slow, but bounded memory whatever the ties."""
-    wide, bufs = lo.dtype == torch.float64, _buffers(chunks, 1)
+    wide, bufs = lo.dtype == torch.float64, _buffers(chunks)
 
     def at_most(key: int) -> int:
         t = torch.tensor(_key_float(key, wide), dtype=lo.dtype)
-        return sum(int(_count_le(c, _at(t, c), bufs[c.device][0, : c.numel()], 0)) for c in chunks)
+        return sum(int(torch.le(c, _at(t, c), out=bufs[c.device][0, : c.numel()]).count_nonzero()) for c in chunks)
 
     a, b = _float_key(float(lo), wide), _float_key(float(hi), wide)
     while a < b:
