@@ -133,10 +133,10 @@ def markdown(result: dict) -> str:
         + (
             "met."
             if not missed
-            else "**not met** for " + ", ".join(missed) + ". On a loaded machine every op that torch runs on "
-            "2 threads waits for its helper thread to be scheduled (a 1M-element comparison measured 1.7-6.7 ms on "
-            "2 threads against 0.2-0.3 ms on 1 at load 3): the score is 2 such ops, a selection a few dozen, so "
-            "the load inflates the ratios; an idle machine gives lower ones."
+            else "**not met** for " + ", ".join(missed) + ". On a shared machine every op that torch runs on "
+            "2 threads can wait for its helper thread to be scheduled (a 1M-element comparison took 1.7-6.7 ms on "
+            "2 threads against 0.2-0.3 ms on 1, at load 3): the score is 2 such ops, a selection a few dozen, so "
+            "the ratios rise with the load."
         ),
     ]
     return "\n".join(lines) + "\n"

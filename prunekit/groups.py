@@ -203,9 +203,12 @@ def _chunk_thresholds(x: torch.Tensor, k: int, bufs: tuple[torch.Tensor, ...], t
     return _kth_of_candidates(x, k, *_candidates(x, lo, hi, bufs), signed=bool((lo < 0).any()))
 
 
-def _blocks(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    """A ``[n, cols]`` block of columns copied into ``buf`` as ``[cols / B, n, B]``, ``B`` adjacent columns
-    (up to 32) contiguous: a cheap strided copy, where a transposing one costs 10x more on CPU."""
+def _as_chunk(x: torch.Tensor, dim: int, buf: torch.Tensor | None) -> torch.Tensor:
+    """A chunk of rows as ``[rows, n, 1]`` (copied into ``buf`` if strided), or a ``[n, cols]`` chunk of columns
+    copied into ``buf`` as ``[cols / B, n, B]``, ``B`` adjacent columns (up to 32) contiguous: a cheap strided
+    copy, where a transposing one costs 10x more on CPU."""
+    if dim == 1:
+        return (x if x.is_contiguous() else buf[: x.numel()].view(x.shape).copy_(x)).unsqueeze(2)
     n, cols = x.shape
     block = math.gcd(cols, 32)
     return buf[: x.numel()].view(cols // block, n, block).copy_(x.view(n, cols // block, block).transpose(0, 1))
@@ -224,9 +227,9 @@ def _slice_thresholds(scores: torch.Tensor, k: int, dim: int) -> tuple[torch.Ten
         torch.empty(2 * step * n, device=scores.device),
         torch.empty(-(-step * n // 8) * 8, dtype=torch.bool, device=scores.device),
     )
-    copy = torch.empty(step * n, dtype=scores.dtype, device=scores.device) if dim == 0 else None
+    copy = None if dim and scores.is_contiguous() else torch.empty(step * n, dtype=scores.dtype, device=scores.device)
     parts = [
-        _chunk_thresholds(x.unsqueeze(2) if dim else _blocks(x, copy), k, (bufs[0][: 2 * x.numel()], bufs[1]), *g)
+        _chunk_thresholds(_as_chunk(x, dim, copy), k, (bufs[0][: 2 * x.numel()], bufs[1]), *g)
         for x, *g in zip(scores.split(step, 1 - dim), *(v.split(step) for v in _rank_guess(scores, k, dim)))
     ]
     kth, held, sure = (torch.cat(p) for p in zip(*parts))

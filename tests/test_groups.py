@@ -231,6 +231,18 @@ def test_search_matches_the_old_masks_on_continuous_layers(shape):
             assert torch.equal(select_mask(source, sparsity, "per-input"), _old(source, k_col, 0)), sparsity
 
 
+def test_strided_scores_select_like_contiguous_ones():
+    """Transposed or sliced scores (a Conv1D weight, a view): copied chunk by chunk, same masks."""
+    gen = torch.Generator().manual_seed(17)
+    scores = torch.rand(1100, 1300, generator=gen)
+    for view in (scores.T, scores[::2, ::2], scores[:, 7:1207]):
+        for group in ("per-output", "per-input", "per-layer"):
+            assert torch.equal(select_mask(view, 0.5, group), select_mask(view.contiguous(), 0.5, group)), group
+        blocks = view[:, : view.shape[1] // 4 * 4]
+        assert torch.equal(select_nm(blocks, 2, 4), select_nm(blocks.contiguous(), 2, 4))
+    assert torch.equal(select_mask(scores.T, 0.5, "per-output"), _old(scores.T, 550, 1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_other_float_dtypes_select_like_a_stable_sort(dtype):
     """Half precision scores are searched (many ties); float64 ones take ``topk``: both exact."""
