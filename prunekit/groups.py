@@ -244,7 +244,7 @@ def _prune_lowest_slices(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor
     comparison for the whole mask, and the exact tie path only where a slice's k-th equals its (k+1)-th."""
     n = scores.shape[dim]
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-    if k <= 0 or k >= n:
+    if k <= 0 or k >= n or not scores.numel():
         return keep.fill_(k <= 0)
     kth, sure = _slice_thresholds(scores, k, dim)
     torch.gt(scores, kth, out=keep)
@@ -529,7 +529,7 @@ def select_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = scores.shape
     check_nm(cols, (n, m))
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-    step = max(1, CHUNK // cols)
+    step = max(1, CHUNK // max(cols, 1))
     for start in range(0, rows, step):
         blocks, out = scores[start : start + step].reshape(-1, m), keep[start : start + step].view(-1, m)
         if m <= NM_NETWORK_MAX:

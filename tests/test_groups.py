@@ -231,6 +231,14 @@ def test_search_matches_the_old_masks_on_continuous_layers(shape):
             assert torch.equal(select_mask(source, sparsity, "per-input"), _old(source, k_col, 0)), sparsity
 
 
+@pytest.mark.parametrize("shape", [(0, 1024), (1024, 0), (0, 8)])
+def test_empty_layers(shape):
+    scores = torch.rand(shape)
+    for group in ("per-output", "per-input", "per-layer"):
+        assert select_mask(scores, 0.5, group).shape == shape
+    assert select_nm(scores, 2, 4).shape == shape if shape[1] % 4 == 0 else True
+
+
 def test_strided_scores_select_like_contiguous_ones():
     """Transposed or sliced scores (a Conv1D weight, a view): copied chunk by chunk, same masks."""
     gen = torch.Generator().manual_seed(17)
