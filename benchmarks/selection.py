@@ -2,7 +2,7 @@
 The previous selection (``kthvalue`` + tie ``cumsum`` over the whole matrix) is kept here as the baseline, and
 every new mask is checked bit-identical to it. Prints ratios; writes benchmarks/results/selection.{json,md}.
 
-    python benchmarks/selection.py [--repeats 3] [--threads 2]
+    python benchmarks/selection.py [--repeats 3] [--threads 2] [--chunk 23]
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prunekit.groups import select_mask, select_nm  # noqa: E402
+import prunekit.groups as groups  # noqa: E402
+from prunekit.groups import select_global, select_mask, select_nm  # noqa: E402
 
 SHAPES = [(11008, 4096), (4096, 11008)]
 
@@ -41,7 +42,7 @@ def old_select(scores: torch.Tensor, name: str) -> torch.Tensor:
         return old_prune_lowest(scores, cols // 2, 1)
     if name == "per-input 50%":
         return old_prune_lowest(scores, rows // 2, 0)
-    if name == "per-layer 50%":
+    if name in ("per-layer 50%", "global 50%"):  # the old select_global: this on the float32 concatenation
         return old_prune_lowest(scores.reshape(-1), scores.numel() // 2, 0).reshape(scores.shape)
     return old_prune_lowest(scores.reshape(rows, cols // 4, 4), 2, 2).reshape(rows, cols)
 
@@ -49,10 +50,12 @@ def old_select(scores: torch.Tensor, name: str) -> torch.Tensor:
 def new_select(scores: torch.Tensor, name: str) -> torch.Tensor:
     if name == "2:4":
         return select_nm(scores, 2, 4)
+    if name == "global 50%":  # the engine's cross-layer selection, here over one layer
+        return select_global({"layer": scores}, 0.5)["layer"]
     return select_mask(scores, 0.5, name.split()[0])
 
 
-SELECTIONS = ["per-output 50%", "per-layer 50%", "2:4", "per-input 50%"]
+SELECTIONS = ["per-output 50%", "per-layer 50%", "2:4", "per-input 50%", "global 50%"]
 
 
 def timed(fn) -> tuple[float, object]:
@@ -102,9 +105,11 @@ def markdown(result: dict) -> str:
     lines = [
         "# Mask selection vs the Wanda score (issue 18)",
         "",
-        f"CPU only: {result['cpu_threads']} threads, torch {result['torch']}, load average at start "
-        f"{result['loadavg_start']}, medians of {result['repeats']} interleaved runs. **No GPU figure exists**: "
-        "this machine has no GPU, and the code was not timed on CUDA.",
+        f"CPU only: {result['cpu_threads']} threads, torch {result['torch']}, medians of {result['repeats']} "
+        f"interleaved runs; load average (1, 5, 15 min) {result['loadavg_start']} at start, "
+        f"{result['loadavg_end']} at end, on {os.cpu_count()} cores; niceness {result.get('nice', 0)}; "
+        f"`CHUNK` {result.get('chunk', 1 << 22)}. "
+        "**No GPU figure exists**: this machine has no GPU, and the code was not timed on CUDA.",
         "",
         "Ratio = selection time / time of `weight.abs() * norms` on the same matrix, same run. "
         "Old = the previous `kthvalue` + tie `cumsum` selection; every new mask was checked bit-identical to it.",
@@ -117,17 +122,21 @@ def markdown(result: dict) -> str:
             f"| {r['shape'][0]}x{r['shape'][1]} | {r['selection']} | {r['score_s']:.3f} | "
             f"{r['select_s']:.3f} | {r['ratio']:.2f} | {r['old_select_s']:.3f} | {r['old_ratio']:.2f} |"
         )
-    target = [r for r in result["rows"] if r["selection"] != "per-input 50%"]
-    missed = [f"{r['selection']} {r['shape'][0]}x{r['shape'][1]} ({r['ratio']:.2f}x)" for r in target if r["ratio"] > 2]
+    missed = [
+        f"{r['selection']} {r['shape'][0]}x{r['shape'][1]} ({r['ratio']:.2f}x)"
+        for r in result["rows"]
+        if r["ratio"] > 2
+    ]
     lines += [
         "",
-        "Issue 18's target (per-output 50%, per-layer 50% and 2:4 each <= 2x the score): "
+        "Issue 18's target (every selection <= 2x the score): "
         + (
             "met."
             if not missed
-            else "**not met** for " + ", ".join(missed) + ". The machine's 2 cores were "
-            "shared with other jobs during the run, which slows the many ops of a selection more than the "
-            "two of the score; ratios from an idle machine may differ."
+            else "**not met** for " + ", ".join(missed) + ". On a shared machine every op that torch runs on "
+            "2 threads can wait for its helper thread to be scheduled (a 1M-element comparison took 1.7-6.7 ms on "
+            "2 threads against 0.2-0.3 ms on 1, at load 3): the score is 2 such ops, a selection a few dozen, so "
+            "the ratios rise with the load."
         ),
     ]
     return "\n".join(lines) + "\n"
@@ -143,12 +152,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=None, help="log2 of prunekit.groups.CHUNK (default: as shipped)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.chunk is not None:
+        groups.CHUNK = 1 << args.chunk
     result = {
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "repeats": args.repeats,
+        "nice": os.nice(0),
+        "chunk": groups.CHUNK,
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "gpu": None,
         "rows": [],
