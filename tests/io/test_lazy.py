@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,80 @@ def test_disk_activations_round_trip(tmp_path):
     acts.update(0, hidden * 2)
     assert torch.equal(acts.call(0)[0][0], hidden * 2)
     assert len(list(tmp_path.glob("hidden-*.bin"))) == 1 and acts.nbytes() == hidden.numel() * 4
+
+
+# ---------------------------------------------------------------- overlapped reading and writing (issue 18)
+
+
+@pytest.fixture(scope="module")
+def deep_source(tmp_path_factory) -> Path:
+    """Five blocks, so that reading ahead, pruning and writing behind all overlap several times."""
+    path = tmp_path_factory.mktemp("lazy-deep") / "src"
+    tiny_llama(layers=5, seed=5).save_pretrained(path, max_shard_size="20KB")
+    return path
+
+
+def _block_of(names) -> int:
+    return int(next(iter(names)).split(".")[2])
+
+
+def test_overlapped_equals_serial_and_in_memory_and_holds_at_most_three_blocks(deep_source, tokens, tmp_path):
+    from prunekit.io import lazy as lazy_module
+
+    events, load, write_block = [], lazy_module.LazyModel.load, lazy_module.StreamedBlocks._write_block
+
+    def logged_load(self, names):
+        events.append(("read", _block_of(names)))
+        return load(self, names)
+
+    def logged_write(self, index, tensors):
+        time.sleep(0.1)  # a slow disk: a read that did not wait for the write shows up out of order
+        write_block(self, index, tensors)
+        events.append(("written", index))
+
+    ref = _in_memory(deep_source, tmp_path / "ref", method="wanda", sparsity=0.5, calib=tokens)
+    serial = prune_lazy(deep_source, tmp_path / "serial", "wanda", 0.5, calib=tokens, batch_size=3, overlap=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lazy_module.LazyModel, "load", logged_load)
+        patch.setattr(lazy_module.StreamedBlocks, "_write_block", logged_write)
+        report = prune_lazy(deep_source, tmp_path / "overlap", "wanda", 0.5, calib=tokens, batch_size=3)
+    _assert_identical(ref, _state(tmp_path / "serial"))
+    _assert_identical(ref, _state(tmp_path / "overlap"))
+    assert report.layers == serial.layers and report.timings["read_s"] > 0 and report.timings["write_s"] > 0
+    assert sorted(i for kind, i in events if kind == "read") == list(range(5))
+    for k, (kind, i) in enumerate(events):  # reading block i starts only once block i-3 is written and freed
+        assert kind != "read" or ("written", i - 3) in events[:k] or i < 3
+
+
+@pytest.mark.parametrize("stage", ["read", "write"])
+def test_an_error_in_the_reader_or_writer_thread_is_raised_as_is_and_leaves_no_output(
+    deep_source, tokens, tmp_path, monkeypatch, stage
+):
+    import threading
+
+    from prunekit.io import compact
+    from prunekit.io import lazy as lazy_module
+
+    err = OSError(28, f"No space left on device (injected in the {stage} thread)")
+    calls = {"n": 0}
+
+    def failing(real):
+        def call(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise err
+            return real(*args, **kwargs)
+
+        return call
+
+    if stage == "read":
+        monkeypatch.setattr(lazy_module.LazyModel, "load", failing(lazy_module.LazyModel.load))
+    else:
+        monkeypatch.setattr(compact, "save_file", failing(compact.save_file))
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as raised:
+        prune_lazy(deep_source, out, "wanda", 0.5, calib=tokens, batch_size=3, max_shard_size="20KB")
+    assert raised.value is err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary, no lock
+    assert not [t for t in threading.enumerate() if t.name.startswith("prunekit-")]
+    prune_lazy(deep_source, out, "wanda", 0.5, calib=tokens, batch_size=3)  # the claim is free again
