@@ -239,3 +239,17 @@ def test_an_error_in_the_reader_or_writer_thread_is_raised_as_is_and_leaves_no_o
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary, no lock
     assert not [t for t in threading.enumerate() if t.name.startswith("prunekit-")]
     prune_lazy(deep_source, out, "wanda", 0.5, calib=tokens, batch_size=3)  # the claim is free again
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc")
+def test_disk_activations_map_a_file_only_while_it_is_used(tmp_path):
+    """Files kept mapped would count every page touched in the resident size: the disk would save nothing."""
+    acts = Activations("disk", torch.device("cpu"), tmp_path)
+    for j in range(3):
+        acts.append((torch.full((2, 3, 4), float(j)),), {})
+    args, _ = acts.call(1)
+    assert str(tmp_path / "hidden-000001.bin") in Path("/proc/self/maps").read_text()
+    del args
+    acts.update(2, acts.call(2)[0][0] + 1)
+    assert str(tmp_path) not in Path("/proc/self/maps").read_text()
+    assert [float(acts.call(j)[0][0].mean()) for j in range(3)] == [0.0, 1.0, 3.0]
