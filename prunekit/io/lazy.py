@@ -237,8 +237,9 @@ class StreamedBlocks:
 
     def finish(self) -> None:
         """Copy the tensors outside the blocks (embeddings, norm, head) after them, and wait for every write."""
-        self._write_behind(copy_tensors, self.lazy, self.lazy.outside_names(self.prefix), self.writer)
-        wait(self.writing, self.timings, "write_wait_s")
+        names = self.lazy.outside_names(self.prefix)
+        self._write_behind(copy_tensors, self.lazy, names, self.writer, key="finish_wait_s")
+        wait(self.writing, self.timings, "finish_wait_s")
 
     def block_bytes(self) -> int:
         return block_bytes(self.lazy, self.prefix)
@@ -248,9 +249,9 @@ class StreamedBlocks:
             self.loading[index] = self.reads.submit(self.lazy.load, self.lazy.block_names(self.prefix, index))
         return self.loading[index]
 
-    def _write_behind(self, fn, *args) -> None:
+    def _write_behind(self, fn, *args, key: str = "write_wait_s") -> None:
         """Queue a write once the previous one is done: one block being written, never a backlog."""
-        wait(self.writing, self.timings, "write_wait_s")
+        wait(self.writing, self.timings, key)
         self.writing = self.writes.submit(fn, *args)
 
     def _write_block(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
