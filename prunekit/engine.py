@@ -76,12 +76,15 @@ def prune_matrix(
     updates: Sequence[Update],
     target: Target,
     mask: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one ``[rows, cols]`` float32 matrix; conv groups are pruned as the separate matmuls they are.
 
     ``mask`` is given when the mask was chosen across layers (global group); otherwise it comes from the
     method (solver) or from the method's scores within the target's comparison group.
-    Returns the new weight (zeros where pruned) and the keep mask.
+    Returns the new weight (zeros where pruned) and the keep mask. ``inplace``: the caller gives ``weight``
+    up, and the zeros are written into it (no new ``[rows, cols]`` tensor: on a 7B-sized block that is
+    ~0.8 GB of page faults fewer).
     """
     chunks = weight.split(weight.shape[0] // groups)
     group_stats = [stats.group(g) if stats is not None else None for g in range(groups)]
@@ -96,7 +99,7 @@ def prune_matrix(
         pieces = [update.update(w, m, s, target) for w, m, s in zip(chunks, masks, group_stats)]
         chunks, masks = [p[0] for p in pieces], [p[1] for p in pieces]
     mask = joined(masks)
-    return joined(chunks) * mask, mask
+    return (joined(chunks).mul_(mask) if inplace else joined(chunks) * mask), mask
 
 
 def score_matrix(weight: torch.Tensor, stats: LayerStats | None, groups: int, method: Method) -> torch.Tensor:
@@ -128,6 +131,7 @@ def prune_layers(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats
             plan.updates,
             plan.targets[name],
             global_masks.get(name),
+            inplace=True,
         )
         set_weight_matrix(module, new)
 

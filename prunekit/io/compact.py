@@ -126,11 +126,13 @@ class Checkpoint:
     ) -> dict[str, torch.Tensor]:
         """Tensors copied off the memory map now, onto ``device`` (one copy, cast included). A thread can then
         pay for the disk and the page faults ahead of time, and writing a pruned weight back is an in-place
-        copy instead of a copy-on-write fault per page of the file's private mapping."""
+        copy instead of a copy-on-write fault per page of the file's private mapping. The file is mapped for one
+        tensor at a time: mapped pages count as resident, and a whole block of them next to its copy doubled
+        the peak."""
         out = {}
         for file, group in _by_file(self.weight_map, names).items():
-            with safe_open(str(self.root / file), framework="pt") as f:
-                for name in group:
+            for name in group:
+                with safe_open(str(self.root / file), framework="pt") as f:
                     tensor = f.get_tensor(name)
                     cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
                     out[name] = tensor.to(device=device, dtype=cast, copy=True)
