@@ -1,6 +1,6 @@
 """How close lazy (block-by-block) pruning runs to this machine's floor, on a LLaMA-7B-shaped random checkpoint.
 
-    python benchmarks/hardware_limit.py [--small] [--layers N] [--skip-activations]
+    python benchmarks/hardware_limit.py [--small] [--layers N] [--sections limit activations]
 
 The floor is (a) + (b):
 
@@ -15,10 +15,11 @@ with the source evicted from the page cache and ends with its output fsynced: ti
 for the copy and the runs alike. Each run's time per block is split into its phases (read, statistics, score,
 select or solve, apply, outputs for the next block, write) by timing prunekit's own functions in the worker.
 
-A second section (``--skip-activations`` to leave it out) checks that ``--offload-activations disk`` keeps the
-resident size bounded with 128 x 2048 calibration tokens on a 2-block checkpoint, and what it costs against
-activations in RAM; ``auto``'s choice on this machine is recorded. Only block 1's layers are pruned there,
-which runs every activation path (capture, read, update, read) with two forward passes instead of three.
+A second section checks that ``--offload-activations disk`` keeps the resident size bounded with 128 x 2048
+calibration tokens on a 2-block checkpoint, and what it costs against activations in RAM; ``auto``'s choice on
+this machine is recorded. Only block 0's layers are pruned there (one forward pass over 262k tokens instead of
+three: an hour each on 2 CPU cores): the activations are written at capture and read back for the statistics,
+the disk paths an update takes too. ``--sections`` runs one section; the other keeps its earlier result.
 
 The checkpoint comes from ``benchmarks/memory.py``'s streamed generator (``--layers`` defaults to the fewest
 7B-shaped fp32 blocks that make it at least 16 GiB). Checkpoints are deleted at the end. Results:
@@ -346,7 +347,7 @@ def activation_runs(args, work: Path) -> dict:
     """128 x 2048 tokens on 2 blocks: disk vs RAM activations, and what auto picks here."""
     source, size = checkpoint(args, 2, work)
     options = dict(nsamples=args.act_nsamples, seqlen=args.act_seqlen, batch_size=args.act_batch_size)
-    options["include"] = "model.layers.1.*"
+    options["include"] = "model.layers.0.*"
     runs = {}
     for mode in ("disk", "cpu"):
         run = runs[mode] = prune_run(args, "wanda 50% per-output", source, work, offload=mode, **options)
@@ -435,9 +436,22 @@ def _phase_rows(result: dict) -> list[str]:
     return rows
 
 
-def _activation_lines(acts: dict | None) -> list[str]:
-    if acts is None:
-        return ["Activation offload section skipped (--skip-activations).", ""]
+def _where(section: dict) -> str:
+    m = section["machine"]
+    gpu = (
+        f"GPU: {m['cuda_device']} (runs on it; peak GPU memory recorded)."
+        if m["cuda_device"]
+        else "**No GPU figure exists: this machine has no CUDA device; every run is on the CPU.**"
+    )
+    return (
+        f"{m['cpus']} cores (torch threads {section['threads']}), {m['ram_total_bytes'] / GIB:.1f} GiB RAM. {gpu} "
+        "Started "
+        f"{section['started']}, load average {m['load_at_start'][0]:.2f} (a shared machine: timings move with the "
+        "load, given per run)."
+    )
+
+
+def _activation_lines(acts: dict) -> list[str]:
     rows = [
         "| activations | wall + fsync | peak RSS | RSS / checkpoint | activation writes | load (start/end) |",
         "|---|---|---|---|---|---|",
@@ -453,54 +467,57 @@ def _activation_lines(acts: dict | None) -> list[str]:
         f"## Calibration activations: {acts['tokens']} tokens on a 2-block checkpoint",
         "",
         f"Hidden states: {acts['activation_bytes'] / GIB:.2f} GiB per block boundary; checkpoint "
-        f"{acts['checkpoint_bytes'] / GIB:.2f} GiB; Wanda 50% on block 1's layers (block 0 runs for its outputs). "
-        f"`auto` picks **{acts['auto']}** on this machine now (CPU compute: `device` means RAM).",
+        f"{acts['checkpoint_bytes'] / GIB:.2f} GiB; Wanda 50% of block 0's layers (block 1 is streamed through "
+        f"unchanged), batch size {acts.get('batch_size', 8)}. {_where(acts)} `auto` picks **{acts['auto']}** on "
+        "this machine (CPU compute: `device` means RAM). Activation writes = capture and updates (disk: through "
+        "the file mappings); reads from disk happen inside the forward passes, through the mapping.",
         "",
         *rows,
         "",
-        f"Disk costs {disk['total_s'] / ram['total_s']:.2f}x the in-RAM run's time and holds "
-        f"{(ram['peak_rss_bytes'] - disk['peak_rss_bytes']) / GIB:.2f} GiB less resident memory at peak.",
+        f"Disk took {disk['total_s'] / ram['total_s']:.2f}x the in-RAM run's time and peaked "
+        f"{(ram['peak_rss_bytes'] - disk['peak_rss_bytes']) / GIB:.2f} GiB lower.",
+        "",
+    ]
+
+
+def _limit_lines(result: dict) -> list[str]:
+    shape = result["shape"]
+    slowest = max(result["runs"], key=lambda n: result["runs"][n]["total_s"])
+    return [
+        f"{result['layers']} LLaMA-shaped blocks (hidden {shape['hidden']}, intermediate {shape['intermediate']}, "
+        f"vocab {shape['vocab']}), fp32 random weights: checkpoint {result['checkpoint_bytes'] / GIB:.2f} GiB. "
+        + _where(result),
+        "",
+        result["note"],
+        "",
+        f"Floor = (a) + (b) = {result['floor']['total_s']:.1f} s. Every run starts with the source evicted from the "
+        "page cache and ends with its output fsynced. Import baseline (Python + torch + transformers + prunekit) "
+        f"{result['import_rss_bytes'] / GIB:.2f} GiB RSS.",
+        "",
+        *_ratio_rows(result),
+        "",
+        f"## Where a block's time goes (slowest: {slowest})",
+        "",
+        "Main-thread phases add up to the main thread's time per block; the read and write threads run beside it "
+        "(their busy time, overlapped). stats = forward pass with the statistics hooks; outputs = forward pass of "
+        "the pruned block for the next block's inputs (every block but the last: averaged over all); apply = the "
+        "rest of pruning a layer (finite check, mask multiply, write into the weight); count = the per-layer "
+        "sparsity report; io on main thread = waiting for the read/write threads (overlap off: the reads and "
+        "writes themselves).",
+        "",
+        *_phase_rows(result),
         "",
     ]
 
 
 def markdown(result: dict) -> str:
-    m, shape = result["machine"], result["shape"]
-    gpu = (
-        f"GPU: {m['cuda_device']} (runs on it; peak GPU memory recorded)."
-        if m["cuda_device"]
-        else "**No GPU figure exists: this machine has no CUDA device; every run is on the CPU.**"
-    )
-    slowest = max(result["runs"], key=lambda n: result["runs"][n]["total_s"])
+    limit, acts = result.get("limit"), result.get("activations")
     return "\n".join(
         [
             "# Hardware limit: lazy pruning vs a plain copy + one forward pass",
             "",
-            f"{result['layers']} LLaMA-shaped blocks (hidden {shape['hidden']}, intermediate {shape['intermediate']}, "
-            f"vocab {shape['vocab']}), fp32 random weights: checkpoint {result['checkpoint_bytes'] / GIB:.2f} GiB. "
-            f"{m['cpus']} cores (torch threads {result['threads']}), {m['ram_total_bytes'] / GIB:.1f} GiB RAM. {gpu} "
-            f"Started {result['started']}, load average {m['load_at_start'][0]:.2f} "
-            "(the machine is shared; timings move with the load, given per run).",
-            "",
-            result["note"],
-            "",
-            "Floor = (a) + (b) = "
-            f"{result['floor']['total_s']:.1f} s. Every run starts with the source evicted from the page cache and "
-            "ends with its output fsynced. Import baseline (Python + torch + transformers + prunekit) "
-            f"{result['import_rss_bytes'] / GIB:.2f} GiB RSS.",
-            "",
-            *_ratio_rows(result),
-            "",
-            f"## Where a block's time goes (slowest: {slowest})",
-            "",
-            "Main-thread phases add up to the main thread's time per block; the read and write threads run beside "
-            "it (their busy time, overlapped). stats = forward pass with the statistics hooks; outputs = forward "
-            "pass of the pruned block for the next block's inputs; apply = the rest of pruning a layer (finite "
-            "check, mask multiply, write into the weight); count = the per-layer sparsity report.",
-            "",
-            *_phase_rows(result),
-            "",
-            *_activation_lines(result.get("activations")),
+            *(_limit_lines(limit) if limit else ["(floor and method runs not run yet)", ""]),
+            *(_activation_lines(acts) if acts else ["(activation offload section not run yet)", ""]),
         ]
     )
 
@@ -530,7 +547,9 @@ def parse(argv=None):
     parser.add_argument("--small", action="store_true", help="a quick 2-block run")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--serial-run", default="wanda 2:4", help="run this method again without overlap ('' = no)")
-    parser.add_argument("--skip-activations", action="store_true")
+    parser.add_argument(
+        "--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS), help="sections to run (others kept)"
+    )
     parser.add_argument("--workdir", default="/tmp/prunekit-hardware-limit")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--worker", choices=list(WORKERS))
@@ -548,31 +567,30 @@ def main() -> None:
     if args.worker:
         return worker(args)
     args.layers = 2 if args.small else args.layers or default_layers(args)
-    work = Path(args.workdir)
+    work, results = Path(args.workdir), Path(args.results)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    previous = results / "hardware_limit.json"
+    result = json.loads(previous.read_text()) if previous.exists() else {}
     try:
-        result = run(args, work)
+        for section in args.sections:  # a section not run keeps its earlier result (its own date and load)
+            result[section] = SECTIONS[section](args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "hardware_limit.json").write_text(json.dumps(result, indent=2) + "\n")
+    previous.write_text(json.dumps(result, indent=2) + "\n")
     (results / "hardware_limit.md").write_text(markdown(result))
     print(markdown(result))
 
 
-def run(args, work: Path) -> dict:
+def limit_section(args, work: Path) -> dict:
+    """The floor and every method's lazy run on the big (or --small) checkpoint."""
     started, info = time.strftime("%Y-%m-%d %H:%M:%S"), machine()
     import_rss = spawn(args, "imports", work, work)["peak_rss_bytes"]
     source, size = checkpoint(args, args.layers, work)
     fl = floor(args, source, work)
     runs = method_runs(args, source, size, work, fl)
-    if args.layers != 2:  # the activation section generates (or, with --small, reuses) a 2-block checkpoint
-        shutil.rmtree(source)
-    acts = None if args.skip_activations else activation_runs(args, work)
-    if acts is not None:
-        acts["tokens"] = f"{args.act_nsamples} x {args.act_seqlen}"
+    shutil.rmtree(source)
     return {
         "started": started,
         "machine": info,
@@ -586,9 +604,25 @@ def run(args, work: Path) -> dict:
         "import_rss_bytes": import_rss,
         "floor": fl,
         "runs": runs,
-        "activations": acts,
         "note": note(args, info),
     }
+
+
+def activations_section(args, work: Path) -> dict:
+    started, info = time.strftime("%Y-%m-%d %H:%M:%S"), machine()
+    result = activation_runs(args, work)
+    tokens = f"{args.act_nsamples} x {args.act_seqlen}"
+    return {
+        "started": started,
+        "machine": info,
+        "threads": args.threads,
+        "tokens": tokens,
+        "batch_size": args.act_batch_size,
+        **result,
+    }
+
+
+SECTIONS = {"limit": limit_section, "activations": activations_section}
 
 
 def note(args, info: dict) -> str:
@@ -597,7 +631,7 @@ def note(args, info: dict) -> str:
     return (
         f"**Small run (--small, 2 blocks)**, not the >= 16 GiB checkpoint: the machine's load was "
         f"{info['load_at_start'][0]:.2f} at the start (the full run is for a quiet machine, load < 1.5). Peak RSS "
-        "over the checkpoint is not meaningful at this size (the import baseline alone is ~0.4x of 2.5 GiB); the "
+        "over the checkpoint is not meaningful at this size (the import baseline alone is ~0.3x of 2.5 GiB); the "
         "full run checks <= 0.25x."
     )
 
