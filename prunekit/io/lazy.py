@@ -4,9 +4,12 @@ The model is built as a skeleton whose parameters sit on the ``meta`` device (no
 outside the block list that come before block 0 (embeddings) are read to capture block 0's inputs;
 then each block is read from the memory-mapped safetensors files onto the compute device, pruned by the
 engine's one sequential loop (this module only supplies ``StreamedBlocks``: how a block arrives and
-leaves), written to its own output shard and released back to ``meta``. Norms, head and
-embeddings are copied through unchanged. The output is an ordinary sharded checkpoint, bit-identical
-to pruning the loaded model in memory and calling ``save_pretrained``.
+leaves), written to its own output shard in the dtype it is stored in (unless ``dtype`` casts it) and
+released back to ``meta``.
+Reading block ``i+1`` and writing block ``i-1`` run in two threads while block ``i`` is pruned (at most
+three blocks resident). Norms, head and embeddings are copied through unchanged. The output is an
+ordinary sharded checkpoint, bit-identical to pruning the loaded model in memory and calling
+``save_pretrained``, with or without the threads.
 
 Calibration activations (``nsamples x seqlen x hidden``) stay on the compute device when they fit,
 else in CPU memory, else in files on disk (``offload_activations``).
@@ -223,6 +226,8 @@ class StreamedBlocks:
 
     @contextmanager
     def block(self, index: int):
+        if self.writing is not None and self.writing.done():
+            self.writing.result()  # a failed write stops the run now, not one block later
         names = self.lazy.block_names(self.prefix, index)
         loaded = self._read_ahead(index)
         if self.reads.threaded and index + 1 < len(self.blocks):

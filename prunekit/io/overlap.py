@@ -16,16 +16,6 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def done(fn: Callable[..., T], *args: Any) -> Future:
-    """``fn(*args)`` run now, as a finished future (its exception kept for ``result()`` to raise)."""
-    future: Future = Future()
-    try:
-        future.set_result(fn(*args))
-    except BaseException as err:  # re-raised unchanged by future.result(), as a thread's would be
-        future.set_exception(err)
-    return future
-
-
 class Stage:
     """One worker thread (or none): jobs run in submission order; ``future.result()`` re-raises a job's
     exception, the same object, in the caller. Each job's run time is added to ``timings[key]``."""
@@ -36,9 +26,12 @@ class Stage:
         timings.setdefault(key, 0.0)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future:
-        if self.pool is None:
-            return done(self._timed, fn, *args)
-        return self.pool.submit(self._timed, fn, *args)
+        """The job's future; without a thread the job runs now and its error is raised here, at once."""
+        if self.pool is not None:
+            return self.pool.submit(self._timed, fn, *args)
+        future: Future = Future()
+        future.set_result(self._timed(fn, *args))
+        return future
 
     def close(self) -> None:
         """Drop queued jobs and wait for the running one: after this no thread touches the output."""

@@ -253,3 +253,17 @@ def test_disk_activations_map_a_file_only_while_it_is_used(tmp_path):
     acts.update(2, acts.call(2)[0][0] + 1)
     assert str(tmp_path) not in Path("/proc/self/maps").read_text()
     assert [float(acts.call(j)[0][0].mean()) for j in range(3)] == [0.0, 1.0, 3.0]
+
+
+def test_lazy_writes_in_the_checkpoints_own_dtype(tokens, tmp_path):
+    """A bfloat16 checkpoint comes out bfloat16 (statistics in float32 inside), as the in-memory path writes it."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(layers=3, seed=6).to(torch.bfloat16).save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16)
+    prunekit.prune(model, "wanda", 0.5, calib=tokens, batch_size=3)
+    model.save_pretrained(tmp_path / "ref")
+    prune_lazy(tmp_path / "src", tmp_path / "lazy", "wanda", 0.5, calib=tokens, batch_size=3)
+    got = _state(tmp_path / "lazy")
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    _assert_identical(_state(tmp_path / "ref"), got)
