@@ -108,7 +108,8 @@ class Activations:
             raise ValueError("disk offload needs a directory for the activation files")
         self.where, self.device, self.directory = where, device, directory
         self.home = device if where == "device" else torch.device("cpu")
-        self.calls: list[tuple[tuple, dict]] = []
+        self.calls: list[tuple[tuple, dict]] = []  # block 0's arguments per batch, hidden state left out
+        self.own_calls: dict[int, list[tuple[tuple, dict]]] = {}  # blocks called with other arguments than block 0
         self.hidden: list[torch.Tensor] = []
 
     def __len__(self) -> int:
@@ -122,9 +123,16 @@ class Activations:
         if self.where == "disk":
             self.update(len(self.hidden) - 1, hidden)
 
-    def call(self, j: int) -> tuple[tuple, dict]:
-        """Batch ``j``'s block arguments on the compute device."""
-        args, kwargs = self.calls[j]
+    def add_own_call(self, block: int, args: tuple, kwargs: dict) -> None:
+        """Block ``block``'s own arguments for the next batch (its hidden state left out), for a block that is not
+        called with block 0's (per-layer attention masks and rotary tables)."""
+        self.own_calls.setdefault(block, []).append(
+            (to_device(tuple(args), self.home), to_device(dict(kwargs), self.home))
+        )
+
+    def call(self, j: int, block: int = 0) -> tuple[tuple, dict]:
+        """Batch ``j``'s arguments of block ``block`` on the compute device."""
+        args, kwargs = self.own_calls.get(block, self.calls)[j]
         args, kwargs = to_device(args, self.device), to_device(kwargs, self.device)
         hidden = self._mapped(j, shared=False) if self.where == "disk" else self.hidden[j]
         return with_hidden(args, kwargs, to_device(hidden, self.device))

@@ -17,12 +17,14 @@ from . import engine
 from .allocate import ALLOCATORS, Allocator
 from .collect import LayerStats
 from .config import PruneConfig
+from .coverage import block_coverage
 from .data.calib import calibration_batches
 from .errors import PrunekitError
 from .forward import eval_mode, model_device, on_device
-from .graph import block_index, find_blocks, is_vision_model, select_layers, weight_matrix
+from .graph import find_stacks, is_vision_model, select_layers, stack_block_index, weight_matrix
 from .groups import GLOBAL, parse_pattern
 from .methods import METHODS, UPDATES, Target
+from .moe import calibrated_on, expert_report
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class PruneReport:
     metrics: dict[str, Any] = field(default_factory=dict)
     bn_recalibration: dict[str, Any] | None = None
     structure: dict[str, Any] | None = None
+    coverage: dict[str, Any] | None = None  # sparsity over every weight inside the blocks (``coverage.py``)
+    experts: dict[str, Any] | None = None  # MoE: routed tokens per expert, few-token experts, dense routers
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +109,7 @@ def plan_prune(model: nn.Module, config: PruneConfig | str | None = None, **sett
     group = resolve_group(config.group, type(method), model)
     nm = parse_pattern(config.pattern)
     layers = select_layers(model, config.include, config.exclude, config.layer_types)
+    layers = calibrated_on(layers, config.expert_tokens)
     if not layers:
         raise PrunekitError(
             "no prunable layers selected: the model has no Linear/Conv layers matching the "
@@ -115,24 +120,16 @@ def plan_prune(model: nn.Module, config: PruneConfig | str | None = None, **sett
     targets = {n: Target(config.sparsity, group, nm) for n in layers}
     device = torch.device(config.device) if config.device is not None else None
     return engine.Plan(
-        method, updates, layers, targets, _blocks(model, config, group, layers), device, needs, config.as_config()
+        method, updates, layers, targets, _stacks(model, config, group), device, needs, config.as_config()
     )
 
 
-def _blocks(model: nn.Module, config: PruneConfig, group: str, layers: Mapping[str, nn.Module]):
+def _stacks(model: nn.Module, config: PruneConfig, group: str) -> tuple:
+    """The block lists to calibrate sequentially; none for one pass (asked, or a global threshold, which needs
+    every layer's scores at once)."""
     if not config.sequential or group == GLOBAL:
-        return None
-    blocks = find_blocks(model, config.blocks)
-    if blocks is not None and any(block_index(n, blocks) is None for n in layers):
-        if config.blocks is not None:
-            outside = [n for n in layers if block_index(n, blocks) is None]
-            raise PrunekitError(
-                f"selected layers {outside[:3]} lie outside blocks={config.blocks!r}; exclude them "
-                "or calibrate in one pass (sequential=False)"
-            )
-        log.warning("some selected layers are outside the block list %r: calibrating in one pass", blocks[0])
-        return None
-    return blocks
+        return ()
+    return find_stacks(model, config.blocks)
 
 
 # ---------------------------------------------------------------- pruning
@@ -185,10 +182,14 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, token
     settings = {
         **config.settings(),
         "group": next(iter(plan.targets.values())).group,
-        "blocks": plan.blocks[0] if plan.blocks else None,
+        "blocks": ",".join(prefix for prefix, _ in plan.stacks) or None,
     }
     log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(layers), 100 * overall, timings["total_s"])
-    return PruneReport(settings, layers, overall, timings, versions(), bn_recalibration=bn)
+    coverage = block_coverage(model, plan.layers)
+    experts = expert_report(model, plan.layers, config.expert_tokens, config.expert_min_tokens)
+    return PruneReport(
+        settings, layers, overall, timings, versions(), bn_recalibration=bn, coverage=coverage, experts=experts
+    )
 
 
 def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
@@ -215,7 +216,7 @@ def allocate(
     def dense_stats() -> Mapping[str, LayerStats]:
         return engine.dense_statistics(model, batches, plan)
 
-    block_of = {n: block_index(n, plan.blocks) for n in plan.layers}
+    block_of = {n: stack_block_index(n, plan.stacks) for n in plan.layers}
     sparsities = allocator.plan(plan.layers, sparsity, block_of, dense_stats)
     return {n: replace(t, sparsity=sparsities[n]) for n, t in plan.targets.items()}
 

@@ -124,10 +124,23 @@ def print_prune_report(report: dict[str, Any]) -> None:
         console.print(structure_table(report))
     else:
         console.print(layer_table(report))
+        console.print(coverage_line(report.get("coverage") or {}))
     metrics = report.get("metrics") or {}
     if metrics:
         console.print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     console.print(f"prune time {report['timings']['total_s']:.2f}s")
+
+
+def coverage_line(coverage: dict[str, Any]) -> str:
+    """The sparsity over all block weights next to the selected layers', and what was left dense."""
+    if "block_sparsity" not in coverage:
+        return coverage.get("note", "")
+    text = (
+        f"all weights inside {', '.join(coverage['blocks'])}: {coverage['block_sparsity']:.4f} zero; "
+        f"{len(coverage['left_dense'])} tensor(s) left dense ({coverage['left_dense_params']:,} parameters, "
+        "listed in prune_report.json)"
+    )
+    return text + (f"\n[bold yellow]warning:[/] {coverage['warning']}" if "warning" in coverage else "")
 
 
 def layer_table(report: dict[str, Any]):

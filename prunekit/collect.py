@@ -1,7 +1,9 @@
 """Forward-hook collectors that stream statistics of each layer's input, in float32.
 
 Every layer is seen as a matmul over columns: token features for Linear / HF Conv1D, im2col columns
-(input channel x kernel position, one matmul per group) for convolutions. Collected per layer:
+(input channel x kernel position, one matmul per group) for convolutions, and for one expert of a fused
+MoE tensor the rows that expert computes on (``prunekit.moe``: its routed tokens, or every token with
+``expert_tokens="all"``). Collected per layer:
 
 * ``sq_sum[g, j]`` = sum over all rows of column ``j`` squared, so ``sqrt`` is Wanda's ``||X_j||_2``;
 * ``col_sum[g, j]`` = sum over all rows of column ``j`` (with ``ntokens``: the column mean, for DSnoT);
@@ -26,6 +28,7 @@ from torch import nn
 from .errors import PrunekitError
 from .forward import hooks
 from .graph import CONV_TYPES, num_groups
+from .moe import ExpertWeight, expert_hooks
 
 # Above this many im2col elements per chunk the conv input is processed a few batch items at a time.
 _CHUNK_ELEMENTS = 1 << 26
@@ -156,6 +159,11 @@ class _Collector:
             self._add_rows(x.reshape(-1, x.shape[-1]).to(self.dtype).unsqueeze(0))
         self.stats.nsamples += nsamples
 
+    def add_tokens(self, rows: torch.Tensor, nsamples: int) -> None:
+        """Input rows ``[n, cols]`` from ``nsamples`` batch items, handed over by a hook elsewhere (MoE experts)."""
+        self._add_rows(rows.to(self.dtype).unsqueeze(0))
+        self.stats.nsamples += nsamples
+
     def _add_rows(self, rows: torch.Tensor) -> None:
         """rows: ``[groups, n, cols]`` float32."""
         if self.stats is None:
@@ -195,7 +203,10 @@ def collect(
     The hooks are removed on exit, also when the forward pass raises.
     """
     collectors = {name: _Collector(m, hessian, dtype) for name, m in layers.items()}
-    with hooks(m.register_forward_hook(collectors[name]) for name, m in layers.items()):
+    experts = {name: m for name, m in layers.items() if isinstance(m, ExpertWeight)}
+    handles = [m.register_forward_hook(collectors[name]) for name, m in layers.items() if name not in experts]
+    handles += expert_hooks(experts, lambda name, rows, nsamples: collectors[name].add_tokens(rows, nsamples))
+    with hooks(handles):
         yield _StatsView(collectors)
 
 
@@ -210,6 +221,10 @@ class _StatsView(Mapping):
         if stats is None:
             raise PrunekitError(f"layer {name!r} saw no input during calibration: is it used in forward()?")
         return stats.to(torch.float32)  # accumulated in float64 when asked; methods see float32
+
+    def seen(self, name: str) -> bool:
+        """Whether layer ``name`` has received input yet."""
+        return self._collectors[name].stats is not None
 
     def __iter__(self):
         return iter(self._collectors)

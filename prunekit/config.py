@@ -19,6 +19,7 @@ from typing import Any
 from .errors import PrunekitError
 
 OFFLOAD_MODES = ("auto", "device", "cpu", "disk")
+EXPERT_TOKENS = ("routed", "all")  # which tokens calibrate a MoE expert (prunekit.moe)
 
 
 def setting(
@@ -99,6 +100,17 @@ class PruneConfig:
     stats_dtype: str = setting(
         "float32",
         "dtype statistics accumulate in: float32, or float64 for very long calibration (methods still see float32)",
+    )
+    expert_tokens: str = setting(
+        "routed",
+        "tokens that calibrate each MoE expert: routed (those the router sends it) or all (every token, for "
+        "experts that see too few); the forward pass stays routed either way",
+    )
+    expert_min_tokens: int = setting(
+        16,
+        "warn (log and report) when a MoE expert is calibrated on fewer routed tokens than this; from n tokens "
+        "a column norm is known to about 1/sqrt(2n) (18 percent at 16) and the Hessian has rank at most n",
+        type=int,
     )
     recalibrate_bn: bool | None = setting(
         None,
@@ -201,6 +213,7 @@ def check_config(config: PruneConfig) -> None:
     parse_dtype(config.dtype)
     _check_choice("offload_activations", config.offload_activations, OFFLOAD_MODES)
     _check_choice("stats_dtype", config.stats_dtype, ("float32", "float64"))
+    _check_choice("expert_tokens", config.expert_tokens, EXPERT_TOKENS)
     unknown_types = sorted(set(config.layer_types) - set(LAYER_TYPES) - {"all"})
     if unknown_types:
         raise PrunekitError(f"unknown layer type(s) {unknown_types}; choose from {', '.join(LAYER_TYPES)} or all")
@@ -215,6 +228,8 @@ def _check_counts(config: PruneConfig) -> None:
     for name in ("nsamples", "batch_size"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise PrunekitError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
+    if not isinstance(config.expert_min_tokens, int) or config.expert_min_tokens < 0:
+        raise PrunekitError(f"expert_min_tokens must be an integer >= 0, got {config.expert_min_tokens!r}")
     if config.seqlen is not None and (not isinstance(config.seqlen, int) or config.seqlen < 1):
         raise PrunekitError(f"seqlen must be a positive integer (tokens per window), got {config.seqlen!r}")
 
@@ -291,6 +306,8 @@ _UNUSED_BY_STRUCTURED = (
     "layer_types",
     "blocks",
     "recalibrate_bn",
+    "expert_tokens",
+    "expert_min_tokens",
 )
 
 

@@ -3,7 +3,12 @@
 Sequential (the published Wanda/SparseGPT protocol): capture the inputs of block 0 and the keyword
 arguments blocks need (attention mask, rotary embeddings, ...), then for each block: collect statistics
 on the dense block, prune it, re-run the calibration inputs through the pruned block and feed those
-outputs to the next block. Two parts plug into the loop:
+outputs to the next block. Every block is called with the arguments it receives in the model's own
+forward pass: when a probe shows that some blocks get other ones than block 0 (Gemma's sliding-window and
+full-attention layers: other masks and rotary tables), those are captured per block. A model with several
+block lists (an encoder and a decoder; a vision tower and a language model) is calibrated list by list in
+the order its forward pass runs them; selected layers outside every list (a multimodal projector) are
+pruned on their inputs just before the list that follows them. Two parts plug into the loop:
 
 * where activations live (``prunekit.activations.Activations``: device, CPU or disk);
 * how a block arrives (``BlockSource``): already in memory and onloaded to the compute device
@@ -33,17 +38,20 @@ from .collect import LayerStats, collect
 from .config import PruneConfig
 from .errors import PrunekitError
 from .forward import (
-    CACHE_KWARGS,
     Batch,
     StopForward,
     block_output,
+    first_sample,
     hidden_state,
     hooks,
     model_device,
     on_device,
     run_model,
+    same_value,
+    with_hidden,
+    without_cache,
 )
-from .graph import block_layers, num_groups, set_weight_matrix, weight_matrix
+from .graph import Stack, block_index, block_layers, num_groups, set_weight_matrix, weight_matrix
 from .groups import GLOBAL, select_global
 from .methods import HESSIAN, NORMS, Method, Solver, Target, Update, mask_from_scores
 
@@ -59,7 +67,7 @@ class Plan:
     updates: tuple[Update, ...]
     layers: Mapping[str, nn.Module]
     targets: Mapping[str, Target]
-    blocks: tuple[str, nn.Module] | None = None
+    stacks: tuple[Stack, ...] = ()  # block lists calibrated one block at a time; () = one pass over the model
     device: torch.device | None = None
     needs: frozenset[str] = field(default_factory=frozenset)
     config: PruneConfig = field(default_factory=PruneConfig)  # the settings the plan was resolved from
@@ -185,7 +193,7 @@ def capture_block_inputs(
     seen = []
 
     def catch(module, args, kwargs):
-        store(args, {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS})
+        store(args, without_cache(kwargs))
         seen.append(True)
         raise StopForward
 
@@ -201,6 +209,129 @@ def capture_block_inputs(
             "not on the model's forward path; name the right one (blocks=..., --blocks) or "
             "calibrate in one pass (sequential=False, --no-sequential)"
         )
+
+
+def block_call(args: tuple, kwargs: Mapping) -> tuple[tuple, dict]:
+    """A block call as stored: the hidden state left out, no KV cache."""
+    return with_hidden(args, without_cache(kwargs), None)
+
+
+@torch.no_grad()
+def record_block_calls(
+    model: nn.Module, blocks: nn.Module, batch: Batch, device: torch.device | None, run_blocks: bool, last: int = -1
+) -> list[tuple[tuple, dict]]:
+    """The arguments (hidden state left out) that blocks ``0..last`` of ``blocks`` receive when the model runs
+    ``batch`` (the forward pass stops after block ``last``).
+
+    ``run_blocks`` runs the real blocks: exact for any model, also one whose blocks hand each other more than
+    the hidden state (T5's position bias). Without it each block just passes its input on, so no block weight
+    is needed (the lazy path, whose blocks are not loaded yet); the arguments a decoder's blocks get are made
+    before its block loop, from the batch alone.
+    """
+    last = last % len(blocks)
+    calls: list = [None] * (last + 1)
+
+    def recorder(index: int):
+        def hook(module, args, kwargs):
+            calls[index] = block_call(args, kwargs)
+
+        return hook
+
+    def stop(module, args, output):
+        raise StopForward
+
+    handles = [blocks[i].register_forward_pre_hook(recorder(i), with_kwargs=True) for i in range(last + 1)]
+    handles.append(blocks[last].register_forward_hook(stop))
+    with hooks(handles), nullcontext() if run_blocks else _passthrough(blocks):
+        try:
+            run_model(model, batch, device)
+        except StopForward:
+            pass
+    if any(c is None for c in calls):
+        raise PrunekitError(
+            "not every block of the block list is reached by the forward pass; name the block list "
+            "(blocks=..., --blocks) or calibrate in one pass (sequential=False, --no-sequential)"
+        )
+    return calls
+
+
+@contextmanager
+def _passthrough(blocks: nn.Module):
+    """Each block's forward replaced by one that hands its hidden state on unchanged (hooks still run)."""
+    saved = {i: b.__dict__.get("forward") for i, b in enumerate(blocks)}
+    for b in blocks:
+        b.forward = lambda *args, **kwargs: hidden_state(args, kwargs)
+    try:
+        yield
+    finally:
+        for i, b in enumerate(blocks):
+            if saved[i] is None:
+                del b.forward
+            else:
+                b.forward = saved[i]
+
+
+def own_calls(calls: Sequence[tuple[tuple, dict]]) -> list[int]:
+    """The blocks (after block 0) whose arguments differ from block 0's."""
+    return [i for i in range(1, len(calls)) if not same_value(calls[i], calls[0])]
+
+
+@contextmanager
+def streamed_forward(model: nn.Module, lists: Sequence[nn.Module], device: torch.device | None):
+    """The whole model runnable on ``device`` while holding one block of ``lists`` there at a time: everything
+    outside the lists is moved there, each block is moved in for its own call and back after it."""
+    if device is None:
+        yield
+        return
+    home = model_device(model)
+    blocks = [b for blocks in lists for b in blocks]
+
+    def onload(module, args):
+        module.to(device)
+
+    def offload(module, args, output):
+        module.to(home)
+
+    handles = [b.register_forward_pre_hook(onload) for b in blocks] + [b.register_forward_hook(offload) for b in blocks]
+    try:
+        with _outside_on_device(model, lists, device), hooks(handles):
+            yield
+    finally:
+        for b in blocks:  # a forward ended by StopForward skips the block's offload hook
+            b.to(home)
+
+
+@torch.no_grad()
+def forward_order(model: nn.Module, stacks: Sequence[Stack], batch: Batch, device: torch.device | None) -> list[Stack]:
+    """``stacks`` in the order the model's forward pass reaches them (T5: encoder, then decoder; a VLM: vision
+    tower, then language model). A list the pass never reaches is an error: it would be calibrated on nothing."""
+    if len(stacks) < 2:
+        return list(stacks)
+    order: list[int] = []
+
+    def reached(index: int):
+        def hook(module, args, kwargs):
+            order.append(index)
+            if len(order) == len(stacks):
+                raise StopForward
+
+        return hook
+
+    handles = [
+        blocks[0].register_forward_pre_hook(reached(i), with_kwargs=True) for i, (_, blocks) in enumerate(stacks)
+    ]
+    with streamed_forward(model, [blocks for _, blocks in stacks], device), hooks(handles):
+        try:
+            run_model(model, batch, device)
+        except StopForward:
+            pass
+    missing = [stacks[i][0] for i in range(len(stacks)) if i not in order]
+    if missing:
+        raise PrunekitError(
+            f"the block list(s) {missing} are not reached by the model's forward pass on the calibration data; "
+            "name the block lists to calibrate (blocks=..., --blocks) or calibrate in one pass (--no-sequential)"
+        )
+    return [stacks[i] for i in order]
 
 
 # ---------------------------------------------------------------- how blocks arrive
@@ -221,6 +352,9 @@ class BlockSource(Protocol):
     def block_bytes(self) -> int:
         """Size of the largest block, reserved next to the activations when choosing where they live."""
 
+    def block_calls(self, model: nn.Module, batch: Batch, last: int) -> list[tuple[tuple, dict]]:
+        """The arguments blocks ``0..last`` receive for ``batch`` (``record_block_calls``)."""
+
 
 class InMemoryBlocks:
     """Blocks already in memory: the rest of the model and block ``i`` are onloaded for their turns."""
@@ -240,21 +374,31 @@ class InMemoryBlocks:
     def block_bytes(self) -> int:
         return max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in self.blocks)
 
+    def block_calls(self, model: nn.Module, batch: Batch, last: int) -> list[tuple[tuple, dict]]:
+        with streamed_forward(model, [self.blocks], self.device):
+            return record_block_calls(model, self.blocks, batch, self.device, run_blocks=True, last=last)
+
 
 @contextmanager
 def _outside_blocks_on_device(model: nn.Module, blocks: nn.Module, device: torch.device | None):
     """Everything but the block list on the compute device (embeddings, rotary tables), and block 0."""
+    with _outside_on_device(model, [blocks], device), on_device(blocks[0], device):
+        yield
+
+
+@contextmanager
+def _outside_on_device(model: nn.Module, lists: Sequence[nn.Module], device: torch.device | None):
+    """Every module outside the block ``lists`` on the compute device for the body."""
     if device is None:
         yield
         return
     home = model_device(model)
-    block_ids = {id(m) for m in blocks.modules()}
-    outside = [m for m in model.modules() if id(m) not in block_ids]
+    inside = {id(m) for blocks in lists for m in blocks.modules()}
+    outside = [m for m in model.modules() if id(m) not in inside]
     for m in outside:
         _move_own(m, device)
     try:
-        with on_device(blocks[0], device):
-            yield
+        yield
     finally:
         for m in outside:
             _move_own(m, home)
@@ -282,35 +426,46 @@ def sequential(
     step: BlockStep,
     timings: dict[str, float],
     offload_dir: str | None = None,
+    stack: Stack | None = None,
 ) -> str | None:
-    """Visit the blocks in order: statistics of block ``i``'s selected layers on its inputs, ``step(i, layers,
-    stats)`` (prune them, or only record the statistics), then the block's outputs become block ``i+1``'s
-    inputs. Returns where the activations lived (None without calibration)."""
-    prefix, blocks = plan.blocks
-    per_block = [block_layers(prefix, i, plan.layers) for i in range(len(blocks))]
+    """Visit the blocks of ``stack`` (default: the plan's only one) in order: statistics of block ``i``'s
+    selected layers on its inputs, ``step(i, layers, stats)`` (prune them, or only record the statistics), then
+    the block's outputs become block ``i+1``'s inputs. Returns where the activations lived (None without
+    calibration)."""
+    prefix, blocks = stack or plan.stacks[0]
+    tag = f"{prefix}." if len(plan.stacks) > 1 else ""  # timing keys stay unique over several stacks
+    per_block = [block_layers((prefix, blocks), i, plan.layers) for i in range(len(blocks))]
     last = max((i for i, layers in enumerate(per_block) if layers), default=-1)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="prunekit-activations-", dir=offload_dir) as scratch:
-        acts = _capture(model, blocks[0], batches, plan, source, Path(scratch)) if plan.needs else None
-        timings["capture_s"] = time.perf_counter() - start
-        bar = tqdm(source.visit(last), desc="pruning blocks", unit="block")
+        acts = _capture(model, blocks, last, batches, plan, source, Path(scratch)) if plan.needs else None
+        timings[f"{tag}capture_s"] = time.perf_counter() - start
+        bar = tqdm(source.visit(last), desc=f"pruning {prefix or 'blocks'}", unit="block")
         for i in bar:
             t0 = time.perf_counter()
             with source.block(i) as block:
                 if i <= last:
-                    step(i, per_block[i], _block_statistics(block, per_block[i], acts, plan))
+                    step(i, per_block[i], _block_statistics(block, i, per_block[i], acts, plan))
                     if acts is not None and i < last:  # only a later block with selected layers needs these
                         for j in steps(range(len(acts)), f"block {i}: outputs for the next block"):
-                            acts.update(j, run_call(block, acts.call(j)))
-            timings[f"block_{i}_s"] = time.perf_counter() - t0
-            log.info("block %d/%d: %d layers in %.2fs", i + 1, len(blocks), len(per_block[i]), timings[f"block_{i}_s"])
+                            acts.update(j, run_call(block, acts.call(j, i)))
+            timings[f"{tag}block_{i}_s"] = time.perf_counter() - t0
+            log.info(
+                "%sblock %d/%d: %d layers in %.2fs",
+                tag,
+                i + 1,
+                len(blocks),
+                len(per_block[i]),
+                time.perf_counter() - t0,
+            )
         where = acts.where if acts is not None else None
         del acts  # release the activation files' memory maps before their directory goes
     return where
 
 
-def _capture(model, first_block, batches, plan: Plan, source: BlockSource, scratch: Path) -> Activations:
-    """Block 0's inputs for every batch, straight into a store placed by size (device, CPU or disk)."""
+def _capture(model, blocks, last: int, batches, plan: Plan, source: BlockSource, scratch: Path) -> Activations:
+    """Block 0's inputs for every batch, straight into a store placed by size (device, CPU or disk), and the
+    arguments of every block that is called with other ones than block 0."""
     device = plan.device
     acts: Activations | None = None
 
@@ -325,9 +480,27 @@ def _capture(model, first_block, batches, plan: Plan, source: BlockSource, scrat
         acts.append(args, kwargs)
 
     with source.capture():
-        capture_block_inputs(model, first_block, batches, device, store)
+        capture_block_inputs(model, blocks[0], batches, device, store)
+    if last > 0 and batches:
+        _capture_own_calls(model, batches, source, acts, last)
     log.info("calibration activations: %s in %s", gib(acts.nbytes()), acts.where)
     return acts
+
+
+def _capture_own_calls(
+    model: nn.Module, batches: Sequence[Batch], source: BlockSource, acts: Activations, last: int
+) -> None:
+    """A probe on one calibration sample finds the blocks called with other arguments than block 0 (which blocks
+    differ is a property of the model, not of the data); only when there are some are every batch's calls
+    recorded for them."""
+    own = own_calls(source.block_calls(model, first_sample(batches[0]), last))
+    if not own:
+        return
+    log.info("blocks %s get other arguments than block 0 (per-layer masks / rotary tables): captured per block", own)
+    for batch in batches:
+        calls = source.block_calls(model, batch, last)
+        for i in own:
+            acts.add_own_call(i, *calls[i])
 
 
 def run_call(block: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
@@ -337,14 +510,14 @@ def run_call(block: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
 
 
 def _block_statistics(
-    block: nn.Module, layers: Mapping[str, nn.Module], acts: Activations | None, plan: Plan
+    block: nn.Module, index: int, layers: Mapping[str, nn.Module], acts: Activations | None, plan: Plan
 ) -> Mapping[str, LayerStats] | None:
-    """Input statistics of ``layers`` over every calibration batch through the dense ``block``."""
+    """Input statistics of ``layers`` over every calibration batch through the dense ``block`` (number ``index``)."""
     if acts is None or not layers:
         return None
     with plan_collect(layers, plan) as stats:
         for j in steps(range(len(acts)), "statistics"):
-            run_call(block, acts.call(j))
+            run_call(block, acts.call(j, index))
     return {name: stats[name] for name in layers}
 
 
@@ -364,25 +537,70 @@ def prune_oneshot(model: nn.Module, batches: Sequence[Batch], plan: Plan, timing
     timings["prune_s"] = time.perf_counter() - start - timings["capture_s"]
 
 
+LooseStep = Callable[[Mapping[str, nn.Module], Mapping[str, LayerStats] | None], None]
+
+
+def outside_stacks(plan: Plan) -> dict[str, nn.Module]:
+    """The selected layers outside every block list (a VLM's projector between its vision tower and its LM)."""
+    return {n: m for n, m in plan.layers.items() if all(block_index(n, stack) is None for stack in plan.stacks)}
+
+
+@torch.no_grad()
+def over_stacks(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    plan: Plan,
+    step: BlockStep,
+    loose_step: LooseStep,
+    timings: dict[str, float],
+) -> None:
+    """The sequential loop over every block list in forward order. Selected layers outside the lists get
+    ``loose_step`` with their statistics taken on the way to the next list's first block (so that list is then
+    calibrated on their pruned outputs), or, after the last list, in one pass over the model."""
+    calibrated = bool(plan.needs and batches)
+    stacks = forward_order(model, plan.stacks, batches[0], plan.device) if calibrated else list(plan.stacks)
+    loose = outside_stacks(plan)
+    for stack in stacks:
+        if loose and calibrated:
+            loose = _loose_before(model, stack, batches, plan, loose, loose_step)
+        sequential(model, batches, plan, InMemoryBlocks(model, stack[1], plan.device), step, timings, stack=stack)
+    if not loose:
+        return
+    if not calibrated:
+        loose_step(loose, None)
+        return
+    with on_device(model, plan.device), plan_collect(loose, plan) as stats:
+        for batch in batches:
+            run_model(model, batch, plan.device)
+        loose_step(loose, {n: stats[n] for n in loose})
+
+
+def _loose_before(model, stack: Stack, batches, plan: Plan, loose: dict, loose_step: LooseStep) -> dict:
+    """Hand the loose layers that run before ``stack``'s first block to ``loose_step``; return the others."""
+    with plan_collect(loose, plan) as stats, InMemoryBlocks(model, stack[1], plan.device).capture():
+        capture_block_inputs(model, stack[1][0], batches, plan.device, lambda args, kwargs: None)
+    before = {n: m for n, m in loose.items() if stats.seen(n)}
+    if before:
+        loose_step(before, {n: stats[n] for n in before})
+    return {n: m for n, m in loose.items() if n not in before}
+
+
 @torch.no_grad()
 def dense_statistics(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> dict[str, LayerStats]:
     """Norm statistics of every selected layer on the dense model (for allocation: OWL), block by block,
     through the same loop as pruning with a step that only records."""
     result: dict[str, LayerStats] = {}
     plan = replace(plan, needs=frozenset({NORMS}))
-    if plan.blocks is None:
+    if not plan.stacks:
         with on_device(model, plan.device), plan_collect(plan.layers, plan) as stats:
             for batch in batches:
                 run_model(model, batch, plan.device)
             return dict(stats)
-    sequential(
-        model,
-        batches,
-        plan,
-        InMemoryBlocks(model, plan.blocks[1], plan.device),
-        lambda i, layers, stats: result.update(stats or {}),
-        {},
-    )
+
+    def record(*args) -> None:
+        result.update(args[-1] or {})
+
+    over_stacks(model, batches, plan, record, record, {})
     return result
 
 
@@ -403,7 +621,7 @@ def blocks_are_chained(model: nn.Module, blocks: nn.Module, batch: Batch, device
         [blocks[0].register_forward_hook(out_hook), blocks[1].register_forward_pre_hook(in_hook, with_kwargs=True)]
     ):
         try:
-            with _outside_blocks_on_device(model, blocks, device), on_device(blocks[1], device):
+            with streamed_forward(model, [blocks], device):
                 run_model(model, batch, device)
         except StopForward:
             pass
@@ -417,22 +635,26 @@ def blocks_are_chained(model: nn.Module, blocks: nn.Module, batch: Batch, device
 
 
 def chained(model: nn.Module, plan: Plan, batches: Sequence[Batch]) -> Plan:
-    """The plan itself, or one calibrating in a single pass when its blocks turn out to be parallel branches."""
-    if plan.blocks is None or not plan.needs or not batches:
+    """The plan itself, or one calibrating in a single pass when a block list turns out to be parallel branches."""
+    if not plan.stacks or not plan.needs or not batches:
         return plan
-    if blocks_are_chained(model, plan.blocks[1], batches[0], plan.device):
-        return plan
-    log.warning("blocks of %r do not feed each other (parallel branches?): calibrating in one pass", plan.blocks[0])
-    return replace(plan, blocks=None)
+    for prefix, blocks in plan.stacks:
+        if len(blocks) > 1 and not blocks_are_chained(model, blocks, batches[0], plan.device):
+            log.warning("blocks of %r do not feed each other (parallel branches?): calibrating in one pass", prefix)
+            return replace(plan, stacks=())
+    return plan
 
 
 def run(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> dict[str, float]:
     """Prune ``model`` in place according to ``plan``; returns timings in seconds."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    if plan.blocks is not None:
-        source = InMemoryBlocks(model, plan.blocks[1], plan.device)
-        sequential(model, batches, plan, source, lambda i, layers, stats: prune_layers(layers, stats, plan), timings)
+    if plan.stacks:
+
+        def prune(*args) -> None:
+            prune_layers(args[-2], args[-1], plan)
+
+        over_stacks(model, batches, plan, prune, prune, timings)
     else:
         prune_oneshot(model, batches, plan, timings)
     timings["total_s"] = time.perf_counter() - start

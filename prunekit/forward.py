@@ -10,6 +10,7 @@ imports none of them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -19,8 +20,18 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 Batch = torch.Tensor | Mapping[str, torch.Tensor]
-# Keyword arguments of a block call that hold a KV cache: calibration never uses one.
-CACHE_KWARGS = ("past_key_value", "past_key_values")
+# Keyword arguments of a block call that hold a KV cache (transformers 5 names it ``cache``): calibration never
+# uses one, and a cache kept with a captured call would make every later call attend to stale keys.
+CACHE_KWARGS = ("past_key_value", "past_key_values", "cache")
+
+
+def without_cache(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A block call's keyword arguments without its KV cache (by name, or any transformers ``Cache`` object)."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover
+        Cache = ()
+    return {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS and not isinstance(v, Cache)}
 
 
 class StopForward(Exception):
@@ -51,12 +62,42 @@ def model_inputs(batch: Batch, device: torch.device | None) -> tuple[tuple, dict
     return (to_device(batch, device),), {}
 
 
+def first_sample(batch: Batch) -> Batch:
+    """The first item of a calibration batch (every tensor whose leading dimension is the batch size, cut to
+    one), for probes that need the model's behaviour, not the data's."""
+    if isinstance(batch, Mapping):
+        values = list(batch.values())
+    else:
+        values = list(batch) if isinstance(batch, (tuple, list)) else [batch]
+    size = next((t.shape[0] for t in values if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+
+    def cut(value):
+        return value[:1] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size else value
+
+    if isinstance(batch, Mapping):
+        return {k: cut(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cut(v) for v in batch)
+    return cut(batch)
+
+
 def run_model(model: nn.Module, batch: Batch, device: torch.device | None = None) -> Any:
     """``model(batch)`` on ``device`` without a KV cache (calibration never generates)."""
     args, kwargs = model_inputs(batch, device)
-    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+    if _takes_use_cache(model):
         kwargs.setdefault("use_cache", False)
     return model(*args, **kwargs)
+
+
+def _takes_use_cache(model: nn.Module) -> bool:
+    """Whether ``model(...)`` accepts ``use_cache`` (its config says so, or its forward names it: a LLaVA's
+    top-level config has no ``use_cache``, its language model does and would build a cache)."""
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        return True
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -88,6 +129,36 @@ def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor | None) -> tuple
 def block_output(output: Any) -> torch.Tensor:
     """The hidden state a block returns (HF blocks return a tuple whose first item it is)."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two block arguments are equal: tensors by shape, dtype and values, containers item by item.
+    Two blocks given equal arguments can share one captured copy; blocks given different ones (Gemma's sliding
+    and full attention layers: different masks and rotary tables) each need their own."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        return (
+            isinstance(a, Mapping)
+            and isinstance(b, Mapping)
+            and a.keys() == b.keys()
+            and all(same_value(a[k], b[k]) for k in a)
+        )
+    try:
+        return bool(a == b)
+    except Exception:  # objects without a meaningful ==: equal only when identical (checked above)
+        return False
 
 
 # ---------------------------------------------------------------- temporary changes

@@ -1,8 +1,9 @@
 """Module-graph walker: find prunable layers and the model's repeated blocks.
 
 Every prunable layer is a matmul ``W[out, cols] @ columns``: a Linear, a HF ``Conv1D`` (weight stored
-transposed), or a convolution (im2col columns, one matmul per group). ``weight_matrix`` gives that view
-so collectors and methods never special-case layer types.
+transposed), a convolution (im2col columns, one matmul per group), or one expert's slice of a fused MoE
+experts tensor (``prunekit.moe.ExpertWeight``). ``weight_matrix`` gives that view so collectors and methods
+never special-case layer types.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import PrunekitError
+from .moe import ExpertWeight, expert_weights, gate_modules, is_fused_experts, parent_name
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ def num_groups(module: nn.Module) -> int:
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as ``[out, cols]`` (a view where possible). Conv: cols = in/groups * prod(kernel)."""
+    if isinstance(module, ExpertWeight):
+        return module.matrix()
     w = module.weight
     if isinstance(module, HFConv1D):
         return w.t()
@@ -64,19 +68,32 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     """Write a ``[out, cols]`` matrix back into the layer's own layout and dtype."""
+    if isinstance(module, ExpertWeight):
+        module.set_matrix(matrix)
+        return
     w = module.weight
     if isinstance(module, HFConv1D):
         matrix = matrix.t()
     w.copy_(matrix.reshape(w.shape).to(dtype=w.dtype, device=w.device))
 
 
-def find_layers(model: nn.Module) -> dict[str, nn.Module]:
+def find_layers(model: nn.Module) -> dict[str, nn.Module | ExpertWeight]:
     """Every prunable layer, in registration order (which is forward order for HF/timm models).
 
-    Transposed convolutions are not matmuls over im2col columns of their input; they are rejected
-    only when selected (see ``select_layers``), so a model that has them can still be walked.
+    Fused MoE experts give one ``ExpertWeight`` per (parameter, expert), and MoE routers count as the
+    Linear-layout matrices they are. Transposed convolutions are not matmuls over im2col columns of their
+    input; they are rejected only when selected (see ``select_layers``), so a model that has them can still
+    be walked.
     """
-    return {name: m for name, m in model.named_modules() if is_prunable(m)}
+    modules = dict(model.named_modules())
+    gates = gate_modules(model)
+    layers: dict[str, nn.Module | ExpertWeight] = {}
+    for name, m in modules.items():
+        if is_fused_experts(m):
+            layers.update(expert_weights(name, m, modules.get(parent_name(name))))
+        elif is_prunable(m) or name in gates:
+            layers[name] = m
+    return layers
 
 
 def _head_names(model: nn.Module, layers: dict[str, nn.Module]) -> set[str]:
@@ -117,10 +134,11 @@ def select_layers(
     keep_head: bool = True,
     keep_stem: bool = True,
 ) -> dict[str, nn.Module]:
-    """Prunable layers after the defaults (head and stem dense, Linear-like only) and name patterns.
+    """Prunable layers after the defaults (head, stem and MoE routers dense, Linear-like only) and name patterns.
 
-    ``include``/``exclude`` are fnmatch patterns on module names (``"model.layers.*.mlp.*"``); a layer
-    named by an include pattern is selected whatever its type, head or stem.
+    ``include``/``exclude`` are fnmatch patterns on module names (``"model.layers.*.mlp.*"``; experts are
+    ``<experts>.<param>.<expert>``: ``"*.experts.down_proj.*"``); a layer named by an include pattern is
+    selected whatever its type, head, stem or router.
     """
     include, exclude, layer_types = list(include or []), list(exclude or []), set(layer_types)
     unknown = layer_types - set(LAYER_TYPES) - {"all"}
@@ -130,6 +148,7 @@ def select_layers(
         layer_types = set(LAYER_TYPES)
     layers = find_layers(model)
     dense = (_head_names(model, layers) if keep_head else set()) | (_stem_names(layers) if keep_stem else set())
+    dense |= set(gate_modules(model))  # routing decides which weights run at all: kept exact by default
     chosen = {}
     for name, m in layers.items():
         if include:
@@ -147,29 +166,67 @@ def select_layers(
     return chosen
 
 
-def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList | nn.Sequential] | None:
-    """The repeated blocks to calibrate one at a time: decoder layers, ViT blocks, ConvNeXt stages.
+Stack = tuple[str, "nn.ModuleList | nn.Sequential"]  # a block list and its module path
 
-    ``path`` names the block list for models the rule below gets wrong. Generic rule: among
-    ``ModuleList``/``Sequential`` containers whose children (at least two) all share one class, take the one
-    holding the most prunable layers; it must hold at least half of the model's prunable layers (ResNet's
-    four separate ``layerN`` lists do not, so ResNets get one calibration pass).
-    """
-    if path is not None:
-        return path, named_block_list(model, path)
-    total = len(find_layers(model))
-    best, best_count = None, 0
+
+def _block_lists(model: nn.Module) -> list[tuple[Stack, int]]:
+    """The outermost ``ModuleList``/``Sequential`` containers of at least two blocks of one class (not
+    themselves layers) holding prunable layers, with their prunable layer counts; a list inside another is
+    part of the outer list's blocks."""
+    found = []
     for name, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 2:
             continue
-        if len({type(c) for c in container}) != 1:
+        if len({type(c) for c in container}) != 1 or is_prunable(container[0]):
             continue
         count = sum(len(find_layers(c)) for c in container)
-        if count > best_count:
-            best, best_count = (name, container), count
-    if best is None or best_count * 2 < total:
+        if count:
+            found.append(((name, container), count))
+    return [item for item in found if not any(_inside(item[0][0], other[0][0]) for other in found)]
+
+
+def _inside(name: str, outer: str) -> bool:
+    return name != outer and (outer == "" or name.startswith(f"{outer}."))
+
+
+def _uniform(blocks: nn.Module) -> bool:
+    """Whether every block holds the same prunable layers (names and shapes): repeated blocks of one stack,
+    not stages that change width (ResNet's ``layerN``, whose first block downsamples)."""
+    shapes = [{n: tuple(m.weight.shape) for n, m in find_layers(b).items()} for b in blocks]
+    return all(s == shapes[0] for s in shapes[1:])
+
+
+def find_stacks(model: nn.Module, path: str | None = None) -> tuple[Stack, ...]:
+    """The block lists to calibrate one block at a time: one for a decoder-only LM or a ViT, two for an
+    encoder-decoder (encoder, decoder) or a vision-language model (vision tower, language model).
+
+    ``path`` names them (comma-separated) for models the rule gets wrong. Generic rule: the list holding the
+    most prunable layers, plus every other outermost list of repeated identical blocks; together they must
+    hold at least half of the model's prunable layers, else there are none (ResNet's ``layerN`` stages change
+    width and hold a quarter each: one calibration pass). Returned in registration order; the engine runs them
+    in the order the model's forward pass reaches them.
+    """
+    if path is not None:
+        return tuple((p.strip(), named_block_list(model, p.strip())) for p in path.split(",") if p.strip())
+    lists = _block_lists(model)
+    if not lists:
+        return ()
+    best = max(lists, key=lambda item: item[1])
+    chosen = [item for item in lists if item is best or _uniform(item[0][1])]
+    if 2 * sum(count for _, count in chosen) < len(find_layers(model)):
+        return ()
+    return tuple(stack for stack, _ in chosen)
+
+
+def find_blocks(model: nn.Module, path: str | None = None) -> Stack | None:
+    """The main block list (the one holding the most prunable layers): decoder layers, ViT blocks, ConvNeXt
+    stages. Structured methods that remove or reshape blocks work on it."""
+    if path is not None:
+        return path, named_block_list(model, path)
+    stacks = find_stacks(model)
+    if not stacks:
         return None
-    return best
+    return max(stacks, key=lambda stack: sum(len(find_layers(b)) for b in stack[1]))
 
 
 def named_block_list(model: nn.Module, path: str) -> nn.ModuleList | nn.Sequential:
@@ -187,20 +244,36 @@ def named_block_list(model: nn.Module, path: str) -> nn.ModuleList | nn.Sequenti
     return container
 
 
-def block_index(name: str, blocks: tuple[str, nn.Module] | None) -> int | None:
-    """Index of the block holding layer ``name`` in the block list ``blocks``, None when outside it."""
+def block_index(name: str, blocks: Stack | None) -> int | None:
+    """Index of the block holding layer ``name`` in the block list ``blocks``, None when outside it. Blocks are
+    found by their child names (``0``, ``1``, ... in a ModuleList; any names in a Sequential built from a dict,
+    like torchvision's RegNet ``block1``)."""
     if blocks is None:
         return None
     prefix = f"{blocks[0]}." if blocks[0] else ""
     rest = name[len(prefix) :] if name.startswith(prefix) else None
-    head = rest.split(".", 1)[0] if rest else ""
-    return int(head) if head.isdigit() else None
+    if not rest:
+        return None
+    head = rest.split(".", 1)[0]
+    children = [child for child, _ in blocks[1].named_children()]
+    return children.index(head) if head in children else None
 
 
-def block_layers(block_prefix: str, index: int, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """The selected layers that live inside block ``index`` of the block list at ``block_prefix``."""
-    stem = f"{block_prefix}.{index}." if block_prefix else f"{index}."
-    return {n: m for n, m in layers.items() if n.startswith(stem)}
+def stack_block_index(name: str, stacks: tuple[Stack, ...]) -> int | None:
+    """A number for the block holding ``name`` that is unique across ``stacks`` (blocks of the first stack,
+    then of the second, ...), None when the layer is outside every stack."""
+    offset = 0
+    for stack in stacks:
+        index = block_index(name, stack)
+        if index is not None:
+            return offset + index
+        offset += len(stack[1])
+    return None
+
+
+def block_layers(stack: Stack, index: int, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The selected layers that live inside block ``index`` of the block list ``stack``."""
+    return {n: m for n, m in layers.items() if block_index(n, stack) == index}
 
 
 # ---------------------------------------------------------------- model families

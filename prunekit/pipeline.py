@@ -6,6 +6,7 @@ anything is loaded; the recipe *is* the ``PruneConfig`` that ``prunekit.prune`` 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -17,15 +18,17 @@ from torch import nn
 
 from .api import PruneReport, prune, resolve_seqlen
 from .data.images import image_calibration
-from .data.text import load_text, random_windows, tokenize
+from .data.text import load_text, tokenize
 from .errors import PrunekitError
 from .eval.perplexity import perplexity
 from .io import load_causal_lm, load_tokenizer, save_causal_lm, write_json
 from .io.atomic import OutputClaim, claim_output
 from .io.compact import save_compact
-from .io.hf import load_config
+from .io.hf import load_config, load_hf_model
 from .io.paths import check_file_writable, check_paths, checkpoint_bytes, looks_local
 from .io.timm import is_vision_source, load_vision_model, local_path, save_vision_model
+from .jobs import Prepared, calibration_data, evaluate_prepared, evaluation_data, load_preprocessor
+from .model_classes import AUTO, resolve_model_class
 from .recipe import PruneRecipe, dump_recipe
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,11 @@ def validate(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None) 
     The outputs (``--out``, ``--json``) may not equal, contain or sit inside any input, nor each other."""
     inputs = job_inputs(recipe, recipe_path)
     check_inputs(inputs)
+    if recipe.model_class != AUTO and is_vision_source(recipe.model):
+        raise PrunekitError(
+            f"--model-class chooses how a Hugging Face checkpoint loads, but {recipe.model!r} is a timm / "
+            "torchvision image model; drop --model-class"
+        )
     check_paths({"--out": recipe.out, "--json": recipe.report_json}, inputs)
     if recipe.report_json:
         check_file_writable(recipe.report_json, "--json")
@@ -73,24 +81,22 @@ def claimed(recipe: PruneRecipe, inputs: dict[str, str | None]) -> Iterator[Outp
         yield claim
 
 
-def load_job(recipe: PruneRecipe, calibrate: bool = True) -> tuple[nn.Module, Any, Any, dict]:
-    """Model, tokenizer, calibration (when ``calibrate``) and evaluation tokens. For language models the text is
-    read, tokenised and cut into windows before the weights load, so a data problem shows in seconds."""
+def load_job(recipe: PruneRecipe, calibrate: bool = True) -> tuple[nn.Module, Any, Any, Prepared]:
+    """Model, tokenizer (or processor), calibration (when ``calibrate``) and evaluation data. For Hugging Face
+    models the class comes from config.json (or ``model_class``), and the data is read, checked and turned into
+    model inputs before the weights load, so a data problem shows in seconds."""
     if is_vision_source(recipe.model):
         model = load_vision_model(recipe.model)
-        return model, None, calibration(model, None, recipe) if calibrate else None, {}
-    tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
+        return model, None, calibration(model, None, recipe) if calibrate else None, Prepared(None)
     hf_config = load_config(recipe.model, recipe.trust_remote_code)
-    calib = None
-    if recipe.calib_data and calibrate:
-        seqlen = resolve_seqlen(recipe.seqlen, hf_config)
-        text = tokenize(tokenizer, load_text(recipe.calib_data, what="--calib-data"))
-        calib = random_windows(text, recipe.nsamples, seqlen, recipe.seed)
-    cache = {}
+    model_class = resolve_model_class(hf_config, recipe.model_class, recipe.model)
+    preprocessor = load_preprocessor(recipe, model_class)
+    calib = calibration_data(model_class, preprocessor, hf_config, recipe) if recipe.calib_data and calibrate else None
+    prepared = Prepared(model_class)
     if recipe.eval_data:
-        resolve_seqlen(recipe.eval_seqlen or recipe.seqlen, hf_config, "eval_seqlen")
-        cache["tokens"] = tokenize(tokenizer, load_text(recipe.eval_data, what="--eval-data"))
-    return load_causal_lm(recipe.model, recipe.dtype, recipe.trust_remote_code), tokenizer, calib, cache
+        prepared = evaluation_data(model_class, preprocessor, hf_config, recipe)
+    model = load_hf_model(recipe.model, model_class, recipe.dtype, recipe.trust_remote_code)
+    return model, preprocessor, calib, prepared
 
 
 def calibration(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> Any:
@@ -114,8 +120,9 @@ def prune_with_recipe(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, cal
     return prune(model, recipe, calib=calib, tokenizer=tokenizer)
 
 
-def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, cache: dict) -> dict[str, float]:
-    """Perplexity (LLMs) or top-1/top-5 (image models) on ``recipe.eval_data``; ``{}`` when not asked."""
+def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, prepared: Prepared) -> dict[str, float]:
+    """The metric of the model's class on ``recipe.eval_data`` (perplexity for LLMs, top-1/top-5 for image
+    models; see ``prunekit.jobs``); ``{}`` when not asked."""
     if not recipe.eval_data:
         return {}
     if tokenizer is None:
@@ -130,10 +137,7 @@ def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, cache: dict)
             skip_bad_images=recipe.skip_bad_images,
         )
         return {k: result[k] for k in ("top1", "top5", "loss") if k in result}
-    if "tokens" not in cache:
-        cache["tokens"] = tokenize(tokenizer, load_text(recipe.eval_data))
-    seqlen = resolve_seqlen(recipe.eval_seqlen or recipe.seqlen, model, "eval_seqlen")
-    return {"ppl": perplexity(model, cache["tokens"], seqlen, recipe.eval_batch_size, device=recipe.device)}
+    return evaluate_prepared(model, prepared, recipe)
 
 
 def run_prune(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None) -> PruneReport:
@@ -142,11 +146,14 @@ def run_prune(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None)
     if recipe.lazy:
         return run_prune_lazy(recipe, inputs)
     with claimed(recipe, inputs) as claim:
-        model, tokenizer, calib, cache = load_job(recipe)
-        dense = evaluate(model, tokenizer, recipe, cache)
+        model, tokenizer, calib, prepared = load_job(recipe)
+        dense = evaluate(model, tokenizer, recipe, prepared)
         report = prune_with_recipe(model, tokenizer, recipe, calib)
         report.metrics.update({f"{k}_dense": v for k, v in dense.items()})
-        report.metrics.update(evaluate(model, tokenizer, recipe, cache))
+        report.metrics.update(evaluate(model, tokenizer, recipe, prepared))
+        if prepared.model_class is not None:
+            report.settings["model_class"] = prepared.model_class
+            recipe = dataclasses.replace(recipe, model_class=prepared.model_class)  # saved resolved
         if claim is not None:
             save_run(model, tokenizer, report, recipe, claim)
     _write_report_json(recipe, report)
@@ -178,6 +185,13 @@ def run_prune_lazy(recipe: PruneRecipe, inputs: dict[str, str | None]) -> PruneR
     """Checkpoints larger than memory: one block at a time from the safetensors files to the output shards."""
     from .io.lazy import prune_lazy
 
+    model_class = resolve_model_class(
+        load_config(recipe.model, recipe.trust_remote_code), recipe.model_class, recipe.model
+    )
+    if model_class != "causal-lm":
+        raise PrunekitError(
+            f"--lazy prunes causal LMs block by block; {recipe.model!r} loads as {model_class}: prune it without --lazy"
+        )
     tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code) if recipe.calib_data else None
     report = prune_lazy(
         recipe.model,

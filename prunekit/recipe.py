@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import PruneConfig, setting
 from .errors import PrunekitError
+from .model_classes import AUTO, MODEL_CLASSES, check_choice
 
 SAVE_FORMATS = ("dense", "compact")
 
@@ -29,9 +30,22 @@ class PruneRecipe(PruneConfig):
     model: str | None = setting(
         None, "local checkpoint directory or hub id; timm:NAME, local-dir:PATH, torchvision:NAME for image models"
     )
+    model_class: str = setting(
+        AUTO,
+        "how a Hugging Face checkpoint loads: auto (from architectures in its config.json) or "
+        + "; ".join(f"{name}: {row.what}" for name, row in MODEL_CLASSES.items()),
+    )
     out: str | None = setting(None, "output directory (claimed at the start, written atomically; never an input)")
-    calib_data: str | None = setting(None, "calibration text file / dataset (LLMs) or ImageFolder (image models)")
-    eval_data: str | None = setting(None, "held-out text (perplexity) or ImageFolder (top-1/top-5), before and after")
+    calib_data: str | None = setting(
+        None,
+        "calibration text file / dataset (text models), ImageFolder (image models) or image-text folder with "
+        "data.jsonl (vision-language models)",
+    )
+    eval_data: str | None = setting(
+        None,
+        "held-out data, evaluated before and after: text (perplexity; classifiers: agreement), labeled .jsonl "
+        "(classifier accuracy), ImageFolder (top-1/top-5) or image-text folder",
+    )
     eval_seqlen: int | None = setting(None, "tokens per evaluation window (default: seqlen)", type=int)
     eval_batch_size: int = setting(8, "evaluation batch size", type=int)
     num_workers: int = setting(0, "image loading workers (calibration and evaluation)", type=int)
@@ -63,6 +77,7 @@ def check_job(recipe: PruneRecipe) -> None:
     """The job's own checks (the prune settings were checked by ``PruneConfig``)."""
     if not recipe.model:
         raise PrunekitError("no model given: pass --model PATH_OR_HUB_ID (or model: in the recipe)")
+    check_choice(recipe.model_class)
     if recipe.save_format not in SAVE_FORMATS:
         raise PrunekitError(f"unknown save_format {recipe.save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
     if recipe.eval_seqlen is not None and recipe.eval_seqlen < 1:

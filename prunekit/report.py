@@ -339,8 +339,26 @@ def report_markdown(runs: Sequence[Run], metric: str | None, files: Mapping[str,
     for m in [metric] + [m for m in PRIMARY if m in present and m != metric] if metric else []:
         parts += [f"## {m}", "", pivot_table(runs, m), ""]
     parts += ["## All runs", "", runs_table(runs), ""]
+    if any(few_token_experts(r) for r in runs):
+        parts += ["## MoE experts calibrated on few tokens", "", few_tokens_table(runs), ""]
     parts += [f"![{key}]({path.name})" for key, path in files.items() if path.suffix == ".png"]
     return "\n".join(parts) + "\n"
+
+
+def few_token_experts(run: Run) -> list[Mapping[str, Any]]:
+    """The experts a run's report flagged as calibrated on fewer tokens than its ``expert_min_tokens``."""
+    return list((run.get("experts") or {}).get("few_tokens") or [])
+
+
+def few_tokens_table(runs: Sequence[Run]) -> str:
+    """One row per flagged expert: their masks rest on noisy statistics (``expert_tokens: all`` helps)."""
+    lines = ["| run | setting | experts | expert | routed tokens |", "|---|---|---|---|---|"]
+    for r in runs:
+        for row in few_token_experts(r):
+            lines.append(
+                f"| {run_label(r)} | {run_setting(r)} | {row['experts']} | {row['expert']} | {row['tokens']} |"
+            )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- docs pages from benchmark results
@@ -357,11 +375,30 @@ def build_docs(results_dir: str | Path, out_dir: str | Path, templates_dir: str 
     """Write ``out_dir/NAME.md`` for every template ``NAME.md`` (default folder ``out_dir/templates``) with its
     markers filled from ``results_dir``; returns the pages written."""
     pages = render_docs(results_dir, out_dir, templates_dir)  # every marker filled before any page is written
+    readme = Path(out_dir).resolve().parent / "README.md"
+    if readme.is_file():
+        pages[readme] = render_regions(readme.read_text(encoding="utf-8"), Path(results_dir))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for path, text in pages.items():
         path.write_text(text, encoding="utf-8")
     log.info("%d docs pages written to %s", len(pages), out_dir)
     return list(pages)
+
+
+REGION = re.compile(r"(<!-- include (\S+) -->\n)(.*?)(<!-- end include -->)", re.S)
+
+
+def render_regions(text: str, results: Path) -> str:
+    """``text`` (the README) with every region between ``<!-- include FILE.md -->`` and ``<!-- end include -->``
+    refilled from the results folder: the README's generated tables, the rest of it written by hand."""
+
+    def fill(match: re.Match) -> str:
+        path = results / match.group(2)
+        if not path.is_file():
+            raise PrunekitError(f"README.md includes {match.group(2)!r}, which is not in {results}")
+        return match.group(1) + path.read_text(encoding="utf-8") + match.group(4)
+
+    return REGION.sub(fill, text)
 
 
 def render_docs(

@@ -133,7 +133,8 @@ def test_blocks_after_the_last_pruned_one_are_not_run():
     original, reference = copy.deepcopy(model.state_dict()), copy.deepcopy(model)
     calib = torch.randint(0, 128, (4, 8))
     prunekit.prune(model, "wanda", 0.5, calib=calib, batch_size=2, exclude=["model.layers.2.*"])
-    assert calls[1] == 2 and calls[2] == 0  # 2 batches, one pass each over block 1; block 2 never
+    # 2 batches, one pass each over block 1, plus the one-sample probe for per-block arguments; block 2 never
+    assert calls[1] == 3 and calls[2] == 0
     assert calls[0] >= 4
     reference_wanda(reference, calib, 0.5)  # prunes every block; blocks 0 and 1 do not depend on block 2
     pruned, expected = model.state_dict(), reference.state_dict()
@@ -210,7 +211,7 @@ def test_pruning_an_already_sparser_model_says_so(caplog):
 def test_blocks_override_names_the_block_list(token_batch):
     model = tiny_llama()
     plan = prunekit.plan_prune(model, "wanda", blocks="model.layers")
-    assert plan.blocks[0] == "model.layers"
+    assert [prefix for prefix, _ in plan.stacks] == ["model.layers"]
     with pytest.raises(PrunekitError, match="candidates: model.layers"):
         prunekit.plan_prune(model, "wanda", blocks="model.decoder")
 
@@ -222,3 +223,13 @@ def test_save_and_load_pick_the_format(tmp_path):
     again = prunekit.load(tmp_path / "m")
     ids = torch.randint(0, 128, (1, 8))
     assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("name", ["t5", "bert", "llava"])
+def test_load_returns_the_class_the_config_names(name, tmp_path):
+    """``prunekit.load`` once loaded every Hugging Face checkpoint as a causal LM."""
+    from prunekit.testing.zoo import build
+
+    model = build(name)
+    prunekit.save(model, tmp_path)
+    assert type(prunekit.load(tmp_path)) is type(model)

@@ -9,7 +9,7 @@ import pytest
 
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
-from prunekit.report import build_docs, json_value, render_docs, render_page
+from prunekit.report import build_docs, json_value, render_docs, render_page, render_regions
 
 ROOT = Path(__file__).resolve().parents[1]
 REGENERATE = "prunekit report --docs benchmarks/results --out docs/"
@@ -26,6 +26,20 @@ def test_committed_docs_are_generated_from_the_results():
         assert path.read_text(encoding="utf-8") == text, f"docs/{path.name} is stale: run `{REGENERATE}`"
     orphans = {p.name for p in (ROOT / "docs").glob("*.md")} - {p.name for p in pages}
     assert not orphans, f"pages without a template in docs/templates: {sorted(orphans)}"
+
+
+def test_readme_tables_are_generated_from_the_results():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "<!-- include support.md -->" in readme, "the supported-architectures table is generated"
+    assert render_regions(readme, ROOT / "benchmarks" / "results") == readme, f"README.md is stale: run `{REGENERATE}`"
+
+
+def test_regions_are_refilled_and_the_rest_kept(tmp_path):
+    (tmp_path / "t.md").write_text("| a |\n")
+    text = "intro\n<!-- include t.md -->\nold table\n<!-- end include -->\noutro\n"
+    assert render_regions(text, tmp_path) == "intro\n<!-- include t.md -->\n| a |\n<!-- end include -->\noutro\n"
+    with pytest.raises(PrunekitError, match="missing.md"):
+        render_regions("<!-- include missing.md -->\n<!-- end include -->", tmp_path)
 
 
 def _typed_numbers(template: str) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -20,9 +21,11 @@ import pytest
 import torch
 
 import prunekit.pipeline as pipeline
-from prunekit.cli import main
+from prunekit.cli import demo_assets, main
 from tests.test_cli import _prune_args as args  # the CLI tests' prune command line
 from tests.test_cli import checkpoint  # noqa: F401  (module-scoped: a tiny LLaMA with tokenizer and text)
+from tests.test_cli_models import models  # noqa: F401  (module-scoped: zoo models of every class, with data)
+from tests.test_cli_models import prune_args as model_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +65,7 @@ def no_loading(monkeypatch):
         raise AssertionError("weights were loaded before the check")
 
     monkeypatch.setattr(pipeline, "load_causal_lm", refuse)
+    monkeypatch.setattr(pipeline, "load_hf_model", refuse)
     monkeypatch.setattr(pipeline, "load_vision_model", refuse)
 
 
@@ -116,6 +120,106 @@ def test_settings_fail_before_loading(checkpoint, tmp_path, capsys, no_loading, 
 def test_calibration_text_is_checked_before_the_weights_load(checkpoint, tmp_path, capsys, no_loading):  # noqa: F811
     fail(capsys, args(checkpoint, tmp_path / "o", "--nsamples", "100000"), "fewer than")
     fail(capsys, args(checkpoint, tmp_path / "o", "--seqlen", "4096"), "context of 128")
+
+
+# ---------------------------------------------------------------- model classes and their data (issue 15)
+
+
+def with_config(source: Path, folder: Path, **changes) -> Path:
+    """A copy of checkpoint ``source`` whose config.json has ``changes``."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def replace_arg(argv: list[str], flag: str, value: str) -> list[str]:
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+def test_unknown_architecture_names_it_and_the_override(models, tmp_path, capsys, no_loading):  # noqa: F811
+    odd = with_config(models / "bert", tmp_path / "odd", architectures=["BertForPoetry"])
+    line = fail(capsys, replace_arg(model_args(models, "bert", tmp_path / "o"), "--model", str(odd)), "BertForPoetry")
+    assert "--model-class" in line and not (tmp_path / "o").exists()
+    bare = with_config(models / "bert", tmp_path / "bare", architectures=None)
+    fail(capsys, replace_arg(model_args(models, "bert", tmp_path / "o"), "--model", str(bare)), "no architectures")
+
+
+def without(argv: list[str], flag: str) -> list[str]:
+    at = argv.index(flag)
+    return argv[:at] + argv[at + 2 :]
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--model-class", "seq2seq"], "cannot load; choose one of"),
+        (["--model-class", "masked"], "unknown model_class 'masked'"),
+        (["--lazy"], "--lazy prunes causal LMs"),
+    ],
+)
+def test_model_class_that_cannot_load_the_checkpoint(models, tmp_path, capsys, no_loading, extra, match):  # noqa: F811
+    argv = without(model_args(models, "bert", tmp_path / "o", *extra), "--eval-data")  # --lazy evaluates afterwards
+    fail(capsys, argv, match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_class_on_an_image_model(tmp_path, capsys, no_loading):
+    fail(capsys, ["prune", "--model", "timm:resnet18", "--model-class", "causal-lm"], "drop --model-class")
+
+
+def bad_pairs(folder: Path, lines: list[str]) -> Path:
+    folder.mkdir()
+    (folder / "data.jsonl").write_text("".join(line + "\n" for line in lines))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "calib, match",
+    [
+        ("train.txt", "is not image-text data"),
+        (['{"image": "missing.png", "text": "a"}'], "missing.png' does not exist"),
+        (['{"image": "x.png"}'], 'line 1 needs "text": a string'),
+        (["{not json"], "line 1 is not valid JSON"),
+    ],
+)
+def test_bad_image_text_data_fails_before_loading(models, tmp_path, capsys, no_loading, calib, match):  # noqa: F811
+    data = models / calib if isinstance(calib, str) else bad_pairs(tmp_path / "pairs", calib)
+    fail(capsys, replace_arg(model_args(models, "llava", tmp_path / "o"), "--calib-data", str(data)), match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_image_text_model_without_a_processor(models, tmp_path, capsys, no_loading):  # noqa: F811
+    bare = tmp_path / "llava"
+    shutil.copytree(models / "llava", bare)
+    (bare / "processor_config.json").unlink()
+    fail(capsys, replace_arg(model_args(models, "llava", tmp_path / "o"), "--model", str(bare)), "processor")
+
+
+@pytest.mark.parametrize(
+    "lines, match",
+    [
+        (['{"text": "a", "label": 7}'], "label 7 is not one of the model's 3 classes"),
+        (['{"text": "a", "label": 1}', '{"text": "b"}'], "1 of 2 lines have a"),
+        (['{"text": "a", "label": 1}', "[1, 2]"], "line 2 is a list"),
+    ],
+)
+def test_bad_labeled_data_fails_before_loading(models, tmp_path, capsys, no_loading, lines, match):  # noqa: F811
+    (tmp_path / "labels.jsonl").write_text("".join(line + "\n" for line in lines))
+    argv = replace_arg(
+        model_args(models, "bert-classifier", tmp_path / "o"), "--eval-data", str(tmp_path / "labels.jsonl")
+    )
+    fail(capsys, argv, match)
+
+
+def test_masked_lm_evaluation_needs_a_mask_token(models, tmp_path, capsys, no_loading):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    plain = tmp_path / "bert"
+    shutil.copytree(models / "bert", plain)
+    AutoTokenizer.from_pretrained(demo_assets() / "kjv-llama-5m").save_pretrained(plain)  # no mask token
+    fail(capsys, replace_arg(model_args(models, "bert", tmp_path / "o"), "--model", str(plain)), "mask token")
 
 
 # ---------------------------------------------------------------- one line, not a traceback (6-7)
@@ -235,7 +339,7 @@ SLOW_SAVE = """
 import sys, time
 from pathlib import Path
 import prunekit.pipeline as pipeline
-from prunekit.cli import main
+from prunekit.cli import demo_assets, main
 real = pipeline.save_causal_lm
 def slow(model, tokenizer, out):
     real(model, tokenizer, out)

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import PrunekitError
-from ..forward import eval_mode, model_device, on_device
+from ..forward import eval_mode, model_device, on_device, run_model
 
 
 def token_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
@@ -50,3 +50,31 @@ def perplexity(
         for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", leave=False):
             total += window_nll(model, batch.to(device)).double().sum().item()
     return math.exp(total / (windows.shape[0] * (seqlen - 1)))
+
+
+def labeled_nll(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[float, int]:
+    """Summed NLL (float64) and count of the labeled tokens (``-100`` skipped). ``shift``: position t predicts
+    label t+1 (decoders reading their own text); else position t predicts label t (masked LMs, the decoder of an
+    encoder-decoder, which is fed its targets shifted right)."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+    return float(nll.double()), int((labels != -100).sum())
+
+
+@torch.no_grad()
+def labeled_perplexity(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], shift: bool, device: str | torch.device | None = None
+) -> float:
+    """exp(mean NLL) over the ``labels`` of input batches: masked-LM pseudo-perplexity, an encoder-decoder's
+    decoder perplexity, a vision-language model's text perplexity given the image."""
+    device = torch.device(device) if device is not None else model_device(model)
+    total, count = 0.0, 0
+    with on_device(model, device), eval_mode(model):
+        for batch in tqdm(batches, desc="perplexity", unit="batch", leave=False):
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            nll, n = labeled_nll(run_model(model, inputs, device).logits, batch["labels"].to(device), shift)
+            total, count = total + nll, count + n
+    if count == 0:
+        raise PrunekitError("the evaluation data has no tokens to score; give more text")
+    return math.exp(total / count)

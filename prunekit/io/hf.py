@@ -1,5 +1,5 @@
-"""Hugging Face causal LMs: load from a local directory or hub id (no remote code unless asked), save as
-safetensors with the tokenizer."""
+"""Hugging Face models of every class prunekit prunes (``prunekit.model_classes``): load from a local directory or
+hub id (no remote code unless asked), with the tokenizer or processor; save as safetensors with them."""
 
 from __future__ import annotations
 
@@ -62,26 +62,43 @@ def _hub_cached(repo_id: str) -> bool:
 def load_causal_lm(
     source: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
 ) -> nn.Module:
-    """A HF causal LM in eval mode, from a dense checkpoint or prunekit's compact format (restored in memory,
-    so every command reads what ``prunekit prune`` writes). A truncated safetensors file or weights that do
-    not fit ``config.json`` is one ``PrunekitError`` naming the file, not a loader traceback."""
-    from transformers import AutoModelForCausalLM
+    """A HF causal LM in eval mode (``load_hf_model`` with ``causal-lm``)."""
+    return load_hf_model(source, "causal-lm", dtype, trust_remote_code)
 
+
+def auto_model(model_class: str):
+    """The ``transformers`` auto class that loads ``model_class`` (``AutoModelForCausalLM`` for ``causal-lm``)."""
+    import transformers
+
+    from ..model_classes import MODEL_CLASSES
+
+    return getattr(transformers, MODEL_CLASSES[model_class].auto_class)
+
+
+def load_hf_model(
+    source: str | os.PathLike,
+    model_class: str = "causal-lm",
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A HF model of ``model_class`` in eval mode, from a dense checkpoint or prunekit's compact format (restored
+    in memory, so every command reads what ``prunekit prune`` writes). A truncated safetensors file or weights
+    that do not fit ``config.json`` is one ``PrunekitError`` naming the file, not a loader traceback."""
     cache_only = check_model_source(source)
     local = Path(str(source)).expanduser()
     if local.is_dir() and is_compact(local):
-        return load_compact_model(local, dtype, trust_remote_code)
+        return load_compact_model(local, dtype, trust_remote_code, model_class)
     if local.is_dir():
         check_safetensors_dir(local)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_model(model_class).from_pretrained(
             str(source),
             dtype=parse_dtype(dtype) or "auto",
             trust_remote_code=trust_remote_code,
             local_files_only=cache_only,
         )
     except RuntimeError as err:
-        _raise_mismatch(local, trust_remote_code, err)
+        _raise_mismatch(local, trust_remote_code, err, model_class)
         raise
     except OSError as err:
         raise PrunekitError(
@@ -108,15 +125,15 @@ def shape_mismatches(model: nn.Module, folder: Path) -> list[str]:
     ]
 
 
-def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException) -> None:
+def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException, model_class: str) -> None:
     """After a failed load: when the weights do not fit the config, say which tensor in which file."""
     if not folder.is_dir():
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        skeleton = auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code)
     found = shape_mismatches(skeleton, folder)
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
@@ -153,25 +170,59 @@ def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):
         ) from err
 
 
+def load_processor(source: str | os.PathLike, trust_remote_code: bool = False):
+    """The checkpoint's own processor (``AutoProcessor``: image preprocessing plus tokenizer), which image-text
+    models need to turn an image and its text into inputs; one line when the checkpoint has none."""
+    from transformers import AutoProcessor
+
+    cache_only = check_model_source(source, "processor")
+    fix = "save the model's processor next to the weights (processor.save_pretrained)"
+    try:
+        processor = AutoProcessor.from_pretrained(
+            str(source), trust_remote_code=trust_remote_code, local_files_only=cache_only
+        )
+    except (OSError, ValueError, TypeError) as err:
+        raise PrunekitError(f"processor of {str(source)!r} could not be loaded ({_first_line(err)}); {fix}") from err
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise PrunekitError(
+            f"model {str(source)!r} has no image processor (preprocessor_config.json / processor_config.json), "
+            f"which image-text models calibrate with; {fix}"
+        )
+    return processor
+
+
 def save_causal_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> None:
-    """``save_pretrained`` with safetensors (and the tokenizer, when there is one) into ``out_dir``."""
+    """``save_pretrained`` with safetensors (and the tokenizer or processor, when there is one) into ``out_dir``;
+    any Hugging Face model class."""
     model.save_pretrained(str(out_dir), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
 
 
+def shared_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters that are one tensor under several names (tied embeddings and heads): a checkpoint
+    stores such a tensor once, so the other names are missing from it by design."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {name for group in names.values() if len(group) > 1 for name in group}
+
+
 def load_compact_model(
-    path: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    model_class: str = "causal-lm",
 ) -> nn.Module:
-    """A Hugging Face causal LM saved with ``--save-format compact``, restored dense in memory, so every
-    prunekit command reads what prunekit writes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A Hugging Face model saved with ``--save-format compact``, restored dense in memory, so every prunekit
+    command reads what prunekit writes."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code)
     state = load_compact(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
+    tied = set(missing) & shared_parameter_names(model)
     if set(missing) - tied or unexpected:
         raise PrunekitError(
             f"compact checkpoint {str(path)!r} does not match its config: missing "

@@ -33,7 +33,7 @@ from torch import nn
 from ..activations import memory_text, peak_memory, release_memory
 from ..api import PruneReport, calibration, layer_sparsity, plan_prune, versions
 from ..config import PruneConfig
-from ..engine import Plan, prune_layers, sequential
+from ..engine import Plan, outside_stacks, prune_layers, record_block_calls, sequential
 from ..errors import PrunekitError
 from .atomic import OutputClaim, claim_output, write_json
 from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size
@@ -268,6 +268,12 @@ class StreamedBlocks:
         release_memory()
         log.info("block %d/%d written (%s)", index + 1, len(self.blocks), memory_text(self.lazy.device))
 
+    def block_calls(self, model: nn.Module, batch, last: int) -> list[tuple[tuple, dict]]:
+        """The blocks are not loaded: each hands its input on while its arguments are recorded (a decoder makes
+        them from the batch before its block loop)."""
+        with self.capture():
+            return record_block_calls(model, self.blocks, batch, self.lazy.device, run_blocks=False, last=last)
+
 
 def copy_tensors(lazy: LazyModel, names: Sequence[str], writer) -> None:
     """Checkpoint tensors into the writer unchanged, one memory-mapped tensor at a time, then close the shard."""
@@ -340,10 +346,10 @@ def _prune_claimed(
 ) -> PruneReport:
     lazy = LazyModel.open(source, config.device, config.dtype, trust_remote_code)
     plan = replace(plan_prune(lazy.model, config), device=lazy.device)
-    if plan.blocks is None:
+    if len(plan.stacks) != 1 or outside_stacks(plan):
         raise PrunekitError(
-            "lazy pruning goes block by block, but no block list covers the selected layers; "
-            "prune in memory instead, or select only layers inside the decoder blocks"
+            "lazy pruning goes block by block through one block list, but the selected layers are not all inside "
+            "one; prune in memory instead, or select only layers inside the decoder blocks"
         )
     if tokenizer is None and isinstance(calib, (str, os.PathLike)) and plan.needs:
         from .hf import load_tokenizer
@@ -397,7 +403,7 @@ def _run(
     start = time.perf_counter()
     if lazy.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(lazy.device)
-    prefix, blocks = plan.blocks
+    prefix, blocks = plan.stacks[0]
     writer = _writer(lazy, prefix, tmp, output.save_format, output.max_shard_size)
 
     def step(i: int, layers: dict, stats) -> None:
@@ -420,5 +426,10 @@ def _report(config: PruneConfig, job: dict, rows: dict, plan: Plan, timings: dic
     zeros, total = sum(r["zeros"] for r in rows.values()), sum(r["numel"] for r in rows.values())
     for name, row in rows.items():
         row["target"] = plan.targets[name].sparsity
-    settings = {**config.settings(), **job, "group": next(iter(plan.targets.values())).group, "blocks": plan.blocks[0]}
+    settings = {
+        **config.settings(),
+        **job,
+        "group": next(iter(plan.targets.values())).group,
+        "blocks": plan.stacks[0][0],
+    }
     return PruneReport(settings, rows, zeros / max(total, 1), timings, versions(), metrics)

@@ -29,8 +29,10 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None) -> Pat
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, trust_remote_code: bool = False) -> nn.Module:
-    """A model saved by ``save`` or ``prunekit prune`` (dense or compact), in eval mode."""
-    from .hf import load_causal_lm
+    """A model saved by ``save`` or ``prunekit prune`` (dense or compact), in eval mode, as the class its config's
+    ``architectures`` names (a masked LM, a seq2seq or vision-language model, not only causal LMs)."""
+    from ..model_classes import resolve_model_class
+    from .hf import load_config, load_hf_model
     from .timm import is_vision_source, load_vision_model
 
     path = Path(path).expanduser()
@@ -38,4 +40,5 @@ def load(path: str | os.PathLike, dtype: str | None = None, trust_remote_code: b
         raise PrunekitError(f"{str(path)!r} is not a saved model directory")
     if is_vision_source(path):
         return load_vision_model(path)
-    return load_causal_lm(path, dtype, trust_remote_code)
+    model_class = resolve_model_class(load_config(path, trust_remote_code), source=str(path))
+    return load_hf_model(path, model_class, dtype, trust_remote_code)

@@ -9,6 +9,7 @@ build the old architecture and refuse the smaller checkpoint.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..forward import model_device, run_model
-from ..graph import find_blocks
+from ..graph import HFConv1D, find_blocks
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
@@ -64,23 +65,134 @@ def check_batches(batches: Sequence, method: str) -> None:
 
 
 @torch.no_grad()
-def slice_linear(linear: nn.Linear, keep: torch.Tensor, dim: int) -> None:
-    """Keep only the output rows (``dim=0``) or input columns (``dim=1``) listed in ``keep``, in place."""
+def slice_linear(linear: nn.Module, keep: torch.Tensor, dim: int) -> None:
+    """Keep only the output rows (``dim=0``) or input columns (``dim=1``) listed in ``keep``, in place.
+    ``dim`` counts in the ``[out, in]`` view, also for HF ``Conv1D``, which stores its weight transposed."""
     keep = keep.to(linear.weight.device)
+    conv1d = isinstance(linear, HFConv1D)
     grad = linear.weight.requires_grad
-    linear.weight = nn.Parameter(linear.weight.index_select(dim, keep).clone(), requires_grad=grad)
+    linear.weight = nn.Parameter(linear.weight.index_select(1 - dim if conv1d else dim, keep).clone(), grad)
     if dim == 0:
         if linear.bias is not None:
             linear.bias = nn.Parameter(linear.bias[keep].clone(), requires_grad=linear.bias.requires_grad)
-        linear.out_features = keep.numel()
+        setattr(linear, "nf" if conv1d else "out_features", keep.numel())
     else:
-        linear.in_features = keep.numel()
+        setattr(linear, "nx" if conv1d else "in_features", keep.numel())
 
 
 def hf_config(model: nn.Module):
     """The Hugging Face config of ``model``, or None for plain PyTorch / timm models."""
     config = getattr(model, "config", None)
     return config if hasattr(config, "to_dict") else None
+
+
+def arch_name(model: nn.Module) -> str:
+    """How errors name an architecture: the HF ``model_type`` (``gemma2``), else the class name."""
+    return getattr(hf_config(model), "model_type", "") or type(model).__name__
+
+
+def block_config(model: nn.Module, prefix: str):
+    """The HF config that sizes the blocks at ``prefix``: that of the nearest module above them that has one
+    (LLaVA: the language model's, which is the saved ``text_config``; T5: a stack's private copy)."""
+    found = hf_config(model)
+    parts = prefix.split(".")
+    for i in range(1, len(parts)):
+        found = hf_config(model.get_submodule(".".join(parts[:i]))) or found
+    return found
+
+
+def is_saved(model: nn.Module, config) -> bool:
+    """Whether ``config`` is what ``save_pretrained`` writes: the model's config or one of its sub-configs.
+    T5's stacks hold private copies; sizes written there would not survive a reload."""
+    root = hf_config(model)
+    return config is root or any(config is getattr(root, name, None) for name in getattr(root, "sub_configs", {}))
+
+
+def experts_module(blocks: nn.Module) -> nn.Module | None:
+    """The first mixture-of-experts layer in the blocks (a module with ``experts``), or None."""
+    return next((m for m in blocks.modules() if isinstance(getattr(m, "experts", None), nn.Module)), None)
+
+
+def check_resizable(model: nn.Module, prefix: str, blocks: nn.Module, method: str) -> None:
+    """Width and slicegpt change sizes the config holds once for all blocks. Refuse, before any work, blocks
+    with mixture-of-experts layers (fused 3-D expert tensors) and blocks sized by a config copy that is not
+    saved (T5: the other stack shares the sizes)."""
+    arch, moe = arch_name(model), experts_module(blocks)
+    if moe is not None:
+        raise PrunekitError(
+            f"{arch}: {method} does not support mixture-of-experts blocks ({type(moe).__name__}, fused expert "
+            "tensors); remove whole blocks with depth instead"
+        )
+    config = block_config(model, prefix)
+    if config is not None and not is_saved(model, config):
+        raise PrunekitError(
+            f"{arch}: {method} cannot resize {prefix}: its sizes come from a config copy that another stack shares "
+            "and save_pretrained does not write"
+        )
+
+
+# ---------------------------------------------------------------- will it reload?
+
+
+def meta_clone(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` (and its config) whose tensors are on the meta device: the structure without the
+    data, so a structural change can be rehearsed on it at no memory cost. Tied tensors stay tied."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        meta = t.to("meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def rebuilt(model: nn.Module) -> nn.Module:
+    """What ``from_pretrained`` builds from the model's config after a save / load round trip of that config,
+    on the meta device (no weights, no memory)."""
+    config = hf_config(model)
+    config = type(config).from_dict(config.to_dict())
+    with torch.device("meta"):
+        return type(model)._from_config(config)
+
+
+_IGNORED_ATTRIBUTES = ("training", "layer_idx")  # layer_idx is renumbered by depth pruning
+
+
+def _facets(module: nn.Module) -> dict[str, Any]:
+    facets: dict[str, Any] = {"class": type(module).__name__}
+    for name, t in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+        facets[name] = tuple(t.shape)
+    for key, value in vars(module).items():
+        if not key.startswith("_") and key not in _IGNORED_ATTRIBUTES and isinstance(value, (bool, int, float, str)):
+            facets[key] = value
+    return facets
+
+
+def signature(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per submodule: its class, its own tensors' shapes, and its scalar attributes (sliding window, head
+    counts, epsilons): what must agree between a pruned model and the one its config describes."""
+    return {name: _facets(m) for name, m in module.named_modules()}
+
+
+def differences(actual: nn.Module, expected: nn.Module, limit: int = 3) -> list[str]:
+    """Where two modules' signatures differ, as ``module.facet: actual != expected`` (at most ``limit``)."""
+    a, e = signature(actual), signature(expected)
+    found = []
+    for name in sorted(set(a) | set(e), key=lambda n: (n.count("."), n)):
+        fa, fe, where = a.get(name, {}), e.get(name, {}), f"{name}." if name else ""
+        found += [f"{where}{k}: {fa.get(k)} != {fe.get(k)}" for k in sorted({*fa, *fe}) if fa.get(k) != fe.get(k)]
+    return found[:limit]
+
+
+def ensure_reloadable(pruned: nn.Module, method: str) -> None:
+    """Raise unless the (rehearsed, meta) ``pruned`` model is exactly what its config describes, so that
+    ``save_pretrained`` / ``from_pretrained`` give back the same model. Models without an HF config pass."""
+    if hf_config(pruned) is None:
+        return
+    diff = differences(pruned, rebuilt(pruned))
+    if diff:
+        raise PrunekitError(
+            f"{arch_name(pruned)}: {method} would leave a model its config cannot describe, so it would not "
+            f"reload ({'; '.join(diff)})"
+        )
 
 
 def _validation_errors() -> tuple[type[Exception], ...]:
@@ -91,11 +203,10 @@ def _validation_errors() -> tuple[type[Exception], ...]:
     return ValueError, TypeError, StrictDataclassError
 
 
-def config_accepts(model: nn.Module, values: Mapping[str, Any]) -> bool:
-    """Whether the model's config class accepts ``values``: transformers validates configs when saving and
+def config_accepts(config, values: Mapping[str, Any]) -> bool:
+    """Whether ``config``'s class accepts ``values``: transformers validates configs when saving and
     loading (LlamaConfig wants ``hidden_size % num_attention_heads == 0``), so a shape it rejects is one the
-    pruned model could not be saved with. Models without an HF config accept anything."""
-    config = hf_config(model)
+    pruned model could not be saved with. Models without an HF config (None) accept anything."""
     if config is None:
         return True
     trial = copy.deepcopy(config)
@@ -109,8 +220,7 @@ def config_accepts(model: nn.Module, values: Mapping[str, Any]) -> bool:
     return True
 
 
-def set_config(model: nn.Module, values: Mapping[str, Any]) -> None:
-    config = hf_config(model)
+def set_config(config, values: Mapping[str, Any]) -> None:
     if config is not None:
         for key, value in values.items():
             setattr(config, key, value)

@@ -9,8 +9,11 @@ Importance of block ``i``, lower = removed first:
 
 All ``k`` blocks are chosen from these one-shot scores. ``k = round(ratio * n_blocks)`` and at least one when
 ``ratio > 0``, so ``ratio`` is met to the nearest block; the report gives the fraction actually removed.
-The config is kept consistent (``num_hidden_layers``, per-layer lists such as ``layer_types``, every
-attention's ``layer_idx`` for the KV cache) so ``save_pretrained`` / ``from_pretrained`` round-trip.
+The config is kept consistent (``num_hidden_layers``; per-layer lists such as ``layer_types``, lists of layer
+indices such as Qwen MoE's ``mlp_only_layers``, leading counts such as DeepSeek's ``first_k_dense_replace``;
+every attention's ``layer_idx`` for the KV cache) so ``save_pretrained`` / ``from_pretrained`` round-trip, and
+every kept block keeps its own attention type. The removal is rehearsed on a meta copy first: if the pruned
+model would differ from what its config describes (a per-layer rule we do not know), nothing is changed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -29,13 +32,44 @@ from torch import nn
 from ..errors import PrunekitError
 from ..forward import block_output, hidden_state, hooks
 from .base import ModelMethod, register_structured
-from .common import block_list, check_batches, check_ratio, count_params, forward, hf_config, input_ids, summary
+from .common import (
+    arch_name,
+    block_config,
+    block_list,
+    check_batches,
+    check_ratio,
+    count_params,
+    ensure_reloadable,
+    forward,
+    hf_config,
+    input_ids,
+    meta_clone,
+    summary,
+)
 
 log = logging.getLogger(__name__)
 
 SCORES = ("cosine", "ppl")
-# Config entries that hold one value per decoder layer and must lose the removed layers' entries.
-PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
+# Config entries that describe decoder layers by position (transformers' names), rewritten for the kept layers:
+PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type", "layer_rope_theta", "no_rope_layers")
+LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")  # indices of the layers that are special
+LEADING_COUNTS = ("first_k_dense_replace", "max_window_layers")  # the first k layers are special
+
+
+@dataclass(frozen=True)
+class DepthHint:
+    """A family whose block count is not the ``num_hidden_layers`` of a saved config (``saved_counts``: the
+    block list's first path component -> saved key), or whose ``pinned`` blocks hold weights others reuse."""
+
+    saved_counts: dict[str, str] = field(default_factory=dict)
+    pinned: tuple[int, ...] = ()
+
+
+DEPTH_HINTS: dict[str, DepthHint] = {
+    # T5's stacks size themselves from private config copies; block 0 alone holds the relative position bias
+    # that every later block of its stack reuses.
+    "t5": DepthHint({"encoder": "num_layers", "decoder": "num_decoder_layers"}, pinned=(0,)),
+}
 
 
 def blocks_to_remove(n_blocks: int, ratio: float) -> int:
@@ -84,23 +118,26 @@ def causal_nll(model: nn.Module, batches: Sequence) -> float:
 
 
 @contextmanager
-def skipping(model: nn.Module, prefix: str, drop: Sequence[int]):
-    """Temporarily run the model without the blocks in ``drop`` (no config or layer_idx changes)."""
-    parent, attr, container = _container(model, prefix)
-    setattr(parent, attr, _rebuilt(container, [b for i, b in enumerate(container) if i not in set(drop)]))
-    try:
+def skipping(blocks: Sequence[nn.Module], drop: Sequence[int]):
+    """Run the model as if blocks ``drop`` were removed: each returns its input hidden state unchanged, while
+    every other block still gets what it got before (its own mask and rotary table), as after ``remove_blocks``.
+    (Cutting the list instead would hand later blocks the attention types of earlier positions: Gemma 3.)"""
+
+    def identity(module, args, kwargs, output):
+        hidden = hidden_state(args, kwargs)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    with hooks(blocks[i].register_forward_hook(identity, with_kwargs=True) for i in drop):
         yield
-    finally:
-        setattr(parent, attr, container)
 
 
 @torch.no_grad()
-def ppl_scores(model: nn.Module, prefix: str, n_blocks: int, batches: Sequence) -> torch.Tensor:
+def ppl_scores(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence) -> torch.Tensor:
     """Increase of the calibration NLL when each block alone is skipped."""
     dense = causal_nll(model, batches)
     scores = []
-    for i in range(n_blocks):
-        with skipping(model, prefix, [i]):
+    for i in range(len(blocks)):
+        with skipping(blocks, [i]):
             scores.append(causal_nll(model, batches) - dense)
     return torch.tensor(scores)
 
@@ -126,15 +163,43 @@ def _renumber(blocks: Sequence[nn.Module]) -> None:
                 m.layer_idx = i
 
 
-def _update_config(model: nn.Module, keep: Sequence[int], n_before: int) -> None:
-    config = hf_config(model)
-    if config is None:
-        return
-    for key in PER_LAYER_CONFIG_KEYS:
+def _unroll_sparse_step(config, n_before: int) -> None:
+    """Qwen MoE: layer ``i`` is sparse when ``(i + 1) % decoder_sparse_step == 0`` and ``i`` is not in
+    ``mlp_only_layers``. Positions shift when blocks go, so the rule becomes an explicit list with step 1."""
+    step, dense = getattr(config, "decoder_sparse_step", None), getattr(config, "mlp_only_layers", None)
+    if isinstance(step, int) and step > 1 and isinstance(dense, list):
+        config.mlp_only_layers = sorted(set(dense) | {i for i in range(n_before) if (i + 1) % step})
+        config.decoder_sparse_step = 1
+
+
+def renumber_config(config, keep: Sequence[int], n_before: int) -> None:
+    """Rewrite every per-layer entry of ``config`` for the kept layers ``keep`` (old indices, in order)."""
+    new_index = {old: new for new, old in enumerate(keep)}
+    _unroll_sparse_step(config, n_before)
+    for key in PER_LAYER_LISTS:
         values = getattr(config, key, None)
         if isinstance(values, (list, tuple)) and len(values) == n_before:
             setattr(config, key, type(values)(values[i] for i in keep))
+    for key in LAYER_INDEX_LISTS:
+        values = getattr(config, key, None)
+        if isinstance(values, (list, tuple)):
+            setattr(config, key, type(values)(new_index[i] for i in values if i in new_index))
+    for key in LEADING_COUNTS:
+        count = getattr(config, key, None)
+        if isinstance(count, int) and not isinstance(count, bool):
+            setattr(config, key, sum(i < count for i in keep))
     config.num_hidden_layers = len(keep)
+
+
+def _update_config(model: nn.Module, prefix: str, keep: Sequence[int], n_before: int) -> None:
+    config = block_config(model, prefix)
+    if config is None:
+        return
+    renumber_config(config, keep, n_before)
+    hint = DEPTH_HINTS.get(arch_name(model))
+    stack = prefix.split(".")[0]
+    if hint is not None and stack in hint.saved_counts:
+        setattr(hf_config(model), hint.saved_counts[stack], len(keep))
 
 
 def remove_blocks(model: nn.Module, prefix: str, drop: Sequence[int]) -> nn.Module:
@@ -145,8 +210,32 @@ def remove_blocks(model: nn.Module, prefix: str, drop: Sequence[int]) -> nn.Modu
     kept = _rebuilt(container, [container[i] for i in keep])
     setattr(parent, attr, kept)
     _renumber(kept)
-    _update_config(model, keep, len(container))
+    _update_config(model, prefix, keep, len(container))
     return kept
+
+
+def rehearse(model: nn.Module, prefix: str, drop: Sequence[int]) -> None:
+    """Remove ``drop`` from a meta copy of the model and check the result is what its config describes, so a
+    layout we cannot keep consistent is refused before the real model is touched."""
+    clone = meta_clone(model)
+    remove_blocks(clone, prefix, drop)
+    ensure_reloadable(clone, "depth")
+
+
+def pinned_blocks(model: nn.Module) -> tuple[int, ...]:
+    hint = DEPTH_HINTS.get(arch_name(model))
+    return hint.pinned if hint is not None else ()
+
+
+def choose_drop(scores: torch.Tensor, k: int, pinned: Sequence[int] = ()) -> list[int]:
+    """The ``k`` lowest-scoring blocks (ties: the earlier), never a pinned one; sorted."""
+    ranked = [i for i in torch.argsort(scores, stable=True).tolist() if i not in pinned]
+    if k > len(ranked):
+        raise PrunekitError(
+            f"only {len(ranked)} of {len(scores)} blocks can be removed (blocks {list(pinned)} hold weights the "
+            "others reuse); lower the ratio"
+        )
+    return sorted(ranked[:k])
 
 
 @register_structured
@@ -161,19 +250,21 @@ class Depth(ModelMethod):
         if self.score not in SCORES:
             raise PrunekitError(f"unknown depth score {self.score!r}; choose from {', '.join(SCORES)}")
 
-    def block_scores(self, model: nn.Module, prefix: str, blocks: nn.Module, batches: Sequence) -> torch.Tensor:
+    def block_scores(self, model: nn.Module, blocks: nn.Module, batches: Sequence) -> torch.Tensor:
         if self.score == "cosine":
             return cosine_scores(model, list(blocks), batches)
-        return ppl_scores(model, prefix, len(blocks), batches)
+        return ppl_scores(model, list(blocks), batches)
 
     def prune_model(self, model: nn.Module, batches: list, ratio: float) -> dict:
         ratio = check_ratio(ratio)
         check_batches(batches, self.name)
         prefix, blocks = block_list(model)
-        k = blocks_to_remove(len(blocks), ratio)
+        k, pinned = blocks_to_remove(len(blocks), ratio), pinned_blocks(model)
+        rehearse(model, prefix, choose_drop(torch.arange(len(blocks), 0, -1), k, pinned))  # the last k, before any work
         before, total_before = count_params(blocks), count_params(model)
-        scores = self.block_scores(model, prefix, blocks, batches)
-        drop = sorted(torch.argsort(scores, stable=True)[:k].tolist())
+        scores = self.block_scores(model, blocks, batches)
+        drop = choose_drop(scores, k, pinned)
+        rehearse(model, prefix, drop)
         kept = remove_blocks(model, prefix, drop)
         log.info("depth (%s): removed blocks %s of %d", self.score, drop, len(blocks))
         return summary(

@@ -1,5 +1,5 @@
-"""SliceGPT-style slicing of the residual stream, with one global rotation, saved as a plain
-``LlamaForCausalLM`` whose ``hidden_size`` is smaller.
+"""SliceGPT-style slicing of the residual stream, with one global rotation, saved as a plain model of the same
+class (``LlamaForCausalLM`` ...) whose ``hidden_size`` is smaller.
 
 1. Fold every RMSNorm's scale into the Linear layers that read its output (q/k/v, gate/up, lm_head). The norms
    are then scale-free, and a scale-free RMSNorm commutes with any orthogonal ``Q``: ``RMSNorm(xQ) = RMSNorm(x) Q``
@@ -16,16 +16,22 @@
    over ``d'`` with weight ``sqrt(d/d')`` and epsilon ``eps d/d'`` computes exactly that:
    ``sqrt(d/d') x' / sqrt(||x'||^2/d' + eps d/d') = x' / sqrt(||x'||^2/d + eps)``.
    So the config takes ``hidden_size = d'``, ``rms_norm_eps = eps d/d'`` and an explicit ``head_dim``, and the
-   checkpoint loads with ``from_pretrained``: no custom class, no ``trust_remote_code``.
+   checkpoint loads with ``from_pretrained``: no custom class, no ``trust_remote_code``. (Where per-head q/k norms
+   share that epsilon, Qwen 3, it stays as it is: see ``shared_eps``.)
 
 Why one global ``Q`` and not one per block as in SliceGPT: per-block rotations need a ``Q_l^T Q_(l+1)`` matrix
 on each residual shortcut, which a ``LlamaForCausalLM`` has no place for. With one ``Q`` the shortcuts stay
 identities. The cost is that one basis must serve every layer, so a slice removes somewhat more signal than
 SliceGPT's per-block bases would.
 
-Supported: LLaMA-style decoders (``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` ... ``o_proj``,
-``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` ... ``down_proj``, final ``norm``, ``lm_head``) with
-``weight * x / rms(x)`` norms (LLaMA, Mistral, Qwen2/3); the norm formula is checked numerically.
+Supported: LLaMA-style decoders (``input_layernorm`` -> ``self_attn.{q,k,v}_proj`` or Phi-3's fused ``qkv_proj``
+... ``o_proj``, ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` or ``gate_up_proj`` ... ``down_proj``, final
+``norm``, ``lm_head``) with RMSNorms ``weight * x / rms(x)`` (LLaMA, Mistral, Qwen 2/3, Phi-3) or ``(1 + weight) *
+x / rms(x)`` (Gemma, whose embeddings are also scaled by ``sqrt(hidden_size)``: the rows are rescaled so the smaller
+scale gives the same stream); the norm formula is checked numerically. Refused, with the reason, before any work:
+LayerNorm models (the mean subtraction does not commute with a rotation), post-norms (Gemma 2/3, OLMo 2: a
+per-channel scale on a sublayer's output, before the residual add), mixture-of-experts blocks, T5, LLaVA (see
+``REFUSED``). Every slice is first rehearsed on a meta copy and checked against what its new config describes.
 """
 
 from __future__ import annotations
@@ -44,18 +50,34 @@ from ..errors import PrunekitError
 from ..forward import hooks
 from .base import ModelMethod, register_structured
 from .common import (
+    arch_name,
+    block_config,
     block_list,
     check_batches,
     check_ratio,
+    check_resizable,
     config_accepts,
     count_params,
+    ensure_reloadable,
     forward,
     hf_config,
+    meta_clone,
     set_config,
     summary,
 )
 
 log = logging.getLogger(__name__)
+
+
+# The readers of the residual stream in each sublayer (one of these layouts) and its writer.
+ATTENTION_READERS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))  # LLaMA; Phi-3's fused projection
+MLP_READERS = (("gate_proj", "up_proj"), ("gate_up_proj",))
+PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # before attention, before the MLP
+# Families whose residual width is tied to a part no rotation can pass, by model type: why.
+REFUSED = {
+    "llava": "the vision projector's hidden layer is as wide as the text model (text_config.hidden_size) and "
+    "sits behind a GELU, which no rotation passes",
+}
 
 
 @dataclass
@@ -76,48 +98,77 @@ class Layout:
     blocks: list[BlockLayout]
     final_norm: nn.Module
     head: nn.Linear
+    owner: nn.Module  # holds the blocks and the final norm (LlamaModel)
+    offset: float  # RMSNorm gain is offset + weight: 0 (LLaMA), 1 (Gemma)
 
     def norms(self) -> list[nn.Module]:
         return [n for b in self.blocks for n in (b.attn_norm, b.mlp_norm)] + [self.final_norm]
 
 
+def _readers(module: nn.Module, layouts: tuple[tuple[str, ...], ...]) -> list[nn.Linear] | None:
+    for names in layouts:
+        found = [getattr(module, n, None) for n in names]
+        if all(isinstance(m, nn.Linear) for m in found):
+            return found
+    return None
+
+
 def _block_layout(name: str, block: nn.Module) -> BlockLayout:
-    try:
-        attn, mlp = block.self_attn, block.mlp
-        layout = BlockLayout(
-            block.input_layernorm,
-            [attn.q_proj, attn.k_proj, attn.v_proj],
-            attn.o_proj,
-            block.post_attention_layernorm,
-            [mlp.gate_proj, mlp.up_proj],
-            mlp.down_proj,
-        )
-    except AttributeError as err:
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    attn_in, mlp_in = _readers(attn, ATTENTION_READERS), _readers(mlp, MLP_READERS)
+    norms = [getattr(block, n, None) for n in PRE_NORMS]
+    writers = [getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)]
+    if attn_in is None or mlp_in is None or None in norms or not all(isinstance(w, nn.Linear) for w in writers):
         raise PrunekitError(
-            f"{name} is not a LLaMA-style decoder layer ({err}); slicegpt supports input_layernorm -> "
-            "self_attn.q/k/v/o_proj, post_attention_layernorm -> mlp.gate/up/down_proj"
-        ) from None
-    if not all(isinstance(m, nn.Linear) for m in layout.attn_in + layout.mlp_in + [layout.attn_out, layout.mlp_out]):
-        raise PrunekitError(
-            f"{name}: slicegpt needs nn.Linear projections (quantised or fused layers are not supported)"
+            f"{name} is not a LLaMA-style decoder layer; slicegpt supports input_layernorm -> self_attn.q/k/v_proj "
+            "(or qkv_proj) ... o_proj, post_attention_layernorm -> mlp.gate/up_proj (or gate_up_proj) ... down_proj"
         )
-    return layout
+    return BlockLayout(norms[0], attn_in, writers[0], norms[1], mlp_in, writers[1])
 
 
-def llama_layout(model: nn.Module) -> Layout:
-    """The embedding, per-block readers/writers, final norm and head of a LLaMA-style causal LM."""
+def _is_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return isinstance(weight, torch.Tensor) and weight.dim() == 1 and isinstance(eps, float)
+
+
+def check_norms(model: nn.Module, norms: Sequence[nn.Module], blocks: nn.Module) -> float:
+    """Refuse, with the reason, norms that cannot be folded into a rotation: a LayerNorm (its mean subtraction
+    does not commute with a rotation) or post-norms, which scale a sublayer's output per channel before the
+    residual add (Gemma 2/3, OLMo 2). Returns the RMSNorm gain offset, one for all: 0, or 1 for Gemma."""
+    arch = arch_name(model)
+    offsets = {rmsnorm_offset(m, f"{arch}: {type(m).__name__}") for m in norms}
+    post = [n for n, m in blocks[0].named_children() if _is_norm(m) and n not in PRE_NORMS]
+    if post:
+        raise PrunekitError(
+            f"{arch}: slicegpt cannot rotate the residual stream of {type(blocks[0]).__name__}: besides its two "
+            f"pre-norms it has {', '.join(post)}; post-norms scale a sublayer's output per channel before the "
+            "residual add, which no rotation commutes with"
+        )
+    if len(offsets) > 1:
+        raise PrunekitError(f"{arch}: slicegpt needs one RMSNorm formula; this model mixes weight and (1 + weight)")
+    return offsets.pop()
+
+
+def find_layout(model: nn.Module, offset: float | None = None) -> Layout:
+    """The embedding, per-block readers/writers, final norm and head of a LLaMA-style causal LM. The norms are
+    checked numerically unless their gain ``offset`` is given (a meta copy has no numbers to check)."""
     prefix, blocks = block_list(model)
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    final_norm = getattr(getattr(model, "base_model", None), "norm", None)
+    arch, owner = arch_name(model), model.get_submodule(prefix.rpartition(".")[0])
+    check_resizable(model, prefix, blocks, "slicegpt")
+    if arch in REFUSED:
+        raise PrunekitError(f"{arch}: slicegpt cannot slice the residual stream: {REFUSED[arch]}")
+    embed, head, final_norm = model.get_input_embeddings(), model.get_output_embeddings(), getattr(owner, "norm", None)
+    if offset is None:
+        norms = [m for m in blocks.modules() if _is_norm(m)] + ([final_norm] if _is_norm(final_norm) else [])
+        offset = check_norms(model, norms, blocks)
     if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear) or final_norm is None:
         raise PrunekitError(
-            f"{type(model).__name__}: slicegpt needs an nn.Embedding input, a final `norm` on the base "
-            "model and an nn.Linear head (a LLaMA-style causal LM)"
+            f"{arch}: slicegpt needs an nn.Embedding input, a final `norm` next to the blocks and an "
+            "nn.Linear head (a LLaMA-style causal LM)"
         )
-    layout = Layout(embed, [_block_layout(f"{prefix}.{i}", b) for i, b in enumerate(blocks)], final_norm, head)
-    for norm in layout.norms():
-        check_rmsnorm(norm, embed.embedding_dim)
-    return layout
+    layers = [_block_layout(f"{prefix}.{i}", b) for i, b in enumerate(blocks)]
+    return Layout(embed, layers, final_norm, head, owner, offset)
 
 
 def norm_eps(norm: nn.Module) -> float:
@@ -128,16 +179,21 @@ def norm_eps(norm: nn.Module) -> float:
 
 
 @torch.no_grad()
-def check_rmsnorm(norm: nn.Module, dim: int) -> None:
-    """The norm must compute ``weight * x / sqrt(mean(x^2) + eps)``: folding relies on that (Gemma's
-    ``(1 + weight)`` or a LayerNorm's mean subtraction would silently break the model)."""
+def rmsnorm_offset(norm: nn.Module, what: str) -> float:
+    """0 if the norm computes ``weight * x / sqrt(mean(x^2) + eps)`` (LLaMA), 1 if ``(1 + weight) * ...``
+    (Gemma); folding relies on the formula, so anything else (a LayerNorm's mean subtraction) is refused."""
     probe = copy.deepcopy(norm).float()  # in float32, so that bf16 rounding cannot fail the check
-    x = torch.randn(3, dim, generator=torch.Generator().manual_seed(0)).to(probe.weight.device)
-    expected = probe.weight * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps(norm))
-    if not torch.allclose(probe(x), expected, rtol=1e-4, atol=1e-5):
-        raise PrunekitError(
-            f"{type(norm).__name__} is not `weight * x / rms(x)`; slicegpt supports LLaMA-style RMSNorm"
-        )
+    gen = torch.Generator().manual_seed(0)
+    probe.weight.copy_(torch.rand(probe.weight.shape, generator=gen) + 0.5)
+    x = torch.randn(3, probe.weight.numel(), generator=gen).to(probe.weight.device)
+    normalised = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps(norm))
+    for offset in (0.0, 1.0):
+        if torch.allclose(probe(x), (offset + probe.weight) * normalised, rtol=1e-4, atol=1e-5):
+            return offset
+    raise PrunekitError(
+        f"{what} is not an RMSNorm (weight * x / rms(x), or Gemma's (1 + weight)); slicegpt folds norms into a "
+        "rotation, which a LayerNorm's mean subtraction does not commute with"
+    )
 
 
 # ---------------------------------------------------------------- PCA of the residual stream
@@ -175,12 +231,12 @@ def _set_weight(module: nn.Module, weight: torch.Tensor, like: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def fold_norm(norm: nn.Module, readers: Sequence[nn.Linear]) -> None:
-    """``W diag(g)`` into every reader, then the norm's scale ``g`` becomes 1."""
-    scale = norm.weight.double()
+def fold_norm(norm: nn.Module, readers: Sequence[nn.Linear], offset: float) -> None:
+    """``W diag(g)`` into every reader, ``g = offset + weight`` the norm's gain, which then becomes 1."""
+    scale = offset + norm.weight.double()
     for linear in readers:
         _set_weight(linear, linear.weight.double() * scale[None, :], linear.weight)
-    norm.weight.fill_(1.0)
+    norm.weight.fill_(1.0 - offset)
 
 
 @torch.no_grad()
@@ -199,36 +255,54 @@ def rotate_writer(linear: nn.Linear, q: torch.Tensor) -> None:
     linear.out_features = q.shape[1]
 
 
+def embedding_scale(embed: nn.Module, d: int, d_new: int) -> tuple[float, float]:
+    """The embedding's output scale before and after slicing. Gemma multiplies embeddings by
+    ``sqrt(hidden_size)``, which a smaller ``hidden_size`` changes; LLaMA's scale is 1 either way."""
+    scale = getattr(embed, "scalar_embed_scale", 1.0)
+    if math.isclose(scale, 1.0):
+        return 1.0, 1.0
+    if math.isclose(scale, math.sqrt(d), rel_tol=1e-6):
+        return scale, math.sqrt(d_new)
+    raise PrunekitError(f"embedding scale {scale} is neither 1 nor sqrt(hidden_size); slicegpt cannot rescale it")
+
+
 @torch.no_grad()
 def rotate_embedding(embed: nn.Embedding, q: torch.Tensor) -> None:
-    _set_weight(embed, embed.weight.double() @ q.to(embed.weight.device), embed.weight)
+    """``E Q``, with the rows rescaled so that the model's new embedding scale gives the old outputs."""
+    old, new = embedding_scale(embed, q.shape[0], q.shape[1])
+    _set_weight(embed, embed.weight.double() @ q.to(embed.weight.device) * (old / new), embed.weight)
     embed.embedding_dim = q.shape[1]
+    if old != new:
+        embed.scalar_embed_scale = new
+        embed.embed_scale = torch.tensor(new, device=embed.embed_scale.device)
 
 
 @torch.no_grad()
-def rescale_norm(norm: nn.Module, d: int, d_new: int) -> None:
-    """A plain RMSNorm over ``d_new`` features that equals SliceGPT's RMSN with mean over the original ``d``."""
-    weight = torch.full((d_new,), math.sqrt(d / d_new), dtype=torch.float64)
+def rescale_norm(norm: nn.Module, d: int, d_new: int, offset: float = 0.0, eps_scale: float | None = None) -> None:
+    """A plain RMSNorm over ``d_new`` features that equals SliceGPT's RMSN with mean over the original ``d``
+    (``eps_scale`` defaults to ``d / d_new``; 1 keeps eps, see ``shared_eps``)."""
+    weight = torch.full((d_new,), math.sqrt(d / d_new) - offset, dtype=torch.float64)
     _set_weight(norm, weight.to(norm.weight.device), norm.weight)
-    norm.variance_epsilon = norm_eps(norm) * d / d_new
-    if hasattr(norm, "eps"):
-        norm.eps = norm.variance_epsilon
+    eps = norm_eps(norm) * (d / d_new if eps_scale is None else eps_scale)
+    for key in ("variance_epsilon", "eps"):
+        if hasattr(norm, key):
+            setattr(norm, key, eps)
 
 
-def untie_head(model: nn.Module, layout: Layout) -> None:
+def untie_head(model: nn.Module, layout: Layout, config) -> None:
     """The head gets the final norm's scale folded in, so it can no longer share the embedding matrix."""
     if layout.head.weight is layout.embed.weight:
         layout.head.weight = nn.Parameter(layout.embed.weight.detach().clone())
-    config = hf_config(model)
-    if config is not None and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False
+    for c in (hf_config(model), config):
+        if c is not None and getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
 
 
 def fold_all(layout: Layout) -> None:
     for b in layout.blocks:
-        fold_norm(b.attn_norm, b.attn_in)
-        fold_norm(b.mlp_norm, b.mlp_in)
-    fold_norm(layout.final_norm, [layout.head])
+        fold_norm(b.attn_norm, b.attn_in, layout.offset)
+        fold_norm(b.mlp_norm, b.mlp_in, layout.offset)
+    fold_norm(layout.final_norm, [layout.head], layout.offset)
 
 
 def rotate_all(layout: Layout, q: torch.Tensor) -> None:
@@ -241,30 +315,48 @@ def rotate_all(layout: Layout, q: torch.Tensor) -> None:
     rotate_readers([layout.head], q)
 
 
-def update_config(model: nn.Module, d: int, d_new: int, eps: float, head_dim: int) -> dict:
+def update_config(layout: Layout, config, d: int, d_new: int, eps: float, head_dim: int) -> dict:
     """hidden_size and eps follow the slice; head_dim is pinned, as hidden_size / heads no longer gives it."""
-    for m in model.modules():
+    for m in layout.owner.modules():
         if isinstance(getattr(m, "hidden_size", None), int) and m.hidden_size == d:
             m.hidden_size = d_new
     values = {"hidden_size": d_new, "rms_norm_eps": eps, "head_dim": head_dim}
-    set_config(model, values)
+    set_config(config, values)
     return values
+
+
+def shared_eps(layout: Layout) -> bool:
+    """Whether norms off the residual stream (Qwen 3's per-head q/k norms) read the same config epsilon: then
+    it must stay, and the sliced norms divide by ``||x'||^2/d + eps d'/d`` instead of SliceGPT's
+    ``||x'||^2/d + eps``, a difference far below the norms' own scale."""
+    residual = {id(n) for n in layout.norms()}
+    return any(_is_norm(m) and id(m) not in residual for m in layout.owner.modules())
 
 
 def slice_model(model: nn.Module, layout: Layout, q: torch.Tensor, head_dim: int) -> dict:
     """Fold the norms, rotate the residual stream by ``q`` ``[d, d']`` and rescale the norms for ``d'``;
     returns the config values written."""
     d, d_new = q.shape
-    untie_head(model, layout)
+    config = block_config(model, block_list(model)[0])
+    eps_scale = 1.0 if shared_eps(layout) else None
+    untie_head(model, layout, config)
     fold_all(layout)
     rotate_all(layout, q)
     for norm in layout.norms():
-        rescale_norm(norm, d, d_new)
-    return update_config(model, d, d_new, norm_eps(layout.final_norm), head_dim)
+        rescale_norm(norm, d, d_new, layout.offset, eps_scale)
+    return update_config(layout, config, d, d_new, norm_eps(layout.final_norm), head_dim)
 
 
-def _head_dim(model: nn.Module) -> int:
-    dims = {m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)}
+def rehearse(model: nn.Module, layout: Layout, d_new: int, head_dim: int) -> None:
+    """Slice a meta copy of the model the same way and check it is what its new config describes."""
+    clone = meta_clone(model)
+    q = torch.empty(layout.embed.embedding_dim, d_new, device="meta")
+    slice_model(clone, find_layout(clone, layout.offset), q, head_dim)
+    ensure_reloadable(clone, "slicegpt")
+
+
+def _head_dim(layout: Layout) -> int:
+    dims = {m.head_dim for m in layout.owner.modules() if isinstance(getattr(m, "head_dim", None), int)}
     if len(dims) != 1:
         raise PrunekitError(f"cannot tell the attention head_dim (found {sorted(dims)}); slicegpt needs one value")
     return dims.pop()
@@ -293,12 +385,13 @@ class SliceGPT(ModelMethod):
     def prune_model(self, model: nn.Module, batches: list, ratio: float) -> dict:
         ratio = check_ratio(ratio)
         check_batches(batches, self.name)
-        layout = llama_layout(model)
-        d, head_dim = layout.embed.embedding_dim, _head_dim(model)
+        layout = find_layout(model)
+        prefix, blocks = block_list(model)
+        d, head_dim, hf = layout.embed.embedding_dim, _head_dim(layout), block_config(model, prefix)
         d_new = sliced_dim(
-            d, ratio, self.round_to, lambda c: config_accepts(model, {"hidden_size": c, "head_dim": head_dim})
+            d, ratio, self.round_to, lambda c: config_accepts(hf, {"hidden_size": c, "head_dim": head_dim})
         )
-        _, blocks = block_list(model)
+        rehearse(model, layout, d_new, head_dim)
         before, total_before = count_params(blocks), count_params(model)
         values, vectors = principal_axes(residual_covariance(model, layout.norms(), batches))
         config = slice_model(model, layout, vectors[:, :d_new], head_dim)

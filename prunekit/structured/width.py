@@ -15,8 +15,14 @@ or loads, so a 256-wide model with 8 query heads in 4 KV groups can keep 4, 2 or
 Which heads/channels go is chosen per layer; how many is the same in every layer because a Hugging Face
 LLaMA config has one ``num_attention_heads`` / ``num_key_value_heads`` / ``intermediate_size`` for all layers.
 (Per-layer counts would need a config with per-layer lists and a model class that reads them; we keep
-uniform counts so the result is a plain ``LlamaForCausalLM``.) ``head_dim`` is written into the config
+uniform counts so the result is a plain model of the same class.) ``head_dim`` is written into the config
 explicitly, since ``hidden_size / num_attention_heads`` no longer gives it.
+
+Heads go only where the layout allows (``coupling``): models whose ``head_dim`` is ``hidden_size / heads`` (GPT-2,
+OPT, Falcon, GPT-NeoX, BERT) or whose q/k norm spans all heads (OLMo 2) lose MLP channels only, and an explicit
+``head_ratio`` there is an error. Refused before any work: mixture-of-experts blocks (fused expert tensors) and
+T5 (its two stacks share one config's sizes). Every cut is first rehearsed on a meta copy of the model and
+checked against what the new config describes, so a model that would not reload is never produced.
 """
 
 from __future__ import annotations
@@ -33,15 +39,38 @@ from torch import nn
 
 from ..collect import collect
 from ..errors import PrunekitError
+from ..graph import weight_matrix
 from ..methods.wanda import wanda_score
 from .base import ModelMethod, register_structured
-from .common import block_list, check_batches, check_ratio, config_accepts, count_params, forward, set_config, summary
+from .common import (
+    arch_name,
+    block_config,
+    block_list,
+    check_batches,
+    check_ratio,
+    check_resizable,
+    config_accepts,
+    count_params,
+    ensure_reloadable,
+    forward,
+    hf_config,
+    meta_clone,
+    set_config,
+    summary,
+)
 from .coupling import Group, Slot, find_groups
 
 log = logging.getLogger(__name__)
 Accepts = Callable[[Mapping[str, Any]], bool]
 
 SCORES = ("wanda", "magnitude")
+# The config entry that holds the MLP width, for families that do not call it ``intermediate_size``.
+MLP_SIZE_KEYS = {"gpt2": "n_inner", "opt": "ffn_dim", "falcon": "ffn_hidden_size", "t5": "d_ff"}
+
+
+def mlp_size_key(model: nn.Module) -> str | None:
+    """The config entry that holds the MLP width (None without an HF config: timm models have none)."""
+    return MLP_SIZE_KEYS.get(arch_name(model), "intermediate_size") if hf_config(model) is not None else None
 
 
 # ---------------------------------------------------------------- scores
@@ -49,7 +78,7 @@ SCORES = ("wanda", "magnitude")
 
 def slot_scores(slot: Slot, norms: torch.Tensor | None) -> torch.Tensor:
     """``sum |W_ij| * ||X_j||`` along each row (``dim=0``) or column (``dim=1``) of the slot's layer."""
-    w = slot.layer.weight.detach().float()
+    w = weight_matrix(slot.layer).detach().float()
     scores = w.abs() if norms is None else wanda_score(w, norms.to(w.device)[None, :])
     return scores.sum(dim=1 - slot.dim)
 
@@ -84,6 +113,8 @@ def heads_to_remove(group: Group, fraction: float, accepts: Accepts = lambda val
     """The most units, at most ``fraction`` of them, whose removal leaves a count the config accepts
     (LlamaConfig wants ``hidden_size % num_attention_heads == 0``). Heads are coarse units, so this never
     overshoots: MLP channels, which are fine-grained, take the rest of the budget."""
+    if group.fixed:
+        return 0
     most = min(math.floor(fraction * group.units + 1e-9), group.units - 1)
     return next(r for r in range(most, -1, -1) if r == 0 or accepts(group.config(group.units - r)))
 
@@ -132,6 +163,24 @@ def planned_config(groups: Sequence[Group], counts: Mapping[str, int], accepts: 
     return values
 
 
+def check_heads(groups: Sequence[Group], head_ratio: float | None, arch: str) -> None:
+    """An explicit ``head_ratio`` on a model whose heads cannot go is an error, not a silent no-op."""
+    heads = [g for g in groups if g.kind == "heads"]
+    if not head_ratio or any(not g.fixed for g in heads):
+        return
+    why = heads[0].fixed if heads else "no attention whose head count its config can change (head_dim = hidden / heads)"
+    raise PrunekitError(f"{arch}: width pruning cannot remove attention heads: {why}; set head_ratio=0")
+
+
+def rehearse(model: nn.Module, prefix: str, counts: Mapping[str, int], values: Mapping, mlp_key: str | None) -> None:
+    """Cut a meta copy of the model the same way and check it is what its new config describes."""
+    clone = meta_clone(model)
+    for group in find_groups(prefix, clone.get_submodule(prefix), mlp_key):
+        group.cut(torch.arange(group.units - counts[group.name]))
+    set_config(block_config(clone, prefix), values)
+    ensure_reloadable(clone, "width")
+
+
 # ---------------------------------------------------------------- cutting
 
 
@@ -175,15 +224,19 @@ class Width(ModelMethod):
         if self.needs_calibration:
             check_batches(batches, self.name)
         prefix, blocks = block_list(model)
+        check_resizable(model, prefix, blocks, self.name)
         before, total_before = count_params(blocks), count_params(model)
-        groups = find_groups(prefix, blocks)
-        accepts = functools.partial(config_accepts, model)
+        hf, mlp_key = block_config(model, prefix), mlp_size_key(model)
+        groups = find_groups(prefix, blocks, mlp_key)
+        check_heads(groups, self.head_ratio, arch_name(model))
+        accepts = functools.partial(config_accepts, hf)
         counts = removal_counts(groups, ratio, self.head_ratio, self.round_to, before, accepts)
         config = planned_config(groups, counts, accepts)
+        rehearse(model, prefix, counts, config, mlp_key)
         norms = input_norms(model, groups, batches) if self.needs_calibration else None
         scores = {g.name: unit_scores(g, norms) for g in groups}
         removed = cut_groups(groups, scores, counts)
-        set_config(model, config)
+        set_config(hf, config)
         log.info("width: removed %s units per group", sorted(set(counts.values())))
         return summary(
             before,

@@ -267,3 +267,16 @@ def test_lazy_writes_in_the_checkpoints_own_dtype(tokens, tmp_path):
     got = _state(tmp_path / "lazy")
     assert {t.dtype for t in got.values()} == {torch.bfloat16}
     _assert_identical(_state(tmp_path / "ref"), got)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma2"])
+def test_lazy_gives_each_block_its_own_arguments(name, tmp_path):
+    """Gemma's sliding-window and full-attention blocks get other masks and rotary tables than block 0: the lazy
+    path records them without loading any block and prunes exactly like the in-memory path."""
+    from prunekit.testing.zoo import build, token_ids
+
+    build(name).save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    calib = token_ids(6, 24, seed=2)
+    ref = _in_memory(tmp_path / "src", tmp_path / "ref", method="wanda", sparsity=0.5, calib=calib)
+    prune_lazy(tmp_path / "src", tmp_path / "lazy", "wanda", 0.5, calib=calib, batch_size=3)
+    _assert_identical(ref, _state(tmp_path / "lazy"))

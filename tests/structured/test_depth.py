@@ -46,7 +46,7 @@ def test_cosine_score_of_identity_block_is_zero_and_it_goes_first(token_batch):
 def test_ppl_scores_match_brute_force_removal(token_batch):
     model = tiny_llama(layers=3)
     _identity_block(model, 1)
-    scores = ppl_scores(model, "model.layers", 3, [token_batch])
+    scores = ppl_scores(model, list(model.model.layers), [token_batch])
     dense = _nll(model, token_batch)
     for i in range(3):
         reduced = copy.deepcopy(model)

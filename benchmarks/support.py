@@ -1,0 +1,39 @@
+"""The table of supported architectures, established by running every capability check of
+``prunekit.testing.support`` on every tiny zoo model (nothing downloaded). Writes
+benchmarks/results/support.{json,md}; the README's table is generated from it (``prunekit report --docs``), and
+``tests/test_architectures.py`` fails when what prunekit does no longer matches the recorded table.
+
+    python benchmarks/support.py [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from prunekit.testing.support import markdown, support_matrix  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def main() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="*", help="recompute these architectures, keep the others' rows")
+    args = parser.parse_args()
+    path = RESULTS / "support.json"
+    matrix = json.loads(path.read_text()) if args.only and path.exists() else {}
+    matrix.update(support_matrix(args.only))
+    path.write_text(json.dumps(matrix, indent=2) + "\n")
+    (RESULTS / "support.md").write_text(markdown(matrix))
+    print(markdown(matrix))
+
+
+if __name__ == "__main__":
+    main()

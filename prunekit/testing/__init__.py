@@ -1,0 +1,1 @@
+"""Helpers for testing prunekit (and models pruned with it) without downloading anything."""
