@@ -124,9 +124,10 @@ class LazyModel:
         self.install(self._read(names))
 
     def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """A copy of these tensors on the compute device, read now (a block, read ahead by a thread)."""
+        """A copy of these tensors in CPU memory, read now (a block, read ahead by a thread); ``install`` moves
+        them to the compute device, so every GPU operation stays on the main thread."""
         self._check_names(names)
-        return self.checkpoint.load(names, self.dtype, self.device)
+        return self.checkpoint.load(names, self.dtype)
 
     def install(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for name, tensor in tensors.items():
@@ -236,7 +237,8 @@ class StreamedBlocks:
         del self.loading[index], loaded
         try:
             yield self.blocks[index]
-            self._write_behind(self._write_block, index, {name: self.lazy.tensor(name) for name in names})
+            pruned = {name: self.lazy.tensor(name).to("cpu") for name in names}  # GPU -> CPU here, not in a thread
+            self._write_behind(self._write_block, index, pruned)
         finally:
             self.lazy.offload(names)
 
