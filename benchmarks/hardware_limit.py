@@ -307,12 +307,12 @@ def prune_run(args, name: str, source: Path, work: Path, **options) -> dict:
 
 def split(run: dict, blocks: int) -> dict:
     """Seconds per block by phase: the main thread's (they add up to its time per block) and the IO threads'
-    busy time beside it. Serial runs read and write on the main thread: that is their ``io on main thread``
-    (the write thread's time less the copy of embeddings and head after the blocks, ``copy_s``)."""
+    busy time beside it (the copy of embeddings and head, before block 0, is not in it). Serial runs read and
+    write on the main thread: that is their ``io on main thread``."""
     t, phases = run["timings"], run["phases"]
     main = sum(v for k, v in t.items() if k.startswith("block_") and k.endswith("_s"))
     if run.get("serial"):
-        io = t.get("read_s", 0) + max(t.get("write_s", 0) - t.get("copy_s", 0), 0)
+        io = t.get("read_s", 0) + t.get("write_s", 0)
     else:
         io = t.get("read_wait_s", 0) + t.get("write_wait_s", 0)
     in_blocks = {k: v for k, v in phases.items() if k != "activation writes"}  # the capture is before block 0

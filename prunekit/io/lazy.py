@@ -205,8 +205,12 @@ class StreamedBlocks:
         self.writing: Future | None = None
 
     def __enter__(self) -> StreamedBlocks:
+        """Block 0 is read while its inputs are captured; the tensors outside the blocks (embeddings, norm, head:
+        never pruned) are copied meanwhile, so that the end of the run waits for the last block only."""
         if self.reads.threaded:
-            self._read_ahead(0)  # block 0 is read while its inputs are captured
+            self._read_ahead(0)
+        names = self.lazy.outside_names(self.prefix)
+        self.writing = self.writes.submit(copy_tensors, self.lazy, names, self.writer, key="copy_outside_s")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -243,9 +247,7 @@ class StreamedBlocks:
             self.lazy.offload(names)
 
     def finish(self) -> None:
-        """Copy the tensors outside the blocks (embeddings, norm, head) after them, and wait for every write."""
-        names = self.lazy.outside_names(self.prefix)
-        self._write_behind(copy_tensors, self.lazy, names, self.writer, key="finish_wait_s")
+        """Wait for the last write."""
         wait(self.writing, self.timings, "finish_wait_s")
 
     def block_bytes(self) -> int:
@@ -256,9 +258,9 @@ class StreamedBlocks:
             self.loading[index] = self.reads.submit(self.lazy.load, self.lazy.block_names(self.prefix, index))
         return self.loading[index]
 
-    def _write_behind(self, fn, *args, key: str = "write_wait_s") -> None:
+    def _write_behind(self, fn, *args) -> None:
         """Queue a write once the previous one is done: one block being written, never a backlog."""
-        wait(self.writing, self.timings, key)
+        wait(self.writing, self.timings, "write_wait_s")
         self.writing = self.writes.submit(fn, *args)
 
     def _write_block(self, index: int, tensors: dict[str, torch.Tensor]) -> None:

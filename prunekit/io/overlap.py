@@ -25,12 +25,14 @@ class Stage:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=name) if threaded else None
         timings.setdefault(key, 0.0)
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future:
-        """The job's future; without a thread the job runs now and its error is raised here, at once."""
+    def submit(self, fn: Callable[..., T], *args: Any, key: str | None = None) -> Future:
+        """The job's future; without a thread the job runs now and its error is raised here, at once. ``key``:
+        where its time goes, when not the stage's own."""
+        key = key or self.key
         if self.pool is not None:
-            return self.pool.submit(self._timed, fn, *args)
+            return self.pool.submit(self._timed, key, fn, *args)
         future: Future = Future()
-        future.set_result(self._timed(fn, *args))
+        future.set_result(self._timed(key, fn, *args))
         return future
 
     def close(self) -> None:
@@ -38,12 +40,12 @@ class Stage:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def _timed(self, fn: Callable[..., T], *args: Any) -> T:
+    def _timed(self, key: str, fn: Callable[..., T], *args: Any) -> T:
         start = time.perf_counter()
         try:
             return fn(*args)
-        finally:  # one thread per stage writes this key: no race
-            self.timings[self.key] += time.perf_counter() - start
+        finally:  # only this stage's thread writes its keys: no race
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
 
 
 def wait(future: Future | None, timings: MutableMapping[str, float], key: str) -> Any:
