@@ -120,6 +120,7 @@ def copy_worker(args) -> dict:
     return {"copy_s": copy_s, "sync_s": sync_s, "bytes": sum(p.stat().st_size for p in files(out)), **memory_peaks()}
 
 
+@torch.no_grad()
 def forward_worker(args) -> dict:
     """(b): the calibration batch through every block, loaded one at a time; only the forward is timed."""
     from prunekit.activations import Activations
