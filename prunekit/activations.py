@@ -95,8 +95,13 @@ def choose_offload(mode: str, activation_bytes: int, device: torch.device, reser
 
 class Activations:
     """Block inputs for every calibration batch. The hidden states are kept on the compute device, in CPU
-    memory or in one file per batch under ``directory`` (``torch.from_file``, shared memory map); the other
-    block arguments stay on the device or in CPU memory. ``device=None`` leaves tensors where they are."""
+    memory or in one file per batch under ``directory``; the other block arguments stay on the device or in
+    CPU memory. ``device=None`` leaves tensors where they are.
+
+    On disk, a batch's file is memory-mapped only while that batch is read or written (``self.hidden`` holds
+    ``meta`` tensors: shapes, no data). Mappings kept open would count every page ever touched in the
+    process's resident size: with 128 x 2048 tokens of a 7B model that is the whole 4 GiB the disk was
+    meant to hold."""
 
     def __init__(self, where: str, device: torch.device | None, directory: Path | None = None):
         if where == "disk" and directory is None:
@@ -114,7 +119,9 @@ class Activations:
         hidden = hidden_state(args, kwargs)
         args, kwargs = with_hidden(args, kwargs, None)
         self.calls.append((to_device(tuple(args), self.home), to_device(dict(kwargs), self.home)))
-        self.hidden.append(self._stored(len(self.hidden), hidden))
+        self.hidden.append(hidden.to("meta") if self.where == "disk" else to_device(hidden, self.home))
+        if self.where == "disk":
+            self.update(len(self.hidden) - 1, hidden)
 
     def add_own_call(self, block: int, args: tuple, kwargs: dict) -> None:
         """Block ``block``'s own arguments for the next batch (its hidden state left out), for a block that is not
@@ -127,21 +134,20 @@ class Activations:
         """Batch ``j``'s arguments of block ``block`` on the compute device."""
         args, kwargs = self.own_calls.get(block, self.calls)[j]
         args, kwargs = to_device(args, self.device), to_device(kwargs, self.device)
-        return with_hidden(args, kwargs, to_device(self.hidden[j], self.device))
+        hidden = self._mapped(j, shared=False) if self.where == "disk" else self.hidden[j]
+        return with_hidden(args, kwargs, to_device(hidden, self.device))
 
     def update(self, j: int, hidden: torch.Tensor) -> None:
         """Replace batch ``j``'s hidden state by the block's output (the next block's input)."""
         if self.where == "disk":
-            self.hidden[j].copy_(hidden)
+            self._mapped(j, shared=True).copy_(hidden)
         else:
             self.hidden[j] = to_device(hidden, self.home)
 
     def nbytes(self) -> int:
         return sum(h.numel() * h.element_size() for h in self.hidden)
 
-    def _stored(self, j: int, hidden: torch.Tensor) -> torch.Tensor:
-        if self.where != "disk":
-            return to_device(hidden, self.home)
-        path = self.directory / f"hidden-{j:06d}.bin"
-        buffer = torch.from_file(str(path), shared=True, size=hidden.numel(), dtype=hidden.dtype)
-        return buffer.view(hidden.shape).copy_(hidden)
+    def _mapped(self, j: int, shared: bool) -> torch.Tensor:
+        """Batch ``j``'s file as a tensor, mapped until the tensor is dropped (``shared``: writes reach the file)."""
+        spec, path = self.hidden[j], self.directory / f"hidden-{j:06d}.bin"
+        return torch.from_file(str(path), shared=shared, size=spec.numel(), dtype=spec.dtype).view(spec.shape)

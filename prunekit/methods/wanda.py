@@ -26,4 +26,8 @@ class Wanda(Criterion):
 def wanda_score(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """``|W_ij| * ||X_j||``: ``norms`` are the input columns' L2 norms, ``[cols]``, ``[1, cols]`` or one row
     per weight row (conv groups); the one Wanda score that OWL, DSnoT and width pruning use too."""
-    return weight.abs() * norms
+    scores = weight.abs()
+    fits = torch.broadcast_shapes(scores.shape, norms.shape) == scores.shape
+    if fits and scores.dtype == torch.result_type(scores, norms):
+        return scores.mul_(norms)  # one [rows, cols] allocation, not two: half the time on a 7B-sized layer
+    return scores * norms

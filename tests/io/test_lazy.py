@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,111 @@ def test_disk_activations_round_trip(tmp_path):
     acts.update(0, hidden * 2)
     assert torch.equal(acts.call(0)[0][0], hidden * 2)
     assert len(list(tmp_path.glob("hidden-*.bin"))) == 1 and acts.nbytes() == hidden.numel() * 4
+
+
+# ---------------------------------------------------------------- overlapped reading and writing (issue 18)
+
+
+@pytest.fixture(scope="module")
+def deep_source(tmp_path_factory) -> Path:
+    """Five blocks, so that reading ahead, pruning and writing behind all overlap several times."""
+    path = tmp_path_factory.mktemp("lazy-deep") / "src"
+    tiny_llama(layers=5, seed=5).save_pretrained(path, max_shard_size="20KB")
+    return path
+
+
+def _block_of(names) -> int:
+    return int(next(iter(names)).split(".")[2])
+
+
+def test_overlapped_equals_serial_and_in_memory_and_holds_at_most_three_blocks(deep_source, tokens, tmp_path):
+    from prunekit.io import lazy as lazy_module
+
+    events, load, write_block = [], lazy_module.LazyModel.load, lazy_module.StreamedBlocks._write_block
+
+    def logged_load(self, names):
+        events.append(("read", _block_of(names)))
+        return load(self, names)
+
+    def logged_write(self, index, tensors):
+        time.sleep(0.1)  # a slow disk: a read that did not wait for the write shows up out of order
+        write_block(self, index, tensors)
+        events.append(("written", index))
+
+    ref = _in_memory(deep_source, tmp_path / "ref", method="wanda", sparsity=0.5, calib=tokens)
+    serial = prune_lazy(deep_source, tmp_path / "serial", "wanda", 0.5, calib=tokens, batch_size=3, overlap=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lazy_module.LazyModel, "load", logged_load)
+        patch.setattr(lazy_module.StreamedBlocks, "_write_block", logged_write)
+        report = prune_lazy(deep_source, tmp_path / "overlap", "wanda", 0.5, calib=tokens, batch_size=3)
+    _assert_identical(ref, _state(tmp_path / "serial"))
+    _assert_identical(ref, _state(tmp_path / "overlap"))
+    assert report.layers == serial.layers and report.timings["read_s"] > 0 and report.timings["write_s"] > 0
+    assert sorted(i for kind, i in events if kind == "read") == list(range(5))
+    for k, (kind, i) in enumerate(events):  # reading block i starts only once block i-3 is written and freed
+        assert kind != "read" or ("written", i - 3) in events[:k] or i < 3
+
+
+@pytest.mark.parametrize("stage", ["read", "write"])
+def test_an_error_in_the_reader_or_writer_thread_is_raised_as_is_and_leaves_no_output(
+    deep_source, tokens, tmp_path, monkeypatch, stage
+):
+    import threading
+
+    from prunekit.io import compact
+    from prunekit.io import lazy as lazy_module
+
+    err = OSError(28, f"No space left on device (injected in the {stage} thread)")
+    calls = {"n": 0}
+
+    def failing(real):
+        def call(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise err
+            return real(*args, **kwargs)
+
+        return call
+
+    if stage == "read":
+        monkeypatch.setattr(lazy_module.LazyModel, "load", failing(lazy_module.LazyModel.load))
+    else:
+        monkeypatch.setattr(compact, "save_file", failing(compact.save_file))
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as raised:
+        prune_lazy(deep_source, out, "wanda", 0.5, calib=tokens, batch_size=3, max_shard_size="20KB")
+    assert raised.value is err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary, no lock
+    assert not [t for t in threading.enumerate() if t.name.startswith("prunekit-")]
+    prune_lazy(deep_source, out, "wanda", 0.5, calib=tokens, batch_size=3)  # the claim is free again
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc")
+def test_disk_activations_map_a_file_only_while_it_is_used(tmp_path):
+    """Files kept mapped would count every page touched in the resident size: the disk would save nothing."""
+    acts = Activations("disk", torch.device("cpu"), tmp_path)
+    for j in range(3):
+        acts.append((torch.full((2, 3, 4), float(j)),), {})
+    args, _ = acts.call(1)
+    assert str(tmp_path / "hidden-000001.bin") in Path("/proc/self/maps").read_text()
+    del args
+    acts.update(2, acts.call(2)[0][0] + 1)
+    assert str(tmp_path) not in Path("/proc/self/maps").read_text()
+    assert [float(acts.call(j)[0][0].mean()) for j in range(3)] == [0.0, 1.0, 3.0]
+
+
+def test_lazy_writes_in_the_checkpoints_own_dtype(tokens, tmp_path):
+    """A bfloat16 checkpoint comes out bfloat16 (statistics in float32 inside), as the in-memory path writes it."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(layers=3, seed=6).to(torch.bfloat16).save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16)
+    prunekit.prune(model, "wanda", 0.5, calib=tokens, batch_size=3)
+    model.save_pretrained(tmp_path / "ref")
+    prune_lazy(tmp_path / "src", tmp_path / "lazy", "wanda", 0.5, calib=tokens, batch_size=3)
+    got = _state(tmp_path / "lazy")
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    _assert_identical(_state(tmp_path / "ref"), got)
 
 
 @pytest.mark.parametrize("name", ["gemma3", "gemma2"])
