@@ -69,6 +69,10 @@ def bench_shape(shape: tuple[int, int], repeats: int) -> list[dict]:
     weight, norms = torch.randn(shape, generator=gen), torch.rand(shape[1], generator=gen) + 0.1
     scores = weight.abs() * norms
     times = {"score": [], **{(n, v): [] for n in SELECTIONS for v in ("new", "old")}}
+    weight.abs() * norms  # warm-up, untimed: the first large allocations fault their pages in
+    for name in SELECTIONS:
+        new_select(scores, name)
+        old_select(scores, name)
     for _ in range(repeats):  # interleaved: machine load falls on every measurement alike
         times["score"].append(timed(lambda: weight.abs() * norms)[0])
         for name in SELECTIONS:
@@ -106,7 +110,7 @@ def markdown(result: dict) -> str:
         "# Mask selection vs the Wanda score (issue 18)",
         "",
         f"CPU only: {result['cpu_threads']} threads, torch {result['torch']}, medians of {result['repeats']} "
-        f"interleaved runs; load average (1, 5, 15 min) {result['loadavg_start']} at start, "
+        f"interleaved runs after one untimed warm-up of each; load average (1, 5, 15 min) {result['loadavg_start']} at start, "
         f"{result['loadavg_end']} at end, on {os.cpu_count()} cores; niceness {result.get('nice', 0)}; "
         f"`CHUNK` {result.get('chunk', 1 << 22)}. "
         "**No GPU figure exists**: this machine has no GPU, and the code was not timed on CUDA.",
