@@ -57,6 +57,7 @@ METHODS = {  # run name -> (method, pattern, group)
     "wanda 2:4": ("wanda", "2:4", None),
     "sparsegpt 50%": ("sparsegpt", None, None),
 }
+THP = os.environ.get("THP_MEM_ALLOC_ENABLE", "1")  # torch's huge-page allocations, as `import prunekit` sets
 TARGETS = {"magnitude 50%": 1.5, "wanda 2:4": 1.5, "wanda 50% per-output": 2.0}
 
 
@@ -268,7 +269,8 @@ def spawn(args, kind: str, source: Path, out: Path, **options) -> dict:
     command += [f"--vocab={args.vocab}", f"--threads={args.threads}", *flags]
     load = os.getloadavg()[0]
     print(f"[{time.strftime('%H:%M:%S')} load {load:.2f}] {kind} {' '.join(flags)}", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    env = {**os.environ, "TQDM_DISABLE": "1", "THP_MEM_ALLOC_ENABLE": THP}  # floor and runs alike
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{kind} worker failed:\n{done.stderr[-4000:]}")
@@ -388,6 +390,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "cuda_device": cuda,
         "load_at_start": os.getloadavg(),
+        "thp_mem_alloc": THP,
     }
 
 

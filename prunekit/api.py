@@ -23,6 +23,7 @@ from .errors import PrunekitError
 from .forward import eval_mode, model_device, on_device
 from .graph import find_stacks, is_vision_model, select_layers, stack_block_index, weight_matrix
 from .groups import GLOBAL, parse_pattern
+from .masks import count_zeros
 from .methods import METHODS, UPDATES, Target
 from .moe import calibrated_on, expert_report
 
@@ -66,9 +67,8 @@ def layer_sparsity(layers: Mapping[str, nn.Module]) -> tuple[dict[str, dict[str,
     """Per-layer and overall (parameter-weighted) fraction of exact zeros in the selected weights."""
     rows, zeros, total = {}, 0, 0
     for name, m in layers.items():
-        w = m.weight.detach()
-        n = w.numel()
-        z = n - int(w.count_nonzero())  # -0.0 counts as zero; no [rows, cols] mask like (w == 0) makes
+        w = m.weight
+        n, z = w.numel(), count_zeros(w)
         rows[name] = {"shape": list(w.shape), "numel": n, "zeros": z, "sparsity": z / n}
         zeros, total = zeros + z, total + n
     return rows, zeros / max(total, 1)

