@@ -110,7 +110,8 @@ def markdown(result: dict) -> str:
         "# Mask selection vs the Wanda score (issue 18)",
         "",
         f"CPU only: {result['cpu_threads']} threads, torch {result['torch']}, medians of {result['repeats']} "
-        f"interleaved runs after one untimed warm-up of each; load average (1, 5, 15 min) {result['loadavg_start']} at start, "
+        "interleaved runs after one untimed warm-up of each; "
+        f"load average (1, 5, 15 min) {result['loadavg_start']} at start, "
         f"{result['loadavg_end']} at end, on {os.cpu_count()} cores; niceness {result.get('nice', 0)}; "
         f"`CHUNK` {result.get('chunk', 1 << 22)}. "
         "**No GPU figure exists**: this machine has no GPU, and the code was not timed on CUDA.",
