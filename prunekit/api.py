@@ -226,7 +226,7 @@ def warn_existing_zeros(plan: engine.Plan) -> None:
     sparser = [
         n
         for n, m in plan.layers.items()
-        if float((m.weight.detach() == 0).float().mean()) > plan.targets[n].sparsity + 1e-6
+        if count_zeros(m.weight) / max(m.weight.numel(), 1) > plan.targets[n].sparsity + 1e-6
     ]
     if sparser:
         log.warning(
