@@ -13,6 +13,7 @@ import struct
 from collections.abc import Callable, Mapping
 from functools import reduce
 
+import numpy as np
 import torch
 
 from .errors import PrunekitError
@@ -36,6 +37,9 @@ def register_group(name: str):
 CHUNK = 1 << 23
 # Scores sampled to bracket a whole-layer threshold: the k-th value is then found among the few in the bracket.
 SAMPLE = 1 << 19
+# The same for the compiled CPU path, which gathers candidates as cheaply as it counts: a smaller sample (random
+# reads) and a wider bracket.
+KERNEL_SAMPLE = 1 << 16
 # Scores sampled per row (or column) for a first guess of its k-th smallest; shorter slices use ``topk``.
 SLICE_SAMPLE = 96
 SEARCH_MIN = 512
@@ -239,10 +243,26 @@ def _slice_thresholds(scores: torch.Tensor, k: int, dim: int) -> tuple[torch.Ten
     return (kth.view(-1, 1) if dim else kth.view(1, -1)), sure
 
 
+def _kernels(scores: torch.Tensor, n: int):
+    """The compiled CPU kernels (``prunekit.kernels``) if they take ``scores`` competing in slices of ``n``, else
+    ``None`` (imported on first use: numba takes a moment to import)."""
+    if scores.device.type != "cpu":
+        return None
+    from . import kernels
+
+    return kernels if kernels.applies(scores, n) else None
+
+
 def _prune_lowest_slices(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    """``_prune_lowest(scores, k, dim)`` for 2-D scores (``dim`` 1: rows, 0: columns): all thresholds first, one
-    comparison for the whole mask, and the exact tie path only where a slice's k-th equals its (k+1)-th."""
+    """``_prune_lowest(scores, k, dim)`` for 2-D scores (``dim`` 1: rows, 0: columns). Rows on the CPU: compiled,
+    one slice at a time in cache. Otherwise all thresholds first, one comparison for the whole mask, and the
+    exact tie path only where a slice's k-th equals its (k+1)-th."""
     n = scores.shape[dim]
+    if 0 < k < n and scores.numel() and dim == 1 and (kernels := _kernels(scores, n)):
+        keep, nan = kernels.prune_lowest_rows(scores, k)
+        if nan.numel():  # NaN rows: the definition
+            keep.index_copy_(0, nan, _prune_lowest(scores.index_select(0, nan), k, 1))
+        return keep
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     if k <= 0 or k >= n or not scores.numel():
         return keep.fill_(k <= 0)
@@ -274,18 +294,25 @@ def _at(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(1).to(like.device)
 
 
+def _sample(parts: list[torch.Tensor], dtype: torch.dtype, size: int) -> torch.Tensor:
+    """``size`` scores of ``parts`` (taken as one) at random positions read in ascending order, on the CPU as
+    ``dtype``; every score if there are no more. Random, not a stride: a stride can alias with the columns of a
+    structured matrix."""
+    n = sum(p.numel() for p in parts)
+    if n <= size:
+        return torch.cat([p.to("cpu", dtype) for p in parts])
+    at = torch.randint(n, (size,), generator=torch.Generator().manual_seed(0))
+    at, start, sample = torch.from_numpy(np.sort(at.numpy())), 0, []  # numpy's sort: several times torch's
+    for p in parts:
+        mine = at[(at >= start) & (at < start + p.numel())] - start
+        sample, start = [*sample, p.index_select(0, mine.to(p.device)).to("cpu", dtype)], start + p.numel()
+    return torch.cat(sample)
+
+
 def _bracket_flat(parts: list[torch.Tensor], k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Values ``lo <= hi`` that almost surely enclose ranks ``k`` and ``k + 1`` of the scores: a sample's order
     statistics 4 standard deviations either side. Exact when the sample is every score."""
-    n = sum(p.numel() for p in parts)
-    if n <= SAMPLE:
-        sample = torch.cat([p.to("cpu", dtype) for p in parts])
-    else:  # random positions, not a stride: a stride can alias with the columns of a structured matrix
-        at, start, sample = torch.randint(n, (SAMPLE,), generator=torch.Generator().manual_seed(0)), 0, []
-        for p in parts:
-            mine = at[(at >= start) & (at < start + p.numel())] - start
-            sample, start = [*sample, p.index_select(0, mine.to(p.device)).to("cpu", dtype)], start + p.numel()
-        sample = torch.cat(sample)
+    n, sample = sum(p.numel() for p in parts), _sample(parts, dtype, SAMPLE)
     s, q = sample.numel(), k / n
     spread = 4 * math.sqrt(s * q * (1 - q)) + 1
     lo_rank, hi_rank = math.floor(q * s - spread), math.ceil(q * s + spread) + 1
@@ -365,10 +392,13 @@ def _kth_smallest(parts: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int]
 
 def _prune_lowest_parts(parts: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     """``_prune_lowest`` over 1-D ``parts`` taken as one: one ``part > kth`` comparison each, then, only if ties
-    meet the threshold, the first of them in index order are pruned, chunk by chunk."""
+    meet the threshold, the first of them in index order are pruned, chunk by chunk. On the CPU, compiled: one
+    pass writes the mask and gathers the few scores near the threshold, which are then settled alone."""
     keep = [torch.empty(p.shape, dtype=torch.bool, device=p.device) for p in parts]
     if k <= 0 or k >= sum(p.numel() for p in parts):
         return [m.fill_(k <= 0) for m in keep]
+    if all(_kernels(p, 0) for p in parts) and _settle_flat(parts, keep, k):
+        return keep
     kth, at_most_kth = _kth_smallest(parts, k)
     for p, m in zip(parts, keep):
         torch.gt(p, _at(kth, p), out=m)
@@ -376,6 +406,47 @@ def _prune_lowest_parts(parts: list[torch.Tensor], k: int) -> list[torch.Tensor]
         pairs = [pair for p, m in zip(parts, keep) for pair in zip(p.split(CHUNK), m.split(CHUNK))]
         _keep_later_ties(pairs, kth, at_most_kth - k)
     return keep
+
+
+def _settle_flat(parts: list[torch.Tensor], keep: list[torch.Tensor], k: int) -> bool:
+    """The compiled whole-layer selection, two passes: the first counts 8 thresholds taken from a random sample,
+    which bracket the k-th in ``[lo, hi]``; the second writes ``keep = score > hi`` and gathers the scores inside
+    the bracket with their positions (ascending). The k-th is found among those, and they alone are then kept or
+    pruned (ties: the first in position order go). False, leaving ``keep`` to be rewritten, where the bracket
+    missed, held too many, or a score is NaN."""
+    from . import kernels
+
+    chunks, outs = [c for p in parts for c in p.split(CHUNK)], [c for m in keep for c in m.split(CHUNK)]
+    edges = _sample_edges(parts, k, 8)
+    at_most, nan = kernels.count_flat8(chunks, edges)
+    if nan:
+        return False
+    j = sum(c < k for c in at_most)  # the k-th lies in (edges[j - 1], edges[j]]
+    lo = float(np.nextafter(np.float32(edges[j - 1]), np.float32(math.inf))) if j else -math.inf
+    hi = edges[j] if j < len(edges) else math.inf
+    below, inside, values, positions, nan = kernels.mask_flat(chunks, outs, lo, hi)
+    if nan or values is None or not below < k <= below + inside:
+        return False
+    kth = values.kthvalue(k - below).values
+    ties = (values == kth).nonzero().squeeze(1)
+    pruned_ties = k - below - int(_count(values < kth, 0))
+    stay = torch.cat([positions[values > kth], positions[ties[pruned_ties:]]])
+    start = 0
+    for m in keep:
+        mine = stay[(stay >= start) & (stay < start + m.numel())] - start
+        m.view(-1).index_fill_(0, mine, True)
+        start += m.numel()
+    return True
+
+
+def _sample_edges(parts: list[torch.Tensor], k: int, count: int) -> list[float]:
+    """``count`` ascending float32 values across the bracket of rank ``k`` that a random sample of
+    ``KERNEL_SAMPLE`` scores gives (4 standard deviations either side), at the sample's own order statistics."""
+    n, sample = sum(p.numel() for p in parts), _sample(parts, torch.float32, KERNEL_SAMPLE).detach()
+    sample = torch.from_numpy(np.sort(sample.numpy()))  # numpy's sort: several times torch's
+    s, q = sample.numel(), k / n
+    spread = 4 * math.sqrt(s * q * (1 - q)) + 1
+    return sample[torch.linspace(q * s - spread, q * s + spread, count).round().long().clamp(0, s - 1)].tolist()
 
 
 def _prune_lowest_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -528,6 +599,12 @@ def select_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     index is pruned first). Small ``m`` sorts blocks with a network; large ``m`` uses the row path on blocks."""
     rows, cols = scores.shape
     check_nm(cols, (n, m))
+    if m <= NM_NETWORK_MAX and scores.numel() and (kernels := _kernels(scores, m)):
+        keep, nan = kernels.prune_lowest_blocks(scores, m - n, m)
+        if nan.numel():  # rows holding a NaN: as on other devices
+            _prune_lowest_blocks(scores.index_select(0, nan).reshape(-1, m), m - n, out := keep[nan].view(-1, m))
+            keep.index_copy_(0, nan, out.view(-1, cols))
+        return keep
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     step = max(1, CHUNK // max(cols, 1))
     for start in range(0, rows, step):

@@ -56,12 +56,14 @@ def test_parse_pattern():
     assert parse_pattern("2:4") == (2, 4) and parse_pattern(None) is None
 
 
-def test_global_selection_compares_mixed_dtypes_as_float32(monkeypatch):
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_global_selection_compares_mixed_dtypes_as_float32(monkeypatch, kernels):
     """As if every layer were cast to float32 and concatenated (the definition), without the copy: float64 scores
     are rounded first (here into ties with the earlier layer "b"), half-precision ones are exact in float32, and
     a 0-d float32 threshold would be rounded to half precision. Small chunks: many per layer."""
     import prunekit.groups as groups
 
+    monkeypatch.setenv("PRUNEKIT_KERNELS", kernels)
     monkeypatch.setattr(groups, "CHUNK", 100)
     monkeypatch.setattr(groups, "SAMPLE", 50)
     gen = torch.Generator().manual_seed(16)
@@ -127,14 +129,23 @@ def _random_scores(kind: str, shape: tuple[int, int], seed: int) -> torch.Tensor
     return x
 
 
-@pytest.fixture(params=["default", "tiny-chunks", "small-blocks"])
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Selection without the compiled CPU kernels: the path CUDA (and a CPU without numba) takes."""
+    monkeypatch.setenv("PRUNEKIT_KERNELS", "0")
+
+
+@pytest.fixture(params=["default", "torch", "tiny-chunks", "small-blocks"])
 def chunking(request, monkeypatch):
-    """Run each property three times: as shipped, and with chunks, samples and batches so small that every path
-    is taken: one slice per chunk (tiny-chunks); blocks of several columns, candidates sorted a few at a time
-    across block boundaries, crowded brackets and sampled brackets that miss (small-blocks)."""
+    """Run each property four times: as shipped (compiled kernels on the CPU), on the torch path, and on the torch
+    path with chunks, samples and batches so small that every path is taken: one slice per chunk (tiny-chunks);
+    blocks of several columns, candidates sorted a few at a time across block boundaries, crowded brackets and
+    sampled brackets that miss (small-blocks)."""
     import prunekit.groups as groups
 
     if request.param != "default":
+        monkeypatch.setenv("PRUNEKIT_KERNELS", "0")
+    if request.param not in ("default", "torch"):
         monkeypatch.setattr(groups, "CHUNK", 7 if request.param == "tiny-chunks" else 200)
         monkeypatch.setattr(groups, "SAMPLE", 5)
         monkeypatch.setattr(groups, "SEARCH_MIN", 2)
@@ -265,7 +276,7 @@ def test_other_float_dtypes_select_like_a_stable_sort(dtype):
         assert torch.equal(select_mask(scores, sparsity, "per-layer"), flat)
 
 
-def test_tie_path_runs_only_where_ties_meet_the_threshold(monkeypatch):
+def test_tie_path_runs_only_where_ties_meet_the_threshold(monkeypatch, torch_path):
     """Continuous scores never reach the exact tie path; a row (or column) tied at its threshold alone does."""
     import prunekit.groups as groups
 
@@ -284,7 +295,7 @@ def test_tie_path_runs_only_where_ties_meet_the_threshold(monkeypatch):
     assert calls == [(1, 2048), (2048, 1)]
 
 
-def test_blocks_and_flat_layers_take_their_tie_paths_only_where_ties_are(monkeypatch):
+def test_blocks_and_flat_layers_take_their_tie_paths_only_where_ties_are(monkeypatch, torch_path):
     import prunekit.groups as groups
 
     calls = []
@@ -303,7 +314,7 @@ def test_blocks_and_flat_layers_take_their_tie_paths_only_where_ties_are(monkeyp
     assert calls == ["_stable_ranks", "_keep_later_ties"]
 
 
-def test_search_resolves_nearly_every_slice_itself(monkeypatch):
+def test_search_resolves_nearly_every_slice_itself(monkeypatch, torch_path):
     """The speed claim: on continuous scores the sampled bracket holds the threshold of (nearly) every slice, so
     ``topk`` runs on almost none of them."""
     import prunekit.groups as groups
@@ -318,7 +329,7 @@ def test_search_resolves_nearly_every_slice_itself(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["few-values", "constant", "missed-bracket"])
-def test_flat_selection_in_bounded_memory_when_the_bracket_is_crowded_or_missed(case, monkeypatch):
+def test_flat_selection_in_bounded_memory_when_the_bracket_is_crowded_or_missed(case, monkeypatch, torch_path):
     """More than ``CHUNK // 16`` scores in the bracket (or a bracket that misses) find the threshold by counting
     passes instead of gathering; one value in the bracket needs neither."""
     import prunekit.groups as groups
