@@ -35,6 +35,7 @@ from ..api import PruneReport, calibration, layer_sparsity, plan_prune, versions
 from ..config import PruneConfig
 from ..engine import Plan, outside_stacks, prune_layers, record_block_calls, sequential
 from ..errors import PrunekitError
+from ..methods import HESSIAN
 from .atomic import OutputClaim, claim_output, write_json
 from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size
 from .hf import parse_dtype
@@ -292,11 +293,20 @@ def copy_tensors(lazy: LazyModel, names: Sequence[str], writer) -> None:
 @dataclass(frozen=True)
 class Output:
     """How the pruned checkpoint is written: ``dense`` or ``compact`` shards of at most ``max_shard_size``;
-    ``overlap``: read the next block and write the previous one in threads while a block is pruned."""
+    ``overlap``: read the next block and write the previous one in threads while a block is pruned (``None``:
+    see ``overlaps``)."""
 
     save_format: str = "dense"
     max_shard_size: int | str = "5GB"
-    overlap: bool = True
+    overlap: bool | None = None
+
+
+def overlaps(output: Output, plan: Plan) -> bool:
+    """Whether blocks are read and written in threads. By default yes, except for methods that keep a
+    ``[cols, cols]`` Hessian per layer (SparseGPT, ADMM): their solve takes ten times the IO the threads hide
+    (4% of a 7B run), while the two extra resident blocks beside the Hessians took the peak above a quarter of
+    the checkpoint (benchmarks/hardware_limit.py)."""
+    return output.overlap if output.overlap is not None else HESSIAN not in plan.needs
 
 
 def prune_lazy(
@@ -312,7 +322,7 @@ def prune_lazy(
     offload_dir: str | None = None,
     save_format: str = "dense",
     max_shard_size: int | str = "5GB",
-    overlap: bool = True,
+    overlap: bool | None = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
     inputs: Mapping[str, Any] | None = None,
@@ -324,7 +334,8 @@ def prune_lazy(
     on the loaded model followed by ``save_pretrained`` (allocation is uniform; N:M and every method/update
     work). The device defaults to CUDA when present; ``dtype`` casts floating tensors as they are read
     (default: as stored, which is also what is written). ``overlap=False`` reads and writes each block on
-    the calling thread (one block resident instead of three; same output, slower). ``out`` is claimed before
+    the calling thread (one block resident instead of three; same output, slower); the default overlaps except
+    for Hessian methods (``overlaps``). ``out`` is claimed before
     anything is read (``inputs``: the other paths the job reads, by flag); ``prune_report.json`` and
     ``extra_files`` (name -> writer) are written inside the output before it appears."""
     config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
@@ -364,6 +375,7 @@ def _prune_claimed(
         timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, output)
         metrics = {
             **peak_memory(lazy.device),
+            "io_overlap": overlaps(output, plan),
             "offload_activations": where,
             "checkpoint_bytes": lazy.checkpoint.nbytes(lazy.checkpoint.names()),
         }
@@ -414,7 +426,7 @@ def _run(
         prune_layers(layers, stats, plan)
         rows.update(layer_sparsity(layers)[0])
 
-    with StreamedBlocks(lazy, prefix, blocks, writer, output.overlap) as source:
+    with StreamedBlocks(lazy, prefix, blocks, writer, overlaps(output, plan)) as source:
         where = sequential(lazy.model, batches, plan, source, step, timings, offload_dir)
         copy_start = time.perf_counter()
         source.finish()

@@ -207,6 +207,27 @@ def test_overlapped_equals_serial_and_in_memory_and_holds_at_most_three_blocks(d
         assert kind != "read" or ("written", i - 3) in events[:k] or i < 3
 
 
+@pytest.mark.parametrize(
+    "method,overlap,threaded", [("wanda", None, True), ("sparsegpt", None, False), ("sparsegpt", True, True)]
+)
+def test_hessian_methods_read_and_write_on_the_main_thread_unless_asked(
+    deep_source, tokens, tmp_path, monkeypatch, method, overlap, threaded
+):
+    """Their per-layer Hessians beside two extra resident blocks broke the memory budget, for IO that their
+    solve dwarfs: by default they run serially; ``overlap=True`` still overlaps them."""
+    from prunekit.io import overlap as overlap_module
+
+    stages, init = [], overlap_module.Stage.__init__
+
+    def logged(self, name, threaded, *args):
+        stages.append(threaded)
+        init(self, name, threaded, *args)
+
+    monkeypatch.setattr(overlap_module.Stage, "__init__", logged)
+    report = prune_lazy(deep_source, tmp_path / "out", method, 0.5, calib=tokens, batch_size=3, overlap=overlap)
+    assert stages == [threaded, threaded] and report.metrics["io_overlap"] is threaded
+
+
 @pytest.mark.parametrize("stage", ["read", "write"])
 def test_an_error_in_the_reader_or_writer_thread_is_raised_as_is_and_leaves_no_output(
     deep_source, tokens, tmp_path, monkeypatch, stage
