@@ -67,11 +67,16 @@ def numba_version() -> str | None:
 
 
 def torch_select(scores: torch.Tensor, name: str) -> torch.Tensor:
+    """``new_select`` with the compiled kernels switched off, the environment restored after."""
+    before = os.environ.get("PRUNEKIT_KERNELS")
     os.environ["PRUNEKIT_KERNELS"] = "0"
     try:
         return new_select(scores, name)
     finally:
-        os.environ["PRUNEKIT_KERNELS"] = "1"
+        if before is None:
+            del os.environ["PRUNEKIT_KERNELS"]
+        else:
+            os.environ["PRUNEKIT_KERNELS"] = before
 
 
 def timed(fn) -> tuple[float, object]:

@@ -244,8 +244,8 @@ def _slice_thresholds(scores: torch.Tensor, k: int, dim: int) -> tuple[torch.Ten
 
 
 def _kernels(scores: torch.Tensor, n: int):
-    """The compiled CPU kernels (``prunekit.kernels``) if they take ``scores`` competing in slices of ``n``, else
-    ``None`` (imported on first use: numba takes a moment to import)."""
+    """The compiled CPU kernels (``prunekit.kernels``) if they take ``scores`` competing in slices of ``n`` (0: a
+    whole layer, no slices), else ``None`` (imported on first use: numba takes a moment to import)."""
     if scores.device.type != "cpu":
         return None
     from . import kernels
@@ -309,12 +309,18 @@ def _sample(parts: list[torch.Tensor], dtype: torch.dtype, size: int) -> torch.T
     return torch.cat(sample)
 
 
+def _spread(s: int, q: float) -> float:
+    """Half the width, in sample ranks, of a bracket around quantile ``q`` of a sample of ``s`` that almost surely
+    holds the population's: 4 standard deviations of the sample rank, plus one."""
+    return 4 * math.sqrt(s * q * (1 - q)) + 1
+
+
 def _bracket_flat(parts: list[torch.Tensor], k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Values ``lo <= hi`` that almost surely enclose ranks ``k`` and ``k + 1`` of the scores: a sample's order
     statistics 4 standard deviations either side. Exact when the sample is every score."""
     n, sample = sum(p.numel() for p in parts), _sample(parts, dtype, SAMPLE)
     s, q = sample.numel(), k / n
-    spread = 4 * math.sqrt(s * q * (1 - q)) + 1
+    spread = _spread(s, q)
     lo_rank, hi_rank = math.floor(q * s - spread), math.ceil(q * s + spread) + 1
     inf = torch.tensor(math.inf, dtype=dtype)
     lo = sample.kthvalue(lo_rank).values if lo_rank >= 1 else -inf
@@ -445,7 +451,7 @@ def _sample_edges(parts: list[torch.Tensor], k: int, count: int) -> list[float]:
     n, sample = sum(p.numel() for p in parts), _sample(parts, torch.float32, KERNEL_SAMPLE).detach()
     sample = torch.from_numpy(np.sort(sample.numpy()))  # numpy's sort: several times torch's
     s, q = sample.numel(), k / n
-    spread = 4 * math.sqrt(s * q * (1 - q)) + 1
+    spread = _spread(s, q)
     return sample[torch.linspace(q * s - spread, q * s + spread, count).round().long().clamp(0, s - 1)].tolist()
 
 
@@ -602,8 +608,9 @@ def select_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if m <= NM_NETWORK_MAX and scores.numel() and (kernels := _kernels(scores, m)):
         keep, nan = kernels.prune_lowest_blocks(scores, m - n, m)
         if nan.numel():  # rows holding a NaN: as on other devices
-            _prune_lowest_blocks(scores.index_select(0, nan).reshape(-1, m), m - n, out := keep[nan].view(-1, m))
-            keep.index_copy_(0, nan, out.view(-1, cols))
+            redone = torch.empty(nan.numel() * cols // m, m, dtype=torch.bool)
+            _prune_lowest_blocks(scores.index_select(0, nan).reshape(-1, m), m - n, redone)
+            keep.index_copy_(0, nan, redone.view(-1, cols))
         return keep
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     step = max(1, CHUNK // max(cols, 1))

@@ -8,14 +8,9 @@ import torch
 
 from prunekit import kernels
 from prunekit.groups import _prune_lowest, _prune_lowest_blocks, select_mask, select_nm
+from tests.test_groups import _stable_sort_mask
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba missing or PRUNEKIT_KERNELS=0")
-
-
-def _stable_sort_mask(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    order = scores.argsort(dim=dim, stable=True)
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    return keep.scatter(dim, order.narrow(dim, 0, k), False)
 
 
 def _scores(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
