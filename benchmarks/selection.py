@@ -22,14 +22,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import prunekit.groups as groups  # noqa: E402
-from prunekit.groups import select_global, select_mask, select_nm  # noqa: E402
+import prunekit.selection as selection  # noqa: E402
+from prunekit.groups import select_global, select_mask  # noqa: E402
+from prunekit.selection import select_nm  # noqa: E402
 
 SHAPES = [(11008, 4096), (4096, 11008)]
 
 
 def old_prune_lowest(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    """The selection before issue 18 (prunekit.groups._prune_lowest applied to the whole matrix)."""
+    """The selection before issue 18 (prunekit.selection._prune_lowest applied to the whole matrix)."""
     if k <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
     kth = scores.kthvalue(k, dim=dim, keepdim=True).values
@@ -193,18 +194,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--chunk", type=int, default=None, help="log2 of prunekit.groups.CHUNK (default: as shipped)")
+    parser.add_argument(
+        "--chunk", type=int, default=None, help="log2 of prunekit.selection.CHUNK (default: as shipped)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.chunk is not None:
-        groups.CHUNK = 1 << args.chunk
+        selection.CHUNK = 1 << args.chunk
     result = {
         "torch": torch.__version__,
         "numba": numba_version(),
         "cpu_threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "nice": os.nice(0),
-        "chunk": groups.CHUNK,
+        "chunk": selection.CHUNK,
         "thp": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "gpu": None,

@@ -1,5 +1,5 @@
 """The table of supported architectures, established by running every capability check of
-``prunekit.testing.support`` on every tiny zoo model (nothing downloaded). Writes
+``tests.zoo.support`` on every tiny zoo model (nothing downloaded). Writes
 benchmarks/results/support.{json,md}; the README's table is generated from it (``prunekit report --docs``), and
 ``tests/test_architectures.py`` fails when what prunekit does no longer matches the recorded table.
 
@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the zoo lives with the tests (tests/zoo), not in the installed package
 
-from prunekit.testing.support import markdown, support_matrix  # noqa: E402
+from tests.zoo.support import markdown, support_matrix  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The ``prunekit`` command. Parsing and printing only; the work lives in ``prunekit.pipeline``.
+"""The ``prunekit`` command. Parsing and printing only; the work lives in ``prunekit.commands``.
 
 The ``prune`` flags are derived from the fields of ``PruneRecipe`` (a ``PruneConfig`` plus the job): a new
 setting is a new field, and its flag and recipe key follow. Nothing here imports torch at import time, so
@@ -105,7 +105,7 @@ def _add_prune(sub) -> None:
 
 
 def cmd_prune(args) -> int:
-    from .pipeline import run_prune
+    from .commands import run_prune
 
     recipe = load_recipe(PruneRecipe, args.recipe, setting_values(args, PruneRecipe))
     report = run_prune(recipe, args.recipe)
@@ -227,7 +227,7 @@ def cmd_eval_ppl(args) -> int:
             trust_remote_code=args.trust_remote_code,
         )
     else:
-        from .pipeline import run_eval_ppl
+        from .commands import run_eval_ppl
 
         _require(args, "model", "data")
         result = run_eval_ppl(
@@ -507,7 +507,7 @@ def _add_demo(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .pipeline import run_prune
+    from .commands import run_prune
 
     assets = demo_assets()
     recipe = PruneRecipe(

@@ -6,9 +6,9 @@ k-th smallest there with a few vectorized counting passes and write its mask; ra
 select over a whole layer in two passes (count, then mask and gather). Selecting then costs about what
 computing the scores does. They release the GIL and run on ``torch.get_num_threads()`` threads.
 
-Every kernel answers exactly as ``groups._prune_lowest`` (a stable sort: among equal scores the lower index
+Every kernel answers exactly as ``selection._prune_lowest`` (a stable sort: among equal scores the lower index
 goes first). Slices holding a NaN are reported back for the torch path to redo. ``available()`` is False when
-numba is missing or ``PRUNEKIT_KERNELS=0``: ``groups`` then uses torch alone.
+numba is missing or ``PRUNEKIT_KERNELS=0``: ``selection`` then uses torch alone.
 """
 
 from __future__ import annotations
@@ -398,7 +398,7 @@ def _by_rows(fn, scores: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tenso
 
 
 def prune_lowest_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``groups._prune_lowest(scores, k, 1)`` for 2-D CPU scores, ``0 < k < cols``, and the indices of rows
+    """``selection._prune_lowest(scores, k, 1)`` for 2-D CPU scores, ``0 < k < cols``, and the indices of rows
     holding a NaN (their mask is wrong: the caller redoes them)."""
     return _by_rows(_rows, scores, k)
 

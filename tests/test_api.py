@@ -228,7 +228,7 @@ def test_save_and_load_pick_the_format(tmp_path):
 @pytest.mark.parametrize("name", ["t5", "bert", "llava"])
 def test_load_returns_the_class_the_config_names(name, tmp_path):
     """``prunekit.load`` once loaded every Hugging Face checkpoint as a causal LM."""
-    from prunekit.testing.zoo import build
+    from tests.zoo import build
 
     model = build(name)
     prunekit.save(model, tmp_path)

@@ -1,5 +1,5 @@
-"""The architecture matrix: every family of ``prunekit.testing.zoo`` (tiny random models built in-process from
-transformers' own modeling code) through every capability check of ``prunekit.testing.support``:
+"""The architecture matrix: every family of ``tests.zoo`` (tiny random models built in-process from
+transformers' own modeling code) through every capability check of ``tests.zoo.support``:
 
 (a) at sparsity 0, the hidden states sequential calibration feeds each block equal the inputs that block
     receives in a plain forward pass (per-layer masks and rotary tables, encoder-decoder and vision-language
@@ -24,8 +24,8 @@ import torch
 
 import prunekit
 from prunekit import engine
-from prunekit.testing.support import CAPABILITIES, YES, calibration, calibration_gap, check
-from prunekit.testing.zoo import ZOO, build
+from tests.zoo import ZOO, build
+from tests.zoo.support import CAPABILITIES, YES, calibration, calibration_gap, check
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = json.loads((ROOT / "benchmarks" / "results" / "support.json").read_text())

@@ -13,7 +13,7 @@ import transformers
 import yaml
 
 from prunekit.cli import demo_assets, main
-from prunekit.testing import zoo
+from tests import zoo
 
 # name -> (how it is built, the class it loads as, the auto class that reloads the output)
 CASES = {

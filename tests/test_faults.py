@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import prunekit.pipeline as pipeline
+import prunekit.commands as commands
 from prunekit.cli import demo_assets, main
 from tests.test_cli import _prune_args as args  # the CLI tests' prune command line
 from tests.test_cli import checkpoint  # noqa: F401  (module-scoped: a tiny LLaMA with tokenizer and text)
@@ -64,9 +64,9 @@ def no_loading(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("weights were loaded before the check")
 
-    monkeypatch.setattr(pipeline, "load_causal_lm", refuse)
-    monkeypatch.setattr(pipeline, "load_hf_model", refuse)
-    monkeypatch.setattr(pipeline, "load_vision_model", refuse)
+    monkeypatch.setattr(commands, "load_causal_lm", refuse)
+    monkeypatch.setattr(commands, "load_hf_model", refuse)
+    monkeypatch.setattr(commands, "load_vision_model", refuse)
 
 
 # ---------------------------------------------------------------- data loss (1-3)
@@ -268,7 +268,7 @@ def test_disk_full_while_saving_is_one_line_and_leaves_nothing(checkpoint, tmp_p
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "o" / "model.safetensors"))
 
-    monkeypatch.setattr(pipeline, "save_causal_lm", full)
+    monkeypatch.setattr(commands, "save_causal_lm", full)
     fail(capsys, args(checkpoint, tmp_path / "o"), "No space left on device")
     assert not (tmp_path / "o").exists() and no_temporaries(tmp_path)
 
@@ -338,16 +338,16 @@ def test_two_runs_on_one_out(checkpoint, tmp_path):  # noqa: F811
 SLOW_SAVE = """
 import sys, time
 from pathlib import Path
-import prunekit.pipeline as pipeline
+import prunekit.commands as commands
 from prunekit.cli import demo_assets, main
-real = pipeline.save_causal_lm
+real = commands.save_causal_lm
 def slow(model, tokenizer, out):
     real(model, tokenizer, out)
     Path(sys.argv[1]).write_text("saving")
     end = time.time() + 120
     while not Path(sys.argv[2]).exists() and time.time() < end:
         time.sleep(0.05)
-pipeline.save_causal_lm = slow
+commands.save_causal_lm = slow
 sys.exit(main(sys.argv[3:]))
 """
 

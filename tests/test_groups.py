@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from prunekit.groups import parse_pattern, select_global, select_mask, select_nm
+from prunekit.groups import parse_pattern, select_global, select_mask
+from prunekit.selection import select_nm
 
 
 def test_hand_checkable_per_layer():
@@ -61,7 +62,7 @@ def test_global_selection_compares_mixed_dtypes_as_float32(monkeypatch, kernels)
     """As if every layer were cast to float32 and concatenated (the definition), without the copy: float64 scores
     are rounded first (here into ties with the earlier layer "b"), half-precision ones are exact in float32, and
     a 0-d float32 threshold would be rounded to half precision. Small chunks: many per layer."""
-    import prunekit.groups as groups
+    import prunekit.selection as groups
 
     monkeypatch.setenv("PRUNEKIT_KERNELS", kernels)
     monkeypatch.setattr(groups, "CHUNK", 100)
@@ -141,7 +142,7 @@ def chunking(request, monkeypatch):
     path with chunks, samples and batches so small that every path is taken: one slice per chunk (tiny-chunks);
     blocks of several columns, candidates sorted a few at a time across block boundaries, crowded brackets and
     sampled brackets that miss (small-blocks)."""
-    import prunekit.groups as groups
+    import prunekit.selection as groups
 
     if request.param != "default":
         monkeypatch.setenv("PRUNEKIT_KERNELS", "0")
@@ -158,7 +159,8 @@ def chunking(request, monkeypatch):
 @pytest.mark.parametrize("kind", ["continuous", "rounded", "inf", "constant", "periodic"])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (7, 13), (33, 20), (4, 64), (24, 40)])
 def test_fast_selection_equals_a_stable_sort(kind, shape, chunking):
-    from prunekit.groups import _prune_lowest_flat, _prune_lowest_slices
+    from prunekit.selection import prune_lowest_flat as _prune_lowest_flat
+    from prunekit.selection import prune_lowest_slices as _prune_lowest_slices
 
     scores = _random_scores(kind, shape, seed=sum(shape))
     rows, cols = shape
@@ -181,7 +183,7 @@ def test_fast_nm_equals_a_stable_sort(kind, n, m, chunking):
 
 def test_fast_paths_match_the_old_masks_on_a_large_tie_heavy_layer():
     """Bigger than a chunk and than the sample, so the shipped sizes run their real paths."""
-    from prunekit.groups import _prune_lowest
+    from prunekit.selection import _prune_lowest
 
     scores = (torch.randn(700, 3000, generator=torch.Generator().manual_seed(3)) * 4).round().abs()
     scores[5] = 1.0  # one row entirely tied
@@ -198,7 +200,7 @@ def test_fast_paths_match_the_old_masks_on_a_large_tie_heavy_layer():
 @pytest.mark.parametrize("m", [2, 3, 4, 5, 8, 16])
 def test_sorting_networks_sort_every_zero_one_input(m):
     """The 0-1 principle: a comparator network that sorts all 2^m inputs of zeros and ones sorts everything."""
-    from prunekit.groups import sorting_network
+    from prunekit.selection import sorting_network
 
     bits = ((torch.arange(2**m)[:, None] >> torch.arange(m)) & 1).float()
     v = list(bits.unbind(1))
@@ -211,7 +213,7 @@ def test_sorting_networks_sort_every_zero_one_input(m):
 def test_pruned_networks_give_the_two_order_statistics(m):
     """The comparators dropped for N:M leave the k-th and (k+1)-th smallest exact, on every 0-1 input and on
     random scores with ties."""
-    from prunekit.groups import _order_stats, _selection_network, sorting_network
+    from prunekit.selection import _order_stats, _selection_network, sorting_network
 
     bits = ((torch.arange(2**m)[:, None] >> torch.arange(m)) & 1).float()
     tied = torch.randint(0, 3, (500, m), generator=torch.Generator().manual_seed(m)).float()
@@ -224,7 +226,7 @@ def test_pruned_networks_give_the_two_order_statistics(m):
 
 
 def _old(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    from prunekit.groups import _prune_lowest
+    from prunekit.selection import _prune_lowest
 
     return _prune_lowest(scores, k, dim)
 
@@ -278,7 +280,7 @@ def test_other_float_dtypes_select_like_a_stable_sort(dtype):
 
 def test_tie_path_runs_only_where_ties_meet_the_threshold(monkeypatch, torch_path):
     """Continuous scores never reach the exact tie path; a row (or column) tied at its threshold alone does."""
-    import prunekit.groups as groups
+    import prunekit.selection as groups
 
     gen = torch.Generator().manual_seed(11)
     scores = torch.rand(40, 2048, generator=gen)
@@ -296,7 +298,7 @@ def test_tie_path_runs_only_where_ties_meet_the_threshold(monkeypatch, torch_pat
 
 
 def test_blocks_and_flat_layers_take_their_tie_paths_only_where_ties_are(monkeypatch, torch_path):
-    import prunekit.groups as groups
+    import prunekit.selection as groups
 
     calls = []
     for name in ("_stable_ranks", "_keep_later_ties"):
@@ -317,7 +319,7 @@ def test_blocks_and_flat_layers_take_their_tie_paths_only_where_ties_are(monkeyp
 def test_search_resolves_nearly_every_slice_itself(monkeypatch, torch_path):
     """The speed claim: on continuous scores the sampled bracket holds the threshold of (nearly) every slice, so
     ``topk`` runs on almost none of them."""
-    import prunekit.groups as groups
+    import prunekit.selection as groups
 
     fallback = []
     original = groups._kth_topk
@@ -332,7 +334,7 @@ def test_search_resolves_nearly_every_slice_itself(monkeypatch, torch_path):
 def test_flat_selection_in_bounded_memory_when_the_bracket_is_crowded_or_missed(case, monkeypatch, torch_path):
     """More than ``CHUNK // 16`` scores in the bracket (or a bracket that misses) find the threshold by counting
     passes instead of gathering; one value in the bracket needs neither."""
-    import prunekit.groups as groups
+    import prunekit.selection as groups
 
     monkeypatch.setattr(groups, "CHUNK", 4096)
     monkeypatch.setattr(groups, "SAMPLE", 1000)
@@ -347,11 +349,11 @@ def test_flat_selection_in_bounded_memory_when_the_bracket_is_crowded_or_missed(
     for k in (1, 12345, flat.numel() // 2, flat.numel() - 1):
         kth, at_most = groups._kth_smallest([flat], k)
         assert kth == ordered[k - 1] and at_most == int((flat <= kth).sum()), k
-        assert torch.equal(groups._prune_lowest_flat(flat, k), _stable_sort_mask(flat, k, 0)), k
+        assert torch.equal(groups.prune_lowest_flat(flat, k), _stable_sort_mask(flat, k, 0)), k
 
 
 def test_marked_finds_every_mark():
-    from prunekit.groups import _marked
+    from prunekit.selection import _marked
 
     bits = torch.rand(8 * 1001, generator=torch.Generator().manual_seed(15)) < 0.03
     bits[:3] = True

@@ -85,12 +85,12 @@ def test_cycle_finder_finds_one():
 
 
 def test_engine_does_not_depend_on_front_ends():
-    """The flow runs one way: the engine never imports the API, CLI, pipeline, recipes or structured methods."""
+    """The flow runs one way: the engine never imports the API, CLI, commands, recipes or structured methods."""
     edges = graph()
     below = {
         "prunekit.api",
         "prunekit.cli",
-        "prunekit.pipeline",
+        "prunekit.commands",
         "prunekit.recipe",
         "prunekit.lightning",
         "prunekit.structured",

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from prunekit import kernels
-from prunekit.groups import _prune_lowest, _prune_lowest_blocks, select_mask, select_nm
+from prunekit.groups import select_mask
+from prunekit.selection import _prune_lowest, _prune_lowest_blocks, select_nm
 from tests.test_groups import _stable_sort_mask
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba missing or PRUNEKIT_KERNELS=0")
@@ -121,7 +122,7 @@ def test_layers_larger_than_the_sample_equal_a_stable_sort(kind):
 
 @pytest.mark.parametrize("where", ["below", "above", "nan"])
 def test_flat_selection_falls_back_when_the_sampled_edges_miss(where, monkeypatch):
-    import prunekit.groups as groups
+    import prunekit.selection as groups
 
     scores = _scores("wanda", 300, 500, seed=7)
     expected = _stable_sort_mask(scores.reshape(-1), scores.numel() // 2, 0).reshape(scores.shape)

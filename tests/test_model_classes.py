@@ -7,7 +7,7 @@ import transformers
 
 from prunekit.errors import PrunekitError
 from prunekit.model_classes import class_of_architecture, resolve_model_class
-from prunekit.testing import zoo
+from tests import zoo
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from prunekit.methods import METHODS
 from prunekit.moe import ExpertWeight, calibrated_on, find_experts
 from prunekit.report import build_report
 from prunekit.structured.experts import EXPERT_COUNT_KEYS
-from prunekit.testing import zoo
+from tests import zoo
 from tests.conftest import tiny_llama
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3")

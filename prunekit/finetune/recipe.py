@@ -49,7 +49,7 @@ class FinetuneRecipe(PruneRecipe):
 
 
 def check_finetune(recipe: FinetuneRecipe) -> None:
-    """The fine-tuning checks that need no model (the prune keys are checked by ``pipeline.validate``)."""
+    """The fine-tuning checks that need no model (the prune keys are checked by ``commands.validate``)."""
     if recipe.schedule not in SCHEDULES[:2]:
         raise PrunekitError(f"schedule must be one of {SCHEDULES[:2]}, got {recipe.schedule!r}")
     if recipe.task is not None and recipe.task not in TASKS:

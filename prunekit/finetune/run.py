@@ -12,12 +12,12 @@ import lightning.pytorch as L
 from torch import nn
 
 from ..api import layer_sparsity, versions
+from ..commands import claimed, evaluate, load_job, prune_with_recipe, validate
 from ..errors import PrunekitError
 from ..graph import select_layers
 from ..io import OutputClaim, save_causal_lm, write_json
 from ..io.timm import save_vision_model
 from ..lightning import PruningCallback
-from ..pipeline import claimed, evaluate, load_job, prune_with_recipe, validate
 from ..recipe import dump_recipe, recipe_dict
 from .causal_lm import CausalLMModule, TextDataModule
 from .lora import add_lora, keep_masks, merge_lora_keep_sparsity

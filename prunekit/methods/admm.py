@@ -30,7 +30,8 @@ import torch
 
 from ..collect import LayerStats
 from ..errors import PrunekitError
-from ..groups import select_mask, select_nm
+from ..groups import select_mask
+from ..selection import select_nm
 from ._linalg import add_to_diagonal, gram, spd_inverse
 from .base import HESSIAN, Solver, Target, Update, register_method, register_update
 

@@ -19,7 +19,8 @@ import torch
 
 from ..collect import LayerStats
 from ..errors import PrunekitError
-from ..groups import select_mask, select_nm
+from ..groups import select_mask
+from ..selection import select_nm
 from ._linalg import gram, inverse_cholesky_upper
 from .base import HESSIAN, Solver, Target, register_method
 

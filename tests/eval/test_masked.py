@@ -9,7 +9,7 @@ from prunekit.data.inputs import IGNORE
 from prunekit.errors import PrunekitError
 from prunekit.eval.masked import mask_positions, masked_inputs
 from prunekit.eval.perplexity import labeled_perplexity, perplexity
-from prunekit.testing import zoo
+from tests import zoo
 
 
 def test_fifteen_percent_hidden_the_same_every_time_never_a_special_token():

@@ -146,7 +146,7 @@ def test_a_model_class_finetune_cannot_train_is_one_line_before_loading(tmp_path
     from prunekit.errors import PrunekitError
     from prunekit.finetune.recipe import load_finetune_recipe
     from prunekit.finetune.run import run_finetune
-    from prunekit.testing import zoo
+    from tests import zoo
 
     zoo.save("bert", tmp_path / "bert")
     (tmp_path / "train.txt").write_text("In the beginning God created the heaven and the earth.\n" * 40)

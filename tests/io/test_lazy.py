@@ -294,7 +294,7 @@ def test_lazy_writes_in_the_checkpoints_own_dtype(tokens, tmp_path):
 def test_lazy_gives_each_block_its_own_arguments(name, tmp_path):
     """Gemma's sliding-window and full-attention blocks get other masks and rotary tables than block 0: the lazy
     path records them without loading any block and prunes exactly like the in-memory path."""
-    from prunekit.testing.zoo import build, token_ids
+    from tests.zoo import build, token_ids
 
     build(name).save_pretrained(tmp_path / "src", max_shard_size="40KB")
     calib = token_ids(6, 24, seed=2)

@@ -6,7 +6,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.structured.common import differences, ensure_reloadable, meta_clone, rebuilt, slice_linear
-from prunekit.testing import zoo
+from tests import zoo
 
 
 def test_meta_clone_copies_structure_and_ties_but_no_data():

@@ -18,8 +18,8 @@ from prunekit.structured.coupling import find_groups
 from prunekit.structured.depth import rehearse, remove_blocks, skipping
 from prunekit.structured.slicegpt import SliceGPT, find_layout
 from prunekit.structured.width import Width, mlp_size_key
-from prunekit.testing import zoo
-from prunekit.testing.support import YES, prune_zoo_model, reloaded, same_logits
+from tests import zoo
+from tests.zoo.support import YES, prune_zoo_model, reloaded, same_logits
 
 # Which structured method works where: the recorded support table (benchmarks/results/support.json, the README's
 # table), which tests/test_architectures.py keeps true by rerunning every check.

@@ -71,12 +71,12 @@ def test_evaluation_moves_the_model_to_the_compute_device():
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
     """Defect 9: only four exception types were caught; RuntimeError/KeyError from our code printed tracebacks
     and the helpful LinAlgError message came with one."""
-    import prunekit.pipeline as pipeline
+    import prunekit.commands as commands
 
     def user_error(recipe, path=None):
         raise PrunekitError("the Hessian is not positive definite; raise percdamp")
 
-    monkeypatch.setattr(pipeline, "run_prune", user_error)
+    monkeypatch.setattr(commands, "run_prune", user_error)
     assert main(["prune", "--model", "m"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: the Hessian is not positive definite; raise percdamp"
@@ -84,7 +84,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
     def bug(recipe, path=None):
         raise RuntimeError("index out of range")
 
-    monkeypatch.setattr(pipeline, "run_prune", bug)
+    monkeypatch.setattr(commands, "run_prune", bug)
     assert main(["prune", "--model", "m"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "bug in prunekit" in err
@@ -92,7 +92,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
     def interrupted(recipe, path=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "run_prune", interrupted)
+    monkeypatch.setattr(commands, "run_prune", interrupted)
     assert main(["prune", "--model", "m"]) == 130
 
 

@@ -1,6 +1,6 @@
 """What prunekit supports, architecture by architecture, established by running it.
 
-Each capability is a check on a tiny zoo model (``prunekit.testing.zoo``) that either passes, or meets a
+Each capability is a check on a tiny zoo model (``tests.zoo``) that either passes, or meets a
 ``PrunekitError`` (a clear refusal: the capability is not offered for that architecture). Any other exception is a
 bug and propagates. ``support_matrix()`` runs every check; ``benchmarks/support.py`` records the result in
 ``benchmarks/results/support.{json,md}`` (the README's table of supported architectures is generated from it), and
@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import PrunekitError
-from ..forward import hidden_state, hooks, run_model
-from ..graph import find_stacks, weight_matrix
-from .zoo import ZOO, batch, build, token_ids
+from prunekit.errors import PrunekitError
+from prunekit.forward import hidden_state, hooks, run_model
+from prunekit.graph import find_stacks, weight_matrix
+
+from . import ZOO, batch, build, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def _reloads_identically(model: nn.Module, name: str) -> None:
 def prune_zoo_model(name: str, method: str, ratio: float = 0.3, params: dict | None = None):
     """The tiny ``name`` model pruned by the structured ``method``, with its calibration batch and the method's
     summary; raises the method's ``PrunekitError`` when it refuses the architecture."""
-    from ..structured import STRUCTURED
+    from prunekit.structured import STRUCTURED
 
     model, inputs = build(name), batch(name, token_ids())
     summary = STRUCTURED.create(method, params or {}).prune_model(model, [inputs], ratio)
@@ -83,7 +84,7 @@ def block_inputs(model: nn.Module, batches: list) -> dict[int, list[torch.Tensor
 
 def fed_inputs(model: nn.Module, batches: list) -> dict[int, list[torch.Tensor]]:
     """What sequential calibration feeds every block: the inputs its statistics are taken on."""
-    from .. import engine, prune
+    from prunekit import engine, prune
 
     fed: dict[int, list[torch.Tensor]] = {}
     original = engine._block_statistics
@@ -117,7 +118,7 @@ def check_calibration(name: str, model: nn.Module) -> None:
 
 
 def check_unstructured(name: str, model: nn.Module) -> None:
-    from .. import prune
+    from prunekit import prune
 
     coverage = prune(model, "wanda", 0.5, calib=calibration(name)).coverage
     if coverage["block_sparsity"] < 0.49:
@@ -126,7 +127,7 @@ def check_unstructured(name: str, model: nn.Module) -> None:
 
 
 def check_nm(name: str, model: nn.Module) -> None:
-    from .. import plan_prune, prune
+    from prunekit import plan_prune, prune
 
     prune(model, "wanda", 0.5, pattern="2:4", calib=calibration(name))
     for layer, module in plan_prune(model, "wanda").layers.items():
@@ -137,7 +138,7 @@ def check_nm(name: str, model: nn.Module) -> None:
 
 
 def check_sparsegpt(name: str, model: nn.Module) -> None:
-    from .. import prune
+    from prunekit import prune
 
     report = prune(model, "sparsegpt", 0.5, calib=calibration(name))
     if abs(report.sparsity - 0.5) > 0.01:
@@ -147,7 +148,7 @@ def check_sparsegpt(name: str, model: nn.Module) -> None:
 
 def _structured(method: str) -> Callable[[str, nn.Module], None]:
     def check(name: str, model: nn.Module) -> None:
-        from .. import prune
+        from prunekit import prune
 
         removed = prune(model, method, 0.25, calib=calibration(name)).structure["removed_fraction"]
         if removed <= 0:
@@ -161,8 +162,9 @@ def _structured(method: str) -> Callable[[str, nn.Module], None]:
 def check_cli(name: str, model: nn.Module) -> None:
     """``prunekit prune`` on a saved copy with its tokenizer / processor and data in the format its class takes
     (text, or an image-text folder); a refusal is the CLI's one-line error."""
-    from ..cli import demo_assets, main
-    from .zoo import ZOO, save, write_image_text
+    from prunekit.cli import demo_assets, main
+
+    from . import ZOO, save, write_image_text
 
     with tempfile.TemporaryDirectory() as tmp:
         source, out = Path(tmp) / "model", Path(tmp) / "pruned"

@@ -3,7 +3,7 @@ own modeling code: nothing is downloaded, each builds in milliseconds, and every
 checkpoint of the family takes (per-layer attention types, fused experts, encoder-decoder stacks, a vision
 tower) is taken by the tiny one too.
 
-    from prunekit.testing.zoo import ZOO, build, batch
+    from tests.zoo import ZOO, build, batch
     model = build("gemma3")                    # a Gemma3ForCausalLM with 4 blocks, hidden 32
     inputs = batch("gemma3", torch.randint(2, VOCAB, (2, 16)))
 
@@ -246,7 +246,7 @@ def processor(name: str):
     vision-language model a processor around it (CLIP image processor, ``<image>`` token added)."""
     import transformers
 
-    from ..cli import demo_assets
+    from prunekit.cli import demo_assets
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(demo_assets() / "kjv-llama-5m")
     if ZOO[name].kind == "masked":

@@ -1,1 +1,0 @@
-"""Helpers for testing prunekit (and models pruned with it) without downloading anything."""
