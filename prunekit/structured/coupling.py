@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..architectures import PLAIN_MLPS
 from ..errors import PrunekitError
 from ..graph import HFConv1D, weight_matrix
 from .common import slice_linear
@@ -216,16 +217,6 @@ def timm_attention(name: str, m: nn.Module, mlp_key: str | None) -> Group | None
     if isinstance(getattr(m, "gate", None), nn.Linear):
         slots.append(Slot(f"{name}.gate", m.gate, 0, per_head))
     return Group(name, "heads", slots, lambda kept: _set_if_present(m, num_heads=kept, attn_dim=kept * hd))
-
-
-# (reader, writer) of a plain MLP around an elementwise activation, as paths below the module that holds both.
-PLAIN_MLPS = (
-    ("fc1", "fc2"),
-    ("c_fc", "c_proj"),
-    ("dense_h_to_4h", "dense_4h_to_h"),
-    ("intermediate.dense", "output.dense"),
-    ("wi", "wo"),
-)
 
 
 def plain_mlp(name: str, m: nn.Module, mlp_key: str | None) -> Group | None:

@@ -22,13 +22,14 @@ import logging
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..architectures import LAYER_INDEX_LISTS, LEADING_COUNTS, PER_LAYER_LISTS, family
 from ..errors import PrunekitError
 from ..forward import block_output, hidden_state, hooks
 from .base import ModelMethod, register_structured
@@ -50,26 +51,6 @@ from .common import (
 log = logging.getLogger(__name__)
 
 SCORES = ("cosine", "ppl")
-# Config entries that describe decoder layers by position (transformers' names), rewritten for the kept layers:
-PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type", "layer_rope_theta", "no_rope_layers")
-LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")  # indices of the layers that are special
-LEADING_COUNTS = ("first_k_dense_replace", "max_window_layers")  # the first k layers are special
-
-
-@dataclass(frozen=True)
-class DepthHint:
-    """A family whose block count is not the ``num_hidden_layers`` of a saved config (``saved_counts``: the
-    block list's first path component -> saved key), or whose ``pinned`` blocks hold weights others reuse."""
-
-    saved_counts: dict[str, str] = field(default_factory=dict)
-    pinned: tuple[int, ...] = ()
-
-
-DEPTH_HINTS: dict[str, DepthHint] = {
-    # T5's stacks size themselves from private config copies; block 0 alone holds the relative position bias
-    # that every later block of its stack reuses.
-    "t5": DepthHint({"encoder": "num_layers", "decoder": "num_decoder_layers"}, pinned=(0,)),
-}
 
 
 def blocks_to_remove(n_blocks: int, ratio: float) -> int:
@@ -196,10 +177,10 @@ def _update_config(model: nn.Module, prefix: str, keep: Sequence[int], n_before:
     if config is None:
         return
     renumber_config(config, keep, n_before)
-    hint = DEPTH_HINTS.get(arch_name(model))
+    saved = family(arch_name(model)).saved_counts
     stack = prefix.split(".")[0]
-    if hint is not None and stack in hint.saved_counts:
-        setattr(hf_config(model), hint.saved_counts[stack], len(keep))
+    if stack in saved:
+        setattr(hf_config(model), saved[stack], len(keep))
 
 
 def remove_blocks(model: nn.Module, prefix: str, drop: Sequence[int]) -> nn.Module:
@@ -223,8 +204,7 @@ def rehearse(model: nn.Module, prefix: str, drop: Sequence[int]) -> None:
 
 
 def pinned_blocks(model: nn.Module) -> tuple[int, ...]:
-    hint = DEPTH_HINTS.get(arch_name(model))
-    return hint.pinned if hint is not None else ()
+    return family(arch_name(model)).pinned_blocks
 
 
 def choose_drop(scores: torch.Tensor, k: int, pinned: Sequence[int] = ()) -> list[int]:

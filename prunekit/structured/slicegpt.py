@@ -31,7 +31,8 @@ x / rms(x)`` (Gemma, whose embeddings are also scaled by ``sqrt(hidden_size)``: 
 scale gives the same stream); the norm formula is checked numerically. Refused, with the reason, before any work:
 LayerNorm models (the mean subtraction does not commute with a rotation), post-norms (Gemma 2/3, OLMo 2: a
 per-channel scale on a sublayer's output, before the residual add), mixture-of-experts blocks, T5, LLaVA (see
-``REFUSED``). Every slice is first rehearsed on a meta copy and checked against what its new config describes.
+``prunekit.architectures``). Every slice is first rehearsed on a meta copy and checked against what its new config
+describes.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..architectures import ATTENTION_READERS, MLP_READERS, PRE_NORMS, family
 from ..errors import PrunekitError
 from ..forward import hooks
 from .base import ModelMethod, register_structured
@@ -67,17 +69,6 @@ from .common import (
 )
 
 log = logging.getLogger(__name__)
-
-
-# The readers of the residual stream in each sublayer (one of these layouts) and its writer.
-ATTENTION_READERS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))  # LLaMA; Phi-3's fused projection
-MLP_READERS = (("gate_proj", "up_proj"), ("gate_up_proj",))
-PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # before attention, before the MLP
-# Families whose residual width is tied to a part no rotation can pass, by model type: why.
-REFUSED = {
-    "llava": "the vision projector's hidden layer is as wide as the text model (text_config.hidden_size) and "
-    "sits behind a GELU, which no rotation passes",
-}
 
 
 @dataclass
@@ -156,8 +147,8 @@ def find_layout(model: nn.Module, offset: float | None = None) -> Layout:
     prefix, blocks = block_list(model)
     arch, owner = arch_name(model), model.get_submodule(prefix.rpartition(".")[0])
     check_resizable(model, prefix, blocks, "slicegpt")
-    if arch in REFUSED:
-        raise PrunekitError(f"{arch}: slicegpt cannot slice the residual stream: {REFUSED[arch]}")
+    if family(arch).no_slicegpt:
+        raise PrunekitError(f"{arch}: slicegpt cannot slice the residual stream: {family(arch).no_slicegpt}")
     embed, head, final_norm = model.get_input_embeddings(), model.get_output_embeddings(), getattr(owner, "norm", None)
     if offset is None:
         norms = [m for m in blocks.modules() if _is_norm(m)] + ([final_norm] if _is_norm(final_norm) else [])

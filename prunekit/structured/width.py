@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..architectures import family
 from ..collect import collect
 from ..errors import PrunekitError
 from ..graph import weight_matrix
@@ -64,13 +65,11 @@ log = logging.getLogger(__name__)
 Accepts = Callable[[Mapping[str, Any]], bool]
 
 SCORES = ("wanda", "magnitude")
-# The config entry that holds the MLP width, for families that do not call it ``intermediate_size``.
-MLP_SIZE_KEYS = {"gpt2": "n_inner", "opt": "ffn_dim", "falcon": "ffn_hidden_size", "t5": "d_ff"}
 
 
 def mlp_size_key(model: nn.Module) -> str | None:
     """The config entry that holds the MLP width (None without an HF config: timm models have none)."""
-    return MLP_SIZE_KEYS.get(arch_name(model), "intermediate_size") if hf_config(model) is not None else None
+    return family(arch_name(model)).mlp_size if hf_config(model) is not None else None
 
 
 # ---------------------------------------------------------------- scores

@@ -4,12 +4,14 @@ skipped blocks, removed units = zeroed units, an unneeded slice = no change); wh
 names the architecture, raised before the model is touched."""
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from prunekit import architectures
 from prunekit.errors import PrunekitError
 from prunekit.graph import weight_matrix
 from prunekit.structured import STRUCTURED, depth
@@ -230,7 +232,8 @@ def test_t5_keeps_the_block_that_holds_the_position_bias(monkeypatch):
     assert depth.pinned_blocks(model) == (0,)
     summary = depth.Depth().prune_model(model, [zoo.batch("t5", zoo.token_ids())], 0.6)
     assert 0 not in summary["removed_blocks"] and model.config.num_decoder_layers == 1
-    monkeypatch.setitem(depth.DEPTH_HINTS, "t5", depth.DepthHint(depth.DEPTH_HINTS["t5"].saved_counts))
+    t5 = architectures.FAMILIES["t5"]
+    monkeypatch.setitem(architectures.FAMILIES, "t5", dataclasses.replace(t5, pinned_blocks=()))
     with pytest.raises(PrunekitError, match="relative_attention_bias"):
         rehearse(zoo.build("t5"), "decoder.block", [0])
 
