@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .checks import check_dataclass
 from .errors import PrunekitError
 
 OFFLOAD_MODES = ("auto", "device", "cpu", "disk")
@@ -121,6 +122,7 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         self._normalise()
+        check_dataclass(self, "prune setting")
         check_config(self)
 
     def _normalise(self) -> None:
@@ -261,7 +263,6 @@ def _check_unstructured(config: PruneConfig, nm: tuple[int, int] | None) -> None
     from .allocate import ALLOCATORS
     from .groups import GLOBAL, GROUPS
     from .methods import METHODS, UPDATES, Solver
-    from .registry import check_params
     from .structured import STRUCTURED
 
     if config.method not in METHODS:
@@ -269,13 +270,12 @@ def _check_unstructured(config: PruneConfig, nm: tuple[int, int] | None) -> None
             f"unknown method {config.method!r}; available: {', '.join(METHODS.names())} "
             f"(structured: {', '.join(STRUCTURED.names())})"
         )
-    check_params("method", config.method, METHODS[config.method], config.method_params)
+    METHODS.create(config.method, config.method_params)  # names, types and values of its parameters
     for name in config.update:
-        check_params("update", name, UPDATES[name], config.update_params.get(name))
+        UPDATES.create(name, config.update_params.get(name))
     if config.group is not None:
         GROUPS[config.group]  # noqa: B018  (raises with the registered groups)
-    check_params("allocation", config.allocation, ALLOCATORS[config.allocation], config.allocation_params)
-    ALLOCATORS.create(config.allocation, config.allocation_params)  # its own parameter checks
+    ALLOCATORS.create(config.allocation, config.allocation_params)
     if config.group == GLOBAL and issubclass(METHODS[config.method], Solver):
         raise PrunekitError(
             f"method {config.method!r} chooses its own masks layer by layer; use group per-output "
@@ -312,10 +312,9 @@ _UNUSED_BY_STRUCTURED = (
 
 
 def _check_structured(config: PruneConfig) -> None:
-    from .registry import check_params
     from .structured import STRUCTURED
 
-    check_params("structured method", config.method, STRUCTURED[config.method], config.method_params)
+    STRUCTURED.create(config.method, config.method_params)  # names, types and values of its parameters
     defaults = PruneConfig.__dataclass_fields__
     given = [name for name in _UNUSED_BY_STRUCTURED if getattr(config, name) != _default(defaults[name])]
     if not config.sequential:

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from .checks import check_types
 from .errors import PrunekitError
 
 T = TypeVar("T")
@@ -50,6 +51,8 @@ class Registry(Generic[T]):
         """An instance of the class registered as ``name`` with ``params`` as its (dataclass) fields."""
         cls = self[name]
         check_params(self.kind, name, cls, params)
+        if dataclasses.is_dataclass(cls):
+            params = check_types(params or {}, cls, f"{self.kind} {name!r}")
         return cls(**(params or {}))
 
 
