@@ -422,7 +422,7 @@ def _run(
     prefix, blocks = plan.stacks[0]
     writer = _writer(lazy, prefix, tmp, output.save_format, output.max_shard_size)
 
-    def step(i: int, layers: dict, stats) -> None:
+    def step(layers: dict, stats) -> None:
         prune_layers(layers, stats, plan)
         rows.update(layer_sparsity(layers)[0])
 
