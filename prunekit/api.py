@@ -21,7 +21,7 @@ from .coverage import block_coverage
 from .data.calib import calibration_batches
 from .errors import PrunekitError
 from .forward import eval_mode, model_device, on_device
-from .graph import find_stacks, is_vision_model, select_layers, stack_block_index, weight_matrix
+from .graph import find_stacks, input_embeddings, is_vision_model, select_layers, stack_block_index, weight_matrix
 from .groups import GLOBAL, parse_pattern
 from .masks import count_zeros
 from .methods import METHODS, UPDATES, Target
@@ -171,6 +171,7 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, token
     batches = calibration(model, calib, tokenizer, config) if wants_data else []
     data_s = time.perf_counter() - start
     plan = engine.chained(model, plan, batches)
+    plan, uncalled = _without_uncalled(model, plan, batches if plan.needs or allocator.needs_calibration else [])
     plan = replace(plan, targets=allocate(model, batches, plan, allocator, config.sparsity))
     warn_existing_zeros(plan)
     timings = engine.run(model, batches, plan)
@@ -185,11 +186,31 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, token
         "blocks": ",".join(prefix for prefix, _ in plan.stacks) or None,
     }
     log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(layers), 100 * overall, timings["total_s"])
-    coverage = block_coverage(model, plan.layers)
+    coverage = block_coverage(model, plan.layers, reasons=uncalled)
+    if uncalled:
+        coverage["never_called"] = sorted(uncalled)  # left dense, inside the blocks or not
     experts = expert_report(model, plan.layers, config.expert_tokens, config.expert_min_tokens)
     return PruneReport(
         settings, layers, overall, timings, versions(), bn_recalibration=bn, coverage=coverage, experts=experts
     )
+
+
+def _without_uncalled(model: nn.Module, plan: engine.Plan, batches: list) -> tuple[engine.Plan, dict[str, str]]:
+    """The plan without the selected layers no calibration input reaches (``engine.uncalled``): they stay dense,
+    with their reason in the report's coverage."""
+    uncalled = engine.uncalled(model, plan, batches)
+    if not uncalled:
+        return plan, {}
+    if len(uncalled) == len(plan.layers):
+        raise PrunekitError(f"{next(iter(uncalled.values()))}, nor any other selected layer; check --include")
+    log.warning(
+        "%d selected layer(s) left dense: %s; prune them without calibration data (--method magnitude --include "
+        "NAME) if they should be sparse",
+        len(uncalled),
+        next(iter(uncalled.values())),
+    )
+    layers = {n: m for n, m in plan.layers.items() if n not in uncalled}
+    return replace(plan, layers=layers, targets={n: plan.targets[n] for n in layers}), uncalled
 
 
 def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
@@ -304,7 +325,7 @@ def check_model(model: nn.Module) -> None:
 def check_token_batches(model: nn.Module, batches: list) -> None:
     """Token-id batches must be integers inside the vocabulary: a raw embedding error deep inside the model
     says neither."""
-    embed = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    embed = input_embeddings(model)
     if not isinstance(embed, nn.Embedding):
         return
     for batch in batches:

@@ -183,11 +183,16 @@ def _add_eval(sub) -> None:
     ppl.add_argument("--device")
     ppl.add_argument("--dtype", default="auto")
     ppl.add_argument("--trust-remote-code", action="store_true")
+    ppl.add_argument("--tokenizer", help=TOKENIZER_HELP)
     ppl.add_argument("--json", help="write the result to this JSON file")
     ppl.set_defaults(func=cmd_eval_ppl)
     image = esub.add_parser("image", help="top-1/top-5 of an image classifier on an ImageFolder (Lightning)")
     image.add_argument("--recipe", help="LightningCLI-style YAML (recipes/imagenet-eval.yaml)")
-    image.add_argument("--model", help="timm:NAME, local-dir:PATH, torchvision:NAME or a saved prunekit directory")
+    image.add_argument(
+        "--model",
+        help="timm:NAME, local-dir:PATH, torchvision:NAME, a saved prunekit directory or a Hugging Face image "
+        "classifier (its own image processor prepares the images)",
+    )
     image.add_argument("--data", help="ImageFolder in ImageNet layout (class folders)")
     image.add_argument("--batch-size", type=int)
     image.add_argument("--num-workers", type=int)
@@ -197,6 +202,76 @@ def _add_eval(sub) -> None:
     image.add_argument("--json", help="write the results to this JSON file")
     image.set_defaults(func=cmd_eval_image)
     _add_zeroshot(esub)
+    _add_eval_model(esub)
+
+
+TOKENIZER_HELP = "tokenizer (or processor) directory or hub id, when the model directory has none"
+
+
+def _add_eval_model(esub) -> None:
+    """``prunekit eval model``: any model class, its own data and metric (``prunekit.model_classes``)."""
+    from .model_classes import MODEL_CLASSES
+
+    metrics = "; ".join(f"{name}: {row.metric}" for name, row in MODEL_CLASSES.items())
+    p = esub.add_parser(
+        "model",
+        help="the metric of a saved model's class on its kind of data, as `prunekit prune --eval-data` reports it",
+        description=f"Metrics by model class: {metrics}.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id (or timm:NAME, local-dir:PATH, ...)")
+    p.add_argument("--data", required=True, help="evaluation data in the format of the model's class (see --help)")
+    p.add_argument("--model-class", default="auto", help="as for prunekit prune (default: from config.json)")
+    p.add_argument(
+        "--reference", help="the dense model, for metrics that compare with it (embedding cosine, agreement)"
+    )
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seqlen", type=int, help="tokens per text window (default: min(2048, the model's context))")
+    p.add_argument(
+        "--prompt-template", help="dual encoders: zero-shot prompt, {} = class name (default: 'a photo of a {}.')"
+    )
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", help="write the result to this JSON file")
+    p.set_defaults(func=cmd_eval_model)
+
+
+def cmd_eval_model(args) -> int:
+    from .commands import run_eval
+
+    result = run_eval(eval_recipe(args), args.reference, args.tokenizer, args.json)
+    print_metrics(result)
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
+def eval_recipe(args) -> PruneRecipe:
+    """The evaluation's settings as the recipe fields the model classes read."""
+    given = {
+        "model": args.model,
+        "model_class": args.model_class,
+        "eval_data": args.data,
+        "eval_batch_size": args.batch_size,
+        "eval_seqlen": args.seqlen,
+        "prompt_template": args.prompt_template,
+        "num_workers": args.num_workers,
+        "device": args.device,
+        "dtype": args.dtype,
+        "trust_remote_code": args.trust_remote_code,
+    }
+    return PruneRecipe(**{k: v for k, v in given.items() if v is not None})
+
+
+def print_metrics(result: dict[str, Any]) -> None:
+    """``model_class metric=value ...`` on one line (values to 4 decimals)."""
+    skip = {"model", "model_class", "data", "reference"}
+    shown = "  ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items() if k not in skip
+    )
+    print(f"{result['model_class']}: {shown}")
 
 
 def _sections(args, data_keys: dict[str, str], model_keys: dict[str, str]) -> dict[str, Any]:
@@ -239,9 +314,17 @@ def cmd_eval_ppl(args) -> int:
             args.dtype,
             args.trust_remote_code,
             args.json,
+            args.tokenizer,
         )
+        result["results_file"] = args.json
     print(f"perplexity {result['ppl']:.4f}")
+    _say_where(result)
     return 0
+
+
+def _say_where(result: dict[str, Any]) -> None:
+    if result.get("results_file"):
+        print(f"wrote {result['results_file']}")
 
 
 def cmd_eval_image(args) -> int:
@@ -257,9 +340,11 @@ def cmd_eval_image(args) -> int:
             ),
         )
     else:
-        from .io.timm import load_vision_model
+        from .io.timm import is_vision_source, load_vision_model
 
         _require(args, "model", "data")
+        if not is_vision_source(args.model):  # a Hugging Face image classifier: its class's own evaluation
+            return _eval_hf_image(args)
         model = load_vision_model(args.model, num_classes=args.num_classes)
         result = evaluate_image(
             model,
@@ -272,6 +357,26 @@ def cmd_eval_image(args) -> int:
         )
     top5 = f"  top-5 {result['top5']:.4f}" if "top5" in result else ""
     print(f"top-1 {result['top1']:.4f}{top5}  ({result['images']} images)")
+    _say_where(result)
+    return 0
+
+
+def _eval_hf_image(args) -> int:
+    from .commands import run_eval
+
+    if args.num_classes is not None:
+        raise PrunekitError("--num-classes replaces a timm model's head; a Hugging Face classifier keeps its own")
+    recipe = PruneRecipe(
+        model=args.model,
+        model_class="image-classification",
+        eval_data=args.data,
+        eval_batch_size=args.batch_size or 64,
+        num_workers=args.num_workers or 0,
+    )
+    result = run_eval(recipe, json_path=args.json)
+    top5 = f"  top-5 {result['top5']:.4f}" if "top5" in result else ""
+    print(f"top-1 {result['top1']:.4f}{top5}")
+    _say_where({"results_file": args.json})
     return 0
 
 

@@ -30,7 +30,11 @@ def _storage(tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
-def _reason(module_name: str, param: str, model: nn.Module, prunable: Mapping[str, nn.Module], gates: set) -> str:
+def _reason(
+    module_name: str, param: str, model: nn.Module, prunable: Mapping[str, nn.Module], gates: set, reasons: Mapping
+) -> str:
+    if module_name in reasons:
+        return reasons[module_name]
     if module_name in gates:
         return "MoE router / gate: kept dense by default (name it with --include to prune it)"
     if module_name in prunable:
@@ -39,10 +43,17 @@ def _reason(module_name: str, param: str, model: nn.Module, prunable: Mapping[st
     return f"{kind}.{param} is not a matmul layer prunekit prunes"
 
 
-def block_coverage(model: nn.Module, layers: Mapping[str, nn.Module], stacks: tuple | None = None) -> dict[str, Any]:
+def block_coverage(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    stacks: tuple | None = None,
+    reasons: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """Sparsity over every weight matrix (2-D or more) inside the model's block lists, the selected layers'
-    sparsity beside it, and each matrix left unpruned (name, shape, parameters, why). Weights shared with a
-    selected layer (a view of a fused tensor) count as covered."""
+    sparsity beside it, and each matrix left unpruned (name, shape, parameters, why; ``reasons`` by layer name where
+    the run knows better than the defaults). Weights shared with a selected layer (a view of a fused tensor) count as
+    covered."""
+    reasons = reasons or {}
     stacks = find_stacks(model) if stacks is None else stacks
     if not stacks:
         return {"blocks": [], "note": "no block list found: coverage is the selected layers' own sparsity"}
@@ -62,7 +73,7 @@ def block_coverage(model: nn.Module, layers: Mapping[str, nn.Module], stacks: tu
                 sel_zeros, sel_total = sel_zeros + nzeros, sel_total + p.numel()
             else:
                 module_name, _, param = full.rpartition(".")
-                reason = _reason(module_name, param, model, prunable, gates)
+                reason = _reason(module_name, param, model, prunable, gates, reasons)
                 left.append({"name": full, "shape": list(p.shape), "numel": p.numel(), "reason": reason})
     result = {
         "blocks": [prefix for prefix, _ in stacks],

@@ -20,6 +20,7 @@ calibration pass over the whole model.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import tempfile
 import time
@@ -596,6 +597,54 @@ def chained(model: nn.Module, plan: Plan, batches: Sequence[Batch]) -> Plan:
             log.warning("blocks of %r do not feed each other (parallel branches?): calibrating in one pass", prefix)
             return replace(plan, stacks=())
     return plan
+
+
+@torch.no_grad()
+def called_layers(model: nn.Module, plan: Plan, batch: Batch) -> set[str]:
+    """The selected layers the model's forward pass calls on ``batch`` (fused experts, hooked otherwise, count as
+    called). The pass stops once every one has been called: blocks after the last pruned one never run."""
+    called = {name for name, m in plan.layers.items() if not isinstance(m, nn.Module)}
+
+    def mark(name: str):
+        def hook(module, args):
+            called.add(name)
+            if len(called) == len(plan.layers):
+                raise StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(mark(n)) for n, m in plan.layers.items() if isinstance(m, nn.Module)]
+    with hooks(handles), streamed_forward(model, [blocks for _, blocks in plan.stacks], plan.device):
+        try:
+            run_model(model, batch, plan.device)
+        except StopForward:
+            pass
+    return called
+
+
+def uncalled(model: nn.Module, plan: Plan, batches: Sequence[Batch]) -> dict[str, str]:
+    """The selected layers no calibration input reaches, each with why: the model never calls them, because
+    their parent reads the weight itself (``nn.MultiheadAttention``'s ``out_proj``, Mamba's ``dt_proj``) or does not
+    use them. A probe on one sample; layers named by an ``include`` pattern are an error, the others stay dense."""
+    if not batches:
+        return {}
+    missed = [n for n in plan.layers if n not in called_layers(model, plan, first_sample(batches[0]))]
+    reasons = {n: unreached_reason(model, n) for n in missed}
+    named = [n for n in missed if any(fnmatch.fnmatchcase(n, p) for p in plan.config.include)]
+    if named:
+        raise PrunekitError(
+            f"{reasons[named[0]]}; exclude it (--exclude '{named[0]}'), or prune it without calibration data "
+            "(--method magnitude)"
+        )
+    return reasons
+
+
+def unreached_reason(model: nn.Module, name: str) -> str:
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return (
+        f"layer {name!r} is never called: {type(parent).__name__}.forward reads its weight directly or does not use "
+        "it, so no calibration input reaches it"
+    )
 
 
 def run(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> dict[str, float]:

@@ -64,12 +64,17 @@ def model_inputs(batch: Batch, device: torch.device | None) -> tuple[tuple, dict
 
 def first_sample(batch: Batch) -> Batch:
     """The first item of a calibration batch (every tensor whose leading dimension is the batch size, cut to
-    one), for probes that need the model's behaviour, not the data's."""
+    one), for probes that need the model's behaviour, not the data's. A batch holding a tensor of another leading
+    size (Qwen2-VL packs every image's patches into one ``[patches, ...]`` tensor) cannot be cut by rows: the
+    whole batch is the probe."""
     if isinstance(batch, Mapping):
         values = list(batch.values())
     else:
         values = list(batch) if isinstance(batch, (tuple, list)) else [batch]
-    size = next((t.shape[0] for t in values if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    tensors = [t for t in values if isinstance(t, torch.Tensor) and t.dim() > 0]
+    size = tensors[0].shape[0] if tensors else None
+    if any(t.shape[0] != size for t in tensors):
+        return batch
 
     def cut(value):
         return value[:1] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size else value

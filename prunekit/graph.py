@@ -24,6 +24,10 @@ try:  # GPT-2 style layers; transformers is a dependency but keep the walker imp
     from transformers.pytorch_utils import Conv1D as HFConv1D
 except ImportError:  # pragma: no cover
     HFConv1D = ()
+try:  # the base class of every transformers 5 encoder / decoder layer
+    from transformers.modeling_layers import GradientCheckpointingLayer as HFLayer
+except ImportError:  # pragma: no cover
+    HFLayer = None
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -110,7 +114,9 @@ def _head_names(model: nn.Module, layers: dict[str, nn.Module]) -> set[str]:
             if isinstance(head, nn.Module) and id(head) in by_id:
                 heads.add(by_id[id(head)])
     if not heads and layers:
-        heads.add(next(reversed(layers)))
+        last = next(reversed(layers))
+        if all(block_index(last, stack) is None for stack in find_stacks(model)):  # a bare encoder ends in a block
+            heads.add(last)
     return heads
 
 
@@ -177,12 +183,20 @@ def _block_lists(model: nn.Module) -> list[tuple[Stack, int]]:
     for name, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 2:
             continue
-        if len({type(c) for c in container}) != 1 or is_prunable(container[0]):
+        if not _repeated_blocks(container) or is_prunable(container[0]):
             continue
         count = sum(len(find_layers(c)) for c in container)
         if count:
             found.append(((name, container), count))
     return [item for item in found if not any(_inside(item[0][0], other[0][0]) for other in found)]
+
+
+def _repeated_blocks(container: nn.Module) -> bool:
+    """Blocks of one class, or Hugging Face layers of several (hybrid models mix Mamba and attention layers,
+    Mllama self- and cross-attention layers, in one list that its forward runs in order)."""
+    if len({type(c) for c in container}) == 1:
+        return True
+    return HFLayer is not None and all(isinstance(c, HFLayer) for c in container)
 
 
 def _inside(name: str, outer: str) -> bool:
@@ -301,3 +315,15 @@ def is_hf_model(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, PreTrainedModel)
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's token embedding; None for models without one (image and audio models; dual encoders, whose
+    text tower holds it), for which transformers raises ``NotImplementedError``."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        return getter()
+    except NotImplementedError:
+        return None

@@ -18,7 +18,7 @@ from typing import Any
 
 from .config import PruneConfig, setting
 from .errors import PrunekitError
-from .model_classes import AUTO, MODEL_CLASSES, check_choice
+from .model_classes import AUTO, HF_CLASSES, check_choice
 
 SAVE_FORMATS = ("dense", "compact")
 
@@ -33,18 +33,25 @@ class PruneRecipe(PruneConfig):
     model_class: str = setting(
         AUTO,
         "how a Hugging Face checkpoint loads: auto (from architectures in its config.json) or "
-        + "; ".join(f"{name}: {row.what}" for name, row in MODEL_CLASSES.items()),
+        + "; ".join(f"{name}: {row.what}" for name, row in HF_CLASSES.items()),
     )
     out: str | None = setting(None, "output directory (claimed at the start, written atomically; never an input)")
     calib_data: str | None = setting(
         None,
-        "calibration text file / dataset (text models), ImageFolder (image models) or image-text folder with "
-        "data.jsonl (vision-language models)",
+        "calibration text file / dataset (text models), ImageFolder (image models), image-text folder with "
+        "data.jsonl (vision-language models, dual encoders; these also take an ImageFolder) or audio folder "
+        "(speech models)",
     )
     eval_data: str | None = setting(
         None,
         "held-out data, evaluated before and after: text (perplexity; classifiers: agreement), labeled .jsonl "
-        "(classifier accuracy), ImageFolder (top-1/top-5) or image-text folder",
+        "(classifier accuracy), ImageFolder (top-1/top-5; dual encoders: zero-shot accuracy), image-text folder "
+        "(text perplexity; dual encoders: retrieval recall) or audio folder (decoder perplexity)",
+    )
+    prompt_template: str = setting(
+        "a photo of a {}.",
+        "dual encoders: the caption of an ImageFolder image, its class folder's name in place of {} (zero-shot "
+        "prompts and calibration captions)",
     )
     eval_seqlen: int | None = setting(None, "tokens per evaluation window (default: seqlen)", type=int)
     eval_batch_size: int = setting(8, "evaluation batch size", type=int)
@@ -80,6 +87,11 @@ def check_job(recipe: PruneRecipe) -> None:
     check_choice(recipe.model_class)
     if recipe.save_format not in SAVE_FORMATS:
         raise PrunekitError(f"unknown save_format {recipe.save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
+    if recipe.prompt_template.count("{}") != 1 or any(c in recipe.prompt_template.replace("{}", "") for c in "{}"):
+        raise PrunekitError(
+            f"prompt_template {recipe.prompt_template!r} must hold {{}} once (where the class name goes) and no other "
+            "braces, e.g. 'a photo of a {}.'"
+        )
     if recipe.eval_seqlen is not None and recipe.eval_seqlen < 1:
         raise PrunekitError(f"eval_seqlen must be a positive integer, got {recipe.eval_seqlen!r}")
     if recipe.lazy:

@@ -46,6 +46,21 @@ def embeddings(model: nn.Module, batches: list[Inputs], device: str | torch.devi
     )
 
 
+def pooled(out) -> torch.Tensor:
+    """One embedding per example from a bare encoder's output: its pooled output (DINOv2's normalised class token,
+    a ConvNeXt's pooled features), else the mean of its last hidden state over positions (an audio encoder)."""
+    pooler = getattr(out, "pooler_output", None)
+    if isinstance(pooler, torch.Tensor) and pooler.dim() == 2:
+        return pooler
+    hidden = out.last_hidden_state
+    return hidden.mean(1) if hidden.dim() == 3 else hidden.flatten(2).mean(-1)
+
+
+def image_embeddings(model: nn.Module, batches: list[Inputs], device: str | torch.device | None = None) -> torch.Tensor:
+    """``[examples, hidden]``: the pooled embedding of every image (or sound) of a bare encoder."""
+    return _outputs(model, batches, device, lambda out, batch: pooled(out).float())
+
+
 def mean_cosine(reference: torch.Tensor, current: torch.Tensor) -> float:
     """Mean cosine similarity of matching rows: 1.0 when the pruned encoder embeds every example as before."""
     return float(F.cosine_similarity(reference, current, dim=-1).mean())

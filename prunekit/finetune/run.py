@@ -14,10 +14,11 @@ from torch import nn
 from ..api import layer_sparsity, versions
 from ..commands import claimed, evaluate, load_job, prune_with_recipe, validate
 from ..errors import PrunekitError
-from ..graph import select_layers
+from ..graph import is_hf_model, select_layers
 from ..io import OutputClaim, save_causal_lm, write_json
 from ..io.timm import save_vision_model
 from ..lightning import PruningCallback
+from ..model_classes import TIMM, Job, ModelClass, Prepared
 from ..recipe import dump_recipe, recipe_dict
 from .causal_lm import CausalLMModule, TextDataModule
 from .lora import add_lora, keep_masks, merge_lora_keep_sparsity
@@ -44,24 +45,25 @@ def run_finetune(recipe: FinetuneRecipe, recipe_path: str | os.PathLike | None =
 
 def _run(recipe: FinetuneRecipe) -> tuple[nn.Module, Any, dict[str, Any]]:
     L.seed_everything(recipe.seed, verbose=False)
-    model, tokenizer, calib, cache = load_job(recipe, calibrate=recipe.schedule == "oneshot")
-    task = _task(recipe, tokenizer)
+    job, calib, cache = load_job(recipe, calibrate=recipe.schedule == "oneshot")
+    model, tokenizer = job.model, job.preprocessor
+    task = _task(recipe, job.model_class)
     keys, timings = list(model.state_dict()), {}
-    metrics = _prefixed(evaluate(model, tokenizer, recipe, cache), "dense")
+    metrics = _prefixed(evaluate(model, job, cache), "dense")
     start = time.perf_counter()
-    pruned = prune_with_recipe(model, tokenizer, recipe, calib).to_dict() if recipe.schedule == "oneshot" else None
+    pruned = prune_with_recipe(model, recipe, calib).to_dict() if recipe.schedule == "oneshot" else None
     timings["prune_s"] = time.perf_counter() - start
     if pruned is not None:
-        metrics.update(_prefixed(evaluate(model, tokenizer, recipe, cache), "pruned"))
+        metrics.update(_prefixed(evaluate(model, job, cache), "pruned"))
     start = time.perf_counter()
-    model, history = _finetune(model, tokenizer, recipe, task, pruned, metrics, cache)
+    model, history = _finetune(model, job, task, pruned, metrics, cache)
     timings["finetune_s"] = time.perf_counter() - start
-    metrics.update(_prefixed(evaluate(model, tokenizer, recipe, cache), "finetuned"))
+    metrics.update(_prefixed(evaluate(model, job, cache), "finetuned"))
     return model, tokenizer, _report(model, recipe, task, metrics, history, timings, keys)
 
 
 def _check_trainable_class(recipe: FinetuneRecipe) -> None:
-    """Fine-tuning trains causal LMs and image classifiers; another Hugging Face class (masked LM, seq2seq, VLM)
+    """Fine-tuning trains causal LMs and timm image classifiers; another Hugging Face class (masked LM, seq2seq, VLM)
     would silently go down the causal-LM path. Read from config.json before anything loads."""
     from ..io.hf import load_config
     from ..io.timm import is_vision_source
@@ -71,16 +73,20 @@ def _check_trainable_class(recipe: FinetuneRecipe) -> None:
         return
     config = load_config(recipe.model, recipe.trust_remote_code)
     model_class = resolve_model_class(config, recipe.model_class, recipe.model)
-    if model_class != "causal-lm":
+    if model_class not in TASKS:
         raise PrunekitError(
-            f"prunekit finetune trains causal LMs and image classifiers; {recipe.model!r} loads as {model_class}: "
-            "prune it with prunekit prune and fine-tune it with your own training loop"
+            f"prunekit finetune trains causal LMs and timm / torchvision image classifiers; {recipe.model!r} loads as "
+            f"{model_class}: prune it with prunekit prune and fine-tune it with your own training loop"
         )
 
 
-def _task(recipe: FinetuneRecipe, tokenizer: Any) -> str:
-    task = recipe.task or ("causal-lm" if tokenizer is not None else "image-classification")
-    if (task == "causal-lm") != (tokenizer is not None):
+# What each model class fine-tunes as (``_check_trainable_class`` lets only these through).
+TASKS = {"causal-lm": "causal-lm", TIMM: "image-classification"}
+
+
+def _task(recipe: FinetuneRecipe, model_class: ModelClass) -> str:
+    task = recipe.task or TASKS[model_class.name]
+    if task != TASKS[model_class.name]:
         raise PrunekitError(f"task {task!r} does not match the model {recipe.model!r}; drop task: to infer it")
     if recipe.lora is not None and task != "causal-lm":
         raise PrunekitError("LoRA recovery is implemented for causal LMs; remove lora: for image models")
@@ -126,12 +132,13 @@ def finetune_trainer(recipe: FinetuneRecipe, callbacks: list, **kwargs: Any) -> 
 
 
 def _finetune(
-    model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe, task: str, pruned: dict | None, metrics: dict, cache: dict
+    model: nn.Module, job: Job, task: str, pruned: dict | None, metrics: dict, cache: Prepared
 ) -> tuple[nn.Module, list]:
+    recipe = job.recipe
     if task == "image-classification":
         return _finetune_image(model, recipe)
     data = TextDataModule(
-        tokenizer,
+        job.preprocessor,
         recipe.training_data,
         recipe.val_data,
         recipe.train_seqlen or recipe.seqlen,
@@ -148,7 +155,7 @@ def _finetune(
     masked = lora.pop("masked", True)  # train dW * M, so the merged model is the trained one
     adapted = add_lora(model, **lora, masks=masks if masked and masks else None)
     finetune_trainer(recipe, []).fit(_lm_module(adapted, recipe), datamodule=data)
-    metrics.update(_prefixed(evaluate(adapted, tokenizer, recipe, cache), "lora_unmerged"))
+    metrics.update(_prefixed(evaluate(adapted, job, cache), "lora_unmerged"))
     return merge_lora_keep_sparsity(adapted, masks), []
 
 
@@ -195,7 +202,7 @@ def _report(
 
 def _save(model: nn.Module, tokenizer: Any, report: dict, recipe: FinetuneRecipe, claim: OutputClaim) -> None:
     with claim.staging() as tmp:
-        if tokenizer is None:
+        if not is_hf_model(model):
             save_vision_model(model, tmp)
         else:
             save_causal_lm(model, tokenizer, tmp)

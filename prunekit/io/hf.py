@@ -156,23 +156,51 @@ def load_config(source: str | os.PathLike, trust_remote_code: bool = False):
         ) from err
 
 
-def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):
+# Files one of which every saved tokenizer has (fast, sentencepiece and word-piece tokenizers).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+SAVE_TOKENIZER = "save the tokenizer with the model (prunekit.save(model, out, tokenizer=tokenizer))"
+
+
+def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False, fix: str = SAVE_TOKENIZER):
+    """The checkpoint's tokenizer; a directory without one is one line saying so and ``fix``."""
     from transformers import AutoTokenizer
 
     cache_only = check_model_source(source, "tokenizer")
+    local = Path(str(source)).expanduser()
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise PrunekitError(f"{str(source)!r} has no tokenizer ({' / '.join(TOKENIZER_FILES[:2])}); {fix}")
     try:
         return AutoTokenizer.from_pretrained(
             str(source), trust_remote_code=trust_remote_code, local_files_only=cache_only
         )
-    except OSError as err:
-        raise PrunekitError(
-            f"tokenizer {str(source)!r} could not be loaded ({_first_line(err)}); check the path or hub id"
-        ) from err
+    except (OSError, ValueError) as err:
+        raise PrunekitError(f"tokenizer {str(source)!r} could not be loaded ({_first_line(err)}); {fix}") from err
 
 
-def load_processor(source: str | os.PathLike, trust_remote_code: bool = False):
-    """The checkpoint's own processor (``AutoProcessor``: image preprocessing plus tokenizer), which image-text
-    models need to turn an image and its text into inputs; one line when the checkpoint has none."""
+# What a processor must hold for each kind of data it prepares: the part's attribute and the file that saves it.
+PROCESSOR_PARTS = {
+    "image_processor": "an image processor (preprocessor_config.json / processor_config.json)",
+    "tokenizer": "a tokenizer (tokenizer.json / tokenizer_config.json)",
+    "feature_extractor": "a feature extractor (preprocessor_config.json / processor_config.json)",
+}
+
+
+def load_processor(
+    source: str | os.PathLike,
+    trust_remote_code: bool = False,
+    needs: tuple[str, ...] = ("image_processor", "tokenizer"),
+    what: str = "image-text models",
+):
+    """The checkpoint's own processor (``AutoProcessor``: image or audio preprocessing, often with a tokenizer),
+    holding the parts ``needs`` (attribute names; a bare image processor or feature extractor counts as itself);
+    one line naming the missing part when the checkpoint has none."""
     from transformers import AutoProcessor
 
     cache_only = check_model_source(source, "processor")
@@ -183,12 +211,22 @@ def load_processor(source: str | os.PathLike, trust_remote_code: bool = False):
         )
     except (OSError, ValueError, TypeError) as err:
         raise PrunekitError(f"processor of {str(source)!r} could not be loaded ({_first_line(err)}); {fix}") from err
-    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+    missing = [part for part in needs if processor_part(processor, part) is None]
+    if missing:
         raise PrunekitError(
-            f"model {str(source)!r} has no image processor (preprocessor_config.json / processor_config.json), "
-            f"which image-text models calibrate with; {fix}"
+            f"model {str(source)!r} has no {PROCESSOR_PARTS[missing[0]]}, which {what} prepare their data with; {fix}"
         )
     return processor
+
+
+def processor_part(processor, part: str):
+    """``processor.<part>``, or the processor itself when it is that part (a bare image processor)."""
+    found = getattr(processor, part, None)
+    if found is not None:
+        return found
+    kinds = {"image_processor": "ImageProcessor", "feature_extractor": "FeatureExtractor", "tokenizer": "Tokenizer"}
+    is_part = any(kinds[part] in cls.__name__ for cls in type(processor).__mro__)
+    return processor if is_part else None
 
 
 def save_causal_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> None:

@@ -187,7 +187,14 @@ def ensure_reloadable(pruned: nn.Module, method: str) -> None:
     ``save_pretrained`` / ``from_pretrained`` give back the same model. Models without an HF config pass."""
     if hf_config(pruned) is None:
         return
-    diff = differences(pruned, rebuilt(pruned))
+    try:
+        expected = rebuilt(pruned)
+    except _validation_errors() as err:  # transformers rejects the rewritten config (DINOv2's backbone stage names)
+        raise PrunekitError(
+            f"{arch_name(pruned)}: {method} would leave a config transformers rejects, so it would not reload "
+            f"({' '.join(str(err).split())[:200]})"
+        ) from None
+    diff = differences(pruned, expected)
     if diff:
         raise PrunekitError(
             f"{arch_name(pruned)}: {method} would leave a model its config cannot describe, so it would not "

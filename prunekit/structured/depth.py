@@ -86,6 +86,29 @@ def cosine_scores(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequen
 
 
 @torch.no_grad()
+def check_shape_kept(model: nn.Module, prefix: str, blocks: Sequence[nn.Module], batch) -> None:
+    """A removed block hands its input on: only blocks whose output is shaped like their input can go (not the
+    stages of a ConvNeXt or Swin, each of which changes the width)."""
+    changed: list[str] = []
+
+    def hook(i):
+        def fn(module, args, kwargs, output):
+            before, after = hidden_state(args, kwargs).shape, block_output(output).shape
+            if before != after:
+                changed.append(f"{prefix}.{i} turns {list(before)} into {list(after)}")
+
+        return fn
+
+    with hooks(b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)):
+        forward(model, batch)
+    if changed:
+        raise PrunekitError(
+            f"{arch_name(model)}: depth removes blocks that pass their input on unchanged in shape, but {changed[0]} "
+            "(stages of growing width); prune it with an unstructured method"
+        )
+
+
+@torch.no_grad()
 def causal_nll(model: nn.Module, batches: Sequence) -> float:
     """Mean next-token negative log-likelihood over the calibration batches."""
     total, count = 0.0, 0
@@ -160,7 +183,7 @@ def renumber_config(config, keep: Sequence[int], n_before: int) -> None:
     for key in PER_LAYER_LISTS:
         values = getattr(config, key, None)
         if isinstance(values, (list, tuple)) and len(values) == n_before:
-            setattr(config, key, type(values)(values[i] for i in keep))
+            _rewrite(config, key, type(values)(values[i] for i in keep))
     for key in LAYER_INDEX_LISTS:
         values = getattr(config, key, None)
         if isinstance(values, (list, tuple)):
@@ -170,6 +193,18 @@ def renumber_config(config, keep: Sequence[int], n_before: int) -> None:
         if isinstance(count, int) and not isinstance(count, bool):
             setattr(config, key, sum(i < count for i in keep))
     config.num_hidden_layers = len(keep)
+
+
+def _rewrite(config, key: str, value) -> None:
+    """Set a per-layer entry; one the config computes from other entries (Jamba's ``layer_types``, from layer
+    periods and offsets) cannot follow the kept blocks: refused."""
+    try:
+        setattr(config, key, value)
+    except AttributeError:
+        raise PrunekitError(
+            f"{getattr(config, 'model_type', type(config).__name__)}: depth cannot describe the kept blocks in the "
+            f"config: its {key} is computed from other entries (layer periods and offsets), not a list depth can edit"
+        ) from None
 
 
 def _update_config(model: nn.Module, prefix: str, keep: Sequence[int], n_before: int) -> None:
@@ -241,6 +276,7 @@ class Depth(ModelMethod):
         prefix, blocks = block_list(model)
         k, pinned = blocks_to_remove(len(blocks), ratio), pinned_blocks(model)
         rehearse(model, prefix, choose_drop(torch.arange(len(blocks), 0, -1), k, pinned))  # the last k, before any work
+        check_shape_kept(model, prefix, blocks, batches[0])
         before, total_before = count_params(blocks), count_params(model)
         scores = self.block_scores(model, blocks, batches)
         drop = choose_drop(scores, k, pinned)

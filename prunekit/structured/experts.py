@@ -28,7 +28,18 @@ from ..errors import PrunekitError
 from ..forward import hooks
 from ..moe import expert_output, num_experts, routers, routing_call
 from .base import ModelMethod, register_structured
-from .common import check_batches, check_ratio, config_accepts, count_params, forward, hf_config, set_config, summary
+from .common import (
+    check_batches,
+    check_ratio,
+    config_accepts,
+    count_params,
+    ensure_reloadable,
+    forward,
+    hf_config,
+    meta_clone,
+    set_config,
+    summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +152,27 @@ def config_counts(model: nn.Module, before: int, after: int) -> dict[str, int]:
     return values
 
 
+def count_attributes(model: nn.Module, before: int, after: int) -> None:
+    """Every module's own expert-count attribute in step (Jamba's MoE block and model copy ``num_experts`` from the
+    config when built, and route with it)."""
+    for module in model.modules():
+        for key in EXPERT_COUNT_KEYS:
+            if getattr(module, key, None) == before and not isinstance(getattr(module, key), bool):
+                setattr(module, key, after)
+
+
+def rehearse(model: nn.Module, count: int, after: int, values: Mapping[str, int]) -> None:
+    """Remove experts from a meta copy and check it is what its config describes (Jamba builds a dense MLP where a
+    layer has one expert), so a count the family cannot load is refused before the real model is touched."""
+    clone, keep = meta_clone(model), torch.arange(after)
+    for experts, router in moe_layers(clone).values():
+        keep_experts(experts, keep, count)
+        keep_experts(router, keep, count)
+    count_attributes(clone, count, after)
+    set_config(hf_config(clone), values)
+    ensure_reloadable(clone, "experts")
+
+
 @register_structured
 @dataclass
 class Experts(ModelMethod):
@@ -157,6 +189,7 @@ class Experts(ModelMethod):
         top_k = int(getattr(router0, "top_k", getattr(hf_config(model), "num_experts_per_tok", 1)))
         k = experts_to_remove(count, ratio, groups, top_k)
         values = config_counts(model, count, count - k * groups)
+        rehearse(model, count, count - k * groups, values)
         modules = [m for pair in layers.values() for m in pair]
         before, total_before = sum(count_params(m) for m in modules), count_params(model)
         scores, routed = expert_scores(model, layers, batches)
@@ -166,6 +199,7 @@ class Experts(ModelMethod):
             keep = torch.tensor([e for e in range(count) if e not in set(removed[name])])
             keep_experts(experts, keep, count)
             keep_experts(router, keep, count)
+        count_attributes(model, count, count - k * groups)
         set_config(hf_config(model), values)
         log.info("experts: removed %d of %d experts in each of %d MoE layers", k * groups, count, len(layers))
         return summary(

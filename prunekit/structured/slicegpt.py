@@ -50,6 +50,7 @@ from torch import nn
 from ..architectures import ATTENTION_READERS, MLP_READERS, PRE_NORMS, family
 from ..errors import PrunekitError
 from ..forward import hooks
+from ..graph import input_embeddings
 from .base import ModelMethod, register_structured
 from .common import (
     arch_name,
@@ -149,7 +150,7 @@ def find_layout(model: nn.Module, offset: float | None = None) -> Layout:
     check_resizable(model, prefix, blocks, "slicegpt")
     if family(arch).no_slicegpt:
         raise PrunekitError(f"{arch}: slicegpt cannot slice the residual stream: {family(arch).no_slicegpt}")
-    embed, head, final_norm = model.get_input_embeddings(), model.get_output_embeddings(), getattr(owner, "norm", None)
+    embed, head, final_norm = input_embeddings(model), model.get_output_embeddings(), getattr(owner, "norm", None)
     if offset is None:
         norms = [m for m in blocks.modules() if _is_norm(m)] + ([final_norm] if _is_norm(final_norm) else [])
         offset = check_norms(model, norms, blocks)
