@@ -1,7 +1,8 @@
 """The table of supported architectures, established by running every capability check of
 ``tests.zoo.support`` on every tiny zoo model (nothing downloaded). Writes
 benchmarks/results/support.{json,md}; the README's table is generated from it (``prunekit report --docs``), and
-``tests/test_architectures.py`` fails when what prunekit does no longer matches the recorded table.
+``tests/test_architectures.py`` fails when what prunekit does no longer matches the recorded table. Also writes the
+table of model classes (``model_classes.md``, from ``prunekit.model_classes``), which the README includes.
 
     python benchmarks/support.py [--only NAME ...]
 """
@@ -18,7 +19,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the zoo lives with the tests (tests/zoo), not in the installed package
 
-from tests.zoo.support import markdown, support_matrix  # noqa: E402
+from tests.zoo.support import markdown, model_class_markdown, support_matrix  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -35,6 +36,7 @@ def main() -> None:
     matrix.update(support_matrix(args.only))
     path.write_text(json.dumps(matrix, indent=2) + "\n")
     (RESULTS / "support.md").write_text(markdown(matrix))
+    (RESULTS / "model_classes.md").write_text(model_class_markdown())
     print(markdown(matrix))
 
 

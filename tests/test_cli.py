@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -86,6 +87,51 @@ def test_eval_ppl(checkpoint, tmp_path, capsys):
     )
     assert "perplexity" in capsys.readouterr().out
     assert json.loads((tmp_path / "ppl.json").read_text())["ppl"] > 1
+
+
+def test_eval_ppl_of_a_model_saved_without_its_tokenizer(checkpoint, tmp_path, capsys):
+    """Issue 28 item 11: a traceback ("Couldn't instantiate the backend tokenizer") and "a bug in prunekit" became one
+    line naming the fix, exit 2, before the weights load; --tokenizer gives it."""
+    bare = tmp_path / "bare"
+    tiny_llama(vocab=4096).save_pretrained(bare)
+    argv = ["eval", "ppl", "--model", str(bare), "--data", str(checkpoint / "test.txt"), "--seqlen", "64"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer" in err and "--tokenizer" in err and "prunekit.save(" in err
+    assert "Traceback" not in err and "bug" not in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--tokenizer", str(checkpoint / "model")]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_eval_image_recipe_writes_only_when_asked_and_says_where(tmp_path, monkeypatch, capsys):
+    """Issue 28 item 15: the shipped recipe wrote out/recipes/imagenet-eval.json on every run and never said so."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    overrides = [
+        "--model",
+        f"local-dir:{demo_assets() / 'convnext-digits-500k'}",
+        "--data",
+        str(demo_assets() / "digits" / "val"),
+    ]
+    assert main(["eval", "image", "--recipe", str(root / "recipes" / "imagenet-eval.yaml"), *overrides]) == 0
+    assert "top-1" in capsys.readouterr().out and not list(tmp_path.rglob("*.json"))
+    result = tmp_path / "top1.json"
+    assert (
+        main(
+            [
+                "eval",
+                "image",
+                "--recipe",
+                str(root / "recipes" / "imagenet-eval.yaml"),
+                *overrides,
+                "--json",
+                str(result),
+            ]
+        )
+        == 0
+    )
+    assert f"wrote {result}" in capsys.readouterr().out and json.loads(result.read_text())["top1"] > 0.9
 
 
 @pytest.mark.parametrize(

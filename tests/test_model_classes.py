@@ -87,3 +87,12 @@ def test_every_class_has_a_row_and_the_table_imports_no_torch():
     )
     code = "import sys, prunekit.cli; prunekit.cli.build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_the_readme_table_of_classes_is_generated_from_the_rows():
+    from pathlib import Path
+
+    from tests.zoo.support import model_class_markdown
+
+    recorded = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "model_classes.md"
+    assert recorded.read_text() == model_class_markdown(), "stale: run python benchmarks/support.py --only llama"

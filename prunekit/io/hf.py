@@ -192,6 +192,11 @@ PROCESSOR_PARTS = {
 }
 
 
+# A model that needs one part only loads it with its own auto class (AutoProcessor would build a whole processor,
+# and fail, for a wav2vec 2.0 checkpoint that has a vocabulary in its config but no tokenizer files).
+ONE_PART = {("image_processor",): "AutoImageProcessor", ("feature_extractor",): "AutoFeatureExtractor"}
+
+
 def load_processor(
     source: str | os.PathLike,
     trust_remote_code: bool = False,
@@ -201,14 +206,13 @@ def load_processor(
     """The checkpoint's own processor (``AutoProcessor``: image or audio preprocessing, often with a tokenizer),
     holding the parts ``needs`` (attribute names; a bare image processor or feature extractor counts as itself);
     one line naming the missing part when the checkpoint has none."""
-    from transformers import AutoProcessor
+    import transformers
 
     cache_only = check_model_source(source, "processor")
     fix = "save the model's processor next to the weights (processor.save_pretrained)"
+    auto = getattr(transformers, ONE_PART.get(needs, "AutoProcessor"))
     try:
-        processor = AutoProcessor.from_pretrained(
-            str(source), trust_remote_code=trust_remote_code, local_files_only=cache_only
-        )
+        processor = auto.from_pretrained(str(source), trust_remote_code=trust_remote_code, local_files_only=cache_only)
     except (OSError, ValueError, TypeError) as err:
         raise PrunekitError(f"processor of {str(source)!r} could not be loaded ({_first_line(err)}); {fix}") from err
     missing = [part for part in needs if processor_part(processor, part) is None]

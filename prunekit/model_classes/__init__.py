@@ -29,15 +29,15 @@ from .base import Job, ModelClass, Prepared
 AUTO = "auto"
 TIMM = "timm"
 
-_REGISTRY: Registry[ModelClass] = Registry("model class")
-for _row in (*text.ROWS, *vision.ROWS, *multimodal.ROWS, *speech.ROWS):
+_REGISTRY: Registry[ModelClass] = Registry("model class")  # a name registered twice is an error
+ROWS = (*text.ROWS, *vision.ROWS, *multimodal.ROWS, *speech.ROWS)
+for _row in ROWS:
     _REGISTRY.register(_row)
 
-# Every row, most specific first; the Hugging Face ones can be named with --model-class.
-MODEL_CLASSES: dict[str, ModelClass] = {
-    n: _REGISTRY[n] for n in sorted(_REGISTRY.names(), key=lambda n: _REGISTRY[n].rank)
-}
+# Every row, family by family; the Hugging Face ones can be named with --model-class.
+MODEL_CLASSES: dict[str, ModelClass] = {row.name: row for row in ROWS}
 HF_CLASSES: dict[str, ModelClass] = {n: row for n, row in MODEL_CLASSES.items() if row.transformers}
+PREFERENCE = sorted(HF_CLASSES.values(), key=lambda row: row.rank)  # most specific first
 CHOICES = (AUTO, *HF_CLASSES)
 OVERRIDE_HINT = f"pass --model-class ({'|'.join(HF_CLASSES)}), or model_class: in the recipe"
 
@@ -91,7 +91,7 @@ def reads_its_inputs(row: ModelClass, class_name: str | None) -> bool:
 def class_of_architecture(architecture: str, auto_map: dict[str, Any]) -> str | None:
     """The model class of one ``architectures`` entry: a name transformers lists, then the auto classes a
     remote-code config maps (``auto_map``), then the class-name ending; None when none says."""
-    rows = list(HF_CLASSES.values())
+    rows = PREFERENCE
     for rule in (
         lambda r: architecture in class_names(r.name) and reads_its_inputs(r, architecture),
         lambda r: r.auto_class in auto_map,

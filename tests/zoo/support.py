@@ -165,19 +165,15 @@ def _structured(method: str) -> Callable[[str, nn.Module], None]:
 def check_cli(name: str, model: nn.Module) -> None:
     """``prunekit prune`` on a saved copy with its tokenizer / processor and data in the format its class takes
     (text, or an image-text folder); a refusal is the CLI's one-line error."""
-    from prunekit.cli import demo_assets, main
+    from prunekit.cli import main
 
-    from . import ZOO, save, write_image_text
+    from . import save
 
     with tempfile.TemporaryDirectory() as tmp:
         source, out = Path(tmp) / "model", Path(tmp) / "pruned"
         save(name, source, model)
-        text = demo_assets() / "kjv" / "test-small.txt"
-        if ZOO[name].kind == "vlm":
-            verses = [line for line in text.read_text().splitlines() if line.strip()][:4]
-            data = ["--calib-data", str(write_image_text(Path(tmp) / "pairs", verses))]
-        else:
-            data = ["--calib-data", str(text), "--seqlen", "32"]
+        data = ["--calib-data", str(calibration_data(name, Path(tmp)))]
+        data += ["--seqlen", "32"] if ZOO[name].kind in ("causal", "masked", "seq2seq") else []
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             code = main(["prune", "--model", str(source), *data, "--nsamples", "4", "--out", str(out)])
@@ -189,6 +185,26 @@ def check_cli(name: str, model: nn.Module) -> None:
         report = json.loads((out / "prune_report.json").read_text())
         if abs(report["sparsity"] - 0.5) > 0.01:
             raise AssertionError(f"{name}: CLI run reached {report['sparsity']:.3f}")
+
+
+def calibration_data(name: str, folder: Path) -> Path:
+    """Calibration data in the format ``name``'s model class takes, from the bundled assets: text, the digits
+    ImageFolder (image models; dual encoders caption it from its class names), the spoken KJV clips, or image-text
+    pairs written into ``folder`` (vision-language models)."""
+    from prunekit.cli import demo_assets
+
+    from . import write_image_text
+
+    assets, kind = demo_assets(), ZOO[name].kind
+    if kind in ("image", "dual"):
+        return assets / "digits" / "train"
+    if kind in ("speech", "audio"):
+        return assets / "speech"
+    text = assets / "kjv" / "test-small.txt"
+    if kind == "vlm":
+        verses = [line for line in text.read_text().splitlines() if line.strip()][:4]
+        return write_image_text(folder / "pairs", verses)
+    return text
 
 
 CAPABILITIES: dict[str, Callable[[str, nn.Module], None]] = {
@@ -247,3 +263,20 @@ def markdown(matrix: dict[str, dict[str, str]]) -> str:
     lines += [f"[{number}] {reason}  " for reason, number in notes.items()]
     lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
+
+
+def model_class_markdown() -> str:
+    """The table of model classes, from the rows of ``prunekit.model_classes`` (the README's *Supported models*)."""
+    from prunekit.model_classes import MODEL_CLASSES
+
+    lines = ["| `--model-class` | what | `--calib-data` / `--eval-data` | `--eval-data` metric (report key) |"]
+    lines.append("|---|---|---|---|")
+    for name, row in MODEL_CLASSES.items():
+        shown = f"`{name}`" if row.transformers else f"(`{name}`: chosen by the source)"
+        lines.append(f"| {shown} | {_plain_markdown(row.what)} | {_plain_markdown(row.data)} | {row.metric} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plain_markdown(text: str) -> str:
+    """Text as markdown shows it: ``*ForCausalLM`` is no emphasis, ``<class>`` no HTML tag."""
+    return text.replace("*", "\\*").replace("<", "&lt;")
