@@ -48,16 +48,21 @@ def zeroshot_accuracy(
     image_embeds, text_embeds = pair_embeddings(model, [{**prompts, "pixel_values": b} for b in images], device)
     classes = prompts["input_ids"].shape[0]
     ranked = (image_embeds @ text_embeds[:classes].T).argsort(dim=-1, descending=True, stable=True)
-    result = {"zeroshot_top1": float((ranked[:, 0] == labels).float().mean())}
+    result = {"zeroshot_top1": share(ranked[:, 0] == labels)}
     if classes >= 5:
-        result["zeroshot_top5"] = float((ranked[:, :5] == labels[:, None]).any(-1).float().mean())
+        result["zeroshot_top5"] = share((ranked[:, :5] == labels[:, None]).any(-1))
     return result
+
+
+def share(hits: torch.Tensor) -> float:
+    """The fraction of true entries, exactly (a count over a count, not a float32 mean)."""
+    return int(hits.sum()) / hits.numel()
 
 
 def recall_at(similarity: torch.Tensor, right: torch.Tensor, k: int) -> float:
     """Share of query rows with a right answer (``right[q, a]``) among their ``k`` most similar answers."""
     top = similarity.topk(min(k, similarity.shape[1]), dim=-1).indices
-    return float(right.gather(1, top).any(-1).float().mean())
+    return share(right.gather(1, top).any(-1))
 
 
 def retrieval_recall(

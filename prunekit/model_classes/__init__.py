@@ -122,13 +122,11 @@ def resolve_model_class(config: Any, requested: str = AUTO, source: str = "") ->
 
 
 def loaded_class(config: Any, model_class: str) -> str | None:
-    """The transformers class name ``model_class``'s auto class builds for ``config``'s model type (None: none)."""
-    from transformers import AutoModel
-
-    auto = MODEL_CLASSES[model_class].auto_class
-    mapping = (
-        _mapping("MODEL_MAPPING_NAMES") if auto == AutoModel.__name__ else _mapping(MODEL_CLASSES[model_class].mapping)
-    )
+    """The transformers class name ``model_class``'s auto class builds for ``config``'s model type (None: none).
+    ``AutoModel`` builds what ``MODEL_MAPPING_NAMES`` lists, whichever mapping recognises the row (vision and audio
+    encoders are told from text encoders by the inputs their class reads)."""
+    row = MODEL_CLASSES[model_class]
+    mapping = _mapping("MODEL_MAPPING_NAMES" if row.auto_class == "AutoModel" else row.mapping)
     value = mapping.get(getattr(config, "model_type", None))
     return _names(value)[0] if value else None
 

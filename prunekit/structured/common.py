@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -89,6 +90,19 @@ def hf_config(model: nn.Module):
 def arch_name(model: nn.Module) -> str:
     """How errors name an architecture: the HF ``model_type`` (``gemma2``), else the class name."""
     return getattr(hf_config(model), "model_type", "") or type(model).__name__
+
+
+@contextmanager
+def refusals_named(model: nn.Module):
+    """A refusal raised in the body names the architecture it refuses (``swin: ...``), as every structured method's
+    own refusals do."""
+    try:
+        yield
+    except PrunekitError as err:
+        arch = arch_name(model)
+        if str(err).startswith(f"{arch}: "):
+            raise
+        raise PrunekitError(f"{arch}: {err}") from None
 
 
 def block_config(model: nn.Module, prefix: str):

@@ -65,6 +65,7 @@ from .common import (
     forward,
     hf_config,
     meta_clone,
+    refusals_named,
     set_config,
     summary,
 )
@@ -377,7 +378,8 @@ class SliceGPT(ModelMethod):
     def prune_model(self, model: nn.Module, batches: list, ratio: float) -> dict:
         ratio = check_ratio(ratio)
         check_batches(batches, self.name)
-        layout = find_layout(model)
+        with refusals_named(model):
+            layout = find_layout(model)
         prefix, blocks = block_list(model)
         d, head_dim, hf = layout.embed.embedding_dim, _head_dim(layout), block_config(model, prefix)
         d_new = sliced_dim(

@@ -56,6 +56,7 @@ from .common import (
     forward,
     hf_config,
     meta_clone,
+    refusals_named,
     set_config,
     summary,
 )
@@ -226,11 +227,12 @@ class Width(ModelMethod):
         check_resizable(model, prefix, blocks, self.name)
         before, total_before = count_params(blocks), count_params(model)
         hf, mlp_key = block_config(model, prefix), mlp_size_key(model)
-        groups = find_groups(prefix, blocks, mlp_key)
-        check_heads(groups, self.head_ratio, arch_name(model))
-        accepts = functools.partial(config_accepts, hf)
-        counts = removal_counts(groups, ratio, self.head_ratio, self.round_to, before, accepts)
-        config = planned_config(groups, counts, accepts)
+        with refusals_named(model):
+            groups = find_groups(prefix, blocks, mlp_key)
+            check_heads(groups, self.head_ratio, arch_name(model))
+            accepts = functools.partial(config_accepts, hf)
+            counts = removal_counts(groups, ratio, self.head_ratio, self.round_to, before, accepts)
+            config = planned_config(groups, counts, accepts)
         rehearse(model, prefix, counts, config, mlp_key)
         norms = input_norms(model, groups, batches) if self.needs_calibration else None
         scores = {g.name: unit_scores(g, norms) for g in groups}
