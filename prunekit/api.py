@@ -19,6 +19,7 @@ from .collect import LayerStats
 from .config import PruneConfig
 from .coverage import block_coverage
 from .data.calib import calibration_batches
+from .distributed import check_launch, rank_device, shard, together, world_size
 from .errors import PrunekitError
 from .forward import eval_mode, model_device, on_device
 from .graph import find_stacks, is_vision_model, select_layers, stack_block_index, weight_matrix
@@ -118,7 +119,7 @@ def plan_prune(model: nn.Module, config: PruneConfig | str | None = None, **sett
     check_patterns(layers, nm)
     needs = frozenset(method.needs).union(*(u.needs for u in updates))
     targets = {n: Target(config.sparsity, group, nm) for n in layers}
-    device = torch.device(config.device) if config.device is not None else None
+    device = rank_device(config.device)
     return engine.Plan(
         method, updates, layers, targets, _stacks(model, config, group), device, needs, config.as_config()
     )
@@ -144,6 +145,7 @@ def prune(
     calib: Any = None,
     *,
     tokenizer: Any = None,
+    progress: engine.Progress | None = None,
     **settings: Any,
 ) -> PruneReport:
     """Prune ``model`` in place and return a report.
@@ -154,26 +156,42 @@ def prune(
     (tensors or dicts of model inputs), or a text file path (tokenised with ``tokenizer``). Methods that
     need no statistics (magnitude) need no ``calib``. Structured methods (``depth``, ``width``, ``slicegpt``)
     remove about ``sparsity`` of the selected parameters and change the model's shapes and config.
+
+    Inside an initialised ``torch.distributed`` process group every rank calls ``prune`` with the same model,
+    settings and calibration data: each calibrates on its share of the batches, the statistics are summed over
+    the ranks and the layers' pruning is shared out (``prunekit.distributed``), so every rank ends with the same
+    pruned model. ``progress`` keeps a resumable run's state block by block (the CLI's and ``prune_lazy``'s
+    ``--out``: ``prunekit.io.resume.BlockProgress``).
     """
     config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
     check_model(model)
+    check_launch()
     with eval_mode(model):
         if config.structured:
+            if progress is not None:
+                progress.bind(None, resumable=False)
             return _prune_structured(model, config, calib, tokenizer)
-        return _prune_unstructured(model, config, calib, tokenizer)
+        return _prune_unstructured(model, config, calib, tokenizer, progress)
 
 
-def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
+def _prune_unstructured(
+    model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any, progress: engine.Progress | None = None
+) -> PruneReport:
     plan = plan_prune(model, config)
     allocator = ALLOCATORS.create(config.allocation, config.allocation_params)
     start = time.perf_counter()
     wants_data = plan.needs or allocator.needs_calibration or config.recalibrate_bn or calib is not None
-    batches = calibration(model, calib, tokenizer, config) if wants_data else []
+    with together():
+        batches = calibration(model, calib, tokenizer, config) if wants_data else []
+        plan = engine.chained(model, plan, batches)
     data_s = time.perf_counter() - start
-    plan = engine.chained(model, plan, batches)
-    plan = replace(plan, targets=allocate(model, batches, plan, allocator, config.sparsity))
-    warn_existing_zeros(plan)
-    timings = engine.run(model, batches, plan)
+    saved = progress.targets if progress is not None else None  # a resumed run keeps its allocation
+    plan = replace(plan, targets=saved or allocate(model, batches, plan, allocator, config.sparsity))
+    if saved is None:
+        warn_existing_zeros(plan)
+    if progress is not None:
+        progress = progress.bind(plan, engine.resumable(plan))
+    timings = engine.run(model, batches, plan, progress)
     timings["data_s"] = data_s
     bn = _recalibrate_bn(model, plan, batches, config.recalibrate_bn)
     layers, overall = layer_sparsity(plan.layers)
@@ -187,9 +205,17 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, token
     log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(layers), 100 * overall, timings["total_s"])
     coverage = block_coverage(model, plan.layers)
     experts = expert_report(model, plan.layers, config.expert_tokens, config.expert_min_tokens)
-    return PruneReport(
+    report = PruneReport(
         settings, layers, overall, timings, versions(), bn_recalibration=bn, coverage=coverage, experts=experts
     )
+    return with_ranks(report)
+
+
+def with_ranks(report: PruneReport) -> PruneReport:
+    """The number of ranks in the report, when there were several."""
+    if world_size() > 1:
+        report.metrics["world_size"] = world_size()
+    return report
 
 
 def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
@@ -198,12 +224,13 @@ def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokeniz
 
     method = STRUCTURED.create(config.method, config.method_params)
     start = time.perf_counter()
-    batches = calibration(model, calib, tokenizer, config) if method.needs_calibration else []
-    with torch.no_grad(), on_device(model, config.device):
+    with together():
+        batches = calibration(model, calib, tokenizer, config) if method.needs_calibration else []
+    with torch.no_grad(), on_device(model, rank_device(config.device)):
         summary = method.prune_model(model, batches, config.sparsity)
     settings = {**config.settings(), "structured": True}
     timings = {"total_s": time.perf_counter() - start}
-    return PruneReport(settings, {}, 0.0, timings, versions(), structure=summary)
+    return with_ranks(PruneReport(settings, {}, 0.0, timings, versions(), structure=summary))
 
 
 def allocate(
@@ -284,9 +311,11 @@ def resolve_seqlen(seqlen: int | None, model: Any, what: str = "seqlen") -> int:
 
 
 def calibration(model: nn.Module, calib: Any, tokenizer: Any, config: PruneConfig) -> list:
-    """The calibration batches of ``calib`` for ``model`` (text windows of the resolved length)."""
+    """The calibration batches of ``calib`` for ``model`` (text windows of the resolved length); with several
+    ranks, this rank's share of them (``prunekit.distributed.shard``)."""
     seqlen = resolve_seqlen(config.seqlen, model)
     batches = calibration_batches(calib, tokenizer, config.nsamples, seqlen, config.seed, config.batch_size)
+    batches = shard(batches)
     check_token_batches(model, batches)
     return batches
 

@@ -63,6 +63,18 @@ class PruneRecipe(PruneConfig):
         "packing; `prunekit convert --to dense` restores)",
     )
     overwrite: bool = setting(False, "replace a non-empty --out (at the very end, atomically)", type=bool)
+    resume: bool | None = setting(
+        None,
+        "block-by-block runs keep their progress beside --out after each block, and a rerun of an interrupted run "
+        "continues from it (saying so; refused, naming the difference, when a setting or input changed); --resume: "
+        "there must be such a run to continue; --no-resume: keep no progress and discard an interrupted run's",
+        type=bool,
+    )
+    dist_timeout: float = setting(
+        1800.0,
+        "torchrun: seconds a rank waits for the others (at a block's end, for a broadcast) before it gives up",
+        type=float,
+    )
     report_json: str | None = setting(None, "also write the prune report to this JSON file", flag="--json")
     trust_remote_code: bool = setting(
         False, "run the checkpoint's own Python code (command line only, never from a recipe)", type=bool, recipe=False
@@ -82,6 +94,10 @@ def check_job(recipe: PruneRecipe) -> None:
         raise PrunekitError(f"unknown save_format {recipe.save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
     if recipe.eval_seqlen is not None and recipe.eval_seqlen < 1:
         raise PrunekitError(f"eval_seqlen must be a positive integer, got {recipe.eval_seqlen!r}")
+    if recipe.resume and not recipe.out:
+        raise PrunekitError("--resume needs --out: the progress is kept beside the output")
+    if not recipe.dist_timeout > 0:
+        raise PrunekitError(f"dist_timeout must be a positive number of seconds, got {recipe.dist_timeout!r}")
     if recipe.lazy:
         _check_lazy(recipe)
 

@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..distributed import sum_over_ranks, together
 from ..errors import PrunekitError
 from ..forward import hooks
 from ..moe import expert_output, num_experts, routers, routing_call
@@ -91,9 +92,10 @@ def expert_scores(
 
         return fn
 
-    with hooks(e.register_forward_pre_hook(hook(n), with_kwargs=True) for n, (e, _) in layers.items()):
+    with together(), hooks(e.register_forward_pre_hook(hook(n), with_kwargs=True) for n, (e, _) in layers.items()):
         for batch in batches:
             forward(model, batch)
+    sum_over_ranks(*scores.values(), *counts.values())
     return scores, counts
 
 
