@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _MESSAGE_BYTES = 1024  # what one rank tells the others about its failure (utf-8, cut to fit)
 AGREED = "prunekit_agreed"  # attribute set on an exception every rank knows about
+_STOPPING = False  # a failure every rank knows of was raised: the ranks are on their way out
 
 
 class PeerError(PrunekitError):
@@ -161,15 +162,24 @@ def agree(error: BaseException | None = None) -> None:
         if error is not None:
             raise error
         return
+    global _STOPPING
     mine = _encode(error)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     if error is not None:
+        _STOPPING = True
         setattr(error, AGREED, True)
         raise error
     failed = [(r, _decode(t)) for r, t in enumerate(gathered) if int(t[0])]
     if failed:
+        _STOPPING = True
         raise PeerError(*failed[0])
+
+
+def stopping() -> bool:
+    """Whether this rank is on its way out after a failure every rank knows of (a SIGTERM from the launcher
+    then must not interrupt the cleanup)."""
+    return _STOPPING
 
 
 def agreed(error: BaseException) -> bool:

@@ -15,8 +15,8 @@ so a run killed at any moment leaves a state that is consistent (at worst one bl
 same ``--out`` resumes it when its settings, inputs (paths, sizes, modification times), versions and number of
 ranks are the ones it started with, and says so; it refuses with one line naming the difference otherwise
 (``--no-resume`` discards the state instead). The state is removed when the output is complete, and when a run
-fails for another reason than an interruption (Ctrl-C, SIGTERM, SIGKILL) or the machine (an OS error): that run
-would fail the same way again.
+fails with an error rather than being interrupted (Ctrl-C, SIGTERM, SIGKILL): a failed run leaves nothing
+behind, as before.
 """
 
 from __future__ import annotations
@@ -224,8 +224,9 @@ class ResumeState:
             KEPT = None
 
     def failed(self, error: BaseException) -> None:
-        """Keep the state after an interruption or an OS error; drop it after an error a rerun would repeat."""
-        if not isinstance(error, (KeyboardInterrupt, OSError)):
+        """Keep the state after an interruption (Ctrl-C, SIGTERM: the CLI raises KeyboardInterrupt); a run that
+        failed with an error leaves nothing behind."""
+        if not isinstance(error, KeyboardInterrupt):
             self.finish()
 
 
