@@ -619,7 +619,8 @@ class Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum, frame) -> None:
     distributed = sys.modules.get("prunekit.distributed")
-    if distributed is None or not distributed.stopping():  # already on the way out after a failure every rank knows of: finish cleaning up
+    # After a failure every rank knows of the ranks are on their way out already: let the cleanup finish.
+    if distributed is None or not distributed.stopping():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup itself is not interrupted again
         raise Terminated
 
