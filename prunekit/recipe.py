@@ -94,12 +94,28 @@ def check_job(recipe: PruneRecipe) -> None:
         raise PrunekitError(f"unknown save_format {recipe.save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
     if recipe.eval_seqlen is not None and recipe.eval_seqlen < 1:
         raise PrunekitError(f"eval_seqlen must be a positive integer, got {recipe.eval_seqlen!r}")
-    if recipe.resume and not recipe.out:
-        raise PrunekitError("--resume needs --out: the progress is kept beside the output")
+    if recipe.resume:
+        _check_resume(recipe)
     if not recipe.dist_timeout > 0:
         raise PrunekitError(f"dist_timeout must be a positive number of seconds, got {recipe.dist_timeout!r}")
     if recipe.lazy:
         _check_lazy(recipe)
+
+
+def _check_resume(recipe: PruneRecipe) -> None:
+    """--resume continues a block-by-block run: one that keeps its progress beside --out."""
+    problems = [
+        what
+        for what, bad in (
+            ("--out (the progress is kept beside it)", not recipe.out),
+            ("an unstructured method (structured methods run in one pass)", recipe.structured),
+            ("sequential calibration (--no-sequential runs in one pass)", not recipe.sequential),
+            ("a group other than global (one threshold over every layer needs one pass)", recipe.group == "global"),
+        )
+        if bad
+    ]
+    if problems:
+        raise PrunekitError(f"--resume needs {'; '.join(problems)}")
 
 
 def _check_lazy(recipe: PruneRecipe) -> None:

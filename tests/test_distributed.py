@@ -9,8 +9,12 @@ pair of processes runs every method in turn, so the group is set up once.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -48,6 +52,7 @@ LAZY_MORE = {  # the same in the slow suite (each lazy run costs seconds on a bu
     "wanda + dsnot": dict(method="wanda", update=("dsnot",)),
 }
 BLOCKS = 3
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tokens() -> torch.Tensor:
@@ -231,3 +236,112 @@ def test_a_torchrun_launch_without_a_process_group_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(PrunekitError, match="no torch.distributed process group is initialised"):
         prunekit.prune(tiny_llama(layers=1), calib=tokens(), sparsity=0.5)
+
+
+# ---------------------------------------------------------------- resuming a distributed run
+
+
+def _kill_rank0_after(rank: int, checkpoint: str, out: str, block: int, lazy: bool) -> None:
+    if rank == 0 and block >= 0:
+        from prunekit.io import resume
+
+        commit = resume.ResumeState.commit
+
+        def commit_then_die(self, done, extra):
+            commit(self, done, extra)
+            if done == block:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        resume.ResumeState.commit = commit_then_die
+    from prunekit.commands import run_prune
+    from prunekit.recipe import PruneRecipe
+
+    data = dict(calib_data=str(Path(checkpoint) / "train.txt"), nsamples=4, batch_size=2, seqlen=32)
+    run_prune(PruneRecipe(model=str(Path(checkpoint) / "model"), out=out, method="sparsegpt", lazy=lazy, **data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lazy", [False, True], ids=["in memory", "lazy"])
+def test_a_killed_distributed_run_resumes_to_the_same_output(checkpoint, tmp_path, lazy):
+    """Rank 0 killed (SIGKILL) right after block 1 of 3 is kept: rank 1 stops too (lost contact); the same two ranks
+    rerun continue from block 2 (each from its own kept inputs) and write what an uninterrupted 2-rank run writes."""
+    run = functools.partial(ranks, _kill_rank0_after, str(checkpoint), tmp=tmp_path)
+    assert run(str(tmp_path / "ref"), -1, lazy)[0] == [0, 0]
+    codes, seconds = run(str(tmp_path / "out"), 1, lazy)
+    assert codes[0] == -signal.SIGKILL and codes[1] not in (0, None) and seconds < 60
+    state = tmp_path / ".out.resume"
+    kept = sorted(p.name for p in state.iterdir() if p.name.startswith("inputs"))
+    assert kept == ["inputs-00002-r000", "inputs-00002-r001"]
+    assert run(str(tmp_path / "out"), -1, lazy)[0] == [0, 0]
+    ref, out = shards(tmp_path / "ref"), shards(tmp_path / "out")
+    assert set(ref) == set(out) and all(torch.equal(ref[k], out[k]) for k in ref)
+    assert not state.exists()
+
+
+# ---------------------------------------------------------------- the command under torchrun
+
+# Rank 1 raises while it prunes a layer of block 1; the rest is the prunekit command.
+FAILING_RANK = """
+import os, sys
+from prunekit import engine
+from prunekit.errors import PrunekitError
+if os.environ["RANK"] == "1":
+    original = engine._prune_layer
+    def failing(name, *args):
+        if ".1." in name:
+            raise PrunekitError("simulated failure pruning " + name)
+        return original(name, *args)
+    engine._prune_layer = failing
+from prunekit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from prunekit.cli import demo_assets
+    from tests import zoo
+
+    root = tmp_path_factory.mktemp("torchrun")
+    zoo.build("llama").save_pretrained(root / "model")
+    zoo.processor("llama").save_pretrained(root / "model")
+    (root / "train.txt").write_text((demo_assets() / "kjv" / "test.txt").read_text()[:20000])
+    return root
+
+
+def prune_args(checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    data = ["--calib-data", str(checkpoint / "train.txt"), "--nsamples", "4", "--batch-size", "2", "--seqlen", "32"]
+    return ["prune", "--model", str(checkpoint / "model"), *data, "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [[], ["--lazy"]], ids=["in memory", "lazy"])
+def test_torchrun_runs_the_command_on_two_ranks(checkpoint, tmp_path, mode):
+    """``torchrun --nproc-per-node 2 -m prunekit prune ...``: rank 0 prints the report and writes --out."""
+    args = prune_args(checkpoint, tmp_path / "out", "--method", "sparsegpt", *mode)
+    done = torchrun(tmp_path, "-m", "prunekit", *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("saved to") == 1 and "world_size=2" in done.stdout
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    assert report["metrics"]["world_size"] == 2 and report["sparsity"] == pytest.approx(0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.slow
+def test_torchrun_a_failing_rank_ends_both_with_one_line(checkpoint, tmp_path):
+    """Rank 1 fails in a step: both ranks end within seconds, the run exits non-zero, rank 0 prints one line naming
+    rank 1 and the problem (torchrun adds its own summary after it), and nothing is left beside --out."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    start = time.monotonic()
+    done = torchrun(tmp_path, str(script), *prune_args(checkpoint, tmp_path / "out", "--method", "sparsegpt", "--lazy"))
+    assert done.returncode != 0 and time.monotonic() - start < 120
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert errors == [f"error: rank 1: simulated failure pruning {errors[0].rsplit(' ', 1)[-1]}"], done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failing_rank.py"]

@@ -50,6 +50,11 @@ class FinetuneRecipe(PruneRecipe):
 
 def check_finetune(recipe: FinetuneRecipe) -> None:
     """The fine-tuning checks that need no model (the prune keys are checked by ``commands.validate``)."""
+    if recipe.resume is not None or recipe.dist_timeout != PruneRecipe.dist_timeout:
+        raise PrunekitError(
+            "prunekit finetune keeps no progress block by block and does not run under torchrun (Lightning has its "
+            "own checkpoints and launchers); drop resume / dist_timeout"
+        )
     if recipe.schedule not in SCHEDULES[:2]:
         raise PrunekitError(f"schedule must be one of {SCHEDULES[:2]}, got {recipe.schedule!r}")
     if recipe.task is not None and recipe.task not in TASKS:
