@@ -635,7 +635,8 @@ def _lost_contact(err: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    pruning = args.command in ("prune", "demo")  # Lightning (finetune) handles its own signals
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if pruning and _main_thread() else None
     try:
         return _run_command(args)
     finally:

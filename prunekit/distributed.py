@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -138,6 +138,18 @@ def _collective_device() -> torch.device:
     )
 
 
+@contextmanager
+def _reachable(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``tensor``, or a copy on the GPU when the group has no CPU backend (an NCCL-only group the caller made),
+    copied back after the collective."""
+    if tensor.device.type != "cpu" or "gloo" in str(dist.get_backend()):
+        yield tensor
+        return
+    moved = tensor.to(_collective_device())
+    yield moved
+    tensor.copy_(moved)
+
+
 # ---------------------------------------------------------------- agreeing on failures
 
 
@@ -200,6 +212,23 @@ def together() -> Iterator[None]:
     agree()
 
 
+@contextmanager
+def entered(context) -> Iterator[Any]:
+    """``context`` (a claim's staging folder, a block's turn) entered, and on success exited, as local work the
+    ranks agree on, around a body that may hold collectives. After a failure in the body it is exited as usual
+    and the failure propagates (the body's own agreements, or a lost peer, tell the other ranks)."""
+    stack = ExitStack()
+    with together():
+        value = stack.enter_context(context)
+    try:
+        yield value
+    except BaseException as err:
+        stack.__exit__(type(err), err, err.__traceback__)
+        raise
+    with together():
+        stack.close()
+
+
 # ---------------------------------------------------------------- data parallel
 
 
@@ -231,10 +260,9 @@ def sum_over_ranks(*tensors: torch.Tensor) -> None:
         groups.setdefault((t.device, t.dtype), []).append(t)
     for members in groups.values():
         flat = torch.cat([t.reshape(-1) for t in members])
-        moved = flat.to(_collective_device()) if flat.device.type == "cpu" else flat
-        dist.reduce(moved, dst=0)
-        dist.broadcast(moved, src=0)
-        flat = moved.to(flat.device)
+        with _reachable(flat) as moved:
+            dist.reduce(moved, dst=0)
+            dist.broadcast(moved, src=0)
         offset = 0
         for t in members:
             t.copy_(flat[offset : offset + t.numel()].view(t.shape))
@@ -259,7 +287,8 @@ def reduce_stats(stats: Mapping[str, LayerStats], owners: Mapping[str, int] | No
         if owner is None:
             sum_over_ranks(s.xtx)
         else:
-            dist.reduce(s.xtx, dst=owner)
+            with _reachable(s.xtx) as moved:
+                dist.reduce(moved, dst=owner)
             if rank() != owner:
                 s.xtx = None  # only the owner solves this layer
 
@@ -317,7 +346,8 @@ def share_weights(layers: Mapping[str, nn.Module], owners: Mapping[str, int]) ->
         matrix = weight_matrix(module)
         mine = owners[name] == rank()
         buffer = matrix.contiguous() if mine else torch.empty(matrix.shape, dtype=matrix.dtype, device=matrix.device)
-        dist.broadcast(buffer.reshape(-1).view(torch.uint8), src=owners[name])
+        with _reachable(buffer.reshape(-1).view(torch.uint8)) as moved:
+            dist.broadcast(moved, src=owners[name])
         if not mine:
             set_weight_matrix(module, buffer)
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .activations import Activations, choose_offload, gib
 from .collect import LayerStats, collect
 from .config import PruneConfig
-from .distributed import layer_owners, rank, reduce_stats, share_weights, sum_expert_tokens, together
+from .distributed import entered, layer_owners, rank, reduce_stats, share_weights, sum_expert_tokens, together
 from .errors import PrunekitError
 from .forward import (
     Batch,
@@ -427,7 +427,7 @@ def sequential(
         bar = tqdm([i for i in source.visit(last) if i >= first], desc=f"pruning {prefix or 'blocks'}", unit="block")
         for i in bar:
             t0 = time.perf_counter()
-            with _turn(source, i) as block:
+            with entered(source.block(i)) as block:  # getting it there and away (lazy: reading, writing) agreed
                 if i <= last:
                     step(per_block[i], _block_statistics(block, i, per_block[i], acts, plan))
                     if acts is not None and i < last:  # only a later block with selected layers needs these
@@ -448,22 +448,6 @@ def sequential(
         where = acts.where if acts is not None else None
         del acts  # release the activation files' memory maps before their directory goes
     return where
-
-
-@contextmanager
-def _turn(source: BlockSource, index: int) -> Iterator[nn.Module]:
-    """Block ``index`` on the compute device for its turn. Getting it there and putting it away (the lazy path:
-    reading and writing it) is local work the ranks agree on, like the forward passes."""
-    stack = ExitStack()
-    with together():
-        block = stack.enter_context(source.block(index))
-    try:
-        yield block
-    except BaseException as err:
-        stack.__exit__(type(err), err, err.__traceback__)
-        raise
-    with together():
-        stack.close()
 
 
 def _capture(model, blocks, last: int, batches, plan: Plan, source: BlockSource, scratch: Path) -> Activations:

@@ -409,7 +409,7 @@ def _prune_claimed(
         batches = calibration(lazy.model, calib, tokenizer, config) if plan.needs else []
     if state.saved:
         plan = replace(plan, targets=LazyProgress(state, None, None, {}).targets)  # as the interrupted run had them
-    with claim.staging() if claim is not None else nullcontext() as tmp:
+    with dist.entered(claim.staging() if claim is not None else nullcontext()) as tmp:
         timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, output, state)
         peaks = dist.gather_ints([peak_memory(lazy.device)["peak_rss_bytes"]])
         metrics = {

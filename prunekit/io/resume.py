@@ -314,8 +314,9 @@ class BlockProgress:
             self.save_inputs(index, acts, last)
             if dist.is_writer():
                 save_block(self.state.path / block_file(index), blocks[index])
-        if dist.is_writer():
-            self.state.commit(index, {"targets": self.encoded})
+        with dist.together():  # every rank's inputs are on disk: the block counts as done
+            if dist.is_writer():
+                self.state.commit(index, {"targets": self.encoded})
 
     def save_inputs(self, index: int, acts, last: int) -> None:
         if dist.is_writer():

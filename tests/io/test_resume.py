@@ -21,7 +21,7 @@ from tests import zoo
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Kill this process (no cleanup of any kind) right after the progress of block ``K`` is on disk.
+# Send this process ``SIGNAL`` (SIGKILL: no cleanup of any kind) right after the progress of block ``K`` is on disk.
 KILL_AFTER = """
 import os, signal, sys
 from prunekit.io import resume
@@ -29,7 +29,7 @@ commit = resume.ResumeState.commit
 def commit_then_die(self, done, extra):
     commit(self, done, extra)
     if done == {k}:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.{signal})
 resume.ResumeState.commit = commit_then_die
 from prunekit.cli import main
 sys.exit(main({argv!r}))
@@ -64,9 +64,9 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert a[name].dtype == b[name].dtype and torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8))
 
 
-def killed_after(block: int, args: list[str]) -> subprocess.CompletedProcess:
+def killed_after(block: int, args: list[str], signal: str = "SIGKILL") -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
-    code = KILL_AFTER.format(k=block, argv=args)
+    code = KILL_AFTER.format(k=block, argv=args, signal=signal)
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -128,6 +128,17 @@ def test_killed_after_a_block_resumes_to_the_same_output(job, tmp_path, capsys, 
     report = json.loads((out / "prune_report.json").read_text())
     assert "block_2_s" in report["timings"] and "block_1_s" not in report["timings"]  # only block 2 was pruned
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ref"]  # no state, temporary or lock
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_the_progress(job, tmp_path):
+    """SIGTERM (a scheduler's preemption, torchrun stopping the ranks) is an interruption: the temporaries go, the
+    progress stays, exit code 143 and one line saying how to go on."""
+    out = tmp_path / "out"
+    done = killed_after(0, argv(job, out, "--method", "wanda"), "SIGTERM")
+    assert done.returncode == 143, done.stderr
+    assert f"terminated: --out was not written; the progress is kept in {str(state_path(out))!r}" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.resume"]
 
 
 def test_resume_needs_an_interrupted_run_and_no_resume_discards_one(job, tmp_path, capsys):
