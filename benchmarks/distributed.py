@@ -16,7 +16,7 @@ Recorded per run: the wall time of the whole command (interpreter start to exit,
 2-rank / 1-rank wall time ratio (target <= 0.6) and how far the two outputs differ (fraction of mask entries:
 summing the statistics over two ranks changes the order of floating-point additions only). Calibration:
 ``--nsamples`` windows of ``--seqlen`` tokens of the bundled KJV text, through the tokenizer saved with the
-checkpoint (16 x 512: a thirty-second of the published protocol, 128 x 2048, which takes hours on 2 cores; more
+checkpoint (32 x 512: a sixteenth of the published protocol, 128 x 2048, which takes hours on 2 cores; more
 tokens only make the part that splits over the ranks larger). Results: benchmarks/results/distributed.{json,md}.
 ``--device cuda`` runs one rank per GPU (``cuda:LOCAL_RANK``, NCCL for CUDA tensors) on a machine that has them;
 this one has none.
@@ -60,7 +60,7 @@ def parse(argv=None):
         ("--vocab", 32000),
         ("--seed", 0),
         ("--layers", 2),
-        ("--nsamples", 16),
+        ("--nsamples", 32),
         ("--seqlen", 512),
         ("--batch-size", 4),
     ):
@@ -207,7 +207,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# Two ranks against one: --lazy pruning on torch.distributed",
         "",
-        f"{result['layers']} LLaMA-7B-shaped blocks (hidden {result['hidden']}, intermediate {result['intermediate']}, "
+        f"{result['layers']} LLaMA-shaped blocks (hidden {result['hidden']}, intermediate {result['intermediate']}, "
         f"vocabulary {result['vocab']}), fp32 random weights: checkpoint {result['checkpoint_bytes'] / GIB:.2f} GiB. "
         f"Calibration {result['nsamples']} x {result['seqlen']} tokens in batches of {result['batch_size']}. "
         f"{m['cpus']} cores, {m['ram_total_bytes'] / GIB:.1f} GiB RAM; every rank has 1 torch thread. {gpu} "
