@@ -20,6 +20,7 @@ from .checks import check_dataclass
 from .errors import PrunekitError
 
 OFFLOAD_MODES = ("auto", "device", "cpu", "disk")
+SAVE_FORMATS = ("dense", "compact")  # how a pruned Hugging Face model is written (prunekit.io.models.write_model)
 EXPERT_TOKENS = ("routed", "all")  # which tokens calibrate a MoE expert (prunekit.moe)
 
 
@@ -223,6 +224,26 @@ def per_update_params(updates: tuple, params: Mapping) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------- validation (no model needed)
+
+
+def lazy_problems(config: PruneConfig) -> list[str]:
+    """What a lazy run (one block at a time from the checkpoint to the output) needs that ``config`` lacks."""
+    return [
+        what
+        for what, bad in (
+            ("allocation uniform", config.allocation != "uniform"),
+            ("an unstructured method", config.structured),
+            ("a group other than global", config.group == "global"),
+            ("sequential calibration", not config.sequential),
+            ("no BatchNorm recalibration (causal LMs have no BatchNorm)", bool(config.recalibrate_bn)),
+        )
+        if bad
+    ]
+
+
+def check_save_format(save_format: str) -> None:
+    if save_format not in SAVE_FORMATS:
+        raise PrunekitError(f"unknown save_format {save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
 
 
 def check_config(config: PruneConfig) -> None:

@@ -16,11 +16,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import PruneConfig, setting
+from .config import PruneConfig, check_save_format, lazy_problems, setting
 from .errors import PrunekitError
 from .model_classes import AUTO, MODEL_CLASSES, check_choice
-
-SAVE_FORMATS = ("dense", "compact")
 
 
 @dataclass(frozen=True)
@@ -78,8 +76,7 @@ def check_job(recipe: PruneRecipe) -> None:
     if not recipe.model:
         raise PrunekitError("no model given: pass --model PATH_OR_HUB_ID (or model: in the recipe)")
     check_choice(recipe.model_class)
-    if recipe.save_format not in SAVE_FORMATS:
-        raise PrunekitError(f"unknown save_format {recipe.save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
+    check_save_format(recipe.save_format)
     if recipe.eval_seqlen is not None and recipe.eval_seqlen < 1:
         raise PrunekitError(f"eval_seqlen must be a positive integer, got {recipe.eval_seqlen!r}")
     if recipe.lazy:
@@ -87,18 +84,15 @@ def check_job(recipe: PruneRecipe) -> None:
 
 
 def _check_lazy(recipe: PruneRecipe) -> None:
-    problems = [
+    job = [
         what
         for what, bad in (
             ("--out (lazy pruning writes the checkpoint block by block)", not recipe.out),
-            ("allocation uniform", recipe.allocation != "uniform"),
             ("no --eval-data (evaluate the output afterwards with `prunekit eval ppl`)", bool(recipe.eval_data)),
-            ("an unstructured method", recipe.structured),
-            ("a group other than global", recipe.group == "global"),
-            ("sequential calibration", not recipe.sequential),
         )
         if bad
     ]
+    problems = job + lazy_problems(recipe)
     if problems:
         raise PrunekitError(f"--lazy needs {'; '.join(problems)}")
 

@@ -16,8 +16,7 @@ from ..commands import claimed, evaluate, load_job, prune_with_recipe, validate
 from ..config import PruneConfig
 from ..errors import PrunekitError
 from ..graph import select_layers
-from ..io import OutputClaim, save_causal_lm, write_json
-from ..io.timm import save_vision_model
+from ..io import OutputClaim, write_json, write_model
 from ..lightning import PruningCallback
 from ..recipe import dump_recipe, recipe_dict
 from ..schedule import Schedule
@@ -192,10 +191,7 @@ def _report(
 
 def _save(model: nn.Module, tokenizer: Any, report: dict, recipe: FinetuneRecipe, claim: OutputClaim) -> None:
     with claim.staging() as tmp:
-        if tokenizer is None:
-            save_vision_model(model, tmp)
-        else:
-            save_causal_lm(model, tokenizer, tmp)
+        write_model(model, tmp, tokenizer, recipe.save_format)
         write_json(tmp / "finetune_report.json", report)
         dump_recipe(recipe, tmp / "recipe.yaml")
     log.info("saved fine-tuned model to %s", claim.out)
