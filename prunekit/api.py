@@ -3,10 +3,12 @@ what needs the model before any work, then runs the engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -16,7 +18,7 @@ from torch import nn
 from . import engine
 from .allocate import ALLOCATORS, Allocator
 from .collect import LayerStats
-from .config import PruneConfig
+from .config import PruneConfig, refuse_unused
 from .coverage import block_coverage
 from .data.calib import calibration_batches
 from .distributed import check_launch, rank_device, shard, together, world_size
@@ -145,7 +147,6 @@ def prune(
     calib: Any = None,
     *,
     tokenizer: Any = None,
-    progress: engine.Progress | None = None,
     **settings: Any,
 ) -> PruneReport:
     """Prune ``model`` in place and return a report.
@@ -153,17 +154,45 @@ def prune(
     ``config`` is a ``PruneConfig`` or a method name; any setting of ``PruneConfig`` may also be given as a
     keyword (``prune(model, "wanda", 0.5, calib=tokens, update="admm")``) and overrides the config.
     ``calib`` is a LongTensor of token ids ``[nsamples, seqlen]``, an iterable / DataLoader of batches
-    (tensors or dicts of model inputs), or a text file path (tokenised with ``tokenizer``). Methods that
-    need no statistics (magnitude) need no ``calib``. Structured methods (``depth``, ``width``, ``slicegpt``)
-    remove about ``sparsity`` of the selected parameters and change the model's shapes and config.
+    (tensors or dicts of model inputs), or a text file path (tokenised with ``tokenizer``; ``nsamples`` windows of
+    ``seqlen`` tokens drawn with ``seed``). Methods that need no statistics (magnitude) need no ``calib``.
+    Structured methods (``depth``, ``width``, ``slicegpt``) remove about ``sparsity`` of the selected parameters
+    and change the model's shapes and config. Settings that cannot apply here are refused (``PYTHON_UNUSED``).
 
     Inside an initialised ``torch.distributed`` process group every rank calls ``prune`` with the same model,
     settings and calibration data: each calibrates on its share of the batches, the statistics are summed over
     the ranks and the layers' pruning is shared out (``prunekit.distributed``), so every rank ends with the same
-    pruned model. ``progress`` keeps a resumable run's state block by block (the CLI's and ``prune_lazy``'s
-    ``--out``: ``prunekit.io.resume.BlockProgress``).
+    pruned model.
     """
     config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
+    unused = python_unused(calib)
+    used = [f.name for f in dataclasses.fields(config) if f.name not in unused]
+    refuse_unused(config, used, "prunekit.prune", PYTHON_UNUSED_WHY)
+    return prune_model(model, config, calib, tokenizer)
+
+
+# What ``prunekit.prune`` cannot use: the model is already loaded (``dtype`` is how prunekit loads a checkpoint),
+# and calibration given as batches is already drawn (``nsamples``, ``seqlen``, ``seed`` draw windows from text).
+PYTHON_UNUSED_WHY = (
+    "the model passed in is already loaded (cast it yourself: model.to(torch.bfloat16)), and calibration given as "
+    "token ids or batches is already drawn (nsamples, seqlen and seed draw windows from a text path)"
+)
+
+
+def python_unused(calib: Any) -> set[str]:
+    drawn = {"nsamples", "seqlen", "seed"} if calib is not None and not isinstance(calib, (str, os.PathLike)) else set()
+    return {"dtype", *drawn}
+
+
+def prune_model(
+    model: nn.Module,
+    config: PruneConfig,
+    calib: Any = None,
+    tokenizer: Any = None,
+    progress: engine.Progress | None = None,
+) -> PruneReport:
+    """The work behind every front end that holds the model in memory (``prune``, the CLI, fine-tuning).
+    ``progress`` keeps a resumable run's state block by block (the CLI's ``--out``: ``io.resume.BlockProgress``)."""
     check_model(model)
     check_launch()
     with eval_mode(model):
@@ -194,20 +223,18 @@ def _prune_unstructured(
     timings = engine.run(model, batches, plan, progress)
     timings["data_s"] = data_s
     bn = _recalibrate_bn(model, plan, batches, config.recalibrate_bn)
-    layers, overall = layer_sparsity(plan.layers)
-    for name, row in layers.items():
-        row["target"] = plan.targets[name].sparsity
-    settings = {
-        **config.settings(),
-        "group": next(iter(plan.targets.values())).group,
-        "blocks": ",".join(prefix for prefix, _ in plan.stacks) or None,
-    }
-    log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(layers), 100 * overall, timings["total_s"])
-    coverage = block_coverage(model, plan.layers)
-    experts = expert_report(model, plan.layers, config.expert_tokens, config.expert_min_tokens)
-    report = PruneReport(
-        settings, layers, overall, timings, versions(), bn_recalibration=bn, coverage=coverage, experts=experts
+    rows = layer_sparsity(plan.layers)[0]
+    report = unstructured_report(
+        config,
+        plan,
+        rows,
+        timings,
+        coverage=block_coverage(model, plan.layers),
+        experts=expert_report(model, plan.layers, config.expert_tokens, config.expert_min_tokens),
+        seqlen=window_length(batches),
+        bn_recalibration=bn,
     )
+    log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(rows), 100 * report.sparsity, timings["total_s"])
     return with_ranks(report)
 
 
@@ -216,6 +243,45 @@ def with_ranks(report: PruneReport) -> PruneReport:
     if world_size() > 1:
         report.metrics["world_size"] = world_size()
     return report
+
+
+def unstructured_report(
+    config: PruneConfig,
+    plan: engine.Plan,
+    rows: dict[str, dict[str, Any]],
+    timings: dict[str, float],
+    *,
+    seqlen: int | None,
+    job: Mapping[str, Any] | None = None,
+    **parts: Any,
+) -> PruneReport:
+    """The report of a mask-and-update run, in memory or lazy: the settings as resolved (group, block lists, the
+    calibration windows' length actually used), per-layer rows with their targets, overall sparsity, and the
+    report's other ``parts`` (coverage, experts, metrics, bn_recalibration)."""
+    for name, row in rows.items():
+        row["target"] = plan.targets[name].sparsity
+    zeros, total = sum(r["zeros"] for r in rows.values()), sum(r["numel"] for r in rows.values())
+    settings = {
+        **config.settings(),
+        **(job or {}),
+        "group": next(iter(plan.targets.values())).group,
+        "blocks": ",".join(prefix for prefix, _ in plan.stacks) or None,
+        "seqlen": seqlen if seqlen is not None else config.seqlen,
+    }
+    return PruneReport(settings, rows, zeros / max(total, 1), timings, versions(), **parts)
+
+
+def window_length(batches: Sequence[Any]) -> int | None:
+    """Tokens per calibration window, read off the batches (None for image batches or without calibration)."""
+    if not batches:
+        return None
+    first = batches[0]
+    ids = first.get("input_ids") if isinstance(first, Mapping) else first
+    if isinstance(ids, (tuple, list)) and ids:
+        ids = ids[0]
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() >= 1:
+        return int(ids.shape[-1])
+    return None
 
 
 def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
@@ -228,7 +294,8 @@ def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokeniz
         batches = calibration(model, calib, tokenizer, config) if method.needs_calibration else []
     with torch.no_grad(), on_device(model, rank_device(config.device)):
         summary = method.prune_model(model, batches, config.sparsity)
-    settings = {**config.settings(), "structured": True}
+    seqlen = window_length(batches)
+    settings = {**config.settings(), "structured": True, "seqlen": seqlen if seqlen is not None else config.seqlen}
     timings = {"total_s": time.perf_counter() - start}
     return with_ranks(PruneReport(settings, {}, 0.0, timings, versions(), structure=summary))
 

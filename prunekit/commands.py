@@ -16,19 +16,18 @@ from typing import Any
 
 from torch import nn
 
-from .api import PruneReport, prune, resolve_seqlen
+from .api import PruneReport, prune_model, resolve_seqlen
 from .data.images import image_calibration
 from .data.text import load_text, tokenize
 from .distributed import is_writer, process_group, together
 from .errors import PrunekitError
 from .eval.perplexity import perplexity
-from .io import load_causal_lm, load_tokenizer, save_causal_lm, write_json
+from .io import load_causal_lm, load_tokenizer, write_json, write_model
 from .io.atomic import OutputClaim, claim_on_writer
-from .io.compact import save_compact
 from .io.hf import load_config, load_hf_model
 from .io.paths import check_file_writable, check_paths, checkpoint_bytes, looks_local
 from .io.resume import BlockProgress, ResumeState, fingerprint
-from .io.timm import is_vision_source, load_vision_model, local_path, save_vision_model
+from .io.timm import is_vision_source, load_vision_model, local_path
 from .jobs import Prepared, calibration_data, evaluate_prepared, evaluation_data, load_preprocessor
 from .model_classes import AUTO, resolve_model_class
 from .recipe import PruneRecipe, dump_recipe
@@ -129,7 +128,7 @@ def prune_with_recipe(
 ) -> PruneReport:
     """``prunekit.prune`` with the recipe as its config (the CLI and fine-tuning share it)."""
     calib = calib if calib is not None else calibration(model, tokenizer, recipe)
-    return prune(model, recipe, calib=calib, tokenizer=tokenizer, progress=progress)
+    return prune_model(model, recipe, calib, tokenizer, progress)
 
 
 def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, prepared: Prepared) -> dict[str, float]:
@@ -198,14 +197,7 @@ def _write_report_json(recipe: PruneRecipe, report: PruneReport) -> None:
 def save_run(model: nn.Module, tokenizer: Any, report: PruneReport, recipe: PruneRecipe, claim: OutputClaim) -> None:
     """Model, report and resolved recipe into the claimed ``--out``, all at once (one rename)."""
     with claim.staging() as tmp:
-        if tokenizer is None:
-            save_vision_model(model, tmp)
-        elif recipe.save_format == "compact":
-            model.config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            save_compact(model, tmp)
-        else:
-            save_causal_lm(model, tokenizer, tmp)
+        write_model(model, tmp, tokenizer, recipe.save_format)
         write_json(tmp / "prune_report.json", report.to_dict())
         dump_recipe(recipe, tmp / "recipe.yaml")
     log.info("saved pruned model to %s", claim.out)
@@ -231,7 +223,6 @@ def run_prune_lazy(recipe: PruneRecipe, inputs: dict[str, str | None]) -> PruneR
         tokenizer=tokenizer,
         save_format=recipe.save_format,
         overwrite=recipe.overwrite,
-        resume=recipe.resume,
         inputs=inputs,
         trust_remote_code=recipe.trust_remote_code,
         extra_files={"recipe.yaml": lambda path: dump_recipe(recipe, path)},

@@ -20,6 +20,7 @@ from .checks import check_dataclass
 from .errors import PrunekitError
 
 OFFLOAD_MODES = ("auto", "device", "cpu", "disk")
+SAVE_FORMATS = ("dense", "compact")  # how a pruned Hugging Face model is written (prunekit.io.models.write_model)
 EXPERT_TOKENS = ("routed", "all")  # which tokens calibrate a MoE expert (prunekit.moe)
 
 
@@ -32,13 +33,16 @@ def setting(
     repeat: bool = False,
     keyvalue: bool = False,
     recipe: bool = True,
+    example: Any = None,
 ) -> Any:
     """A dataclass field with what the CLI needs to offer it as a flag.
 
     ``repeat``: the flag may be given several times (a tuple; commas also split); ``keyvalue``: ``KEY=VALUE``
     pairs into a mapping; ``recipe=False``: not accepted from a YAML recipe (command line / Python only).
+    ``example``: a valid non-default value (tests/test_settings.py sets every setting to it in every front end
+    and checks that the front end honours or refuses it).
     """
-    meta = dict(help=help, flag=flag, type=type, repeat=repeat, keyvalue=keyvalue, recipe=recipe)
+    meta = dict(help=help, flag=flag, type=type, repeat=repeat, keyvalue=keyvalue, recipe=recipe, example=example)
     if isinstance(default, (dict, list, tuple)):
         return field(default_factory=lambda: type_of(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -171,6 +175,25 @@ def setting_names(cls: type = PruneConfig) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
+def given_settings(config: Any, names: Any) -> list[str]:
+    """The settings among ``names`` that ``config`` holds with a value other than their default."""
+    defaults = {f.name: _default(f) for f in fields(config)}
+    return [name for name in names if name in defaults and getattr(config, name) != defaults[name]]
+
+
+def refuse_unused(config: Any, used: Any, who: str, why: str) -> None:
+    """A setting ``who`` does not use, given with a non-default value, is an error (set but ignored would be a
+    silent wrong run): one line naming every such setting as a flag, ``why`` it is not used, and the fix."""
+    unused = given_settings(config, [f.name for f in fields(config) if f.name not in set(used)])
+    if unused:
+        them = "it" if len(unused) == 1 else "them"
+        raise PrunekitError(f"{who} does not use {flag_list(unused)}: {why}; drop {them}")
+
+
+def flag_list(names: Any) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
+
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -201,6 +224,26 @@ def per_update_params(updates: tuple, params: Mapping) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------- validation (no model needed)
+
+
+def lazy_problems(config: PruneConfig) -> list[str]:
+    """What a lazy run (one block at a time from the checkpoint to the output) needs that ``config`` lacks."""
+    return [
+        what
+        for what, bad in (
+            ("allocation uniform", config.allocation != "uniform"),
+            ("an unstructured method", config.structured),
+            ("a group other than global", config.group == "global"),
+            ("sequential calibration", not config.sequential),
+            ("no BatchNorm recalibration (causal LMs have no BatchNorm)", bool(config.recalibrate_bn)),
+        )
+        if bad
+    ]
+
+
+def check_save_format(save_format: str) -> None:
+    if save_format not in SAVE_FORMATS:
+        raise PrunekitError(f"unknown save_format {save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
 
 
 def check_config(config: PruneConfig) -> None:
@@ -293,8 +336,8 @@ def _check_unstructured(config: PruneConfig, nm: tuple[int, int] | None) -> None
         )
 
 
-# Settings structured methods do not use, with their defaults: setting one of them is an error, not a no-op.
-_UNUSED_BY_STRUCTURED = (
+# Settings structured methods do not use: setting one of them is an error, not a no-op.
+UNUSED_BY_STRUCTURED = (
     "pattern",
     "group",
     "update",
@@ -315,15 +358,11 @@ def _check_structured(config: PruneConfig) -> None:
     from .structured import STRUCTURED
 
     STRUCTURED.create(config.method, config.method_params)  # names, types and values of its parameters
-    defaults = PruneConfig.__dataclass_fields__
-    given = [name for name in _UNUSED_BY_STRUCTURED if getattr(config, name) != _default(defaults[name])]
-    if not config.sequential:
-        given.append("sequential")
+    given = given_settings(config, (*UNUSED_BY_STRUCTURED, "sequential"))
     if given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise PrunekitError(
             f"structured method {config.method!r} removes whole blocks/heads/channels and does not "
-            f"use {flags}; drop them (or choose an unstructured method)"
+            f"use {flag_list(given)}; drop them (or choose an unstructured method)"
         )
 
 

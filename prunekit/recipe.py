@@ -16,11 +16,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import PruneConfig, setting
+from .config import PruneConfig, check_save_format, lazy_problems, setting
 from .errors import PrunekitError
 from .model_classes import AUTO, MODEL_CLASSES, check_choice
-
-SAVE_FORMATS = ("dense", "compact")
 
 
 @dataclass(frozen=True)
@@ -69,11 +67,13 @@ class PruneRecipe(PruneConfig):
         "continues from it (saying so; refused, naming the difference, when a setting or input changed); --resume: "
         "there must be such a run to continue; --no-resume: keep no progress and discard an interrupted run's",
         type=bool,
+        example=False,
     )
     dist_timeout: float = setting(
         1800.0,
         "torchrun: seconds a rank waits for the others (at a block's end, for a broadcast) before it gives up",
         type=float,
+        example=60.0,
     )
     report_json: str | None = setting(None, "also write the prune report to this JSON file", flag="--json")
     trust_remote_code: bool = setting(
@@ -90,8 +90,7 @@ def check_job(recipe: PruneRecipe) -> None:
     if not recipe.model:
         raise PrunekitError("no model given: pass --model PATH_OR_HUB_ID (or model: in the recipe)")
     check_choice(recipe.model_class)
-    if recipe.save_format not in SAVE_FORMATS:
-        raise PrunekitError(f"unknown save_format {recipe.save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
+    check_save_format(recipe.save_format)
     if recipe.eval_seqlen is not None and recipe.eval_seqlen < 1:
         raise PrunekitError(f"eval_seqlen must be a positive integer, got {recipe.eval_seqlen!r}")
     if recipe.resume:
@@ -119,18 +118,15 @@ def _check_resume(recipe: PruneRecipe) -> None:
 
 
 def _check_lazy(recipe: PruneRecipe) -> None:
-    problems = [
+    job = [
         what
         for what, bad in (
             ("--out (lazy pruning writes the checkpoint block by block)", not recipe.out),
-            ("allocation uniform", recipe.allocation != "uniform"),
             ("no --eval-data (evaluate the output afterwards with `prunekit eval ppl`)", bool(recipe.eval_data)),
-            ("an unstructured method", recipe.structured),
-            ("a group other than global", recipe.group == "global"),
-            ("sequential calibration", not recipe.sequential),
         )
         if bad
     ]
+    problems = job + lazy_problems(recipe)
     if problems:
         raise PrunekitError(f"--lazy needs {'; '.join(problems)}")
 

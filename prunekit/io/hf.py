@@ -191,14 +191,6 @@ def load_processor(source: str | os.PathLike, trust_remote_code: bool = False):
     return processor
 
 
-def save_causal_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> None:
-    """``save_pretrained`` with safetensors (and the tokenizer or processor, when there is one) into ``out_dir``;
-    any Hugging Face model class."""
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
-
-
 def shared_parameter_names(model: nn.Module) -> set[str]:
     """Names of parameters that are one tensor under several names (tied embeddings and heads): a checkpoint
     stores such a tensor once, so the other names are missing from it by design."""

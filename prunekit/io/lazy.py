@@ -17,6 +17,7 @@ else in CPU memory, else in files on disk (``offload_activations``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -32,21 +33,21 @@ from torch import nn
 
 from .. import distributed as dist
 from ..activations import memory_text, peak_memory, release_memory
-from ..api import PruneReport, calibration, layer_sparsity, plan_prune, versions, with_ranks
-from ..config import PruneConfig
+from ..api import PruneReport, calibration, layer_sparsity, plan_prune, unstructured_report, window_length, with_ranks
+from ..config import PruneConfig, check_save_format, lazy_problems
+from ..coverage import Coverage
 from ..engine import Plan, outside_stacks, prune_layers, record_block_calls, resumable, sequential
 from ..errors import PrunekitError
 from ..methods import HESSIAN
+from ..moe import expert_report
 from .atomic import OutputClaim, claim_on_writer, write_json
-from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size
+from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size, write_notice
 from .hf import parse_dtype
 from .overlap import Stage, wait
 from .paths import checkpoint_bytes
 from .resume import LazyProgress, ResumeState, fingerprint
 
 log = logging.getLogger(__name__)
-
-SAVE_FORMATS = ("dense", "compact")
 
 
 # ---------------------------------------------------------------- the skeleton and its tensors
@@ -201,8 +202,19 @@ class StreamedBlocks:
     here, unchanged, when its block's turn comes. Used as a context manager, which waits for both threads
     on the way out, so nothing writes into the output once the run has stopped."""
 
-    def __init__(self, lazy: LazyModel, prefix: str, blocks: nn.Module, writer, overlap: bool = True, first: int = 0):
-        self.lazy, self.prefix, self.blocks, self.writer, self.first = lazy, prefix, blocks, writer, first
+    def __init__(
+        self,
+        lazy: LazyModel,
+        prefix: str,
+        blocks: nn.Module,
+        writer,
+        overlap: bool = True,
+        on_block: Callable[[int, nn.Module], None] | None = None,
+        first: int = 0,
+    ):
+        self.lazy, self.prefix, self.blocks, self.writer = lazy, prefix, blocks, writer
+        self.on_block = on_block  # sees each block after its turn, while it is loaded (the report's coverage)
+        self.first = first
         self.timings: dict[str, float] = {}
         self.reads = Stage("prunekit-read", overlap, self.timings, "read_s")
         self.writes = Stage("prunekit-write", overlap, self.timings, "write_s")
@@ -247,6 +259,8 @@ class StreamedBlocks:
         del self.loading[index], loaded
         try:
             yield self.blocks[index]
+            if self.on_block is not None:
+                self.on_block(index, self.blocks[index])
             if self.writer is not None:
                 pruned = {name: self.lazy.tensor(name).to("cpu") for name in names}  # GPU -> CPU here, not a thread
                 self._write_behind(self._write_block, index, pruned)
@@ -408,9 +422,10 @@ def _prune_claimed(
             tokenizer = load_tokenizer(source, trust_remote_code)
         batches = calibration(lazy.model, calib, tokenizer, config) if plan.needs else []
     if state.saved:
-        plan = replace(plan, targets=LazyProgress(state, None, None, {}).targets)  # as the interrupted run had them
+        plan = replace(plan, targets=LazyProgress(state, None, None).targets)  # as the interrupted run had them
     with dist.entered(claim.staging() if claim is not None else nullcontext()) as tmp:
-        timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, output, state)
+        coverage = Coverage(lazy.model, plan.layers)
+        timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, output, coverage, state)
         peaks = dist.gather_ints([peak_memory(lazy.device)["peak_rss_bytes"]])
         metrics = {
             **peak_memory(lazy.device),
@@ -420,24 +435,30 @@ def _prune_claimed(
         }
         if len(peaks) > 1:
             metrics["peak_rss_bytes_per_rank"] = [p[0] for p in peaks]
-        job = {"source": str(source), "out": str(out), "lazy": True}
-        report = with_ranks(_report(config, job, rows, plan, timings, metrics))
+        report = unstructured_report(
+            config,
+            plan,
+            rows,
+            timings,
+            seqlen=window_length(batches),
+            job={"source": str(source), "out": str(out), "lazy": True},
+            metrics=metrics,
+            coverage=coverage.result([plan.stacks[0][0]]),
+            experts=expert_report(lazy.model, plan.layers, config.expert_tokens, config.expert_min_tokens),
+        )
         with dist.together():
             if claim is not None:
                 write_json(tmp / "prune_report.json", report.to_dict())
                 for name, writer in (extra_files or {}).items():
                     writer(tmp / name)
-    return report
+    return with_ranks(report)
 
 
 def _check_lazy_config(config: PruneConfig, save_format: str) -> None:
-    if save_format not in SAVE_FORMATS:
-        raise PrunekitError(f"unknown save_format {save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
-    if config.structured or config.allocation != "uniform" or config.group == "global" or not config.sequential:
-        raise PrunekitError(
-            "lazy pruning supports unstructured methods with uniform allocation, a per-layer / "
-            "per-output / per-input group and sequential calibration; prune in memory otherwise"
-        )
+    check_save_format(save_format)
+    problems = lazy_problems(config)
+    if problems:
+        raise PrunekitError(f"lazy pruning needs {'; '.join(problems)}; prune in memory otherwise")
 
 
 def _writer(lazy: LazyModel, prefix: str, tmp: Path, save_format: str, max_shard_size: int | str):
@@ -454,13 +475,20 @@ def block_bytes(lazy: LazyModel, prefix: str) -> int:
 
 
 def _run(
-    lazy: LazyModel, plan: Plan, batches: list, tmp: Path | None, offload_dir: str | None, output: Output, state
+    lazy: LazyModel,
+    plan: Plan,
+    batches: list,
+    tmp: Path | None,
+    offload_dir: str | None,
+    output: Output,
+    coverage: Coverage,
+    state: ResumeState,
 ) -> tuple[dict, dict, str | None]:
     """The sequential loop over the streamed blocks. A resumable run writes the output shards into its state
     folder (moved into ``tmp`` at the end) and continues an interrupted one; ``tmp`` is None on the ranks that do
     not write."""
     timings: dict[str, float] = {}
-    rows: dict[str, dict] = dict(state.saved.get("rows", {})) if state.saved else {}
+    rows: dict[str, dict] = {}
     start = time.perf_counter()
     if lazy.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(lazy.device)
@@ -479,8 +507,19 @@ def _run(
         prune_layers(layers, stats, plan)
         rows.update(layer_sparsity(layers)[0])
 
-    with StreamedBlocks(lazy, prefix, blocks, writer, overlaps(output, plan), state.first) as source:
-        progress = LazyProgress(state, source.after_write, writer, rows).bind(plan, True) if keep else None
+    def counted(index: int, block: nn.Module) -> None:
+        coverage.add(f"{prefix}.{index}", block)
+
+    def report_so_far() -> dict:
+        return {"rows": rows, "coverage": coverage_state(coverage)}
+
+    with StreamedBlocks(lazy, prefix, blocks, writer, overlaps(output, plan), counted, state.first) as source:
+        progress = None
+        if keep:
+            progress = LazyProgress(state, source.after_write, writer, report_so_far).bind(plan, True)
+            if state.saved:
+                rows.update(state.saved["report"]["rows"])
+                restore_coverage(coverage, state.saved["report"]["coverage"])
         where = sequential(lazy.model, batches, plan, source, step, timings, offload_dir, progress=progress)
         copy_start = time.perf_counter()
         with dist.together():
@@ -491,20 +530,20 @@ def _run(
                 state.drop_progress()  # the shards leave the state folder: nothing to resume from now
             writer.close(dest=tmp)
             copy_side_files(lazy.checkpoint.root, tmp)
+            if output.save_format == "compact":
+                write_notice(tmp)
     timings["copy_s"] = time.perf_counter() - copy_start
     timings.update(source.timings)
     timings["total_s"] = time.perf_counter() - start
     return timings, rows, where
 
 
-def _report(config: PruneConfig, job: dict, rows: dict, plan: Plan, timings: dict, metrics: dict) -> PruneReport:
-    zeros, total = sum(r["zeros"] for r in rows.values()), sum(r["numel"] for r in rows.values())
-    for name, row in rows.items():
-        row["target"] = plan.targets[name].sparsity
-    settings = {
-        **config.settings(),
-        **job,
-        "group": next(iter(plan.targets.values())).group,
-        "blocks": plan.stacks[0][0],
-    }
-    return PruneReport(settings, rows, zeros / max(total, 1), timings, versions(), metrics)
+def coverage_state(coverage: Coverage) -> dict:
+    """What the report's coverage has counted so far, as plain data (a resumed run starts from it)."""
+    keys = ("zeros", "total", "selected_zeros", "selected_total", "left")
+    return json.loads(json.dumps({k: getattr(coverage, k) for k in keys}))
+
+
+def restore_coverage(coverage: Coverage, saved: Mapping[str, Any]) -> None:
+    for key, value in saved.items():
+        setattr(coverage, key, value)

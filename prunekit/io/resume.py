@@ -279,6 +279,7 @@ class BlockProgress:
         self.first = state.first
         self.targets = decode_targets(state.saved["targets"]) if state.saved else None
         self.encoded: dict[str, list] = {}
+        self.layers: Mapping[str, Any] = {}
 
     def bind(self, plan, resumable: bool) -> BlockProgress | None:
         """This run's plan; None when it cannot be resumed block by block (then a --resume run is refused)."""
@@ -289,8 +290,14 @@ class BlockProgress:
                     "--no-sequential, a global group, several block lists), so it keeps no progress to resume"
                 )
             return None
-        self.encoded = encode_targets(plan.targets)
+        self.encoded, self.layers = encode_targets(plan.targets), plan.layers
         return self if self.state.keep else None
+
+    def expert_tokens(self) -> dict[str, int]:
+        """Tokens routed to each selected MoE expert so far (the report's; the blocks done are not run again)."""
+        from ..moe import expert_views
+
+        return {n: v.routed_tokens for n, v in expert_views(self.layers) if v.routed_tokens is not None}
 
     def restore(self, blocks: nn.Module, acts) -> None:
         for i in range(min(self.first, len(blocks))):
@@ -298,6 +305,8 @@ class BlockProgress:
         self.restore_inputs(acts)
 
     def restore_inputs(self, acts) -> None:
+        for name, tokens in self.state.saved.get("experts", {}).items():
+            self.layers[name].routed_tokens = tokens
         folder = self.state.inputs_folder(self.first)
         if acts is None or not folder.is_dir():
             return
@@ -316,7 +325,7 @@ class BlockProgress:
                 save_block(self.state.path / block_file(index), blocks[index])
         with dist.together():  # every rank's inputs are on disk: the block counts as done
             if dist.is_writer():
-                self.state.commit(index, {"targets": self.encoded})
+                self.state.commit(index, {"targets": self.encoded, "experts": self.expert_tokens()})
 
     def save_inputs(self, index: int, acts, last: int) -> None:
         if dist.is_writer():
@@ -332,11 +341,14 @@ def block_file(index: int) -> str:
 
 class LazyProgress(BlockProgress):
     """``--lazy``: the pruned blocks are the output shards, written into the state folder by the writer thread;
-    progress is committed on that thread after the block's shards are flushed and fsynced."""
+    progress is committed on that thread after the block's shards are flushed and fsynced, with what the report
+    has gathered so far (``report_so_far``, taken on the main thread when the block is done)."""
 
-    def __init__(self, state: ResumeState, after_write: Callable[..., None], writer, rows: dict):
+    def __init__(
+        self, state: ResumeState, after_write: Callable[..., None] | None, writer, report_so_far: Callable | None = None
+    ):
         super().__init__(state)
-        self.after_write, self.writer, self.rows = after_write, writer, rows
+        self.after_write, self.writer, self.report_so_far = after_write, writer, report_so_far
 
     def restore(self, blocks: nn.Module, acts) -> None:
         self.restore_inputs(acts)
@@ -345,9 +357,10 @@ class LazyProgress(BlockProgress):
         with dist.together():
             self.save_inputs(index, acts, last)
         if dist.is_writer():
-            self.after_write(self._commit, index, dict(self.rows))
+            report = json.loads(json.dumps(self.report_so_far() if self.report_so_far else {}, default=str))
+            self.after_write(self._commit, index, {"report": report, "experts": self.expert_tokens()})
 
-    def _commit(self, index: int, rows: dict) -> None:
+    def _commit(self, index: int, snapshot: dict) -> None:
         for path in self.writer.files():
             fsync(path)
-        self.state.commit(index, {"targets": self.encoded, "rows": rows, "writer": self.writer.state()})
+        self.state.commit(index, {"targets": self.encoded, "writer": self.writer.state(), **snapshot})
