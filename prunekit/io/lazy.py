@@ -446,12 +446,13 @@ def _prune_claimed(
             coverage=coverage.result([plan.stacks[0][0]]),
             experts=expert_report(lazy.model, plan.layers, config.expert_tokens, config.expert_min_tokens),
         )
+        report = with_ranks(report)
         with dist.together():
             if claim is not None:
                 write_json(tmp / "prune_report.json", report.to_dict())
                 for name, writer in (extra_files or {}).items():
                     writer(tmp / name)
-    return with_ranks(report)
+    return report
 
 
 def _check_lazy_config(config: PruneConfig, save_format: str) -> None:
