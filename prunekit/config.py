@@ -12,6 +12,7 @@ registries when a config is built.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -139,6 +140,7 @@ class PruneConfig:
             elif f.metadata.get("keyvalue"):
                 object.__setattr__(self, f.name, dict(value or {}))
         object.__setattr__(self, "update_params", per_update_params(self.update, self.update_params))
+        _pattern_sparsity(self)
 
     @classmethod
     def of(cls, config: PruneConfig | str | None = None, /, **settings: Any) -> PruneConfig:
@@ -169,6 +171,27 @@ class PruneConfig:
     def settings(self) -> dict[str, Any]:
         """The prune settings alone as plain data (for reports and saved recipes)."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(PruneConfig)}
+
+
+def _pattern_sparsity(config: PruneConfig) -> None:
+    """An N:M pattern fixes the sparsity (2:4 keeps 2 of 4: 0.5; 1:4: 0.75): an unset ``sparsity`` takes that value,
+    so reports and saved recipes say what was done; a different one contradicts the pattern and is refused."""
+    from .groups import parse_pattern
+
+    if not isinstance(config.pattern, str) or not isinstance(config.sparsity, (int, float)):
+        return  # the type checks say what is wrong
+    nm = parse_pattern(config.pattern)
+    if nm is None or config.structured:
+        return
+    implied = 1 - nm[0] / nm[1]
+    default = PruneConfig.__dataclass_fields__["sparsity"].default
+    if config.sparsity == default or math.isclose(config.sparsity, implied, abs_tol=1e-9):
+        object.__setattr__(config, "sparsity", implied)
+        return
+    raise PrunekitError(
+        f"--pattern {config.pattern} keeps {nm[0]} of every {nm[1]} weights, which is sparsity {implied:g}; "
+        f"--sparsity {config.sparsity:g} contradicts it: drop --sparsity (or set it to {implied:g})"
+    )
 
 
 def setting_names(cls: type = PruneConfig) -> list[str]:
