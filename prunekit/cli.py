@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import inspect
 import logging
+import os
 import sys
 import traceback
 from importlib import resources
@@ -639,7 +640,15 @@ def configure_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+# Large CPU tensors on transparent huge pages: every new score, mask or weight copy of a 7B block otherwise faults
+# its memory in 4 KiB at a time, which cost more than the work itself (docs/speed.md). torch reads this at its first
+# CPU allocation, so the command sets it before anything imports torch (a value the user set wins); a Python program
+# sets it itself, before importing torch. A process-wide effect: the entry point's, never an import's.
+HUGE_PAGES = ("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault(*HUGE_PAGES)
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:

@@ -22,6 +22,8 @@ from .errors import PrunekitError
 
 OFFLOAD_MODES = ("auto", "device", "cpu", "disk")
 SAVE_FORMATS = ("dense", "compact")  # how a pruned Hugging Face model is written (prunekit.io.models.write_model)
+# Model dtypes a checkpoint can be loaded in (``auto``: as stored); prunekit.io.hf maps them to torch dtypes.
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 EXPERT_TOKENS = ("routed", "all")  # which tokens calibrate a MoE expert (prunekit.moe)
 
 
@@ -117,6 +119,12 @@ class PruneConfig:
         "warn (log and report) when a MoE expert is calibrated on fewer routed tokens than this; from n tokens "
         "a column norm is known to about 1/sqrt(2n) (18 percent at 16) and the Hessian has rank at most n",
         type=int,
+    )
+    kernels: bool = setting(
+        True,
+        "compiled CPU selection kernels (numba) where they apply; --no-kernels: torch only (the same masks, slower)",
+        type=bool,
+        example=False,
     )
     recalibrate_bn: bool | None = setting(
         None,
@@ -273,12 +281,11 @@ def check_config(config: PruneConfig) -> None:
     """Every check that needs no model, in one place, before any loading or work."""
     from .graph import LAYER_TYPES
     from .groups import check_sparsity, parse_pattern
-    from .io.hf import parse_dtype
 
     check_sparsity(config.sparsity)
     nm = parse_pattern(config.pattern)
     _check_counts(config)
-    parse_dtype(config.dtype)
+    _check_choice("dtype", config.dtype, DTYPES)
     _check_choice("offload_activations", config.offload_activations, OFFLOAD_MODES)
     _check_choice("stats_dtype", config.stats_dtype, ("float32", "float64"))
     _check_choice("expert_tokens", config.expert_tokens, EXPERT_TOKENS)
@@ -374,6 +381,7 @@ UNUSED_BY_STRUCTURED = (
     "recalibrate_bn",
     "expert_tokens",
     "expert_min_tokens",
+    "kernels",
 )
 
 

@@ -32,6 +32,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from . import kernels
 from .activations import Activations, choose_offload, gib
 from .collect import LayerStats, collect
 from .config import PruneConfig
@@ -125,6 +126,11 @@ def joined(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def prune_layers(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None, plan: Plan) -> None:
     """Prune ``layers`` in place (a block's worth, or the whole model)."""
+    with kernels.enabled(plan.config.kernels):
+        _prune_layers(layers, stats, plan)
+
+
+def _prune_layers(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None, plan: Plan) -> None:
     global_masks = _global_masks(layers, stats, plan)
     for name, module in steps(layers.items(), "pruning layers", len(layers)):
         layer_stats = stats[name] if stats is not None else None

@@ -28,6 +28,7 @@ CALLBACK_USES = frozenset(
         "layer_types",
         "stats_dtype",
         "expert_tokens",
+        "kernels",
         "sequential",  # the callback always calibrates in one pass: sequential=False is what it does
     }
 )

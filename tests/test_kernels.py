@@ -9,9 +9,9 @@ import torch
 from prunekit import kernels
 from prunekit.groups import select_mask
 from prunekit.selection import _prune_lowest, _prune_lowest_blocks, select_nm
-from tests.test_groups import _stable_sort_mask
+from tests.test_groups import _stable_sort_mask, switch_kernels
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba missing or PRUNEKIT_KERNELS=0")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba missing")
 
 
 def _scores(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -128,9 +128,9 @@ def test_flat_selection_falls_back_when_the_sampled_edges_miss(where, monkeypatc
     expected = _stable_sort_mask(scores.reshape(-1), scores.numel() // 2, 0).reshape(scores.shape)
     if where == "nan":  # as the torch path has it, on every device
         scores[3, 4] = math.nan
-        monkeypatch.setenv("PRUNEKIT_KERNELS", "0")
+        switch_kernels(monkeypatch, "0")
         expected = select_mask(scores, 0.5, "per-layer")
-        monkeypatch.setenv("PRUNEKIT_KERNELS", "1")
+        switch_kernels(monkeypatch, "1")
     else:
         edge = float(scores.min()) if where == "below" else float(scores.max())
         monkeypatch.setattr(groups, "_sample_edges", lambda parts, k, count: [edge] * count)
@@ -141,10 +141,10 @@ def test_flat_selection_falls_back_when_the_sampled_edges_miss(where, monkeypatc
     assert settled == [False]
 
 
-def test_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv("PRUNEKIT_KERNELS", "0")
+def test_switched_off_by_the_setting(monkeypatch):
+    switch_kernels(monkeypatch, "0")
     assert not kernels.available() and not kernels.applies(torch.zeros(2, 2), 2)
-    monkeypatch.setenv("PRUNEKIT_KERNELS", "1")
+    switch_kernels(monkeypatch, "1")
     assert kernels.applies(torch.zeros(2, 2), 2)
     assert not kernels.applies(torch.zeros(2, 2, dtype=torch.float64), 2)
     assert not kernels.applies(torch.zeros(2, 2), 1 << 24)  # float32 counts are exact below 2^24 only
