@@ -2,6 +2,7 @@
 guess or an interpolation: heavy tails, far-apart clusters, adjacent floats, ties, infinities, NaN."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -175,3 +176,37 @@ def test_scores_with_autograd_history_select_like_plain_ones():
     assert torch.equal(select_mask(scores, 0.5, "per-output"), _stable_sort_mask(plain, 32, 1))
     assert torch.equal(select_nm(scores, 2, 4), _stable_sort_mask(plain.reshape(16, 16, 4), 2, 2).reshape(16, 64))
     assert torch.equal(select_mask(scores, 0.5, "per-layer"), _stable_sort_mask(plain.reshape(-1), 512, 0).view(16, 64))
+
+
+def test_compiled_code_is_cached_per_user_not_in_the_package(tmp_path):
+    """Issue 28 item 9: numba wrote its cache into the installed package's __pycache__ (read-only in many
+    installs, shared between users in others)."""
+    import subprocess
+    import sys
+
+    code = "from prunekit import kernels; print(kernels._rows._cache._cache_path)"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    path = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert path.strip().startswith(str(tmp_path / "prunekit" / "numba"))
+    import numba
+
+    assert numba.core.config.CACHE_DIR == os.environ.get("NUMBA_CACHE_DIR", "")  # nobody else's cache moved
+
+
+def test_the_kernels_setting_switches_them_off_with_the_same_masks(monkeypatch):
+    """The setting replaced the PRUNEKIT_KERNELS environment variable: a setting belongs to the config."""
+    import prunekit
+    from tests.conftest import tiny_llama
+
+    calls = []
+    original = kernels.prune_lowest_rows
+    monkeypatch.setattr(kernels, "prune_lowest_rows", lambda *a: calls.append(1) or original(*a))
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    on, off = tiny_llama(hidden=64, intermediate=128), tiny_llama(hidden=64, intermediate=128)
+    prunekit.prune(on, "wanda", 0.5, calib=ids)
+    used = len(calls)
+    prunekit.prune(off, "wanda", 0.5, calib=ids, kernels=False)
+    assert used > 0 and len(calls) == used
+    for a, b in zip(on.parameters(), off.parameters()):
+        assert torch.equal(a, b)
