@@ -315,33 +315,16 @@ def cmd_eval_zeroshot(args) -> int:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser(
-        "report",
-        help="markdown table + plots from several runs' prune_report.json; or, with "
-        "--docs, the documentation pages from benchmark results",
-    )
-    p.add_argument("runs", nargs="*", help="run directories or JSON files")
+    p = sub.add_parser("report", help="markdown table + plots from several runs' prune_report.json")
+    p.add_argument("runs", nargs="+", help="run directories or JSON files")
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="prunekit report")
-    p.add_argument(
-        "--docs",
-        metavar="RESULTS_DIR",
-        help="fill the templates in OUT/templates from RESULTS_DIR "
-        "(e.g. benchmarks/results) and write the pages to OUT",
-    )
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
-    from .errors import PrunekitError
-    from .report import build_docs, build_report
+    from .report import build_report
 
-    if bool(args.docs) == bool(args.runs):
-        raise PrunekitError("prunekit report takes run directories / JSON files, or --docs RESULTS_DIR: exactly one")
-    if args.docs:
-        for page in build_docs(args.docs, args.out):
-            print(f"page: {page}")
-        return 0
     files = build_report(args.runs, args.out, args.title)
     for kind, path in files.items():
         print(f"{kind}: {path}")
