@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..activations import memory_text, peak_memory, release_memory
-from ..api import PruneReport, calibration, layer_sparsity, plan_prune, unstructured_report, window_length
+from ..api import PruneReport, layer_sparsity, model_batches, plan_prune, unstructured_report, window_length
 from ..config import PruneConfig, check_save_format, lazy_problems
 from ..coverage import Coverage
 from ..engine import Plan, outside_stacks, prune_layers, record_block_calls, sequential
@@ -381,7 +381,7 @@ def _prune_claimed(
         from .hf import load_tokenizer
 
         tokenizer = load_tokenizer(source, trust_remote_code)
-    batches = calibration(lazy.model, calib, tokenizer, config) if plan.needs else []
+    batches = model_batches(lazy.model, calib, tokenizer, config) if plan.needs else []
     with claim.staging() as tmp:
         coverage = Coverage(lazy.model, plan.layers)
         timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, output, coverage)
