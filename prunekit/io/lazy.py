@@ -118,7 +118,9 @@ class LazyModel:
         device = torch.device(device) if device is not None else default_device()
         model = build_skeleton(source, dtype, trust_remote_code)
         _buffers_to(model, device)
-        return cls(model, Checkpoint(source), device, dtype)
+        lazy = cls(model, Checkpoint(source), device, dtype)
+        lazy._check_names(model.state_dict())  # before anything is claimed, read or written
+        return lazy
 
     def onload(self, names: Iterable[str]) -> None:
         """Memory-mapped views onto the compute device: only the pages used are read (an embedding lookup)."""
