@@ -37,15 +37,17 @@ def setting(
     keyvalue: bool = False,
     recipe: bool = True,
     example: Any = None,
+    example_with: dict | None = None,
 ) -> Any:
     """A dataclass field with what the CLI needs to offer it as a flag.
 
     ``repeat``: the flag may be given several times (a tuple; commas also split); ``keyvalue``: ``KEY=VALUE``
     pairs into a mapping; ``recipe=False``: not accepted from a YAML recipe (command line / Python only).
     ``example``: a valid non-default value (tests/test_settings.py sets every setting to it in every front end
-    and checks that the front end honours or refuses it).
+    and checks that the front end honours or refuses it), with the other settings it needs (``example_with``).
     """
-    meta = dict(help=help, flag=flag, type=type, repeat=repeat, keyvalue=keyvalue, recipe=recipe, example=example)
+    meta = dict(help=help, flag=flag, type=type, repeat=repeat, keyvalue=keyvalue, recipe=recipe)
+    meta.update(example=example, example_with=example_with or {})
     if isinstance(default, (dict, list, tuple)):
         return field(default_factory=lambda: type_of(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -60,65 +62,103 @@ class PruneConfig:
     """What to prune and how. Unset optional settings are ``None`` and resolved against the model later
     (``group``: the method's default; ``seqlen``: ``min(2048, context length)``; ``device``: where it is)."""
 
-    method: str = setting("wanda", "mask criterion, solver or structured method (see `prunekit methods`)")
-    method_params: dict = setting({}, "method hyper-parameter", flag="--method-param", keyvalue=True)
-    update: tuple = setting((), "weight update / mask refinement after the mask (admm, dsnot); repeatable", repeat=True)
+    method: str = setting(
+        "wanda", "mask criterion, solver or structured method (see `prunekit methods`)", example="magnitude"
+    )
+    method_params: dict = setting(
+        {},
+        "method hyper-parameter",
+        flag="--method-param",
+        keyvalue=True,
+        example={"percdamp": 0.05},
+        example_with={"method": "sparsegpt"},
+    )
+    update: tuple = setting(
+        (), "weight update / mask refinement after the mask (admm, dsnot); repeatable", repeat=True, example=("dsnot",)
+    )
     update_params: dict = setting(
         {},
         "update hyper-parameter; with several updates name it: admm.iterations=3",
         flag="--update-param",
         keyvalue=True,
+        example={"dsnot": {"max_cycles": 5}},
+        example_with={"update": ("dsnot",)},
     )
-    sparsity: float = setting(0.5, "fraction of zeros in the selected layers, in [0, 1)", type=float)
+    sparsity: float = setting(0.5, "fraction of zeros in the selected layers, in [0, 1)", type=float, example=0.6)
     pattern: str | None = setting(
         None,
         "N:M sparsity, e.g. 2:4 = keep (at most) 2 non-zeros in every 4 "
         "consecutive weights along the input dimension (the hardware convention; the "
         "Wanda code's prune_n:prune_m counts pruned weights instead, the same at 2:4)",
+        example="2:4",
     )
     group: str | None = setting(
         None,
         "where scores compete: per-output, per-input, per-layer, global "
         "(default: the method's, per-layer for image models)",
+        example="per-layer",
     )
-    allocation: str = setting("uniform", "per-layer sparsity: uniform, owl, explicit")
-    allocation_params: dict = setting({}, "allocation parameter", flag="--allocation-param", keyvalue=True)
-    include: tuple = setting((), "fnmatch pattern of layer names to prune (repeatable)", repeat=True)
-    exclude: tuple = setting((), "fnmatch pattern of layer names to keep dense (repeatable)", repeat=True)
-    layer_types: tuple = setting(("linear",), "linear (incl. 1x1 conv and HF Conv1D), conv, all", repeat=True)
+    allocation: str = setting("uniform", "per-layer sparsity: uniform, owl, explicit", example="owl")
+    allocation_params: dict = setting(
+        {},
+        "allocation parameter",
+        flag="--allocation-param",
+        keyvalue=True,
+        example={"lam": 0.05},
+        example_with={"allocation": "owl"},
+    )
+    include: tuple = setting(
+        (), "fnmatch pattern of layer names to prune (repeatable)", repeat=True, example=("*.mlp.*",)
+    )
+    exclude: tuple = setting(
+        (), "fnmatch pattern of layer names to keep dense (repeatable)", repeat=True, example=("*.o_proj",)
+    )
+    layer_types: tuple = setting(
+        ("linear",), "linear (incl. 1x1 conv and HF Conv1D), conv, all", repeat=True, example=("all",)
+    )
     blocks: str | None = setting(
         None,
         "module path of the block list to calibrate one block at a time "
         "(default: found automatically, e.g. model.layers)",
+        example="model.layers",
     )
-    nsamples: int = setting(128, "calibration samples (text windows / images)", type=int)
+    nsamples: int = setting(128, "calibration samples (text windows / images)", type=int, example=4)
     seqlen: int | None = setting(
-        None, "tokens per calibration window (default: min(2048, the model's context))", type=int
+        None,
+        "tokens per calibration window (default: min(2048, the model's context))",
+        type=int,
+        example=16,
     )
-    seed: int = setting(0, "seed of the calibration sample", type=int)
-    batch_size: int = setting(8, "calibration batch size", type=int)
+    seed: int = setting(0, "seed of the calibration sample", type=int, example=1)
+    batch_size: int = setting(8, "calibration batch size", type=int, example=2)
     sequential: bool = setting(
         True,
         "block by block, each fed the pruned blocks' outputs (--no-sequential: one pass over the dense model)",
         type=bool,
+        example=False,
     )
-    device: str | None = setting(None, "compute device for the current block (cuda, cuda:1, cpu)")
-    dtype: str = setting("auto", "model dtype when loading: auto, float32, bfloat16, float16")
-    offload_activations: str = setting("auto", "where calibration activations live: auto, device, cpu, disk")
+    device: str | None = setting(None, "compute device for the current block (cuda, cuda:1, cpu)", example="cpu")
+    dtype: str = setting("auto", "model dtype when loading: auto, float32, bfloat16, float16", example="float32")
+    offload_activations: str = setting(
+        "auto", "where calibration activations live: auto, device, cpu, disk", example="cpu"
+    )
     stats_dtype: str = setting(
         "float32",
         "dtype statistics accumulate in: float32, or float64 for very long calibration (methods still see float32)",
+        example="float64",
     )
     expert_tokens: str = setting(
         "routed",
         "tokens that calibrate each MoE expert: routed (those the router sends it) or all (every token, for "
         "experts that see too few); the forward pass stays routed either way",
+        example="all",
     )
     expert_min_tokens: int = setting(
         16,
         "warn (log and report) when a MoE expert is calibrated on fewer routed tokens than this; from n tokens "
         "a column norm is known to about 1/sqrt(2n) (18 percent at 16) and the Hessian has rank at most n",
         type=int,
+        example=4,
     )
     kernels: bool = setting(
         True,
@@ -131,6 +171,7 @@ class PruneConfig:
         "re-estimate BatchNorm statistics after pruning (default: when a "
         "pruned layer feeds a BatchNorm and calibration data is given)",
         type=bool,
+        example=True,
     )
 
     def __post_init__(self) -> None:
@@ -262,11 +303,11 @@ def lazy_problems(config: PruneConfig) -> list[str]:
     return [
         what
         for what, bad in (
-            ("allocation uniform", config.allocation != "uniform"),
-            ("an unstructured method", config.structured),
-            ("a group other than global", config.group == "global"),
-            ("sequential calibration", not config.sequential),
-            ("no BatchNorm recalibration (causal LMs have no BatchNorm)", bool(config.recalibrate_bn)),
+            ("--allocation uniform", config.allocation != "uniform"),
+            ("an unstructured --method", config.structured),
+            ("a --group other than global", config.group == "global"),
+            ("sequential calibration (not --no-sequential)", not config.sequential),
+            ("no --recalibrate-bn (causal LMs have no BatchNorm)", bool(config.recalibrate_bn)),
         )
         if bad
     ]

@@ -68,13 +68,17 @@ def check_finetune(recipe: FinetuneRecipe) -> None:
     Schedule.of(recipe).check_target(recipe.sparsity, recipe.pattern)  # and the schedule's own checks
     if recipe.task is not None and recipe.task not in TASKS:
         raise PrunekitError(f"task must be one of {TASKS}, got {recipe.task!r}")
+    if recipe.lazy:
+        raise PrunekitError("fine-tuning trains the whole model in memory: drop lazy (--lazy)")
     if not recipe.training_data:
         raise PrunekitError("fine-tuning needs train_data (or calib_data) to train on")
     _check_training(recipe)
     if recipe.lora is not None and set(recipe.lora) - LORA_KEYS:
         raise PrunekitError(f"unknown lora key(s) {sorted(set(recipe.lora) - LORA_KEYS)}; known: {sorted(LORA_KEYS)}")
     if recipe.lora is not None and recipe.schedule != "oneshot":
-        raise PrunekitError("LoRA freezes the base weights, so they cannot be pruned gradually: use schedule: oneshot")
+        raise PrunekitError(
+            "lora: LoRA freezes the base weights, so they cannot be pruned gradually: use schedule: oneshot"
+        )
     if recipe.schedule == "cubic" and recipe.structured:
         raise PrunekitError(
             f"structured method {recipe.method!r} changes shapes once, before training: use schedule: oneshot"
@@ -93,8 +97,9 @@ def check_finetune(recipe: FinetuneRecipe) -> None:
 
 def callback_config(recipe: FinetuneRecipe) -> PruneConfig:
     """The prune settings a cubic schedule hands to ``PruningCallback``: all but those fine-tuning itself uses
-    (``seqlen``: the training windows' length; ``seed``: seeds the whole run)."""
-    return dataclasses.replace(recipe.as_config(), seqlen=None, seed=0)
+    (``seqlen``: the training windows' length; ``seed``: seeds the whole run; ``dtype``: how the model loads;
+    ``device``: where it is evaluated)."""
+    return dataclasses.replace(recipe.as_config(), seqlen=None, seed=0, dtype="auto", device=None)
 
 
 def _check_training(recipe: FinetuneRecipe) -> None:

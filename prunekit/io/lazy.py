@@ -40,7 +40,7 @@ from ..methods import HESSIAN
 from ..moe import expert_report
 from .atomic import OutputClaim, claim_output, write_json
 from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size, write_notice
-from .hf import parse_dtype
+from .hf import parse_dtype, shared_parameter_names
 from .overlap import Stage, wait
 from .paths import checkpoint_bytes
 
@@ -119,7 +119,9 @@ class LazyModel:
         model = build_skeleton(source, dtype, trust_remote_code)
         _buffers_to(model, device)
         lazy = cls(model, Checkpoint(source), device, dtype)
-        lazy._check_names(model.state_dict())  # before anything is claimed, read or written
+        # A tied head is stored once, under the embedding's name (a meta skeleton is not tied: transformers says which).
+        tied = shared_parameter_names(model) | set(getattr(model, "all_tied_weights_keys", None) or {})
+        lazy._check_names([n for n in model.state_dict() if n not in tied])  # before anything is read or written
         return lazy
 
     def onload(self, names: Iterable[str]) -> None:
