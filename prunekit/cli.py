@@ -332,26 +332,21 @@ def cmd_report(args) -> int:
 
 
 def _add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="prune + fine-tune (LoRA or full, one-shot or gradual) from a recipe")
-    p.add_argument(
-        "--recipe", required=True, help="e.g. recipes/llama-wanda70-lora.yaml, recipes/convnext-gradual.yaml"
+    from .finetune.recipe import FinetuneRecipe
+
+    p = sub.add_parser(
+        "finetune", help="prune + fine-tune (LoRA or full, one-shot or gradual) from flags or a recipe (flags win)"
     )
-    p.add_argument("--out")
-    p.add_argument("--overwrite", action="store_const", const=True)
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_const",
-        const=True,
-        help="run the checkpoint's own Python code (never enabled by a recipe)",
-    )
+    p.add_argument("--recipe", help="e.g. recipes/llama-wanda70-lora.yaml; every flag below is also a recipe key")
+    add_setting_flags(p, FinetuneRecipe)
     p.set_defaults(func=cmd_finetune)
 
 
 def cmd_finetune(args) -> int:
+    from .finetune.recipe import FinetuneRecipe
     from .finetune.run import run_finetune_recipe
 
-    overrides = {k: getattr(args, k) for k in ("out", "overwrite", "trust_remote_code") if getattr(args, k) is not None}
-    report = run_finetune_recipe(args.recipe, overrides)
+    report = run_finetune_recipe(args.recipe, setting_values(args, FinetuneRecipe))
     print_finetune_report(report)
     if report["settings"].get("out"):
         print(f"saved to {report['settings']['out']}")

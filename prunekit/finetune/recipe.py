@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..config import PruneConfig, refuse_unused, setting
 from ..errors import PrunekitError
 from ..io.paths import looks_local, require_local
-from ..recipe import PruneRecipe, load_yaml, recipe_from_dict
+from ..recipe import PruneRecipe, load_recipe
 from ..schedule import CALLBACK_CALIBRATION, CALLBACK_USES, Schedule
 
 TASKS = ("causal-lm", "image-classification")
@@ -33,8 +33,10 @@ class FinetuneRecipe(PruneRecipe, Schedule):
     val_data: str | None = setting(None, "optional validation during training (val loss / top-1)", example="val.txt")
     lora: dict | None = setting(
         None,
-        "LoRA recovery (LLMs): {r, alpha, dropout, target_modules, masked}; the adapters are merged back without "
+        "LoRA recovery (LLMs): r, alpha, dropout, target_modules, masked; the adapters are merged back without "
         "losing a zero",
+        flag="--lora",
+        keyvalue=True,
         example={"r": 4},
     )
     max_steps: int = setting(300, "training steps", type=int, example=2)
@@ -117,6 +119,4 @@ def _check_training(recipe: FinetuneRecipe) -> None:
 
 def load_finetune_recipe(path: str | os.PathLike | None, overrides: dict | None = None) -> FinetuneRecipe:
     """A ``FinetuneRecipe`` from YAML with CLI ``overrides`` (flags the user set) on top; unknown keys fail."""
-    data = load_yaml(path) if path else {}
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return recipe_from_dict(FinetuneRecipe, data, source=str(path) if path else "command line")
+    return load_recipe(FinetuneRecipe, path, overrides or {})
