@@ -7,8 +7,7 @@ loads without Lightning.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..exports import lazy_exports
 
 _EXPORTS = {
     "CausalLMModule": "causal_lm",
@@ -25,15 +24,4 @@ _EXPORTS = {
     "run_finetune_recipe": "run",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'prunekit.finetune' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,8 +5,7 @@ Names are imported on first use, so ``prunekit.io.paths`` (path checks the CLI a
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..exports import lazy_exports
 
 _EXPORTS = {
     "OutputClaim": "atomic",
@@ -28,15 +27,4 @@ _EXPORTS = {
     "require_local": "paths",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'prunekit.io' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
