@@ -189,38 +189,38 @@ def prune_model(
     config: PruneConfig,
     calib: Any = None,
     tokenizer: Any = None,
-    progress: engine.Progress | None = None,
+    resume: engine.Resume | None = None,
 ) -> PruneReport:
     """The work behind every front end that holds the model in memory (``prune``, the CLI, fine-tuning).
-    ``progress`` keeps a resumable run's state block by block (the CLI's ``--out``: ``io.resume.BlockProgress``)."""
+    ``resume`` keeps a resumable run's progress block by block (the CLI's ``--out``: ``io.resume.InMemoryResume``)."""
     check_model(model)
     check_launch()
     with eval_mode(model):
         if config.structured:
-            if progress is not None:
-                progress.bind(None, resumable=False)
+            if resume is not None:
+                resume.bind(None, resumable=False)
             return _prune_structured(model, config, calib, tokenizer)
-        return _prune_unstructured(model, config, calib, tokenizer, progress)
+        return _prune_unstructured(model, config, calib, tokenizer, resume)
 
 
 def _prune_unstructured(
-    model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any, progress: engine.Progress | None = None
+    model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any, resume: engine.Resume | None = None
 ) -> PruneReport:
     plan = plan_prune(model, config)
     allocator = ALLOCATORS.create(config.allocation, config.allocation_params)
     start = time.perf_counter()
     wants_data = plan.needs or allocator.needs_calibration or config.recalibrate_bn or calib is not None
     with together():
-        batches = calibration(model, calib, tokenizer, config) if wants_data else []
+        batches = model_batches(model, calib, tokenizer, config) if wants_data else []
         plan = engine.chained(model, plan, batches)
     data_s = time.perf_counter() - start
-    saved = progress.targets if progress is not None else None  # a resumed run keeps its allocation
+    saved = resume.targets if resume is not None else None  # a resumed run keeps its allocation
     plan = replace(plan, targets=saved or allocate(model, batches, plan, allocator, config.sparsity))
     if saved is None:
         warn_existing_zeros(plan)
-    if progress is not None:
-        progress = progress.bind(plan, engine.resumable(plan))
-    timings = engine.run(model, batches, plan, progress)
+    if resume is not None:
+        resume = resume.bind(plan, engine.resumable(plan))
+    timings = engine.run(model, batches, plan, resume)
     timings["data_s"] = data_s
     bn = _recalibrate_bn(model, plan, batches, config.recalibrate_bn)
     rows = layer_sparsity(plan.layers)[0]
@@ -291,7 +291,7 @@ def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokeniz
     method = STRUCTURED.create(config.method, config.method_params)
     start = time.perf_counter()
     with together():
-        batches = calibration(model, calib, tokenizer, config) if method.needs_calibration else []
+        batches = model_batches(model, calib, tokenizer, config) if method.needs_calibration else []
     with torch.no_grad(), on_device(model, rank_device(config.device)):
         summary = method.prune_model(model, batches, config.sparsity)
     seqlen = window_length(batches)
@@ -377,7 +377,7 @@ def resolve_seqlen(seqlen: int | None, model: Any, what: str = "seqlen") -> int:
     return seqlen
 
 
-def calibration(model: nn.Module, calib: Any, tokenizer: Any, config: PruneConfig) -> list:
+def model_batches(model: nn.Module, calib: Any, tokenizer: Any, config: PruneConfig) -> list:
     """The calibration batches of ``calib`` for ``model`` (text windows of the resolved length); with several
     ranks, this rank's share of them (``prunekit.distributed.shard``)."""
     seqlen = resolve_seqlen(config.seqlen, model)

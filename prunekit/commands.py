@@ -26,7 +26,7 @@ from .io import load_causal_lm, load_tokenizer, write_json, write_model
 from .io.atomic import OutputClaim, claim_on_writer
 from .io.hf import load_config, load_hf_model
 from .io.paths import check_file_writable, check_paths, checkpoint_bytes, looks_local
-from .io.resume import BlockProgress, ResumeState, fingerprint
+from .io.resume import InMemoryResume, ResumeState, fingerprint
 from .io.timm import is_vision_source, load_vision_model, local_path
 from .jobs import Prepared, calibration_data, evaluate_prepared, evaluation_data, load_preprocessor
 from .model_classes import AUTO, resolve_model_class
@@ -124,11 +124,11 @@ def calibration(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> Any:
 
 
 def prune_with_recipe(
-    model: nn.Module, tokenizer: Any, recipe: PruneRecipe, calib: Any = None, progress: BlockProgress | None = None
+    model: nn.Module, tokenizer: Any, recipe: PruneRecipe, calib: Any = None, resume: InMemoryResume | None = None
 ) -> PruneReport:
     """``prunekit.prune`` with the recipe as its config (the CLI and fine-tuning share it)."""
     calib = calib if calib is not None else calibration(model, tokenizer, recipe)
-    return prune_model(model, recipe, calib, tokenizer, progress)
+    return prune_model(model, recipe, calib, tokenizer, resume)
 
 
 def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, prepared: Prepared) -> dict[str, float]:
@@ -175,8 +175,8 @@ def _prune_in_memory(recipe: PruneRecipe, claim: OutputClaim | None, state: Resu
     with together():
         model, tokenizer, calib, prepared = load_job(recipe)
         dense = evaluate(model, tokenizer, recipe, prepared) if is_writer() else {}
-    progress = BlockProgress(state) if state.keep else None
-    report = prune_with_recipe(model, tokenizer, recipe, calib, progress)
+    resume = InMemoryResume(state) if state.keep else None
+    report = prune_with_recipe(model, tokenizer, recipe, calib, resume)
     with together():  # rank 0 evaluates and writes; the others wait to learn whether it succeeded
         if is_writer():
             report.metrics.update({f"{k}_dense": v for k, v in dense.items()})
@@ -184,6 +184,7 @@ def _prune_in_memory(recipe: PruneRecipe, claim: OutputClaim | None, state: Resu
         if prepared.model_class is not None:
             report.settings["model_class"] = prepared.model_class
             recipe = dataclasses.replace(recipe, model_class=prepared.model_class)  # saved resolved
+        recipe = dataclasses.replace(recipe, seqlen=report.settings.get("seqlen"))  # the windows' length used
         if claim is not None:
             save_run(model, tokenizer, report, recipe, claim)
     return report, recipe
@@ -207,14 +208,15 @@ def run_prune_lazy(recipe: PruneRecipe, inputs: dict[str, str | None]) -> PruneR
     """Checkpoints larger than memory: one block at a time from the safetensors files to the output shards."""
     from .io.lazy import prune_lazy
 
-    model_class = resolve_model_class(
-        load_config(recipe.model, recipe.trust_remote_code), recipe.model_class, recipe.model
-    )
+    hf_config = load_config(recipe.model, recipe.trust_remote_code)
+    model_class = resolve_model_class(hf_config, recipe.model_class, recipe.model)
     if model_class != "causal-lm":
         raise PrunekitError(
             f"--lazy prunes causal LMs block by block; {recipe.model!r} loads as {model_class}: prune it without --lazy"
         )
     tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code) if recipe.calib_data else None
+    if recipe.calib_data:  # saved resolved: the windows' length used
+        recipe = dataclasses.replace(recipe, model_class=model_class, seqlen=resolve_seqlen(recipe.seqlen, hf_config))
     report = prune_lazy(
         recipe.model,
         recipe.out,

@@ -31,8 +31,8 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from . import kernels
 from .activations import Activations, choose_offload, gib
 from .collect import LayerStats, collect
 from .config import PruneConfig
@@ -56,6 +56,7 @@ from .forward import (
 from .graph import Stack, block_index, block_layers, num_groups, set_weight_matrix, weight_matrix
 from .groups import GLOBAL, select_global
 from .methods import HESSIAN, NORMS, Method, Solver, Target, Update, mask_from_scores
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def prune_layers(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats
     """Prune ``layers`` in place (a block's worth, or the whole model). With several ranks each prunes the layers
     it owns (``prunekit.distributed.layer_owners``) and the pruned weights are then broadcast to all."""
     owners = layer_owners(layers, HESSIAN in plan.needs)
-    with together():
+    with together(), kernels.enabled(plan.config.kernels):
         global_masks = _global_masks(layers, stats, plan)
         mine = {n: m for n, m in layers.items() if owners[n] == rank()}
         for name, module in steps(mine.items(), "pruning layers", len(mine)):
@@ -182,9 +183,9 @@ def _global_masks(layers, stats, plan: Plan) -> dict[str, torch.Tensor]:
 
 
 def steps(items, desc: str, total: int | None = None):
-    """A progress bar (with ETA) for the steps inside one block, which take minutes on a 7B-sized block on CPU;
-    it disappears when done so the block bar stays readable."""
-    return tqdm(items, desc=desc, total=total, unit="step", leave=False, mininterval=1.0)
+    """Progress (with ETA) of the steps inside one block, which take minutes on a 7B-sized block on CPU; a bar
+    disappears when done so the block bar stays readable (``prunekit.progress``)."""
+    return progress(items, desc, total, unit="step", inner=True)
 
 
 def plan_collect(layers: Mapping[str, nn.Module], plan: Plan):
@@ -382,7 +383,7 @@ def _outside_blocks_on_device(model: nn.Module, blocks: nn.Module, device: torch
 Step = Callable[[Mapping[str, nn.Module], Mapping[str, LayerStats] | None], None]
 
 
-class Progress(Protocol):
+class Resume(Protocol):
     """What a resumable run keeps after each block (``prunekit.io.resume``): the loop starts at ``first``, after
     ``restore`` has put back what the interrupted run had done, and reports every finished block to ``done``."""
 
@@ -405,26 +406,26 @@ def sequential(
     timings: dict[str, float],
     offload_dir: str | None = None,
     stack: Stack | None = None,
-    progress: Progress | None = None,
+    resume: Resume | None = None,
 ) -> str | None:
     """Visit the blocks of ``stack`` (default: the plan's only one) in order: statistics of block ``i``'s
     selected layers on its inputs, ``step(layers, stats)`` (prune them, or only record the statistics), then
-    the block's outputs become block ``i+1``'s inputs. With ``progress`` the loop resumes where an interrupted
+    the block's outputs become block ``i+1``'s inputs. With ``resume`` the loop resumes where an interrupted
     run stopped and reports each finished block. Returns where the activations lived (None without
     calibration). With several ranks each keeps the activations of its own calibration batches."""
     prefix, blocks = stack or plan.stacks[0]
     tag = f"{prefix}." if len(plan.stacks) > 1 else ""  # timing keys stay unique over several stacks
     per_block = [block_layers((prefix, blocks), i, plan.layers) for i in range(len(blocks))]
     last = max((i for i, layers in enumerate(per_block) if layers), default=-1)
-    first = progress.first if progress is not None else 0
+    first = resume.first if resume is not None else 0
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="prunekit-activations-", dir=offload_dir) as scratch:
         with together():
             acts = _capture(model, blocks, last, batches, plan, source, Path(scratch)) if plan.needs else None
             if first:
-                progress.restore(blocks, acts)
+                resume.restore(blocks, acts)
         timings[f"{tag}capture_s"] = time.perf_counter() - start
-        bar = tqdm([i for i in source.visit(last) if i >= first], desc=f"pruning {prefix or 'blocks'}", unit="block")
+        bar = progress([i for i in source.visit(last) if i >= first], f"pruning {prefix or 'blocks'}", unit="block")
         for i in bar:
             t0 = time.perf_counter()
             with entered(source.block(i)) as block:  # getting it there and away (lazy: reading, writing) agreed
@@ -434,8 +435,8 @@ def sequential(
                         with together():
                             for j in steps(range(len(acts)), f"block {i}: outputs for the next block"):
                                 acts.update(j, run_call(block, acts.call(j, i)))
-            if progress is not None:
-                progress.done(i, blocks, acts, last)
+            if resume is not None:
+                resume.done(i, blocks, acts, last)
             timings[f"{tag}block_{i}_s"] = time.perf_counter() - t0
             log.info(
                 "%sblock %d/%d: %d layers in %.2fs",
@@ -550,13 +551,13 @@ def over_stacks(
     plan: Plan,
     step: Step,
     timings: dict[str, float],
-    progress: Progress | None = None,
+    resume: Resume | None = None,
 ) -> None:
     """The sequential loop over every block list in forward order. Selected layers outside the lists go to
     ``step`` with their statistics taken on the way to the next list's first block (so that list is then
-    calibrated on their pruned outputs), or, after the last list, in one pass over the model. ``progress``
+    calibrated on their pruned outputs), or, after the last list, in one pass over the model. ``resume``
     (a resumable run) needs a plan that ``resumable`` accepts."""
-    if progress is not None and not resumable(plan):
+    if resume is not None and not resumable(plan):
         raise ValueError("a resumable run needs one block list holding every selected layer")
     calibrated = bool(plan.needs and batches)
     with together():
@@ -566,7 +567,7 @@ def over_stacks(
         if loose and calibrated:
             loose = _loose_before(model, stack, batches, plan, loose, step)
         source = InMemoryBlocks(model, stack[1], plan.device)
-        sequential(model, batches, plan, source, step, timings, stack=stack, progress=progress)
+        sequential(model, batches, plan, source, step, timings, stack=stack, resume=resume)
     if not loose:
         return
     if not calibrated:
@@ -651,8 +652,8 @@ def chained(model: nn.Module, plan: Plan, batches: Sequence[Batch]) -> Plan:
     return plan
 
 
-def run(model: nn.Module, batches: Sequence[Batch], plan: Plan, progress: Progress | None = None) -> dict[str, float]:
-    """Prune ``model`` in place according to ``plan`` (resuming and keeping ``progress`` when given); returns
+def run(model: nn.Module, batches: Sequence[Batch], plan: Plan, resume: Resume | None = None) -> dict[str, float]:
+    """Prune ``model`` in place according to ``plan`` (resuming and keeping the progress with ``resume``); returns
     timings in seconds."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -661,7 +662,7 @@ def run(model: nn.Module, batches: Sequence[Batch], plan: Plan, progress: Progre
         def prune(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None) -> None:
             prune_layers(layers, stats, plan)
 
-        over_stacks(model, batches, plan, prune, timings, progress)
+        over_stacks(model, batches, plan, prune, timings, resume)
     else:
         prune_oneshot(model, batches, plan, timings)
     timings["total_s"] = time.perf_counter() - start

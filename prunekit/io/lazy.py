@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import distributed as dist
 from ..activations import memory_text, peak_memory, release_memory
-from ..api import PruneReport, calibration, layer_sparsity, plan_prune, unstructured_report, window_length, with_ranks
+from ..api import PruneReport, layer_sparsity, model_batches, plan_prune, unstructured_report, window_length, with_ranks
 from ..config import PruneConfig, check_save_format, lazy_problems
 from ..coverage import Coverage
 from ..engine import Plan, outside_stacks, prune_layers, record_block_calls, resumable, sequential
@@ -42,10 +42,10 @@ from ..methods import HESSIAN
 from ..moe import expert_report
 from .atomic import OutputClaim, claim_on_writer, write_json
 from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size, write_notice
-from .hf import parse_dtype
+from .hf import parse_dtype, shared_parameter_names
 from .overlap import Stage, wait
 from .paths import checkpoint_bytes
-from .resume import LazyProgress, ResumeState, fingerprint
+from .resume import LazyResume, ResumeState, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,11 @@ class LazyModel:
         device = dist.rank_device(torch.device(device) if device is not None else default_device())
         model = build_skeleton(source, dtype, trust_remote_code)
         _buffers_to(model, device)
-        return cls(model, Checkpoint(source), device, dtype)
+        lazy = cls(model, Checkpoint(source), device, dtype)
+        # A tied head is stored once, under the embedding's name (a meta skeleton is not tied: transformers says which).
+        tied = shared_parameter_names(model) | set(getattr(model, "all_tied_weights_keys", None) or {})
+        lazy._check_names([n for n in model.state_dict() if n not in tied])  # before anything is read or written
+        return lazy
 
     def onload(self, names: Iterable[str]) -> None:
         """Memory-mapped views onto the compute device: only the pages used are read (an embedding lookup)."""
@@ -386,7 +390,7 @@ def prune_lazy(
         state = ResumeState.open(out, resume, check)
         try:
             report = _prune_claimed(
-                source, out, claim, config, calib, tokenizer, offload_dir, output, trust_remote_code, extra_files, state
+                source, claim, config, calib, tokenizer, offload_dir, output, trust_remote_code, extra_files, out, state
             )
         except BaseException as err:
             state.failed(err)
@@ -397,7 +401,6 @@ def prune_lazy(
 
 def _prune_claimed(
     source,
-    out,
     claim: OutputClaim | None,
     config: PruneConfig,
     calib,
@@ -406,6 +409,7 @@ def _prune_claimed(
     output: Output,
     trust_remote_code: bool,
     extra_files,
+    out,
     state: ResumeState,
 ) -> PruneReport:
     with dist.together():
@@ -420,9 +424,9 @@ def _prune_claimed(
             from .hf import load_tokenizer
 
             tokenizer = load_tokenizer(source, trust_remote_code)
-        batches = calibration(lazy.model, calib, tokenizer, config) if plan.needs else []
+        batches = model_batches(lazy.model, calib, tokenizer, config) if plan.needs else []
     if state.saved:
-        plan = replace(plan, targets=LazyProgress(state, None, None).targets)  # as the interrupted run had them
+        plan = replace(plan, targets=LazyResume(state, None, None).targets)  # as the interrupted run had them
     with dist.entered(claim.staging() if claim is not None else nullcontext()) as tmp:
         coverage = Coverage(lazy.model, plan.layers)
         timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, output, coverage, state)
@@ -441,7 +445,7 @@ def _prune_claimed(
             rows,
             timings,
             seqlen=window_length(batches),
-            job={"source": str(source), "out": str(out), "lazy": True},
+            job={"source": str(source), "out": str(claim.out if claim is not None else out), "lazy": True},
             metrics=metrics,
             coverage=coverage.result([plan.stacks[0][0]]),
             experts=expert_report(lazy.model, plan.layers, config.expert_tokens, config.expert_min_tokens),
@@ -517,7 +521,7 @@ def _run(
     with StreamedBlocks(lazy, prefix, blocks, writer, overlaps(output, plan), counted, state.first) as source:
         progress = None
         if keep:
-            progress = LazyProgress(state, source.after_write, writer, report_so_far).bind(plan, True)
+            progress = LazyResume(state, source.after_write, writer, report_so_far).bind(plan, True)
             if state.saved:
                 rows.update(state.saved["report"]["rows"])
                 restore_coverage(coverage, state.saved["report"]["coverage"])

@@ -271,7 +271,7 @@ def decode_targets(data: Mapping[str, list]) -> dict[str, Any]:
     return {n: Target(s, g, tuple(nm) if nm else None) for n, (s, g, nm) in data.items()}
 
 
-class BlockProgress:
+class InMemoryResume:
     """In memory: each pruned block is kept in its own file (rank 0) and the next block's inputs by every rank."""
 
     def __init__(self, state: ResumeState):
@@ -281,7 +281,7 @@ class BlockProgress:
         self.encoded: dict[str, list] = {}
         self.layers: Mapping[str, Any] = {}
 
-    def bind(self, plan, resumable: bool) -> BlockProgress | None:
+    def bind(self, plan, resumable: bool) -> InMemoryResume | None:
         """This run's plan; None when it cannot be resumed block by block (then a --resume run is refused)."""
         if not resumable:
             if self.state.required or self.first:
@@ -339,7 +339,7 @@ def block_file(index: int) -> str:
     return f"block-{index:05d}.safetensors"
 
 
-class LazyProgress(BlockProgress):
+class LazyResume(InMemoryResume):
     """``--lazy``: the pruned blocks are the output shards, written into the state folder by the writer thread;
     progress is committed on that thread after the block's shards are flushed and fsynced, with what the report
     has gathered so far (``report_so_far``, taken on the main thread when the block is done)."""
