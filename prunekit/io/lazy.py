@@ -519,13 +519,13 @@ def _run(
         return {"rows": rows, "coverage": coverage_state(coverage)}
 
     with StreamedBlocks(lazy, prefix, blocks, writer, overlaps(output, plan), counted, state.first) as source:
-        progress = None
+        resume = None
         if keep:
-            progress = LazyResume(state, source.after_write, writer, report_so_far).bind(plan, True)
+            resume = LazyResume(state, source.after_write, writer, report_so_far).bind(plan, True)
             if state.saved:
                 rows.update(state.saved["report"]["rows"])
                 restore_coverage(coverage, state.saved["report"]["coverage"])
-        where = sequential(lazy.model, batches, plan, source, step, timings, offload_dir, progress=progress)
+        where = sequential(lazy.model, batches, plan, source, step, timings, offload_dir, resume=resume)
         copy_start = time.perf_counter()
         with dist.together():
             source.finish()
