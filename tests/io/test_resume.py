@@ -97,7 +97,7 @@ def interrupted_after(monkeypatch, block: int) -> None:
     "mode", [pytest.param([], id="in memory"), pytest.param(["--lazy"], id="lazy", marks=pytest.mark.slow)]
 )
 def test_killed_after_a_block_resumes_to_the_same_output(job, tmp_path, capsys, caplog, mode):
-    """SIGKILL right after block 1 of 3 is kept; reruns with another sparsity or a touched calibration file are
+    """SIGKILL right after block 1 of 3 is kept; reruns with another seed or a touched calibration file are
     refused (one line naming it); the same command continues from block 2, says so, and writes the same tensors
     as an uninterrupted run; then nothing is left beside --out. (--lazy: Wanda, whose writes run on a thread that
     also records the progress; in memory: SparseGPT.)"""
@@ -111,8 +111,8 @@ def test_killed_after_a_block_resumes_to_the_same_output(job, tmp_path, capsys, 
     assert json.loads((state / "progress.json").read_text())["done"] == 1
     capsys.readouterr()
 
-    changed = error_line(capsys, argv(job, out, *method, *mode, "--sparsity", "0.6"))
-    assert "interrupted run" in changed and "sparsity was 0.5, now 0.6" in changed and "--no-resume" in changed
+    changed = error_line(capsys, argv(job, out, *method, *mode, "--seed", "1"))
+    assert "interrupted run" in changed and "seed was 0, now 1" in changed and "--no-resume" in changed
     calib = job / "train.txt"
     stat = calib.stat()
     os.utime(calib, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
