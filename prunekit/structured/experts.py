@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..forward import hooks
-from ..moe import expert_output, num_experts, routers, routing_call
+from ..moe import expert_output, experts_layout, num_experts, routers, routing_call
 from .base import ModelMethod, register_structured
 from .common import check_batches, check_ratio, config_accepts, count_params, forward, hf_config, set_config, summary
 
@@ -44,10 +44,26 @@ def moe_layers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
             f"structured method 'experts' needs a mixture-of-experts model; {type(model).__name__} has no fused "
             "experts module (transformers 5 MoE: gate_up_proj/down_proj [experts, ...] with a router)"
         )
+    for name, (experts, _) in found.items():
+        check_removable(name, experts)
     counts = {num_experts(experts) for experts, _ in found.values()}
     if len(counts) != 1:
         raise PrunekitError(f"MoE layers hold different numbers of experts {sorted(counts)}; expected one count")
     return found
+
+
+def check_removable(name: str, experts: nn.Module) -> None:
+    """Whole experts are scored from the router's top-k weights and removed from ``[experts, ...]`` tensors: refuse
+    other calling conventions and layouts (tokens dispatched per expert, stacked 2-D tensors, extra rows)."""
+    layout = experts_layout(experts)
+    count = num_experts(experts, layout)
+    shapes = {tuple(experts.get_parameter(p).shape[:1]) for p in layout.params}
+    if layout.call != "routed" or layout.count or shapes != {(count,)} or any("." in p for p in layout.params):
+        raise PrunekitError(
+            f"structured method 'experts' removes experts called with the routing (hidden_states, top_k_index, "
+            f"top_k_weights) and stored [experts, ...]; {name} ({type(experts).__name__}) is a {layout.call!r} "
+            f"layout of {', '.join(layout.params)}: prune it unstructured instead"
+        )
 
 
 def experts_to_remove(count: int, ratio: float, groups: int, top_k: int) -> int:
