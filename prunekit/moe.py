@@ -347,18 +347,25 @@ def routed_rows(top_k_index: torch.Tensor, expert: int) -> torch.Tensor:
 
 @dataclass
 class Arrivals:
-    """What one experts call hands its experts: ``rows(e)``, the rows expert ``e`` computes on, and ``every``, every
-    token's hidden state when the call carries it (else the MoE block's input stands in)."""
+    """What one experts call hands its experts: ``rows(e)``, the rows expert ``e`` computes on; ``weights(e)``, the
+    routing weight its output for each of them is scaled by (None: the rows already carry it, or the call does not
+    say); ``every``, every token's hidden state when the call carries it (else the MoE block's input stands in)."""
 
     rows: Callable[[int], torch.Tensor]
+    weights: Callable[[int], torch.Tensor] | None = None
     every: torch.Tensor | None = None
 
 
 def _routed(experts: nn.Module, layout: ExpertsLayout, args: tuple, kwargs: Mapping[str, Any]) -> Arrivals:
-    hidden, index, _ = routing_call(experts, args, kwargs)
+    hidden, index, weights = routing_call(experts, args, kwargs)
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    index = index.reshape(hidden.shape[0], -1)
-    return Arrivals(lambda e: hidden[routed_rows(index, e)], hidden)
+    index, weights = index.reshape(hidden.shape[0], -1), weights.reshape(hidden.shape[0], -1)
+
+    def weight(e: int) -> torch.Tensor:
+        hit = index == e
+        return (weights * hit).sum(dim=-1)[hit.any(dim=-1)]
+
+    return Arrivals(lambda e: hidden[routed_rows(index, e)], weight, hidden)
 
 
 def _dispatched(experts: nn.Module, layout: ExpertsLayout, args: tuple, kwargs: Mapping[str, Any]) -> Arrivals:
