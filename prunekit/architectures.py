@@ -81,7 +81,7 @@ def family(model_type: str | None) -> Family:
 
 # ---------------------------------------------------------------- fused mixture-of-experts layouts
 
-EXPERT_CALLS = ("routed", "dispatched", "sized")
+EXPERT_CALLS = ("routed", "dispatched", "sized", "shared")
 EXPERT_GATES = ("module", "act", "chunk", "pair", "none")
 
 
@@ -92,7 +92,9 @@ class ExpertsLayout:
     ``call``: what the module receives -- ``routed``: ``(hidden_states [tokens, H], top_k_index, top_k_weights)``,
     each expert picks its tokens from the index; ``dispatched``: ``hidden_states [experts * tokens, H]``, tokens
     already repeated per expert and scaled by their router score (a token not routed to an expert is a zero row
-    there); ``sized``: ``(inputs sorted by expert, expert_size)``, expert ``e`` gets the ``e``-th slice.
+    there); ``sized``: ``(inputs sorted by expert, expert_size)``, expert ``e`` gets the ``e``-th slice;
+    ``shared``: ``(hidden_states, gammas [tokens, experts])``, every token reaches every (shared) expert and
+    ``gammas`` scales each expert's activated up projection per token.
     ``params``: the fused parameters (paths below the module), in forward order; with more than one, the last
     reads the activated up projection and the others the module's input. ``transposed``: those stored
     ``[experts, in, out]`` instead of the Linear layout ``[experts, out, in]``. ``bias``: ``<param>_bias
@@ -138,6 +140,8 @@ EXPERTS_LAYOUTS: dict[str, ExpertsLayout] = {
     # JetMoE: one fused matrix per module, used twice per MoE MLP (input_linear -> GLU -> output_linear) and for
     # the mixture-of-attention heads' query and output projections.
     "JetMoeParallelExperts": ExpertsLayout(call="sized", params=("weight",), gate="none"),
+    # Inkling: shared experts that every token passes, weighted per token by the router's shared gammas.
+    "InklingSharedExperts": ExpertsLayout(call="shared", params=("gate_proj", "up_proj", "down_proj"), gate="pair"),
     # DBRX: the matrices live on the child ``mlp`` stacked 2-D [experts * ffn, hidden]; w2 is stored [in, out].
     "DbrxExperts": ExpertsLayout(
         params=("mlp.w1", "mlp.v1", "mlp.w2"),

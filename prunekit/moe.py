@@ -174,6 +174,8 @@ def routers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
     found = {}
     gates = gate_modules(model)
     for name, experts in find_experts(model).items():
+        if experts_layout(experts).call == "shared":  # every token passes them: not routed
+            continue
         mine = [g for n, g in gates.items() if n.startswith(f"{parent_name(name)}.") or not parent_name(name)]
         rows = [g for g in mine if g.weight.shape[0] == num_experts(experts)]
         if len(rows) != 1:
@@ -349,11 +351,13 @@ def routed_rows(top_k_index: torch.Tensor, expert: int) -> torch.Tensor:
 class Arrivals:
     """What one experts call hands its experts: ``rows(e)``, the rows expert ``e`` computes on; ``weights(e)``, the
     routing weight its output for each of them is scaled by (None: the rows already carry it, or the call does not
-    say); ``every``, every token's hidden state when the call carries it (else the MoE block's input stands in)."""
+    say); ``every``, every token's hidden state when the call carries it (else the MoE block's input stands in);
+    ``scales(e)``, a per-row factor ``[n, 1]`` on expert ``e``'s activated up projection (Inkling's gammas)."""
 
     rows: Callable[[int], torch.Tensor]
     weights: Callable[[int], torch.Tensor] | None = None
     every: torch.Tensor | None = None
+    scales: Callable[[int], torch.Tensor] | None = None
 
 
 def _routed(experts: nn.Module, layout: ExpertsLayout, args: tuple, kwargs: Mapping[str, Any]) -> Arrivals:
@@ -382,7 +386,19 @@ def _sized(experts: nn.Module, layout: ExpertsLayout, args: tuple, kwargs: Mappi
     return Arrivals(lambda e: parts[e])
 
 
-ARRIVALS: dict[str, Callable[..., Arrivals]] = {"routed": _routed, "dispatched": _dispatched, "sized": _sized}
+def _shared(experts: nn.Module, layout: ExpertsLayout, args: tuple, kwargs: Mapping[str, Any]) -> Arrivals:
+    hidden, gammas = _call_values(experts, args, kwargs, 2, "experts(hidden_states, gammas [tokens, experts])")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    gammas = gammas.reshape(hidden.shape[0], -1)
+    return Arrivals(lambda e: hidden, every=hidden, scales=lambda e: gammas[:, e : e + 1])
+
+
+ARRIVALS: dict[str, Callable[..., Arrivals]] = {
+    "routed": _routed,
+    "dispatched": _dispatched,
+    "sized": _sized,
+    "shared": _shared,
+}
 
 
 def arrivals(experts: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Arrivals:
@@ -451,7 +467,10 @@ class _ExpertSite:
         key = (view.index, view.tokens, kind)
         if key not in cache:
             x = self._every(arrived) if view.tokens == "all" else cache[("rows", view.index)]
-            cache[key] = x if kind == "up" else expert_hidden(self.experts, self.layout, view.index, x)
+            if kind == "down":
+                x = expert_hidden(self.experts, self.layout, view.index, x)
+                x = x if arrived.scales is None else x * arrived.scales(view.index)
+            cache[key] = x
         return cache[key]
 
 
