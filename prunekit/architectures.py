@@ -1,7 +1,8 @@
 """What prunekit knows about model families that it cannot read off the model, in one place.
 
 Almost everything is generic: layers are found by type, block lists as the longest list of identical modules,
-MoE experts by the attributes transformers' ``@use_experts_implementation`` records, the model class from
+MoE experts by the attributes transformers' ``@use_experts_implementation`` records (``EXPERTS_LAYOUTS`` below
+describes the experts classes transformers ships without it), the model class from
 ``architectures`` in config.json (``prunekit.model_classes``). What remains are names: of the projections a
 structured method couples, of the config entries that describe layers by position, and a few per-family facts
 keyed by the Hugging Face ``model_type``. A new family needs an entry here only when a check of the support
