@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..forward import hooks
-from ..moe import arrivals, expert_output, experts_layout, num_experts, routers
+from ..moe import arrivals, expert_output, experts_layout, find_experts, num_experts, routers
 from .base import ModelMethod, register_structured
 from .common import check_batches, check_ratio, config_accepts, count_params, forward, hf_config, set_config, summary
 
@@ -39,14 +39,15 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 def moe_layers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
     """``{experts name: (experts, router)}``, or a one-line error for a model without fused experts."""
-    found = routers(model)
-    if not found:
+    routed = {n: m for n, m in find_experts(model).items() if experts_layout(m).call != "shared"}
+    if not routed:
         raise PrunekitError(
             f"structured method 'experts' needs a mixture-of-experts model; {type(model).__name__} has no fused "
             "experts module (transformers 5 MoE: gate_up_proj/down_proj [experts, ...] with a router)"
         )
-    for name, (experts, _) in found.items():
+    for name, experts in routed.items():
         check_removable(name, experts)
+    found = routers(model)
     counts = {num_experts(experts) for experts, _ in found.values()}
     if len(counts) != 1:
         raise PrunekitError(f"MoE layers hold different numbers of experts {sorted(counts)}; expected one count")
