@@ -192,7 +192,7 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, token
     allocator = ALLOCATORS.create(config.allocation, config.allocation_params)
     start = time.perf_counter()
     wants_data = plan.needs or allocator.needs_calibration or config.recalibrate_bn or calib is not None
-    batches = calibration(model, calib, tokenizer, config) if wants_data else []
+    batches = model_batches(model, calib, tokenizer, config) if wants_data else []
     data_s = time.perf_counter() - start
     plan = engine.chained(model, plan, batches)
     plan = replace(plan, targets=allocate(model, batches, plan, allocator, config.sparsity))
@@ -260,7 +260,7 @@ def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokeniz
 
     method = STRUCTURED.create(config.method, config.method_params)
     start = time.perf_counter()
-    batches = calibration(model, calib, tokenizer, config) if method.needs_calibration else []
+    batches = model_batches(model, calib, tokenizer, config) if method.needs_calibration else []
     with torch.no_grad(), on_device(model, config.device):
         summary = method.prune_model(model, batches, config.sparsity)
     seqlen = window_length(batches)
@@ -346,7 +346,7 @@ def resolve_seqlen(seqlen: int | None, model: Any, what: str = "seqlen") -> int:
     return seqlen
 
 
-def calibration(model: nn.Module, calib: Any, tokenizer: Any, config: PruneConfig) -> list:
+def model_batches(model: nn.Module, calib: Any, tokenizer: Any, config: PruneConfig) -> list:
     """The calibration batches of ``calib`` for ``model`` (text windows of the resolved length)."""
     seqlen = resolve_seqlen(config.seqlen, model)
     batches = calibration_batches(calib, tokenizer, config.nsamples, seqlen, config.seed, config.batch_size)

@@ -153,6 +153,7 @@ def run_prune(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None)
         if prepared.model_class is not None:
             report.settings["model_class"] = prepared.model_class
             recipe = dataclasses.replace(recipe, model_class=prepared.model_class)  # saved resolved
+        recipe = dataclasses.replace(recipe, seqlen=report.settings.get("seqlen"))  # the windows' length used
         if claim is not None:
             save_run(model, tokenizer, report, recipe, claim)
     _write_report_json(recipe, report)
@@ -177,14 +178,15 @@ def run_prune_lazy(recipe: PruneRecipe, inputs: dict[str, str | None]) -> PruneR
     """Checkpoints larger than memory: one block at a time from the safetensors files to the output shards."""
     from .io.lazy import prune_lazy
 
-    model_class = resolve_model_class(
-        load_config(recipe.model, recipe.trust_remote_code), recipe.model_class, recipe.model
-    )
+    hf_config = load_config(recipe.model, recipe.trust_remote_code)
+    model_class = resolve_model_class(hf_config, recipe.model_class, recipe.model)
     if model_class != "causal-lm":
         raise PrunekitError(
             f"--lazy prunes causal LMs block by block; {recipe.model!r} loads as {model_class}: prune it without --lazy"
         )
     tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code) if recipe.calib_data else None
+    if recipe.calib_data:  # saved resolved: the windows' length used
+        recipe = dataclasses.replace(recipe, model_class=model_class, seqlen=resolve_seqlen(recipe.seqlen, hf_config))
     report = prune_lazy(
         recipe.model,
         recipe.out,

@@ -31,8 +31,8 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from . import kernels
 from .activations import Activations, choose_offload, gib
 from .collect import LayerStats, collect
 from .config import PruneConfig
@@ -55,6 +55,7 @@ from .forward import (
 from .graph import Stack, block_index, block_layers, num_groups, set_weight_matrix, weight_matrix
 from .groups import GLOBAL, select_global
 from .methods import HESSIAN, NORMS, Method, Solver, Target, Update, mask_from_scores
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,11 @@ def joined(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def prune_layers(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None, plan: Plan) -> None:
     """Prune ``layers`` in place (a block's worth, or the whole model)."""
+    with kernels.enabled(plan.config.kernels):
+        _prune_layers(layers, stats, plan)
+
+
+def _prune_layers(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None, plan: Plan) -> None:
     global_masks = _global_masks(layers, stats, plan)
     for name, module in steps(layers.items(), "pruning layers", len(layers)):
         layer_stats = stats[name] if stats is not None else None
@@ -169,9 +175,9 @@ def _global_masks(layers, stats, plan: Plan) -> dict[str, torch.Tensor]:
 
 
 def steps(items, desc: str, total: int | None = None):
-    """A progress bar (with ETA) for the steps inside one block, which take minutes on a 7B-sized block on CPU;
-    it disappears when done so the block bar stays readable."""
-    return tqdm(items, desc=desc, total=total, unit="step", leave=False, mininterval=1.0)
+    """Progress (with ETA) of the steps inside one block, which take minutes on a 7B-sized block on CPU; a bar
+    disappears when done so the block bar stays readable (``prunekit.progress``)."""
+    return progress(items, desc, total, unit="step", inner=True)
 
 
 def plan_collect(layers: Mapping[str, nn.Module], plan: Plan):
@@ -392,7 +398,7 @@ def sequential(
     with tempfile.TemporaryDirectory(prefix="prunekit-activations-", dir=offload_dir) as scratch:
         acts = _capture(model, blocks, last, batches, plan, source, Path(scratch)) if plan.needs else None
         timings[f"{tag}capture_s"] = time.perf_counter() - start
-        bar = tqdm(source.visit(last), desc=f"pruning {prefix or 'blocks'}", unit="block")
+        bar = progress(source.visit(last), f"pruning {prefix or 'blocks'}", unit="block")
         for i in bar:
             t0 = time.perf_counter()
             with source.block(i) as block:

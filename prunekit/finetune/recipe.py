@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..config import PruneConfig, refuse_unused, setting
 from ..errors import PrunekitError
 from ..io.paths import looks_local, require_local
-from ..recipe import PruneRecipe, load_yaml, recipe_from_dict
+from ..recipe import PruneRecipe, load_recipe
 from ..schedule import CALLBACK_CALIBRATION, CALLBACK_USES, Schedule
 
 TASKS = ("causal-lm", "image-classification")
@@ -33,8 +33,10 @@ class FinetuneRecipe(PruneRecipe, Schedule):
     val_data: str | None = setting(None, "optional validation during training (val loss / top-1)", example="val.txt")
     lora: dict | None = setting(
         None,
-        "LoRA recovery (LLMs): {r, alpha, dropout, target_modules, masked}; the adapters are merged back without "
+        "LoRA recovery (LLMs): r, alpha, dropout, target_modules, masked; the adapters are merged back without "
         "losing a zero",
+        flag="--lora",
+        keyvalue=True,
         example={"r": 4},
     )
     max_steps: int = setting(300, "training steps", type=int, example=2)
@@ -68,13 +70,17 @@ def check_finetune(recipe: FinetuneRecipe) -> None:
     Schedule.of(recipe).check_target(recipe.sparsity, recipe.pattern)  # and the schedule's own checks
     if recipe.task is not None and recipe.task not in TASKS:
         raise PrunekitError(f"task must be one of {TASKS}, got {recipe.task!r}")
+    if recipe.lazy:
+        raise PrunekitError("fine-tuning trains the whole model in memory: drop lazy (--lazy)")
     if not recipe.training_data:
         raise PrunekitError("fine-tuning needs train_data (or calib_data) to train on")
     _check_training(recipe)
     if recipe.lora is not None and set(recipe.lora) - LORA_KEYS:
         raise PrunekitError(f"unknown lora key(s) {sorted(set(recipe.lora) - LORA_KEYS)}; known: {sorted(LORA_KEYS)}")
     if recipe.lora is not None and recipe.schedule != "oneshot":
-        raise PrunekitError("LoRA freezes the base weights, so they cannot be pruned gradually: use schedule: oneshot")
+        raise PrunekitError(
+            "lora: LoRA freezes the base weights, so they cannot be pruned gradually: use schedule: oneshot"
+        )
     if recipe.schedule == "cubic" and recipe.structured:
         raise PrunekitError(
             f"structured method {recipe.method!r} changes shapes once, before training: use schedule: oneshot"
@@ -93,8 +99,9 @@ def check_finetune(recipe: FinetuneRecipe) -> None:
 
 def callback_config(recipe: FinetuneRecipe) -> PruneConfig:
     """The prune settings a cubic schedule hands to ``PruningCallback``: all but those fine-tuning itself uses
-    (``seqlen``: the training windows' length; ``seed``: seeds the whole run)."""
-    return dataclasses.replace(recipe.as_config(), seqlen=None, seed=0)
+    (``seqlen``: the training windows' length; ``seed``: seeds the whole run; ``dtype``: how the model loads;
+    ``device``: where it is evaluated)."""
+    return dataclasses.replace(recipe.as_config(), seqlen=None, seed=0, dtype="auto", device=None)
 
 
 def _check_training(recipe: FinetuneRecipe) -> None:
@@ -112,6 +119,4 @@ def _check_training(recipe: FinetuneRecipe) -> None:
 
 def load_finetune_recipe(path: str | os.PathLike | None, overrides: dict | None = None) -> FinetuneRecipe:
     """A ``FinetuneRecipe`` from YAML with CLI ``overrides`` (flags the user set) on top; unknown keys fail."""
-    data = load_yaml(path) if path else {}
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return recipe_from_dict(FinetuneRecipe, data, source=str(path) if path else "command line")
+    return load_recipe(FinetuneRecipe, path, overrides or {})

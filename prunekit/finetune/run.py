@@ -40,6 +40,8 @@ def run_finetune(recipe: FinetuneRecipe, recipe_path: str | os.PathLike | None =
         report = _run(recipe)
         if claim is not None:
             _save(*report, recipe, claim)
+    if recipe.report_json:
+        write_json(recipe.report_json, report[2])
     return report[2]
 
 

@@ -10,19 +10,14 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from .. import config
 from ..errors import PrunekitError
 from .compact import is_compact, load_compact
 from .files import check_safetensors_dir, safetensors_shapes
 from .paths import looks_local, require_hub, require_local
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = {name: getattr(torch, ALIASES.get(name, name)) for name in config.DTYPES if name != "auto"}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..activations import memory_text, peak_memory, release_memory
-from ..api import PruneReport, calibration, layer_sparsity, plan_prune, unstructured_report, window_length
+from ..api import PruneReport, layer_sparsity, model_batches, plan_prune, unstructured_report, window_length
 from ..config import PruneConfig, check_save_format, lazy_problems
 from ..coverage import Coverage
 from ..engine import Plan, outside_stacks, prune_layers, record_block_calls, sequential
@@ -40,7 +40,7 @@ from ..methods import HESSIAN
 from ..moe import expert_report
 from .atomic import OutputClaim, claim_output, write_json
 from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size, write_notice
-from .hf import parse_dtype
+from .hf import parse_dtype, shared_parameter_names
 from .overlap import Stage, wait
 from .paths import checkpoint_bytes
 
@@ -118,7 +118,11 @@ class LazyModel:
         device = torch.device(device) if device is not None else default_device()
         model = build_skeleton(source, dtype, trust_remote_code)
         _buffers_to(model, device)
-        return cls(model, Checkpoint(source), device, dtype)
+        lazy = cls(model, Checkpoint(source), device, dtype)
+        # A tied head is stored once, under the embedding's name (a meta skeleton is not tied: transformers says which).
+        tied = shared_parameter_names(model) | set(getattr(model, "all_tied_weights_keys", None) or {})
+        lazy._check_names([n for n in model.state_dict() if n not in tied])  # before anything is read or written
+        return lazy
 
     def onload(self, names: Iterable[str]) -> None:
         """Memory-mapped views onto the compute device: only the pages used are read (an embedding lookup)."""
@@ -381,7 +385,7 @@ def _prune_claimed(
         from .hf import load_tokenizer
 
         tokenizer = load_tokenizer(source, trust_remote_code)
-    batches = calibration(lazy.model, calib, tokenizer, config) if plan.needs else []
+    batches = model_batches(lazy.model, calib, tokenizer, config) if plan.needs else []
     with claim.staging() as tmp:
         coverage = Coverage(lazy.model, plan.layers)
         timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, output, coverage)
