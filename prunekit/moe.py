@@ -120,7 +120,10 @@ def find_experts(model: nn.Module) -> dict[str, nn.Module]:
 
 def holds_expert_weights(module: nn.Module) -> bool:
     """Whether ``module`` itself holds what look like fused expert weights: a parameter of two or more dimensions
-    in a class named ``*Expert*``, or of three or more next to an expert count (``num_experts``, ...)."""
+    in a class named ``*Expert*``, or of three or more next to an expert count (``num_experts``, ...). Linears and
+    embeddings are what they are, whatever their name."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        return False
     named = "expert" in type(module).__name__.lower()
     counted = any(isinstance(getattr(module, a, None), int) for a in EXPERT_COUNT_ATTRIBUTES)
     own = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
