@@ -70,6 +70,8 @@ def test_readme_quick_start_runs_as_pasted(tmp_path):
     assert report["sparsity"] == pytest.approx(0.5, abs=0.01) and report["metrics"]["ppl"] > 1
     out = run([str(clone / ".venv" / "bin" / "python"), "-c", blocks["python"]], clone)
     assert "sparsity 0.5" in out
+    saved = clone / "out" / "quickstart-python"  # issue 28 item 11: saved with its tokenizer, as the CLI saves
+    assert (saved / "tokenizer_config.json").exists() and (saved / "model.safetensors").exists()
 
 
 def section_bash(readme: str, title: str) -> str:
