@@ -30,6 +30,7 @@ from prunekit import distributed
 from prunekit.errors import PrunekitError
 from prunekit.eval import perplexity
 from prunekit.io.lazy import prune_lazy
+from tests import zoo
 from tests.conftest import tiny_llama
 
 IN_MEMORY = {  # name -> prune settings (on top of 50% in batches of 2)
@@ -41,6 +42,7 @@ IN_MEMORY = {  # name -> prune settings (on top of 50% in batches of 2)
     "wanda + dsnot": dict(method="wanda", update=("dsnot",)),
     "depth": dict(method="depth", sparsity=0.34),
     "width": dict(method="width", sparsity=0.3),
+    "wanda moe": dict(method="wanda"),  # a Mixtral: expert token counts summed over the ranks
 }
 LAZY = {  # --lazy takes unstructured methods with uniform allocation
     "wanda per-output": dict(method="wanda", group="per-output"),
@@ -60,8 +62,14 @@ def tokens() -> torch.Tensor:
 
 
 def in_memory(name: str) -> torch.nn.Module:
-    model = tiny_llama(layers=BLOCKS, seed=0)
-    prunekit.prune(model, calib=tokens(), **{"sparsity": 0.5, "batch_size": 2, **IN_MEMORY[name]})
+    """The pruned model; a MoE model carries its report's routed token counts (``routed``)."""
+    if "moe" in name:
+        torch.manual_seed(0)
+        model = zoo.build("mixtral")
+    else:
+        model = tiny_llama(layers=BLOCKS, seed=0)
+    report = prunekit.prune(model, calib=tokens(), **{"sparsity": 0.5, "batch_size": 2, **IN_MEMORY[name]})
+    model.routed = report.experts["routed_tokens"] if report.experts else None
     return model
 
 
@@ -108,7 +116,9 @@ def ranks(fn, *args, tmp: Path, world: int = 2, timeout: float = 60) -> tuple[li
 
 
 def _equivalence(rank: int, source: str, out: str, memory: list[str], lazy_names: list[str]) -> None:
-    results = {name: in_memory(name).state_dict() for name in memory}
+    models = {name: in_memory(name) for name in memory}
+    results = {name: m.state_dict() for name, m in models.items()}
+    results.update({f"{name} routed": m.routed for name, m in models.items() if m.routed})
     for name in lazy_names:
         report = lazy(Path(source), Path(out) / name, name)
         assert report.metrics["world_size"] == 2 and len(report.metrics["peak_rss_bytes_per_rank"]) == 2
@@ -142,6 +152,7 @@ def check_two_ranks(tmp_path: Path, memory: dict, lazy_names: dict) -> None:
     two = torch.load(tmp_path / "memory.pt", weights_only=True)
     for name in memory:
         assert_same_result(one[name], two[name], name)
+        assert one[name].routed == two.get(f"{name} routed"), name  # tokens routed to each expert, all ranks
     model = tiny_llama(layers=BLOCKS, seed=0)
     for name in lazy_names:
         model.load_state_dict(shards(tmp_path / f"one {name}"))
@@ -153,7 +164,8 @@ def check_two_ranks(tmp_path: Path, memory: dict, lazy_names: dict) -> None:
 
 
 def test_two_ranks_prune_as_one_process(tmp_path):
-    """Wanda (per-output, 2:4), SparseGPT, ADMM, OWL, DSnoT, depth and width in memory, and Wanda and SparseGPT
+    """Wanda (per-output, 2:4; and on a Mixtral, whose expert token counts must add up too), SparseGPT, ADMM, OWL,
+    DSnoT, depth and width in memory, and Wanda and SparseGPT
     with --lazy: each rank calibrates on half of the batches, the statistics are summed, the layers shared out."""
     check_two_ranks(tmp_path, IN_MEMORY, LAZY)
 
