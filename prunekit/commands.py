@@ -16,18 +16,18 @@ from typing import Any
 
 from torch import nn
 
-from .api import PruneReport, prune, resolve_seqlen
+from .api import PruneReport, prune_model, resolve_seqlen
 from .data.text import load_text, tokenize
+from .distributed import is_writer, process_group, together
 from .errors import PrunekitError
 from .eval.perplexity import perplexity
-from .graph import is_hf_model
-from .io import load_causal_lm, load_tokenizer, save_causal_lm, write_json
-from .io.atomic import OutputClaim, claim_output
-from .io.compact import save_compact
+from .io import load_causal_lm, load_tokenizer, write_json, write_model
+from .io.atomic import OutputClaim, claim_on_writer
 from .io.hf import SAVE_TOKENIZER, load_config, load_hf_model
 from .io.paths import check_file_writable, check_paths, checkpoint_bytes, looks_local
-from .io.timm import is_vision_source, local_path, save_vision_model
-from .model_classes import AUTO, MODEL_CLASSES, TIMM, Job, Prepared, model_class_of, resolve_model_class
+from .io.resume import InMemoryResume, ResumeState, fingerprint
+from .io.timm import is_vision_source, local_path
+from .model_classes import AUTO, MODEL_CLASSES, TEXT_CLASSES, TIMM, Job, Prepared, model_class_of, resolve_model_class
 from .recipe import PruneRecipe, dump_recipe
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,20 @@ def validate(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None) 
 
 @contextmanager
 def claimed(recipe: PruneRecipe, inputs: dict[str, str | None]) -> Iterator[OutputClaim | None]:
-    """``--out`` held exclusively from before loading to the final rename (nothing when there is no --out)."""
+    """``--out`` held exclusively from before loading to the final rename (nothing when there is no --out); with
+    several ranks by rank 0, the only one that writes it."""
     if recipe.out is None:
         yield None
         return
-    with claim_output(recipe.out, inputs, recipe.overwrite, checkpoint_bytes(inputs["--model"])) as claim:
+    with claim_on_writer(recipe.out, inputs, recipe.overwrite, checkpoint_bytes(inputs["--model"])) as claim:
         yield claim
+
+
+def run_fingerprint(recipe: PruneRecipe, inputs: dict[str, str | None]) -> dict:
+    """What a resumed run must share with the interrupted one: every setting and every input but the recipe file
+    (its settings are compared one by one)."""
+    settings = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)}
+    return fingerprint(settings, {flag: path for flag, path in inputs.items() if flag != "--recipe"})
 
 
 def start_job(recipe: PruneRecipe, preprocessor_source: str | None = None) -> Job:
@@ -124,34 +132,56 @@ def evaluate(model: nn.Module, job: Job, prepared: Prepared) -> dict[str, float]
     return job.model_class.score(model, prepared, job.recipe)
 
 
-def prune_with_recipe(model: nn.Module, recipe: PruneRecipe, calib: Any = None) -> PruneReport:
+def prune_with_recipe(
+    model: nn.Module, recipe: PruneRecipe, calib: Any = None, resume: InMemoryResume | None = None
+) -> PruneReport:
     """``prunekit.prune`` with the recipe as its config (the CLI and fine-tuning share it)."""
-    return prune(model, recipe, calib=calib)
+    return prune_model(model, recipe, calib, None, resume)
 
 
 def run_prune(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None) -> PruneReport:
-    """Prune ``recipe.model`` and, when ``recipe.out`` is set, save model + report + resolved recipe."""
+    """Prune ``recipe.model`` and, when ``recipe.out`` is set, save model + report + resolved recipe. Under
+    torchrun every rank runs this: the process group is set up here, rank 0 claims and writes the outputs and
+    evaluates; a block-by-block run keeps its progress beside ``--out`` to resume from (``prunekit.io.resume``)."""
     inputs = validate(recipe, recipe_path)
-    if recipe.lazy:
-        return run_prune_lazy(recipe, inputs)
-    with claimed(recipe, inputs) as claim:
+    with process_group(recipe.device, recipe.dist_timeout):
+        if recipe.lazy:
+            return run_prune_lazy(recipe, inputs)
+        with claimed(recipe, inputs) as claim:
+            state = ResumeState.open(recipe.out, recipe.resume, run_fingerprint(recipe, inputs))
+            try:
+                report, recipe = _prune_in_memory(recipe, claim, state)
+            except BaseException as err:
+                state.failed(err)
+                raise
+            state.finish()
+        _write_report_json(recipe, report)
+        return report
+
+
+def _prune_in_memory(recipe: PruneRecipe, claim: OutputClaim | None, state: ResumeState):
+    with together():
         job, calib, prepared = load_job(recipe)
         model, row = job.model, job.model_class
-        dense = evaluate(model, job, prepared)
-        report = prune_with_recipe(model, recipe, calib)
-        report.metrics.update({f"{k}_dense": v for k, v in dense.items()})
-        report.metrics.update(evaluate(model, job, prepared))
+        dense = evaluate(model, job, prepared) if is_writer() else {}
+    resume = InMemoryResume(state) if state.keep else None
+    report = prune_with_recipe(model, recipe, calib, resume)
+    with together():  # rank 0 evaluates and writes; the others wait to learn whether it succeeded
+        if is_writer():
+            report.metrics.update({f"{k}_dense": v for k, v in dense.items()})
+            report.metrics.update(evaluate(model, job, prepared))
         if row.transformers:
             report.settings["model_class"] = row.name
             recipe = dataclasses.replace(recipe, model_class=row.name)  # saved resolved
+        if row.name in TEXT_CLASSES:  # the windows' length used (other classes' samples are as long as they are)
+            recipe = dataclasses.replace(recipe, seqlen=report.settings.get("seqlen"))
         if claim is not None:
             save_run(model, job.preprocessor, report, recipe, claim)
-    _write_report_json(recipe, report)
-    return report
+    return report, recipe
 
 
 def _write_report_json(recipe: PruneRecipe, report: PruneReport) -> None:
-    if recipe.report_json:
+    if recipe.report_json and is_writer():
         write_json(recipe.report_json, report.to_dict())
 
 
@@ -159,14 +189,7 @@ def save_run(model: nn.Module, preprocessor: Any, report: PruneReport, recipe: P
     """Model (with its tokenizer or processor), report and resolved recipe into the claimed ``--out``, all at once
     (one rename)."""
     with claim.staging() as tmp:
-        if not is_hf_model(model):
-            save_vision_model(model, tmp)
-        elif recipe.save_format == "compact":
-            model.config.save_pretrained(tmp)
-            preprocessor.save_pretrained(tmp)
-            save_compact(model, tmp)
-        else:
-            save_causal_lm(model, preprocessor, tmp)
+        write_model(model, tmp, preprocessor, recipe.save_format)
         write_json(tmp / "prune_report.json", report.to_dict())
         dump_recipe(recipe, tmp / "recipe.yaml")
     log.info("saved pruned model to %s", claim.out)
@@ -176,14 +199,15 @@ def run_prune_lazy(recipe: PruneRecipe, inputs: dict[str, str | None]) -> PruneR
     """Checkpoints larger than memory: one block at a time from the safetensors files to the output shards."""
     from .io.lazy import prune_lazy
 
-    model_class = resolve_model_class(
-        load_config(recipe.model, recipe.trust_remote_code), recipe.model_class, recipe.model
-    )
+    hf_config = load_config(recipe.model, recipe.trust_remote_code)
+    model_class = resolve_model_class(hf_config, recipe.model_class, recipe.model)
     if model_class != "causal-lm":
         raise PrunekitError(
             f"--lazy prunes causal LMs block by block; {recipe.model!r} loads as {model_class}: prune it without --lazy"
         )
     tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code) if recipe.calib_data else None
+    if recipe.calib_data:  # saved resolved: the windows' length used
+        recipe = dataclasses.replace(recipe, model_class=model_class, seqlen=resolve_seqlen(recipe.seqlen, hf_config))
     report = prune_lazy(
         recipe.model,
         recipe.out,

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
-from tqdm.auto import tqdm
 
 from ..errors import PrunekitError
+from ..progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -197,5 +197,5 @@ def image_batches(dataset: Dataset, transform: Callable, batch_size: int, num_wo
         num_workers=num_workers,
         collate_fn=functools.partial(collate_images, transform=transform),
     )
-    bar = tqdm(loader, desc=f"loading {what} images", unit="batch", leave=False)
-    return [batch for batch in bar if batch is not None]
+    loaded = progress(loader, f"loading {what} images", unit="batch", inner=True)
+    return [batch for batch in loaded if batch is not None]

@@ -38,6 +38,7 @@ for _row in ROWS:
 MODEL_CLASSES: dict[str, ModelClass] = {row.name: row for row in ROWS}
 HF_CLASSES: dict[str, ModelClass] = {n: row for n, row in MODEL_CLASSES.items() if row.transformers}
 PREFERENCE = sorted(HF_CLASSES.values(), key=lambda row: row.rank)  # most specific first
+TEXT_CLASSES = frozenset(row.name for row in text.ROWS)  # calibrated on token windows of --seqlen tokens
 CHOICES = (AUTO, *HF_CLASSES)
 OVERRIDE_HINT = f"pass --model-class ({'|'.join(HF_CLASSES)}), or model_class: in the recipe"
 
@@ -46,6 +47,7 @@ __all__ = [
     "CHOICES",
     "HF_CLASSES",
     "MODEL_CLASSES",
+    "TEXT_CLASSES",
     "TIMM",
     "Job",
     "ModelClass",

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ..architectures import ATTENTION_READERS, MLP_READERS, PRE_NORMS, family
+from ..distributed import sum_over_ranks, together
 from ..errors import PrunekitError
 from ..forward import hooks
 from ..graph import input_embeddings
@@ -204,9 +205,10 @@ def residual_covariance(model: nn.Module, norms: Sequence[nn.Module], batches: S
         part = (x.T @ x).double()
         cov = part if cov is None else cov + part
 
-    with hooks(n.register_forward_pre_hook(hook) for n in norms):
+    with together(), hooks(n.register_forward_pre_hook(hook) for n in norms):
         for batch in batches:
             forward(model, batch)
+    sum_over_ranks(cov)
     return cov
 
 
