@@ -108,7 +108,7 @@ def load_model(job: Job) -> nn.Module:
     row, recipe = job.model_class, job.recipe
     if row.load is not None:
         return row.load(job)
-    return load_hf_model(recipe.model, row.name, recipe.dtype, recipe.trust_remote_code)
+    return load_hf_model(recipe.model, row.auto_class, recipe.dtype, recipe.trust_remote_code)
 
 
 def load_job(recipe: PruneRecipe, calibrate: bool = True) -> tuple[Job, Any, Prepared]:

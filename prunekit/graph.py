@@ -24,10 +24,6 @@ try:  # GPT-2 style layers; transformers is a dependency but keep the walker imp
     from transformers.pytorch_utils import Conv1D as HFConv1D
 except ImportError:  # pragma: no cover
     HFConv1D = ()
-try:  # the base class of every transformers 5 encoder / decoder layer
-    from transformers.modeling_layers import GradientCheckpointingLayer as HFLayer
-except ImportError:  # pragma: no cover
-    HFLayer = None
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -235,7 +231,11 @@ def _repeated_blocks(container: nn.Module) -> bool:
     Mllama self- and cross-attention layers, in one list that its forward runs in order)."""
     if len({type(c) for c in container}) == 1:
         return True
-    return HFLayer is not None and all(isinstance(c, HFLayer) for c in container)
+    try:  # the base class of every transformers 5 encoder / decoder layer (imported here: it loads modeling_utils)
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover
+        return False
+    return all(isinstance(c, GradientCheckpointingLayer) for c in container)
 
 
 def _inside(name: str, outer: str) -> bool:

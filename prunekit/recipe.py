@@ -5,8 +5,8 @@ one flat YAML mapping. Unknown keys are errors (a typo must not silently fall ba
 resolved recipe is saved next to the outputs so a run can be repeated exactly. Remote code can be enabled
 only on the command line (or in Python), never by a recipe file alone.
 
-One loader (``load_yaml``) serves prune, fine-tune and evaluation configs: ``yaml.safe_load`` only, with
-one-line errors for a missing file, malformed YAML, or a top level that is not a mapping.
+One loader (``prunekit.io.yamlfile.load_yaml``) serves prune, fine-tune and evaluation configs: ``yaml.safe_load``
+only, with one-line errors for a missing file, malformed YAML, or a top level that is not a mapping.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import PruneConfig, check_save_format, lazy_problems, setting
 from .errors import PrunekitError
+from .io.yamlfile import load_yaml
 from .model_classes import AUTO, HF_CLASSES, check_choice
 
 
@@ -191,35 +192,6 @@ def recipe_from_dict(cls, data: dict[str, Any], source: str = "recipe", cli: dic
         return cls(**{**data, **(cli or {})})
     except TypeError as err:  # a value of the wrong kind that the dataclass itself rejected
         raise PrunekitError(f"{source}: {err}") from None
-
-
-def load_yaml(path: str | os.PathLike, what: str = "recipe") -> dict[str, Any]:
-    """A YAML mapping from ``path`` (``yaml.safe_load``: no Python tags), or a one-line error."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise PrunekitError(f"{what} {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.constructor.ConstructorError as err:
-        raise PrunekitError(
-            f"{what} {str(path)!r} uses a YAML tag prunekit does not load ({_mark(err)}): recipes "
-            "are plain data; remove the tag"
-        ) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise PrunekitError(f"{what} {str(path)!r} is not valid YAML ({_mark(err)}); fix the file") from None
-    if not isinstance(data, dict):
-        raise PrunekitError(
-            f"{what} {str(path)!r} must be a YAML mapping of settings (key: value), not a {type(data).__name__}"
-        )
-    return data
-
-
-def _mark(err: Exception) -> str:
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or type(err).__name__
-    return f"{problem} at line {mark.line + 1}" if mark is not None else str(problem)
 
 
 def load_recipe(cls, path: str | os.PathLike | None, overrides: dict[str, Any]):

@@ -142,7 +142,7 @@ def test_compact_output_of_a_masked_lm_reads_back(models, tmp_path):
     assert main(prune_args(models, "bert", tmp_path / "dense")) == 0
     assert main(prune_args(models, "bert", tmp_path / "compact", "--save-format", "compact")) == 0
     dense = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "dense").state_dict()
-    restored = load_hf_model(tmp_path / "compact", "masked-lm").state_dict()
+    restored = load_hf_model(tmp_path / "compact", "AutoModelForMaskedLM").state_dict()
     assert all(torch.equal(dense[k], restored[k]) for k in dense)
 
 

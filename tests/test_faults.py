@@ -66,7 +66,7 @@ def no_loading(monkeypatch):
 
     monkeypatch.setattr(commands, "load_causal_lm", refuse)
     monkeypatch.setattr(commands, "load_hf_model", refuse)
-    monkeypatch.setattr(commands, "load_vision_model", refuse)
+    monkeypatch.setattr("prunekit.io.timm.load_vision_model", refuse)  # timm models load through their class
 
 
 # ---------------------------------------------------------------- data loss (1-3)

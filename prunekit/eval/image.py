@@ -304,7 +304,7 @@ def load_eval_config(
     ``overrides`` (e.g. from CLI flags) are merged on top, one level deep: ``{"model": {"source": ...}}``
     replaces only ``model.source``.
     """
-    from ..recipe import load_yaml
+    from ..io.yamlfile import load_yaml
 
     config = load_yaml(path, "eval config")
     for key, value in (overrides or {}).items():

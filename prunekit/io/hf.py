@@ -17,6 +17,7 @@ from .files import check_safetensors_dir, safetensors_shapes
 from .paths import looks_local, require_hub, require_local
 
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+CAUSAL_LM = "AutoModelForCausalLM"
 DTYPES = {name: getattr(torch, ALIASES.get(name, name)) for name in config.DTYPES if name != "auto"}
 
 
@@ -57,43 +58,42 @@ def _hub_cached(repo_id: str) -> bool:
 def load_causal_lm(
     source: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
 ) -> nn.Module:
-    """A HF causal LM in eval mode (``load_hf_model`` with ``causal-lm``)."""
-    return load_hf_model(source, "causal-lm", dtype, trust_remote_code)
+    """A HF causal LM in eval mode (``load_hf_model`` with ``AutoModelForCausalLM``)."""
+    return load_hf_model(source, CAUSAL_LM, dtype, trust_remote_code)
 
 
-def auto_model(model_class: str):
-    """The ``transformers`` auto class that loads ``model_class`` (``AutoModelForCausalLM`` for ``causal-lm``)."""
+def auto_model(auto_class: str):
+    """The ``transformers`` auto class named ``auto_class`` (a model class's, ``prunekit.model_classes``)."""
     import transformers
 
-    from ..model_classes import MODEL_CLASSES
-
-    return getattr(transformers, MODEL_CLASSES[model_class].auto_class)
+    return getattr(transformers, auto_class)
 
 
 def load_hf_model(
     source: str | os.PathLike,
-    model_class: str = "causal-lm",
+    auto_class: str = CAUSAL_LM,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """A HF model of ``model_class`` in eval mode, from a dense checkpoint or prunekit's compact format (restored
-    in memory, so every command reads what ``prunekit prune`` writes). A truncated safetensors file or weights
-    that do not fit ``config.json`` is one ``PrunekitError`` naming the file, not a loader traceback."""
+    """A HF model in eval mode, loaded by the transformers ``auto_class`` (a model class's), from a dense checkpoint
+    or prunekit's compact format (restored in memory, so every command reads what ``prunekit prune`` writes). A
+    truncated safetensors file or weights that do not fit ``config.json`` is one ``PrunekitError`` naming the file,
+    not a loader traceback."""
     cache_only = check_model_source(source)
     local = Path(str(source)).expanduser()
     if local.is_dir() and is_compact(local):
-        return load_compact_model(local, dtype, trust_remote_code, model_class)
+        return load_compact_model(local, dtype, trust_remote_code, auto_class)
     if local.is_dir():
         check_safetensors_dir(local)
     try:
-        model = auto_model(model_class).from_pretrained(
+        model = auto_model(auto_class).from_pretrained(
             str(source),
             dtype=parse_dtype(dtype) or "auto",
             trust_remote_code=trust_remote_code,
             local_files_only=cache_only,
         )
     except RuntimeError as err:
-        _raise_mismatch(local, trust_remote_code, err, model_class)
+        _raise_mismatch(local, trust_remote_code, err, auto_class)
         raise
     except OSError as err:
         raise PrunekitError(
@@ -120,7 +120,7 @@ def shape_mismatches(model: nn.Module, folder: Path) -> list[str]:
     ]
 
 
-def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException, model_class: str) -> None:
+def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException, auto_class: str) -> None:
     """After a failed load: when the weights do not fit the config, say which tensor in which file."""
     if not folder.is_dir():
         return
@@ -128,7 +128,7 @@ def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException, m
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        skeleton = auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code)
+        skeleton = auto_model(auto_class).from_config(config, trust_remote_code=trust_remote_code)
     found = shape_mismatches(skeleton, folder)
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
@@ -241,14 +241,14 @@ def load_compact_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
-    model_class: str = "causal-lm",
+    auto_class: str = CAUSAL_LM,
 ) -> nn.Module:
     """A Hugging Face model saved with ``--save-format compact``, restored dense in memory, so every prunekit
     command reads what prunekit writes."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    model = auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code)
+    model = auto_model(auto_class).from_config(config, trust_remote_code=trust_remote_code)
     state = load_compact(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(missing) & shared_parameter_names(model)

@@ -54,7 +54,7 @@ def write_model(model: nn.Module, out_dir: str | os.PathLike, preprocessor: Any 
 def load(path: str | os.PathLike, dtype: str | None = None, trust_remote_code: bool = False) -> nn.Module:
     """A model saved by ``save`` or ``prunekit prune`` (dense or compact), in eval mode, as the class its config's
     ``architectures`` names (a masked LM, a seq2seq or vision-language model, not only causal LMs)."""
-    from ..model_classes import resolve_model_class
+    from ..model_classes import MODEL_CLASSES, resolve_model_class
     from .hf import load_config, load_hf_model
     from .timm import is_vision_source, load_vision_model
 
@@ -64,4 +64,4 @@ def load(path: str | os.PathLike, dtype: str | None = None, trust_remote_code: b
     if is_vision_source(path):
         return load_vision_model(path)
     model_class = resolve_model_class(load_config(path, trust_remote_code), source=str(path))
-    return load_hf_model(path, model_class, dtype, trust_remote_code)
+    return load_hf_model(path, MODEL_CLASSES[model_class].auto_class, dtype, trust_remote_code)

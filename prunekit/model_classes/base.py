@@ -18,7 +18,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-    from ..recipe import PruneRecipe
+
+# A ``prunekit.recipe.PruneRecipe``: the recipe module reads this table, so it is not imported here.
+Recipe = Any
 
 
 @dataclass
@@ -28,7 +30,7 @@ class Job:
     preprocessing lives in the model)."""
 
     model_class: ModelClass
-    recipe: PruneRecipe
+    recipe: Recipe
     config: Any = None
     preprocessor: Any = None
     model: nn.Module | None = None
@@ -49,7 +51,7 @@ class Prepared:
 Loader = Callable[[Job], "nn.Module"]
 Data = Callable[[Job], Any]
 Prepare = Callable[[Job], Prepared]
-Score = Callable[["nn.Module", Prepared, "PruneRecipe"], dict]
+Score = Callable[["nn.Module", Prepared, Recipe], dict]
 
 
 @dataclass(frozen=True)

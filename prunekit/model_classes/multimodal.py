@@ -15,13 +15,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .base import Job, ModelClass, Prepared
+from .base import Job, ModelClass, Prepared, Recipe
 from .text import labeled_ppl
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from ..recipe import PruneRecipe
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def zeroshot_data(job: Job, length: int) -> Prepared:
     return Prepared("dual-encoder", images, torch.tensor(dataset.targets), extra={"prompts": prompts})
 
 
-def dual_score(model: nn.Module, prepared: Prepared, recipe: PruneRecipe) -> dict[str, float]:
+def dual_score(model: nn.Module, prepared: Prepared, recipe: Recipe) -> dict[str, float]:
     from ..eval.retrieval import retrieval_recall, zeroshot_accuracy
 
     if "prompts" in prepared.extra:

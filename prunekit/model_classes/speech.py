@@ -9,14 +9,11 @@ transcripts, or a folder of ``.wav`` files with ``.txt`` transcripts) through th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .base import Job, ModelClass, Prepared
 from .text import labeled_ppl
 from .vision import image_embedding_score
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
 
 AUDIO = "audio folder (data.jsonl of .wav paths and transcripts, or .wav files with .txt transcripts)"
 

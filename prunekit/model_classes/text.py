@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Job, ModelClass, Prepared, against_reference
+from .base import Job, ModelClass, Prepared, Recipe, against_reference
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-    from ..recipe import PruneRecipe
 
 # Tokenizers that do not know their model's length say so with a huge model_max_length (1e30).
 UNKNOWN_MAX_LENGTH = 1_000_000
@@ -132,7 +131,7 @@ def seq2seq_data(job: Job) -> Prepared:
 # ---------------------------------------------------------------- metrics
 
 
-def ppl(model: nn.Module, prepared: Prepared, recipe: PruneRecipe) -> dict[str, float]:
+def ppl(model: nn.Module, prepared: Prepared, recipe: Recipe) -> dict[str, float]:
     from ..eval.perplexity import perplexity
 
     w = prepared.eval_data
@@ -142,7 +141,7 @@ def ppl(model: nn.Module, prepared: Prepared, recipe: PruneRecipe) -> dict[str, 
 def labeled_ppl(key: str, shift: bool):
     """Perplexity over the prepared batches' ``labels`` (``shift``: position t predicts label t + 1)."""
 
-    def score(model: nn.Module, prepared: Prepared, recipe: PruneRecipe) -> dict[str, float]:
+    def score(model: nn.Module, prepared: Prepared, recipe: Recipe) -> dict[str, float]:
         from ..eval.perplexity import labeled_perplexity
 
         return {key: labeled_perplexity(model, prepared.eval_data, shift, recipe.device)}
@@ -150,7 +149,7 @@ def labeled_ppl(key: str, shift: bool):
     return score
 
 
-def classifier_score(model: nn.Module, prepared: Prepared, recipe: PruneRecipe) -> dict[str, float]:
+def classifier_score(model: nn.Module, prepared: Prepared, recipe: Recipe) -> dict[str, float]:
     from ..eval.agreement import fraction_equal, predictions
 
     predicted = predictions(model, prepared.eval_data, recipe.device)
@@ -159,7 +158,7 @@ def classifier_score(model: nn.Module, prepared: Prepared, recipe: PruneRecipe) 
     return against_reference(prepared, predicted, "agreement", fraction_equal)
 
 
-def embedding_score(model: nn.Module, prepared: Prepared, recipe: PruneRecipe) -> dict[str, float]:
+def embedding_score(model: nn.Module, prepared: Prepared, recipe: Recipe) -> dict[str, float]:
     from ..eval.agreement import embeddings, mean_cosine
 
     current = embeddings(model, prepared.eval_data, recipe.device)

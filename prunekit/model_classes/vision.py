@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Job, ModelClass, Prepared, against_reference
+from .base import Job, ModelClass, Prepared, Recipe, against_reference
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from ..recipe import PruneRecipe
 
 IMAGES = "ImageFolder (ROOT/<class>/<image files>)"
 IMAGE_INPUTS = ("pixel_values",)
@@ -69,7 +68,7 @@ def classified_folder(job: Job) -> Prepared:
     return Prepared(job.model_class.name, folder, extra={"transform": transform})
 
 
-def top_k(model: nn.Module, prepared: Prepared, recipe: PruneRecipe) -> dict[str, float]:
+def top_k(model: nn.Module, prepared: Prepared, recipe: Recipe) -> dict[str, float]:
     """Top-1 / top-5 and mean cross-entropy over the ImageFolder (Lightning)."""
     from ..eval.image import evaluate_image
 
@@ -96,7 +95,7 @@ def encoder_folder(job: Job) -> Prepared:
     return Prepared("vision-encoder", [{"pixel_values": b} for b in batches])
 
 
-def image_embedding_score(model: nn.Module, prepared: Prepared, recipe: PruneRecipe) -> dict[str, float]:
+def image_embedding_score(model: nn.Module, prepared: Prepared, recipe: Recipe) -> dict[str, float]:
     from ..eval.agreement import image_embeddings, mean_cosine
 
     current = image_embeddings(model, prepared.eval_data, recipe.device)
