@@ -15,7 +15,7 @@
 Writes ``benchmarks/results/dual_encoder_digits.{json,md}`` and the trained model to ``out/benchmarks/clip-digits``.
 Quality numbers only (no timing), so any machine will do; about 10 CPU minutes.
 
-    python benchmarks/dual_encoder_digits.py [--fixtures ../shared/fixtures] [--epochs 40]
+    python benchmarks/dual_encoder_digits.py [--fixtures ../shared/fixtures] [--epochs 40] [--reuse]
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -42,6 +41,7 @@ from prunekit.commands import run_eval, run_prune  # noqa: E402
 from prunekit.recipe import PruneRecipe  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+TRAINING = "training.json"  # beside the trained model: its parameters and epochs
 SEED, BATCH, LR, TEXT_TOKENS = 0, 128, 2e-3, 16
 TOWER = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
 RUNS = {  # label -> prune settings
@@ -128,23 +128,30 @@ def main() -> None:
     parser.add_argument("--fixtures", type=Path, default=ROOT.parent / "shared" / "fixtures")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "benchmarks" / "clip-digits")
+    parser.add_argument("--reuse", action="store_true", help="evaluate and prune the model --out holds, untrained")
     args = parser.parse_args()
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
-    digits, proc, clip = args.fixtures / "digits", processor(), model()
-    start = time.time()
-    train(clip, *encoded(proc, digits / "train"), args.epochs)
-    trained_s = time.time() - start
-    clip.save_pretrained(args.out)
-    proc.save_pretrained(args.out)
+    digits = args.fixtures / "digits"
+    if not args.reuse:
+        trained(digits, args.out, args.epochs)
     with tempfile.TemporaryDirectory() as tmp:
         pairs = captions_file(digits / "val", Path(tmp) / "val-captions.jsonl")
         result = evaluate_all(args.out, digits, pairs, Path(tmp))
-    params = sum(p.numel() for p in clip.parameters())
-    result = {"model": {"parameters": params, "epochs": args.epochs, "train_s": round(trained_s)}, **result}
+    result = {"model": json.loads((args.out / TRAINING).read_text()), **result}
     (RESULTS / "dual_encoder_digits.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "dual_encoder_digits.md").write_text(markdown(result))
     print(markdown(result))
+
+
+def trained(digits: Path, out: Path, epochs: int) -> None:
+    """Train the model on the captioned training split and save it with its processor and how it was trained."""
+    proc, clip = processor(), model()
+    train(clip, *encoded(proc, digits / "train"), epochs)
+    clip.save_pretrained(out)
+    proc.save_pretrained(out)
+    params = sum(p.numel() for p in clip.parameters())
+    (out / TRAINING).write_text(json.dumps({"parameters": params, "epochs": epochs}))
 
 
 def evaluate_all(model_dir: Path, digits: Path, pairs: Path, tmp: Path) -> dict:
