@@ -130,10 +130,10 @@ class PruneConfig:
 
     def _normalise(self) -> None:
         """Recipes and the CLI give lists or one string where a tuple is meant; params default to {}."""
-        for f in fields(PruneConfig):
+        for f in fields(self):
             value = getattr(self, f.name)
             if f.metadata.get("repeat"):
-                value = (value,) if isinstance(value, str) else tuple(value or ())
+                value = (value,) if isinstance(value, (str, int)) else tuple(value or ())
                 object.__setattr__(self, f.name, value)
             elif f.metadata.get("keyvalue"):
                 object.__setattr__(self, f.name, dict(value or {}))
