@@ -32,8 +32,9 @@ from . import engine
 from .api import layer_sparsity, plan_prune
 from .collect import LayerStats
 from .config import PruneConfig, refuse_unused
+from .distill.settings import Distillation
 from .errors import PrunekitError
-from .forward import eval_mode
+from .forward import eval_mode, target_module
 from .graph import select_layers
 from .masks import apply_masks, mask_gradients, masks_from_weights, pack_mask, unpack_mask
 from .schedule import CALLBACK_CALIBRATION, CALLBACK_USES, FIXED_USES, Schedule
@@ -106,14 +107,6 @@ def _own_iterator(loader: Iterable) -> Iterator:
     elif isinstance(loader, DataLoader) and loader.batch_sampler is not None:
         loader = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
     return iter(loader)
-
-
-def target_module(pl_module: nn.Module, submodule: str | None) -> nn.Module:
-    """The model a callback works on: ``submodule`` of the LightningModule, else its ``model``, else itself."""
-    if submodule:
-        return pl_module.get_submodule(submodule)
-    model = getattr(pl_module, "model", None)
-    return model if isinstance(model, nn.Module) else pl_module
 
 
 # ---------------------------------------------------------------- the callback
@@ -381,8 +374,6 @@ def _schedule(schedule: Schedule | str, settings: dict[str, Any]) -> Schedule:
 
 
 def _refuse_distillation(settings: dict[str, Any]) -> None:
-    from .distill import Distillation
-
     given = sorted(set(settings) & {f.name for f in dataclasses.fields(Distillation)})
     if given:
         raise PrunekitError(

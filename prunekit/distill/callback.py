@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError
-from ..forward import block_output, model_device
+from ..forward import block_output, model_device, target_module
+from ..schedule import Schedule
 from .losses import block_pairs, hidden_state_loss, kd_loss, token_mask
 from .settings import Distillation
 from .teacher import Teacher, blocks_of, frozen_copy, load_teacher, logits_of
@@ -151,8 +152,6 @@ class DistillationCallback(L.Callback):
     # -------------------------------------------------------- internals
 
     def _student(self, pl_module: nn.Module) -> nn.Module:
-        from ..lightning import target_module
-
         return target_module(pl_module, self.submodule)
 
     def _block_pairs(self, student: nn.Module) -> dict[int, int]:
@@ -226,9 +225,10 @@ def _training(module: nn.Module) -> bool:
 
 def _check_not_pruned_before_fit(trainer: L.Trainer) -> None:
     """A copy at fit start is the dense model only when pruning happens during fit."""
-    from ..lightning import PruningCallback
-
-    if any(isinstance(c, PruningCallback) and c.schedule.schedule == "fixed" for c in trainer.callbacks):
+    fixed = (
+        isinstance(getattr(c, "schedule", None), Schedule) and c.schedule.schedule == "fixed" for c in trainer.callbacks
+    )
+    if any(fixed):  # a PruningCallback holding the zeros of a model pruned before fit
         raise PrunekitError(
             "DistillationCallback without a teacher copies the model as fit starts, but PruningCallback(schedule="
             "'fixed') says it was pruned before fit: pass teacher= the dense model (copy.deepcopy(model) before "

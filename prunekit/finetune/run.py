@@ -69,6 +69,8 @@ def _run(recipe: FinetuneRecipe) -> tuple[nn.Module, Any, dict[str, Any]]:
     timings["finetune_s"] = time.perf_counter() - start
     metrics.update(_prefixed(evaluate(model, tokenizer, recipe, cache), "finetuned"))
     report = _report(model, recipe, task, metrics, history, timings, keys)
+    if pruned is not None and pruned.get("structure"):
+        report["structure"] = pruned["structure"]  # what a structured method removed
     if distiller is not None:
         report["distillation"] = {"block_map": distiller.block_map, "steps": distiller.history}
     return model, tokenizer, report
