@@ -90,6 +90,11 @@ class TextDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.train_set = self._windows(self.train_source)
             log.info("training text: %d windows of %d tokens", len(self.train_set), self.seqlen)
+            if len(self.train_set) < self.batch_size:  # Lightning would stop at once, having trained nothing
+                raise PrunekitError(
+                    f"the training text makes {len(self.train_set)} windows of {self.seqlen} tokens, fewer than one "
+                    f"batch of {self.batch_size}: give more text or lower the batch size or window length"
+                )
         if self.val_source is not None and self.val_set is None:
             self.val_set = self._windows(self.val_source)
 

@@ -145,9 +145,10 @@ def _check_distillation(recipe: FinetuneRecipe) -> None:
             "SliceGPT rotates and narrows the hidden states, so they cannot be matched to the teacher's: drop "
             "hidden_weight and distil with kd_weight"
         )
-    path = local_path(recipe.teacher) if recipe.teacher else None
-    if path is not None and looks_local(path):
-        require_local(path, "teacher", "give an existing checkpoint directory, a hub id or a timm: name")
+    local = local_path(recipe.teacher) is not None if recipe.teacher else False
+    if local and (recipe.teacher.startswith("local-dir:") or looks_local(recipe.teacher)):
+        fix = "give an existing checkpoint directory, a hub id or a timm: name"
+        require_local(recipe.teacher.removeprefix("local-dir:"), "teacher", fix)
 
 
 def _all_but(*names: str) -> set[str]:
