@@ -28,6 +28,7 @@ import copy
 import fcntl
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -127,13 +128,16 @@ def _params(model) -> int:
 
 @contextlib.contextmanager
 def results_file(path: Path):
-    """The results as a dict, read and written back under an exclusive lock."""
+    """The results as a dict, read and written back under an exclusive lock on their folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
         results = json.loads(path.read_text()) if path.exists() else {}
         yield results
         write_json(path, results)
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def key(method: str | None, schedule: str, loss: str) -> str:
@@ -143,6 +147,56 @@ def key(method: str | None, schedule: str, loss: str) -> str:
 def plan(methods: list[str], control: bool) -> list[tuple[str | None, str, str]]:
     runs = [(m, s, loss) for m in methods for s in SCHEDULES for loss in LOSSES]
     return runs + ([(None, "full", "next-token")] if control else [])
+
+
+# ---------------------------------------------------------------- cost of distillation
+
+
+def cost(args) -> dict[str, Any]:
+    """Training time of each schedule with and without distillation (depth 25%, ``--cost-steps`` steps; wall-clock,
+    so run it on an idle machine)."""
+    timings = {}
+    for schedule in SCHEDULES:
+        for loss in LOSSES:
+            with tempfile.TemporaryDirectory() as tmp:
+                r = recipe("depth", schedule, loss, args.cost_steps, args.batch, args.seqlen, Path(tmp) / "m")
+                timings[f"{schedule}/{loss}"] = run_finetune(r)["timings"]["finetune_s"]
+    return {"steps": args.cost_steps, "threads": args.threads, "finetune_s": timings}
+
+
+def memory(args) -> dict[str, Any]:
+    """What distillation keeps in memory beyond plain training (exact, from the model's sizes)."""
+    dense = load_causal_lm(MODEL)
+    return {
+        "batch": args.batch,
+        "seqlen": args.seqlen,
+        "teacher_weight_bytes": sum(p.numel() * p.element_size() for p in dense.parameters()),
+        "teacher_logits_bytes_per_step": args.batch * args.seqlen * dense.config.vocab_size * 4,
+    }
+
+
+def cost_lines(c: dict[str, Any]) -> list[str]:
+    lines = [
+        "## What distillation costs",
+        "",
+        f"Memory: the teacher's weights, {c['teacher_weight_bytes'] / 2**20:.1f} MiB here (one more copy of the dense "
+        "model, without gradients or optimizer state), and per step its logits (float32), "
+        f"{c['teacher_logits_bytes_per_step'] / 2**20:.1f} MiB at {c['batch']} x {c['seqlen']} tokens "
+        "of a 4,096-token vocabulary.",
+    ]
+    t = c.get("finetune_s")
+    if t:
+        lines += [
+            "",
+            f"Time: {c['steps']} training steps (depth 25%), {c['threads']} thread(s), measured on an idle machine:",
+            "",
+            "| recovery | next-token s | distil s | distil / next-token |",
+            "|---|---|---|---|",
+        ]
+        for schedule in SCHEDULES:
+            ce, kd = t[f"{schedule}/next-token"], t[f"{schedule}/distil"]
+            lines.append(f"| {schedule} | {ce:.1f} | {kd:.1f} | {kd / ce:.2f}x |")
+    return lines
 
 
 # ---------------------------------------------------------------- markdown
@@ -177,6 +231,8 @@ def markdown(results: dict[str, Any]) -> str:
     if control:
         lines += ["", f"Control: the dense model, full fine-tuning on next-token loss, same budget: {_ppl(control)}."]
     lines += ["", *verdict(results)]
+    if results.get("cost"):
+        lines += ["", *cost_lines(results["cost"])]
     return "\n".join(lines) + "\n"
 
 
@@ -223,6 +279,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(PRUNE), default=list(PRUNE))
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cost", action="store_true", help="only time each schedule with and without distillation")
+    parser.add_argument("--cost-steps", type=int, default=40)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--test-tokens", type=int, default=None, help="only this many test tokens (to try the script)")
     args = parser.parse_args()
@@ -237,6 +295,12 @@ def main() -> None:
             raise SystemExit(f"{path} holds runs with other settings {results['settings']}; move it away first")
         results["settings"], results["versions"] = settings, versions()
         missing = [m for m in args.methods if m not in results.get("baselines", {})]
+    if args.cost:
+        found = cost(args)
+        with results_file(path) as results:
+            results["cost"] = {**results.get("cost", {}), **found}
+            (args.out / "recovery.md").write_text(markdown(results))
+        return
     if missing or "dense" not in results.get("baselines", {}):
         found = baselines(missing, test)
         with results_file(path) as results:
@@ -254,6 +318,7 @@ def main() -> None:
                 row["same_pruning_as_baseline"] = same
             results.setdefault("runs", {})[key(*run)] = row
     with results_file(path) as results:
+        results["cost"] = {**results.get("cost", {}), **memory(args)}
         (args.out / "recovery.md").write_text(markdown(results))
     print((args.out / "recovery.md").read_text())
 
