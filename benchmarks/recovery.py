@@ -52,6 +52,7 @@ PRUNE = {"depth": dict(method="depth", sparsity=0.25), "width": dict(method="wid
 CALIBRATION = dict(nsamples=128, seqlen=256, seed=0)
 SCHEDULES = ("lora", "full", "full+lora")
 LOSSES = {"next-token": {}, "distil": dict(kd_weight=1.0, kd_temperature=1.0, task_loss_weight=0.0)}
+CLOSE = 0.005  # runs within this fraction of the best perplexity are not ranked (one seed each)
 TRAINING = dict(lr=3e-4, lora_lr=1e-3, lora={"r": 16, "alpha": 32}, warmup_steps=10, weight_decay=0.0)
 
 
@@ -216,7 +217,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Dense: {base['dense']['ppl']:.2f} ({base['dense']['params']:,} parameters).",
         "",
-        "| pruning | params | pruned ppl | recovery | next-token ppl | distil ppl | distil gain |",
+        "| pruning | params | pruned ppl | recovery | next-token ppl | distil ppl | gain by distilling |",
         "|---|---|---|---|---|---|---|",
     ]
     for method in [m for m in PRUNE if m in base]:
@@ -246,12 +247,21 @@ def verdict(results: dict[str, Any]) -> list[str]:
         ranked = sorted(done.items(), key=lambda item: item[1])
         (best, best_ppl), (second, second_ppl) = ranked[0], ranked[1]
         pruned = base[method]["ppl"]
+        close = [name for name, ppl in ranked[1:] if ppl - best_ppl < CLOSE * best_ppl]
+        gains = [done[(schedule, "next-token")] - done[(schedule, "distil")] for schedule in SCHEDULES]
         out.append(
-            f"- **{_name(method)}**: {best[0]} + {best[1]} wins at {best_ppl:.2f} (pruned {pruned:.2f}, dense "
-            f"{base['dense']['ppl']:.2f}), {second_ppl - best_ppl:.2f} below the runner-up ({second[0]} + "
-            f"{second[1]}, {second_ppl:.2f}) and {ranked[-1][1] - best_ppl:.2f} below the last ({ranked[-1][0][0]} + "
-            f"{ranked[-1][0][1]}, {ranked[-1][1]:.2f}); it recovers "
-            f"{_recovered(pruned, best_ppl, base['dense']['ppl'])} of the gap to the dense model."
+            f"- **{_name(method)}**: {best[0]} + {best[1]} is best at {best_ppl:.2f} (pruned {pruned:.2f}, dense "
+            f"{base['dense']['ppl']:.2f}: it recovers {_recovered(pruned, best_ppl, base['dense']['ppl'])} of the "
+            f"gap), {second_ppl - best_ppl:.2f} below the runner-up ({second[0]} + {second[1]}) and "
+            f"{ranked[-1][1] - best_ppl:.2f} below the last ({ranked[-1][0][0]} + {ranked[-1][0][1]}). "
+            f"Perplexity gained by distilling instead of the next-token loss: "
+            f"{', '.join(f'{g:+.2f}' for g in gains)} for {', '.join(SCHEDULES)}."
+            + (
+                f" {len(close)} other run(s) lie within {CLOSE:.1%} of the best; with one seed per run this budget "
+                "does not rank them."
+                if close
+                else ""
+            )
         )
     return out
 

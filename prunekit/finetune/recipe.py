@@ -40,8 +40,8 @@ class FinetuneRecipe(PruneRecipe, Schedule, Distillation):
     val_data: str | None = setting(None, "optional validation during training (val loss / top-1)", example="val.txt")
     lora: dict | None = setting(
         None,
-        "LoRA recovery (LLMs): {r, alpha, dropout, target_modules, masked}; the adapters are merged back without "
-        "losing a zero",
+        "LoRA adapters (LLMs) for recovery lora or full+lora: {r, alpha, dropout, target_modules, masked} (default "
+        "r 8, alpha 16); merged back without losing a zero. Given alone, it means recovery: lora",
         example={"r": 4},
     )
     recovery: str | None = setting(
