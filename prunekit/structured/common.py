@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import PrunekitError
 from ..forward import model_device, run_model
 from ..graph import HFConv1D, find_blocks
+from ..io.shapes import resize_to, sized_by_weights
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
@@ -145,12 +146,16 @@ def meta_clone(module: nn.Module) -> nn.Module:
 
 
 def rebuilt(model: nn.Module) -> nn.Module:
-    """What ``from_pretrained`` builds from the model's config after a save / load round trip of that config,
-    on the meta device (no weights, no memory)."""
+    """What loading builds from the model's config after a save / load round trip of that config, on the meta
+    device (no weights, no memory): ``from_pretrained``'s model, or ``prunekit.load``'s where the config says the
+    layers take the stored weights' sizes (``prunekit.io.shapes``)."""
     config = hf_config(model)
     config = type(config).from_dict(config.to_dict())
     with torch.device("meta"):
-        return type(model)._from_config(config)
+        built = type(model)._from_config(config)
+    if sized_by_weights(config):
+        resize_to(built, {name: tuple(t.shape) for name, t in model.state_dict().items()})
+    return built
 
 
 _IGNORED_ATTRIBUTES = ("training", "layer_idx")  # layer_idx is renumbered by depth pruning
@@ -215,7 +220,7 @@ def config_accepts(config, values: Mapping[str, Any]) -> bool:
             setattr(trial, key, value)
         if callable(getattr(trial, "validate", None)):
             trial.validate()
-    except _validation_errors():
+    except (*_validation_errors(), AttributeError):  # AttributeError: a read-only property (Falcon's head_dim)
         return False
     return True
 
