@@ -192,7 +192,13 @@ def ensure_reloadable(pruned: nn.Module, method: str) -> None:
     ``save_pretrained`` / ``from_pretrained`` give back the same model. Models without an HF config pass."""
     if hf_config(pruned) is None:
         return
-    diff = differences(pruned, rebuilt(pruned))
+    try:
+        expected = rebuilt(pruned)
+    except (*_validation_errors(), AttributeError) as err:  # the class refuses its own config (GPT-2: hidden % heads)
+        raise PrunekitError(
+            f"{arch_name(pruned)}: {method} would leave a config its class cannot build ({str(err).splitlines()[0]})"
+        ) from err
+    diff = differences(pruned, expected)
     if diff:
         raise PrunekitError(
             f"{arch_name(pruned)}: {method} would leave a model its config cannot describe, so it would not "

@@ -81,7 +81,7 @@ from ..architectures import (
     family,
 )
 from ..errors import PrunekitError
-from ..forward import hooks
+from ..forward import hidden_state, hooks
 from ..graph import HFConv1D
 from ..io.shapes import RESIDUAL_WIDTH
 from .base import ModelMethod, register_structured
@@ -236,9 +236,11 @@ def find_layout(model: nn.Module, formula: NormFormula | None = None) -> Layout:
             f"{arch}: slicegpt needs an nn.Embedding input, a final norm next to the blocks "
             f"({', '.join(FINAL_NORMS)}) and an nn.Linear head (a pre-norm causal LM)"
         )
-    width = d_of(embed)
+    width = final_norm.weight.numel()
     positions = [m for m in owner.children() if isinstance(m, nn.Embedding) and m is not embed and d_of(m) == width]
     _refuse_other_writers(arch, owner, [blocks, embed, *positions, final_norm])
+    if d_of(embed) != width:
+        raise PrunekitError(f"{arch}: slicegpt needs embeddings as wide as the residual stream ({width})")
     layout = Layout([embed, *positions], layers, final_norm, head, owner, formula or RMS_NORM)
     if formula is None:
         layout.formula = model_norm_formula(arch, layout.norms())
@@ -247,6 +249,40 @@ def find_layout(model: nn.Module, formula: NormFormula | None = None) -> Layout:
 
 def d_of(embed: nn.Embedding) -> int:
     return embed.weight.shape[1]
+
+
+class _Seen(Exception):
+    """Stops a forward pass once the hooks have what they need."""
+
+
+@torch.no_grad()
+def check_pre_norm(model: nn.Module, layout: Layout, batch) -> None:
+    """Refuse post-norm blocks whose norms carry pre-norm names (OPT with ``do_layer_norm_before=False``): a
+    pre-norm reads the block's own input, a post-norm the input plus a sublayer's output. Checked on the first block
+    with one calibration batch, stopping there; nothing is changed."""
+    seen: dict[str, torch.Tensor] = {}
+    norm = layout.blocks[0].norms[0][0]
+
+    def block_input(module, args, kwargs):
+        seen["block"] = hidden_state(args, kwargs)
+
+    def norm_input(module, args):
+        seen["norm"] = args[0]
+        raise _Seen
+
+    block = block_list(model)[1][0]
+    watch = block.register_forward_pre_hook(block_input, with_kwargs=True)
+    with hooks([watch, norm.register_forward_pre_hook(norm_input)]):
+        try:
+            forward(model, batch)
+        except _Seen:
+            pass
+    if "block" not in seen or "norm" not in seen or not torch.equal(seen["block"], seen["norm"]):
+        raise PrunekitError(
+            f"{arch_name(model)}: slicegpt needs pre-norm blocks, but the first norm of {type(block).__name__} "
+            "does not read the block's input (a post-norm, LayerNorm(x + sublayer(x)), scales the residual stream "
+            "itself per channel, which no rotation commutes with)"
+        )
 
 
 def norm_eps(norm: nn.Module) -> float:
@@ -645,6 +681,7 @@ class SliceGPT(ModelMethod):
         ratio = check_ratio(ratio)
         check_batches(batches, self.name)
         layout = find_layout(model)
+        check_pre_norm(model, layout, batches[0])
         d_new, head_dim = self.plan(model, layout, ratio)
         blocks = block_list(model)[1]
         before, total_before, d = count_params(blocks), count_params(model), d_of(layout.embed)
