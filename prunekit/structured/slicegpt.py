@@ -1,7 +1,7 @@
 """SliceGPT (Ashkboos et al. 2024): rotate the residual stream onto its principal axes, with one global rotation,
 and drop the weakest; for RMSNorm decoders (LLaMA, Mistral, Qwen, Gemma, Phi-3) and pre-LayerNorm ones (GPT-2, OPT,
-Falcon, GPT-NeoX, Phi, StarCoder 2), with sequential or parallel attention and MLP. The result is a dense model of
-the same class whose residual stream is narrower.
+Falcon, GPT-NeoX, GPT-J, Phi, StarCoder 2), with sequential or parallel attention and MLP. The result is a dense
+model of the same class whose residual stream is narrower.
 
 1. Fold the norms into the layers around them, so that every norm is ``x / rms(x)``, which commutes with any
    orthogonal ``Q``: ``RMSNorm(xQ) = RMSNorm(x) Q`` because ``||xQ|| = ||x||`` (computational invariance).
@@ -39,7 +39,7 @@ the same class whose residual stream is narrower.
 
 What is saved. Where the class reads the attention width from ``head_dim`` (LLaMA family, Phi, StarCoder 2) the
 config takes ``hidden_size = d'``, the new epsilon and an explicit ``head_dim``: the checkpoint loads with
-``from_pretrained``, no custom class, no ``trust_remote_code``. GPT-2, OPT, Falcon and GPT-NeoX size attention from
+``from_pretrained``, no custom class, no ``trust_remote_code``. GPT-2, OPT, Falcon, GPT-NeoX, GPT-J size attention from
 ``hidden_size``, so no config of theirs describes a narrower stream: their config keeps ``hidden_size`` (now the
 attention width) and records ``prunekit_residual_width = d'``, and the checkpoint loads with ``prunekit.load``
 (``prunekit.io.shapes``; ``from_pretrained`` refuses it with a size mismatch). Which of the two a model gets is

@@ -45,3 +45,17 @@ def test_prunekit_load_reads_what_from_pretrained_refuses(arch, tmp_path):
     assert type(loaded) is type(model) and loaded.config.hidden_size == 32
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_lazy_skeleton_takes_the_stored_sizes(tmp_path):
+    """``--lazy`` builds the model on meta from its config: a sliced checkpoint's layers get the stored sizes."""
+    from prunekit.io.files import safetensors_shapes
+    from prunekit.io.lazy import build_skeleton
+
+    model = zoo.build("gpt2")
+    SliceGPT().prune_model(model, [zoo.batch("gpt2", zoo.token_ids())], 0.25)
+    model.save_pretrained(tmp_path)
+    skeleton = build_skeleton(tmp_path)
+    own = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    assert all(own[name] == shape for name, (_, shape) in safetensors_shapes(tmp_path).items())
+    assert skeleton.transformer.ln_f.normalized_shape == (24,)
