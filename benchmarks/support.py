@@ -1,6 +1,6 @@
 """The table of supported architectures, established by running every capability check of
 ``tests.zoo.support`` on every tiny zoo model (nothing downloaded). Writes
-benchmarks/results/support.{json,md}; the README's table is generated from it (``prunekit report --docs``), and
+benchmarks/results/support.{json,md}; the README's table is generated from it (``python benchmarks/docs.py``), and
 ``tests/test_architectures.py`` fails when what prunekit does no longer matches the recorded table.
 
     python benchmarks/support.py [--only NAME ...]

@@ -6,13 +6,7 @@ Names are imported on first use, so ``import prunekit`` (and ``prunekit --help``
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
-
-# Large CPU tensors on transparent huge pages: every new score, mask or weight copy of a 7B block otherwise faults
-# its memory in 4 KiB at a time, which cost more than the work itself (docs/speed.md). torch reads this at its
-# first CPU allocation; a value the user set (THP_MEM_ALLOC_ENABLE=0) wins.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __version__ = "0.1.0"
 

@@ -3,10 +3,12 @@ what needs the model before any work, then runs the engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -16,7 +18,7 @@ from torch import nn
 from . import engine
 from .allocate import ALLOCATORS, Allocator
 from .collect import LayerStats
-from .config import PruneConfig
+from .config import PruneConfig, refuse_unused
 from .coverage import block_coverage
 from .data.calib import calibration_batches
 from .errors import PrunekitError
@@ -151,11 +153,33 @@ def prune(
     ``config`` is a ``PruneConfig`` or a method name; any setting of ``PruneConfig`` may also be given as a
     keyword (``prune(model, "wanda", 0.5, calib=tokens, update="admm")``) and overrides the config.
     ``calib`` is a LongTensor of token ids ``[nsamples, seqlen]``, an iterable / DataLoader of batches
-    (tensors or dicts of model inputs), or a text file path (tokenised with ``tokenizer``). Methods that
-    need no statistics (magnitude) need no ``calib``. Structured methods (``depth``, ``width``, ``slicegpt``)
-    remove about ``sparsity`` of the selected parameters and change the model's shapes and config.
+    (tensors or dicts of model inputs), or a text file path (tokenised with ``tokenizer``; ``nsamples`` windows of
+    ``seqlen`` tokens drawn with ``seed``). Methods that need no statistics (magnitude) need no ``calib``.
+    Structured methods (``depth``, ``width``, ``slicegpt``) remove about ``sparsity`` of the selected parameters
+    and change the model's shapes and config. Settings that cannot apply here are refused (``PYTHON_UNUSED``).
     """
     config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
+    unused = python_unused(calib)
+    used = [f.name for f in dataclasses.fields(config) if f.name not in unused]
+    refuse_unused(config, used, "prunekit.prune", PYTHON_UNUSED_WHY)
+    return prune_model(model, config, calib, tokenizer)
+
+
+# What ``prunekit.prune`` cannot use: the model is already loaded (``dtype`` is how prunekit loads a checkpoint),
+# and calibration given as batches is already drawn (``nsamples``, ``seqlen``, ``seed`` draw windows from text).
+PYTHON_UNUSED_WHY = (
+    "the model passed in is already loaded (cast it yourself: model.to(torch.bfloat16)), and calibration given as "
+    "token ids or batches is already drawn (nsamples, seqlen and seed draw windows from a text path)"
+)
+
+
+def python_unused(calib: Any) -> set[str]:
+    drawn = {"nsamples", "seqlen", "seed"} if calib is not None and not isinstance(calib, (str, os.PathLike)) else set()
+    return {"dtype", *drawn}
+
+
+def prune_model(model: nn.Module, config: PruneConfig, calib: Any = None, tokenizer: Any = None) -> PruneReport:
+    """The work behind every front end that holds the model in memory (``prune``, the CLI, fine-tuning)."""
     check_model(model)
     with eval_mode(model):
         if config.structured:
@@ -168,7 +192,7 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, token
     allocator = ALLOCATORS.create(config.allocation, config.allocation_params)
     start = time.perf_counter()
     wants_data = plan.needs or allocator.needs_calibration or config.recalibrate_bn or calib is not None
-    batches = calibration(model, calib, tokenizer, config) if wants_data else []
+    batches = model_batches(model, calib, tokenizer, config) if wants_data else []
     data_s = time.perf_counter() - start
     plan = engine.chained(model, plan, batches)
     plan = replace(plan, targets=allocate(model, batches, plan, allocator, config.sparsity))
@@ -176,20 +200,58 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, token
     timings = engine.run(model, batches, plan)
     timings["data_s"] = data_s
     bn = _recalibrate_bn(model, plan, batches, config.recalibrate_bn)
-    layers, overall = layer_sparsity(plan.layers)
-    for name, row in layers.items():
+    rows = layer_sparsity(plan.layers)[0]
+    report = unstructured_report(
+        config,
+        plan,
+        rows,
+        timings,
+        coverage=block_coverage(model, plan.layers),
+        experts=expert_report(model, plan.layers, config.expert_tokens, config.expert_min_tokens),
+        seqlen=window_length(batches),
+        bn_recalibration=bn,
+    )
+    log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(rows), 100 * report.sparsity, timings["total_s"])
+    return report
+
+
+def unstructured_report(
+    config: PruneConfig,
+    plan: engine.Plan,
+    rows: dict[str, dict[str, Any]],
+    timings: dict[str, float],
+    *,
+    seqlen: int | None,
+    job: Mapping[str, Any] | None = None,
+    **parts: Any,
+) -> PruneReport:
+    """The report of a mask-and-update run, in memory or lazy: the settings as resolved (group, block lists, the
+    calibration windows' length actually used), per-layer rows with their targets, overall sparsity, and the
+    report's other ``parts`` (coverage, experts, metrics, bn_recalibration)."""
+    for name, row in rows.items():
         row["target"] = plan.targets[name].sparsity
+    zeros, total = sum(r["zeros"] for r in rows.values()), sum(r["numel"] for r in rows.values())
     settings = {
         **config.settings(),
+        **(job or {}),
         "group": next(iter(plan.targets.values())).group,
         "blocks": ",".join(prefix for prefix, _ in plan.stacks) or None,
+        "seqlen": seqlen if seqlen is not None else config.seqlen,
     }
-    log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(layers), 100 * overall, timings["total_s"])
-    coverage = block_coverage(model, plan.layers)
-    experts = expert_report(model, plan.layers, config.expert_tokens, config.expert_min_tokens)
-    return PruneReport(
-        settings, layers, overall, timings, versions(), bn_recalibration=bn, coverage=coverage, experts=experts
-    )
+    return PruneReport(settings, rows, zeros / max(total, 1), timings, versions(), **parts)
+
+
+def window_length(batches: Sequence[Any]) -> int | None:
+    """Tokens per calibration window, read off the batches (None for image batches or without calibration)."""
+    if not batches:
+        return None
+    first = batches[0]
+    ids = first.get("input_ids") if isinstance(first, Mapping) else first
+    if isinstance(ids, (tuple, list)) and ids:
+        ids = ids[0]
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() >= 1:
+        return int(ids.shape[-1])
+    return None
 
 
 def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
@@ -198,10 +260,11 @@ def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokeniz
 
     method = STRUCTURED.create(config.method, config.method_params)
     start = time.perf_counter()
-    batches = calibration(model, calib, tokenizer, config) if method.needs_calibration else []
+    batches = model_batches(model, calib, tokenizer, config) if method.needs_calibration else []
     with torch.no_grad(), on_device(model, config.device):
         summary = method.prune_model(model, batches, config.sparsity)
-    settings = {**config.settings(), "structured": True}
+    seqlen = window_length(batches)
+    settings = {**config.settings(), "structured": True, "seqlen": seqlen if seqlen is not None else config.seqlen}
     timings = {"total_s": time.perf_counter() - start}
     return PruneReport(settings, {}, 0.0, timings, versions(), structure=summary)
 
@@ -283,7 +346,7 @@ def resolve_seqlen(seqlen: int | None, model: Any, what: str = "seqlen") -> int:
     return seqlen
 
 
-def calibration(model: nn.Module, calib: Any, tokenizer: Any, config: PruneConfig) -> list:
+def model_batches(model: nn.Module, calib: Any, tokenizer: Any, config: PruneConfig) -> list:
     """The calibration batches of ``calib`` for ``model`` (text windows of the resolved length)."""
     seqlen = resolve_seqlen(config.seqlen, model)
     batches = calibration_batches(calib, tokenizer, config.nsamples, seqlen, config.seed, config.batch_size)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import inspect
 import logging
+import os
 import sys
 import traceback
 from importlib import resources
@@ -135,18 +137,19 @@ def coverage_line(coverage: dict[str, Any]) -> str:
     """The sparsity over all block weights next to the selected layers', and what was left dense."""
     if "block_sparsity" not in coverage:
         return coverage.get("note", "")
-    text = (
+    return (  # a coverage warning was logged already (once, on stderr)
         f"all weights inside {', '.join(coverage['blocks'])}: {coverage['block_sparsity']:.4f} zero; "
         f"{len(coverage['left_dense'])} tensor(s) left dense ({coverage['left_dense_params']:,} parameters, "
         "listed in prune_report.json)"
     )
-    return text + (f"\n[bold yellow]warning:[/] {coverage['warning']}" if "warning" in coverage else "")
 
 
 def layer_table(report: dict[str, Any]):
     from rich.table import Table
 
-    table = Table(title=f"{report['settings']['method']} - overall sparsity {report['sparsity']:.4f}")
+    settings = report["settings"]
+    what = " ".join(str(v) for v in (settings["method"], settings.get("pattern")) if v)
+    table = Table(title=f"{what} - overall sparsity {report['sparsity']:.4f}")
     for col in ("layer", "shape", "sparsity"):
         table.add_column(col)
     for name, row in report["layers"].items():
@@ -312,33 +315,16 @@ def cmd_eval_zeroshot(args) -> int:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser(
-        "report",
-        help="markdown table + plots from several runs' prune_report.json; or, with "
-        "--docs, the documentation pages from benchmark results",
-    )
-    p.add_argument("runs", nargs="*", help="run directories or JSON files")
+    p = sub.add_parser("report", help="markdown table + plots from several runs' prune_report.json")
+    p.add_argument("runs", nargs="+", help="run directories or JSON files")
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="prunekit report")
-    p.add_argument(
-        "--docs",
-        metavar="RESULTS_DIR",
-        help="fill the templates in OUT/templates from RESULTS_DIR "
-        "(e.g. benchmarks/results) and write the pages to OUT",
-    )
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
-    from .errors import PrunekitError
-    from .report import build_docs, build_report
+    from .report import build_report
 
-    if bool(args.docs) == bool(args.runs):
-        raise PrunekitError("prunekit report takes run directories / JSON files, or --docs RESULTS_DIR: exactly one")
-    if args.docs:
-        for page in build_docs(args.docs, args.out):
-            print(f"page: {page}")
-        return 0
     files = build_report(args.runs, args.out, args.title)
     for kind, path in files.items():
         print(f"{kind}: {path}")
@@ -460,33 +446,48 @@ def cmd_methods(args) -> int:
         for title, registry in registries():
             print(f"{title}: {', '.join(registry.names())}")
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    rows = [(name, title, *describe(registry[name])) for title, registry in registries() for name in registry.names()]
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
 
-    table = Table(title="prunekit methods")
-    for col in ("name", "kind", "calibration", "default group", "parameters (default)", "what"):
-        table.add_column(col)
-    for title, registry in registries():
-        for name in registry.names():
-            table.add_row(name, title, *describe(registry[name]))
-    Console().print(table)
+        table = Table(title="prunekit methods")
+        for col in ("name", "kind", "calibration", "default group", "parameters (default)", "what"):
+            table.add_column(col, overflow="fold")  # wrapped, never cut with an ellipsis
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return 0
+    for name, kind, calibration, group, params, what in rows:  # a pipe: one plain block per entry, no width limit
+        print(f"{name} ({kind.removesuffix('s')}): {what}")
+        details = [("calibration", calibration), ("default group", group), ("parameters", params)]
+        print("".join(f"  {label}: {value}\n" for label, value in details if value), end="")
     return 0
 
 
 def describe(entry: Any) -> tuple[str, str, str, str]:
-    """Calibration needed, default group, parameters with defaults, and the docstring's first line."""
+    """Calibration needed, default group, parameters with defaults, and the docstring's first sentence."""
     needs = getattr(entry, "needs", None)
     calib = getattr(entry, "needs_calibration", None)
     calibration = "yes" if needs or calib else ("no" if needs is not None or calib is not None else "")
     if needs:
         calibration += f" ({', '.join(sorted(needs))})"
     params = (
-        ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(entry) if f.default is not dataclasses.MISSING)
+        ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(entry) if f.default is not dataclasses.MISSING)
         if dataclasses.is_dataclass(entry)
         else ""
     )
-    doc = (entry.__doc__ or "").strip().split("\n")[0]
-    return calibration, getattr(entry, "default_group", ""), params, doc
+    return calibration, getattr(entry, "default_group", ""), params, first_sentence(entry)
+
+
+def first_sentence(entry: Any) -> str:
+    """The first sentence of ``entry``'s own docstring (not the signature dataclasses write when there is none)."""
+    doc = inspect.getdoc(entry) or ""
+    if doc.startswith(f"{getattr(entry, '__name__', '')}("):
+        return ""
+    paragraph = " ".join(doc.split("\n\n")[0].split()).replace("``", "")
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
 
 
 def demo_assets() -> Path:
@@ -581,6 +582,29 @@ def not_an_advert(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(ADVERT_PREFIX)
 
 
+class OnceEach(logging.Filter):
+    """Lightning logs which accelerators it found (``GPU available: ...``) for every Trainer, and a fine-tune
+    builds several (evaluation before, training, evaluation after): each such line is printed once."""
+
+    PREFIXES = ("GPU available", "TPU available", "HPU available", "IPU available")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIXES):
+            return True
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+ONCE_EACH = OnceEach()
+
+
 def configure_logging(verbose: bool) -> None:
     """One handler on the root at WARNING (INFO with ``-v``); every line printed once; no adverts; no
     deprecation notes of one dependency about another that the user cannot act on."""
@@ -591,13 +615,23 @@ def configure_logging(verbose: bool) -> None:
     )
     for handler in logging.root.handlers:
         handler.addFilter(PRINTED_ON_THE_WAY)
+    logging.getLogger("prunekit.progress").setLevel(logging.INFO)  # plain progress lines where no bar is drawn
     for name in LIGHTNING_RANK_ZERO_LOGGERS:
         logging.getLogger(name).addFilter(not_an_advert)
+        logging.getLogger(name).addFilter(ONCE_EACH)
     for message in DEPENDENCY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message)
 
 
+# Large CPU tensors on transparent huge pages: every new score, mask or weight copy of a 7B block otherwise faults
+# its memory in 4 KiB at a time, which cost more than the work itself (docs/speed.md). torch reads this at its first
+# CPU allocation, so the command sets it before anything imports torch (a value the user set wins); a Python program
+# sets it itself, before importing torch. A process-wide effect: the entry point's, never an import's.
+HUGE_PAGES = ("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault(*HUGE_PAGES)
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:

@@ -16,17 +16,16 @@ from typing import Any
 
 from torch import nn
 
-from .api import PruneReport, prune, resolve_seqlen
+from .api import PruneReport, prune_model, resolve_seqlen
 from .data.images import image_calibration
 from .data.text import load_text, tokenize
 from .errors import PrunekitError
 from .eval.perplexity import perplexity
-from .io import load_causal_lm, load_tokenizer, save_causal_lm, write_json
+from .io import load_causal_lm, load_tokenizer, write_json, write_model
 from .io.atomic import OutputClaim, claim_output
-from .io.compact import save_compact
 from .io.hf import load_config, load_hf_model
 from .io.paths import check_file_writable, check_paths, checkpoint_bytes, looks_local
-from .io.timm import is_vision_source, load_vision_model, local_path, save_vision_model
+from .io.timm import is_vision_source, load_vision_model, local_path
 from .jobs import Prepared, calibration_data, evaluate_prepared, evaluation_data, load_preprocessor
 from .model_classes import AUTO, resolve_model_class
 from .recipe import PruneRecipe, dump_recipe
@@ -117,7 +116,7 @@ def calibration(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> Any:
 def prune_with_recipe(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, calib: Any = None) -> PruneReport:
     """``prunekit.prune`` with the recipe as its config (the CLI and fine-tuning share it)."""
     calib = calib if calib is not None else calibration(model, tokenizer, recipe)
-    return prune(model, recipe, calib=calib, tokenizer=tokenizer)
+    return prune_model(model, recipe, calib, tokenizer)
 
 
 def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, prepared: Prepared) -> dict[str, float]:
@@ -154,6 +153,7 @@ def run_prune(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None)
         if prepared.model_class is not None:
             report.settings["model_class"] = prepared.model_class
             recipe = dataclasses.replace(recipe, model_class=prepared.model_class)  # saved resolved
+        recipe = dataclasses.replace(recipe, seqlen=report.settings.get("seqlen"))  # the windows' length used
         if claim is not None:
             save_run(model, tokenizer, report, recipe, claim)
     _write_report_json(recipe, report)
@@ -168,14 +168,7 @@ def _write_report_json(recipe: PruneRecipe, report: PruneReport) -> None:
 def save_run(model: nn.Module, tokenizer: Any, report: PruneReport, recipe: PruneRecipe, claim: OutputClaim) -> None:
     """Model, report and resolved recipe into the claimed ``--out``, all at once (one rename)."""
     with claim.staging() as tmp:
-        if tokenizer is None:
-            save_vision_model(model, tmp)
-        elif recipe.save_format == "compact":
-            model.config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            save_compact(model, tmp)
-        else:
-            save_causal_lm(model, tokenizer, tmp)
+        write_model(model, tmp, tokenizer, recipe.save_format)
         write_json(tmp / "prune_report.json", report.to_dict())
         dump_recipe(recipe, tmp / "recipe.yaml")
     log.info("saved pruned model to %s", claim.out)
@@ -185,14 +178,15 @@ def run_prune_lazy(recipe: PruneRecipe, inputs: dict[str, str | None]) -> PruneR
     """Checkpoints larger than memory: one block at a time from the safetensors files to the output shards."""
     from .io.lazy import prune_lazy
 
-    model_class = resolve_model_class(
-        load_config(recipe.model, recipe.trust_remote_code), recipe.model_class, recipe.model
-    )
+    hf_config = load_config(recipe.model, recipe.trust_remote_code)
+    model_class = resolve_model_class(hf_config, recipe.model_class, recipe.model)
     if model_class != "causal-lm":
         raise PrunekitError(
             f"--lazy prunes causal LMs block by block; {recipe.model!r} loads as {model_class}: prune it without --lazy"
         )
     tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code) if recipe.calib_data else None
+    if recipe.calib_data:  # saved resolved: the windows' length used
+        recipe = dataclasses.replace(recipe, model_class=model_class, seqlen=resolve_seqlen(recipe.seqlen, hf_config))
     report = prune_lazy(
         recipe.model,
         recipe.out,

@@ -31,8 +31,8 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from . import kernels
 from .activations import Activations, choose_offload, gib
 from .collect import LayerStats, collect
 from .config import PruneConfig
@@ -44,16 +44,18 @@ from .forward import (
     first_sample,
     hidden_state,
     hooks,
-    model_device,
     on_device,
+    outside_on_device,
     run_model,
     same_value,
+    streamed_forward,
     with_hidden,
     without_cache,
 )
 from .graph import Stack, block_index, block_layers, num_groups, set_weight_matrix, weight_matrix
 from .groups import GLOBAL, select_global
 from .methods import HESSIAN, NORMS, Method, Solver, Target, Update, mask_from_scores
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,11 @@ def joined(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def prune_layers(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None, plan: Plan) -> None:
     """Prune ``layers`` in place (a block's worth, or the whole model)."""
+    with kernels.enabled(plan.config.kernels):
+        _prune_layers(layers, stats, plan)
+
+
+def _prune_layers(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None, plan: Plan) -> None:
     global_masks = _global_masks(layers, stats, plan)
     for name, module in steps(layers.items(), "pruning layers", len(layers)):
         layer_stats = stats[name] if stats is not None else None
@@ -168,9 +175,9 @@ def _global_masks(layers, stats, plan: Plan) -> dict[str, torch.Tensor]:
 
 
 def steps(items, desc: str, total: int | None = None):
-    """A progress bar (with ETA) for the steps inside one block, which take minutes on a 7B-sized block on CPU;
-    it disappears when done so the block bar stays readable."""
-    return tqdm(items, desc=desc, total=total, unit="step", leave=False, mininterval=1.0)
+    """Progress (with ETA) of the steps inside one block, which take minutes on a 7B-sized block on CPU; a bar
+    disappears when done so the block bar stays readable (``prunekit.progress``)."""
+    return progress(items, desc, total, unit="step", inner=True)
 
 
 def plan_collect(layers: Mapping[str, nn.Module], plan: Plan):
@@ -276,31 +283,6 @@ def own_calls(calls: Sequence[tuple[tuple, dict]]) -> list[int]:
     return [i for i in range(1, len(calls)) if not same_value(calls[i], calls[0])]
 
 
-@contextmanager
-def streamed_forward(model: nn.Module, lists: Sequence[nn.Module], device: torch.device | None):
-    """The whole model runnable on ``device`` while holding one block of ``lists`` there at a time: everything
-    outside the lists is moved there, each block is moved in for its own call and back after it."""
-    if device is None:
-        yield
-        return
-    home = model_device(model)
-    blocks = [b for blocks in lists for b in blocks]
-
-    def onload(module, args):
-        module.to(device)
-
-    def offload(module, args, output):
-        module.to(home)
-
-    handles = [b.register_forward_pre_hook(onload) for b in blocks] + [b.register_forward_hook(offload) for b in blocks]
-    try:
-        with _outside_on_device(model, lists, device), hooks(handles):
-            yield
-    finally:
-        for b in blocks:  # a forward ended by StopForward skips the block's offload hook
-            b.to(home)
-
-
 @torch.no_grad()
 def forward_order(model: nn.Module, stacks: Sequence[Stack], batch: Batch, device: torch.device | None) -> list[Stack]:
     """``stacks`` in the order the model's forward pass reaches them (T5: encoder, then decoder; a VLM: vision
@@ -382,39 +364,15 @@ class InMemoryBlocks:
 @contextmanager
 def _outside_blocks_on_device(model: nn.Module, blocks: nn.Module, device: torch.device | None):
     """Everything but the block list on the compute device (embeddings, rotary tables), and block 0."""
-    with _outside_on_device(model, [blocks], device), on_device(blocks[0], device):
+    with outside_on_device(model, [blocks], device), on_device(blocks[0], device):
         yield
-
-
-@contextmanager
-def _outside_on_device(model: nn.Module, lists: Sequence[nn.Module], device: torch.device | None):
-    """Every module outside the block ``lists`` on the compute device for the body."""
-    if device is None:
-        yield
-        return
-    home = model_device(model)
-    inside = {id(m) for blocks in lists for m in blocks.modules()}
-    outside = [m for m in model.modules() if id(m) not in inside]
-    for m in outside:
-        _move_own(m, device)
-    try:
-        yield
-    finally:
-        for m in outside:
-            _move_own(m, home)
-
-
-def _move_own(module: nn.Module, device: torch.device) -> None:
-    """Move a module's own parameters and buffers, not its children's (``Module.to`` is recursive)."""
-    for p in module.parameters(recurse=False):
-        p.data = p.data.to(device)
-    for key, b in module.named_buffers(recurse=False):
-        module._buffers[key] = b.to(device)
 
 
 # ---------------------------------------------------------------- the one sequential loop
 
-BlockStep = Callable[[int, Mapping[str, nn.Module], Mapping[str, LayerStats] | None], None]
+# What the loop does with a block's (or the loose layers') selected layers and their input statistics (None without
+# calibration): prune them, or only record the statistics.
+Step = Callable[[Mapping[str, nn.Module], Mapping[str, LayerStats] | None], None]
 
 
 @torch.no_grad()
@@ -423,13 +381,13 @@ def sequential(
     batches: Sequence[Batch],
     plan: Plan,
     source: BlockSource,
-    step: BlockStep,
+    step: Step,
     timings: dict[str, float],
     offload_dir: str | None = None,
     stack: Stack | None = None,
 ) -> str | None:
     """Visit the blocks of ``stack`` (default: the plan's only one) in order: statistics of block ``i``'s
-    selected layers on its inputs, ``step(i, layers, stats)`` (prune them, or only record the statistics), then
+    selected layers on its inputs, ``step(layers, stats)`` (prune them, or only record the statistics), then
     the block's outputs become block ``i+1``'s inputs. Returns where the activations lived (None without
     calibration)."""
     prefix, blocks = stack or plan.stacks[0]
@@ -440,12 +398,12 @@ def sequential(
     with tempfile.TemporaryDirectory(prefix="prunekit-activations-", dir=offload_dir) as scratch:
         acts = _capture(model, blocks, last, batches, plan, source, Path(scratch)) if plan.needs else None
         timings[f"{tag}capture_s"] = time.perf_counter() - start
-        bar = tqdm(source.visit(last), desc=f"pruning {prefix or 'blocks'}", unit="block")
+        bar = progress(source.visit(last), f"pruning {prefix or 'blocks'}", unit="block")
         for i in bar:
             t0 = time.perf_counter()
             with source.block(i) as block:
                 if i <= last:
-                    step(i, per_block[i], _block_statistics(block, i, per_block[i], acts, plan))
+                    step(per_block[i], _block_statistics(block, i, per_block[i], acts, plan))
                     if acts is not None and i < last:  # only a later block with selected layers needs these
                         for j in steps(range(len(acts)), f"block {i}: outputs for the next block"):
                             acts.update(j, run_call(block, acts.call(j, i)))
@@ -525,19 +483,25 @@ def _block_statistics(
 
 
 @torch.no_grad()
+def whole_model_statistics(
+    model: nn.Module, batches: Sequence[Batch], layers: Mapping[str, nn.Module], plan: Plan
+) -> dict[str, LayerStats]:
+    """Input statistics of ``layers`` over a forward pass of the whole model (already on the compute device) for
+    every calibration batch."""
+    with plan_collect(layers, plan) as stats:
+        for batch in steps(batches, "calibrating", len(batches)):
+            run_model(model, batch, plan.device)
+    return {name: stats[name] for name in layers}
+
+
+@torch.no_grad()
 def prune_oneshot(model: nn.Module, batches: Sequence[Batch], plan: Plan, timings: dict[str, float]) -> None:
     start = time.perf_counter()
-    stats_context = plan_collect(plan.layers, plan) if plan.needs else nullcontext(None)
-    with on_device(model, plan.device), stats_context as stats:
-        if stats is not None:
-            for batch in tqdm(batches, desc="calibrating", unit="batch"):
-                run_model(model, batch, plan.device)
+    with on_device(model, plan.device):
+        stats = whole_model_statistics(model, batches, plan.layers, plan) if plan.needs else None
         timings["capture_s"] = time.perf_counter() - start
         prune_layers(plan.layers, stats, plan)
     timings["prune_s"] = time.perf_counter() - start - timings["capture_s"]
-
-
-LooseStep = Callable[[Mapping[str, nn.Module], Mapping[str, LayerStats] | None], None]
 
 
 def outside_stacks(plan: Plan) -> dict[str, nn.Module]:
@@ -550,38 +514,35 @@ def over_stacks(
     model: nn.Module,
     batches: Sequence[Batch],
     plan: Plan,
-    step: BlockStep,
-    loose_step: LooseStep,
+    step: Step,
     timings: dict[str, float],
 ) -> None:
-    """The sequential loop over every block list in forward order. Selected layers outside the lists get
-    ``loose_step`` with their statistics taken on the way to the next list's first block (so that list is then
+    """The sequential loop over every block list in forward order. Selected layers outside the lists go to
+    ``step`` with their statistics taken on the way to the next list's first block (so that list is then
     calibrated on their pruned outputs), or, after the last list, in one pass over the model."""
     calibrated = bool(plan.needs and batches)
     stacks = forward_order(model, plan.stacks, batches[0], plan.device) if calibrated else list(plan.stacks)
     loose = outside_stacks(plan)
     for stack in stacks:
         if loose and calibrated:
-            loose = _loose_before(model, stack, batches, plan, loose, loose_step)
+            loose = _loose_before(model, stack, batches, plan, loose, step)
         sequential(model, batches, plan, InMemoryBlocks(model, stack[1], plan.device), step, timings, stack=stack)
     if not loose:
         return
     if not calibrated:
-        loose_step(loose, None)
+        step(loose, None)
         return
-    with on_device(model, plan.device), plan_collect(loose, plan) as stats:
-        for batch in batches:
-            run_model(model, batch, plan.device)
-        loose_step(loose, {n: stats[n] for n in loose})
+    with on_device(model, plan.device):
+        step(loose, whole_model_statistics(model, batches, loose, plan))
 
 
-def _loose_before(model, stack: Stack, batches, plan: Plan, loose: dict, loose_step: LooseStep) -> dict:
-    """Hand the loose layers that run before ``stack``'s first block to ``loose_step``; return the others."""
+def _loose_before(model, stack: Stack, batches, plan: Plan, loose: dict, step: Step) -> dict:
+    """Hand the loose layers that run before ``stack``'s first block to ``step``; return the others."""
     with plan_collect(loose, plan) as stats, InMemoryBlocks(model, stack[1], plan.device).capture():
         capture_block_inputs(model, stack[1][0], batches, plan.device, lambda args, kwargs: None)
     before = {n: m for n, m in loose.items() if stats.seen(n)}
     if before:
-        loose_step(before, {n: stats[n] for n in before})
+        step(before, {n: stats[n] for n in before})
     return {n: m for n, m in loose.items() if n not in before}
 
 
@@ -592,15 +553,13 @@ def dense_statistics(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> 
     result: dict[str, LayerStats] = {}
     plan = replace(plan, needs=frozenset({NORMS}))
     if not plan.stacks:
-        with on_device(model, plan.device), plan_collect(plan.layers, plan) as stats:
-            for batch in batches:
-                run_model(model, batch, plan.device)
-            return dict(stats)
+        with on_device(model, plan.device):
+            return whole_model_statistics(model, batches, plan.layers, plan)
 
-    def record(*args) -> None:
-        result.update(args[-1] or {})
+    def record(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None) -> None:
+        result.update(stats or {})
 
-    over_stacks(model, batches, plan, record, record, {})
+    over_stacks(model, batches, plan, record, {})
     return result
 
 
@@ -651,10 +610,10 @@ def run(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> dict[str, flo
     start = time.perf_counter()
     if plan.stacks:
 
-        def prune(*args) -> None:
-            prune_layers(args[-2], args[-1], plan)
+        def prune(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None) -> None:
+            prune_layers(layers, stats, plan)
 
-        over_stacks(model, batches, plan, prune, prune, timings)
+        over_stacks(model, batches, plan, prune, timings)
     else:
         prune_oneshot(model, batches, plan, timings)
     timings["total_s"] = time.perf_counter() - start

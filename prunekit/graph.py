@@ -65,6 +65,15 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+def weight_grad(module: nn.Module) -> torch.Tensor | None:
+    """The gradient of the layer's weight in the weight's stored layout: for a fused MoE expert, its slice of the
+    fused parameter's gradient (a view: writes go through), so masking it masks the expert."""
+    if isinstance(module, ExpertWeight):
+        grad = getattr(module.experts, module.param).grad
+        return None if grad is None else grad[module.index]
+    return module.weight.grad
+
+
 @torch.no_grad()
 def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     """Write a ``[out, cols]`` matrix back into the layer's own layout and dtype."""

@@ -200,13 +200,15 @@ def test_finetune_summary_is_a_rounded_table(capsys):
 
 def test_lightning_lines_print_once_without_advert():
     """Lightning's own console handler and prunekit's root handler both saw its INFO lines (each printed twice),
-    and a Trainer without LitLogger logs an advert; after configure_logging each line appears once, no advert."""
+    and a Trainer without LitLogger logs an advert; after configure_logging each line appears once, no advert,
+    also when a job builds three Trainers (issue 28 item 14: a fine-tune printed the banner for each)."""
     import subprocess
     import sys
 
     code = (
-        "from prunekit.cli import configure_logging; configure_logging(False); import lightning.pytorch as L; "
-        "L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, accelerator='cpu')"
+        "from prunekit.cli import configure_logging; configure_logging(False); import lightning.pytorch as L\n"
+        "for _ in range(3): L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, "
+        "accelerator='cpu')"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -164,3 +164,32 @@ def test_version_and_help_do_not_import_torch():
     assert out.stdout.strip() == "False"
     version = subprocess.run([sys.executable, "-m", "prunekit.cli", "--version"], capture_output=True, text=True)
     assert version.stdout.startswith("prunekit ")
+
+
+def test_the_resolved_recipe_records_the_seqlen_used_and_a_compact_output_is_loadable(tmp_path):
+    """Issue 28 items 4 and 15: ``seqlen: null`` was recorded when the default was used, so the saved recipe did
+    not reproduce the run; a compact output lacked generation_config.json and any hint of how to load it."""
+    import yaml
+
+    from prunekit.commands import run_prune
+    from prunekit.recipe import PruneRecipe
+    from tests.zoo import save
+
+    save("llama", tmp_path / "model")
+    text = tmp_path / "train.txt"
+    text.write_text("In the beginning God created the heaven and the earth.\n" * 40)
+    recipe = PruneRecipe(
+        model=str(tmp_path / "model"),
+        calib_data=str(text),
+        nsamples=2,
+        out=str(tmp_path / "out"),
+        save_format="compact",
+    )
+    report = run_prune(recipe)
+    saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert report.settings["seqlen"] == saved["seqlen"] == 128  # min(2048, max_position_embeddings)
+    assert (tmp_path / "out" / "generation_config.json").exists()
+    assert "prunekit.load" in (tmp_path / "out" / "README.md").read_text()
+    import prunekit
+
+    assert prunekit.load(tmp_path / "out").config.num_hidden_layers == 3

@@ -82,13 +82,42 @@ def parse_size(size: int | str) -> int:
 
 
 def copy_side_files(source: str | os.PathLike, out: str | os.PathLike) -> list[str]:
-    """Copy config, generation config and tokenizer files (every top-level file that is not weights)."""
+    """Copy config, generation config and tokenizer files (every top-level file that is not weights); a README
+    loses the compact format's notice (``write_notice``), which only a compact output carries."""
     copied = []
     for path in sorted(Path(source).iterdir()):
-        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):
-            shutil.copy2(path, Path(out) / path.name)
-            copied.append(path.name)
+        if not path.is_file() or path.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):
+            continue
+        if path.name == NOTICE and NOTICE_END in (text := path.read_text(encoding="utf-8", errors="replace")):
+            rest = text.split(NOTICE_END, 1)[1].lstrip("\n")
+            if rest:
+                (Path(out) / NOTICE).write_text(rest, encoding="utf-8")
+                copied.append(NOTICE)
+            continue
+        shutil.copy2(path, Path(out) / path.name)
+        copied.append(path.name)
     return copied
+
+
+NOTICE, NOTICE_END = "README.md", "<!-- end of the prunekit compact notice -->"
+
+
+def write_notice(out: str | os.PathLike) -> None:
+    """A compact checkpoint's README says how to load it: ``from_pretrained`` looks for ``model.safetensors`` and
+    fails with no hint of ``prunekit.load`` or ``prunekit convert``. A model card already there is kept below."""
+    path = Path(out) / NOTICE
+    card = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    if NOTICE_END in card:
+        return
+    notice = (
+        "# prunekit compact checkpoint\n\n"
+        f"The weights are in prunekit's compact sparse format (`{COMPACT_NAME}`: kept values plus a bitmask or the 2:4 "
+        "packing), which `from_pretrained` does not read: it looks for `model.safetensors`. Load it with prunekit,\n\n"
+        '```python\nimport prunekit\nmodel = prunekit.load("THIS_FOLDER")\n```\n\n'
+        "or write a dense copy that `from_pretrained` reads:\n\n"
+        "```bash\nprunekit convert THIS_FOLDER DENSE_FOLDER --to dense\n```\n"
+    )
+    path.write_text(f"{notice}{NOTICE_END}\n\n{card}", encoding="utf-8")
 
 
 def nbytes(tensor: torch.Tensor) -> int:
@@ -484,5 +513,7 @@ def convert(
             writer.add({name: tensor})
         weight_map = writer.close()
         copy_side_files(source, tmp)
+        if to == "compact":
+            write_notice(tmp)
     log.info("converted %s -> %s (%s, %d tensors)", source, out, to, len(weight_map))
     return weight_map

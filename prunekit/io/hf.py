@@ -10,20 +10,15 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from .. import config
 from ..errors import PrunekitError
 from .compact import Checkpoint, is_compact, load_compact
 from .files import check_safetensors_dir, safetensors_shapes
 from .paths import looks_local, require_hub, require_local
 from .shapes import checkpoint_sized_by_weights, resize_to, sized_by_weights
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = {name: getattr(torch, ALIASES.get(name, name)) for name in config.DTYPES if name != "auto"}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -190,14 +185,6 @@ def load_processor(source: str | os.PathLike, trust_remote_code: bool = False):
             f"which image-text models calibrate with; {fix}"
         )
     return processor
-
-
-def save_causal_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> None:
-    """``save_pretrained`` with safetensors (and the tokenizer or processor, when there is one) into ``out_dir``;
-    any Hugging Face model class."""
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
 
 
 def shared_parameter_names(model: nn.Module) -> set[str]:

@@ -31,22 +31,22 @@ import torch
 from torch import nn
 
 from ..activations import memory_text, peak_memory, release_memory
-from ..api import PruneReport, calibration, layer_sparsity, plan_prune, versions
-from ..config import PruneConfig
+from ..api import PruneReport, layer_sparsity, model_batches, plan_prune, unstructured_report, window_length
+from ..config import PruneConfig, check_save_format, lazy_problems
+from ..coverage import Coverage
 from ..engine import Plan, outside_stacks, prune_layers, record_block_calls, sequential
 from ..errors import PrunekitError
 from ..methods import HESSIAN
+from ..moe import expert_report
 from .atomic import OutputClaim, claim_output, write_json
-from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size
+from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size, write_notice
 from .files import safetensors_shapes
-from .hf import parse_dtype
+from .hf import parse_dtype, shared_parameter_names
 from .overlap import Stage, wait
 from .paths import checkpoint_bytes
 from .shapes import resize_to, sized_by_weights
 
 log = logging.getLogger(__name__)
-
-SAVE_FORMATS = ("dense", "compact")
 
 
 # ---------------------------------------------------------------- the skeleton and its tensors
@@ -122,7 +122,11 @@ class LazyModel:
         device = torch.device(device) if device is not None else default_device()
         model = build_skeleton(source, dtype, trust_remote_code)
         _buffers_to(model, device)
-        return cls(model, Checkpoint(source), device, dtype)
+        lazy = cls(model, Checkpoint(source), device, dtype)
+        # A tied head is stored once, under the embedding's name (a meta skeleton is not tied: transformers says which).
+        tied = shared_parameter_names(model) | set(getattr(model, "all_tied_weights_keys", None) or {})
+        lazy._check_names([n for n in model.state_dict() if n not in tied])  # before anything is read or written
+        return lazy
 
     def onload(self, names: Iterable[str]) -> None:
         """Memory-mapped views onto the compute device: only the pages used are read (an embedding lookup)."""
@@ -201,8 +205,17 @@ class StreamedBlocks:
     here, unchanged, when its block's turn comes. Used as a context manager, which waits for both threads
     on the way out, so nothing writes into the output once the run has stopped."""
 
-    def __init__(self, lazy: LazyModel, prefix: str, blocks: nn.Module, writer, overlap: bool = True):
+    def __init__(
+        self,
+        lazy: LazyModel,
+        prefix: str,
+        blocks: nn.Module,
+        writer,
+        overlap: bool = True,
+        on_block: Callable[[int, nn.Module], None] | None = None,
+    ):
         self.lazy, self.prefix, self.blocks, self.writer = lazy, prefix, blocks, writer
+        self.on_block = on_block  # sees each block after its turn, while it is loaded (the report's coverage)
         self.timings: dict[str, float] = {}
         self.reads = Stage("prunekit-read", overlap, self.timings, "read_s")
         self.writes = Stage("prunekit-write", overlap, self.timings, "write_s")
@@ -246,6 +259,8 @@ class StreamedBlocks:
         del self.loading[index], loaded
         try:
             yield self.blocks[index]
+            if self.on_block is not None:
+                self.on_block(index, self.blocks[index])
             pruned = {name: self.lazy.tensor(name).to("cpu") for name in names}  # GPU -> CPU here, not in a thread
             self._write_behind(self._write_block, index, pruned)
         finally:
@@ -374,17 +389,26 @@ def _prune_claimed(
         from .hf import load_tokenizer
 
         tokenizer = load_tokenizer(source, trust_remote_code)
-    batches = calibration(lazy.model, calib, tokenizer, config) if plan.needs else []
+    batches = model_batches(lazy.model, calib, tokenizer, config) if plan.needs else []
     with claim.staging() as tmp:
-        timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, output)
+        coverage = Coverage(lazy.model, plan.layers)
+        timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, output, coverage)
         metrics = {
             **peak_memory(lazy.device),
             "io_overlap": overlaps(output, plan),
             "offload_activations": where,
             "checkpoint_bytes": lazy.checkpoint.nbytes(lazy.checkpoint.names()),
         }
-        report = _report(
-            config, {"source": str(source), "out": str(claim.out), "lazy": True}, rows, plan, timings, metrics
+        report = unstructured_report(
+            config,
+            plan,
+            rows,
+            timings,
+            seqlen=window_length(batches),
+            job={"source": str(source), "out": str(claim.out), "lazy": True},
+            metrics=metrics,
+            coverage=coverage.result([plan.stacks[0][0]]),
+            experts=expert_report(lazy.model, plan.layers, config.expert_tokens, config.expert_min_tokens),
         )
         write_json(tmp / "prune_report.json", report.to_dict())
         for name, writer in (extra_files or {}).items():
@@ -393,13 +417,10 @@ def _prune_claimed(
 
 
 def _check_lazy_config(config: PruneConfig, save_format: str) -> None:
-    if save_format not in SAVE_FORMATS:
-        raise PrunekitError(f"unknown save_format {save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
-    if config.structured or config.allocation != "uniform" or config.group == "global" or not config.sequential:
-        raise PrunekitError(
-            "lazy pruning supports unstructured methods with uniform allocation, a per-layer / "
-            "per-output / per-input group and sequential calibration; prune in memory otherwise"
-        )
+    check_save_format(save_format)
+    problems = lazy_problems(config)
+    if problems:
+        raise PrunekitError(f"lazy pruning needs {'; '.join(problems)}; prune in memory otherwise")
 
 
 def _writer(lazy: LazyModel, prefix: str, tmp: Path, save_format: str, max_shard_size: int | str):
@@ -416,7 +437,7 @@ def block_bytes(lazy: LazyModel, prefix: str) -> int:
 
 
 def _run(
-    lazy: LazyModel, plan: Plan, batches: list, tmp: Path, offload_dir: str | None, output: Output
+    lazy: LazyModel, plan: Plan, batches: list, tmp: Path, offload_dir: str | None, output: Output, coverage: Coverage
 ) -> tuple[dict, dict, str | None]:
     timings: dict[str, float] = {}
     rows: dict[str, dict] = {}
@@ -426,30 +447,22 @@ def _run(
     prefix, blocks = plan.stacks[0]
     writer = _writer(lazy, prefix, tmp, output.save_format, output.max_shard_size)
 
-    def step(i: int, layers: dict, stats) -> None:
+    def step(layers: dict, stats) -> None:
         prune_layers(layers, stats, plan)
         rows.update(layer_sparsity(layers)[0])
 
-    with StreamedBlocks(lazy, prefix, blocks, writer, overlaps(output, plan)) as source:
+    def counted(index: int, block: nn.Module) -> None:
+        coverage.add(f"{prefix}.{index}", block)
+
+    with StreamedBlocks(lazy, prefix, blocks, writer, overlaps(output, plan), counted) as source:
         where = sequential(lazy.model, batches, plan, source, step, timings, offload_dir)
         copy_start = time.perf_counter()
         source.finish()
     writer.close()
     copy_side_files(lazy.checkpoint.root, tmp)
+    if output.save_format == "compact":
+        write_notice(tmp)
     timings["copy_s"] = time.perf_counter() - copy_start
     timings.update(source.timings)
     timings["total_s"] = time.perf_counter() - start
     return timings, rows, where
-
-
-def _report(config: PruneConfig, job: dict, rows: dict, plan: Plan, timings: dict, metrics: dict) -> PruneReport:
-    zeros, total = sum(r["zeros"] for r in rows.values()), sum(r["numel"] for r in rows.values())
-    for name, row in rows.items():
-        row["target"] = plan.targets[name].sparsity
-    settings = {
-        **config.settings(),
-        **job,
-        "group": next(iter(plan.targets.values())).group,
-        "blocks": plan.stacks[0][0],
-    }
-    return PruneReport(settings, rows, zeros / max(total, 1), timings, versions(), metrics)

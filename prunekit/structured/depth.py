@@ -59,6 +59,15 @@ def blocks_to_remove(n_blocks: int, ratio: float) -> int:
     k = max(k, 1) if ratio > 0 else 0
     if k >= n_blocks:
         raise PrunekitError(f"removing {ratio:.0%} of {n_blocks} blocks would leave none; lower the ratio")
+    if not math.isclose(k / n_blocks, ratio, abs_tol=1e-9):
+        log.warning(
+            "depth removes whole blocks: %g of %d blocks is %.2f blocks, so %d go (%.3g of the blocks)",
+            ratio,
+            n_blocks,
+            ratio * n_blocks,
+            k,
+            k / n_blocks,
+        )
     return k
 
 
