@@ -181,14 +181,14 @@ def _first(block: nn.Module, options: Sequence[Sequence[str]], accept: Callable)
     return None
 
 
-def _block_layout(name: str, block: nn.Module) -> BlockLayout:
+def _block_layout(arch: str, name: str, block: nn.Module) -> BlockLayout:
     norms = _first(block, PRE_NORMS, _is_norm)
     attn_in, mlp_in = _first(block, ATTENTION_READERS, _is_layer), _first(block, MLP_READERS, _is_layer)
     writers = [_first(block, [(w,) for w in names], _is_layer) for names in (ATTENTION_WRITERS, MLP_WRITERS)]
     if norms is None or attn_in is None or mlp_in is None or None in writers:
         raise PrunekitError(
-            f"{name} ({type(block).__name__}) is not a pre-norm decoder layer slicegpt knows: it needs a norm in "
-            "front of attention and MLP and their input and output projections under the names listed in "
+            f"{arch}: {name} ({type(block).__name__}) is not a pre-norm decoder layer slicegpt knows: it needs a "
+            "norm in front of attention and MLP and their input and output projections under the names listed in "
             "prunekit/architectures.py (q/k/v_proj ... o_proj, c_attn ... c_proj, query_key_value ... dense)"
         )
     pairs = [(norms[0], attn_in), (norms[1], mlp_in)] if len(norms) == 2 else [(norms[0], attn_in + mlp_in)]
@@ -228,7 +228,7 @@ def find_layout(model: nn.Module, formula: NormFormula | None = None) -> Layout:
     if family(arch).no_slicegpt:
         raise PrunekitError(f"{arch}: slicegpt cannot slice the residual stream: {family(arch).no_slicegpt}")
     _refuse_post_norms(arch, blocks[0])
-    layers = [_block_layout(f"{prefix}.{i}", b) for i, b in enumerate(blocks)]
+    layers = [_block_layout(arch, f"{prefix}.{i}", b) for i, b in enumerate(blocks)]
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     final_norm = next((m for m in (_find(owner, n) for n in FINAL_NORMS) if _is_norm(m)), None)
     if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear) or final_norm is None:
