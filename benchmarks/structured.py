@@ -213,20 +213,21 @@ def norms_markdown(section: dict) -> str:
         "kjv/test.txt in 256-token windows. *Slicing* is what the target is a fraction of: `width`, the hidden width "
         "(SliceGPT's slicing, as in its tables), or `params`, the decoder-layer parameters (prunekit's default). "
         "Every sliced model was saved and reloaded (*loads with*) and gave identical logits. *Published code*: "
-        "microsoft/TransformerCompression on kjv-llama-5m at the same slicing (../shared/fixtures/METRICS.md; its "
-        "512-token calibration windows and per-block rotations, whose shortcut matrices it counts).",
+        "microsoft/TransformerCompression on kjv-llama-5m (../shared/fixtures/METRICS.md; its 512-token calibration "
+        "windows and per-block rotations, whose shortcut matrices it counts) at the same slicing of the width, or, "
+        "beside `params` 12.5%, at the slicing that leaves as many parameters.",
         "",
         "| model | norm | slicing | target | hidden | params (model) | removed (decoder) | ppl (dense) | "
-        "variance kept | loads with | published code: params / ppl |",
+        "variance kept | loads with | published code, slicing: params / ppl |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in section["rows"]:
         paper = r.get("published")
         lines.append(
-            f"| {r['model']} | {r['norm']} | {r['slicing']} | {r['ratio']:.0%} | {r['hidden_before']}→"
+            f"| {r['model']} | {r['norm']} | {r['slicing']} | {100 * r['ratio']:g}% | {r['hidden_before']}→"
             f"{r['hidden_after']} | {r['model_params_after']:,} | {r['removed_fraction']:.1%} | {r['ppl']:.2f} "
             f"({r['dense_ppl']:.2f}) | {r['variance_kept']:.3f} | {r['loads_with']} | "
-            + (f"{paper['params']:,} / {paper['ppl']:.2f} |" if paper else "– |")
+            + (f"{paper['slicing']:.2f}: {paper['params']:,} / {paper['ppl']:.2f} |" if paper else "– |")
         )
     return "\n".join(lines) + "\n"
 
