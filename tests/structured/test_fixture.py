@@ -57,4 +57,4 @@ def test_slicegpt_on_the_layernorm_fixture(kjv, tmp_path):
     assert sum(p.numel() for p in loaded.parameters()) == summary["model_params_after"]
     with torch.no_grad():
         assert torch.equal(loaded(test[None, :256]).logits, model(test[None, :256]).logits)
-    assert perplexity(loaded, test, 256) < 1.1 * dense_ppl
+    assert perplexity(loaded, test, 256) < 1.05 * dense_ppl  # 1.014x on the whole test split (structured.md)
