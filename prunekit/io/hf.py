@@ -12,10 +12,10 @@ from torch import nn
 
 from .. import config
 from ..errors import PrunekitError
+from ..shapes import checkpoint_sized_by_weights, resize_to, sized_by_weights
 from .compact import Checkpoint, is_compact, load_compact
 from .files import check_safetensors_dir, safetensors_shapes
 from .paths import looks_local, require_hub, require_local
-from .shapes import checkpoint_sized_by_weights, resize_to, sized_by_weights
 
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DTYPES = {name: getattr(torch, ALIASES.get(name, name)) for name in config.DTYPES if name != "auto"}
@@ -216,7 +216,7 @@ def load_rebuilt_model(
 ) -> nn.Module:
     """A Hugging Face model built from its config, then given its stored weights: a checkpoint saved with
     ``--save-format compact`` (restored dense in memory), or one whose layer sizes the config cannot state
-    (``prunekit.io.shapes``: the layers take the stored tensors' shapes first). So every prunekit command reads
+    (``prunekit.shapes``: the layers take the stored tensors' shapes first). So every prunekit command reads
     what prunekit writes."""
     from transformers import AutoConfig
 

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import PrunekitError
 from ..forward import model_device, run_model
 from ..graph import HFConv1D, find_blocks
-from ..io.shapes import resize_to, sized_by_weights
+from ..shapes import resize_to, sized_by_weights
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
@@ -148,7 +148,7 @@ def meta_clone(module: nn.Module) -> nn.Module:
 def rebuilt(model: nn.Module) -> nn.Module:
     """What loading builds from the model's config after a save / load round trip of that config, on the meta
     device (no weights, no memory): ``from_pretrained``'s model, or ``prunekit.load``'s where the config says the
-    layers take the stored weights' sizes (``prunekit.io.shapes``)."""
+    layers take the stored weights' sizes (``prunekit.shapes``)."""
     config = hf_config(model)
     config = type(config).from_dict(config.to_dict())
     with torch.device("meta"):

@@ -42,7 +42,7 @@ config takes ``hidden_size = d'``, the new epsilon and an explicit ``head_dim``:
 ``from_pretrained``, no custom class, no ``trust_remote_code``. GPT-2, OPT, Falcon, GPT-NeoX, GPT-J size attention from
 ``hidden_size``, so no config of theirs describes a narrower stream: their config keeps ``hidden_size`` (now the
 attention width) and records ``prunekit_residual_width = d'``, and the checkpoint loads with ``prunekit.load``
-(``prunekit.io.shapes``; ``from_pretrained`` refuses it with a size mismatch). Which of the two a model gets is
+(``prunekit.shapes``; ``from_pretrained`` refuses it with a size mismatch). Which of the two a model gets is
 found by rehearsing both on a meta copy. The folded norms stay the class's own ``LayerNorm`` / ``RMSNorm``
 modules: weight ``sqrt(d/d')`` (Gemma: minus its 1), a LayerNorm's shift the rotated all-ones vector.
 
@@ -83,7 +83,7 @@ from ..architectures import (
 from ..errors import PrunekitError
 from ..forward import hidden_state, hooks
 from ..graph import HFConv1D
-from ..io.shapes import RESIDUAL_WIDTH
+from ..shapes import RESIDUAL_WIDTH
 from .base import ModelMethod, register_structured
 from .common import (
     arch_name,
@@ -559,7 +559,7 @@ def eps_entry(layout: Layout, config) -> str | None:
 def slice_model(model: nn.Module, layout: Layout, q: torch.Tensor, head_dim: int | None) -> dict:
     """Fold the norms, rotate the residual stream by ``q`` ``[d, d']`` and rescale the norms for ``d'``; returns the
     config values written. With ``head_dim`` the config takes ``hidden_size = d'`` (the class describes the slice);
-    without, it keeps ``hidden_size`` and records the residual width (``prunekit.io.shapes``)."""
+    without, it keeps ``hidden_size`` and records the residual width (``prunekit.shapes``)."""
     d, d_new = q.shape
     config = block_config(model, block_list(model)[0])
     key = eps_entry(layout, config)

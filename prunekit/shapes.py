@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import PrunekitError
-from ..graph import HFConv1D
+from .errors import PrunekitError
+from .graph import HFConv1D
 
 RESIDUAL_WIDTH = "prunekit_residual_width"
 

@@ -9,7 +9,7 @@ from torch import nn
 import prunekit
 from prunekit.errors import PrunekitError
 from prunekit.graph import HFConv1D
-from prunekit.io.shapes import RESIDUAL_WIDTH, checkpoint_sized_by_weights, resize_to
+from prunekit.shapes import RESIDUAL_WIDTH, checkpoint_sized_by_weights, resize_to
 from prunekit.structured.slicegpt import SliceGPT
 from tests import zoo
 
