@@ -21,6 +21,7 @@ from .collect import LayerStats
 from .config import PruneConfig, refuse_unused
 from .coverage import block_coverage
 from .data.calib import calibration_batches
+from .distributed import check_launch, rank_device, shard, together, world_size
 from .errors import PrunekitError
 from .forward import eval_mode, model_device, on_device
 from .graph import find_stacks, is_vision_model, select_layers, stack_block_index, weight_matrix
@@ -120,7 +121,7 @@ def plan_prune(model: nn.Module, config: PruneConfig | str | None = None, **sett
     check_patterns(layers, nm)
     needs = frozenset(method.needs).union(*(u.needs for u in updates))
     targets = {n: Target(config.sparsity, group, nm) for n in layers}
-    device = torch.device(config.device) if config.device is not None else None
+    device = rank_device(config.device)
     return engine.Plan(
         method, updates, layers, targets, _stacks(model, config, group), device, needs, config.as_config()
     )
@@ -157,6 +158,11 @@ def prune(
     ``seqlen`` tokens drawn with ``seed``). Methods that need no statistics (magnitude) need no ``calib``.
     Structured methods (``depth``, ``width``, ``slicegpt``) remove about ``sparsity`` of the selected parameters
     and change the model's shapes and config. Settings that cannot apply here are refused (``PYTHON_UNUSED``).
+
+    Inside an initialised ``torch.distributed`` process group every rank calls ``prune`` with the same model,
+    settings and calibration data: each calibrates on its share of the batches, the statistics are summed over
+    the ranks and the layers' pruning is shared out (``prunekit.distributed``), so every rank ends with the same
+    pruned model.
     """
     config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
     unused = python_unused(calib)
@@ -178,26 +184,43 @@ def python_unused(calib: Any) -> set[str]:
     return {"dtype", *drawn}
 
 
-def prune_model(model: nn.Module, config: PruneConfig, calib: Any = None, tokenizer: Any = None) -> PruneReport:
-    """The work behind every front end that holds the model in memory (``prune``, the CLI, fine-tuning)."""
+def prune_model(
+    model: nn.Module,
+    config: PruneConfig,
+    calib: Any = None,
+    tokenizer: Any = None,
+    resume: engine.Resume | None = None,
+) -> PruneReport:
+    """The work behind every front end that holds the model in memory (``prune``, the CLI, fine-tuning).
+    ``resume`` keeps a resumable run's progress block by block (the CLI's ``--out``: ``io.resume.InMemoryResume``)."""
     check_model(model)
+    check_launch()
     with eval_mode(model):
         if config.structured:
+            if resume is not None:
+                resume.bind(None, resumable=False)
             return _prune_structured(model, config, calib, tokenizer)
-        return _prune_unstructured(model, config, calib, tokenizer)
+        return _prune_unstructured(model, config, calib, tokenizer, resume)
 
 
-def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
+def _prune_unstructured(
+    model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any, resume: engine.Resume | None = None
+) -> PruneReport:
     plan = plan_prune(model, config)
     allocator = ALLOCATORS.create(config.allocation, config.allocation_params)
     start = time.perf_counter()
     wants_data = plan.needs or allocator.needs_calibration or config.recalibrate_bn or calib is not None
-    batches = model_batches(model, calib, tokenizer, config) if wants_data else []
+    with together():
+        batches = model_batches(model, calib, tokenizer, config) if wants_data else []
+        plan = engine.chained(model, plan, batches)
     data_s = time.perf_counter() - start
-    plan = engine.chained(model, plan, batches)
-    plan = replace(plan, targets=allocate(model, batches, plan, allocator, config.sparsity))
-    warn_existing_zeros(plan)
-    timings = engine.run(model, batches, plan)
+    saved = resume.targets if resume is not None else None  # a resumed run keeps its allocation
+    plan = replace(plan, targets=saved or allocate(model, batches, plan, allocator, config.sparsity))
+    if saved is None:
+        warn_existing_zeros(plan)
+    if resume is not None:
+        resume = resume.bind(plan, engine.resumable(plan))
+    timings = engine.run(model, batches, plan, resume)
     timings["data_s"] = data_s
     bn = _recalibrate_bn(model, plan, batches, config.recalibrate_bn)
     rows = layer_sparsity(plan.layers)[0]
@@ -212,6 +235,13 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, token
         bn_recalibration=bn,
     )
     log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(rows), 100 * report.sparsity, timings["total_s"])
+    return with_ranks(report)
+
+
+def with_ranks(report: PruneReport) -> PruneReport:
+    """The number of ranks in the report, when there were several."""
+    if world_size() > 1:
+        report.metrics["world_size"] = world_size()
     return report
 
 
@@ -260,13 +290,14 @@ def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokeniz
 
     method = STRUCTURED.create(config.method, config.method_params)
     start = time.perf_counter()
-    batches = model_batches(model, calib, tokenizer, config) if method.needs_calibration else []
-    with torch.no_grad(), on_device(model, config.device):
+    with together():
+        batches = model_batches(model, calib, tokenizer, config) if method.needs_calibration else []
+    with torch.no_grad(), on_device(model, rank_device(config.device)):
         summary = method.prune_model(model, batches, config.sparsity)
     seqlen = window_length(batches)
     settings = {**config.settings(), "structured": True, "seqlen": seqlen if seqlen is not None else config.seqlen}
     timings = {"total_s": time.perf_counter() - start}
-    return PruneReport(settings, {}, 0.0, timings, versions(), structure=summary)
+    return with_ranks(PruneReport(settings, {}, 0.0, timings, versions(), structure=summary))
 
 
 def allocate(
@@ -347,9 +378,11 @@ def resolve_seqlen(seqlen: int | None, model: Any, what: str = "seqlen") -> int:
 
 
 def model_batches(model: nn.Module, calib: Any, tokenizer: Any, config: PruneConfig) -> list:
-    """The calibration batches of ``calib`` for ``model`` (text windows of the resolved length)."""
+    """The calibration batches of ``calib`` for ``model`` (text windows of the resolved length); with several
+    ranks, this rank's share of them (``prunekit.distributed.shard``)."""
     seqlen = resolve_seqlen(config.seqlen, model)
     batches = calibration_batches(calib, tokenizer, config.nsamples, seqlen, config.seed, config.batch_size)
+    batches = shard(batches)
     check_token_batches(model, batches)
     return batches
 

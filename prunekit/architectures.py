@@ -1,7 +1,8 @@
 """What prunekit knows about model families that it cannot read off the model, in one place.
 
 Almost everything is generic: layers are found by type, block lists as the longest list of identical modules,
-MoE experts by the attributes transformers' ``@use_experts_implementation`` records, the model class from
+MoE experts by the attributes transformers' ``@use_experts_implementation`` records (``EXPERTS_LAYOUTS`` below
+describes the experts classes transformers ships without it), the model class from
 ``architectures`` in config.json (``prunekit.model_classes``). What remains are names: of the projections a
 structured method couples, of the config entries that describe layers by position, and a few per-family facts
 keyed by the Hugging Face ``model_type``. A new family needs an entry here only when a check of the support
@@ -122,3 +123,77 @@ FAMILIES: dict[str, Family] = {
 def family(model_type: str | None) -> Family:
     """The facts recorded for ``model_type`` (the defaults for any family not listed)."""
     return FAMILIES.get(model_type or "", Family())
+
+
+# ---------------------------------------------------------------- fused mixture-of-experts layouts
+
+EXPERT_CALLS = ("routed", "dispatched", "sized", "shared")
+EXPERT_GATES = ("module", "act", "chunk", "pair", "none")
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How one fused experts module stores its experts and is called; ``prunekit.moe`` reads nothing else.
+
+    ``call``: what the module receives -- ``routed``: ``(hidden_states [tokens, H], top_k_index, top_k_weights)``,
+    each expert picks its tokens from the index; ``dispatched``: ``hidden_states [experts * tokens, H]``, tokens
+    already repeated per expert and scaled by their router score (a token not routed to an expert is a zero row
+    there); ``sized``: ``(inputs sorted by expert, expert_size)``, expert ``e`` gets the ``e``-th slice;
+    ``shared``: ``(hidden_states, gammas [tokens, experts])``, every token reaches every (shared) expert and
+    ``gammas`` scales each expert's activated up projection per token.
+    ``params``: the fused parameters (paths below the module), in forward order; with more than one, the last
+    reads the activated up projection and the others the module's input. ``transposed``: those stored
+    ``[experts, in, out]`` instead of the Linear layout ``[experts, out, in]``. ``bias``: ``<param>_bias
+    [experts, out]`` is added. ``gate``: how the up projection becomes the last parameter's input -- ``module``:
+    the module's own ``_apply_gate``; ``act``: the activation ``act`` alone; ``chunk``: ``act(first half) *
+    second half``; ``pair``: ``act(params[0] x) * params[1] x``; ``none``: one matrix, nothing follows.
+    ``post_norm``: the module's ``post_expert_norm`` follows each expert. ``count``: the attribute that holds the
+    number of experts when the parameters are stacked 2-D ``[experts * out, in]`` (else their leading size).
+    """
+
+    call: str = "routed"
+    params: tuple[str, ...] = ("gate_up_proj", "down_proj")
+    transposed: tuple[str, ...] = ()
+    bias: bool = False
+    gate: str = "module"
+    act: str = "act_fn"
+    post_norm: bool = False
+    count: str = ""
+
+    def __post_init__(self):
+        reads_input = {"none": 1, "pair": 2}.get(self.gate, 1)  # parameters applied to the module's input
+        if self.call not in EXPERT_CALLS or self.gate not in EXPERT_GATES:
+            raise ValueError(f"call must be one of {EXPERT_CALLS} and gate one of {EXPERT_GATES}: {self}")
+        if len(self.params) != reads_input + (self.gate != "none") or not set(self.transposed) <= set(self.params):
+            raise ValueError(f"gate {self.gate!r} does not fit the parameters {self.params}: {self}")
+
+    @property
+    def up(self) -> tuple[str, ...]:
+        """The parameters applied to the module's input (the others read the activated up projection)."""
+        return self.params if self.gate == "none" else self.params[:-1]
+
+
+# Experts classes transformers ships without ``@use_experts_implementation`` (whose attributes describe every
+# other family), by class name (subclasses match). ``tests/test_moe.py`` walks transformers' modeling code and
+# fails on an experts class that is neither decorated nor listed here.
+EXPERTS_LAYOUTS: dict[str, ExpertsLayout] = {
+    # Llama 4: tokens arrive repeated per expert and pre-scaled by the router's sigmoid score.
+    "Llama4TextExperts": ExpertsLayout(call="dispatched", transposed=("gate_up_proj", "down_proj"), gate="chunk"),
+    # Step 3.7: the decorated layout (own _apply_gate with clamps), without the decorator.
+    "Step3p7Experts": ExpertsLayout(),
+    # LongCat-Flash: gate_up_proj also has rows for the zero-compute (identity) experts, which nothing reads.
+    "LongcatFlashExperts": ExpertsLayout(gate="chunk"),
+    # JetMoE: one fused matrix per module, used twice per MoE MLP (input_linear -> GLU -> output_linear) and for
+    # the mixture-of-attention heads' query and output projections.
+    "JetMoeParallelExperts": ExpertsLayout(call="sized", params=("weight",), gate="none"),
+    # Inkling: shared experts that every token passes, weighted per token by the router's shared gammas.
+    "InklingSharedExperts": ExpertsLayout(call="shared", params=("gate_proj", "up_proj", "down_proj"), gate="pair"),
+    # DBRX: the matrices live on the child ``mlp`` stacked 2-D [experts * ffn, hidden]; w2 is stored [in, out].
+    "DbrxExperts": ExpertsLayout(
+        params=("mlp.w1", "mlp.v1", "mlp.w2"),
+        transposed=("mlp.w2",),
+        gate="pair",
+        act="mlp.activation_fn",
+        count="num_experts",
+    ),
+}

@@ -13,6 +13,7 @@ import errno
 import inspect
 import logging
 import os
+import signal
 import sys
 import traceback
 from importlib import resources
@@ -111,9 +112,10 @@ def cmd_prune(args) -> int:
 
     recipe = load_recipe(PruneRecipe, args.recipe, setting_values(args, PruneRecipe))
     report = run_prune(recipe, args.recipe)
-    print_prune_report(report.to_dict())
-    if recipe.out:
-        print(f"saved to {recipe.out}")
+    if launch_rank() == 0:  # under torchrun the other ranks print nothing
+        print_prune_report(report.to_dict())
+        if recipe.out:
+            print(f"saved to {recipe.out}")
     return 0
 
 
@@ -332,26 +334,21 @@ def cmd_report(args) -> int:
 
 
 def _add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="prune + fine-tune (LoRA or full, one-shot or gradual) from a recipe")
-    p.add_argument(
-        "--recipe", required=True, help="e.g. recipes/llama-wanda70-lora.yaml, recipes/convnext-gradual.yaml"
+    from .finetune.recipe import FinetuneRecipe
+
+    p = sub.add_parser(
+        "finetune", help="prune + fine-tune (LoRA or full, one-shot or gradual) from flags or a recipe (flags win)"
     )
-    p.add_argument("--out")
-    p.add_argument("--overwrite", action="store_const", const=True)
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_const",
-        const=True,
-        help="run the checkpoint's own Python code (never enabled by a recipe)",
-    )
+    p.add_argument("--recipe", help="e.g. recipes/llama-wanda70-lora.yaml; every flag below is also a recipe key")
+    add_setting_flags(p, FinetuneRecipe)
     p.set_defaults(func=cmd_finetune)
 
 
 def cmd_finetune(args) -> int:
+    from .finetune.recipe import FinetuneRecipe
     from .finetune.run import run_finetune_recipe
 
-    overrides = {k: getattr(args, k) for k in ("out", "overwrite", "trust_remote_code") if getattr(args, k) is not None}
-    report = run_finetune_recipe(args.recipe, overrides)
+    report = run_finetune_recipe(args.recipe, setting_values(args, FinetuneRecipe))
     print_finetune_report(report)
     if report["settings"].get("out"):
         print(f"saved to {report['settings']['out']}")
@@ -607,12 +604,15 @@ ONCE_EACH = OnceEach()
 
 def configure_logging(verbose: bool) -> None:
     """One handler on the root at WARNING (INFO with ``-v``); every line printed once; no adverts; no
-    deprecation notes of one dependency about another that the user cannot act on."""
+    deprecation notes of one dependency about another that the user cannot act on. Under torchrun the ranks
+    but rank 0 log errors only and show no progress bars: one rank speaks for all."""
     import warnings
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    level = logging.INFO if verbose else logging.WARNING
+    if launch_rank() > 0:
+        level = logging.ERROR
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.root.handlers:
         handler.addFilter(PRINTED_ON_THE_WAY)
     logging.getLogger("prunekit.progress").setLevel(logging.INFO)  # plain progress lines where no bar is drawn
@@ -621,6 +621,35 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger(name).addFilter(ONCE_EACH)
     for message in DEPENDENCY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message)
+
+
+def launch_rank() -> int:
+    """This process's rank in a torchrun launch (0 without one), from the launcher's environment."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _rank_prefix() -> str:
+    return f"rank {launch_rank()}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, torchrun stopping the ranks of a failed run), raised where the program
+    is so that outputs in progress are removed and a resumable run keeps its progress, as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    distributed = sys.modules.get("prunekit.distributed")
+    # After a failure every rank knows of the ranks are on their way out already: let the cleanup finish.
+    if distributed is None or not distributed.stopping():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup itself is not interrupted again
+        raise Terminated
+
+
+def _lost_contact(err: BaseException) -> bool:
+    """A collective failed because another rank stopped (its connection closed) or never answered (timeout)."""
+    dist_error = getattr(sys.modules.get("torch.distributed"), "DistError", ())
+    text = str(err)
+    return (dist_error and isinstance(err, dist_error)) or any(k in text for k in ("gloo", "NCCL", "Connection"))
 
 
 # Large CPU tensors on transparent huge pages: every new score, mask or weight copy of a 7B block otherwise faults
@@ -634,30 +663,77 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault(*HUGE_PAGES)
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    pruning = args.command in ("prune", "demo")  # Lightning (finetune) handles its own signals
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if pruning and _main_thread() else None
+    try:
+        return _run_command(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _run_command(args) -> int:
+    """The command, and what its failure looks like: one line (the user's to fix, or the machine's), a traceback
+    only for our bugs. Under torchrun a failure every rank knows of is told once, by rank 0."""
     try:
         return args.func(args)
     except PrunekitError as err:  # the user's to fix: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+        if not (launch_rank() > 0 and getattr(err, "prunekit_agreed", False)):
+            print(f"error: {'' if _peer(err) else _rank_prefix()}{err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # outputs in progress were removed by their context managers on the way out
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # outputs in progress were removed by their context managers on the way out
+        if launch_rank() == 0:
+            print(f"{'terminated' if isinstance(err, Terminated) else 'interrupted'}: {_kept()}", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except OSError as err:
         if err.errno not in USER_OS_ERRORS:
             return _bug()
         where = f" writing {err.filename!r}" if err.filename else ""
         print(
-            f"error: {err.strerror}{where}: {USER_OS_ERRORS[err.errno]} (no partial output was left)", file=sys.stderr
+            f"error: {_rank_prefix()}{err.strerror}{where}: {USER_OS_ERRORS[err.errno]} (no partial output was left)",
+            file=sys.stderr,
         )
         return 2
-    except Exception:
+    except Exception as err:
+        if getattr(err, "prunekit_agreed", False) and launch_rank() > 0:
+            return _bug(quiet=True)
+        if _lost_contact(err):
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(
+                f"error: {_rank_prefix()}lost contact with another rank (it stopped or was killed: its own output says "
+                f"why; or it did not answer within --dist-timeout): {first}",
+                file=sys.stderr,
+            )
+            return 2
         return _bug()
 
 
-def _bug() -> int:
-    """Ours to fix: keep the traceback, and say so."""
-    traceback.print_exc()
-    print(f"error: {BUG_HINT}", file=sys.stderr)
+def _peer(err: BaseException) -> bool:
+    from .distributed import PeerError
+
+    return isinstance(err, PeerError)
+
+
+def _kept() -> str:
+    """What an interrupted run left: nothing in --out, and maybe its progress to resume from."""
+    resume = sys.modules.get("prunekit.io.resume")
+    kept = getattr(resume, "KEPT", None)
+    if kept is not None and kept.exists():
+        return f"--out was not written; the progress is kept in {str(kept)!r}: rerun the same command to resume"
+    return "nothing was written"
+
+
+def _bug(quiet: bool = False) -> int:
+    """Ours to fix: keep the traceback, and say so (``quiet``: rank 0 reports another rank's, once)."""
+    if not quiet:
+        traceback.print_exc()
+        print(f"error: {_rank_prefix()}{BUG_HINT}", file=sys.stderr)
     return 1
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .graph import find_layers, find_stacks
 from .masks import count_zeros
-from .moe import gate_modules
+from .moe import gate_modules, unknown_experts
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def _storage(tensor) -> int:
 def _reason(module_name: str, param: str, model: nn.Module, prunable: Mapping[str, nn.Module], gates: set) -> str:
     if module_name in gates:
         return "MoE router / gate: kept dense by default (name it with --include to prune it)"
-    if module_name in prunable:
+    if module_name in prunable:  # also fused experts of an unknown layout: selecting them is refused
         return NOT_SELECTED
     kind = type(model.get_submodule(module_name)).__name__
     return f"{kind}.{param} is not a matmul layer prunekit prunes"
@@ -48,7 +48,8 @@ class Coverage:
 
     def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module]):
         self.model, self.layers = model, layers
-        self.prunable, self.gates = find_layers(model), set(gate_modules(model))
+        self.prunable = {**find_layers(model), **unknown_experts(model)}
+        self.gates = set(gate_modules(model))
         self.zeros = self.total = self.selected_zeros = self.selected_total = 0
         self.left: list[dict[str, Any]] = []
 

@@ -77,6 +77,20 @@ class PruneRecipe(PruneConfig):
     report_json: str | None = setting(
         None, "also write the prune report to this JSON file", flag="--json", example="report.json"
     )
+    resume: bool | None = setting(
+        None,
+        "block-by-block runs keep their progress beside --out after each block, and a rerun of an interrupted run "
+        "continues from it (saying so; refused, naming the difference, when a setting or input changed); --resume: "
+        "there must be such a run to continue; --no-resume: keep no progress and discard an interrupted run's",
+        type=bool,
+        example=False,
+    )
+    dist_timeout: float = setting(
+        1800.0,
+        "torchrun: seconds a rank waits for the others (at a block's end, for a broadcast) before it gives up",
+        type=float,
+        example=60.0,
+    )
     trust_remote_code: bool = setting(
         False,
         "run the checkpoint's own Python code (command line only, never from a recipe)",
@@ -98,8 +112,28 @@ def check_job(recipe: PruneRecipe) -> None:
     check_save_format(recipe.save_format)
     if recipe.eval_seqlen is not None and recipe.eval_seqlen < 1:
         raise PrunekitError(f"eval_seqlen must be a positive integer, got {recipe.eval_seqlen!r}")
+    if recipe.resume:
+        _check_resume(recipe)
+    if not recipe.dist_timeout > 0:
+        raise PrunekitError(f"dist_timeout must be a positive number of seconds, got {recipe.dist_timeout!r}")
     if recipe.lazy:
         _check_lazy(recipe)
+
+
+def _check_resume(recipe: PruneRecipe) -> None:
+    """--resume continues a block-by-block run: one that keeps its progress beside --out."""
+    problems = [
+        what
+        for what, bad in (
+            ("--out (the progress is kept beside it)", not recipe.out),
+            ("an unstructured method (structured methods run in one pass)", recipe.structured),
+            ("sequential calibration (--no-sequential runs in one pass)", not recipe.sequential),
+            ("a group other than global (one threshold over every layer needs one pass)", recipe.group == "global"),
+        )
+        if bad
+    ]
+    if problems:
+        raise PrunekitError(f"--resume needs {'; '.join(problems)}")
 
 
 def _check_lazy(recipe: PruneRecipe) -> None:

@@ -44,6 +44,31 @@ def test_finetune_with_a_structured_method_runs_to_the_end(checkpoint, tmp_path)
     assert saved["num_hidden_layers"] == 1  # the depth-pruned model was fine-tuned and saved
 
 
+def test_finetune_honours_the_compact_save_format(checkpoint, tmp_path):  # noqa: F811
+    """Issue 28 item 4: fine-tuning saved ``--save-format compact`` outputs dense (its own save path)."""
+    import prunekit
+    from prunekit.finetune import run_finetune
+    from prunekit.finetune.recipe import FinetuneRecipe
+
+    recipe = FinetuneRecipe(
+        model=str(checkpoint / "model"),
+        method="magnitude",
+        calib_data=str(checkpoint / "train.txt"),
+        seqlen=32,
+        max_steps=1,
+        train_batch_size=2,
+        save_format="compact",
+        out=str(tmp_path / "out"),
+        report_json=str(tmp_path / "report.json"),
+    )
+    report = run_finetune(recipe)
+    assert (tmp_path / "out" / "model.compact.safetensors").exists()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "report.json").read_text())["sparsity"] == report["sparsity"]  # --json honoured
+    layer = prunekit.load(tmp_path / "out").model.layers[0].mlp.down_proj.weight
+    assert (layer == 0).float().mean() > 0.45
+
+
 class Recorder(nn.Module):
     """A causal LM stand-in that records where it was moved."""
 

@@ -194,7 +194,16 @@ def finetune(monkeypatch, place: Path, settings: dict[str, Any], **base: Any) ->
     return outcome(lambda: finetune_run.run_finetune(FinetuneRecipe(**given)))
 
 
-CUBIC = dict(schedule="cubic", end_step=2, max_steps=4)
+def finetune_command_line(monkeypatch, capsys, place: Path, settings: dict[str, Any]) -> tuple[str, Any]:
+    def work(recipe):
+        raise Captured(recipe)
+
+    monkeypatch.setattr(finetune_run, "_run", work)
+    base = ["finetune", "--model", str(place / "model"), "--calib-data", str(place / "calib.txt")]
+    return run_cli(monkeypatch, capsys, base + flags(FinetuneRecipe, settings))
+
+
+CUBIC = dict(schedule="cubic", end_step=10, max_steps=20)
 
 
 # ---------------------------------------------------------------- the matrix
@@ -240,6 +249,12 @@ def test_lightning_callback(field):
 def test_finetune_oneshot(field, monkeypatch, place):
     settings = resolved(example(field), place, "finetune")
     check("prunekit finetune", field.name, settings, finetune(monkeypatch, place, settings))
+
+
+@pytest.mark.parametrize("field", FINETUNE, ids=lambda f: f.name)
+def test_finetune_command_line(field, monkeypatch, capsys, place):
+    settings = resolved(example(field), place, "finetune-cli")
+    check("prunekit finetune", field.name, settings, finetune_command_line(monkeypatch, capsys, place, settings))
 
 
 @pytest.mark.parametrize("field", [f for f in FINETUNE if f.name not in CUBIC], ids=lambda f: f.name)

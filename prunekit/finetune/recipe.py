@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from ..config import PruneConfig, refuse_unused, setting
 from ..errors import PrunekitError
 from ..io.paths import looks_local, require_local
-from ..recipe import PruneRecipe, load_yaml, recipe_from_dict
+from ..recipe import PruneRecipe, load_recipe
 from ..schedule import CALLBACK_CALIBRATION, CALLBACK_USES, Schedule
 
 TASKS = ("causal-lm", "image-classification")
 FINETUNE_SCHEDULES = ("oneshot", "cubic")  # "fixed" is the callback's way of holding a one-shot prune's masks
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "masked"}
+FINETUNE_UNUSED_WHY = (
+    "fine-tuning keeps no progress block by block (Lightning has its own checkpoints) and is not launched by torchrun"
+)
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,10 @@ class FinetuneRecipe(PruneRecipe, Schedule):
     val_data: str | None = setting(None, "optional validation during training (val loss / top-1)", example="val.txt")
     lora: dict | None = setting(
         None,
-        "LoRA recovery (LLMs): {r, alpha, dropout, target_modules, masked}; the adapters are merged back without "
+        "LoRA recovery (LLMs): r, alpha, dropout, target_modules, masked; the adapters are merged back without "
         "losing a zero",
+        flag="--lora",
+        keyvalue=True,
         example={"r": 4},
     )
     max_steps: int = setting(300, "training steps", type=int, example=2)
@@ -66,6 +71,9 @@ def check_finetune(recipe: FinetuneRecipe) -> None:
     if recipe.schedule not in FINETUNE_SCHEDULES:
         raise PrunekitError(f"schedule must be one of {', '.join(FINETUNE_SCHEDULES)}, got {recipe.schedule!r}")
     Schedule.of(recipe).check_target(recipe.sparsity, recipe.pattern)  # and the schedule's own checks
+    unused = ("resume", "dist_timeout")
+    used = [f.name for f in dataclasses.fields(recipe) if f.name not in unused]
+    refuse_unused(recipe, used, "prunekit finetune", FINETUNE_UNUSED_WHY)
     if recipe.task is not None and recipe.task not in TASKS:
         raise PrunekitError(f"task must be one of {TASKS}, got {recipe.task!r}")
     if recipe.lazy:
@@ -117,6 +125,4 @@ def _check_training(recipe: FinetuneRecipe) -> None:
 
 def load_finetune_recipe(path: str | os.PathLike | None, overrides: dict | None = None) -> FinetuneRecipe:
     """A ``FinetuneRecipe`` from YAML with CLI ``overrides`` (flags the user set) on top; unknown keys fail."""
-    data = load_yaml(path) if path else {}
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return recipe_from_dict(FinetuneRecipe, data, source=str(path) if path else "command line")
+    return load_recipe(FinetuneRecipe, path, overrides or {})

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import PrunekitError
 from ..forward import model_device, run_model
 from ..graph import HFConv1D, find_blocks
+from ..moe import find_experts, unknown_experts
 from ..shapes import resize_to, sized_by_weights
 
 
@@ -110,8 +111,10 @@ def is_saved(model: nn.Module, config) -> bool:
 
 
 def experts_module(blocks: nn.Module) -> nn.Module | None:
-    """The first mixture-of-experts layer in the blocks (a module with ``experts``), or None."""
-    return next((m for m in blocks.modules() if isinstance(getattr(m, "experts", None), nn.Module)), None)
+    """The first mixture-of-experts layer in the blocks (a module with ``experts``), else the first fused experts
+    module (of a known layout or not: JetMoE's MLP calls its experts ``input_linear``), or None."""
+    found = next((m for m in blocks.modules() if isinstance(getattr(m, "experts", None), nn.Module)), None)
+    return found or next(iter({**find_experts(blocks), **unknown_experts(blocks)}.values()), None)
 
 
 def check_resizable(model: nn.Module, prefix: str, blocks: nn.Module, method: str) -> None:

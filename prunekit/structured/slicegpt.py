@@ -80,6 +80,7 @@ from ..architectures import (
     PRE_NORMS,
     family,
 )
+from ..distributed import sum_over_ranks, together
 from ..errors import PrunekitError
 from ..forward import hidden_state, hooks
 from ..graph import HFConv1D
@@ -350,9 +351,10 @@ def residual_covariance(
         part = (x.T @ x).double()
         cov = part if cov is None else cov + part
 
-    with hooks(n.register_forward_pre_hook(hook) for n in norms):
+    with together(), hooks(n.register_forward_pre_hook(hook) for n in norms):
         for batch in batches:
             forward(model, batch)
+    sum_over_ranks(cov)
     return cov
 
 

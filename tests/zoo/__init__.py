@@ -149,6 +149,37 @@ ZOO: dict[str, Spec] = {
         ),
         moe=True,
     ),
+    # Llama 4: its own experts module (tokens dispatched per expert, pre-scaled by the router score), MoE and
+    # dense MLP layers alternating as in Maverick, top-1 routing with a shared expert
+    "llama4": Spec(
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            _DECODER,
+            num_hidden_layers=4,
+            intermediate_size=32,
+            intermediate_size_mlp=64,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=2,
+        ),
+        moe=True,
+    ),
+    # JetMoE: experts as one fused matrix per module called with tokens sorted by expert, in the MLP and as
+    # mixture-of-attention heads
+    "jetmoe": Spec(
+        "JetMoeConfig",
+        "JetMoeForCausalLM",
+        dict(
+            {k: v for k, v in _DECODER.items() if k != "num_attention_heads"},
+            **_MOE,
+            intermediate_size=32,
+            num_local_experts=4,
+            kv_channels=8,
+        ),
+        moe=True,
+    ),
     # encoders
     "bert": Spec(
         "BertConfig", "BertForMaskedLM", dict(_SIZES, vocab_size=VOCAB, max_position_embeddings=128), kind="masked"
