@@ -8,8 +8,9 @@ bits, so the model's state dict keeps its original keys at every moment and the 
 Statistics for methods that need them (Wanda, SparseGPT, ...) come from ``prunekit.collect`` hooks attached
 only while ``calib_batches`` batches run through the live model (no gradients, eval mode) at the event: the
 training batches seen just before it (kept only during that window), or, for an event at fit start, the first
-batches of the train dataloader. Under DDP the statistics are summed over ranks and the pruned weights
-broadcast from rank 0, so every rank holds the same masks.
+batches of the train dataloader. Under DDP the statistics are summed over ranks and each rank prunes its share of
+the layers, whose pruned weights are then broadcast (``prunekit.distributed``, as for ``prunekit.prune`` under
+torchrun), so every rank holds the same masks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -42,35 +42,6 @@ from .schedule import CALLBACK_CALIBRATION, CALLBACK_USES, FIXED_USES, Schedule
 log = logging.getLogger(__name__)
 
 _STATE_VERSION = 2  # 2: masks packed most significant bit first (prunekit.masks, as the compact format)
-
-
-# ---------------------------------------------------------------- multi-process (no-ops on one process)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_stats(stats: Mapping[str, LayerStats]) -> None:
-    """Sum statistics over ranks in place (each rank saw its own batches), so all score the same numbers."""
-    if not _distributed():
-        return
-    for s in stats.values():
-        for tensor in (s.sq_sum, s.col_sum, s.xtx):
-            if tensor is not None:
-                dist.all_reduce(tensor)
-        counts = torch.tensor([s.nsamples, s.ntokens], dtype=torch.int64, device=s.sq_sum.device)
-        dist.all_reduce(counts)
-        s.nsamples, s.ntokens = int(counts[0]), int(counts[1])
-
-
-@torch.no_grad()
-def broadcast_weights(layers: Mapping[str, nn.Module]) -> None:
-    """Rank 0's pruned weights everywhere: identical masks even where kernels are not bit-reproducible."""
-    if not _distributed():
-        return
-    for m in layers.values():
-        dist.broadcast(m.weight.data, src=0)
 
 
 # ---------------------------------------------------------------- calibration batches
@@ -322,9 +293,7 @@ class PruningCallback(L.Callback):
             for batch in batches:
                 self._forward(pl_module, batch)
         self._recent.clear()
-        stats = {n: stats[n] for n in stats}
-        all_reduce_stats(stats)
-        return stats
+        return engine.reduce_statistics(self.layers, {n: stats[n] for n in stats}, self._plan)
 
     def _prune(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         while self._due(trainer.global_step):  # several events can be due after a resume: the last one counts
@@ -332,8 +301,7 @@ class PruningCallback(L.Callback):
             self._done += 1
         stats = self._statistics(trainer, pl_module)
         plan = replace(self._plan, targets={n: replace(t, sparsity=target) for n, t in self._plan.targets.items()})
-        engine.prune_layers(plan.layers, stats, plan)
-        broadcast_weights(plan.layers)
+        engine.prune_layers(plan.layers, stats, plan)  # each rank its share of the layers, then broadcast
         self.masks = masks_from_weights(plan.layers)
         samples = next(iter(stats.values())).nsamples if stats else 0
         self._record(trainer.global_step, step, target, samples)

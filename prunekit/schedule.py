@@ -28,6 +28,7 @@ CALLBACK_USES = frozenset(
         "layer_types",
         "stats_dtype",
         "expert_tokens",
+        "kernels",
         "sequential",  # the callback always calibrates in one pass: sequential=False is what it does
     }
 )
@@ -49,6 +50,7 @@ class Schedule:
         "oneshot",
         "oneshot: prune, then train with the masks held; cubic: prune gradually while training",
         example="cubic",
+        example_with={"end_step": 8},
     )
     start_step: int = setting(0, "training step of the (first) pruning event", type=int, example=2)
     end_step: int | None = setting(None, "cubic: the step the target sparsity is reached", type=int, example=8)

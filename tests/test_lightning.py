@@ -14,8 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from prunekit.collect import collect
+from prunekit.distributed import reduce_stats
 from prunekit.errors import PrunekitError
-from prunekit.lightning import PruningCallback, _own_iterator, all_reduce_stats
+from prunekit.lightning import PruningCallback, _own_iterator
 from prunekit.masks import pack_mask, unpack_mask
 from prunekit.methods import METHODS
 from prunekit.schedule import Schedule, cubic_sparsity
@@ -343,7 +344,7 @@ def _stats_worker(rank: int, world: int, init: str, out: str) -> None:
         with collect({"fc": layer}) as stats:
             layer(shard)
         reduced = {"fc": stats["fc"]}
-        all_reduce_stats(reduced)
+        reduce_stats(reduced)
         if rank == 0:
             s = reduced["fc"]
             torch.save({"sq_sum": s.sq_sum, "col_sum": s.col_sum, "n": [s.nsamples, s.ntokens]}, out)

@@ -30,24 +30,31 @@ class Distillation:
         "distillation teacher: a checkpoint (path, hub id, timm:/local-dir: source) with the student's vocabulary or "
         "classes (default: a frozen copy of the model the run started from, before pruning)",
         example="org/dense-model",
+        example_with={"kd_weight": 1.0},
     )
     teacher_device: str | None = setting(
         None,
         "where the teacher runs (default: the student's device); cpu keeps it off the GPU, its forward then runs "
         "on the CPU",
         example="cpu",
+        example_with={"kd_weight": 1.0},
     )
     task_loss_weight: float = setting(
         1.0,
         "weight of the model's own loss (next-token, cross-entropy) beside the distillation terms",
         type=float,
         example=0.5,
+        example_with={"kd_weight": 1.0},
     )
     kd_weight: float = setting(
         0.0, "weight of T^2 KL(teacher || student) on the logits; 0 = no logit distillation", type=float, example=1.0
     )
     kd_temperature: float = setting(
-        1.0, "temperature T that softens both distributions in the KL term", type=float, example=2.0
+        1.0,
+        "temperature T that softens both distributions in the KL term",
+        type=float,
+        example=2.0,
+        example_with={"kd_weight": 1.0},
     )
     hidden_weight: float = setting(
         0.0, "weight of the hidden-state loss on the outputs of the chosen blocks; 0 = none", type=float, example=0.1
@@ -56,6 +63,7 @@ class Distillation:
         "mse",
         "mse (normalised per block by the teacher output's mean square) or cosine (1 - cos per token)",
         example="cosine",
+        example_with={"hidden_weight": 0.1},
     )
     hidden_layers: tuple[int, ...] = setting(
         (),
@@ -63,11 +71,11 @@ class Distillation:
         "teacher block it came from",
         repeat=True,
         example=(0,),
+        example_with={"hidden_weight": 0.1},
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.hidden_layers, list):
-            object.__setattr__(self, "hidden_layers", tuple(self.hidden_layers))
+        normalise_layers(self)
         check_dataclass(self, "distillation setting")
         check_distillation(self)
 
@@ -80,6 +88,14 @@ class Distillation:
     def active(self) -> bool:
         """Whether anything is distilled (then a teacher runs beside the student)."""
         return self.kd_weight > 0 or self.hidden_weight > 0
+
+
+def normalise_layers(obj: Any) -> None:
+    """``hidden_layers`` as a tuple: YAML gives a list, the CLI strings, a user one index."""
+    value = obj.hidden_layers
+    value = (value,) if isinstance(value, (int, str)) else tuple(value or ())
+    value = tuple(int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else v for v in value)
+    object.__setattr__(obj, "hidden_layers", value)
 
 
 def check_distillation(d: Distillation) -> None:

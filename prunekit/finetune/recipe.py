@@ -15,17 +15,20 @@ import os
 from dataclasses import dataclass
 
 from ..config import PruneConfig, refuse_unused, setting
-from ..distill.settings import Distillation
+from ..distill.settings import Distillation, normalise_layers
 from ..errors import PrunekitError
 from ..io.paths import looks_local, require_local
 from ..io.timm import local_path
-from ..recipe import PruneRecipe, load_yaml, recipe_from_dict
+from ..recipe import PruneRecipe, load_recipe
 from ..schedule import CALLBACK_CALIBRATION, CALLBACK_USES, Schedule
 
 TASKS = ("causal-lm", "image-classification")
 FINETUNE_SCHEDULES = ("oneshot", "cubic")  # "fixed" is the callback's way of holding a one-shot prune's masks
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "masked"}
 RECOVERIES = ("full", "lora", "full+lora")
+FINETUNE_UNUSED_WHY = (
+    "fine-tuning keeps no progress block by block (Lightning has its own checkpoints) and is not launched by torchrun"
+)
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,10 @@ class FinetuneRecipe(PruneRecipe, Schedule, Distillation):
     val_data: str | None = setting(None, "optional validation during training (val loss / top-1)", example="val.txt")
     lora: dict | None = setting(
         None,
-        "LoRA adapters (LLMs) for recovery lora or full+lora: {r, alpha, dropout, target_modules, masked} (default "
+        "LoRA adapters (LLMs) for recovery lora or full+lora: r, alpha, dropout, target_modules, masked (default "
         "r 8, alpha 16); merged back without losing a zero. Given alone, it means recovery: lora",
+        flag="--lora",
+        keyvalue=True,
         example={"r": 4},
     )
     recovery: str | None = setting(
@@ -51,9 +56,19 @@ class FinetuneRecipe(PruneRecipe, Schedule, Distillation):
         example="full+lora",
     )
     full_steps: int | None = setting(
-        None, "full+lora: steps of the full stage; LoRA runs the rest of max_steps (default: half)", type=int, example=1
+        None,
+        "full+lora: steps of the full stage; LoRA runs the rest of max_steps (default: half)",
+        type=int,
+        example=1,
+        example_with={"recovery": "full+lora"},
     )
-    lora_lr: float | None = setting(None, "learning rate of the LoRA stage (default: lr)", type=float, example=1e-3)
+    lora_lr: float | None = setting(
+        None,
+        "learning rate of the LoRA stage (default: lr)",
+        type=float,
+        example=1e-3,
+        example_with={"recovery": "lora"},
+    )
     max_steps: int = setting(300, "training steps (all stages together)", type=int, example=2)
     train_batch_size: int = setting(8, "training batch size", type=int, example=2)
     train_seqlen: int | None = setting(None, "LLM window length for training (default: seqlen)", type=int, example=32)
@@ -70,6 +85,7 @@ class FinetuneRecipe(PruneRecipe, Schedule, Distillation):
     )
 
     def __post_init__(self) -> None:
+        normalise_layers(self)  # before the type checks that PruneConfig runs on every field
         super().__post_init__()
         check_finetune(self)
 
@@ -94,8 +110,13 @@ def check_finetune(recipe: FinetuneRecipe) -> None:
     if recipe.schedule not in FINETUNE_SCHEDULES:
         raise PrunekitError(f"schedule must be one of {', '.join(FINETUNE_SCHEDULES)}, got {recipe.schedule!r}")
     Schedule.of(recipe).check_target(recipe.sparsity, recipe.pattern)  # and the schedule's own checks
+    unused = ("resume", "dist_timeout")
+    used = [f.name for f in dataclasses.fields(recipe) if f.name not in unused]
+    refuse_unused(recipe, used, "prunekit finetune", FINETUNE_UNUSED_WHY)
     if recipe.task is not None and recipe.task not in TASKS:
         raise PrunekitError(f"task must be one of {TASKS}, got {recipe.task!r}")
+    if recipe.lazy:
+        raise PrunekitError("fine-tuning trains the whole model in memory: drop lazy (--lazy)")
     if not recipe.training_data:
         raise PrunekitError("fine-tuning needs train_data (or calib_data) to train on")
     _check_training(recipe)
@@ -133,7 +154,10 @@ def _check_recovery(recipe: FinetuneRecipe) -> None:
             f"{recipe.full_steps}: each stage needs at least one step"
         )
     if kind != "full" and recipe.schedule != "oneshot":
-        raise PrunekitError("LoRA freezes the base weights, so they cannot be pruned gradually: use schedule: oneshot")
+        raise PrunekitError(
+            f"recovery: {kind}: LoRA freezes the base weights, so they cannot be pruned gradually: use "
+            "schedule: oneshot"
+        )
     if recipe.lora_lr is not None and recipe.lora_lr <= 0:
         raise PrunekitError(f"lora_lr must be > 0, got {recipe.lora_lr}")
 
@@ -157,8 +181,9 @@ def _all_but(*names: str) -> set[str]:
 
 def callback_config(recipe: FinetuneRecipe) -> PruneConfig:
     """The prune settings a cubic schedule hands to ``PruningCallback``: all but those fine-tuning itself uses
-    (``seqlen``: the training windows' length; ``seed``: seeds the whole run)."""
-    return dataclasses.replace(recipe.as_config(), seqlen=None, seed=0)
+    (``seqlen``: the training windows' length; ``seed``: seeds the whole run; ``dtype``: how the model loads;
+    ``device``: where it is evaluated)."""
+    return dataclasses.replace(recipe.as_config(), seqlen=None, seed=0, dtype="auto", device=None)
 
 
 def _check_training(recipe: FinetuneRecipe) -> None:
@@ -176,6 +201,4 @@ def _check_training(recipe: FinetuneRecipe) -> None:
 
 def load_finetune_recipe(path: str | os.PathLike | None, overrides: dict | None = None) -> FinetuneRecipe:
     """A ``FinetuneRecipe`` from YAML with CLI ``overrides`` (flags the user set) on top; unknown keys fail."""
-    data = load_yaml(path) if path else {}
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return recipe_from_dict(FinetuneRecipe, data, source=str(path) if path else "command line")
+    return load_recipe(FinetuneRecipe, path, overrides or {})

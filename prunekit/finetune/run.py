@@ -18,8 +18,8 @@ from ..config import PruneConfig
 from ..distill import Distillation, DistillationCallback, frozen_copy, load_teacher, teacher_blocks
 from ..errors import PrunekitError
 from ..graph import select_layers
-from ..io import OutputClaim, save_causal_lm, write_json
-from ..io.timm import local_path, save_vision_model
+from ..io import OutputClaim, write_json, write_model
+from ..io.timm import local_path
 from ..lightning import PruningCallback
 from ..recipe import dump_recipe, recipe_dict
 from ..schedule import Schedule
@@ -48,6 +48,8 @@ def run_finetune(recipe: FinetuneRecipe, recipe_path: str | os.PathLike | None =
         report = _run(recipe)
         if claim is not None:
             _save(*report, recipe, claim)
+    if recipe.report_json:
+        write_json(recipe.report_json, report[2])
     return report[2]
 
 
@@ -265,10 +267,7 @@ def _report(
 
 def _save(model: nn.Module, tokenizer: Any, report: dict, recipe: FinetuneRecipe, claim: OutputClaim) -> None:
     with claim.staging() as tmp:
-        if tokenizer is None:
-            save_vision_model(model, tmp)
-        else:
-            save_causal_lm(model, tokenizer, tmp)
+        write_model(model, tmp, tokenizer, recipe.save_format)
         write_json(tmp / "finetune_report.json", report)
         dump_recipe(recipe, tmp / "recipe.yaml")
     log.info("saved fine-tuned model to %s", claim.out)

@@ -95,3 +95,18 @@ def test_depth_on_timm_vit():
 def test_unknown_score_is_an_error():
     with pytest.raises(ValueError, match="cosine, ppl"):
         STRUCTURED.create("depth", {"score": "entropy"})
+
+
+def test_depth_says_when_whole_blocks_round_the_ratio(caplog):
+    """Issue 28 item 14: 0.20 of 4 blocks was silently 0.25."""
+    import logging
+
+    from prunekit.structured.depth import blocks_to_remove
+
+    with caplog.at_level(logging.WARNING):
+        assert blocks_to_remove(4, 0.2) == 1
+    assert "0.2 of 4 blocks is 0.80 blocks, so 1 go (0.25 of the blocks)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert blocks_to_remove(4, 0.25) == 1
+    assert caplog.text == ""
