@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from ..config import PruneConfig, refuse_unused, setting
 from ..distill.settings import Distillation, normalise_layers
 from ..errors import PrunekitError
-from ..io.paths import looks_local, require_local
-from ..io.timm import local_path
+from ..io.paths import local_path, looks_local, require_local
 from ..recipe import PruneRecipe, load_recipe
 from ..schedule import CALLBACK_CALIBRATION, CALLBACK_USES, Schedule
 

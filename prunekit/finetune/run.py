@@ -19,7 +19,7 @@ from ..distill import Distillation, DistillationCallback, frozen_copy, load_teac
 from ..errors import PrunekitError
 from ..graph import select_layers
 from ..io import OutputClaim, write_json, write_model
-from ..io.timm import local_path
+from ..io.paths import local_path
 from ..lightning import PruningCallback
 from ..recipe import dump_recipe, recipe_dict
 from ..schedule import Schedule
