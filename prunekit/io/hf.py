@@ -90,6 +90,8 @@ def load_hf_model(
         return load_compact_model(local, dtype, trust_remote_code, model_class)
     if local.is_dir():
         check_safetensors_dir(local)
+        if has_layer_sizes(local):
+            return load_resized_model(local, dtype, trust_remote_code, model_class)
     try:
         model = auto_model(model_class).from_pretrained(
             str(source),
@@ -208,6 +210,58 @@ def shared_parameter_names(model: nn.Module) -> set[str]:
     return {name for group in names.values() if len(group) > 1 for name in group}
 
 
+def has_layer_sizes(folder: Path) -> bool:
+    """Whether ``folder``'s config.json records blocks of different sizes (width pruning of a layer range)."""
+    import json
+
+    from ..structured.layer_sizes import KEY
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(isinstance(c, dict) and any(c.get(KEY) or []) for c in [config, *config.values()])
+
+
+def _skeleton(config, model_class: str, trust_remote_code: bool) -> nn.Module:
+    """The model built from ``config`` with its parameters on ``meta`` (computed buffers real), its blocks resized
+    as ``prunekit_layer_sizes`` records."""
+    from accelerate import init_empty_weights
+
+    from ..structured.layer_sizes import rebuild_blocks
+
+    with init_empty_weights(include_buffers=False):
+        model = auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code)
+    return rebuild_blocks(model)
+
+
+def load_resized_model(
+    path: Path, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False, model_class: str = "causal-lm"
+) -> nn.Module:
+    """A dense checkpoint whose blocks differ in size (``prunekit_layer_sizes`` in config.json, written by width
+    pruning of a layer range): ``from_pretrained`` would build every block at the config's sizes, so the model is
+    built from the config, its blocks resized as recorded, and the weights loaded into it."""
+    from transformers import AutoConfig
+
+    from ..structured.layer_sizes import KEY
+    from .compact import Checkpoint
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    checkpoint = Checkpoint(path)
+    model = _skeleton(config, model_class, trust_remote_code)
+    missing, unexpected = model.load_state_dict(checkpoint.read(checkpoint.names()), strict=False, assign=True)
+    tied = set(missing) & shared_parameter_names(model)
+    if set(missing) - tied or unexpected:
+        raise PrunekitError(
+            f"checkpoint {str(path)!r} does not match its config.json and {KEY}: missing "
+            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
+    if tied:
+        model.tie_weights()
+    target = parse_dtype(dtype)
+    return (model.to(target) if target is not None else model).eval()
+
+
 def load_compact_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
@@ -218,8 +272,10 @@ def load_compact_model(
     command reads what prunekit writes."""
     from transformers import AutoConfig
 
+    from ..structured.layer_sizes import rebuild_blocks
+
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    model = auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code)
+    model = rebuild_blocks(auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code))
     state = load_compact(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(missing) & shared_parameter_names(model)

@@ -65,12 +65,14 @@ def build_skeleton(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..structured.layer_sizes import rebuild_blocks
+
     config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype or _config_dtype(config), trust_remote_code=trust_remote_code
         )
-    return model.eval()
+    return rebuild_blocks(model).eval()
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -145,12 +145,15 @@ def meta_clone(module: nn.Module) -> nn.Module:
 
 
 def rebuilt(model: nn.Module) -> nn.Module:
-    """What ``from_pretrained`` builds from the model's config after a save / load round trip of that config,
-    on the meta device (no weights, no memory)."""
+    """What ``prunekit.load`` builds from the model's config after a save / load round trip of that config, on
+    the meta device (no weights, no memory): ``from_pretrained``'s model, with its blocks resized where the
+    config records blocks of different sizes (``layer_sizes``)."""
+    from .layer_sizes import rebuild_blocks
+
     config = hf_config(model)
     config = type(config).from_dict(config.to_dict())
     with torch.device("meta"):
-        return type(model)._from_config(config)
+        return rebuild_blocks(type(model)._from_config(config))
 
 
 _IGNORED_ATTRIBUTES = ("training", "layer_idx")  # layer_idx is renumbered by depth pruning
