@@ -116,7 +116,11 @@ def run_cell(dense, examples, test, ratio: float, start: int, end: int, taylor: 
     )
     model.zero_grad()
     backward(model, examples, taylor)
-    where = {m: (i, kind) for i, layer in enumerate(layers) for kind, m in (("heads", layer.self_attn.k_proj), ("channels", layer.mlp.gate_proj))}
+    where = {
+        m: (i, kind)
+        for i, layer in enumerate(layers)
+        for kind, m in (("heads", layer.self_attn.k_proj), ("channels", layer.mlp.gate_proj))
+    }
     units = {}
     for group in pruner.DG.get_all_groups(ignored_layers=[], root_module_types=None, root_instances=roots):
         i, kind = where[group[0][0].target.module]
@@ -174,7 +178,9 @@ def main() -> None:
     for ratio, start, end, taylor in cells:
         run = run_cell(dense, examples, test, ratio, start, end, taylor, args.reduction)
         key = (run["ratio"], tuple(run["layers"]), run["taylor"], run["reduction"])
-        result["runs"] = [r for r in result["runs"] if (r["ratio"], tuple(r["layers"]), r["taylor"], r["reduction"]) != key]
+        result["runs"] = [
+            r for r in result["runs"] if (r["ratio"], tuple(r["layers"]), r["taylor"], r["reduction"]) != key
+        ]
         result["runs"].append(run)
         out.write_text(json.dumps(result, indent=1) + "\n")
 

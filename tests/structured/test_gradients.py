@@ -82,3 +82,27 @@ def test_windows_are_rows_of_every_batch_kind(token_batch):
     rows = list(windows([token_batch[:3], {"input_ids": token_batch[3:5], "attention_mask": token_batch[3:5]}]))
     assert len(rows) == 5
     assert torch.equal(rows[0], token_batch[:1]) and torch.equal(rows[4]["input_ids"], token_batch[4:5])
+
+
+def _saved_bytes(model, ids, blocks) -> int:
+    """Bytes autograd keeps for the backward pass of one loss (what checkpointing is meant to cut)."""
+    from prunekit.structured.gradients import checkpointed, trainable
+
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.enable_grad(), trainable(model, dict(model.named_parameters())), checkpointed(blocks):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+    return sum(saved)
+
+
+def test_checkpointing_keeps_one_block_of_activations(token_batch):
+    model = tiny_llama(layers=4).eval()
+    plain = _saved_bytes(model, token_batch[:1], [])
+    kept = _saved_bytes(model, token_batch[:1], list(model.model.layers))
+    assert kept < plain / 3

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import prunekit
+from prunekit.io.compact import convert
 from prunekit.io.lazy import build_skeleton
 from prunekit.structured import STRUCTURED
 from prunekit.structured.layer_sizes import KEY, per_block_record
@@ -39,6 +40,13 @@ def test_different_sizes_reload_with_prunekit_load_only(ranged, tmp_path, token_
         assert torch.equal(loaded(token_batch).logits, ranged(token_batch).logits)
     with pytest.raises(Exception, match="(?i)size"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_the_compact_format_reloads_them_too(ranged, tmp_path, token_batch):
+    ranged.save_pretrained(tmp_path / "dense")
+    convert(tmp_path / "dense", tmp_path / "compact", to="compact")
+    with torch.no_grad():
+        assert torch.equal(prunekit.load(tmp_path / "compact")(token_batch).logits, ranged(token_batch).logits)
 
 
 def test_the_lazy_skeleton_has_the_recorded_sizes(ranged, tmp_path):
