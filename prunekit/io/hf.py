@@ -133,9 +133,11 @@ def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException, m
         return
     from transformers import AutoConfig
 
+    from ..structured.layer_sizes import rebuild_blocks
+
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        skeleton = auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code)
+        skeleton = rebuild_blocks(auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code))
     found = shape_mismatches(skeleton, folder)
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
@@ -223,43 +225,39 @@ def has_layer_sizes(folder: Path) -> bool:
     return any(isinstance(c, dict) and any(c.get(KEY) or []) for c in [config, *config.values()])
 
 
-def _skeleton(config, model_class: str, trust_remote_code: bool) -> nn.Module:
-    """The model built from ``config`` with its parameters on ``meta`` (computed buffers real), its blocks resized
-    as ``prunekit_layer_sizes`` records."""
-    from accelerate import init_empty_weights
-
-    from ..structured.layer_sizes import rebuild_blocks
-
-    with init_empty_weights(include_buffers=False):
-        model = auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code)
-    return rebuild_blocks(model)
+def _model_class(auto, config) -> type:
+    """The concrete class the auto class ``auto`` builds for ``config`` (the one its ``architectures`` names)."""
+    found = auto._model_mapping.get(type(config), None) if hasattr(auto, "_model_mapping") else None
+    names = set(getattr(config, "architectures", None) or [])
+    candidates = found if isinstance(found, (list, tuple)) else [found] if found is not None else []
+    chosen = next((c for c in candidates if c.__name__ in names), candidates[0] if candidates else None)
+    if chosen is None:
+        raise PrunekitError(
+            f"{type(config).__name__}: prunekit cannot rebuild the blocks of different sizes this config records "
+            "for a model class transformers does not list (remote code)"
+        )
+    return chosen
 
 
 def load_resized_model(
     path: Path, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False, model_class: str = "causal-lm"
 ) -> nn.Module:
-    """A dense checkpoint whose blocks differ in size (``prunekit_layer_sizes`` in config.json, written by width
-    pruning of a layer range): ``from_pretrained`` would build every block at the config's sizes, so the model is
-    built from the config, its blocks resized as recorded, and the weights loaded into it."""
+    """A checkpoint whose blocks differ in size (``prunekit_layer_sizes`` in config.json, written by width pruning
+    of a layer range): ``from_pretrained`` of the model's class, each block resized as recorded before the weights
+    load into it."""
     from transformers import AutoConfig
 
-    from ..structured.layer_sizes import KEY
-    from .compact import Checkpoint
+    from ..structured.layer_sizes import resizing
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    checkpoint = Checkpoint(path)
-    model = _skeleton(config, model_class, trust_remote_code)
-    missing, unexpected = model.load_state_dict(checkpoint.read(checkpoint.names()), strict=False, assign=True)
-    tied = set(missing) & shared_parameter_names(model)
-    if set(missing) - tied or unexpected:
-        raise PrunekitError(
-            f"checkpoint {str(path)!r} does not match its config.json and {KEY}: missing "
-            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}"
-        )
-    if tied:
-        model.tie_weights()
-    target = parse_dtype(dtype)
-    return (model.to(target) if target is not None else model).eval()
+    cls = _model_class(auto_model(model_class), config)
+    try:
+        model = resizing(cls).from_pretrained(str(path), dtype=parse_dtype(dtype) or "auto")
+    except RuntimeError as err:
+        _raise_mismatch(path, trust_remote_code, err, model_class)
+        raise
+    model.__class__ = cls  # the subclass only resized the blocks while building them
+    return model.eval()
 
 
 def load_compact_model(

@@ -100,6 +100,20 @@ def rebuild_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
+def resizing(cls: type) -> type:
+    """A subclass of the model class ``cls`` that resizes its blocks as its config records right after building
+    them, so ``from_pretrained`` (its key renaming, weight tying and dtype handling included) loads a checkpoint
+    whose blocks differ in size. It adds nothing else: the loaded model's class can be set back to ``cls``."""
+
+    class Resized(cls):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            rebuild_blocks(self)
+
+    Resized.__name__, Resized.__qualname__, Resized.__module__ = cls.__name__, cls.__qualname__, cls.__module__
+    return Resized
+
+
 def _record_of(model: nn.Module) -> tuple[str, nn.Module, list[dict]] | None:
     from ..graph import find_blocks
     from .common import block_config
