@@ -66,7 +66,7 @@ def agreement(ours: dict, theirs: dict) -> dict[str, float]:
     found, blocks = {}, {}
     for key, ref in theirs.items():
         block, kind = key.split(".")
-        units = len(ref["importance"])
+        units = ref["units"]
         removed = set(ours[f"model.layers.{block}.{'self_attn' if kind == 'heads' else 'mlp'}"]["removed"])
         same = sum((u in removed) == (u not in ref["kept"]) for u in range(units))
         found[key] = same / units

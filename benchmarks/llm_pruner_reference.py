@@ -124,13 +124,15 @@ def run_cell(dense, examples, test, ratio: float, start: int, end: int, taylor: 
     units = {}
     for group in pruner.DG.get_all_groups(ignored_layers=[], root_module_types=None, root_instances=roots):
         i, kind = where[group[0][0].target.module]
-        units[f"{i}.{kind}"] = {"importance": unit_importance(pruner, tp, group)}
+        importance = unit_importance(pruner, tp, group)
+        units[f"{i}.{kind}"] = {"units": len(importance)}
+        if kind == "heads":  # few enough to keep: they show how close the choice was
+            units[f"{i}.{kind}"]["importance"] = importance
     for group in pruner.step(interactive=True):
         i, kind = where[group[0][0].target.module]
         per = layers[i].self_attn.head_dim if kind == "heads" else 1
-        total = len(units[f"{i}.{kind}"]["importance"])
+        total = units[f"{i}.{kind}"]["units"]
         removed = sorted({idx // per for idx in group[0][1]})
-        units[f"{i}.{kind}"]["removed"] = removed
         units[f"{i}.{kind}"]["kept"] = [u for u in range(total) if u not in removed]
         group.prune()
     for layer in layers:  # llama3.py: inference attributes follow the new shapes
@@ -182,7 +184,7 @@ def main() -> None:
             r for r in result["runs"] if (r["ratio"], tuple(r["layers"]), r["taylor"], r["reduction"]) != key
         ]
         result["runs"].append(run)
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        out.write_text(json.dumps(result) + "\n")  # one line: the kept-unit lists are long
 
 
 if __name__ == "__main__":

@@ -413,32 +413,38 @@ class Width(ModelMethod):
         norms = input_norms(model, groups, batches) if self.score == "wanda" else None
         return {name: slot_scores(s, None if norms is None else norms[name]) for name, s in slots.items()}, {}
 
+    def plan(self, model: nn.Module, prefix: str, blocks: nn.Module, ratio: float) -> tuple:
+        """The groups that may lose units, how many each loses, the config values and per-block record after the
+        cut, and the chosen blocks; rehearsed on a meta copy, so nothing here touches the model."""
+        chosen = self.chosen_blocks(len(blocks))
+        hf, mlp_key = block_config(model, prefix), mlp_size_key(model)
+        all_groups = find_groups(prefix, blocks, mlp_key)
+        groups = [g for g in all_groups if g.block in chosen[g.kind]]
+        check_heads(groups, self.head_ratio, arch_name(model))
+        accepts = functools.partial(config_accepts, hf)
+        in_range = sum(count_params(blocks[i]) for i in chosen["heads"] | chosen["channels"])
+        counts = removal_counts(groups, ratio, self.head_ratio, self.round_to, in_range, accepts)
+        config, record = planned_config(all_groups, counts, accepts, len(blocks))
+        rehearse(model, prefix, counts, config, record, mlp_key)
+        return groups, counts, config, record, chosen
+
     def prune_model(self, model: nn.Module, batches: list, ratio: float) -> dict:
         ratio = check_ratio(ratio)
         if self.needs_calibration:
             check_batches(batches, self.name)
         prefix, blocks = block_list(model)
         check_resizable(model, prefix, blocks, self.name)
-        chosen = self.chosen_blocks(len(blocks))
         if self.score == "taylor":
             loss_kind(model, batches[0])
         before, total_before = count_params(blocks), count_params(model)
-        hf, mlp_key = block_config(model, prefix), mlp_size_key(model)
-        all_groups = find_groups(prefix, blocks, mlp_key)
-        groups = [g for g in all_groups if g.block in chosen[g.kind]]
-        check_heads(groups, self.head_ratio, arch_name(model))
-        pruned_blocks = sorted(chosen["heads"] | chosen["channels"])
-        accepts = functools.partial(config_accepts, hf)
-        in_range = sum(count_params(blocks[i]) for i in pruned_blocks)
-        counts = removal_counts(groups, ratio, self.head_ratio, self.round_to, in_range, accepts)
-        config, record = planned_config(all_groups, counts, accepts, len(blocks))
-        rehearse(model, prefix, counts, config, record, mlp_key)
+        groups, counts, config, record, chosen = self.plan(model, prefix, blocks, ratio)
         channels, memory = self.channel_scores(model, groups, batches, blocks)
         scores = {g.name: unit_scores(g, channels, self.reduction, self.alignment) for g in groups}
         removed = cut_groups(groups, scores, counts)
+        hf = block_config(model, prefix)
         set_config(hf, config)
         set_record(hf, record)
-        log.info("width: removed %s units per group in blocks %s", sorted(set(counts.values())), pruned_blocks)
+        log.info("width: removed %s units per group", sorted(set(counts.values())))
         return summary(
             before,
             count_params(blocks),
