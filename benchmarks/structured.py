@@ -202,6 +202,36 @@ def markdown(result: dict) -> str:
         )
     if any("speedup_wall" not in r for r in result["rows"]):
         lines += ["", "–: measured for quality only (`--skip-timing`), on a machine shared with other jobs."]
+    text = "\n".join(lines) + "\n"
+    return text + norms_markdown(result["slicegpt_norms"]) if "slicegpt_norms" in result else text
+
+
+def norms_markdown(section: dict) -> str:
+    """The SliceGPT table of ``benchmarks/structured_slicegpt.py``: an RMSNorm and a LayerNorm model side by side."""
+    lines = [
+        "",
+        "## SliceGPT on an RMSNorm and a LayerNorm model",
+        "",
+        f"Calibration {section['nsamples']} x {section['seqlen']} tokens of kjv/train.txt (seed 0), perplexity on "
+        "kjv/test.txt in 256-token windows. *Slicing* is what the target is a fraction of: `width`, the hidden width "
+        "(SliceGPT's slicing, as in its tables), or `params`, the decoder-layer parameters (prunekit's default). "
+        "Every sliced model was saved and reloaded (*loads with*) and gave identical logits. *Published code*: "
+        "microsoft/TransformerCompression on kjv-llama-5m (../shared/fixtures/METRICS.md; its 512-token calibration "
+        "windows and per-block rotations, whose shortcut matrices it counts) at the same slicing of the width, or, "
+        "beside `params` 12.5%, at the slicing that leaves as many parameters.",
+        "",
+        "| model | norm | slicing | target | hidden | params (model) | removed (decoder) | ppl (dense) | "
+        "variance kept | loads with | published code, slicing: params / ppl |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in section["rows"]:
+        paper = r.get("published")
+        lines.append(
+            f"| {r['model']} | {r['norm']} | {r['slicing']} | {100 * r['ratio']:g}% | {r['hidden_before']}→"
+            f"{r['hidden_after']} | {r['model_params_after']:,} | {r['removed_fraction']:.1%} | {r['ppl']:.2f} "
+            f"({r['dense_ppl']:.2f}) | {r['variance_kept']:.3f} | {r['loads_with']} | "
+            + (f"{paper['slicing']:.2f}: {paper['params']:,} / {paper['ppl']:.2f} |" if paper else "– |")
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -249,7 +279,7 @@ SETTINGS = ("nsamples", "seqlen", "batch", "reps", "threads", "timing_threads")
 
 
 def new_result(args: argparse.Namespace, dense_ppl: float) -> dict:
-    return {
+    result = {
         "model": "kjv-llama-5m",
         "dense_ppl": dense_ppl,
         **{k: getattr(args, k) for k in SETTINGS},
@@ -257,6 +287,10 @@ def new_result(args: argparse.Namespace, dense_ppl: float) -> dict:
         "rows": [],
         "load_average": [],
     }
+    saved = Path(args.out).with_suffix(".json")  # benchmarks/structured_slicegpt.py's section stays
+    if saved.is_file() and "slicegpt_norms" in (old := json.loads(saved.read_text())):
+        result["slicegpt_norms"] = old["slicegpt_norms"]
+    return result
 
 
 def previous_result(args: argparse.Namespace) -> dict:

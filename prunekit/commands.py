@@ -16,17 +16,18 @@ from typing import Any
 
 from torch import nn
 
-from .api import PruneReport, prune, resolve_seqlen
+from .api import PruneReport, prune_model, resolve_seqlen
 from .data.images import image_calibration
 from .data.text import load_text, tokenize
+from .distributed import is_writer, process_group, together
 from .errors import PrunekitError
 from .eval.perplexity import perplexity
-from .io import load_causal_lm, load_tokenizer, save_causal_lm, write_json
-from .io.atomic import OutputClaim, claim_output
-from .io.compact import save_compact
+from .io import load_causal_lm, load_tokenizer, write_json, write_model
+from .io.atomic import OutputClaim, claim_on_writer
 from .io.hf import load_config, load_hf_model
 from .io.paths import check_file_writable, check_paths, checkpoint_bytes, looks_local
-from .io.timm import is_vision_source, load_vision_model, local_path, save_vision_model
+from .io.resume import InMemoryResume, ResumeState, fingerprint
+from .io.timm import is_vision_source, load_vision_model, local_path
 from .jobs import Prepared, calibration_data, evaluate_prepared, evaluation_data, load_preprocessor
 from .model_classes import AUTO, resolve_model_class
 from .recipe import PruneRecipe, dump_recipe
@@ -73,12 +74,20 @@ def validate(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None) 
 
 @contextmanager
 def claimed(recipe: PruneRecipe, inputs: dict[str, str | None]) -> Iterator[OutputClaim | None]:
-    """``--out`` held exclusively from before loading to the final rename (nothing when there is no --out)."""
+    """``--out`` held exclusively from before loading to the final rename (nothing when there is no --out); with
+    several ranks by rank 0, the only one that writes it."""
     if recipe.out is None:
         yield None
         return
-    with claim_output(recipe.out, inputs, recipe.overwrite, checkpoint_bytes(inputs["--model"])) as claim:
+    with claim_on_writer(recipe.out, inputs, recipe.overwrite, checkpoint_bytes(inputs["--model"])) as claim:
         yield claim
+
+
+def run_fingerprint(recipe: PruneRecipe, inputs: dict[str, str | None]) -> dict:
+    """What a resumed run must share with the interrupted one: every setting and every input but the recipe file
+    (its settings are compared one by one)."""
+    settings = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)}
+    return fingerprint(settings, {flag: path for flag, path in inputs.items() if flag != "--recipe"})
 
 
 def load_job(recipe: PruneRecipe, calibrate: bool = True) -> tuple[nn.Module, Any, Any, Prepared]:
@@ -114,10 +123,12 @@ def calibration(model: nn.Module, tokenizer: Any, recipe: PruneRecipe) -> Any:
     return recipe.calib_data
 
 
-def prune_with_recipe(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, calib: Any = None) -> PruneReport:
+def prune_with_recipe(
+    model: nn.Module, tokenizer: Any, recipe: PruneRecipe, calib: Any = None, resume: InMemoryResume | None = None
+) -> PruneReport:
     """``prunekit.prune`` with the recipe as its config (the CLI and fine-tuning share it)."""
     calib = calib if calib is not None else calibration(model, tokenizer, recipe)
-    return prune(model, recipe, calib=calib, tokenizer=tokenizer)
+    return prune_model(model, recipe, calib, tokenizer, resume)
 
 
 def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, prepared: Prepared) -> dict[str, float]:
@@ -141,41 +152,53 @@ def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, prepared: Pr
 
 
 def run_prune(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None) -> PruneReport:
-    """Prune ``recipe.model`` and, when ``recipe.out`` is set, save model + report + resolved recipe."""
+    """Prune ``recipe.model`` and, when ``recipe.out`` is set, save model + report + resolved recipe. Under
+    torchrun every rank runs this: the process group is set up here, rank 0 claims and writes the outputs and
+    evaluates; a block-by-block run keeps its progress beside ``--out`` to resume from (``prunekit.io.resume``)."""
     inputs = validate(recipe, recipe_path)
-    if recipe.lazy:
-        return run_prune_lazy(recipe, inputs)
-    with claimed(recipe, inputs) as claim:
+    with process_group(recipe.device, recipe.dist_timeout):
+        if recipe.lazy:
+            return run_prune_lazy(recipe, inputs)
+        with claimed(recipe, inputs) as claim:
+            state = ResumeState.open(recipe.out, recipe.resume, run_fingerprint(recipe, inputs))
+            try:
+                report, recipe = _prune_in_memory(recipe, claim, state)
+            except BaseException as err:
+                state.failed(err)
+                raise
+            state.finish()
+        _write_report_json(recipe, report)
+        return report
+
+
+def _prune_in_memory(recipe: PruneRecipe, claim: OutputClaim | None, state: ResumeState):
+    with together():
         model, tokenizer, calib, prepared = load_job(recipe)
-        dense = evaluate(model, tokenizer, recipe, prepared)
-        report = prune_with_recipe(model, tokenizer, recipe, calib)
-        report.metrics.update({f"{k}_dense": v for k, v in dense.items()})
-        report.metrics.update(evaluate(model, tokenizer, recipe, prepared))
+        dense = evaluate(model, tokenizer, recipe, prepared) if is_writer() else {}
+    resume = InMemoryResume(state) if state.keep else None
+    report = prune_with_recipe(model, tokenizer, recipe, calib, resume)
+    with together():  # rank 0 evaluates and writes; the others wait to learn whether it succeeded
+        if is_writer():
+            report.metrics.update({f"{k}_dense": v for k, v in dense.items()})
+            report.metrics.update(evaluate(model, tokenizer, recipe, prepared))
         if prepared.model_class is not None:
             report.settings["model_class"] = prepared.model_class
             recipe = dataclasses.replace(recipe, model_class=prepared.model_class)  # saved resolved
+        recipe = dataclasses.replace(recipe, seqlen=report.settings.get("seqlen"))  # the windows' length used
         if claim is not None:
             save_run(model, tokenizer, report, recipe, claim)
-    _write_report_json(recipe, report)
-    return report
+    return report, recipe
 
 
 def _write_report_json(recipe: PruneRecipe, report: PruneReport) -> None:
-    if recipe.report_json:
+    if recipe.report_json and is_writer():
         write_json(recipe.report_json, report.to_dict())
 
 
 def save_run(model: nn.Module, tokenizer: Any, report: PruneReport, recipe: PruneRecipe, claim: OutputClaim) -> None:
     """Model, report and resolved recipe into the claimed ``--out``, all at once (one rename)."""
     with claim.staging() as tmp:
-        if tokenizer is None:
-            save_vision_model(model, tmp)
-        elif recipe.save_format == "compact":
-            model.config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            save_compact(model, tmp)
-        else:
-            save_causal_lm(model, tokenizer, tmp)
+        write_model(model, tmp, tokenizer, recipe.save_format)
         write_json(tmp / "prune_report.json", report.to_dict())
         dump_recipe(recipe, tmp / "recipe.yaml")
     log.info("saved pruned model to %s", claim.out)
@@ -185,14 +208,15 @@ def run_prune_lazy(recipe: PruneRecipe, inputs: dict[str, str | None]) -> PruneR
     """Checkpoints larger than memory: one block at a time from the safetensors files to the output shards."""
     from .io.lazy import prune_lazy
 
-    model_class = resolve_model_class(
-        load_config(recipe.model, recipe.trust_remote_code), recipe.model_class, recipe.model
-    )
+    hf_config = load_config(recipe.model, recipe.trust_remote_code)
+    model_class = resolve_model_class(hf_config, recipe.model_class, recipe.model)
     if model_class != "causal-lm":
         raise PrunekitError(
             f"--lazy prunes causal LMs block by block; {recipe.model!r} loads as {model_class}: prune it without --lazy"
         )
     tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code) if recipe.calib_data else None
+    if recipe.calib_data:  # saved resolved: the windows' length used
+        recipe = dataclasses.replace(recipe, model_class=model_class, seqlen=resolve_seqlen(recipe.seqlen, hf_config))
     report = prune_lazy(
         recipe.model,
         recipe.out,

@@ -11,7 +11,7 @@ imports none of them.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -200,3 +200,54 @@ def on_device(module: nn.Module, device: torch.device | str | None) -> Iterator[
         yield module
     finally:
         module.to(home)
+
+
+@contextmanager
+def outside_on_device(model: nn.Module, lists: Sequence[nn.Module], device: torch.device | None):
+    """Every module outside the block ``lists`` on the compute device for the body."""
+    if device is None:
+        yield
+        return
+    home = model_device(model)
+    inside = {id(m) for blocks in lists for m in blocks.modules()}
+    outside = [m for m in model.modules() if id(m) not in inside]
+    for m in outside:
+        move_own(m, device)
+    try:
+        yield
+    finally:
+        for m in outside:
+            move_own(m, home)
+
+
+def move_own(module: nn.Module, device: torch.device) -> None:
+    """Move a module's own parameters and buffers, not its children's (``Module.to`` is recursive)."""
+    for p in module.parameters(recurse=False):
+        p.data = p.data.to(device)
+    for key, b in module.named_buffers(recurse=False):
+        module._buffers[key] = b.to(device)
+
+
+@contextmanager
+def streamed_forward(model: nn.Module, lists: Sequence[nn.Module], device: torch.device | None):
+    """The whole model runnable on ``device`` while holding one block of ``lists`` there at a time: everything
+    outside the lists is moved there, each block is moved in for its own call and back after it."""
+    if device is None:
+        yield
+        return
+    home = model_device(model)
+    blocks = [b for blocks in lists for b in blocks]
+
+    def onload(module, args):
+        module.to(device)
+
+    def offload(module, args, output):
+        module.to(home)
+
+    handles = [b.register_forward_pre_hook(onload) for b in blocks] + [b.register_forward_hook(offload) for b in blocks]
+    try:
+        with outside_on_device(model, lists, device), hooks(handles):
+            yield
+    finally:
+        for b in blocks:  # a forward ended by StopForward skips the block's offload hook
+            b.to(home)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import PrunekitError
-from .moe import ExpertWeight, expert_weights, gate_modules, is_fused_experts, parent_name
+from .moe import ExpertWeight, expert_weights, gate_modules, is_fused_experts, parent_name, unknown_experts
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,14 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+def weight_grad(module: nn.Module) -> torch.Tensor | None:
+    """The gradient of the layer's weight in the weight's stored layout: for a fused MoE expert, its slice of the
+    fused parameter's gradient (a view: writes go through), so masking it masks the expert."""
+    if isinstance(module, ExpertWeight):
+        return module.grad()
+    return module.weight.grad
+
+
 @torch.no_grad()
 def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     """Write a ``[out, cols]`` matrix back into the layer's own layout and dtype."""
@@ -90,7 +98,8 @@ def find_layers(model: nn.Module) -> dict[str, nn.Module | ExpertWeight]:
     layers: dict[str, nn.Module | ExpertWeight] = {}
     for name, m in modules.items():
         if is_fused_experts(m):
-            layers.update(expert_weights(name, m, modules.get(parent_name(name))))
+            block = parent_name(name)
+            layers.update(expert_weights(name, m, modules.get(block), modules.get(parent_name(block))))
         elif is_prunable(m) or name in gates:
             layers[name] = m
     return layers
@@ -138,7 +147,8 @@ def select_layers(
 
     ``include``/``exclude`` are fnmatch patterns on module names (``"model.layers.*.mlp.*"``; experts are
     ``<experts>.<param>.<expert>``: ``"*.experts.down_proj.*"``); a layer named by an include pattern is
-    selected whatever its type, head, stem or router.
+    selected whatever its type, head, stem or router. Fused expert weights whose layout prunekit does not know are
+    refused when the selection would include them (``refuse_unknown_experts``).
     """
     include, exclude, layer_types = list(include or []), list(exclude or []), set(layer_types)
     unknown = layer_types - set(LAYER_TYPES) - {"all"}
@@ -157,6 +167,7 @@ def select_layers(
             keep = name not in dense and layer_type(m) in layer_types
         if keep and not _matches(name, exclude):
             chosen[name] = m
+    refuse_unknown_experts(model, include, exclude, "linear" in layer_types)
     for name, m in model.named_modules():
         if isinstance(m, TRANSPOSED_CONV_TYPES) and include and _matches(name, include) and not _matches(name, exclude):
             raise PrunekitError(
@@ -164,6 +175,34 @@ def select_layers(
                 "exclude it (--exclude) or narrow --include"
             )
     return chosen
+
+
+def unknown_expert_weights(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Parameter]]:
+    """``{<module>.<param>: (module, parameter)}`` for the weights of every module that holds fused expert weights in
+    a layout prunekit does not know (``moe.unknown_experts``)."""
+    return {
+        f"{name}.{p}" if name else p: (m, param)
+        for name, m in unknown_experts(model).items()
+        if not is_prunable(m)
+        for p, param in m.named_parameters(recurse=False)
+        if param.dim() >= 2
+    }
+
+
+def refuse_unknown_experts(model: nn.Module, include: list[str], exclude: list[str], linear: bool) -> None:
+    """Fused expert weights of an unknown layout that the selection would include are an error, not a silent
+    dense remainder: the user excludes them (and the report lists them dense), or prunekit learns the layout."""
+    for name, (module, param) in unknown_expert_weights(model).items():
+        chosen = _matches(name, include) if include else linear
+        if chosen and not _matches(name, exclude):
+            owner = parent_name(name)
+            pattern = ".".join("*" if part.isdigit() else part for part in owner.split(".")) + ".*"
+            raise PrunekitError(
+                f"{owner} ({type(module).__name__}) holds fused expert weights ({name.rpartition('.')[2]} "
+                f"{list(param.shape)}) in a layout prunekit does not know, so it cannot prune them per expert; "
+                f"exclude them to prune the rest (--exclude '{pattern}') and report the class so its layout can be "
+                "added to prunekit.architectures.EXPERTS_LAYOUTS"
+            )
 
 
 Stack = tuple[str, "nn.ModuleList | nn.Sequential"]  # a block list and its module path

@@ -16,11 +16,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import PruneConfig, setting
+from .config import PruneConfig, check_save_format, lazy_problems, setting
 from .errors import PrunekitError
 from .model_classes import AUTO, MODEL_CLASSES, check_choice
-
-SAVE_FORMATS = ("dense", "compact")
 
 
 @dataclass(frozen=True)
@@ -28,44 +26,77 @@ class PruneRecipe(PruneConfig):
     """Everything ``prunekit prune`` does. Field names are the CLI's long flags with underscores."""
 
     model: str | None = setting(
-        None, "local checkpoint directory or hub id; timm:NAME, local-dir:PATH, torchvision:NAME for image models"
+        None,
+        "local checkpoint directory or hub id; timm:NAME, local-dir:PATH, torchvision:NAME for image models",
+        example="model",
     )
     model_class: str = setting(
         AUTO,
         "how a Hugging Face checkpoint loads: auto (from architectures in its config.json) or "
         + "; ".join(f"{name}: {row.what}" for name, row in MODEL_CLASSES.items()),
+        example="causal-lm",
     )
-    out: str | None = setting(None, "output directory (claimed at the start, written atomically; never an input)")
+    out: str | None = setting(
+        None, "output directory (claimed at the start, written atomically; never an input)", example="out"
+    )
     calib_data: str | None = setting(
         None,
         "calibration text file / dataset (text models), ImageFolder (image models) or image-text folder with "
         "data.jsonl (vision-language models)",
+        example="calib.txt",
     )
     eval_data: str | None = setting(
         None,
         "held-out data, evaluated before and after: text (perplexity; classifiers: agreement), labeled .jsonl "
         "(classifier accuracy), ImageFolder (top-1/top-5) or image-text folder",
+        example="eval.txt",
     )
-    eval_seqlen: int | None = setting(None, "tokens per evaluation window (default: seqlen)", type=int)
-    eval_batch_size: int = setting(8, "evaluation batch size", type=int)
-    num_workers: int = setting(0, "image loading workers (calibration and evaluation)", type=int)
+    eval_seqlen: int | None = setting(None, "tokens per evaluation window (default: seqlen)", type=int, example=16)
+    eval_batch_size: int = setting(8, "evaluation batch size", type=int, example=2)
+    num_workers: int = setting(0, "image loading workers (calibration and evaluation)", type=int, example=1)
     skip_bad_images: bool = setting(
         False,
         "skip unreadable images in the image folders (counted in the log) instead of failing on the first one",
         type=bool,
+        example=True,
     )
     lazy: bool = setting(
-        False, "HF checkpoints larger than memory: read, prune and write one block at a time", type=bool
+        False,
+        "HF checkpoints larger than memory: read, prune and write one block at a time",
+        type=bool,
+        example=True,
+        example_with={"out": "out"},
     )
     save_format: str = setting(
         "dense",
         "dense (from_pretrained layout) or compact (kept values + bitmask / 2:4 "
         "packing; `prunekit convert --to dense` restores)",
+        example="compact",
     )
-    overwrite: bool = setting(False, "replace a non-empty --out (at the very end, atomically)", type=bool)
-    report_json: str | None = setting(None, "also write the prune report to this JSON file", flag="--json")
+    overwrite: bool = setting(False, "replace a non-empty --out (at the very end, atomically)", type=bool, example=True)
+    report_json: str | None = setting(
+        None, "also write the prune report to this JSON file", flag="--json", example="report.json"
+    )
+    resume: bool | None = setting(
+        None,
+        "block-by-block runs keep their progress beside --out after each block, and a rerun of an interrupted run "
+        "continues from it (saying so; refused, naming the difference, when a setting or input changed); --resume: "
+        "there must be such a run to continue; --no-resume: keep no progress and discard an interrupted run's",
+        type=bool,
+        example=False,
+    )
+    dist_timeout: float = setting(
+        1800.0,
+        "torchrun: seconds a rank waits for the others (at a block's end, for a broadcast) before it gives up",
+        type=float,
+        example=60.0,
+    )
     trust_remote_code: bool = setting(
-        False, "run the checkpoint's own Python code (command line only, never from a recipe)", type=bool, recipe=False
+        False,
+        "run the checkpoint's own Python code (command line only, never from a recipe)",
+        type=bool,
+        recipe=False,
+        example=True,
     )
 
     def __post_init__(self) -> None:
@@ -78,27 +109,43 @@ def check_job(recipe: PruneRecipe) -> None:
     if not recipe.model:
         raise PrunekitError("no model given: pass --model PATH_OR_HUB_ID (or model: in the recipe)")
     check_choice(recipe.model_class)
-    if recipe.save_format not in SAVE_FORMATS:
-        raise PrunekitError(f"unknown save_format {recipe.save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
+    check_save_format(recipe.save_format)
     if recipe.eval_seqlen is not None and recipe.eval_seqlen < 1:
         raise PrunekitError(f"eval_seqlen must be a positive integer, got {recipe.eval_seqlen!r}")
+    if recipe.resume:
+        _check_resume(recipe)
+    if not recipe.dist_timeout > 0:
+        raise PrunekitError(f"dist_timeout must be a positive number of seconds, got {recipe.dist_timeout!r}")
     if recipe.lazy:
         _check_lazy(recipe)
 
 
-def _check_lazy(recipe: PruneRecipe) -> None:
+def _check_resume(recipe: PruneRecipe) -> None:
+    """--resume continues a block-by-block run: one that keeps its progress beside --out."""
     problems = [
         what
         for what, bad in (
-            ("--out (lazy pruning writes the checkpoint block by block)", not recipe.out),
-            ("allocation uniform", recipe.allocation != "uniform"),
-            ("no --eval-data (evaluate the output afterwards with `prunekit eval ppl`)", bool(recipe.eval_data)),
-            ("an unstructured method", recipe.structured),
-            ("a group other than global", recipe.group == "global"),
-            ("sequential calibration", not recipe.sequential),
+            ("--out (the progress is kept beside it)", not recipe.out),
+            ("an unstructured method (structured methods run in one pass)", recipe.structured),
+            ("sequential calibration (--no-sequential runs in one pass)", not recipe.sequential),
+            ("a group other than global (one threshold over every layer needs one pass)", recipe.group == "global"),
         )
         if bad
     ]
+    if problems:
+        raise PrunekitError(f"--resume needs {'; '.join(problems)}")
+
+
+def _check_lazy(recipe: PruneRecipe) -> None:
+    job = [
+        what
+        for what, bad in (
+            ("--out (lazy pruning writes the checkpoint block by block)", not recipe.out),
+            ("no --eval-data (evaluate the output afterwards with `prunekit eval ppl`)", bool(recipe.eval_data)),
+        )
+        if bad
+    ]
+    problems = job + lazy_problems(recipe)
     if problems:
         raise PrunekitError(f"--lazy needs {'; '.join(problems)}")
 

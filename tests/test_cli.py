@@ -3,7 +3,9 @@ import json
 import pytest
 import yaml
 
+from prunekit import cli
 from prunekit.cli import demo_assets, main
+from prunekit.config import PruneConfig
 from tests.conftest import tiny_llama
 
 
@@ -142,6 +144,26 @@ def test_methods_listing(capsys):
     assert "wanda" in out and "magnitude" in out and "uniform" in out
 
 
+def test_methods_details_read_well_in_a_pipe(capsys):
+    """Issue 28 item 13: ``methods -v`` was a table cut at 80 columns (``percdamp=0...``) whose description column
+    read ``Magnitude()`` / ``Wanda()``; in a pipe it is plain text now, every value whole."""
+    assert main(["methods", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and "Magnitude()" not in out and "Wanda()" not in out
+    assert "  parameters: blocksize=128, percdamp=0.01\n" in out
+    entries = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert all(line.split(": ", 1)[1] for line in entries), "every entry says what it is"
+
+
+def test_a_pattern_and_a_sparsity_that_contradict_it_are_refused(capsys):
+    """Issue 28 item 12: ``--pattern 2:4 --sparsity 0.7`` silently pruned to 0.5."""
+    assert main(["prune", "--model", "m", "--pattern", "2:4", "--sparsity", "0.7"]) == 2
+    assert "--sparsity 0.7 contradicts it" in capsys.readouterr().err
+    assert PruneConfig(pattern="1:4").sparsity == 0.75  # the sparsity a pattern implies is what is recorded
+    report = {"settings": {"method": "wanda", "pattern": "2:4"}, "sparsity": 0.5, "layers": {}}
+    assert "wanda 2:4" in cli.layer_table(report).title  # the summary shows the pattern
+
+
 def test_repo_recipes_parse(monkeypatch):
     """Every YAML in recipes/ is valid for the command it is written for (unknown keys are errors), with its
     paths relative to the repository root (tests/test_recipes.py runs them all)."""
@@ -200,13 +222,15 @@ def test_finetune_summary_is_a_rounded_table(capsys):
 
 def test_lightning_lines_print_once_without_advert():
     """Lightning's own console handler and prunekit's root handler both saw its INFO lines (each printed twice),
-    and a Trainer without LitLogger logs an advert; after configure_logging each line appears once, no advert."""
+    and a Trainer without LitLogger logs an advert; after configure_logging each line appears once, no advert,
+    also when a job builds three Trainers (issue 28 item 14: a fine-tune printed the banner for each)."""
     import subprocess
     import sys
 
     code = (
-        "from prunekit.cli import configure_logging; configure_logging(False); import lightning.pytorch as L; "
-        "L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, accelerator='cpu')"
+        "from prunekit.cli import configure_logging; configure_logging(False); import lightning.pytorch as L\n"
+        "for _ in range(3): L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, "
+        "accelerator='cpu')"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
-from tqdm.auto import tqdm
 
 from ..errors import PrunekitError
+from ..progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +167,7 @@ def image_calibration(
         collate_fn=functools.partial(collate_images, transform=transform),
     )
     batches = [
-        batch
-        for batch in tqdm(loader, desc="loading calibration images", unit="batch", leave=False)
-        if batch is not None
+        batch for batch in progress(loader, "loading calibration images", unit="batch", inner=True) if batch is not None
     ]
     kept = sum(len(b) for b in batches)
     if kept < nsamples:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.inputs import Inputs
 from ..forward import eval_mode, model_device, on_device, run_model
+from ..progress import progress
 
 
 @torch.no_grad()
@@ -19,7 +19,10 @@ def _outputs(model: nn.Module, batches: list[Inputs], device: str | torch.device
     device = torch.device(device) if device is not None else model_device(model)
     with on_device(model, device), eval_mode(model):
         return torch.cat(
-            [pick(run_model(model, b, device), b).float().cpu() for b in tqdm(batches, desc="evaluating", leave=False)]
+            [
+                pick(run_model(model, b, device), b).float().cpu()
+                for b in progress(batches, "evaluating", unit="batch", inner=True)
+            ]
         )
 
 

@@ -13,15 +13,16 @@ from torch import nn
 
 from ..api import layer_sparsity, versions
 from ..commands import claimed, evaluate, load_job, prune_with_recipe, validate
+from ..config import PruneConfig
 from ..errors import PrunekitError
 from ..graph import select_layers
-from ..io import OutputClaim, save_causal_lm, write_json
-from ..io.timm import save_vision_model
+from ..io import OutputClaim, write_json, write_model
 from ..lightning import PruningCallback
 from ..recipe import dump_recipe, recipe_dict
+from ..schedule import Schedule
 from .causal_lm import CausalLMModule, TextDataModule
 from .lora import add_lora, keep_masks, merge_lora_keep_sparsity
-from .recipe import FinetuneRecipe, load_finetune_recipe
+from .recipe import FinetuneRecipe, callback_config, load_finetune_recipe
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ def run_finetune(recipe: FinetuneRecipe, recipe_path: str | os.PathLike | None =
         report = _run(recipe)
         if claim is not None:
             _save(*report, recipe, claim)
+    if recipe.report_json:
+        write_json(recipe.report_json, report[2])
     return report[2]
 
 
@@ -92,17 +95,12 @@ def _prefixed(values: dict[str, float], stage: str) -> dict[str, float]:
 
 
 def pruning_callback(recipe: FinetuneRecipe) -> PruningCallback:
-    """The callback a recipe asks for: hold the one-shot masks (``fixed``), or prune gradually (``cubic``)."""
-    schedule = "fixed" if recipe.schedule == "oneshot" else recipe.schedule
-    return PruningCallback(
-        recipe.as_config(),
-        schedule=schedule,
-        start_step=recipe.start_step,
-        end_step=recipe.end_step,
-        every_n_steps=recipe.every_n_steps,
-        calib_batches=recipe.calib_batches,
-        initial_sparsity=recipe.initial_sparsity,
-    )
+    """The callback a recipe asks for: hold the one-shot prune's zeros in the selected layers (``fixed``), or
+    prune gradually (``cubic``)."""
+    if recipe.schedule == "oneshot":
+        selection = PruneConfig(include=recipe.include, exclude=recipe.exclude, layer_types=recipe.layer_types)
+        return PruningCallback(selection, schedule="fixed")
+    return PruningCallback(callback_config(recipe), schedule=Schedule.of(recipe))
 
 
 def finetune_trainer(recipe: FinetuneRecipe, callbacks: list, **kwargs: Any) -> L.Trainer:
@@ -195,10 +193,7 @@ def _report(
 
 def _save(model: nn.Module, tokenizer: Any, report: dict, recipe: FinetuneRecipe, claim: OutputClaim) -> None:
     with claim.staging() as tmp:
-        if tokenizer is None:
-            save_vision_model(model, tmp)
-        else:
-            save_causal_lm(model, tokenizer, tmp)
+        write_model(model, tmp, tokenizer, recipe.save_format)
         write_json(tmp / "finetune_report.json", report)
         dump_recipe(recipe, tmp / "recipe.yaml")
     log.info("saved fine-tuned model to %s", claim.out)

@@ -10,19 +10,15 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from .. import config
 from ..errors import PrunekitError
-from .compact import is_compact, load_compact
+from ..shapes import checkpoint_sized_by_weights, resize_to, sized_by_weights
+from .compact import Checkpoint, is_compact, load_compact
 from .files import check_safetensors_dir, safetensors_shapes
 from .paths import looks_local, require_hub, require_local
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = {name: getattr(torch, ALIASES.get(name, name)) for name in config.DTYPES if name != "auto"}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -86,12 +82,10 @@ def load_hf_model(
     that do not fit ``config.json`` is one ``PrunekitError`` naming the file, not a loader traceback."""
     cache_only = check_model_source(source)
     local = Path(str(source)).expanduser()
-    if local.is_dir() and is_compact(local):
-        return load_compact_model(local, dtype, trust_remote_code, model_class)
+    if local.is_dir() and (is_compact(local) or checkpoint_sized_by_weights(local)):
+        return load_rebuilt_model(local, dtype, trust_remote_code, model_class)
     if local.is_dir():
         check_safetensors_dir(local)
-        if has_layer_sizes(local):
-            return load_resized_model(local, dtype, trust_remote_code, model_class)
     try:
         model = auto_model(model_class).from_pretrained(
             str(source),
@@ -133,11 +127,9 @@ def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException, m
         return
     from transformers import AutoConfig
 
-    from ..structured.layer_sizes import rebuild_blocks
-
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        skeleton = rebuild_blocks(auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code))
+        skeleton = auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code)
     found = shape_mismatches(skeleton, folder)
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
@@ -195,14 +187,6 @@ def load_processor(source: str | os.PathLike, trust_remote_code: bool = False):
     return processor
 
 
-def save_causal_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> None:
-    """``save_pretrained`` with safetensors (and the tokenizer or processor, when there is one) into ``out_dir``;
-    any Hugging Face model class."""
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
-
-
 def shared_parameter_names(model: nn.Module) -> set[str]:
     """Names of parameters that are one tensor under several names (tied embeddings and heads): a checkpoint
     stores such a tensor once, so the other names are missing from it by design."""
@@ -212,74 +196,44 @@ def shared_parameter_names(model: nn.Module) -> set[str]:
     return {name for group in names.values() if len(group) > 1 for name in group}
 
 
-def has_layer_sizes(folder: Path) -> bool:
-    """Whether ``folder``'s config.json records blocks of different sizes (width pruning of a layer range)."""
-    import json
-
-    from ..structured.layer_sizes import KEY
-
+def stored_names(model: nn.Module) -> dict[str, str]:
+    """State-dict name -> the name ``save_pretrained`` stores the tensor under: transformers 5 writes some under
+    their legacy names (GPT-NeoX's ``lm_head`` as ``embed_out``), by the same conversion it undoes when loading."""
+    state = model.state_dict()
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return any(isinstance(c, dict) and any(c.get(KEY) or []) for c in [config, *config.values()])
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 stores every tensor under its own name
+        return {name: name for name in state}
+    own = {id(t): name for name, t in state.items()}
+    return {own[id(t)]: name for name, t in revert_weight_conversion(model, dict(state)).items() if id(t) in own}
 
 
-def _model_class(auto, config) -> type:
-    """The concrete class the auto class ``auto`` builds for ``config`` (the one its ``architectures`` names)."""
-    found = auto._model_mapping.get(type(config), None) if hasattr(auto, "_model_mapping") else None
-    names = set(getattr(config, "architectures", None) or [])
-    candidates = found if isinstance(found, (list, tuple)) else [found] if found is not None else []
-    chosen = next((c for c in candidates if c.__name__ in names), candidates[0] if candidates else None)
-    if chosen is None:
-        raise PrunekitError(
-            f"{type(config).__name__}: prunekit cannot rebuild the blocks of different sizes this config records "
-            "for a model class transformers does not list (remote code)"
-        )
-    return chosen
-
-
-def load_resized_model(
-    path: Path, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False, model_class: str = "causal-lm"
-) -> nn.Module:
-    """A checkpoint whose blocks differ in size (``prunekit_layer_sizes`` in config.json, written by width pruning
-    of a layer range): ``from_pretrained`` of the model's class, each block resized as recorded before the weights
-    load into it."""
-    from transformers import AutoConfig
-
-    from ..structured.layer_sizes import resizing
-
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    cls = _model_class(auto_model(model_class), config)
-    try:
-        model = resizing(cls).from_pretrained(str(path), dtype=parse_dtype(dtype) or "auto")
-    except RuntimeError as err:
-        _raise_mismatch(path, trust_remote_code, err, model_class)
-        raise
-    model.__class__ = cls  # the subclass only resized the blocks while building them
-    return model.eval()
-
-
-def load_compact_model(
+def load_rebuilt_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     model_class: str = "causal-lm",
 ) -> nn.Module:
-    """A Hugging Face model saved with ``--save-format compact``, restored dense in memory, so every prunekit
-    command reads what prunekit writes."""
+    """A Hugging Face model built from its config, then given its stored weights: a checkpoint saved with
+    ``--save-format compact`` (restored dense in memory), or one whose layer sizes the config cannot state
+    (``prunekit.shapes``: the layers take the stored tensors' shapes first). So every prunekit command reads
+    what prunekit writes."""
     from transformers import AutoConfig
 
-    from ..structured.layer_sizes import rebuild_blocks
-
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    model = rebuild_blocks(auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code))
-    state = load_compact(path)
+    model = auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code)
+    if is_compact(path):
+        state = load_compact(path)
+    else:
+        checkpoint, own_names = Checkpoint(path), {stored: own for own, stored in stored_names(model).items()}
+        state = {own_names.get(name, name): t for name, t in checkpoint.read(checkpoint.names()).items()}
+    if sized_by_weights(config):
+        resize_to(model, {name: tuple(t.shape) for name, t in state.items()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(missing) & shared_parameter_names(model)
     if set(missing) - tied or unexpected:
         raise PrunekitError(
-            f"compact checkpoint {str(path)!r} does not match its config: missing "
+            f"checkpoint {str(path)!r} does not match its config: missing "
             f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}"
         )
     if tied:

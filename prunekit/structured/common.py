@@ -19,6 +19,8 @@ from torch import nn
 from ..errors import PrunekitError
 from ..forward import model_device, run_model
 from ..graph import HFConv1D, find_blocks
+from ..moe import find_experts, unknown_experts
+from ..shapes import resize_to, sized_by_weights
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
@@ -109,8 +111,10 @@ def is_saved(model: nn.Module, config) -> bool:
 
 
 def experts_module(blocks: nn.Module) -> nn.Module | None:
-    """The first mixture-of-experts layer in the blocks (a module with ``experts``), or None."""
-    return next((m for m in blocks.modules() if isinstance(getattr(m, "experts", None), nn.Module)), None)
+    """The first mixture-of-experts layer in the blocks (a module with ``experts``), else the first fused experts
+    module (of a known layout or not: JetMoE's MLP calls its experts ``input_linear``), or None."""
+    found = next((m for m in blocks.modules() if isinstance(getattr(m, "experts", None), nn.Module)), None)
+    return found or next(iter({**find_experts(blocks), **unknown_experts(blocks)}.values()), None)
 
 
 def check_resizable(model: nn.Module, prefix: str, blocks: nn.Module, method: str) -> None:
@@ -145,15 +149,16 @@ def meta_clone(module: nn.Module) -> nn.Module:
 
 
 def rebuilt(model: nn.Module) -> nn.Module:
-    """What ``prunekit.load`` builds from the model's config after a save / load round trip of that config, on
-    the meta device (no weights, no memory): ``from_pretrained``'s model, with its blocks resized where the
-    config records blocks of different sizes (``layer_sizes``)."""
-    from .layer_sizes import rebuild_blocks
-
+    """What loading builds from the model's config after a save / load round trip of that config, on the meta
+    device (no weights, no memory): ``from_pretrained``'s model, or ``prunekit.load``'s where the config says the
+    layers take the stored weights' sizes (``prunekit.shapes``)."""
     config = hf_config(model)
     config = type(config).from_dict(config.to_dict())
     with torch.device("meta"):
-        return rebuild_blocks(type(model)._from_config(config))
+        built = type(model)._from_config(config)
+    if sized_by_weights(config):
+        resize_to(built, {name: tuple(t.shape) for name, t in model.state_dict().items()})
+    return built
 
 
 _IGNORED_ATTRIBUTES = ("training", "layer_idx")  # layer_idx is renumbered by depth pruning
@@ -190,7 +195,13 @@ def ensure_reloadable(pruned: nn.Module, method: str) -> None:
     ``save_pretrained`` / ``from_pretrained`` give back the same model. Models without an HF config pass."""
     if hf_config(pruned) is None:
         return
-    diff = differences(pruned, rebuilt(pruned))
+    try:
+        expected = rebuilt(pruned)
+    except (*_validation_errors(), AttributeError) as err:  # the class refuses its own config (GPT-2: hidden % heads)
+        raise PrunekitError(
+            f"{arch_name(pruned)}: {method} would leave a config its class cannot build ({str(err).splitlines()[0]})"
+        ) from err
+    diff = differences(pruned, expected)
     if diff:
         raise PrunekitError(
             f"{arch_name(pruned)}: {method} would leave a model its config cannot describe, so it would not "
@@ -218,7 +229,7 @@ def config_accepts(config, values: Mapping[str, Any]) -> bool:
             setattr(trial, key, value)
         if callable(getattr(trial, "validate", None)):
             trial.validate()
-    except _validation_errors():
+    except (*_validation_errors(), AttributeError):  # AttributeError: a read-only property (Falcon's head_dim)
         return False
     return True
 

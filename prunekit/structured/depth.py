@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..architectures import LAYER_INDEX_LISTS, LEADING_COUNTS, PER_LAYER_LISTS, family
+from ..distributed import sum_over_ranks, together
 from ..errors import PrunekitError
 from ..forward import block_output, hidden_state, hooks
 from .base import ModelMethod, register_structured
@@ -70,6 +71,15 @@ def blocks_to_remove(n_blocks: int, ratio: float) -> int:
     k = max(k, 1) if ratio > 0 else 0
     if k >= n_blocks:
         raise PrunekitError(f"removing {ratio:.0%} of {n_blocks} blocks would leave none; lower the ratio")
+    if not math.isclose(k / n_blocks, ratio, abs_tol=1e-9):
+        log.warning(
+            "depth removes whole blocks: %g of %d blocks is %.2f blocks, so %d go (%.3g of the blocks)",
+            ratio,
+            n_blocks,
+            ratio * n_blocks,
+            k,
+            k / n_blocks,
+        )
     return k
 
 
@@ -78,7 +88,7 @@ def blocks_to_remove(n_blocks: int, ratio: float) -> int:
 
 @torch.no_grad()
 def cosine_scores(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence) -> torch.Tensor:
-    """``1 - mean cos(input, output)`` of each block's hidden states over all calibration tokens."""
+    """``1 - mean cos(input, output)`` of each block's hidden states over all calibration tokens (every rank's)."""
     sums = torch.zeros(len(blocks), dtype=torch.float64)
     counts = torch.zeros(len(blocks), dtype=torch.float64)
 
@@ -90,23 +100,26 @@ def cosine_scores(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequen
 
         return fn
 
-    with hooks(b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)):
+    with together(), hooks(b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)):
         for batch in batches:
             forward(model, batch)
+    sum_over_ranks(sums, counts)
     return (1.0 - sums / counts.clamp_min(1)).float()
 
 
 @torch.no_grad()
 def causal_nll(model: nn.Module, batches: Sequence) -> float:
-    """Mean next-token negative log-likelihood over the calibration batches."""
-    total, count = 0.0, 0
-    for batch in batches:
-        ids = input_ids(batch)
-        logits = forward(model, batch).logits[:, :-1].float()
-        targets = ids[:, 1:].to(logits.device)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        count += targets.numel()
-    return total / max(count, 1)
+    """Mean next-token negative log-likelihood over the calibration batches (every rank's)."""
+    sums = torch.zeros(2, dtype=torch.float64)  # total NLL, tokens
+    with together():
+        for batch in batches:
+            ids = input_ids(batch)
+            logits = forward(model, batch).logits[:, :-1].float()
+            targets = ids[:, 1:].to(logits.device)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            sums += torch.tensor([nll.item(), targets.numel()], dtype=torch.float64)
+    sum_over_ranks(sums)
+    return float(sums[0] / sums[1].clamp_min(1))
 
 
 @contextmanager

@@ -1,8 +1,9 @@
 """Expert pruning: remove the least important whole experts of every mixture-of-experts layer.
 
 Importance of expert ``e`` of one layer: the sum, over the calibration tokens the router sends to ``e``, of
-the routing weight times ``||expert output||`` -- what the expert adds to the layer's output. An expert the
-router rarely picks, picks with a small weight, or that outputs little scores low. One forward pass.
+the routing weight times ``||expert output||`` -- what the expert adds to the layer's output (Llama 4 scales a
+token's input by its router score instead: there the output norm of the scaled row). An expert the router rarely
+picks, picks with a small weight, or that outputs little scores low. One forward pass.
 
 Every MoE layer loses the same number of experts, ``round(ratio * E)`` (at least one when ``ratio > 0``),
 because the config holds one expert count. The survivors keep their order in every tensor whose leading
@@ -24,9 +25,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..distributed import sum_over_ranks, together
 from ..errors import PrunekitError
 from ..forward import hooks
-from ..moe import expert_output, num_experts, routers, routing_call
+from ..moe import arrivals, expert_output, experts_layout, find_experts, num_experts, routers
 from .base import ModelMethod, register_structured
 from .common import check_batches, check_ratio, config_accepts, count_params, forward, hf_config, set_config, summary
 
@@ -38,16 +40,34 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 def moe_layers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
     """``{experts name: (experts, router)}``, or a one-line error for a model without fused experts."""
-    found = routers(model)
-    if not found:
+    routed = {n: m for n, m in find_experts(model).items() if experts_layout(m).call != "shared"}
+    if not routed:
         raise PrunekitError(
             f"structured method 'experts' needs a mixture-of-experts model; {type(model).__name__} has no fused "
             "experts module (transformers 5 MoE: gate_up_proj/down_proj [experts, ...] with a router)"
         )
+    for name, experts in routed.items():
+        check_removable(name, experts)
+    found = routers(model)
     counts = {num_experts(experts) for experts, _ in found.values()}
     if len(counts) != 1:
         raise PrunekitError(f"MoE layers hold different numbers of experts {sorted(counts)}; expected one count")
     return found
+
+
+def check_removable(name: str, experts: nn.Module) -> None:
+    """Whole experts are scored on the rows the router sends them and removed from the module's own ``[experts,
+    ...]`` tensors: refuse the layouts where that is not all there is to it (JetMoE's experts are split over two
+    modules, DBRX stacks them 2-D in a child, LongCat-Flash has extra rows for its zero-compute experts)."""
+    layout = experts_layout(experts)
+    count = num_experts(experts, layout)
+    shapes = {experts.get_parameter(p).shape[0] for p in layout.params}
+    if layout.call == "sized" or layout.count or shapes != {count} or any("." in p for p in layout.params):
+        raise PrunekitError(
+            f"structured method 'experts' removes whole experts from [experts, ...] tensors of one module; "
+            f"{name} ({type(experts).__name__}) stores its experts otherwise ({', '.join(layout.params)}, "
+            f"{layout.call} call): prune it unstructured instead"
+        )
 
 
 def experts_to_remove(count: int, ratio: float, groups: int, top_k: int) -> int:
@@ -78,22 +98,20 @@ def expert_scores(
 
     def hook(name: str):
         def fn(module, args, kwargs):
-            hidden, index, weights = routing_call(module, args, kwargs)
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            index, weights = index.reshape(hidden.shape[0], -1), weights.reshape(hidden.shape[0], -1)
+            arrived = arrivals(module, args, kwargs)
             for e in range(num_experts(module)):
-                hit = index == e
-                rows = hit.any(dim=-1).nonzero().squeeze(1)
-                weight = (weights.float() * hit).sum(dim=-1)[rows]
-                norms = expert_output(module, e, hidden[rows]).float().norm(dim=-1)
-                scores[name][e] += (weight * norms).sum().double().cpu()
-                counts[name][e] += rows.numel()
+                rows = arrived.rows(e)
+                norms = expert_output(module, e, rows).float().norm(dim=-1)
+                weighted = norms if arrived.weights is None else arrived.weights(e).float() * norms
+                scores[name][e] += weighted.sum().double().cpu()
+                counts[name][e] += rows.shape[0]
 
         return fn
 
-    with hooks(e.register_forward_pre_hook(hook(n), with_kwargs=True) for n, (e, _) in layers.items()):
+    with together(), hooks(e.register_forward_pre_hook(hook(n), with_kwargs=True) for n, (e, _) in layers.items()):
         for batch in batches:
             forward(model, batch)
+    sum_over_ranks(*scores.values(), *counts.values())
     return scores, counts
 
 
@@ -123,6 +141,8 @@ def keep_experts(module: nn.Module, keep: torch.Tensor, count: int) -> None:
             setattr(module, name, b[keep.to(b.device)].clone())
     if isinstance(getattr(module, "num_experts", None), int):
         module.num_experts = keep.numel()
+    if isinstance(module, nn.Linear):  # a router that is a Linear (Llama 4)
+        module.out_features = keep.numel()
 
 
 def config_counts(model: nn.Module, before: int, after: int) -> dict[str, int]:

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
+from ..distributed import sum_over_ranks, together
 from ..errors import PrunekitError
 from ..forward import model_device, run_model
 from ..graph import is_hf_model
+from ..progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -219,22 +220,26 @@ def accumulate_gradients(
     blocks: Sequence[nn.Module] = (),
 ) -> Gradients:
     """Mean gradient (and mean squared gradient) of the model's own loss with respect to ``params`` over the
-    calibration windows, one window at a time; ``blocks`` are checkpointed (empty: keep all activations)."""
+    calibration windows, one window at a time (every rank's: the sums and the window count are added over the
+    ranks of a distributed run); ``blocks`` are checkpointed (empty: keep all activations)."""
     kind = loss_kind(model, batches[0])
-    count = 0
+    count = torch.zeros(1, dtype=torch.float64)
     with ExitStack() as stack:
+        stack.enter_context(together())
         stack.enter_context(torch.enable_grad())
         stack.enter_context(trainable(model, params))
         if blocks:
             stack.enter_context(checkpointed(blocks))
         sums, squares = stack.enter_context(summed_gradients(params, fisher))
-        for window in tqdm(list(windows(batches)), desc="gradients", unit="window", leave=False):
+        for window in progress(list(windows(batches)), "gradients", unit="window", inner=True):
             model_loss(model, window, kind).backward()
             count += 1
-    scale = 1.0 / max(count, 1)
-    log.info("gradients of the %s loss over %d windows for %d tensors", kind, count, len(params))
+    sum_over_ranks(*sums.values(), *(squares or {}).values())
+    sum_over_ranks(count)
+    scale = 1.0 / max(float(count), 1.0)
+    log.info("gradients of the %s loss over %d windows for %d tensors", kind, int(count), len(params))
     return Gradients(
         {n: s.mul_(scale) for n, s in sums.items()},
         {n: s.mul_(scale) for n, s in squares.items()} if squares is not None else None,
-        count,
+        int(count),
     )

@@ -61,6 +61,7 @@ from torch import nn
 
 from ..architectures import family
 from ..collect import collect
+from ..distributed import reduce_stats, together
 from ..errors import PrunekitError
 from ..graph import HFConv1D, weight_matrix
 from ..methods.wanda import wanda_score
@@ -225,12 +226,15 @@ def unit_scores(
 
 @torch.no_grad()
 def input_norms(model: nn.Module, groups: Sequence[Group], batches: Sequence) -> dict[str, torch.Tensor]:
-    """``||X_j||`` of every slot layer's input columns on the dense model (one calibration pass)."""
+    """``||X_j||`` of every slot layer's input columns on the dense model (one calibration pass, every rank's)."""
     layers = {slot.name: slot.layer for g in groups for slot in g.slots}
-    with collect(layers) as stats:
-        for batch in batches:
-            forward(model, batch)
-        return {name: stats[name].norms()[0] for name in layers}
+    with together():
+        with collect(layers) as stats:
+            for batch in batches:
+                forward(model, batch)
+        stats = {name: stats[name] for name in layers}
+    reduce_stats(stats)
+    return {name: stats[name].norms()[0] for name in layers}
 
 
 # ---------------------------------------------------------------- how many units go

@@ -126,3 +126,18 @@ def test_keep_first_and_last_pin_blocks(token_batch):
     assert summary["removed_blocks"] in ([1], [2]) and "gradient_memory" in summary
     with pytest.raises(ValueError, match="keep_first / keep_last"):
         Depth("cosine", keep_first=2, keep_last=1).prune_model(model, [token_batch], 0.5)
+
+
+def test_depth_says_when_whole_blocks_round_the_ratio(caplog):
+    """Issue 28 item 14: 0.20 of 4 blocks was silently 0.25."""
+    import logging
+
+    from prunekit.structured.depth import blocks_to_remove
+
+    with caplog.at_level(logging.WARNING):
+        assert blocks_to_remove(4, 0.2) == 1
+    assert "0.2 of 4 blocks is 0.80 blocks, so 1 go (0.25 of the blocks)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert blocks_to_remove(4, 0.25) == 1
+    assert caplog.text == ""

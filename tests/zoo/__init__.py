@@ -71,7 +71,7 @@ ZOO: dict[str, Spec] = {
     ),
     "olmo2": Spec("Olmo2Config", "Olmo2ForCausalLM", _DECODER),
     "starcoder2": Spec("Starcoder2Config", "Starcoder2ForCausalLM", _DECODER),
-    # decoder-only LMs, other shapes (HF Conv1D, fused QKV, parallel attention + MLP, learned positions)
+    # decoder-only LMs, other shapes (HF Conv1D, fused QKV, parallel attention + MLP, learned positions, LayerNorm)
     "gpt2": Spec(
         "GPT2Config",
         "GPT2LMHeadModel",
@@ -106,6 +106,8 @@ ZOO: dict[str, Spec] = {
         ),
     ),
     "gpt_neox": Spec("GPTNeoXConfig", "GPTNeoXForCausalLM", _DECODER),
+    # Phi-2's class: one LayerNorm read by attention and MLP in parallel, partial rotary, biased head
+    "phi": Spec("PhiConfig", "PhiForCausalLM", _DECODER),
     # mixture of experts: experts are fused 3-D tensors in transformers 5
     "mixtral": Spec("MixtralConfig", "MixtralForCausalLM", dict(_DECODER, **_MOE, num_local_experts=4), moe=True),
     "qwen2_moe": Spec(
@@ -144,6 +146,37 @@ ZOO: dict[str, Spec] = {
             qk_nope_head_dim=8,
             v_head_dim=8,
             head_dim=8,
+        ),
+        moe=True,
+    ),
+    # Llama 4: its own experts module (tokens dispatched per expert, pre-scaled by the router score), MoE and
+    # dense MLP layers alternating as in Maverick, top-1 routing with a shared expert
+    "llama4": Spec(
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            _DECODER,
+            num_hidden_layers=4,
+            intermediate_size=32,
+            intermediate_size_mlp=64,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=2,
+        ),
+        moe=True,
+    ),
+    # JetMoE: experts as one fused matrix per module called with tokens sorted by expert, in the MLP and as
+    # mixture-of-attention heads
+    "jetmoe": Spec(
+        "JetMoeConfig",
+        "JetMoeForCausalLM",
+        dict(
+            {k: v for k, v in _DECODER.items() if k != "num_attention_heads"},
+            **_MOE,
+            intermediate_size=32,
+            num_local_experts=4,
+            kv_channels=8,
         ),
         moe=True,
     ),
