@@ -167,8 +167,8 @@ def check_two_ranks(tmp_path: Path, memory: dict, lazy_names: dict) -> None:
 
 def test_two_ranks_prune_as_one_process(tmp_path):
     """Wanda (per-output, 2:4; and on a Mixtral, whose expert token counts must add up too), SparseGPT, ADMM, OWL,
-    DSnoT, depth and width (with their Taylor scores too) in memory, and Wanda and SparseGPT with --lazy: each rank calibrates on half of the
-    batches, the statistics are summed, the layers shared out."""
+    DSnoT, depth and width (their Taylor scores too) in memory, and Wanda and SparseGPT with --lazy: each rank
+    calibrates on half of the batches, the statistics (gradients) are summed, the layers shared out."""
     check_two_ranks(tmp_path, IN_MEMORY, LAZY)
 
 
