@@ -74,7 +74,14 @@ PLAIN_MLPS = (
 # ---------------------------------------------------------------- config entries that describe layers by position
 
 # Rewritten for the kept layers when depth pruning removes blocks (transformers' names):
-PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type", "layer_rope_theta", "no_rope_layers")
+PER_LAYER_LISTS = (
+    "layer_types",
+    "mlp_layer_types",
+    "layers_block_type",
+    "layer_rope_theta",
+    "no_rope_layers",
+    "prunekit_layer_sizes",  # blocks of different sizes after width pruning of a layer range
+)
 LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")  # indices of the layers that are special
 LEADING_COUNTS = ("first_k_dense_replace", "max_window_layers")  # the first k layers are special
 

@@ -6,6 +6,10 @@ SliceGPT narrows the residual stream. LLaMA-style classes read the attention wid
 attention width) and record the residual width under ``prunekit_residual_width``: ``prunekit.load`` (and every
 prunekit command) builds the model from the config, gives each layer whose stored tensors are smaller their shapes,
 then reads the weights. ``from_pretrained`` refuses such a checkpoint with a size mismatch; it never loads it wrong.
+
+Width pruning of a layer range (``width layers=1-2``) leaves blocks of different sizes, while the config holds one
+``num_attention_heads`` / ``intermediate_size`` for all of them: the config keeps the unpruned blocks' sizes and
+``prunekit_layer_sizes`` lists, per block, the entries where that block differs. It loads the same way.
 """
 
 from __future__ import annotations
@@ -23,20 +27,32 @@ from .errors import PrunekitError
 from .graph import HFConv1D
 
 RESIDUAL_WIDTH = "prunekit_residual_width"
+LAYER_SIZES = "prunekit_layer_sizes"
+
+
+def _says(get) -> bool:
+    """Whether a config's entries (``get(key)``) mark it sized by its weights: a residual width, or a per-block
+    size record with at least one block that differs."""
+    return get(RESIDUAL_WIDTH) is not None or any(get(LAYER_SIZES) or [])
 
 
 def sized_by_weights(config) -> bool:
-    """Whether a config (an HF config object) says its layers take their sizes from the stored weights."""
-    return getattr(config, RESIDUAL_WIDTH, None) is not None
+    """Whether a config (an HF config object, or one of its sub-configs: a LLaVA's text_config) says its layers
+    take their sizes from the stored weights."""
+    subs = [getattr(config, name, None) for name in getattr(config, "sub_configs", None) or {}]
+    return any(_says(lambda key, c=c: getattr(c, key, None)) for c in [config, *subs] if c is not None)
 
 
 def checkpoint_sized_by_weights(folder: str | os.PathLike) -> bool:
     """``sized_by_weights`` for a checkpoint directory, read from its config.json without loading anything."""
     config = Path(folder) / "config.json"
     try:
-        return json.loads(config.read_text()).get(RESIDUAL_WIDTH) is not None
-    except (OSError, ValueError, AttributeError):
+        found = json.loads(config.read_text())
+    except (OSError, ValueError):
         return False
+    if not isinstance(found, dict):
+        return False
+    return any(_says(c.get) for c in [found, *found.values()] if isinstance(c, dict))
 
 
 # The attributes that state a layer's size, set from its weight's shape ([out, in] for Linear, [in, out] for Conv1D).
@@ -77,7 +93,8 @@ def _resize(name: str, module: nn.Module, shapes: Mapping[str, tuple[int, ...]])
 
 def resize_to(model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Give every layer of ``model`` whose tensors differ in shape from ``shapes`` (state-dict name -> shape) those
-    shapes, in place; the resized tensors are uninitialised, so load the weights next."""
+    shapes, in place; the resized tensors are uninitialised, so load the weights next. Where the config records
+    blocks of different sizes, the blocks' own size attributes follow (``structured.layer_sizes.commit_sizes``)."""
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         changed = {
@@ -87,3 +104,6 @@ def resize_to(model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> None:
         }
         if changed:
             _resize(name or type(model).__name__, module, changed)
+    from .structured.layer_sizes import commit_sizes  # imported here: structured imports this module
+
+    commit_sizes(model)

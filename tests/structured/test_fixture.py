@@ -3,6 +3,9 @@ LlamaForCausalLM with the promised size and a perplexity close to the dense mode
 fixture kjv-opt-2m: SliceGPT at 25% of the hidden width gives a smaller OPTForCausalLM that prunekit.load reads
 back exactly, at a perplexity close to the dense model's."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -58,3 +61,28 @@ def test_slicegpt_on_the_layernorm_fixture(kjv, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(test[None, :256]).logits, model(test[None, :256]).logits)
     assert perplexity(loaded, test, 256) < 1.05 * dense_ppl  # 1.014x on the whole test split (structured.md)
+
+
+REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "llm_pruner_reference.json"
+
+
+@pytest.mark.parametrize("cell", range(4))
+def test_taylor_width_makes_the_published_llm_pruner_choices(cell, kjv_train_tokens):
+    """With LLM-Pruner's alignment and the same 10 x 64 windows, prunekit keeps exactly the heads and channels the
+    published code kept (benchmarks/llm_pruner_reference.py records them) at the same parameter count."""
+    run = json.loads(REFERENCE.read_text())["runs"][cell]
+    assert run["taylor"] == "param_first"
+    first, last = run["layers"]
+    params = {"score": "taylor", "alignment": "strided", **({"layers": f"{first}-{last}"} if first else {})}
+    model = load_kjv_llama()
+    sparsity = {0.2: 0.1461, 0.5: 0.5}[run["ratio"]]
+    summary = STRUCTURED.create("width", params).prune_model(
+        model, [random_windows(kjv_train_tokens, 10, 64, 0)], sparsity
+    )
+    assert sum(p.numel() for p in model.parameters()) == run["params_after"]
+    for key, ref in run["units"].items():
+        block, kind = key.split(".")
+        removed = summary["removed_units"][f"model.layers.{block}.{'self_attn' if kind == 'heads' else 'mlp'}"][
+            "removed"
+        ]
+        assert [u for u in range(ref["units"]) if u not in removed] == ref["kept"], key
