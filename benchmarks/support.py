@@ -19,6 +19,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the zoo lives with the tests (tests/zoo), not in the installed package
 
+from tests.zoo import ZOO  # noqa: E402
 from tests.zoo.support import markdown, model_class_markdown, support_matrix  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -34,6 +35,7 @@ def main() -> None:
     path = RESULTS / "support.json"
     matrix = json.loads(path.read_text()) if args.only and path.exists() else {}
     matrix.update(support_matrix(args.only))
+    matrix = {name: matrix[name] for name in ZOO if name in matrix}  # rows in the zoo's order
     path.write_text(json.dumps(matrix, indent=2) + "\n")
     (RESULTS / "support.md").write_text(markdown(matrix))
     (RESULTS / "model_classes.md").write_text(model_class_markdown())

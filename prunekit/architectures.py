@@ -17,12 +17,49 @@ from dataclasses import dataclass, field
 
 # ---------------------------------------------------------------- module layouts (attribute names, any family)
 
-# Readers of the residual stream in a LLaMA-style decoder layer's sublayers (one of these layouts each) and the
-# norms in front of them: q/k/v (or Phi-3's fused qkv_proj) after input_layernorm; gate/up (or gate_up_proj)
-# after post_attention_layernorm. Used by SliceGPT.
-ATTENTION_READERS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
-MLP_READERS = (("gate_proj", "up_proj"), ("gate_up_proj",))
-PRE_NORMS = ("input_layernorm", "post_attention_layernorm")
+# The residual stream of a pre-norm decoder layer, for SliceGPT (paths below the layer; each list is tried in order
+# and the first entry whose modules all exist is used). The pre-norms: two (attention, MLP) or one read by both
+# sublayers (parallel attention and MLP: Falcon-7B, Phi, GPT-J). Where there are two, the attention readers read the
+# first and the MLP readers the second, in sequential blocks and in parallel ones (GPT-NeoX) alike.
+PRE_NORMS = (
+    ("input_layernorm", "post_attention_layernorm"),  # LLaMA family, GPT-NeoX, StarCoder 2, Falcon (sequential)
+    ("ln_1", "ln_2"),  # GPT-2
+    ("self_attn_layer_norm", "final_layer_norm"),  # OPT (its MLP pre-norm is called final_layer_norm)
+    ("ln_attn", "ln_mlp"),  # Falcon's new decoder architecture
+    ("input_layernorm",),  # Falcon-7B, Phi
+    ("ln_1",),  # GPT-J
+)
+ATTENTION_READERS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.qkv_proj",),  # Phi-3
+    ("attn.c_attn",),  # GPT-2 (HF Conv1D)
+    ("self_attention.query_key_value",),  # Falcon
+    ("attention.query_key_value",),  # GPT-NeoX
+    ("attn.q_proj", "attn.k_proj", "attn.v_proj"),  # GPT-J
+)
+ATTENTION_WRITERS = (
+    "self_attn.o_proj",
+    "self_attn.out_proj",  # OPT
+    "self_attn.dense",  # Phi
+    "attn.c_proj",  # GPT-2
+    "self_attention.dense",  # Falcon
+    "attention.dense",  # GPT-NeoX
+    "attn.out_proj",  # GPT-J
+)
+MLP_READERS = (
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.gate_up_proj",),  # Phi-3
+    ("mlp.c_fc",),  # GPT-2, StarCoder 2
+    ("fc1",),  # OPT
+    ("mlp.fc1",),  # Phi
+    ("mlp.dense_h_to_4h",),  # Falcon, GPT-NeoX
+    ("mlp.fc_in",),  # GPT-J
+)
+MLP_WRITERS = ("mlp.down_proj", "mlp.c_proj", "fc2", "mlp.fc2", "mlp.dense_4h_to_h", "mlp.fc_out")
+# The norm after the last block, next to the blocks (LLaMA, GPT-2 and Falcon, OPT and GPT-NeoX, Phi).
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+# Config entries holding the residual norms' epsilon.
+NORM_EPS_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_epsilon")
 
 # (reader, writer) of a plain MLP around an elementwise activation, as paths below the module holding both: OPT
 # and timm, GPT-2 and StarCoder 2, Falcon and GPT-NeoX, BERT, T5. Used by width pruning's coupling.
@@ -37,7 +74,14 @@ PLAIN_MLPS = (
 # ---------------------------------------------------------------- config entries that describe layers by position
 
 # Rewritten for the kept layers when depth pruning removes blocks (transformers' names):
-PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type", "layer_rope_theta", "no_rope_layers")
+PER_LAYER_LISTS = (
+    "layer_types",
+    "mlp_layer_types",
+    "layers_block_type",
+    "layer_rope_theta",
+    "no_rope_layers",
+    "prunekit_layer_sizes",  # blocks of different sizes after width pruning of a layer range
+)
 LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")  # indices of the layers that are special
 LEADING_COUNTS = ("first_k_dense_replace", "max_window_layers")  # the first k layers are special
 
@@ -59,6 +103,11 @@ class Family:
     no_slicegpt: str = ""
 
 
+_POST_NORM = (
+    "its blocks are post-norm (LayerNorm(x + sublayer(x))): the norm scales the residual stream itself per "
+    "channel, which no rotation commutes with"
+)
+
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(mlp_size="n_inner"),
     "opt": Family(mlp_size="ffn_dim"),
@@ -68,6 +117,9 @@ FAMILIES: dict[str, Family] = {
     "t5": Family(
         mlp_size="d_ff", saved_counts={"encoder": "num_layers", "decoder": "num_decoder_layers"}, pinned_blocks=(0,)
     ),
+    # Post-norm blocks, LayerNorm(x + sublayer(x)): the stream itself is normalised with a per-channel scale.
+    "bert": Family(no_slicegpt=_POST_NORM),
+    "roberta": Family(no_slicegpt=_POST_NORM),
     "llava": Family(
         no_slicegpt="the vision projector's hidden layer is as wide as the text model (text_config.hidden_size) "
         "and sits behind a GELU, which no rotation passes"

@@ -105,6 +105,15 @@ def _takes_use_cache(model: nn.Module) -> bool:
         return False
 
 
+def target_module(pl_module: nn.Module, submodule: str | None = None) -> nn.Module:
+    """The model a training callback works on: ``submodule`` of the LightningModule, else its ``model``, else
+    the module itself."""
+    if submodule:
+        return pl_module.get_submodule(submodule)
+    model = getattr(pl_module, "model", None)
+    return model if isinstance(model, nn.Module) else pl_module
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's first parameter lives (CPU for a model without parameters)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))

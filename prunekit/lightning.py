@@ -32,8 +32,9 @@ from . import engine
 from .api import layer_sparsity, plan_prune
 from .collect import LayerStats
 from .config import PruneConfig, refuse_unused
+from .distill.settings import Distillation
 from .errors import PrunekitError
-from .forward import eval_mode
+from .forward import eval_mode, target_module
 from .graph import select_layers
 from .masks import apply_masks, mask_gradients, masks_from_weights, pack_mask, unpack_mask
 from .schedule import CALLBACK_CALIBRATION, CALLBACK_USES, FIXED_USES, Schedule
@@ -79,13 +80,6 @@ def _own_iterator(loader: Iterable) -> Iterator:
     return iter(loader)
 
 
-def _target_module(pl_module: nn.Module, submodule: str | None) -> nn.Module:
-    if submodule:
-        return pl_module.get_submodule(submodule)
-    model = getattr(pl_module, "model", None)
-    return model if isinstance(model, nn.Module) else pl_module
-
-
 # ---------------------------------------------------------------- the callback
 
 
@@ -115,6 +109,7 @@ class PruningCallback(L.Callback):
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         **settings: Any,
     ):
+        _refuse_distillation(settings)
         self.schedule = _schedule(schedule, settings)
         self.config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
         if self.config.structured and self.schedule.schedule != "fixed":
@@ -164,7 +159,7 @@ class PruningCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self._layers is not None:
             return
-        target = _target_module(pl_module, self.submodule)  # everything is checked before any training step
+        target = target_module(pl_module, self.submodule)  # everything is checked before any training step
         if self.events:  # one pass over the live model per event, not block by block
             self._plan = plan_prune(target, replace(self.config, sequential=False))
             self._layers = dict(self._plan.layers)
@@ -344,6 +339,15 @@ def _schedule(schedule: Schedule | str, settings: dict[str, Any]) -> Schedule:
             raise PrunekitError(f"pass the schedule's settings {sorted(timing)} inside the Schedule, not beside it")
         return schedule
     return Schedule(schedule=schedule, **timing)
+
+
+def _refuse_distillation(settings: dict[str, Any]) -> None:
+    given = sorted(set(settings) & {f.name for f in dataclasses.fields(Distillation)})
+    if given:
+        raise PrunekitError(
+            f"PruningCallback does not distil ({', '.join(given)}): pass those settings to "
+            "prunekit.distill.DistillationCallback beside it"
+        )
 
 
 def _check_used(config: PruneConfig, schedule: Schedule) -> None:

@@ -42,6 +42,8 @@ IN_MEMORY = {  # name -> prune settings (on top of 50% in batches of 2)
     "wanda + dsnot": dict(method="wanda", update=("dsnot",)),
     "depth": dict(method="depth", sparsity=0.34),
     "width": dict(method="width", sparsity=0.3),
+    "depth taylor": dict(method="depth", sparsity=0.34, method_params={"score": "taylor"}),  # gradients, all ranks'
+    "width taylor": dict(method="width", sparsity=0.3, method_params={"score": "taylor"}),
     "wanda moe": dict(method="wanda"),  # a Mixtral: expert token counts summed over the ranks
 }
 LAZY = {  # --lazy takes unstructured methods with uniform allocation
@@ -165,8 +167,8 @@ def check_two_ranks(tmp_path: Path, memory: dict, lazy_names: dict) -> None:
 
 def test_two_ranks_prune_as_one_process(tmp_path):
     """Wanda (per-output, 2:4; and on a Mixtral, whose expert token counts must add up too), SparseGPT, ADMM, OWL,
-    DSnoT, depth and width in memory, and Wanda and SparseGPT with --lazy: each rank calibrates on half of the
-    batches, the statistics are summed, the layers shared out."""
+    DSnoT, depth and width (their Taylor scores too) in memory, and Wanda and SparseGPT with --lazy: each rank
+    calibrates on half of the batches, the statistics (gradients) are summed, the layers shared out."""
     check_two_ranks(tmp_path, IN_MEMORY, LAZY)
 
 

@@ -140,7 +140,7 @@ def flags(cls: type, settings: Mapping[str, Any]) -> list[str]:
                 pairs = item.items() if isinstance(item, Mapping) else [(None, item)]
                 argv += [x for k, v in pairs for x in (flag, f"{key}.{k}={v}" if k else f"{key}={v}")]
         elif f.metadata.get("repeat"):
-            argv += [x for item in value for x in (flag, item)]
+            argv += [x for item in value for x in (flag, str(item))]
         elif f.metadata.get("type") is bool:
             argv.append(flag if value else "--no-" + flag[2:])
         else:

@@ -28,6 +28,7 @@ from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..data.images import ImageData, collate_labeled, data_config, image_dataset, image_transform
+from ..distill import distillation_loss
 from ..errors import PrunekitError
 from ..io.atomic import write_json
 from ..io.timm import load_vision_model, num_classes_of
@@ -75,6 +76,7 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         loss = F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)
+        loss = distillation_loss(self, loss)  # + the terms of a DistillationCallback, if any
         self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
         return loss
 

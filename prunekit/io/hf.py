@@ -12,7 +12,8 @@ from torch import nn
 
 from .. import config
 from ..errors import PrunekitError
-from .compact import is_compact, load_compact
+from ..shapes import checkpoint_sized_by_weights, resize_to, sized_by_weights
+from .compact import Checkpoint, is_compact, load_compact
 from .files import check_safetensors_dir, safetensors_shapes
 from .paths import looks_local, require_hub, require_local
 
@@ -81,8 +82,8 @@ def load_hf_model(
     not a loader traceback."""
     cache_only = check_model_source(source)
     local = Path(str(source)).expanduser()
-    if local.is_dir() and is_compact(local):
-        return load_compact_model(local, dtype, trust_remote_code, auto_class)
+    if local.is_dir() and (is_compact(local) or checkpoint_sized_by_weights(local)):
+        return load_rebuilt_model(local, dtype, trust_remote_code, auto_class)
     if local.is_dir():
         check_safetensors_dir(local)
     try:
@@ -237,24 +238,44 @@ def shared_parameter_names(model: nn.Module) -> set[str]:
     return {name for group in names.values() if len(group) > 1 for name in group}
 
 
-def load_compact_model(
+def stored_names(model: nn.Module) -> dict[str, str]:
+    """State-dict name -> the name ``save_pretrained`` stores the tensor under: transformers 5 writes some under
+    their legacy names (GPT-NeoX's ``lm_head`` as ``embed_out``), by the same conversion it undoes when loading."""
+    state = model.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 stores every tensor under its own name
+        return {name: name for name in state}
+    own = {id(t): name for name, t in state.items()}
+    return {own[id(t)]: name for name, t in revert_weight_conversion(model, dict(state)).items() if id(t) in own}
+
+
+def load_rebuilt_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     auto_class: str = CAUSAL_LM,
 ) -> nn.Module:
-    """A Hugging Face model saved with ``--save-format compact``, restored dense in memory, so every prunekit
-    command reads what prunekit writes."""
+    """A Hugging Face model built from its config, then given its stored weights: a checkpoint saved with
+    ``--save-format compact`` (restored dense in memory), or one whose layer sizes the config cannot state
+    (``prunekit.shapes``: the layers take the stored tensors' shapes first). So every prunekit command reads
+    what prunekit writes."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     model = auto_model(auto_class).from_config(config, trust_remote_code=trust_remote_code)
-    state = load_compact(path)
+    if is_compact(path):
+        state = load_compact(path)
+    else:
+        checkpoint, own_names = Checkpoint(path), {stored: own for own, stored in stored_names(model).items()}
+        state = {own_names.get(name, name): t for name, t in checkpoint.read(checkpoint.names()).items()}
+    if sized_by_weights(config):
+        resize_to(model, {name: tuple(t.shape) for name, t in state.items()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(missing) & shared_parameter_names(model)
     if set(missing) - tied or unexpected:
         raise PrunekitError(
-            f"compact checkpoint {str(path)!r} does not match its config: missing "
+            f"checkpoint {str(path)!r} does not match its config: missing "
             f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}"
         )
     if tied:

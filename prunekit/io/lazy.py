@@ -40,8 +40,10 @@ from ..engine import Plan, outside_stacks, prune_layers, record_block_calls, res
 from ..errors import PrunekitError
 from ..methods import HESSIAN
 from ..moe import expert_report
+from ..shapes import resize_to, sized_by_weights
 from .atomic import OutputClaim, claim_on_writer, write_json
 from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size, write_notice
+from .files import safetensors_shapes
 from .hf import parse_dtype, shared_parameter_names
 from .overlap import Stage, wait
 from .paths import checkpoint_bytes
@@ -73,6 +75,8 @@ def build_skeleton(
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype or _config_dtype(config), trust_remote_code=trust_remote_code
         )
+    if sized_by_weights(config):  # layers take the stored tensors' sizes (prunekit.shapes)
+        resize_to(model, {name: shape for name, (_, shape) in safetensors_shapes(source).items()})
     return model.eval()
 
 

@@ -21,6 +21,7 @@ from ..errors import PrunekitError
 from ..forward import model_device, run_model
 from ..graph import HFConv1D, find_blocks
 from ..moe import find_experts, unknown_experts
+from ..shapes import resize_to, sized_by_weights
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
@@ -162,12 +163,16 @@ def meta_clone(module: nn.Module) -> nn.Module:
 
 
 def rebuilt(model: nn.Module) -> nn.Module:
-    """What ``from_pretrained`` builds from the model's config after a save / load round trip of that config,
-    on the meta device (no weights, no memory)."""
+    """What loading builds from the model's config after a save / load round trip of that config, on the meta
+    device (no weights, no memory): ``from_pretrained``'s model, or ``prunekit.load``'s where the config says the
+    layers take the stored weights' sizes (``prunekit.shapes``)."""
     config = hf_config(model)
     config = type(config).from_dict(config.to_dict())
     with torch.device("meta"):
-        return type(model)._from_config(config)
+        built = type(model)._from_config(config)
+    if sized_by_weights(config):
+        resize_to(built, {name: tuple(t.shape) for name, t in model.state_dict().items()})
+    return built
 
 
 _IGNORED_ATTRIBUTES = ("training", "layer_idx")  # layer_idx is renumbered by depth pruning
@@ -206,7 +211,7 @@ def ensure_reloadable(pruned: nn.Module, method: str) -> None:
         return
     try:
         expected = rebuilt(pruned)
-    except _validation_errors() as err:  # transformers rejects the rewritten config (DINOv2's backbone stage names)
+    except (*_validation_errors(), AttributeError) as err:  # DINOv2's backbone stage names; GPT-2: hidden % heads
         raise PrunekitError(
             f"{arch_name(pruned)}: {method} would leave a config transformers rejects, so it would not reload "
             f"({' '.join(str(err).split())[:200]})"
@@ -239,7 +244,7 @@ def config_accepts(config, values: Mapping[str, Any]) -> bool:
             setattr(trial, key, value)
         if callable(getattr(trial, "validate", None)):
             trial.validate()
-    except _validation_errors():
+    except (*_validation_errors(), AttributeError):  # AttributeError: a read-only property (Falcon's head_dim)
         return False
     return True
 

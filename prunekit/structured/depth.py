@@ -6,6 +6,16 @@ Importance of block ``i``, lower = removed first:
   barely turns the residual stream does little. One forward pass.
 * ``ppl``: the increase of the mean next-token NLL on the calibration batches when block ``i`` alone is skipped.
   One forward pass per block (causal LMs only).
+* ``taylor`` (Shortened LLaMA's Taylor criterion, Kim et al. 2024): the loss change a first-order Taylor
+  expansion predicts when the block's weights are removed, ``sum |w * g|`` over every weight of the block (its
+  matrices and norm scales, as their code sums every parameter named ``weight``), ``g`` the gradient of the
+  model's own loss averaged over the calibration windows (``gradients``). One forward and backward pass per
+  window; memory: 4 bytes per block weight for the gradient sum and one window's activations (one block's with
+  ``checkpointing``, the default).
+
+``keep_first`` / ``keep_last`` keep the first / last blocks whatever their score: Shortened LLaMA's "+" heuristic
+(``Taylor+`` = ``score=taylor, keep_first=4, keep_last=2`` on 32-block LLaMA-7B; their code applies it to every
+criterion), since the Taylor criterion tends to pick the first blocks, which matter most.
 
 All ``k`` blocks are chosen from these one-shot scores. ``k = round(ratio * n_blocks)`` and at least one when
 ``ratio > 0``, so ``ratio`` is met to the nearest block; the report gives the fraction actually removed.
@@ -48,10 +58,11 @@ from .common import (
     meta_clone,
     summary,
 )
+from .gradients import accumulate_gradients, loss_kind
 
 log = logging.getLogger(__name__)
 
-SCORES = ("cosine", "ppl")
+SCORES = ("cosine", "ppl", "taylor")
 
 
 def blocks_to_remove(n_blocks: int, ratio: float) -> int:
@@ -159,6 +170,33 @@ def ppl_scores(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence)
     return torch.tensor(scores)
 
 
+def block_weights(blocks: Sequence[nn.Module]) -> dict[str, nn.Parameter]:
+    """``"i.name"`` -> every parameter of block ``i`` named ``weight`` (matrices, norm scales; no biases), each
+    shared tensor once."""
+    seen: set[int] = set()
+    found = {}
+    for i, block in enumerate(blocks):
+        for name, p in block.named_parameters():
+            if "weight" in name and p.is_floating_point() and id(p) not in seen:
+                seen.add(id(p))
+                found[f"{i}.{name}"] = p
+    return found
+
+
+def taylor_scores(
+    model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence, checkpointing: bool = True
+) -> tuple[torch.Tensor, int]:
+    """``sum |w * g|`` over each block's weights (Shortened LLaMA's Taylor criterion); also the bytes the gradient
+    sums held."""
+    weights = block_weights(blocks)
+    grads = accumulate_gradients(model, weights, batches, blocks=list(blocks) if checkpointing else ())
+    scores = torch.zeros(len(blocks), dtype=torch.float64)
+    for key, p in weights.items():
+        salience = (p.detach().float() * grads.grad[key]).abs().sum()
+        scores[int(key.split(".", 1)[0])] += salience.double().cpu()
+    return scores.float(), grads.nbytes()
+
+
 # ---------------------------------------------------------------- removal
 
 
@@ -255,13 +293,13 @@ def pinned_blocks(model: nn.Module) -> tuple[int, ...]:
     return family(arch_name(model)).pinned_blocks
 
 
-def choose_drop(scores: torch.Tensor, k: int, pinned: Sequence[int] = ()) -> list[int]:
+def choose_drop(scores: torch.Tensor, k: int, pinned: Sequence[int] = (), why: str = "") -> list[int]:
     """The ``k`` lowest-scoring blocks (ties: the earlier), never a pinned one; sorted."""
     ranked = [i for i in torch.argsort(scores, stable=True).tolist() if i not in pinned]
     if k > len(ranked):
         raise PrunekitError(
-            f"only {len(ranked)} of {len(scores)} blocks can be removed (blocks {list(pinned)} hold weights the "
-            "others reuse); lower the ratio"
+            f"only {len(ranked)} of {len(scores)} blocks can be removed (blocks {sorted(pinned)} stay: "
+            f"{why or 'they hold weights the others reuse'}); lower the ratio"
         )
     return sorted(ranked[:k])
 
@@ -269,30 +307,53 @@ def choose_drop(scores: torch.Tensor, k: int, pinned: Sequence[int] = ()) -> lis
 @register_structured
 @dataclass
 class Depth(ModelMethod):
-    """Remove whole blocks, the least important first (``score``: ``cosine`` or ``ppl``)."""
+    """Remove whole blocks, the least important first (``score``: ``cosine``, ``ppl`` or ``taylor``)."""
 
     name: ClassVar[str] = "depth"
     score: str = "cosine"
+    keep_first: int = 0
+    keep_last: int = 0
+    checkpointing: bool | None = None  # score="taylor": recompute each block in the backward pass (default on)
 
     def __post_init__(self):
         if self.score not in SCORES:
             raise PrunekitError(f"unknown depth score {self.score!r}; choose from {', '.join(SCORES)}")
+        if self.keep_first < 0 or self.keep_last < 0:
+            raise PrunekitError(f"keep_first / keep_last count blocks and cannot be negative, got {self}")
+        if self.checkpointing is not None and self.score != "taylor":
+            raise PrunekitError("depth checkpointing applies to score=taylor only; drop it or set score=taylor")
 
-    def block_scores(self, model: nn.Module, blocks: nn.Module, batches: Sequence) -> torch.Tensor:
+    def block_scores(self, model: nn.Module, blocks: nn.Module, batches: Sequence) -> tuple[torch.Tensor, dict]:
         if self.score == "cosine":
-            return cosine_scores(model, list(blocks), batches)
-        return ppl_scores(model, list(blocks), batches)
+            return cosine_scores(model, list(blocks), batches), {}
+        if self.score == "ppl":
+            return ppl_scores(model, list(blocks), batches), {}
+        scores, nbytes = taylor_scores(model, list(blocks), batches, self.checkpointing is not False)
+        held = "one block's activations (checkpointing)" if self.checkpointing is not False else "one window's"
+        memory = f"float32 gradient sums of the block weights ({nbytes:,} bytes) + {held}"
+        return scores, {"gradient_sum_bytes": nbytes, "gradient_memory": memory}
+
+    def pinned(self, model: nn.Module, n_blocks: int) -> tuple[set[int], str]:
+        """Blocks that stay whatever their score (keep_first / keep_last, the family's shared-weight blocks), and
+        why, for the error when too few remain."""
+        kept = set(range(min(self.keep_first, n_blocks))) | set(range(max(n_blocks - self.keep_last, 0), n_blocks))
+        shared = set(pinned_blocks(model))
+        reasons = [r for r, found in (("keep_first / keep_last", kept), ("shared weights", shared)) if found]
+        return kept | shared, " and ".join(reasons)
 
     def prune_model(self, model: nn.Module, batches: list, ratio: float) -> dict:
         ratio = check_ratio(ratio)
         check_batches(batches, self.name)
         prefix, blocks = block_list(model)
-        k, pinned = blocks_to_remove(len(blocks), ratio), pinned_blocks(model)
-        rehearse(model, prefix, choose_drop(torch.arange(len(blocks), 0, -1), k, pinned))  # the last k, before any work
+        if self.score == "taylor":
+            loss_kind(model, batches[0])
+        k, (pinned, why) = blocks_to_remove(len(blocks), ratio), self.pinned(model, len(blocks))
+        last_k = choose_drop(torch.arange(len(blocks), 0, -1), k, pinned, why)
+        rehearse(model, prefix, last_k)  # the last k removable blocks, before any work
         check_shape_kept(model, prefix, blocks, batches[0])
         before, total_before = count_params(blocks), count_params(model)
-        scores = self.block_scores(model, blocks, batches)
-        drop = choose_drop(scores, k, pinned)
+        scores, memory = self.block_scores(model, blocks, batches)
+        drop = choose_drop(scores, k, pinned, why)
         rehearse(model, prefix, drop)
         kept = remove_blocks(model, prefix, drop)
         log.info("depth (%s): removed blocks %s of %d", self.score, drop, len(blocks))
@@ -305,4 +366,5 @@ class Depth(ModelMethod):
             blocks_before=len(blocks),
             removed_blocks=drop,
             block_scores=[round(float(s), 6) for s in scores],
+            **memory,
         )

@@ -79,7 +79,7 @@ ZOO: dict[str, Spec] = {
     ),
     "olmo2": Spec("Olmo2Config", "Olmo2ForCausalLM", _DECODER),
     "starcoder2": Spec("Starcoder2Config", "Starcoder2ForCausalLM", _DECODER),
-    # decoder-only LMs, other shapes (HF Conv1D, fused QKV, parallel attention + MLP, learned positions)
+    # decoder-only LMs, other shapes (HF Conv1D, fused QKV, parallel attention + MLP, learned positions, LayerNorm)
     "gpt2": Spec(
         "GPT2Config",
         "GPT2LMHeadModel",
@@ -114,6 +114,8 @@ ZOO: dict[str, Spec] = {
         ),
     ),
     "gpt_neox": Spec("GPTNeoXConfig", "GPTNeoXForCausalLM", _DECODER),
+    # Phi-2's class: one LayerNorm read by attention and MLP in parallel, partial rotary, biased head
+    "phi": Spec("PhiConfig", "PhiForCausalLM", _DECODER),
     # mixture of experts: experts are fused 3-D tensors in transformers 5
     "mixtral": Spec("MixtralConfig", "MixtralForCausalLM", dict(_DECODER, **_MOE, num_local_experts=4), moe=True),
     "qwen2_moe": Spec(

@@ -25,6 +25,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.forward import hidden_state, hooks, run_model
 from prunekit.graph import find_stacks, weight_matrix
+from prunekit.shapes import sized_by_weights
 
 from . import ZOO, batch, build, output, token_ids
 
@@ -38,9 +39,15 @@ def calibration(name: str, batches: int = 2) -> list[dict]:
 
 
 def reloaded(model: nn.Module) -> nn.Module:
-    """``model`` after ``save_pretrained`` and ``from_pretrained`` (of its own class), in eval mode."""
+    """``model`` after ``save_pretrained`` and ``from_pretrained`` (of its own class), in eval mode; or
+    ``prunekit.load`` where the config says the layers take the stored weights' sizes (SliceGPT on GPT-2, OPT,
+    Falcon, GPT-NeoX: ``prunekit.shapes``)."""
+    from prunekit import load
+
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
+        if sized_by_weights(model.config):
+            return load(folder)
         return type(model).from_pretrained(folder).eval()
 
 
