@@ -117,11 +117,18 @@ def test_structured_methods_score_in_eval_mode(token_batch):
     assert modes and not any(modes) and model.training  # eval during scoring, restored after
 
 
-def test_registered_group_is_accepted_by_prune():
-    """Defect 6: a group added with register_group was rejected (a second hard-coded list of names)."""
+def test_registered_group_is_accepted_by_prune(monkeypatch):
+    """Defect 6: a group added with register_group was rejected (a second hard-coded list of names). The
+    registration ends with the test: a group left behind without a docstring broke ``prunekit methods -v``'s
+    test when it ran later in the same process (pytest -n)."""
     name = "per-output-copy-for-test"
-    if name not in prunekit.GROUPS:
-        prunekit.register_group(name)(lambda scores, sparsity: prunekit.GROUPS["per-output"](scores, sparsity))
+    monkeypatch.setattr(prunekit.GROUPS, "_entries", dict(prunekit.GROUPS._entries))
+
+    @prunekit.register_group(name)
+    def per_output_copy(scores, sparsity):
+        """The per-output group under another name."""
+        return prunekit.GROUPS["per-output"](scores, sparsity)
+
     model = tiny_llama()
     report = prunekit.prune(model, "magnitude", 0.5, group=name)
     assert report.settings["group"] == name and report.sparsity == pytest.approx(0.5)
