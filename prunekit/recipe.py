@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .config import PruneConfig, setting
 from .errors import PrunekitError
 from .model_classes import AUTO, MODEL_CLASSES, check_choice
 
 SAVE_FORMATS = ("dense", "compact")
+SCAN_PARTS = ("blocks", "kinds")  # what one sensitivity trial prunes (prunekit.sensitivity)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,22 @@ class PruneRecipe(PruneConfig):
     trust_remote_code: bool = setting(
         False, "run the checkpoint's own Python code (command line only, never from a recipe)", type=bool, recipe=False
     )
+    target: str | None = setting(
+        None,
+        "quality target: the highest sparsity (structured: ratio) whose model keeps it, e.g. 'ppl<=+10%' (relative "
+        "to dense), 'ppl<=60', 'top1>=0.98'; measured on --eval-data (else on --holdout calibration samples); "
+        "--sparsity is the first trial",
+    )
+    target_trials: int = setting(8, "most prune + evaluate trials a --target search runs", type=int)
+    holdout: int = setting(
+        64,
+        "calibration samples (text windows / images) held out, never calibrated on, to measure --target or a "
+        "sensitivity scan when no --eval-data is given",
+        type=int,
+    )
+
+    # Whether the job measures quality without a --target (a sensitivity scan): then --holdout applies.
+    measures_quality: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,8 +99,43 @@ def check_job(recipe: PruneRecipe) -> None:
         raise PrunekitError(f"unknown save_format {recipe.save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
     if recipe.eval_seqlen is not None and recipe.eval_seqlen < 1:
         raise PrunekitError(f"eval_seqlen must be a positive integer, got {recipe.eval_seqlen!r}")
+    _check_quality(recipe)
     if recipe.lazy:
         _check_lazy(recipe)
+
+
+def _check_quality(recipe: PruneRecipe) -> None:
+    """--target and what measures it: the bound parsed, the search's limits, and settings it cannot vary."""
+    from .target import parse_bound
+
+    for name in ("target_trials", "holdout"):
+        if getattr(recipe, name) < 1:
+            raise PrunekitError(f"{name} must be a positive integer, got {getattr(recipe, name)!r}")
+    unused = [
+        f"--{name.replace('_', '-')}"
+        for name, used in (
+            ("target_trials", recipe.target is not None),
+            ("holdout", (recipe.target is not None or recipe.measures_quality) and not recipe.eval_data),
+        )
+        if not used and getattr(recipe, name) != PruneRecipe.__dataclass_fields__[name].default
+    ]
+    if unused:
+        raise PrunekitError(
+            f"{' and '.join(unused)}: only for a --target search (--holdout: also a sensitivity scan) measured "
+            "without --eval-data; drop it"
+        )
+    if recipe.target is None:
+        return
+    parse_bound(recipe.target)
+    if recipe.pattern is not None:
+        raise PrunekitError("--target searches the sparsity; an N:M pattern fixes it: drop --pattern (or --target)")
+    if recipe.allocation == "explicit" and not recipe.allocation_params.get("normalize"):
+        raise PrunekitError(
+            "--target tries several sparsities, but explicit sparsities fix one; set --allocation-param "
+            "normalize=true to rescale them to each trial's sparsity"
+        )
+    if not recipe.eval_data and not recipe.calib_data:
+        raise PrunekitError("--target needs data to measure on: --eval-data, or --calib-data to hold samples out of")
 
 
 def _check_lazy(recipe: PruneRecipe) -> None:
@@ -96,11 +148,58 @@ def _check_lazy(recipe: PruneRecipe) -> None:
             ("an unstructured method", recipe.structured),
             ("a group other than global", recipe.group == "global"),
             ("sequential calibration", not recipe.sequential),
+            ("no --target (search in memory, then prune the found sparsity with --lazy)", recipe.target is not None),
         )
         if bad
     ]
     if problems:
         raise PrunekitError(f"--lazy needs {'; '.join(problems)}")
+
+
+@dataclass(frozen=True)
+class SensitivityRecipe(PruneRecipe):
+    """``prunekit sensitivity``: the prune settings of the scan's method, the scan's own, and the job."""
+
+    sparsities: tuple = setting((0.5, 0.7, 0.9), "sparsities each part is pruned to, alone (repeatable)", repeat=True)
+    parts: str = setting(
+        "blocks",
+        "what one trial prunes: blocks (decoder layers, ViT blocks, CNN stages), or kinds (each kind of layer within "
+        "a block: q/k/v/o, gate/up/down)",
+    )
+
+    measures_quality: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparsities", _floats(self.sparsities, "sparsities"))
+        super().__post_init__()
+        check_sensitivity(self)
+
+
+SCAN_UNUSED = ("sparsity", "target", "target_trials", "lazy", "save_format")  # prune-job settings a scan refuses
+
+
+def _floats(value: Any, name: str) -> tuple[float, ...]:
+    """A list of numbers from YAML, the CLI (strings, commas allowed) or Python; one line when one is not."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else list(value or ())
+    try:
+        return tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise PrunekitError(f"{name} must be numbers (e.g. 0.5,0.7,0.9), got {value!r}") from None
+
+
+def check_sensitivity(recipe: SensitivityRecipe) -> None:
+    from .sensitivity import check_scan
+
+    if recipe.parts not in SCAN_PARTS:
+        raise PrunekitError(f"unknown parts {recipe.parts!r}; choose from {', '.join(SCAN_PARTS)}")
+    defaults = PruneRecipe.__dataclass_fields__
+    given = [name for name in SCAN_UNUSED if getattr(recipe, name) != defaults[name].default]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise PrunekitError(f"a sensitivity scan does not use {flags}; drop it (the scan's sparsities: --sparsities)")
+    check_scan(recipe, recipe.sparsities)
+    if not recipe.eval_data and not recipe.calib_data:
+        raise PrunekitError("a sensitivity scan needs data to measure on: --eval-data, or --calib-data to hold out of")
 
 
 def field_names(cls) -> set[str]:
