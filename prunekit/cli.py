@@ -126,7 +126,7 @@ def print_prune_report(report: dict[str, Any]) -> None:
         console.print(layer_table(report))
         console.print(coverage_line(report.get("coverage") or {}))
     if report.get("search"):
-        console.print(search_line(report["search"]))
+        console.print(search_line(report["search"]), soft_wrap=True)
     metrics = report.get("metrics") or {}
     if metrics:
         console.print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))

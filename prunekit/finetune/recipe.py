@@ -56,6 +56,11 @@ def check_finetune(recipe: FinetuneRecipe) -> None:
         raise PrunekitError(f"task must be one of {TASKS}, got {recipe.task!r}")
     if not recipe.training_data:
         raise PrunekitError("fine-tuning needs train_data (or calib_data) to train on")
+    if recipe.target is not None:
+        raise PrunekitError(
+            "target searches the sparsity with `prunekit prune --target`; fine-tuning prunes to one sparsity: find "
+            "it with prunekit prune --target, then set sparsity"
+        )
     if recipe.lora is not None and set(recipe.lora) - LORA_KEYS:
         raise PrunekitError(f"unknown lora key(s) {sorted(set(recipe.lora) - LORA_KEYS)}; known: {sorted(LORA_KEYS)}")
     if recipe.lora is not None and recipe.schedule != "oneshot":
