@@ -52,7 +52,7 @@ def quality_metric(recipe: PruneRecipe, model: nn.Module, tokenizer: Any, prepar
     """``model -> metrics`` on ``--eval-data``, else on a held-out slice of ``--calib-data`` (in a temporary
     folder for the body's time)."""
     if recipe.eval_data:
-        yield lambda m: evaluate(m, tokenizer, recipe, prepared)
+        yield _quiet_after_first(lambda m: evaluate(m, tokenizer, recipe, prepared))
         return
     with tempfile.TemporaryDirectory(prefix="prunekit-holdout-") as scratch:
         held = heldout_recipe(recipe, model, tokenizer, prepared, Path(scratch))
@@ -61,7 +61,30 @@ def quality_metric(recipe: PruneRecipe, model: nn.Module, tokenizer: Any, prepar
             config = getattr(model, "config", None)
             held_prepared = evaluation_data(prepared.model_class, tokenizer, config, held)
         log.info("measuring quality on %d samples held out of %s", recipe.holdout, recipe.calib_data)
-        yield lambda m: evaluate(m, tokenizer, held, held_prepared)
+        yield _quiet_after_first(lambda m: evaluate(m, tokenizer, held, held_prepared))
+
+
+LIGHTNING_INFO = "lightning.pytorch.utilities.rank_zero"  # "GPU available: ..." each time a Trainer is made
+
+
+def _quiet_after_first(evaluate_model: Evaluate) -> Evaluate:
+    """``evaluate_model`` whose repeats do not log Lightning's per-Trainer device lines again (image models make a
+    Trainer per evaluation; a search or scan runs dozens)."""
+    calls = []
+
+    def run(model: nn.Module) -> dict[str, float]:
+        if not calls:
+            calls.append(True)
+            return evaluate_model(model)
+        logger = logging.getLogger(LIGHTNING_INFO)
+        level = logger.level
+        logger.setLevel(max(level, logging.WARNING))
+        try:
+            return evaluate_model(model)
+        finally:
+            logger.setLevel(level)
+
+    return run
 
 
 def heldout_recipe(recipe: PruneRecipe, model: nn.Module, tokenizer: Any, prepared: Prepared, scratch: Path):

@@ -41,14 +41,14 @@ METRICS: dict[str, Metric] = {
         Metric("mlm_ppl", False, "ratio"),
         Metric("decoder_ppl", False, "ratio"),
         Metric("text_ppl", False, "ratio"),
-        Metric("loss", False),
         Metric("top1", True),
-        Metric("top5", True),
         Metric("accuracy", True),
         Metric("agreement", True, reference=True),
         Metric("embedding_cosine", True, reference=True),
+        Metric("top5", True),
+        Metric("loss", False),
     )
-}
+}  # in the order a scan's table prefers them
 
 
 def metric(name: str) -> Metric:

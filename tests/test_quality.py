@@ -16,6 +16,7 @@ from prunekit.quality import no_sparsity_line, search_target
 from prunekit.recipe import PruneRecipe, SensitivityRecipe
 from tests.conftest import tiny_llama
 from tests.test_cli import _prune_args, checkpoint  # noqa: F401  (the module-scoped fixture)
+from tests.test_cli_models import CASES, METRIC, models, prune_args  # noqa: F401  (the module-scoped fixture)
 
 # ---------------------------------------------------------------- checked when the recipe is made
 
@@ -144,3 +145,47 @@ def test_scan_then_allocate_then_prune_from_the_command_line(checkpoint, tmp_pat
     assert report["sparsity"] == pytest.approx(0.6, abs=0.02)
     assert main(allocate) == 2
     assert "exists" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- every model class
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_scan_and_target_on_every_model_class(models, tmp_path, name):  # noqa: F811
+    """Text classes are measured on windows held out of the calibration text (classifiers and encoders against the
+    dense model's own outputs), the image-text model on its evaluation records; then a two-trial target search."""
+    model_class = CASES[name][0]
+    argv = prune_args(models, name, tmp_path / "scan")
+    if name != "llava":
+        at = argv.index("--eval-data")
+        del argv[at : at + 2]
+        argv += ["--holdout", "4"]
+    assert main(["sensitivity", *argv[1:], "--sparsities", "0.9"]) == 0
+    scan = json.loads((tmp_path / "scan" / "sensitivity.json").read_text())
+    metric = {"sequence-classification": "agreement"}.get(model_class, METRIC[model_class])
+    assert scan["metric"] == metric and len(scan["parts"]) >= 2 and all(len(row) == 1 for row in scan["results"])
+    metric = METRIC[model_class]
+    bound = f"{metric}>=-1" if metric in ("accuracy", "embedding_cosine") else f"{metric}<=+1000%"
+    target = prune_args(models, name, tmp_path / "target", "--target", bound, "--target-trials", "2")
+    assert main(target) == 0
+    report = json.loads((tmp_path / "target" / "prune_report.json").read_text())
+    assert [t["sparsity"] for t in report["search"]["trials"]] == [0.5, 0.74] and report["settings"]["sparsity"] == 0.74
+
+
+def test_scan_and_target_on_an_image_classifier(tmp_path):
+    """A timm ConvNeXt: stages are the parts, held-out images the scan's data, top-1 the target's metric."""
+    from prunekit.cli import demo_assets
+
+    assets = demo_assets()
+    model = ["--model", f"local-dir:{assets / 'convnext-digits-500k'}"]
+    model += ["--calib-data", str(assets / "digits" / "train")]
+    data = ["--nsamples", "16", "--batch-size", "16", "--eval-batch-size", "100"]
+    scan = ["sensitivity", *model, *data, "--holdout", "40", "--sparsities", "0.5,0.95", "--out", str(tmp_path / "s")]
+    assert main(scan) == 0
+    result = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
+    assert result["metric"] == "top1" and [p["name"] for p in result["parts"]] == [f"stages.{i}" for i in range(4)]
+    assert "loss" in result["results"][0][0]  # the allocation reads the smoother cross-entropy
+    target = ["prune", *model, *data, "--eval-data", str(assets / "digits" / "val"), "--target", "top1>=-0.02"]
+    assert main([*target, "--target-trials", "3", "--out", str(tmp_path / "t")]) == 0
+    report = json.loads((tmp_path / "t" / "prune_report.json").read_text())
+    assert report["metrics"]["top1"] >= report["metrics"]["top1_dense"] - 0.02 and len(report["search"]["trials"]) == 3
