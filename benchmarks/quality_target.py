@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.commands import run_prune
 from prunekit.data import load_text, random_windows, tokenize
 from prunekit.eval import perplexity
 from prunekit.io import write_json
 from prunekit.quality import allocation_recipe, run_sensitivity
+from prunekit.quality import prune_job as run_prune
 from prunekit.recipe import PruneRecipe, SensitivityRecipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,6 +32,7 @@ from .errors import PrunekitError
 from .graph import weight_matrix
 from .groups import check_sparsity
 from .methods.wanda import wanda_score
+from .metrics import damage, dense_value, smoothest_metric
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -308,17 +309,25 @@ def _layer_parts(layers: Mapping[str, nn.Module], parts: list[dict]) -> list[lis
     return [list(p["layers"]) for p in parts]
 
 
+SCAN_FORMAT = "prunekit-sensitivity"  # ``kind`` of a scan's JSON (``prunekit.sensitivity.Scan``)
+
+
+def scan_damages(scan: Mapping, metric: str | None = None) -> list[list[float]]:
+    """Per scanned part and sparsity, how much worse than dense ``metric`` (default: the smoothest measured) is."""
+    results = scan["results"]
+    name = metric or smoothest_metric(results[0][0] if results and results[0] else scan["dense"])
+    dense = dense_value(name, scan["dense"])
+    return [[damage(name, row[name], dense) for row in rows] for rows in results]
+
+
 def scan_allocation(
     scan: Mapping, params: list[int], target: float, metric: str | None = None, lam: float = 0.08
 ) -> list[float]:
     """Per-part sparsities meeting ``target`` from a scan's JSON (``prunekit.sensitivity.Scan.to_dict``)."""
-    from .sensitivity import Scan
-
-    loaded = Scan.from_dict(scan)
-    damages = loaded.damages(metric)
+    damages = scan_damages(scan, metric)
     scale = max((d for row in damages for d in row if math.isfinite(d)), default=0.0)
     floor = max(scale, 1e-9) * 1e-3
-    curves = [damage_curve(loaded.sparsities, row, floor) for row in damages]
+    curves = [damage_curve(list(scan["sparsities"]), row, floor) for row in damages]
     return least_damage(params, curves, target, lam)
 
 
@@ -326,8 +335,6 @@ def read_scan(path: str) -> dict:
     """A sensitivity scan's JSON (``sensitivity.json``), checked to be one."""
     import json
     from pathlib import Path
-
-    from .sensitivity import SCAN_FORMAT
 
     file = Path(path).expanduser()
     if not file.is_file():

@@ -105,10 +105,15 @@ def _add_prune(sub) -> None:
 
 
 def cmd_prune(args) -> int:
-    from .commands import run_prune
-
     recipe = load_recipe(PruneRecipe, args.recipe, setting_values(args, PruneRecipe))
-    report = run_prune(recipe, args.recipe, on_trial=print_trial if recipe.target else None)
+    if recipe.target is not None:
+        from .quality import prune_job
+
+        report = prune_job(recipe, args.recipe, on_trial=print_trial)
+    else:
+        from .commands import run_prune
+
+        report = run_prune(recipe, args.recipe)
     print_prune_report(report.to_dict())
     if recipe.out:
         print(f"saved to {recipe.out}")

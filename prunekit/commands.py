@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -140,18 +140,13 @@ def evaluate(model: nn.Module, tokenizer: Any, recipe: PruneRecipe, prepared: Pr
     return evaluate_prepared(model, prepared, recipe)
 
 
-def run_prune(
-    recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None, on_trial: Callable | None = None
-) -> PruneReport:
-    """Prune ``recipe.model`` and, when ``recipe.out`` is set, save model + report + resolved recipe. With
-    ``recipe.target``, search the sparsity first (``prunekit.quality``; ``on_trial`` sees each trial)."""
+def run_prune(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None) -> PruneReport:
+    """Prune ``recipe.model`` and, when ``recipe.out`` is set, save model + report + resolved recipe."""
+    if recipe.target is not None:
+        raise PrunekitError("this job prunes to one sparsity; a --target search runs with prunekit.quality.prune_job")
     inputs = validate(recipe, recipe_path)
     if recipe.lazy:
         return run_prune_lazy(recipe, inputs)
-    if recipe.target is not None:
-        from .quality import run_target
-
-        return run_target(recipe, inputs, on_trial)
     with claimed(recipe, inputs) as claim:
         model, tokenizer, calib, prepared = load_job(recipe)
         dense = evaluate(model, tokenizer, recipe, prepared)

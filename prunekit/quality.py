@@ -28,16 +28,17 @@ from typing import Any
 from torch import nn
 
 from .api import PruneReport, prune
-from .commands import _write_report_json, claimed, evaluate, load_job, save_run, validate
+from .commands import _write_report_json, claimed, evaluate, load_job, run_prune, save_run, validate
 from .errors import PrunekitError
 from .io import write_json
 from .io.hf import load_config
 from .io.timm import is_vision_source
 from .jobs import IMAGE_TEXT, Prepared, evaluation_data
+from .metrics import dense_value
 from .model_classes import resolve_model_class
 from .recipe import PruneRecipe, SensitivityRecipe, dump_recipe, recipe_dict, recipe_from_dict
-from .sensitivity import Scan, dense_value, markdown, plot, sensitivity
-from .target import HIGHEST, Search, Trial, parse_bound
+from .sensitivity import Scan, markdown, plot, sensitivity
+from .target import Search, Trial, parse_bound
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,17 @@ def no_sparsity_line(search: Search) -> str:
     )
 
 
+def prune_job(
+    recipe: PruneRecipe,
+    recipe_path: str | os.PathLike | None = None,
+    on_trial: Callable[[Trial, Search], None] | None = None,
+) -> PruneReport:
+    """``prunekit prune`` with or without ``--target`` (``commands.run_prune`` prunes to one sparsity)."""
+    if recipe.target is None:
+        return run_prune(recipe, recipe_path)
+    return run_target(recipe, validate(recipe, recipe_path), on_trial)
+
+
 def run_target(
     recipe: PruneRecipe, inputs: dict[str, str | None], on_trial: Callable[[Trial, Search], None] | None = None
 ) -> PruneReport:
@@ -339,9 +351,6 @@ def write_scan(scan: Scan, folder: Path) -> None:
     write_json(folder / "sensitivity.json", scan.to_dict())
     (folder / "sensitivity.md").write_text(markdown(scan), encoding="utf-8")
     plot(scan, folder / "sensitivity.png")
-
-
-__all__ = ["HIGHEST", "SensitivityRecipe", "run_sensitivity", "run_target", "search_target"]
 
 
 # ---------------------------------------------------------------- allocate: a scan -> an explicit recipe

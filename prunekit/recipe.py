@@ -187,9 +187,28 @@ def _floats(value: Any, name: str) -> tuple[float, ...]:
         raise PrunekitError(f"{name} must be numbers (e.g. 0.5,0.7,0.9), got {value!r}") from None
 
 
-def check_sensitivity(recipe: SensitivityRecipe) -> None:
-    from .sensitivity import check_scan
+def check_scan(config: PruneConfig, sparsities: tuple[float, ...]) -> None:
+    """What a sensitivity scan cannot do, before any work: it sets each part's sparsity itself."""
+    from .groups import check_sparsity
 
+    if config.structured:
+        raise PrunekitError(
+            f"a sensitivity scan prunes one part at a time and restores it; structured method {config.method!r} "
+            "changes the model's shapes: scan with an unstructured method (wanda, magnitude, sparsegpt, ...)"
+        )
+    if config.pattern is not None:
+        raise PrunekitError("a sensitivity scan varies the sparsity; an N:M pattern fixes it: drop --pattern")
+    if config.allocation != "uniform":
+        raise PrunekitError(
+            f"a sensitivity scan sets each part's sparsity itself; drop --allocation {config.allocation}"
+        )
+    if not sparsities:
+        raise PrunekitError("a sensitivity scan needs at least one sparsity (--sparsities 0.5,0.7,0.9)")
+    for s in sparsities:
+        check_sparsity(s)
+
+
+def check_sensitivity(recipe: SensitivityRecipe) -> None:
     if recipe.parts not in SCAN_PARTS:
         raise PrunekitError(f"unknown parts {recipe.parts!r}; choose from {', '.join(SCAN_PARTS)}")
     defaults = PruneRecipe.__dataclass_fields__

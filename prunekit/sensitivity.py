@@ -30,20 +30,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import engine
+from .allocate import SCAN_FORMAT, scan_damages
 from .api import _recalibrate_bn, calibration, check_model, plan_prune, versions
 from .bn import batchnorm_layers
 from .config import PruneConfig
 from .errors import PrunekitError
 from .forward import eval_mode
 from .graph import Stack, block_index, set_weight_matrix, stack_block_index, weight_matrix
-from .groups import check_sparsity
-from .recipe import SCAN_PARTS
-from .target import METRICS, damage
+from .metrics import METRICS, dense_value, primary_metric
+from .recipe import SCAN_PARTS, check_scan
 
 log = logging.getLogger(__name__)
 
 GRANULARITIES = SCAN_PARTS
-SCAN_FORMAT = "prunekit-sensitivity"  # ``kind`` of a scan's JSON, checked when one is read back
 
 Evaluate = Callable[[nn.Module], Mapping[str, float]]
 
@@ -84,36 +83,8 @@ class Scan:
         return cls(parts=parts, **fields)
 
     def damages(self, name: str | None = None) -> list[list[float]]:
-        """Per part and sparsity, how much worse than dense ``name`` (default: ``allocation_metric()``) is."""
-        name = name or self.allocation_metric()
-        dense = dense_value(name, self.dense)
-        return [[damage(name, row[name], dense) for row in rows] for rows in self.results]
-
-    def allocation_metric(self) -> str:
-        """The smoothest metric measured: a perplexity (mean NLL), else the loss, else the scan's metric."""
-        measured = set(self.results[0][0]) if self.results and self.results[0] else set()
-        smooth = [m for m in METRICS if METRICS[m].damage == "ratio"] + ["loss"]
-        return next((m for m in smooth if m in measured), self.metric)
-
-
-def dense_value(name: str, dense: Mapping[str, float]) -> float:
-    """The dense model's value of ``name``; metrics against the dense model's own outputs are 1 for it."""
-    if name in dense:
-        return dense[name]
-    if name in METRICS and METRICS[name].reference:
-        return 1.0
-    raise PrunekitError(f"the dense evaluation reported no {name!r} (it reported {sorted(dense)})")
-
-
-def primary_metric(metrics: Mapping[str, float]) -> str:
-    """The first metric of ``METRICS``'s order that an evaluation reported (``ppl``, ``top1``, ...)."""
-    found = next((m for m in METRICS if m in metrics), None)
-    if found is None:
-        raise PrunekitError(
-            f"the evaluation reported {sorted(metrics) or 'nothing'}, none of the metrics a scan reads "
-            f"({', '.join(METRICS)}); give evaluation data (--eval-data) the model's class is scored on"
-        )
-    return found
+        """Per part and sparsity, how much worse than dense ``name`` (default: the smoothest measured) is."""
+        return scan_damages(self.to_dict(), name)
 
 
 # ---------------------------------------------------------------- parts
@@ -192,25 +163,6 @@ def prune_part(
     targets = {n: replace(plan.targets[n], sparsity=sparsity) for n in layers}
     engine.prune_layers(layers, stats, replace(plan, layers=layers, targets=targets))
     _recalibrate_bn(model, replace(plan, layers=layers), batches, plan.config.recalibrate_bn)
-
-
-def check_scan(config: PruneConfig, sparsities: Sequence[float]) -> None:
-    """What a scan cannot do, before any work: it sets each part's sparsity itself."""
-    if config.structured:
-        raise PrunekitError(
-            f"a sensitivity scan prunes one part at a time and restores it; structured method {config.method!r} "
-            "changes the model's shapes: scan with an unstructured method (wanda, magnitude, sparsegpt, ...)"
-        )
-    if config.pattern is not None:
-        raise PrunekitError("a sensitivity scan varies the sparsity; an N:M pattern fixes it: drop --pattern")
-    if config.allocation != "uniform":
-        raise PrunekitError(
-            f"a sensitivity scan sets each part's sparsity itself; drop --allocation {config.allocation}"
-        )
-    if not sparsities:
-        raise PrunekitError("a sensitivity scan needs at least one sparsity (--sparsities 0.5,0.7,0.9)")
-    for s in sparsities:
-        check_sparsity(s)
 
 
 @torch.no_grad()

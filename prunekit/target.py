@@ -1,5 +1,4 @@
-"""Quality targets: the metrics a bound may name, the bound itself (``ppl<=+10%``), and the search for the highest
-sparsity whose pruned model meets it.
+"""Quality targets: the bound (``ppl<=+10%``) and the search for the highest sparsity whose pruned model meets it.
 
 A bound is ``METRIC OP VALUE``: ``OP`` is ``<=``/``<`` for metrics where lower is better (perplexities, loss) and
 ``>=``/``>`` where higher is better (top-1, accuracy, agreement); an unsigned ``VALUE`` is absolute (``ppl<=60``,
@@ -19,51 +18,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from .errors import PrunekitError
-
-
-@dataclass(frozen=True)
-class Metric:
-    """How to read one evaluation key: which way is better, and how damage is measured against the dense value
-    (``ratio``: log of value / dense, the rise of mean NLL for a perplexity; ``difference``: value - dense, or
-    dense - value where higher is better). ``reference``: measured against the dense model's own outputs, so the
-    dense model scores 1 by definition."""
-
-    name: str
-    higher_is_better: bool
-    damage: str = "difference"
-    reference: bool = False
-
-
-METRICS: dict[str, Metric] = {
-    m.name: m
-    for m in (
-        Metric("ppl", False, "ratio"),
-        Metric("mlm_ppl", False, "ratio"),
-        Metric("decoder_ppl", False, "ratio"),
-        Metric("text_ppl", False, "ratio"),
-        Metric("top1", True),
-        Metric("accuracy", True),
-        Metric("agreement", True, reference=True),
-        Metric("embedding_cosine", True, reference=True),
-        Metric("top5", True),
-        Metric("loss", False),
-    )
-}  # in the order a scan's table prefers them
-
-
-def metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise PrunekitError(f"unknown metric {name!r}; a target names one of {', '.join(METRICS)}")
-    return METRICS[name]
-
-
-def damage(name: str, value: float, dense: float) -> float:
-    """How much worse ``value`` is than ``dense`` (0 = as good; for perplexities the rise of mean token NLL)."""
-    m = METRICS[name]
-    if m.damage == "ratio":
-        return math.log(value / dense) if value > 0 and dense > 0 else math.inf
-    return dense - value if m.higher_is_better else value - dense
-
+from .metrics import damage, metric
 
 # ---------------------------------------------------------------- the bound
 

@@ -6,7 +6,8 @@ import math
 import pytest
 
 from prunekit.errors import PrunekitError
-from prunekit.target import Search, damage, parse_bound
+from prunekit.metrics import damage
+from prunekit.target import Search, parse_bound
 
 DENSE = 46.62
 
