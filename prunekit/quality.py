@@ -88,6 +88,13 @@ def _quiet_after_first(evaluate_model: Evaluate) -> Evaluate:
     return run
 
 
+def measured_on(recipe: PruneRecipe) -> str:
+    """Where quality was measured, in words (for reports and tables)."""
+    if recipe.eval_data:
+        return f"--eval-data {Path(recipe.eval_data).name}"
+    return f"{recipe.holdout} samples held out of the calibration data ({Path(recipe.calib_data).name})"
+
+
 def heldout_recipe(recipe: PruneRecipe, model: nn.Module, tokenizer: Any, prepared: Prepared, scratch: Path):
     """The recipe with ``eval_data`` pointing at the held-out samples, written into ``scratch``."""
     if tokenizer is None:
@@ -270,7 +277,7 @@ def run_target(
             raise PrunekitError(no_sparsity_line(search))
         best = search.best
         report.metrics.update({**best.metrics, **{f"{k}_dense": v for k, v in dense.items()}})
-        report.search = {**search.to_dict(), "measured_on": recipe.eval_data or f"{recipe.holdout} held out"}
+        report.search = {**search.to_dict(), "measured_on": measured_on(recipe)}
         report.timings["search_s"] = time.perf_counter() - start
         resolved = found_recipe(recipe, best.sparsity, prepared)
         if claim is not None:
@@ -324,7 +331,7 @@ def run_sensitivity(recipe: SensitivityRecipe, recipe_path: str | os.PathLike | 
                 tokenizer=tokenizer,
             )
         scan.settings["recipe"] = recipe_dict(recipe)
-        scan.settings["measured_on"] = recipe.eval_data or f"{recipe.holdout} samples held out of {recipe.calib_data}"
+        scan.settings["measured_on"] = measured_on(recipe)
         if claim is not None:
             with claim.staging() as tmp:
                 write_scan(scan, tmp)
