@@ -41,7 +41,8 @@ from prunekit.eval.image import ImageClassifier, ImageDataModule, evaluate_image
 from prunekit.finetune import CausalLMModule, TextDataModule, add_lora, keep_masks, merge_lora_keep_sparsity
 from prunekit.io import load_causal_lm, load_tokenizer, write_json
 from prunekit.io.timm import load_vision_model
-from prunekit.lightning import PruningCallback, cubic_sparsity
+from prunekit.lightning import PruningCallback
+from prunekit.schedule import cubic_sparsity
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -141,7 +142,7 @@ def llm_lora(model, masks, data, ppl, masked: bool) -> list[dict]:
 
 def llm_full(model, masks, data, ppl, name: str) -> dict:
     keys = list(model.state_dict())
-    callbacks = [PruningCallback("wanda", LLM["sparsity"], schedule="fixed")] if masks is not None else []
+    callbacks = [PruningCallback(schedule="fixed")] if masks is not None else []
     module = CausalLMModule(model.train(), lr=LLM["full_lr"], warmup_steps=LLM["warmup"])
     start = time.perf_counter()
     trainer(LLM["steps"], callbacks).fit(module, datamodule=data)
@@ -276,7 +277,7 @@ def vision_part(sparsity: float) -> dict[str, Any]:
         vision_run("dense fine-tune (control)", lambda m: []),
         vision_run(
             f"Wanda {pct} one-shot, then fine-tune (PruningCallback fixed)",
-            lambda m: [PruningCallback("wanda", s, schedule="fixed")],
+            lambda m: [PruningCallback(schedule="fixed")],
             prune_first="wanda",
         ),
         vision_run(f"Wanda {pct} gradual cubic (PruningCallback)", ours("wanda", "cubic", end)),

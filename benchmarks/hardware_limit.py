@@ -57,7 +57,7 @@ METHODS = {  # run name -> (method, pattern, group)
     "wanda 2:4": ("wanda", "2:4", None),
     "sparsegpt 50%": ("sparsegpt", None, None),
 }
-THP = os.environ.get("THP_MEM_ALLOC_ENABLE", "1")  # torch's huge-page allocations, as `import prunekit` sets
+THP = os.environ.get("THP_MEM_ALLOC_ENABLE", "1")  # torch's huge-page allocations, as the prunekit command sets
 TARGETS = {"magnitude 50%": 1.5, "wanda 2:4": 1.5, "wanda 50% per-output": 2.0}
 
 

@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 import psutil
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages, as the prunekit command sets them
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

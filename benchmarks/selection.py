@@ -1,5 +1,5 @@
 """Mask selection vs computing the Wanda score it selects from, on 7B-shaped fp32 matrices, in the same run.
-Shipped selection (compiled CPU kernels where they apply), the torch path (``PRUNEKIT_KERNELS=0``: what CUDA
+Shipped selection (compiled CPU kernels where they apply), the torch path (``kernels=False``: what CUDA
 runs) and the previous selection (``kthvalue`` + tie ``cumsum`` over the whole matrix), every mask checked
 bit-identical to the previous one. Prints ratios; writes benchmarks/results/selection.{json,md}.
 
@@ -17,12 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages, as the prunekit command sets them
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import prunekit.selection as selection  # noqa: E402
+from prunekit import kernels  # noqa: E402
 from prunekit.groups import select_global, select_mask  # noqa: E402
 from prunekit.selection import select_nm  # noqa: E402
 
@@ -62,22 +65,14 @@ SELECTIONS = ["per-output 50%", "per-layer 50%", "2:4", "per-input 50%", "global
 
 
 def numba_version() -> str | None:
-    from prunekit import kernels
 
     return kernels.numba.__version__ if kernels.available() else None
 
 
 def torch_select(scores: torch.Tensor, name: str) -> torch.Tensor:
-    """``new_select`` with the compiled kernels switched off, the environment restored after."""
-    before = os.environ.get("PRUNEKIT_KERNELS")
-    os.environ["PRUNEKIT_KERNELS"] = "0"
-    try:
+    """``new_select`` with the compiled kernels switched off (``kernels=False``, as the engine applies it)."""
+    with kernels.enabled(False):
         return new_select(scores, name)
-    finally:
-        if before is None:
-            del os.environ["PRUNEKIT_KERNELS"]
-        else:
-            os.environ["PRUNEKIT_KERNELS"] = before
 
 
 def timed(fn) -> tuple[float, object]:
@@ -148,7 +143,7 @@ def markdown(result: dict) -> str:
         "",
         "Ratio = selection time / time of `weight.abs() * norms` on the same matrix, same run. Shipped = what "
         "`select_mask` runs on the CPU (compiled kernels, `prunekit/kernels.py`, for rows, N:M blocks and whole "
-        "layers; the torch path for columns); torch path = the same with `PRUNEKIT_KERNELS=0`, what runs on "
+        "layers; the torch path for columns); torch path = the same with the `kernels` setting off, what runs on "
         "CUDA; old = the previous `kthvalue` + tie `cumsum` selection. Every mask was checked bit-identical to "
         "the old one.",
         "",

@@ -37,7 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = [
     ("depth (cosine)", "depth", {"score": "cosine"}),
     ("depth (ppl)", "depth", {"score": "ppl"}),
+    ("depth (Taylor)", "depth", {"score": "taylor"}),
+    ("depth (Taylor+)", "depth", {"score": "taylor", "keep_first": 1, "keep_last": 1}),
     ("width (Wanda-sp)", "width", {}),
+    ("width (magnitude)", "width", {"score": "magnitude"}),
+    ("width (Taylor)", "width", {"score": "taylor"}),
     ("width (head_ratio 0.5)", "width", {"head_ratio": 0.5}),
     ("slicegpt (global Q)", "slicegpt", {}),
 ]
@@ -54,6 +58,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=15, help="interleaved dense/pruned timing repetitions")
     p.add_argument("--threads", type=int, default=2, help="torch threads for pruning and perplexity")
     p.add_argument("--timing-threads", type=int, default=1, help="torch threads while timing")
+    p.add_argument(
+        "--skip-timing",
+        action="store_true",
+        help="measure quality only (no throughput, no prune time): for a machine shared with other jobs",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "structured"))
     p.add_argument(
         "--append",
@@ -131,7 +140,7 @@ def run_one(
     model = copy.deepcopy(dense)
     start = time.perf_counter()
     summary = STRUCTURED.create(name, params).prune_model(model, batches, ratio)
-    prune_s = time.perf_counter() - start
+    prune_s = None if args.skip_timing else time.perf_counter() - start
     model = reloaded(model, timing_tokens[:1])
     key = fingerprint(model)  # identical models (same blocks removed) are evaluated once
     if key not in ppl_cache:
@@ -144,18 +153,10 @@ def run_one(
         "ratio": ratio,
         "ppl": ppl,
         "prune_s": prune_s,
-        **interleaved_timing(dense, model, timing_tokens, args.reps, args.timing_threads),
-        **{k: v for k, v in summary.items() if k not in ("removed_units", "block_scores")},
+        **({} if args.skip_timing else interleaved_timing(dense, model, timing_tokens, args.reps, args.timing_threads)),
+        **{k: v for k, v in summary.items() if k not in ("removed_units", "block_scores", "layer_sizes")},
     }
-    logging.info(
-        "%s @ %.0f%%: ppl %.2f, removed %.1f%%, speedup %.2fx wall, %.2fx cpu",
-        label,
-        100 * ratio,
-        ppl,
-        100 * summary["removed_fraction"],
-        row["speedup_wall"],
-        row["speedup_cpu"],
-    )
+    logging.info("%s @ %.0f%%: ppl %.2f, removed %.1f%%", label, 100 * ratio, ppl, 100 * summary["removed_fraction"])
     return row
 
 
@@ -195,14 +196,57 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(
             f"| {r['method']} | {r['ratio']:.0%} | {r['removed_fraction']:.1%} | "
-            f"{r['model_removed_fraction']:.1%} | {r['ppl']:.2f} | {r['tokens_per_s_dense_wall']:.0f} | "
-            f"{r['tokens_per_s_pruned_wall']:.0f} | {_ratio(r, 'wall')} | {_ratio(r, 'cpu')} | "
-            f"{r['prune_s']:.1f} | {_detail(r)} |"
+            f"{r['model_removed_fraction']:.1%} | {r['ppl']:.2f} | {_tokens(r, 'dense')} | "
+            f"{_tokens(r, 'pruned')} | {_ratio(r, 'wall')} | {_ratio(r, 'cpu')} | "
+            f"{_seconds(r)} | {_detail(r)} |"
+        )
+    if any("speedup_wall" not in r for r in result["rows"]):
+        lines += ["", "–: measured for quality only (`--skip-timing`), on a machine shared with other jobs."]
+    text = "\n".join(lines) + "\n"
+    return text + norms_markdown(result["slicegpt_norms"]) if "slicegpt_norms" in result else text
+
+
+def norms_markdown(section: dict) -> str:
+    """The SliceGPT table of ``benchmarks/structured_slicegpt.py``: an RMSNorm and a LayerNorm model side by side."""
+    lines = [
+        "",
+        "## SliceGPT on an RMSNorm and a LayerNorm model",
+        "",
+        f"Calibration {section['nsamples']} x {section['seqlen']} tokens of kjv/train.txt (seed 0), perplexity on "
+        "kjv/test.txt in 256-token windows. *Slicing* is what the target is a fraction of: `width`, the hidden width "
+        "(SliceGPT's slicing, as in its tables), or `params`, the decoder-layer parameters (prunekit's default). "
+        "Every sliced model was saved and reloaded (*loads with*) and gave identical logits. *Published code*: "
+        "microsoft/TransformerCompression on kjv-llama-5m (../shared/fixtures/METRICS.md; its 512-token calibration "
+        "windows and per-block rotations, whose shortcut matrices it counts) at the same slicing of the width, or, "
+        "beside `params` 12.5%, at the slicing that leaves as many parameters.",
+        "",
+        "| model | norm | slicing | target | hidden | params (model) | removed (decoder) | ppl (dense) | "
+        "variance kept | loads with | published code, slicing: params / ppl |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in section["rows"]:
+        paper = r.get("published")
+        lines.append(
+            f"| {r['model']} | {r['norm']} | {r['slicing']} | {100 * r['ratio']:g}% | {r['hidden_before']}→"
+            f"{r['hidden_after']} | {r['model_params_after']:,} | {r['removed_fraction']:.1%} | {r['ppl']:.2f} "
+            f"({r['dense_ppl']:.2f}) | {r['variance_kept']:.3f} | {r['loads_with']} | "
+            + (f"{paper['slicing']:.2f}: {paper['params']:,} / {paper['ppl']:.2f} |" if paper else "– |")
         )
     return "\n".join(lines) + "\n"
 
 
+def _tokens(row: dict, which: str) -> str:
+    value = row.get(f"tokens_per_s_{which}_wall")
+    return "–" if value is None else f"{value:.0f}"
+
+
+def _seconds(row: dict) -> str:
+    return "–" if row.get("prune_s") is None else f"{row['prune_s']:.1f}"
+
+
 def _ratio(row: dict, tag: str) -> str:
+    if f"speedup_{tag}" not in row:
+        return "–"
     low, high = row[f"speedup_{tag}_range"]
     return f"{row[f'speedup_{tag}']:.2f}x ({low:.2f}–{high:.2f})"
 
@@ -224,7 +268,8 @@ def main() -> None:
             result["rows"].append(
                 run_one(dense, label, name, params, ratio, batches, test, timing_tokens, args, ppl_cache)
             )
-            result["load_average"].append(os.getloadavg()[0])
+            if not args.skip_timing:
+                result["load_average"].append(os.getloadavg()[0])
             result["rows"].sort(key=lambda r: ([m[0] for m in METHODS].index(r["method"]), r["ratio"]))
             write_results(result, Path(args.out))  # after every row: a long run that fails keeps what it measured
     print(markdown(result))
@@ -234,7 +279,7 @@ SETTINGS = ("nsamples", "seqlen", "batch", "reps", "threads", "timing_threads")
 
 
 def new_result(args: argparse.Namespace, dense_ppl: float) -> dict:
-    return {
+    result = {
         "model": "kjv-llama-5m",
         "dense_ppl": dense_ppl,
         **{k: getattr(args, k) for k in SETTINGS},
@@ -242,6 +287,10 @@ def new_result(args: argparse.Namespace, dense_ppl: float) -> dict:
         "rows": [],
         "load_average": [],
     }
+    saved = Path(args.out).with_suffix(".json")  # benchmarks/structured_slicegpt.py's section stays
+    if saved.is_file() and "slicegpt_norms" in (old := json.loads(saved.read_text())):
+        result["slicegpt_norms"] = old["slicegpt_norms"]
+    return result
 
 
 def previous_result(args: argparse.Namespace) -> dict:

@@ -5,14 +5,7 @@ Names are imported on first use, so ``import prunekit`` (and ``prunekit --help``
 
 from __future__ import annotations
 
-import importlib
-import os
-from typing import Any
-
-# Large CPU tensors on transparent huge pages: every new score, mask or weight copy of a 7B block otherwise faults
-# its memory in 4 KiB at a time, which cost more than the work itself (docs/speed.md). torch reads this at its
-# first CPU allocation; a value the user set (THP_MEM_ALLOC_ENABLE=0) wins.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from .exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -45,15 +38,4 @@ _EXPORTS = {
     "load": "io.models",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -134,8 +134,11 @@ class Activations:
         """Batch ``j``'s arguments of block ``block`` on the compute device."""
         args, kwargs = self.own_calls.get(block, self.calls)[j]
         args, kwargs = to_device(args, self.device), to_device(kwargs, self.device)
-        hidden = self._mapped(j, shared=False) if self.where == "disk" else self.hidden[j]
-        return with_hidden(args, kwargs, to_device(hidden, self.device))
+        return with_hidden(args, kwargs, to_device(self.hidden_state(j), self.device))
+
+    def hidden_state(self, j: int) -> torch.Tensor:
+        """Batch ``j``'s hidden state where it lives (on disk: mapped until the tensor is dropped)."""
+        return self._mapped(j, shared=False) if self.where == "disk" else self.hidden[j]
 
     def update(self, j: int, hidden: torch.Tensor) -> None:
         """Replace batch ``j``'s hidden state by the block's output (the next block's input)."""

@@ -187,7 +187,9 @@ def _rounded(values: Mapping[Hashable, float]) -> dict:
 @register_allocator
 @dataclass
 class Explicit(Allocator):
-    """Sparsities from a recipe: ``sparsities`` maps fnmatch patterns on layer names
+    """Per-layer sparsities written out in a recipe.
+
+    ``sparsities`` maps fnmatch patterns on layer names
     (``"model.layers.*.mlp.*"``) or block indices (``3`` / ``"3"``) to a sparsity; the first key that
     matches a layer wins, every layer must match one (end with ``"*"`` as a catch-all). The
     parameter-weighted mean must be the target (within 1e-6) unless ``normalize`` scales all of them."""

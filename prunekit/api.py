@@ -3,10 +3,12 @@ what needs the model before any work, then runs the engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -16,12 +18,13 @@ from torch import nn
 from . import engine
 from .allocate import ALLOCATORS, Allocator
 from .collect import LayerStats
-from .config import PruneConfig
+from .config import PruneConfig, refuse_unused
 from .coverage import block_coverage
 from .data.calib import calibration_batches
+from .distributed import check_launch, rank_device, shard, together, world_size
 from .errors import PrunekitError
 from .forward import eval_mode, model_device, on_device
-from .graph import find_stacks, is_vision_model, select_layers, stack_block_index, weight_matrix
+from .graph import find_stacks, input_embeddings, is_vision_model, select_layers, stack_block_index, weight_matrix
 from .groups import GLOBAL, parse_pattern
 from .masks import count_zeros
 from .methods import METHODS, UPDATES, Target
@@ -119,7 +122,7 @@ def plan_prune(model: nn.Module, config: PruneConfig | str | None = None, **sett
     check_patterns(layers, nm)
     needs = frozenset(method.needs).union(*(u.needs for u in updates))
     targets = {n: Target(config.sparsity, group, nm) for n in layers}
-    device = torch.device(config.device) if config.device is not None else None
+    device = rank_device(config.device)
     return engine.Plan(
         method, updates, layers, targets, _stacks(model, config, group), device, needs, config.as_config()
     )
@@ -152,45 +155,161 @@ def prune(
     ``config`` is a ``PruneConfig`` or a method name; any setting of ``PruneConfig`` may also be given as a
     keyword (``prune(model, "wanda", 0.5, calib=tokens, update="admm")``) and overrides the config.
     ``calib`` is a LongTensor of token ids ``[nsamples, seqlen]``, an iterable / DataLoader of batches
-    (tensors or dicts of model inputs), or a text file path (tokenised with ``tokenizer``). Methods that
-    need no statistics (magnitude) need no ``calib``. Structured methods (``depth``, ``width``, ``slicegpt``)
-    remove about ``sparsity`` of the selected parameters and change the model's shapes and config.
+    (tensors or dicts of model inputs), or a text file path (tokenised with ``tokenizer``; ``nsamples`` windows of
+    ``seqlen`` tokens drawn with ``seed``). Methods that need no statistics (magnitude) need no ``calib``.
+    Structured methods (``depth``, ``width``, ``slicegpt``) remove about ``sparsity`` of the selected parameters
+    and change the model's shapes and config. Settings that cannot apply here are refused (``PYTHON_UNUSED``).
+
+    Inside an initialised ``torch.distributed`` process group every rank calls ``prune`` with the same model,
+    settings and calibration data: each calibrates on its share of the batches, the statistics are summed over
+    the ranks and the layers' pruning is shared out (``prunekit.distributed``), so every rank ends with the same
+    pruned model.
     """
     config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
+    unused = python_unused(calib)
+    used = [f.name for f in dataclasses.fields(config) if f.name not in unused]
+    refuse_unused(config, used, "prunekit.prune", PYTHON_UNUSED_WHY)
+    return prune_model(model, config, calib, tokenizer)
+
+
+# What ``prunekit.prune`` cannot use: the model is already loaded (``dtype`` is how prunekit loads a checkpoint),
+# and calibration given as batches is already drawn (``nsamples``, ``seqlen``, ``seed`` draw windows from text).
+PYTHON_UNUSED_WHY = (
+    "the model passed in is already loaded (cast it yourself: model.to(torch.bfloat16)), and calibration given as "
+    "token ids or batches is already drawn (nsamples, seqlen and seed draw windows from a text path)"
+)
+
+
+def python_unused(calib: Any) -> set[str]:
+    drawn = {"nsamples", "seqlen", "seed"} if calib is not None and not isinstance(calib, (str, os.PathLike)) else set()
+    return {"dtype", *drawn}
+
+
+def prune_model(
+    model: nn.Module,
+    config: PruneConfig,
+    calib: Any = None,
+    tokenizer: Any = None,
+    resume: engine.Resume | None = None,
+) -> PruneReport:
+    """The work behind every front end that holds the model in memory (``prune``, the CLI, fine-tuning).
+    ``resume`` keeps a resumable run's progress block by block (the CLI's ``--out``: ``io.resume.InMemoryResume``)."""
     check_model(model)
+    check_launch()
     with eval_mode(model):
         if config.structured:
+            if resume is not None:
+                resume.bind(None, resumable=False)
             return _prune_structured(model, config, calib, tokenizer)
-        return _prune_unstructured(model, config, calib, tokenizer)
+        return _prune_unstructured(model, config, calib, tokenizer, resume)
 
 
-def _prune_unstructured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
+def _prune_unstructured(
+    model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any, resume: engine.Resume | None = None
+) -> PruneReport:
     plan = plan_prune(model, config)
     allocator = ALLOCATORS.create(config.allocation, config.allocation_params)
     start = time.perf_counter()
     wants_data = plan.needs or allocator.needs_calibration or config.recalibrate_bn or calib is not None
-    batches = calibration(model, calib, tokenizer, config) if wants_data else []
+    with together():
+        batches = model_batches(model, calib, tokenizer, config) if wants_data else []
+        plan = engine.chained(model, plan, batches)
+        plan, uncalled = _without_uncalled(model, plan, batches if plan.needs or allocator.needs_calibration else [])
     data_s = time.perf_counter() - start
-    plan = engine.chained(model, plan, batches)
-    plan = replace(plan, targets=allocate(model, batches, plan, allocator, config.sparsity))
-    warn_existing_zeros(plan)
-    timings = engine.run(model, batches, plan)
+    saved = resume.targets if resume is not None else None  # a resumed run keeps its allocation
+    plan = replace(plan, targets=saved or allocate(model, batches, plan, allocator, config.sparsity))
+    if saved is None:
+        warn_existing_zeros(plan)
+    if resume is not None:
+        resume = resume.bind(plan, engine.resumable(plan))
+    timings = engine.run(model, batches, plan, resume)
     timings["data_s"] = data_s
     bn = _recalibrate_bn(model, plan, batches, config.recalibrate_bn)
-    layers, overall = layer_sparsity(plan.layers)
-    for name, row in layers.items():
+    rows = layer_sparsity(plan.layers)[0]
+    report = unstructured_report(
+        config,
+        plan,
+        rows,
+        timings,
+        coverage=_coverage(model, plan, uncalled),
+        experts=expert_report(model, plan.layers, config.expert_tokens, config.expert_min_tokens),
+        seqlen=window_length(batches),
+        bn_recalibration=bn,
+    )
+    log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(rows), 100 * report.sparsity, timings["total_s"])
+    return with_ranks(report)
+
+
+def with_ranks(report: PruneReport) -> PruneReport:
+    """The number of ranks in the report, when there were several."""
+    if world_size() > 1:
+        report.metrics["world_size"] = world_size()
+    return report
+
+
+def unstructured_report(
+    config: PruneConfig,
+    plan: engine.Plan,
+    rows: dict[str, dict[str, Any]],
+    timings: dict[str, float],
+    *,
+    seqlen: int | None,
+    job: Mapping[str, Any] | None = None,
+    **parts: Any,
+) -> PruneReport:
+    """The report of a mask-and-update run, in memory or lazy: the settings as resolved (group, block lists, the
+    calibration windows' length actually used), per-layer rows with their targets, overall sparsity, and the
+    report's other ``parts`` (coverage, experts, metrics, bn_recalibration)."""
+    for name, row in rows.items():
         row["target"] = plan.targets[name].sparsity
+    zeros, total = sum(r["zeros"] for r in rows.values()), sum(r["numel"] for r in rows.values())
     settings = {
         **config.settings(),
+        **(job or {}),
         "group": next(iter(plan.targets.values())).group,
         "blocks": ",".join(prefix for prefix, _ in plan.stacks) or None,
+        "seqlen": seqlen if seqlen is not None else config.seqlen,
     }
-    log.info("pruned %d layers to %.2f%% sparsity in %.1fs", len(layers), 100 * overall, timings["total_s"])
-    coverage = block_coverage(model, plan.layers)
-    experts = expert_report(model, plan.layers, config.expert_tokens, config.expert_min_tokens)
-    return PruneReport(
-        settings, layers, overall, timings, versions(), bn_recalibration=bn, coverage=coverage, experts=experts
+    return PruneReport(settings, rows, zeros / max(total, 1), timings, versions(), **parts)
+
+
+def window_length(batches: Sequence[Any]) -> int | None:
+    """Tokens per calibration window, read off the batches (None for image batches or without calibration)."""
+    if not batches:
+        return None
+    first = batches[0]
+    ids = first.get("input_ids") if isinstance(first, Mapping) else first
+    if isinstance(ids, (tuple, list)) and ids:
+        ids = ids[0]
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() >= 1:
+        return int(ids.shape[-1])
+    return None
+
+
+def _coverage(model: nn.Module, plan: engine.Plan, uncalled: dict[str, str]) -> dict[str, Any]:
+    """``block_coverage``, with the layers no calibration input reached named as such (inside the blocks or not)."""
+    coverage = block_coverage(model, plan.layers, reasons=uncalled)
+    if uncalled:
+        coverage["never_called"] = sorted(uncalled)
+    return coverage
+
+
+def _without_uncalled(model: nn.Module, plan: engine.Plan, batches: list) -> tuple[engine.Plan, dict[str, str]]:
+    """The plan without the selected layers no calibration input reaches (``engine.uncalled``): they stay dense,
+    with their reason in the report's coverage."""
+    uncalled = engine.uncalled(model, plan, batches)
+    if not uncalled:
+        return plan, {}
+    if len(uncalled) == len(plan.layers):
+        raise PrunekitError(f"{next(iter(uncalled.values()))}, nor any other selected layer; check --include")
+    log.warning(
+        "%d selected layer(s) left dense: %s; prune them without calibration data (--method magnitude --include "
+        "NAME) if they should be sparse",
+        len(uncalled),
+        next(iter(uncalled.values())),
     )
+    layers = {n: m for n, m in plan.layers.items() if n not in uncalled}
+    return replace(plan, layers=layers, targets={n: plan.targets[n] for n in layers}), uncalled
 
 
 def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokenizer: Any) -> PruneReport:
@@ -199,12 +318,14 @@ def _prune_structured(model: nn.Module, config: PruneConfig, calib: Any, tokeniz
 
     method = STRUCTURED.create(config.method, config.method_params)
     start = time.perf_counter()
-    batches = calibration(model, calib, tokenizer, config) if method.needs_calibration else []
-    with torch.no_grad(), on_device(model, config.device):
+    with together():
+        batches = model_batches(model, calib, tokenizer, config) if method.needs_calibration else []
+    with torch.no_grad(), on_device(model, rank_device(config.device)):
         summary = method.prune_model(model, batches, config.sparsity)
-    settings = {**config.settings(), "structured": True}
+    seqlen = window_length(batches)
+    settings = {**config.settings(), "structured": True, "seqlen": seqlen if seqlen is not None else config.seqlen}
     timings = {"total_s": time.perf_counter() - start}
-    return PruneReport(settings, {}, 0.0, timings, versions(), structure=summary)
+    return with_ranks(PruneReport(settings, {}, 0.0, timings, versions(), structure=summary))
 
 
 def allocate(
@@ -284,10 +405,12 @@ def resolve_seqlen(seqlen: int | None, model: Any, what: str = "seqlen") -> int:
     return seqlen
 
 
-def calibration(model: nn.Module, calib: Any, tokenizer: Any, config: PruneConfig) -> list:
-    """The calibration batches of ``calib`` for ``model`` (text windows of the resolved length)."""
+def model_batches(model: nn.Module, calib: Any, tokenizer: Any, config: PruneConfig) -> list:
+    """The calibration batches of ``calib`` for ``model`` (text windows of the resolved length); with several
+    ranks, this rank's share of them (``prunekit.distributed.shard``)."""
     seqlen = resolve_seqlen(config.seqlen, model)
     batches = calibration_batches(calib, tokenizer, config.nsamples, seqlen, config.seed, config.batch_size)
+    batches = shard(batches)
     check_token_batches(model, batches)
     return batches
 
@@ -305,7 +428,7 @@ def check_model(model: nn.Module) -> None:
 def check_token_batches(model: nn.Module, batches: list) -> None:
     """Token-id batches must be integers inside the vocabulary: a raw embedding error deep inside the model
     says neither."""
-    embed = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    embed = input_embeddings(model)
     if not isinstance(embed, nn.Embedding):
         return
     for batch in batches:

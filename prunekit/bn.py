@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import active, sum_over_ranks, together
 from .errors import PrunekitError
 from .forward import Batch, eval_mode, hooks, on_device, run_model
 
@@ -114,13 +115,32 @@ def _input_moments(
     """Run ``batches`` with the BatchNorm layers in train mode and record the moments of their inputs."""
     moments = {name: _Moments() for name in layers}
     with (
+        together(),
         hooks(m.register_forward_pre_hook(moments[name]) for name, m in layers.items()),
         on_device(model, device),
         _batchnorm_train_mode(model, layers),
     ):
         for batch in batches:
             run_model(model, batch, device)
+    _sum_moments(layers, moments)
     return moments
+
+
+def _sum_moments(layers: dict[str, nn.Module], moments: dict[str, _Moments]) -> None:
+    """Every rank's moments summed (each saw its own calibration batches); a no-op in one process."""
+    if not active():
+        return
+    parts = []
+    for name, m in layers.items():
+        mo = moments[name]
+        if mo.sum is None:  # no input on this rank: zeros of the layer's width
+            mo.sum = torch.zeros(m.num_features, dtype=torch.float64, device=m.running_mean.device)
+            mo.sq_sum = torch.zeros_like(mo.sum)
+        parts += [mo.sum, mo.sq_sum]
+    counts = torch.tensor([moments[name].count for name in layers], dtype=torch.float64)
+    sum_over_ranks(*parts, counts)
+    for name, count in zip(layers, counts.tolist()):
+        moments[name].count = int(count)
 
 
 def _write_statistics(layers: dict[str, nn.Module], moments: dict[str, _Moments]) -> None:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import inspect
 import logging
+import os
+import signal
 import sys
 import traceback
 from importlib import resources
@@ -105,18 +108,14 @@ def _add_prune(sub) -> None:
 
 
 def cmd_prune(args) -> int:
+    from .quality import prune_job
+
     recipe = load_recipe(PruneRecipe, args.recipe, setting_values(args, PruneRecipe))
-    if recipe.target is not None:
-        from .quality import prune_job
-
-        report = prune_job(recipe, args.recipe, on_trial=print_trial)
-    else:
-        from .commands import run_prune
-
-        report = run_prune(recipe, args.recipe)
-    print_prune_report(report.to_dict())
-    if recipe.out:
-        print(f"saved to {recipe.out}")
+    report = prune_job(recipe, args.recipe, on_trial=print_trial)  # one sparsity, or a --target search
+    if launch_rank() == 0:  # under torchrun the other ranks print nothing
+        print_prune_report(report.to_dict())
+        if recipe.out:
+            print(f"saved to {recipe.out}")
     return 0
 
 
@@ -157,18 +156,19 @@ def coverage_line(coverage: dict[str, Any]) -> str:
     """The sparsity over all block weights next to the selected layers', and what was left dense."""
     if "block_sparsity" not in coverage:
         return coverage.get("note", "")
-    text = (
+    return (  # a coverage warning was logged already (once, on stderr)
         f"all weights inside {', '.join(coverage['blocks'])}: {coverage['block_sparsity']:.4f} zero; "
         f"{len(coverage['left_dense'])} tensor(s) left dense ({coverage['left_dense_params']:,} parameters, "
         "listed in prune_report.json)"
     )
-    return text + (f"\n[bold yellow]warning:[/] {coverage['warning']}" if "warning" in coverage else "")
 
 
 def layer_table(report: dict[str, Any]):
     from rich.table import Table
 
-    table = Table(title=f"{report['settings']['method']} - overall sparsity {report['sparsity']:.4f}")
+    settings = report["settings"]
+    what = " ".join(str(v) for v in (settings["method"], settings.get("pattern")) if v)
+    table = Table(title=f"{what} - overall sparsity {report['sparsity']:.4f}")
     for col in ("layer", "shape", "sparsity"):
         table.add_column(col)
     for name, row in report["layers"].items():
@@ -272,11 +272,16 @@ def _add_eval(sub) -> None:
     ppl.add_argument("--device")
     ppl.add_argument("--dtype", default="auto")
     ppl.add_argument("--trust-remote-code", action="store_true")
+    ppl.add_argument("--tokenizer", help=TOKENIZER_HELP)
     ppl.add_argument("--json", help="write the result to this JSON file")
     ppl.set_defaults(func=cmd_eval_ppl)
     image = esub.add_parser("image", help="top-1/top-5 of an image classifier on an ImageFolder (Lightning)")
     image.add_argument("--recipe", help="LightningCLI-style YAML (recipes/imagenet-eval.yaml)")
-    image.add_argument("--model", help="timm:NAME, local-dir:PATH, torchvision:NAME or a saved prunekit directory")
+    image.add_argument(
+        "--model",
+        help="timm:NAME, local-dir:PATH, torchvision:NAME, a saved prunekit directory or a Hugging Face image "
+        "classifier (its own image processor prepares the images)",
+    )
     image.add_argument("--data", help="ImageFolder in ImageNet layout (class folders)")
     image.add_argument("--batch-size", type=int)
     image.add_argument("--num-workers", type=int)
@@ -286,6 +291,76 @@ def _add_eval(sub) -> None:
     image.add_argument("--json", help="write the results to this JSON file")
     image.set_defaults(func=cmd_eval_image)
     _add_zeroshot(esub)
+    _add_eval_model(esub)
+
+
+TOKENIZER_HELP = "tokenizer (or processor) directory or hub id, when the model directory has none"
+
+
+def _add_eval_model(esub) -> None:
+    """``prunekit eval model``: any model class, its own data and metric (``prunekit.model_classes``)."""
+    from .model_classes import MODEL_CLASSES
+
+    metrics = "; ".join(f"{name}: {row.metric}" for name, row in MODEL_CLASSES.items())
+    p = esub.add_parser(
+        "model",
+        help="the metric of a saved model's class on its kind of data, as `prunekit prune --eval-data` reports it",
+        description=f"Metrics by model class: {metrics}.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id (or timm:NAME, local-dir:PATH, ...)")
+    p.add_argument("--data", required=True, help="evaluation data in the format of the model's class (see --help)")
+    p.add_argument("--model-class", default="auto", help="as for prunekit prune (default: from config.json)")
+    p.add_argument(
+        "--reference", help="the dense model, for metrics that compare with it (embedding cosine, agreement)"
+    )
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seqlen", type=int, help="tokens per text window (default: min(2048, the model's context))")
+    p.add_argument(
+        "--prompt-template", help="dual encoders: zero-shot prompt, {} = class name (default: 'a photo of a {}.')"
+    )
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", help="write the result to this JSON file")
+    p.set_defaults(func=cmd_eval_model)
+
+
+def cmd_eval_model(args) -> int:
+    from .commands import run_eval
+
+    result = run_eval(eval_recipe(args), args.reference, args.tokenizer, args.json)
+    print_metrics(result)
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
+def eval_recipe(args) -> PruneRecipe:
+    """The evaluation's settings as the recipe fields the model classes read."""
+    given = {
+        "model": args.model,
+        "model_class": args.model_class,
+        "eval_data": args.data,
+        "eval_batch_size": args.batch_size,
+        "eval_seqlen": args.seqlen,
+        "prompt_template": args.prompt_template,
+        "num_workers": args.num_workers,
+        "device": args.device,
+        "dtype": args.dtype,
+        "trust_remote_code": args.trust_remote_code,
+    }
+    return PruneRecipe(**{k: v for k, v in given.items() if v is not None})
+
+
+def print_metrics(result: dict[str, Any]) -> None:
+    """``model_class metric=value ...`` on one line (values to 4 decimals)."""
+    skip = {"model", "model_class", "data", "reference"}
+    shown = "  ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items() if k not in skip
+    )
+    print(f"{result['model_class']}: {shown}")
 
 
 def _sections(args, data_keys: dict[str, str], model_keys: dict[str, str]) -> dict[str, Any]:
@@ -328,9 +403,17 @@ def cmd_eval_ppl(args) -> int:
             args.dtype,
             args.trust_remote_code,
             args.json,
+            args.tokenizer,
         )
+        result["results_file"] = args.json
     print(f"perplexity {result['ppl']:.4f}")
+    _say_where(result)
     return 0
+
+
+def _say_where(result: dict[str, Any]) -> None:
+    if result.get("results_file"):
+        print(f"wrote {result['results_file']}")
 
 
 def cmd_eval_image(args) -> int:
@@ -346,9 +429,11 @@ def cmd_eval_image(args) -> int:
             ),
         )
     else:
-        from .io.timm import load_vision_model
+        from .io.timm import is_vision_source, load_vision_model
 
         _require(args, "model", "data")
+        if not is_vision_source(args.model):  # a Hugging Face image classifier: its class's own evaluation
+            return _eval_hf_image(args)
         model = load_vision_model(args.model, num_classes=args.num_classes)
         result = evaluate_image(
             model,
@@ -361,6 +446,26 @@ def cmd_eval_image(args) -> int:
         )
     top5 = f"  top-5 {result['top5']:.4f}" if "top5" in result else ""
     print(f"top-1 {result['top1']:.4f}{top5}  ({result['images']} images)")
+    _say_where(result)
+    return 0
+
+
+def _eval_hf_image(args) -> int:
+    from .commands import run_eval
+
+    if args.num_classes is not None:
+        raise PrunekitError("--num-classes replaces a timm model's head; a Hugging Face classifier keeps its own")
+    recipe = PruneRecipe(
+        model=args.model,
+        model_class="image-classification",
+        eval_data=args.data,
+        eval_batch_size=args.batch_size or 64,
+        num_workers=args.num_workers or 0,
+    )
+    result = run_eval(recipe, json_path=args.json)
+    top5 = f"  top-5 {result['top5']:.4f}" if "top5" in result else ""
+    print(f"top-1 {result['top1']:.4f}{top5}")
+    _say_where({"results_file": args.json})
     return 0
 
 
@@ -401,33 +506,16 @@ def cmd_eval_zeroshot(args) -> int:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser(
-        "report",
-        help="markdown table + plots from several runs' prune_report.json; or, with "
-        "--docs, the documentation pages from benchmark results",
-    )
-    p.add_argument("runs", nargs="*", help="run directories or JSON files")
+    p = sub.add_parser("report", help="markdown table + plots from several runs' prune_report.json")
+    p.add_argument("runs", nargs="+", help="run directories or JSON files")
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="prunekit report")
-    p.add_argument(
-        "--docs",
-        metavar="RESULTS_DIR",
-        help="fill the templates in OUT/templates from RESULTS_DIR "
-        "(e.g. benchmarks/results) and write the pages to OUT",
-    )
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
-    from .errors import PrunekitError
-    from .report import build_docs, build_report
+    from .report import build_report
 
-    if bool(args.docs) == bool(args.runs):
-        raise PrunekitError("prunekit report takes run directories / JSON files, or --docs RESULTS_DIR: exactly one")
-    if args.docs:
-        for page in build_docs(args.docs, args.out):
-            print(f"page: {page}")
-        return 0
     files = build_report(args.runs, args.out, args.title)
     for kind, path in files.items():
         print(f"{kind}: {path}")
@@ -435,26 +523,21 @@ def cmd_report(args) -> int:
 
 
 def _add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="prune + fine-tune (LoRA or full, one-shot or gradual) from a recipe")
-    p.add_argument(
-        "--recipe", required=True, help="e.g. recipes/llama-wanda70-lora.yaml, recipes/convnext-gradual.yaml"
+    from .finetune.recipe import FinetuneRecipe
+
+    p = sub.add_parser(
+        "finetune", help="prune + fine-tune (LoRA or full, one-shot or gradual) from flags or a recipe (flags win)"
     )
-    p.add_argument("--out")
-    p.add_argument("--overwrite", action="store_const", const=True)
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_const",
-        const=True,
-        help="run the checkpoint's own Python code (never enabled by a recipe)",
-    )
+    p.add_argument("--recipe", help="e.g. recipes/llama-wanda70-lora.yaml; every flag below is also a recipe key")
+    add_setting_flags(p, FinetuneRecipe)
     p.set_defaults(func=cmd_finetune)
 
 
 def cmd_finetune(args) -> int:
+    from .finetune.recipe import FinetuneRecipe
     from .finetune.run import run_finetune_recipe
 
-    overrides = {k: getattr(args, k) for k in ("out", "overwrite", "trust_remote_code") if getattr(args, k) is not None}
-    report = run_finetune_recipe(args.recipe, overrides)
+    report = run_finetune_recipe(args.recipe, setting_values(args, FinetuneRecipe))
     print_finetune_report(report)
     if report["settings"].get("out"):
         print(f"saved to {report['settings']['out']}")
@@ -549,33 +632,48 @@ def cmd_methods(args) -> int:
         for title, registry in registries():
             print(f"{title}: {', '.join(registry.names())}")
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    rows = [(name, title, *describe(registry[name])) for title, registry in registries() for name in registry.names()]
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
 
-    table = Table(title="prunekit methods")
-    for col in ("name", "kind", "calibration", "default group", "parameters (default)", "what"):
-        table.add_column(col)
-    for title, registry in registries():
-        for name in registry.names():
-            table.add_row(name, title, *describe(registry[name]))
-    Console().print(table)
+        table = Table(title="prunekit methods")
+        for col in ("name", "kind", "calibration", "default group", "parameters (default)", "what"):
+            table.add_column(col, overflow="fold")  # wrapped, never cut with an ellipsis
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return 0
+    for name, kind, calibration, group, params, what in rows:  # a pipe: one plain block per entry, no width limit
+        print(f"{name} ({kind.removesuffix('s')}): {what}")
+        details = [("calibration", calibration), ("default group", group), ("parameters", params)]
+        print("".join(f"  {label}: {value}\n" for label, value in details if value), end="")
     return 0
 
 
 def describe(entry: Any) -> tuple[str, str, str, str]:
-    """Calibration needed, default group, parameters with defaults, and the docstring's first line."""
+    """Calibration needed, default group, parameters with defaults, and the docstring's first sentence."""
     needs = getattr(entry, "needs", None)
     calib = getattr(entry, "needs_calibration", None)
     calibration = "yes" if needs or calib else ("no" if needs is not None or calib is not None else "")
     if needs:
         calibration += f" ({', '.join(sorted(needs))})"
     params = (
-        ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(entry) if f.default is not dataclasses.MISSING)
+        ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(entry) if f.default is not dataclasses.MISSING)
         if dataclasses.is_dataclass(entry)
         else ""
     )
-    doc = (entry.__doc__ or "").strip().split("\n")[0]
-    return calibration, getattr(entry, "default_group", ""), params, doc
+    return calibration, getattr(entry, "default_group", ""), params, first_sentence(entry)
+
+
+def first_sentence(entry: Any) -> str:
+    """The first sentence of ``entry``'s own docstring (not the signature dataclasses write when there is none)."""
+    doc = inspect.getdoc(entry) or ""
+    if doc.startswith(f"{getattr(entry, '__name__', '')}("):
+        return ""
+    paragraph = " ".join(doc.split("\n\n")[0].split()).replace("``", "")
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
 
 
 def demo_assets() -> Path:
@@ -680,49 +778,161 @@ def not_an_advert(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(ADVERT_PREFIX)
 
 
+class OnceEach(logging.Filter):
+    """Lightning logs which accelerators it found (``GPU available: ...``) for every Trainer, and a fine-tune
+    builds several (evaluation before, training, evaluation after): each such line is printed once."""
+
+    PREFIXES = ("GPU available", "TPU available", "HPU available", "IPU available")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIXES):
+            return True
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+ONCE_EACH = OnceEach()
+
+
 def configure_logging(verbose: bool) -> None:
     """One handler on the root at WARNING (INFO with ``-v``); every line printed once; no adverts; no
-    deprecation notes of one dependency about another that the user cannot act on."""
+    deprecation notes of one dependency about another that the user cannot act on. Under torchrun the ranks
+    but rank 0 log errors only and show no progress bars: one rank speaks for all."""
     import warnings
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    level = logging.INFO if verbose else logging.WARNING
+    if launch_rank() > 0:
+        level = logging.ERROR
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.root.handlers:
         handler.addFilter(PRINTED_ON_THE_WAY)
+    logging.getLogger("prunekit.progress").setLevel(logging.INFO)  # plain progress lines where no bar is drawn
     for name in LIGHTNING_RANK_ZERO_LOGGERS:
         logging.getLogger(name).addFilter(not_an_advert)
+        logging.getLogger(name).addFilter(ONCE_EACH)
     for message in DEPENDENCY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message)
 
 
+def launch_rank() -> int:
+    """This process's rank in a torchrun launch (0 without one), from the launcher's environment."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _rank_prefix() -> str:
+    return f"rank {launch_rank()}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, torchrun stopping the ranks of a failed run), raised where the program
+    is so that outputs in progress are removed and a resumable run keeps its progress, as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    distributed = sys.modules.get("prunekit.distributed")
+    # After a failure every rank knows of the ranks are on their way out already: let the cleanup finish.
+    if distributed is None or not distributed.stopping():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup itself is not interrupted again
+        raise Terminated
+
+
+def _lost_contact(err: BaseException) -> bool:
+    """A collective failed because another rank stopped (its connection closed) or never answered (timeout)."""
+    dist_error = getattr(sys.modules.get("torch.distributed"), "DistError", ())
+    text = str(err)
+    return (dist_error and isinstance(err, dist_error)) or any(k in text for k in ("gloo", "NCCL", "Connection"))
+
+
+# Large CPU tensors on transparent huge pages: every new score, mask or weight copy of a 7B block otherwise faults
+# its memory in 4 KiB at a time, which cost more than the work itself (docs/speed.md). torch reads this at its first
+# CPU allocation, so the command sets it before anything imports torch (a value the user set wins); a Python program
+# sets it itself, before importing torch. A process-wide effect: the entry point's, never an import's.
+HUGE_PAGES = ("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault(*HUGE_PAGES)
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    pruning = args.command in ("prune", "demo")  # Lightning (finetune) handles its own signals
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if pruning and _main_thread() else None
+    try:
+        return _run_command(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _run_command(args) -> int:
+    """The command, and what its failure looks like: one line (the user's to fix, or the machine's), a traceback
+    only for our bugs. Under torchrun a failure every rank knows of is told once, by rank 0."""
     try:
         return args.func(args)
     except PrunekitError as err:  # the user's to fix: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+        if not (launch_rank() > 0 and getattr(err, "prunekit_agreed", False)):
+            print(f"error: {'' if _peer(err) else _rank_prefix()}{err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # outputs in progress were removed by their context managers on the way out
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # outputs in progress were removed by their context managers on the way out
+        if launch_rank() == 0:
+            print(f"{'terminated' if isinstance(err, Terminated) else 'interrupted'}: {_kept()}", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except OSError as err:
         if err.errno not in USER_OS_ERRORS:
             return _bug()
         where = f" writing {err.filename!r}" if err.filename else ""
         print(
-            f"error: {err.strerror}{where}: {USER_OS_ERRORS[err.errno]} (no partial output was left)", file=sys.stderr
+            f"error: {_rank_prefix()}{err.strerror}{where}: {USER_OS_ERRORS[err.errno]} (no partial output was left)",
+            file=sys.stderr,
         )
         return 2
-    except Exception:
+    except Exception as err:
+        if getattr(err, "prunekit_agreed", False) and launch_rank() > 0:
+            return _bug(quiet=True)
+        if _lost_contact(err):
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(
+                f"error: {_rank_prefix()}lost contact with another rank (it stopped or was killed: its own output says "
+                f"why; or it did not answer within --dist-timeout): {first}",
+                file=sys.stderr,
+            )
+            return 2
         return _bug()
 
 
-def _bug() -> int:
-    """Ours to fix: keep the traceback, and say so."""
-    traceback.print_exc()
-    print(f"error: {BUG_HINT}", file=sys.stderr)
+def _peer(err: BaseException) -> bool:
+    from .distributed import PeerError
+
+    return isinstance(err, PeerError)
+
+
+def _kept() -> str:
+    """What an interrupted run left: nothing in --out, and maybe its progress to resume from."""
+    resume = sys.modules.get("prunekit.io.resume")
+    kept = getattr(resume, "KEPT", None)
+    if kept is not None and kept.exists():
+        return f"--out was not written; the progress is kept in {str(kept)!r}: rerun the same command to resume"
+    return "nothing was written"
+
+
+def _bug(quiet: bool = False) -> int:
+    """Ours to fix: keep the traceback, and say so (``quiet``: rank 0 reports another rank's, once)."""
+    if not quiet:
+        traceback.print_exc()
+        print(f"error: {_rank_prefix()}{BUG_HINT}", file=sys.stderr)
     return 1
 
 

@@ -219,7 +219,12 @@ class _StatsView(Mapping):
     def __getitem__(self, name: str) -> LayerStats:
         stats = self._collectors[name].stats
         if stats is None:
-            raise PrunekitError(f"layer {name!r} saw no input during calibration: is it used in forward()?")
+            raise PrunekitError(
+                f"layer {name!r} received no input during calibration: the model never called it (its parent may "
+                "read the weight directly, as nn.MultiheadAttention does with out_proj and Mamba with dt_proj, or not "
+                f"use it on this data); exclude it (--exclude '{name}'), or prune it without calibration data "
+                "(--method magnitude)"
+            )
         return stats.to(torch.float32)  # accumulated in float64 when asked; methods see float32
 
     def seen(self, name: str) -> bool:

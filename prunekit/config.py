@@ -12,6 +12,7 @@ registries when a config is built.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -20,6 +21,9 @@ from .checks import check_dataclass
 from .errors import PrunekitError
 
 OFFLOAD_MODES = ("auto", "device", "cpu", "disk")
+SAVE_FORMATS = ("dense", "compact")  # how a pruned Hugging Face model is written (prunekit.io.models.write_model)
+# Model dtypes a checkpoint can be loaded in (``auto``: as stored); prunekit.io.hf maps them to torch dtypes.
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 EXPERT_TOKENS = ("routed", "all")  # which tokens calibrate a MoE expert (prunekit.moe)
 
 
@@ -32,13 +36,18 @@ def setting(
     repeat: bool = False,
     keyvalue: bool = False,
     recipe: bool = True,
+    example: Any = None,
+    example_with: dict | None = None,
 ) -> Any:
     """A dataclass field with what the CLI needs to offer it as a flag.
 
     ``repeat``: the flag may be given several times (a tuple; commas also split); ``keyvalue``: ``KEY=VALUE``
     pairs into a mapping; ``recipe=False``: not accepted from a YAML recipe (command line / Python only).
+    ``example``: a valid non-default value (tests/test_settings.py sets every setting to it in every front end
+    and checks that the front end honours or refuses it), with the other settings it needs (``example_with``).
     """
     meta = dict(help=help, flag=flag, type=type, repeat=repeat, keyvalue=keyvalue, recipe=recipe)
+    meta.update(example=example, example_with=example_with or {})
     if isinstance(default, (dict, list, tuple)):
         return field(default_factory=lambda: type_of(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -53,71 +62,116 @@ class PruneConfig:
     """What to prune and how. Unset optional settings are ``None`` and resolved against the model later
     (``group``: the method's default; ``seqlen``: ``min(2048, context length)``; ``device``: where it is)."""
 
-    method: str = setting("wanda", "mask criterion, solver or structured method (see `prunekit methods`)")
-    method_params: dict = setting({}, "method hyper-parameter", flag="--method-param", keyvalue=True)
-    update: tuple = setting((), "weight update / mask refinement after the mask (admm, dsnot); repeatable", repeat=True)
+    method: str = setting(
+        "wanda", "mask criterion, solver or structured method (see `prunekit methods`)", example="magnitude"
+    )
+    method_params: dict = setting(
+        {},
+        "method hyper-parameter",
+        flag="--method-param",
+        keyvalue=True,
+        example={"percdamp": 0.05},
+        example_with={"method": "sparsegpt"},
+    )
+    update: tuple = setting(
+        (), "weight update / mask refinement after the mask (admm, dsnot); repeatable", repeat=True, example=("dsnot",)
+    )
     update_params: dict = setting(
         {},
         "update hyper-parameter; with several updates name it: admm.iterations=3",
         flag="--update-param",
         keyvalue=True,
+        example={"dsnot": {"max_cycles": 5}},
+        example_with={"update": ("dsnot",)},
     )
-    sparsity: float = setting(0.5, "fraction of zeros in the selected layers, in [0, 1)", type=float)
+    sparsity: float = setting(0.5, "fraction of zeros in the selected layers, in [0, 1)", type=float, example=0.6)
     pattern: str | None = setting(
         None,
         "N:M sparsity, e.g. 2:4 = keep (at most) 2 non-zeros in every 4 "
         "consecutive weights along the input dimension (the hardware convention; the "
         "Wanda code's prune_n:prune_m counts pruned weights instead, the same at 2:4)",
+        example="2:4",
     )
     group: str | None = setting(
         None,
         "where scores compete: per-output, per-input, per-layer, global "
         "(default: the method's, per-layer for image models)",
+        example="per-layer",
     )
-    allocation: str = setting("uniform", "per-layer sparsity: uniform, owl, explicit")
-    allocation_params: dict = setting({}, "allocation parameter", flag="--allocation-param", keyvalue=True)
-    include: tuple = setting((), "fnmatch pattern of layer names to prune (repeatable)", repeat=True)
-    exclude: tuple = setting((), "fnmatch pattern of layer names to keep dense (repeatable)", repeat=True)
-    layer_types: tuple = setting(("linear",), "linear (incl. 1x1 conv and HF Conv1D), conv, all", repeat=True)
+    allocation: str = setting("uniform", "per-layer sparsity: uniform, owl, explicit", example="owl")
+    allocation_params: dict = setting(
+        {},
+        "allocation parameter",
+        flag="--allocation-param",
+        keyvalue=True,
+        example={"lam": 0.05},
+        example_with={"allocation": "owl"},
+    )
+    include: tuple = setting(
+        (), "fnmatch pattern of layer names to prune (repeatable)", repeat=True, example=("*.mlp.*",)
+    )
+    exclude: tuple = setting(
+        (), "fnmatch pattern of layer names to keep dense (repeatable)", repeat=True, example=("*.o_proj",)
+    )
+    layer_types: tuple = setting(
+        ("linear",), "linear (incl. 1x1 conv and HF Conv1D), conv, all", repeat=True, example=("all",)
+    )
     blocks: str | None = setting(
         None,
         "module path of the block list to calibrate one block at a time "
         "(default: found automatically, e.g. model.layers)",
+        example="model.layers",
     )
-    nsamples: int = setting(128, "calibration samples (text windows / images)", type=int)
+    nsamples: int = setting(128, "calibration samples (text windows / images)", type=int, example=4)
     seqlen: int | None = setting(
-        None, "tokens per calibration window (default: min(2048, the model's context))", type=int
+        None,
+        "tokens per calibration window (default: min(2048, the model's context))",
+        type=int,
+        example=16,
     )
-    seed: int = setting(0, "seed of the calibration sample", type=int)
-    batch_size: int = setting(8, "calibration batch size", type=int)
+    seed: int = setting(0, "seed of the calibration sample", type=int, example=1)
+    batch_size: int = setting(8, "calibration batch size", type=int, example=2)
     sequential: bool = setting(
         True,
         "block by block, each fed the pruned blocks' outputs (--no-sequential: one pass over the dense model)",
         type=bool,
+        example=False,
     )
-    device: str | None = setting(None, "compute device for the current block (cuda, cuda:1, cpu)")
-    dtype: str = setting("auto", "model dtype when loading: auto, float32, bfloat16, float16")
-    offload_activations: str = setting("auto", "where calibration activations live: auto, device, cpu, disk")
+    device: str | None = setting(None, "compute device for the current block (cuda, cuda:1, cpu)", example="cpu")
+    dtype: str = setting("auto", "model dtype when loading: auto, float32, bfloat16, float16", example="float32")
+    offload_activations: str = setting(
+        "auto", "where calibration activations live: auto, device, cpu, disk", example="cpu"
+    )
     stats_dtype: str = setting(
         "float32",
         "dtype statistics accumulate in: float32, or float64 for very long calibration (methods still see float32)",
+        example="float64",
     )
     expert_tokens: str = setting(
         "routed",
         "tokens that calibrate each MoE expert: routed (those the router sends it) or all (every token, for "
         "experts that see too few); the forward pass stays routed either way",
+        example="all",
     )
     expert_min_tokens: int = setting(
         16,
         "warn (log and report) when a MoE expert is calibrated on fewer routed tokens than this; from n tokens "
         "a column norm is known to about 1/sqrt(2n) (18 percent at 16) and the Hessian has rank at most n",
         type=int,
+        example=4,
+    )
+    kernels: bool = setting(
+        True,
+        "compiled CPU selection kernels (numba) where they apply; --no-kernels: torch only (the same masks, slower)",
+        type=bool,
+        example=False,
     )
     recalibrate_bn: bool | None = setting(
         None,
         "re-estimate BatchNorm statistics after pruning (default: when a "
         "pruned layer feeds a BatchNorm and calibration data is given)",
         type=bool,
+        example=True,
     )
 
     def __post_init__(self) -> None:
@@ -135,6 +189,7 @@ class PruneConfig:
             elif f.metadata.get("keyvalue"):
                 object.__setattr__(self, f.name, dict(value or {}))
         object.__setattr__(self, "update_params", per_update_params(self.update, self.update_params))
+        _pattern_sparsity(self)
 
     @classmethod
     def of(cls, config: PruneConfig | str | None = None, /, **settings: Any) -> PruneConfig:
@@ -167,8 +222,48 @@ class PruneConfig:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(PruneConfig)}
 
 
+def _pattern_sparsity(config: PruneConfig) -> None:
+    """An N:M pattern fixes the sparsity (2:4 keeps 2 of 4: 0.5; 1:4: 0.75): an unset ``sparsity`` takes that value,
+    so reports and saved recipes say what was done; a different one contradicts the pattern and is refused."""
+    from .groups import parse_pattern
+
+    if not isinstance(config.pattern, str) or not isinstance(config.sparsity, (int, float)):
+        return  # the type checks say what is wrong
+    nm = parse_pattern(config.pattern)
+    if nm is None or config.structured:
+        return
+    implied = 1 - nm[0] / nm[1]
+    default = PruneConfig.__dataclass_fields__["sparsity"].default
+    if config.sparsity == default or math.isclose(config.sparsity, implied, abs_tol=1e-9):
+        object.__setattr__(config, "sparsity", implied)
+        return
+    raise PrunekitError(
+        f"--pattern {config.pattern} keeps {nm[0]} of every {nm[1]} weights, which is sparsity {implied:g}; "
+        f"--sparsity {config.sparsity:g} contradicts it: drop --sparsity (or set it to {implied:g})"
+    )
+
+
 def setting_names(cls: type = PruneConfig) -> list[str]:
     return [f.name for f in fields(cls)]
+
+
+def given_settings(config: Any, names: Any) -> list[str]:
+    """The settings among ``names`` that ``config`` holds with a value other than their default."""
+    defaults = {f.name: _default(f) for f in fields(config)}
+    return [name for name in names if name in defaults and getattr(config, name) != defaults[name]]
+
+
+def refuse_unused(config: Any, used: Any, who: str, why: str) -> None:
+    """A setting ``who`` does not use, given with a non-default value, is an error (set but ignored would be a
+    silent wrong run): one line naming every such setting as a flag, ``why`` it is not used, and the fix."""
+    unused = given_settings(config, [f.name for f in fields(config) if f.name not in set(used)])
+    if unused:
+        them = "it" if len(unused) == 1 else "them"
+        raise PrunekitError(f"{who} does not use {flag_list(unused)}: {why}; drop {them}")
+
+
+def flag_list(names: Any) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names)
 
 
 def _plain(value: Any) -> Any:
@@ -203,16 +298,35 @@ def per_update_params(updates: tuple, params: Mapping) -> dict[str, dict]:
 # ---------------------------------------------------------------- validation (no model needed)
 
 
+def lazy_problems(config: PruneConfig) -> list[str]:
+    """What a lazy run (one block at a time from the checkpoint to the output) needs that ``config`` lacks."""
+    return [
+        what
+        for what, bad in (
+            ("--allocation uniform", config.allocation != "uniform"),
+            ("an unstructured --method", config.structured),
+            ("a --group other than global", config.group == "global"),
+            ("sequential calibration (not --no-sequential)", not config.sequential),
+            ("no --recalibrate-bn (causal LMs have no BatchNorm)", bool(config.recalibrate_bn)),
+        )
+        if bad
+    ]
+
+
+def check_save_format(save_format: str) -> None:
+    if save_format not in SAVE_FORMATS:
+        raise PrunekitError(f"unknown save_format {save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
+
+
 def check_config(config: PruneConfig) -> None:
     """Every check that needs no model, in one place, before any loading or work."""
     from .graph import LAYER_TYPES
     from .groups import check_sparsity, parse_pattern
-    from .io.hf import parse_dtype
 
     check_sparsity(config.sparsity)
     nm = parse_pattern(config.pattern)
     _check_counts(config)
-    parse_dtype(config.dtype)
+    _check_choice("dtype", config.dtype, DTYPES)
     _check_choice("offload_activations", config.offload_activations, OFFLOAD_MODES)
     _check_choice("stats_dtype", config.stats_dtype, ("float32", "float64"))
     _check_choice("expert_tokens", config.expert_tokens, EXPERT_TOKENS)
@@ -293,8 +407,8 @@ def _check_unstructured(config: PruneConfig, nm: tuple[int, int] | None) -> None
         )
 
 
-# Settings structured methods do not use, with their defaults: setting one of them is an error, not a no-op.
-_UNUSED_BY_STRUCTURED = (
+# Settings structured methods do not use: setting one of them is an error, not a no-op.
+UNUSED_BY_STRUCTURED = (
     "pattern",
     "group",
     "update",
@@ -308,6 +422,7 @@ _UNUSED_BY_STRUCTURED = (
     "recalibrate_bn",
     "expert_tokens",
     "expert_min_tokens",
+    "kernels",
 )
 
 
@@ -315,15 +430,11 @@ def _check_structured(config: PruneConfig) -> None:
     from .structured import STRUCTURED
 
     STRUCTURED.create(config.method, config.method_params)  # names, types and values of its parameters
-    defaults = PruneConfig.__dataclass_fields__
-    given = [name for name in _UNUSED_BY_STRUCTURED if getattr(config, name) != _default(defaults[name])]
-    if not config.sequential:
-        given.append("sequential")
+    given = given_settings(config, (*UNUSED_BY_STRUCTURED, "sequential"))
     if given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise PrunekitError(
             f"structured method {config.method!r} removes whole blocks/heads/channels and does not "
-            f"use {flags}; drop them (or choose an unstructured method)"
+            f"use {flag_list(given)}; drop them (or choose an unstructured method)"
         )
 
 

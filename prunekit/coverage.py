@@ -17,68 +17,101 @@ from torch import nn
 
 from .graph import find_layers, find_stacks
 from .masks import count_zeros
-from .moe import gate_modules
+from .moe import gate_modules, unknown_experts
 
 log = logging.getLogger(__name__)
 
 # Block and selected-layer sparsity may differ by this much before a run warns (dense norms, biases and small
 # tensors sit in the blocks too; a few points is normal, more means weights were left out).
 WARN_GAP = 0.03
+NOT_SELECTED = "not selected (include/exclude patterns, layer types)"
 
 
 def _storage(tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
-def _reason(module_name: str, param: str, model: nn.Module, prunable: Mapping[str, nn.Module], gates: set) -> str:
+def _reason(
+    module_name: str, param: str, model: nn.Module, prunable: Mapping[str, nn.Module], gates: set, reasons: Mapping
+) -> str:
+    if module_name in reasons:  # the run knows better: a layer no calibration input reached
+        return reasons[module_name]
     if module_name in gates:
         return "MoE router / gate: kept dense by default (name it with --include to prune it)"
-    if module_name in prunable:
-        return "not selected (include/exclude patterns, layer types)"
+    if module_name in prunable:  # also fused experts of an unknown layout: selecting them is refused
+        return NOT_SELECTED
     kind = type(model.get_submodule(module_name)).__name__
     return f"{kind}.{param} is not a matmul layer prunekit prunes"
 
 
-def block_coverage(model: nn.Module, layers: Mapping[str, nn.Module], stacks: tuple | None = None) -> dict[str, Any]:
-    """Sparsity over every weight matrix (2-D or more) inside the model's block lists, the selected layers'
-    sparsity beside it, and each matrix left unpruned (name, shape, parameters, why). Weights shared with a
-    selected layer (a view of a fused tensor) count as covered."""
-    stacks = find_stacks(model) if stacks is None else stacks
-    if not stacks:
-        return {"blocks": [], "note": "no block list found: coverage is the selected layers' own sparsity"}
-    covered = {_storage(m.weight) for m in layers.values()}
-    prunable = find_layers(model)
-    gates = set(gate_modules(model))
-    zeros = total = sel_zeros = sel_total = 0
-    left = []
-    for prefix, blocks in stacks:
-        for name, p in blocks.named_parameters():
+class Coverage:
+    """Counts zeros over every weight matrix (2-D or more) of the blocks it is shown, the selected layers' beside
+    them, and each matrix left unpruned (name, shape, parameters, why). Weights shared with a selected layer (a
+    view of a fused tensor) count as covered. Blocks are added one at a time, so a lazy run that holds one block
+    at a time counts the same as an in-memory one."""
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], reasons: Mapping[str, str] | None = None):
+        self.model, self.layers, self.reasons = model, layers, reasons or {}
+        self.prunable = {**find_layers(model), **unknown_experts(model)}
+        self.gates = set(gate_modules(model))
+        self.zeros = self.total = self.selected_zeros = self.selected_total = 0
+        self.left: list[dict[str, Any]] = []
+
+    def add(self, prefix: str, module: nn.Module) -> None:
+        """The weights of ``module`` (a block, or a whole block list), named below ``prefix``; it must hold real
+        tensors now (a lazy run's current block)."""
+        covered = {_storage(m.weight) for name, m in self.layers.items() if not prefix or name.startswith(f"{prefix}.")}
+        for name, p in module.named_parameters():
             if p.dim() < 2 or name.endswith("bias"):  # biases (also fused experts' [experts, out] ones)
                 continue
             full = f"{prefix}.{name}" if prefix else name
             nzeros = count_zeros(p)
-            zeros, total = zeros + nzeros, total + p.numel()
+            self.zeros, self.total = self.zeros + nzeros, self.total + p.numel()
             if _storage(p) in covered:
-                sel_zeros, sel_total = sel_zeros + nzeros, sel_total + p.numel()
+                self.selected_zeros, self.selected_total = self.selected_zeros + nzeros, self.selected_total + p.numel()
             else:
                 module_name, _, param = full.rpartition(".")
-                reason = _reason(module_name, param, model, prunable, gates)
-                left.append({"name": full, "shape": list(p.shape), "numel": p.numel(), "reason": reason})
-    result = {
-        "blocks": [prefix for prefix, _ in stacks],
-        "block_sparsity": zeros / max(total, 1),
-        "block_weights": total,
-        "selected_block_sparsity": sel_zeros / max(sel_total, 1),
-        "left_dense": left,
-        "left_dense_params": sum(item["numel"] for item in left),
-    }
-    gap = result["selected_block_sparsity"] - result["block_sparsity"]
-    if gap > WARN_GAP:
-        result["warning"] = (
-            f"only {result['block_sparsity']:.1%} of the weights inside the blocks are zero, against "
-            f"{result['selected_block_sparsity']:.1%} in the selected layers: {len(left)} weight tensor(s) "
-            f"({result['left_dense_params']:,} parameters) were left dense, e.g. {left[0]['name']} "
-            f"({left[0]['reason']})"
-        )
-        log.warning(result["warning"])
-    return result
+                reason = _reason(module_name, param, self.model, self.prunable, self.gates, self.reasons)
+                self.left.append({"name": full, "shape": list(p.shape), "numel": p.numel(), "reason": reason})
+
+    def result(self, blocks: list[str]) -> dict[str, Any]:
+        """The report's ``coverage`` section (and a logged warning when much was left dense)."""
+        if not blocks:
+            return {"blocks": [], "note": "no block list found: coverage is the selected layers' own sparsity"}
+        left = self.left
+        result = {
+            "blocks": blocks,
+            "block_sparsity": self.zeros / max(self.total, 1),
+            "block_weights": self.total,
+            "selected_block_sparsity": self.selected_zeros / max(self.selected_total, 1),
+            "left_dense": left,
+            "left_dense_params": sum(item["numel"] for item in left),
+        }
+        # Weights the user chose to keep dense (patterns, layer types) are not a surprise: only the others warn.
+        unasked = [item for item in left if item["reason"] != NOT_SELECTED]
+        chosen = result["left_dense_params"] - sum(item["numel"] for item in unasked)
+        gap = result["selected_block_sparsity"] - self.zeros / max(self.total - chosen, 1)
+        if gap > WARN_GAP and unasked:
+            result["warning"] = (
+                f"only {result['block_sparsity']:.1%} of the weights inside the blocks are zero, against "
+                f"{result['selected_block_sparsity']:.1%} in the selected layers: {len(unasked)} weight tensor(s) "
+                f"({result['left_dense_params'] - chosen:,} parameters) were left dense that no setting excluded, "
+                f"e.g. {unasked[0]['name']} ({unasked[0]['reason']})"
+            )
+            log.warning(result["warning"])
+        return result
+
+
+def block_coverage(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    stacks: tuple | None = None,
+    reasons: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """``Coverage`` of every block list of the model (found, or ``stacks``), after pruning; ``reasons`` by layer name
+    where the run knows why a layer was left dense."""
+    stacks = find_stacks(model) if stacks is None else stacks
+    counter = Coverage(model, layers, reasons)
+    for prefix, blocks in stacks:
+        counter.add(prefix, blocks)
+    return counter.result([prefix for prefix, _ in stacks])

@@ -20,6 +20,7 @@ calibration pass over the whole model.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import tempfile
 import time
@@ -31,11 +32,12 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from . import kernels
 from .activations import Activations, choose_offload, gib
 from .collect import LayerStats, collect
 from .config import PruneConfig
+from .distributed import entered, layer_owners, rank, reduce_stats, share_weights, sum_expert_tokens, together
 from .errors import PrunekitError
 from .forward import (
     Batch,
@@ -44,16 +46,18 @@ from .forward import (
     first_sample,
     hidden_state,
     hooks,
-    model_device,
     on_device,
+    outside_on_device,
     run_model,
     same_value,
+    streamed_forward,
     with_hidden,
     without_cache,
 )
 from .graph import Stack, block_index, block_layers, num_groups, set_weight_matrix, weight_matrix
 from .groups import GLOBAL, select_global
 from .methods import HESSIAN, NORMS, Method, Solver, Target, Update, mask_from_scores
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -123,25 +127,37 @@ def joined(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def prune_layers(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None, plan: Plan) -> None:
-    """Prune ``layers`` in place (a block's worth, or the whole model)."""
-    global_masks = _global_masks(layers, stats, plan)
-    for name, module in steps(layers.items(), "pruning layers", len(layers)):
-        layer_stats = stats[name] if stats is not None else None
-        if layer_stats is not None:
-            layer_stats.check_finite(name)
-        weight = weight_matrix(module).detach().float()
-        check_finite_weight(name, weight)
-        new, _ = prune_matrix(
-            weight,
-            layer_stats,
-            num_groups(module),
-            plan.method,
-            plan.updates,
-            plan.targets[name],
-            global_masks.get(name),
-            inplace=True,
-        )
-        set_weight_matrix(module, new)
+    """Prune ``layers`` in place (a block's worth, or the whole model). With several ranks each prunes the layers
+    it owns (``prunekit.distributed.layer_owners``) and the pruned weights are then broadcast to all."""
+    owners = layer_owners(layers, HESSIAN in plan.needs)
+    with together(), kernels.enabled(plan.config.kernels):
+        global_masks = _global_masks(layers, stats, plan)
+        mine = {n: m for n, m in layers.items() if owners[n] == rank()}
+        for name, module in steps(mine.items(), "pruning layers", len(mine)):
+            _prune_layer(name, module, stats[name] if stats is not None else None, plan, global_masks.get(name))
+    share_weights(layers, owners)
+
+
+def _prune_layer(name: str, module: nn.Module, stats: LayerStats | None, plan: Plan, mask: torch.Tensor | None) -> None:
+    if stats is not None:
+        stats.check_finite(name)
+    weight = weight_matrix(module).detach().float()
+    check_finite_weight(name, weight)
+    new, _ = prune_matrix(
+        weight, stats, num_groups(module), plan.method, plan.updates, plan.targets[name], mask, inplace=True
+    )
+    set_weight_matrix(module, new)
+
+
+def reduce_statistics(
+    layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None, plan: Plan
+) -> Mapping[str, LayerStats] | None:
+    """Every rank's statistics of ``layers`` summed (in place) before any mask is chosen; a Hessian only where its
+    layer is pruned. A no-op in one process."""
+    if stats is not None:
+        reduce_stats(stats, layer_owners(layers, HESSIAN in plan.needs))
+        sum_expert_tokens(layers)
+    return stats
 
 
 def check_finite_weight(name: str, weight: torch.Tensor) -> None:
@@ -168,9 +184,9 @@ def _global_masks(layers, stats, plan: Plan) -> dict[str, torch.Tensor]:
 
 
 def steps(items, desc: str, total: int | None = None):
-    """A progress bar (with ETA) for the steps inside one block, which take minutes on a 7B-sized block on CPU;
-    it disappears when done so the block bar stays readable."""
-    return tqdm(items, desc=desc, total=total, unit="step", leave=False, mininterval=1.0)
+    """Progress (with ETA) of the steps inside one block, which take minutes on a 7B-sized block on CPU; a bar
+    disappears when done so the block bar stays readable (``prunekit.progress``)."""
+    return progress(items, desc, total, unit="step", inner=True)
 
 
 def plan_collect(layers: Mapping[str, nn.Module], plan: Plan):
@@ -276,31 +292,6 @@ def own_calls(calls: Sequence[tuple[tuple, dict]]) -> list[int]:
     return [i for i in range(1, len(calls)) if not same_value(calls[i], calls[0])]
 
 
-@contextmanager
-def streamed_forward(model: nn.Module, lists: Sequence[nn.Module], device: torch.device | None):
-    """The whole model runnable on ``device`` while holding one block of ``lists`` there at a time: everything
-    outside the lists is moved there, each block is moved in for its own call and back after it."""
-    if device is None:
-        yield
-        return
-    home = model_device(model)
-    blocks = [b for blocks in lists for b in blocks]
-
-    def onload(module, args):
-        module.to(device)
-
-    def offload(module, args, output):
-        module.to(home)
-
-    handles = [b.register_forward_pre_hook(onload) for b in blocks] + [b.register_forward_hook(offload) for b in blocks]
-    try:
-        with _outside_on_device(model, lists, device), hooks(handles):
-            yield
-    finally:
-        for b in blocks:  # a forward ended by StopForward skips the block's offload hook
-            b.to(home)
-
-
 @torch.no_grad()
 def forward_order(model: nn.Module, stacks: Sequence[Stack], batch: Batch, device: torch.device | None) -> list[Stack]:
     """``stacks`` in the order the model's forward pass reaches them (T5: encoder, then decoder; a VLM: vision
@@ -382,39 +373,28 @@ class InMemoryBlocks:
 @contextmanager
 def _outside_blocks_on_device(model: nn.Module, blocks: nn.Module, device: torch.device | None):
     """Everything but the block list on the compute device (embeddings, rotary tables), and block 0."""
-    with _outside_on_device(model, [blocks], device), on_device(blocks[0], device):
+    with outside_on_device(model, [blocks], device), on_device(blocks[0], device):
         yield
-
-
-@contextmanager
-def _outside_on_device(model: nn.Module, lists: Sequence[nn.Module], device: torch.device | None):
-    """Every module outside the block ``lists`` on the compute device for the body."""
-    if device is None:
-        yield
-        return
-    home = model_device(model)
-    inside = {id(m) for blocks in lists for m in blocks.modules()}
-    outside = [m for m in model.modules() if id(m) not in inside]
-    for m in outside:
-        _move_own(m, device)
-    try:
-        yield
-    finally:
-        for m in outside:
-            _move_own(m, home)
-
-
-def _move_own(module: nn.Module, device: torch.device) -> None:
-    """Move a module's own parameters and buffers, not its children's (``Module.to`` is recursive)."""
-    for p in module.parameters(recurse=False):
-        p.data = p.data.to(device)
-    for key, b in module.named_buffers(recurse=False):
-        module._buffers[key] = b.to(device)
 
 
 # ---------------------------------------------------------------- the one sequential loop
 
-BlockStep = Callable[[int, Mapping[str, nn.Module], Mapping[str, LayerStats] | None], None]
+# What the loop does with a block's (or the loose layers') selected layers and their input statistics (None without
+# calibration): prune them, or only record the statistics.
+Step = Callable[[Mapping[str, nn.Module], Mapping[str, LayerStats] | None], None]
+
+
+class Resume(Protocol):
+    """What a resumable run keeps after each block (``prunekit.io.resume``): the loop starts at ``first``, after
+    ``restore`` has put back what the interrupted run had done, and reports every finished block to ``done``."""
+
+    first: int  # the first block still to visit (0 for a fresh run)
+
+    def restore(self, blocks: nn.Module, acts: Activations | None) -> None:
+        """Blocks ``< first`` as the interrupted run left them, and block ``first``'s inputs into ``acts``."""
+
+    def done(self, index: int, blocks: nn.Module, acts: Activations | None, last: int) -> None:
+        """Block ``index`` is finished; ``acts`` hold block ``index + 1``'s inputs (up to block ``last``)."""
 
 
 @torch.no_grad()
@@ -423,32 +403,41 @@ def sequential(
     batches: Sequence[Batch],
     plan: Plan,
     source: BlockSource,
-    step: BlockStep,
+    step: Step,
     timings: dict[str, float],
     offload_dir: str | None = None,
     stack: Stack | None = None,
+    resume: Resume | None = None,
 ) -> str | None:
     """Visit the blocks of ``stack`` (default: the plan's only one) in order: statistics of block ``i``'s
-    selected layers on its inputs, ``step(i, layers, stats)`` (prune them, or only record the statistics), then
-    the block's outputs become block ``i+1``'s inputs. Returns where the activations lived (None without
-    calibration)."""
+    selected layers on its inputs, ``step(layers, stats)`` (prune them, or only record the statistics), then
+    the block's outputs become block ``i+1``'s inputs. With ``resume`` the loop resumes where an interrupted
+    run stopped and reports each finished block. Returns where the activations lived (None without
+    calibration). With several ranks each keeps the activations of its own calibration batches."""
     prefix, blocks = stack or plan.stacks[0]
     tag = f"{prefix}." if len(plan.stacks) > 1 else ""  # timing keys stay unique over several stacks
     per_block = [block_layers((prefix, blocks), i, plan.layers) for i in range(len(blocks))]
     last = max((i for i, layers in enumerate(per_block) if layers), default=-1)
+    first = resume.first if resume is not None else 0
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="prunekit-activations-", dir=offload_dir) as scratch:
-        acts = _capture(model, blocks, last, batches, plan, source, Path(scratch)) if plan.needs else None
+        with together():
+            acts = _capture(model, blocks, last, batches, plan, source, Path(scratch)) if plan.needs else None
+            if first:
+                resume.restore(blocks, acts)
         timings[f"{tag}capture_s"] = time.perf_counter() - start
-        bar = tqdm(source.visit(last), desc=f"pruning {prefix or 'blocks'}", unit="block")
+        bar = progress([i for i in source.visit(last) if i >= first], f"pruning {prefix or 'blocks'}", unit="block")
         for i in bar:
             t0 = time.perf_counter()
-            with source.block(i) as block:
+            with entered(source.block(i)) as block:  # getting it there and away (lazy: reading, writing) agreed
                 if i <= last:
-                    step(i, per_block[i], _block_statistics(block, i, per_block[i], acts, plan))
+                    step(per_block[i], _block_statistics(block, i, per_block[i], acts, plan))
                     if acts is not None and i < last:  # only a later block with selected layers needs these
-                        for j in steps(range(len(acts)), f"block {i}: outputs for the next block"):
-                            acts.update(j, run_call(block, acts.call(j, i)))
+                        with together():
+                            for j in steps(range(len(acts)), f"block {i}: outputs for the next block"):
+                                acts.update(j, run_call(block, acts.call(j, i)))
+            if resume is not None:
+                resume.done(i, blocks, acts, last)
             timings[f"{tag}block_{i}_s"] = time.perf_counter() - t0
             log.info(
                 "%sblock %d/%d: %d layers in %.2fs",
@@ -512,32 +501,43 @@ def run_call(block: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
 def _block_statistics(
     block: nn.Module, index: int, layers: Mapping[str, nn.Module], acts: Activations | None, plan: Plan
 ) -> Mapping[str, LayerStats] | None:
-    """Input statistics of ``layers`` over every calibration batch through the dense ``block`` (number ``index``)."""
+    """Input statistics of ``layers`` over every calibration batch through the dense ``block`` (number ``index``),
+    summed over the ranks."""
     if acts is None or not layers:
         return None
-    with plan_collect(layers, plan) as stats:
-        for j in steps(range(len(acts)), "statistics"):
-            run_call(block, acts.call(j, index))
-    return {name: stats[name] for name in layers}
+    with together():
+        with plan_collect(layers, plan) as stats:
+            for j in steps(range(len(acts)), "statistics"):
+                run_call(block, acts.call(j, index))
+        stats = {name: stats[name] for name in layers}
+    return reduce_statistics(layers, stats, plan)
 
 
 # ---------------------------------------------------------------- one pass over the whole model
 
 
 @torch.no_grad()
+def whole_model_statistics(
+    model: nn.Module, batches: Sequence[Batch], layers: Mapping[str, nn.Module], plan: Plan
+) -> dict[str, LayerStats]:
+    """Input statistics of ``layers`` over a forward pass of the whole model (already on the compute device) for
+    every calibration batch, summed over the ranks."""
+    with together():
+        with plan_collect(layers, plan) as stats:
+            for batch in steps(batches, "calibrating", len(batches)):
+                run_model(model, batch, plan.device)
+        stats = {name: stats[name] for name in layers}
+    return reduce_statistics(layers, stats, plan)
+
+
+@torch.no_grad()
 def prune_oneshot(model: nn.Module, batches: Sequence[Batch], plan: Plan, timings: dict[str, float]) -> None:
     start = time.perf_counter()
-    stats_context = plan_collect(plan.layers, plan) if plan.needs else nullcontext(None)
-    with on_device(model, plan.device), stats_context as stats:
-        if stats is not None:
-            for batch in tqdm(batches, desc="calibrating", unit="batch"):
-                run_model(model, batch, plan.device)
+    with on_device(model, plan.device):
+        stats = whole_model_statistics(model, batches, plan.layers, plan) if plan.needs else None
         timings["capture_s"] = time.perf_counter() - start
         prune_layers(plan.layers, stats, plan)
     timings["prune_s"] = time.perf_counter() - start - timings["capture_s"]
-
-
-LooseStep = Callable[[Mapping[str, nn.Module], Mapping[str, LayerStats] | None], None]
 
 
 def outside_stacks(plan: Plan) -> dict[str, nn.Module]:
@@ -550,38 +550,48 @@ def over_stacks(
     model: nn.Module,
     batches: Sequence[Batch],
     plan: Plan,
-    step: BlockStep,
-    loose_step: LooseStep,
+    step: Step,
     timings: dict[str, float],
+    resume: Resume | None = None,
 ) -> None:
-    """The sequential loop over every block list in forward order. Selected layers outside the lists get
-    ``loose_step`` with their statistics taken on the way to the next list's first block (so that list is then
-    calibrated on their pruned outputs), or, after the last list, in one pass over the model."""
+    """The sequential loop over every block list in forward order. Selected layers outside the lists go to
+    ``step`` with their statistics taken on the way to the next list's first block (so that list is then
+    calibrated on their pruned outputs), or, after the last list, in one pass over the model. ``resume``
+    (a resumable run) needs a plan that ``resumable`` accepts."""
+    if resume is not None and not resumable(plan):
+        raise ValueError("a resumable run needs one block list holding every selected layer")
     calibrated = bool(plan.needs and batches)
-    stacks = forward_order(model, plan.stacks, batches[0], plan.device) if calibrated else list(plan.stacks)
+    with together():
+        stacks = forward_order(model, plan.stacks, batches[0], plan.device) if calibrated else list(plan.stacks)
     loose = outside_stacks(plan)
     for stack in stacks:
         if loose and calibrated:
-            loose = _loose_before(model, stack, batches, plan, loose, loose_step)
-        sequential(model, batches, plan, InMemoryBlocks(model, stack[1], plan.device), step, timings, stack=stack)
+            loose = _loose_before(model, stack, batches, plan, loose, step)
+        source = InMemoryBlocks(model, stack[1], plan.device)
+        sequential(model, batches, plan, source, step, timings, stack=stack, resume=resume)
     if not loose:
         return
     if not calibrated:
-        loose_step(loose, None)
+        step(loose, None)
         return
-    with on_device(model, plan.device), plan_collect(loose, plan) as stats:
-        for batch in batches:
-            run_model(model, batch, plan.device)
-        loose_step(loose, {n: stats[n] for n in loose})
+    with on_device(model, plan.device):
+        step(loose, whole_model_statistics(model, batches, loose, plan))
 
 
-def _loose_before(model, stack: Stack, batches, plan: Plan, loose: dict, loose_step: LooseStep) -> dict:
-    """Hand the loose layers that run before ``stack``'s first block to ``loose_step``; return the others."""
-    with plan_collect(loose, plan) as stats, InMemoryBlocks(model, stack[1], plan.device).capture():
-        capture_block_inputs(model, stack[1][0], batches, plan.device, lambda args, kwargs: None)
-    before = {n: m for n, m in loose.items() if stats.seen(n)}
+def resumable(plan: Plan) -> bool:
+    """Whether a run can keep its progress block by block: one block list, and every selected layer inside it."""
+    return len(plan.stacks) == 1 and not outside_stacks(plan)
+
+
+def _loose_before(model, stack: Stack, batches, plan: Plan, loose: dict, step: Step) -> dict:
+    """Hand the loose layers that run before ``stack``'s first block to ``step``; return the others."""
+    with together():
+        with plan_collect(loose, plan) as stats, InMemoryBlocks(model, stack[1], plan.device).capture():
+            capture_block_inputs(model, stack[1][0], batches, plan.device, lambda args, kwargs: None)
+        before = {n: m for n, m in loose.items() if stats.seen(n)}
+        collected = {n: stats[n] for n in before}
     if before:
-        loose_step(before, {n: stats[n] for n in before})
+        step(before, reduce_statistics(before, collected, plan))
     return {n: m for n, m in loose.items() if n not in before}
 
 
@@ -595,15 +605,13 @@ def dense_statistics(
     result: dict[str, LayerStats] = {}
     plan = replace(plan, needs=frozenset(needs))
     if not plan.stacks:
-        with on_device(model, plan.device), plan_collect(plan.layers, plan) as stats:
-            for batch in batches:
-                run_model(model, batch, plan.device)
-            return dict(stats)
+        with on_device(model, plan.device):
+            return whole_model_statistics(model, batches, plan.layers, plan)
 
-    def record(*args) -> None:
-        result.update(args[-1] or {})
+    def record(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None) -> None:
+        result.update(stats or {})
 
-    over_stacks(model, batches, plan, record, record, {})
+    over_stacks(model, batches, plan, record, {})
     return result
 
 
@@ -648,16 +656,65 @@ def chained(model: nn.Module, plan: Plan, batches: Sequence[Batch]) -> Plan:
     return plan
 
 
-def run(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> dict[str, float]:
-    """Prune ``model`` in place according to ``plan``; returns timings in seconds."""
+@torch.no_grad()
+def called_layers(model: nn.Module, plan: Plan, batch: Batch) -> set[str]:
+    """The selected layers the model's forward pass calls on ``batch`` (fused experts, hooked otherwise, count as
+    called). The pass stops once every one has been called: blocks after the last pruned one never run."""
+    called = {name for name, m in plan.layers.items() if not isinstance(m, nn.Module)}
+
+    def mark(name: str):
+        def hook(module, args):
+            called.add(name)
+            if len(called) == len(plan.layers):
+                raise StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(mark(n)) for n, m in plan.layers.items() if isinstance(m, nn.Module)]
+    with hooks(handles), streamed_forward(model, [blocks for _, blocks in plan.stacks], plan.device):
+        try:
+            run_model(model, batch, plan.device)
+        except StopForward:
+            pass
+    return called
+
+
+def uncalled(model: nn.Module, plan: Plan, batches: Sequence[Batch]) -> dict[str, str]:
+    """The selected layers no calibration input reaches, each with why: the model never calls them, because
+    their parent reads the weight itself (``nn.MultiheadAttention``'s ``out_proj``, Mamba's ``dt_proj``) or does not
+    use them. A probe on one sample; layers named by an ``include`` pattern are an error, the others stay dense."""
+    if not batches:
+        return {}
+    missed = [n for n in plan.layers if n not in called_layers(model, plan, first_sample(batches[0]))]
+    reasons = {n: unreached_reason(model, n) for n in missed}
+    named = [n for n in missed if any(fnmatch.fnmatchcase(n, p) for p in plan.config.include)]
+    if named:
+        raise PrunekitError(
+            f"{reasons[named[0]]}; exclude it (--exclude '{named[0]}'), or prune it without calibration data "
+            "(--method magnitude)"
+        )
+    return reasons
+
+
+def unreached_reason(model: nn.Module, name: str) -> str:
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return (
+        f"layer {name!r} is never called: {type(parent).__name__}.forward reads its weight directly or does not use "
+        "it, so no calibration input reaches it"
+    )
+
+
+def run(model: nn.Module, batches: Sequence[Batch], plan: Plan, resume: Resume | None = None) -> dict[str, float]:
+    """Prune ``model`` in place according to ``plan`` (resuming and keeping the progress with ``resume``); returns
+    timings in seconds."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if plan.stacks:
 
-        def prune(*args) -> None:
-            prune_layers(args[-2], args[-1], plan)
+        def prune(layers: Mapping[str, nn.Module], stats: Mapping[str, LayerStats] | None) -> None:
+            prune_layers(layers, stats, plan)
 
-        over_stacks(model, batches, plan, prune, prune, timings)
+        over_stacks(model, batches, plan, prune, timings, resume)
     else:
         prune_oneshot(model, batches, plan, timings)
     timings["total_s"] = time.perf_counter() - start

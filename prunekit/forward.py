@@ -11,7 +11,7 @@ imports none of them.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -64,12 +64,17 @@ def model_inputs(batch: Batch, device: torch.device | None) -> tuple[tuple, dict
 
 def first_sample(batch: Batch) -> Batch:
     """The first item of a calibration batch (every tensor whose leading dimension is the batch size, cut to
-    one), for probes that need the model's behaviour, not the data's."""
+    one), for probes that need the model's behaviour, not the data's. A batch holding a tensor of another leading
+    size (Qwen2-VL packs every image's patches into one ``[patches, ...]`` tensor) cannot be cut by rows: the
+    whole batch is the probe."""
     if isinstance(batch, Mapping):
         values = list(batch.values())
     else:
         values = list(batch) if isinstance(batch, (tuple, list)) else [batch]
-    size = next((t.shape[0] for t in values if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    tensors = [t for t in values if isinstance(t, torch.Tensor) and t.dim() > 0]
+    size = tensors[0].shape[0] if tensors else None
+    if any(t.shape[0] != size for t in tensors):
+        return batch
 
     def cut(value):
         return value[:1] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size else value
@@ -98,6 +103,15 @@ def _takes_use_cache(model: nn.Module) -> bool:
         return "use_cache" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def target_module(pl_module: nn.Module, submodule: str | None = None) -> nn.Module:
+    """The model a training callback works on: ``submodule`` of the LightningModule, else its ``model``, else
+    the module itself."""
+    if submodule:
+        return pl_module.get_submodule(submodule)
+    model = getattr(pl_module, "model", None)
+    return model if isinstance(model, nn.Module) else pl_module
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -200,3 +214,54 @@ def on_device(module: nn.Module, device: torch.device | str | None) -> Iterator[
         yield module
     finally:
         module.to(home)
+
+
+@contextmanager
+def outside_on_device(model: nn.Module, lists: Sequence[nn.Module], device: torch.device | None):
+    """Every module outside the block ``lists`` on the compute device for the body."""
+    if device is None:
+        yield
+        return
+    home = model_device(model)
+    inside = {id(m) for blocks in lists for m in blocks.modules()}
+    outside = [m for m in model.modules() if id(m) not in inside]
+    for m in outside:
+        move_own(m, device)
+    try:
+        yield
+    finally:
+        for m in outside:
+            move_own(m, home)
+
+
+def move_own(module: nn.Module, device: torch.device) -> None:
+    """Move a module's own parameters and buffers, not its children's (``Module.to`` is recursive)."""
+    for p in module.parameters(recurse=False):
+        p.data = p.data.to(device)
+    for key, b in module.named_buffers(recurse=False):
+        module._buffers[key] = b.to(device)
+
+
+@contextmanager
+def streamed_forward(model: nn.Module, lists: Sequence[nn.Module], device: torch.device | None):
+    """The whole model runnable on ``device`` while holding one block of ``lists`` there at a time: everything
+    outside the lists is moved there, each block is moved in for its own call and back after it."""
+    if device is None:
+        yield
+        return
+    home = model_device(model)
+    blocks = [b for blocks in lists for b in blocks]
+
+    def onload(module, args):
+        module.to(device)
+
+    def offload(module, args, output):
+        module.to(home)
+
+    handles = [b.register_forward_pre_hook(onload) for b in blocks] + [b.register_forward_hook(offload) for b in blocks]
+    try:
+        with outside_on_device(model, lists, device), hooks(handles):
+            yield
+    finally:
+        for b in blocks:  # a forward ended by StopForward skips the block's offload hook
+            b.to(home)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import PrunekitError
-from .moe import ExpertWeight, expert_weights, gate_modules, is_fused_experts, parent_name
+from .moe import ExpertWeight, expert_weights, gate_modules, is_fused_experts, parent_name, unknown_experts
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,14 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+def weight_grad(module: nn.Module) -> torch.Tensor | None:
+    """The gradient of the layer's weight in the weight's stored layout: for a fused MoE expert, its slice of the
+    fused parameter's gradient (a view: writes go through), so masking it masks the expert."""
+    if isinstance(module, ExpertWeight):
+        return module.grad()
+    return module.weight.grad
+
+
 @torch.no_grad()
 def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     """Write a ``[out, cols]`` matrix back into the layer's own layout and dtype."""
@@ -90,7 +98,8 @@ def find_layers(model: nn.Module) -> dict[str, nn.Module | ExpertWeight]:
     layers: dict[str, nn.Module | ExpertWeight] = {}
     for name, m in modules.items():
         if is_fused_experts(m):
-            layers.update(expert_weights(name, m, modules.get(parent_name(name))))
+            block = parent_name(name)
+            layers.update(expert_weights(name, m, modules.get(block), modules.get(parent_name(block))))
         elif is_prunable(m) or name in gates:
             layers[name] = m
     return layers
@@ -110,7 +119,9 @@ def _head_names(model: nn.Module, layers: dict[str, nn.Module]) -> set[str]:
             if isinstance(head, nn.Module) and id(head) in by_id:
                 heads.add(by_id[id(head)])
     if not heads and layers:
-        heads.add(next(reversed(layers)))
+        last = next(reversed(layers))
+        if all(block_index(last, stack) is None for stack in find_stacks(model)):  # a bare encoder ends in a block
+            heads.add(last)
     return heads
 
 
@@ -138,7 +149,8 @@ def select_layers(
 
     ``include``/``exclude`` are fnmatch patterns on module names (``"model.layers.*.mlp.*"``; experts are
     ``<experts>.<param>.<expert>``: ``"*.experts.down_proj.*"``); a layer named by an include pattern is
-    selected whatever its type, head, stem or router.
+    selected whatever its type, head, stem or router. Fused expert weights whose layout prunekit does not know are
+    refused when the selection would include them (``refuse_unknown_experts``).
     """
     include, exclude, layer_types = list(include or []), list(exclude or []), set(layer_types)
     unknown = layer_types - set(LAYER_TYPES) - {"all"}
@@ -157,6 +169,7 @@ def select_layers(
             keep = name not in dense and layer_type(m) in layer_types
         if keep and not _matches(name, exclude):
             chosen[name] = m
+    refuse_unknown_experts(model, include, exclude, "linear" in layer_types)
     for name, m in model.named_modules():
         if isinstance(m, TRANSPOSED_CONV_TYPES) and include and _matches(name, include) and not _matches(name, exclude):
             raise PrunekitError(
@@ -164,6 +177,34 @@ def select_layers(
                 "exclude it (--exclude) or narrow --include"
             )
     return chosen
+
+
+def unknown_expert_weights(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Parameter]]:
+    """``{<module>.<param>: (module, parameter)}`` for the weights of every module that holds fused expert weights in
+    a layout prunekit does not know (``moe.unknown_experts``)."""
+    return {
+        f"{name}.{p}" if name else p: (m, param)
+        for name, m in unknown_experts(model).items()
+        if not is_prunable(m)
+        for p, param in m.named_parameters(recurse=False)
+        if param.dim() >= 2
+    }
+
+
+def refuse_unknown_experts(model: nn.Module, include: list[str], exclude: list[str], linear: bool) -> None:
+    """Fused expert weights of an unknown layout that the selection would include are an error, not a silent
+    dense remainder: the user excludes them (and the report lists them dense), or prunekit learns the layout."""
+    for name, (module, param) in unknown_expert_weights(model).items():
+        chosen = _matches(name, include) if include else linear
+        if chosen and not _matches(name, exclude):
+            owner = parent_name(name)
+            pattern = ".".join("*" if part.isdigit() else part for part in owner.split(".")) + ".*"
+            raise PrunekitError(
+                f"{owner} ({type(module).__name__}) holds fused expert weights ({name.rpartition('.')[2]} "
+                f"{list(param.shape)}) in a layout prunekit does not know, so it cannot prune them per expert; "
+                f"exclude them to prune the rest (--exclude '{pattern}') and report the class so its layout can be "
+                "added to prunekit.architectures.EXPERTS_LAYOUTS"
+            )
 
 
 Stack = tuple[str, "nn.ModuleList | nn.Sequential"]  # a block list and its module path
@@ -177,12 +218,24 @@ def _block_lists(model: nn.Module) -> list[tuple[Stack, int]]:
     for name, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 2:
             continue
-        if len({type(c) for c in container}) != 1 or is_prunable(container[0]):
+        if not _repeated_blocks(container) or is_prunable(container[0]):
             continue
         count = sum(len(find_layers(c)) for c in container)
         if count:
             found.append(((name, container), count))
     return [item for item in found if not any(_inside(item[0][0], other[0][0]) for other in found)]
+
+
+def _repeated_blocks(container: nn.Module) -> bool:
+    """Blocks of one class, or Hugging Face layers of several (hybrid models mix Mamba and attention layers,
+    Mllama self- and cross-attention layers, in one list that its forward runs in order)."""
+    if len({type(c) for c in container}) == 1:
+        return True
+    try:  # the base class of every transformers 5 encoder / decoder layer (imported here: it loads modeling_utils)
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover
+        return False
+    return all(isinstance(c, GradientCheckpointingLayer) for c in container)
 
 
 def _inside(name: str, outer: str) -> bool:
@@ -301,3 +354,15 @@ def is_hf_model(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, PreTrainedModel)
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's token embedding; None for models without one (image and audio models; dual encoders, whose
+    text tower holds it), for which transformers raises ``NotImplementedError``."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        return getter()
+    except NotImplementedError:
+        return None

@@ -40,11 +40,16 @@ def per_input(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return prune_lowest_slices(scores, int(scores.shape[0] * sparsity), 0)
 
 
-@register_group(GLOBAL)
 @register_group("per-layer")
 def per_layer(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """The whole layer prunes ``floor(numel * sparsity)`` (magnitude's default; Wanda's for vision)."""
     return prune_lowest_flat(scores.reshape(-1), int(scores.numel() * sparsity)).reshape(scores.shape)
+
+
+@register_group(GLOBAL)
+def global_threshold(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """One threshold across all selected layers (the engine selects them together: ``select_global``)."""
+    return per_layer(scores, sparsity)  # one layer alone
 
 
 def select_global(scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:

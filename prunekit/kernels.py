@@ -8,14 +8,22 @@ computing the scores does. They release the GIL and run on ``torch.get_num_threa
 
 Every kernel answers exactly as ``selection._prune_lowest`` (a stable sort: among equal scores the lower index
 goes first). Slices holding a NaN are reported back for the torch path to redo. ``available()`` is False when
-numba is missing or ``PRUNEKIT_KERNELS=0``: ``selection`` then uses torch alone.
+numba is missing or inside ``enabled(False)`` (the ``kernels`` setting of ``PruneConfig``, which the engine applies
+to each pruning step): ``selection`` then uses torch alone, with the same masks.
+
+Compiled code is cached on disk per user (``$XDG_CACHE_HOME/prunekit/numba``, or numba's own ``NUMBA_CACHE_DIR``
+when set), never inside the installed package, which is read-only or shared in many installs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 
 import numpy as np
 import torch
@@ -38,9 +46,22 @@ TASK = 1 << 20
 CHUNK = 1 << 23
 
 
+_ENABLED: ContextVar[bool] = ContextVar("prunekit_kernels", default=True)
+
+
 def available() -> bool:
     """Whether the compiled kernels can be used (numba importable and not switched off)."""
-    return numba is not None and os.environ.get("PRUNEKIT_KERNELS", "1") != "0"
+    return numba is not None and _ENABLED.get()
+
+
+@contextlib.contextmanager
+def enabled(on: bool) -> Iterator[None]:
+    """The kernels switched on or off for the body (this thread and context only)."""
+    token = _ENABLED.set(on)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
 
 
 def applies(scores: torch.Tensor, n: int) -> bool:
@@ -55,9 +76,31 @@ def applies(scores: torch.Tensor, n: int) -> bool:
 
 
 def _jit(fn):
-    """Compiled without the GIL, cached on disk; float sums may be reassociated (so that they vectorize): they
-    only ever add 0/1 flags, exact in float32 below 2^24 (``applies`` keeps slices shorter)."""
-    return numba.njit(nogil=True, cache=True, fastmath={"reassoc"})(fn) if numba else fn
+    """Compiled without the GIL, cached on disk per user; float sums may be reassociated (so that they
+    vectorize): they only ever add 0/1 flags, exact in float32 below 2^24 (``applies`` keeps slices shorter)."""
+    if numba is None:
+        return fn
+    with _user_cache():
+        return numba.njit(nogil=True, cache=True, fastmath={"reassoc"})(fn)
+
+
+def user_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "prunekit", "numba")
+
+
+@contextlib.contextmanager
+def _user_cache() -> Iterator[None]:
+    """numba picks a function's cache folder when it is decorated: there, and only there, point it to the user's
+    cache (unless the user chose one with ``NUMBA_CACHE_DIR``), so no other numba user in the process is moved."""
+    config = numba.core.config
+    chosen = config.CACHE_DIR
+    if not chosen:
+        config.CACHE_DIR = user_cache_dir()
+    try:
+        yield
+    finally:
+        config.CACHE_DIR = chosen
 
 
 @_jit
@@ -355,18 +398,29 @@ def _mask_flat(x, lo, hi, keep, cand, pos, a, b):  # pragma: no cover - compiled
 # ---- threads --------------------------------------------------------------------------------------------------
 
 _POOL: tuple[ThreadPoolExecutor, int, int] | None = None  # the pool, its size, the process that made it
+_POOL_LOCK = threading.Lock()
 
 
 def _run(fn, spans: list[tuple[int, int]]) -> list:
-    """``fn(start, end)`` for every span, on ``torch.get_num_threads()`` threads (the kernels release the GIL).
-    The pool is remade when the thread count changes or in a forked child (threads do not survive a fork)."""
-    global _POOL
+    """``fn(start, end)`` for every span, on ``torch.get_num_threads()`` threads (the kernels release the GIL)."""
     threads = torch.get_num_threads()
     if threads == 1 or len(spans) == 1:
         return [fn(a, b) for a, b in spans]
-    if _POOL is None or _POOL[1:] != (threads, os.getpid()):
+    return list(_pool(threads).map(lambda span: fn(*span), spans))
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The worker pool, remade (under a lock: selections may run in several threads) when the thread count changes
+    or in a forked child (threads do not survive a fork); a replaced pool is shut down once its work is done."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None and _POOL[1:] == (threads, os.getpid()):
+            return _POOL[0]
+        old = _POOL
         _POOL = ThreadPoolExecutor(threads, thread_name_prefix="prunekit-select"), threads, os.getpid()
-    return list(_POOL[0].map(lambda span: fn(*span), spans))
+        if old is not None and old[2] == os.getpid():
+            old[0].shutdown(wait=False)
+        return _POOL[0]
 
 
 def _spans(total: int, per: int) -> list[tuple[int, int]]:

@@ -8,12 +8,14 @@ bits, so the model's state dict keeps its original keys at every moment and the 
 Statistics for methods that need them (Wanda, SparseGPT, ...) come from ``prunekit.collect`` hooks attached
 only while ``calib_batches`` batches run through the live model (no gradients, eval mode) at the event: the
 training batches seen just before it (kept only during that window), or, for an event at fit start, the first
-batches of the train dataloader. Under DDP the statistics are summed over ranks and the pruned weights
-broadcast from rank 0, so every rank holds the same masks.
+batches of the train dataloader. Under DDP the statistics are summed over ranks and each rank prunes its share of
+the layers, whose pruned weights are then broadcast (``prunekit.distributed``, as for ``prunekit.prune`` under
+torchrun), so every rank holds the same masks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -23,80 +25,23 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import engine
 from .api import layer_sparsity, plan_prune
 from .collect import LayerStats
-from .config import PruneConfig
+from .config import PruneConfig, refuse_unused
+from .distill.settings import Distillation
 from .errors import PrunekitError
-from .forward import eval_mode
+from .forward import eval_mode, target_module
 from .graph import select_layers
-from .groups import check_sparsity
 from .masks import apply_masks, mask_gradients, masks_from_weights, pack_mask, unpack_mask
+from .schedule import CALLBACK_CALIBRATION, CALLBACK_USES, FIXED_USES, Schedule
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("oneshot", "cubic", "fixed")
 _STATE_VERSION = 2  # 2: masks packed most significant bit first (prunekit.masks, as the compact format)
-
-
-# ---------------------------------------------------------------- schedule (pure)
-
-
-def cubic_sparsity(step: int, final: float, initial: float = 0.0, start: int = 0, end: int = 1) -> float:
-    """Zhu & Gupta: ``s_t = s_f + (s_i - s_f)(1 - (t - t0) / (n dt))^3``, flat outside ``[start, end]``.
-
-    At ``step >= end`` the result is exactly ``final`` (the cubic term is exactly zero there).
-    """
-    if end <= start:
-        return final if step >= start else initial
-    frac = min(max((step - start) / (end - start), 0.0), 1.0)
-    return final + (initial - final) * (1.0 - frac) ** 3
-
-
-def schedule_events(
-    schedule: str, sparsity: float, start: int = 0, end: int | None = None, every: int = 100, initial: float = 0.0
-) -> list[tuple[int, float]]:
-    """The ``(step, sparsity)`` pruning events of a schedule, in step order; the last one reaches ``sparsity``."""
-    if schedule == "fixed":
-        return []
-    if schedule == "oneshot":
-        return [(start, sparsity)]
-    steps = sorted(set(range(start, end, every)) | {end})
-    events = [(t, cubic_sparsity(t, sparsity, initial, start, end)) for t in steps]
-    return [(t, s) for t, s in events if s > 0]
-
-
-# ---------------------------------------------------------------- multi-process (no-ops on one process)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_stats(stats: Mapping[str, LayerStats]) -> None:
-    """Sum statistics over ranks in place (each rank saw its own batches), so all score the same numbers."""
-    if not _distributed():
-        return
-    for s in stats.values():
-        for tensor in (s.sq_sum, s.col_sum, s.xtx):
-            if tensor is not None:
-                dist.all_reduce(tensor)
-        counts = torch.tensor([s.nsamples, s.ntokens], dtype=torch.int64, device=s.sq_sum.device)
-        dist.all_reduce(counts)
-        s.nsamples, s.ntokens = int(counts[0]), int(counts[1])
-
-
-@torch.no_grad()
-def broadcast_weights(layers: Mapping[str, nn.Module]) -> None:
-    """Rank 0's pruned weights everywhere: identical masks even where kernels are not bit-reproducible."""
-    if not _distributed():
-        return
-    for m in layers.values():
-        dist.broadcast(m.weight.data, src=0)
 
 
 # ---------------------------------------------------------------- calibration batches
@@ -135,25 +80,20 @@ def _own_iterator(loader: Iterable) -> Iterator:
     return iter(loader)
 
 
-def _target_module(pl_module: nn.Module, submodule: str | None) -> nn.Module:
-    if submodule:
-        return pl_module.get_submodule(submodule)
-    model = getattr(pl_module, "model", None)
-    return model if isinstance(model, nn.Module) else pl_module
-
-
 # ---------------------------------------------------------------- the callback
 
 
 class PruningCallback(L.Callback):
     """Prune the selected layers of ``pl_module.model`` (or ``submodule``) during ``trainer.fit``.
 
-    ``schedule``: ``"oneshot"`` prunes to ``sparsity`` at ``start_step`` (default: fit start); ``"cubic"``
-    raises sparsity from ``initial_sparsity`` at ``start_step`` to ``sparsity`` at ``end_step``, re-scoring
-    every ``every_n_steps``; ``"fixed"`` keeps the zeros the model already has (pruned before ``fit``).
-    ``config`` (a ``PruneConfig`` or a method name) and any of its settings as keywords mean what they mean in
-    ``prunekit.prune``. ``forward_fn(pl_module, batch)`` runs a calibration batch (default ``forward_batch``:
-    the module's ``forward``, else its ``training_step``).
+    ``schedule`` (a ``Schedule``, or its name with its fields as keywords: ``start_step``, ``end_step``,
+    ``every_n_steps``, ``initial_sparsity``, ``calib_batches``): ``"oneshot"`` prunes to ``sparsity`` at
+    ``start_step`` (default: fit start); ``"cubic"`` raises sparsity from ``initial_sparsity`` at ``start_step`` to
+    ``sparsity`` at ``end_step``, re-scoring every ``every_n_steps``; ``"fixed"`` keeps the zeros the model already
+    has (pruned before ``fit``). ``config`` (a ``PruneConfig`` or a method name) and any of its settings as keywords
+    mean what they mean in ``prunekit.prune``; settings the callback cannot honour (``CALLBACK_USES``) are refused.
+    ``forward_fn(pl_module, batch)`` runs a calibration batch (default ``forward_batch``: the module's ``forward``,
+    else its ``training_step``).
     """
 
     def __init__(
@@ -162,49 +102,33 @@ class PruningCallback(L.Callback):
         sparsity: float | None = None,
         pattern: str | None = None,
         group: str | None = None,
-        schedule: str = "oneshot",
-        start_step: int = 0,
-        end_step: int | None = None,
-        every_n_steps: int = 100,
-        calib_batches: int = 16,
-        initial_sparsity: float = 0.0,
+        schedule: Schedule | str = "oneshot",
         *,
         submodule: str | None = None,
         mask_gradients: bool = True,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         **settings: Any,
     ):
+        _refuse_distillation(settings)
+        self.schedule = _schedule(schedule, settings)
         self.config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
-        if self.config.structured and schedule != "fixed":
+        if self.config.structured and self.schedule.schedule != "fixed":
             raise PrunekitError(
                 f"structured method {self.config.method!r} changes the model's shapes, which cannot "
                 "happen inside training; prune first (prunekit.prune), then fine-tune with "
                 "schedule='fixed'"
             )
-        _check_schedule(
-            schedule,
-            self.config.sparsity,
-            self.config.pattern,
-            start_step,
-            end_step,
-            every_n_steps,
-            calib_batches,
-            initial_sparsity,
-        )
+        _check_used(self.config, self.schedule)
+        self.schedule.check_target(self.config.sparsity, self.config.pattern)
         self.settings = dict(
             method=self.config.method,
             sparsity=self.config.sparsity,
             pattern=self.config.pattern,
             group=self.config.group,
-            schedule=schedule,
-            start_step=start_step,
-            end_step=end_step,
-            every_n_steps=every_n_steps,
-            initial_sparsity=float(initial_sparsity),
+            **{k: v for k, v in dataclasses.asdict(self.schedule).items() if k != "calib_batches"},
         )
-        self.events = schedule_events(
-            schedule, self.config.sparsity, start_step, end_step, every_n_steps, initial_sparsity
-        )
+        self.events = self.schedule.events(self.config.sparsity)
+        calib_batches = self.schedule.calib_batches
         self.calib_batches, self.submodule = calib_batches, submodule
         self.mask_grads, self.forward_fn = mask_gradients, forward_fn or forward_batch
         self.masks: dict[str, torch.Tensor] = {}
@@ -235,7 +159,7 @@ class PruningCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self._layers is not None:
             return
-        target = _target_module(pl_module, self.submodule)  # everything is checked before any training step
+        target = target_module(pl_module, self.submodule)  # everything is checked before any training step
         if self.events:  # one pass over the live model per event, not block by block
             self._plan = plan_prune(target, replace(self.config, sequential=False))
             self._layers = dict(self._plan.layers)
@@ -330,7 +254,7 @@ class PruningCallback(L.Callback):
                 )
             self.masks = {n: unpack_mask(p).to(self.layers[n].weight.device) for n, p in state["masks"].items()}
             self._done, self.history = state["events_done"], list(state["history"])
-        elif self.settings["schedule"] == "fixed" and not self.masks:
+        elif self.schedule.schedule == "fixed" and not self.masks:
             self.masks = masks_from_weights(self.layers)
         apply_masks(self.layers, self.masks)
 
@@ -369,9 +293,7 @@ class PruningCallback(L.Callback):
             for batch in batches:
                 self._forward(pl_module, batch)
         self._recent.clear()
-        stats = {n: stats[n] for n in stats}
-        all_reduce_stats(stats)
-        return stats
+        return engine.reduce_statistics(self.layers, {n: stats[n] for n in stats}, self._plan)
 
     def _prune(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         while self._due(trainer.global_step):  # several events can be due after a resume: the last one counts
@@ -379,8 +301,7 @@ class PruningCallback(L.Callback):
             self._done += 1
         stats = self._statistics(trainer, pl_module)
         plan = replace(self._plan, targets={n: replace(t, sparsity=target) for n, t in self._plan.targets.items()})
-        engine.prune_layers(plan.layers, stats, plan)
-        broadcast_weights(plan.layers)
+        engine.prune_layers(plan.layers, stats, plan)  # each rank its share of the layers, then broadcast
         self.masks = masks_from_weights(plan.layers)
         samples = next(iter(stats.values())).nsamples if stats else 0
         self._record(trainer.global_step, step, target, samples)
@@ -409,32 +330,30 @@ class PruningCallback(L.Callback):
         self._handles = []
 
 
-def _check_schedule(
-    schedule: str,
-    sparsity: float,
-    pattern: str | None,
-    start: int,
-    end: int | None,
-    every: int,
-    calib_batches: int,
-    initial: float,
-) -> None:
-    if schedule not in SCHEDULES:
-        raise PrunekitError(f"unknown pruning schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
-    check_sparsity(sparsity)
-    if start < 0 or calib_batches < 1:
-        raise PrunekitError(f"start_step must be >= 0 and calib_batches >= 1, got {start} and {calib_batches}")
-    if schedule != "cubic":
+def _schedule(schedule: Schedule | str, settings: dict[str, Any]) -> Schedule:
+    """The ``Schedule`` from a ``Schedule`` or a name plus its fields, taken out of ``settings``."""
+    names = {f.name for f in dataclasses.fields(Schedule)}
+    timing = {k: settings.pop(k) for k in list(settings) if k in names}
+    if isinstance(schedule, Schedule):
+        if timing:
+            raise PrunekitError(f"pass the schedule's settings {sorted(timing)} inside the Schedule, not beside it")
+        return schedule
+    return Schedule(schedule=schedule, **timing)
+
+
+def _refuse_distillation(settings: dict[str, Any]) -> None:
+    given = sorted(set(settings) & {f.name for f in dataclasses.fields(Distillation)})
+    if given:
+        raise PrunekitError(
+            f"PruningCallback does not distil ({', '.join(given)}): pass those settings to "
+            "prunekit.distill.DistillationCallback beside it"
+        )
+
+
+def _check_used(config: PruneConfig, schedule: Schedule) -> None:
+    if schedule.schedule == "fixed":
+        refuse_unused(
+            config, FIXED_USES, "PruningCallback(schedule='fixed')", "it holds the zeros the model already has"
+        )
         return
-    if end is None or end <= start or every < 1:
-        raise PrunekitError(
-            f"the cubic schedule needs end_step > start_step and every_n_steps >= 1, got "
-            f"start_step={start}, end_step={end}, every_n_steps={every}"
-        )
-    if pattern is not None:
-        raise PrunekitError(
-            "N:M patterns fix the sparsity of every group, so they cannot grow gradually; use "
-            "schedule='oneshot' with a pattern"
-        )
-    if not 0 <= initial < sparsity:
-        raise PrunekitError(f"initial_sparsity must be in [0, sparsity), got {initial} with sparsity {sparsity}")
+    refuse_unused(config, CALLBACK_USES, "PruningCallback", CALLBACK_CALIBRATION)

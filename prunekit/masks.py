@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .graph import weight_grad
+
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -61,8 +63,9 @@ def apply_masks(layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tenso
 
 @torch.no_grad()
 def mask_gradients(layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero the gradients of pruned weights, so an optimizer step cannot revive them."""
+    """Zero the gradients of pruned weights, so an optimizer step cannot revive them (fused MoE experts too:
+    their gradient is a slice of the fused parameter's)."""
     for name, mask in masks.items():
-        grad = layers[name].weight.grad
+        grad = weight_grad(layers[name])
         if grad is not None:
             grad.mul_(mask)

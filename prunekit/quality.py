@@ -27,15 +27,14 @@ from typing import Any
 
 from torch import nn
 
-from .api import PruneReport, prune
+from .api import PruneReport, prune_model
 from .commands import _write_report_json, claimed, evaluate, load_job, run_prune, save_run, validate
 from .errors import PrunekitError
 from .io import write_json
 from .io.hf import load_config
 from .io.timm import is_vision_source
-from .jobs import IMAGE_TEXT, Prepared, evaluation_data
 from .metrics import dense_value
-from .model_classes import resolve_model_class
+from .model_classes import Job, ModelClass, Prepared, model_class_of
 from .recipe import PruneRecipe, SensitivityRecipe, dump_recipe, recipe_dict, recipe_from_dict
 from .sensitivity import Scan, markdown, plot, sensitivity
 from .target import Search, Trial, parse_bound
@@ -49,20 +48,18 @@ Evaluate = Callable[[nn.Module], dict[str, float]]
 
 
 @contextmanager
-def quality_metric(recipe: PruneRecipe, model: nn.Module, tokenizer: Any, prepared: Prepared) -> Iterator[Evaluate]:
+def quality_metric(job: Job, prepared: Prepared) -> Iterator[Evaluate]:
     """``model -> metrics`` on ``--eval-data``, else on a held-out slice of ``--calib-data`` (in a temporary
-    folder for the body's time)."""
+    folder for the body's time), each with the metric of the job's model class."""
+    recipe = job.recipe
     if recipe.eval_data:
-        yield _quiet_after_first(lambda m: evaluate(m, tokenizer, recipe, prepared))
+        yield _quiet_after_first(lambda m: evaluate(m, job, prepared))
         return
     with tempfile.TemporaryDirectory(prefix="prunekit-holdout-") as scratch:
-        held = heldout_recipe(recipe, model, tokenizer, prepared, Path(scratch))
-        held_prepared = prepared
-        if tokenizer is not None:
-            config = getattr(model, "config", None)
-            held_prepared = evaluation_data(prepared.model_class, tokenizer, config, held)
+        held = dataclasses.replace(job, recipe=heldout_recipe(job, Path(scratch)))
+        held_prepared = job.model_class.prepare(held)
         log.info("measuring quality on %d samples held out of %s", recipe.holdout, recipe.calib_data)
-        yield _quiet_after_first(lambda m: evaluate(m, tokenizer, held, held_prepared))
+        yield _quiet_after_first(lambda m: evaluate(m, held, held_prepared))
 
 
 LIGHTNING_INFO = "lightning.pytorch.utilities.rank_zero"  # "GPU available: ..." each time a Trainer is made
@@ -95,26 +92,33 @@ def measured_on(recipe: PruneRecipe) -> str:
     return f"{recipe.holdout} samples held out of the calibration data ({Path(recipe.calib_data).name})"
 
 
-def heldout_recipe(recipe: PruneRecipe, model: nn.Module, tokenizer: Any, prepared: Prepared, scratch: Path):
+def heldout_recipe(job: Job, scratch: Path) -> PruneRecipe:
     """The recipe with ``eval_data`` pointing at the held-out samples, written into ``scratch``."""
-    if tokenizer is None:
-        held = heldout_images(recipe, model, scratch / "images")
-    elif prepared.model_class == IMAGE_TEXT:
-        raise PrunekitError(
-            "image-text models are measured on --eval-data (an image-text folder); no held-out slice is cut from "
-            "--calib-data for them: give --eval-data"
-        )
+    check_holdout(job.model_class)
+    recipe = job.recipe
+    if job.model_class.holdout == "images":
+        held = heldout_images(recipe, scratch / "images")
     else:
-        held = heldout_text(recipe, model, tokenizer, scratch / "heldout.txt")
+        held = heldout_text(job, scratch / "heldout.txt")
     return dataclasses.replace(recipe, eval_data=str(held), holdout=PruneRecipe.__dataclass_fields__["holdout"].default)
 
 
-def heldout_text(recipe: PruneRecipe, model: nn.Module, tokenizer: Any, path: Path) -> Path:
+def check_holdout(row: ModelClass) -> None:
+    """Classes whose data is not plain text or an ImageFolder (image-text pairs, audio) have no held-out slice."""
+    if row.holdout is None:
+        raise PrunekitError(
+            f"{row.name} models are measured on --eval-data ({row.data}); no held-out slice is cut from --calib-data "
+            "for them: give --eval-data"
+        )
+
+
+def heldout_text(job: Job, path: Path) -> Path:
     """``--holdout`` windows of the calibration text that no calibration window touches, decoded into ``path``."""
     from .data.text import heldout_windows, load_text, tokenize
-    from .jobs import text_seqlen
+    from .model_classes.text import text_seqlen
 
-    seqlen = text_seqlen(recipe.seqlen, model.config, tokenizer)
+    recipe, tokenizer = job.recipe, job.preprocessor
+    seqlen = text_seqlen(recipe.seqlen, job.config, tokenizer)
     tokens = tokenize(tokenizer, load_text(recipe.calib_data, what="--calib-data"))
     windows = heldout_windows(tokens, recipe.nsamples, seqlen, recipe.seed, recipe.holdout)
     texts = tokenizer.batch_decode(windows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -122,7 +126,7 @@ def heldout_text(recipe: PruneRecipe, model: nn.Module, tokenizer: Any, path: Pa
     return path
 
 
-def heldout_images(recipe: PruneRecipe, model: nn.Module, folder: Path) -> Path:
+def heldout_images(recipe: PruneRecipe, folder: Path) -> Path:
     """An ImageFolder of links to the calibration folder's images that calibration does not sample."""
     from .data.images import heldout_indices, image_dataset
 
@@ -202,7 +206,7 @@ def _trial(model, config, calib, tokenizer, evaluate_model: Evaluate, search: Se
     start = time.perf_counter()
     pruned = copy.deepcopy(model)
     try:
-        report = prune(pruned, config, calib=calib, tokenizer=tokenizer, sparsity=sparsity)
+        report = prune_model(pruned, dataclasses.replace(config, sparsity=sparsity), calib, tokenizer)
         metrics, error = dict(evaluate_model(pruned)), None
     except PrunekitError as err:  # e.g. a structured ratio the model cannot take: a miss, and the search goes lower
         report, metrics, error = None, {}, str(err)
@@ -247,7 +251,16 @@ def prune_job(
     """``prunekit prune`` with or without ``--target`` (``commands.run_prune`` prunes to one sparsity)."""
     if recipe.target is None:
         return run_prune(recipe, recipe_path)
+    one_process("a --target search")
     return run_target(recipe, validate(recipe, recipe_path), on_trial)
+
+
+def one_process(what: str) -> None:
+    """Searches and scans run their trials in one process; under torchrun, one line instead of N copies."""
+    from .distributed import launched_ranks
+
+    if launched_ranks() > 1:
+        raise PrunekitError(f"{what} runs in one process: start it without torchrun")
 
 
 def run_target(
@@ -257,8 +270,9 @@ def run_target(
     report and the found sparsity in its recipe."""
     _check_heldout_class(recipe)
     with claimed(recipe, inputs) as claim:
-        model, tokenizer, calib, prepared = load_job(recipe)
-        with quality_metric(recipe, model, tokenizer, prepared) as evaluate_model:
+        job, calib, prepared = load_job(recipe)
+        model = job.model
+        with quality_metric(job, prepared) as evaluate_model:
             dense = dense_metrics(model, evaluate_model)
             log.info("dense model: %s", dense)
             start = time.perf_counter()
@@ -268,7 +282,7 @@ def run_target(
                 calib,
                 evaluate_model,
                 recipe.target,
-                tokenizer=tokenizer,
+                tokenizer=job.preprocessor,
                 max_trials=recipe.target_trials,
                 dense=dense,
                 on_trial=on_trial,
@@ -279,33 +293,28 @@ def run_target(
         report.metrics.update({**best.metrics, **{f"{k}_dense": v for k, v in dense.items()}})
         report.search = {**search.to_dict(), "measured_on": measured_on(recipe)}
         report.timings["search_s"] = time.perf_counter() - start
-        resolved = found_recipe(recipe, best.sparsity, prepared)
+        resolved = found_recipe(recipe, best.sparsity, job.model_class)
         if claim is not None:
-            save_run(pruned, tokenizer, report, resolved, claim)
+            save_run(pruned, job.preprocessor, report, resolved, claim)
     _write_report_json(recipe, report)
     return report
 
 
-def found_recipe(recipe: PruneRecipe, sparsity: float, prepared: Prepared) -> PruneRecipe:
+def found_recipe(recipe: PruneRecipe, sparsity: float, row: ModelClass) -> PruneRecipe:
     """The recipe that repeats the saved model without searching: the found sparsity, no target."""
     defaults = PruneRecipe.__dataclass_fields__
     resolved = {"sparsity": sparsity, "target": None}
     resolved.update({k: defaults[k].default for k in ("target_trials", "holdout")})
-    if prepared.model_class is not None:
-        resolved["model_class"] = prepared.model_class
+    if row.transformers:
+        resolved["model_class"] = row.name
     return dataclasses.replace(recipe, **resolved)
 
 
 def _check_heldout_class(recipe: PruneRecipe) -> None:
-    """Image-text models have no held-out slice: refused from config.json, before the weights load."""
+    """Classes without a held-out slice are refused from config.json, before the weights load."""
     if recipe.eval_data or is_vision_source(recipe.model):
         return
-    config = load_config(recipe.model, recipe.trust_remote_code)
-    if resolve_model_class(config, recipe.model_class, recipe.model) == IMAGE_TEXT:
-        raise PrunekitError(
-            "image-text models are measured on --eval-data (an image-text folder); no held-out slice is cut from "
-            "--calib-data for them: give --eval-data"
-        )
+    check_holdout(model_class_of(recipe, load_config(recipe.model, recipe.trust_remote_code)))
 
 
 # ---------------------------------------------------------------- sensitivity
@@ -314,13 +323,16 @@ def _check_heldout_class(recipe: PruneRecipe) -> None:
 def run_sensitivity(recipe: SensitivityRecipe, recipe_path: str | os.PathLike | None = None) -> Scan:
     """Scan, print nothing; with ``--out`` write sensitivity.json, sensitivity.md, the heat map sensitivity.png and
     the resolved recipe.yaml there (atomically), with ``--json`` the scan's JSON."""
+    one_process("a sensitivity scan")
     inputs = validate(recipe, recipe_path)
     _check_heldout_class(recipe)
     with claimed(recipe, inputs) as claim:
-        model, tokenizer, calib, prepared = load_job(recipe)
-        if prepared.model_class is not None:
-            recipe = dataclasses.replace(recipe, model_class=prepared.model_class)
-        with quality_metric(recipe, model, tokenizer, prepared) as evaluate_model:
+        job, calib, prepared = load_job(recipe)
+        model = job.model
+        if job.model_class.transformers:
+            recipe = dataclasses.replace(recipe, model_class=job.model_class.name)
+            job.recipe = recipe
+        with quality_metric(job, prepared) as evaluate_model:
             scan = sensitivity(
                 model,
                 recipe,
@@ -328,7 +340,7 @@ def run_sensitivity(recipe: SensitivityRecipe, recipe_path: str | os.PathLike | 
                 _reference_first(evaluate_model),
                 sparsities=recipe.sparsities,
                 granularity=recipe.parts,
-                tokenizer=tokenizer,
+                tokenizer=job.preprocessor,
             )
         scan.settings["recipe"] = recipe_dict(recipe)
         scan.settings["measured_on"] = measured_on(recipe)

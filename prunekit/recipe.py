@@ -5,8 +5,8 @@ one flat YAML mapping. Unknown keys are errors (a typo must not silently fall ba
 resolved recipe is saved next to the outputs so a run can be repeated exactly. Remote code can be enabled
 only on the command line (or in Python), never by a recipe file alone.
 
-One loader (``load_yaml``) serves prune, fine-tune and evaluation configs: ``yaml.safe_load`` only, with
-one-line errors for a missing file, malformed YAML, or a top level that is not a mapping.
+One loader (``prunekit.io.yamlfile.load_yaml``) serves prune, fine-tune and evaluation configs: ``yaml.safe_load``
+only, with one-line errors for a missing file, malformed YAML, or a top level that is not a mapping.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .config import PruneConfig, setting
+from .config import PruneConfig, check_save_format, lazy_problems, refuse_unused, setting
 from .errors import PrunekitError
-from .model_classes import AUTO, MODEL_CLASSES, check_choice
+from .io.yamlfile import load_yaml
+from .model_classes import AUTO, HF_CLASSES, check_choice
 
-SAVE_FORMATS = ("dense", "compact")
 SCAN_PARTS = ("blocks", "kinds")  # what one sensitivity trial prunes (prunekit.sensitivity)
+TARGET_UNUSED_WHY = "a --target search prunes copies in memory, trial by trial, in one process"
 
 
 @dataclass(frozen=True)
@@ -29,57 +30,108 @@ class PruneRecipe(PruneConfig):
     """Everything ``prunekit prune`` does. Field names are the CLI's long flags with underscores."""
 
     model: str | None = setting(
-        None, "local checkpoint directory or hub id; timm:NAME, local-dir:PATH, torchvision:NAME for image models"
+        None,
+        "local checkpoint directory or hub id; timm:NAME, local-dir:PATH, torchvision:NAME for image models",
+        example="model",
     )
     model_class: str = setting(
         AUTO,
         "how a Hugging Face checkpoint loads: auto (from architectures in its config.json) or "
-        + "; ".join(f"{name}: {row.what}" for name, row in MODEL_CLASSES.items()),
+        + "; ".join(f"{name}: {row.what}" for name, row in HF_CLASSES.items()),
+        example="causal-lm",
     )
-    out: str | None = setting(None, "output directory (claimed at the start, written atomically; never an input)")
+    out: str | None = setting(
+        None, "output directory (claimed at the start, written atomically; never an input)", example="out"
+    )
     calib_data: str | None = setting(
         None,
-        "calibration text file / dataset (text models), ImageFolder (image models) or image-text folder with "
-        "data.jsonl (vision-language models)",
+        "calibration text file / dataset (text models), ImageFolder (image models), image-text folder with "
+        "data.jsonl (vision-language models, dual encoders; these also take an ImageFolder) or audio folder "
+        "(speech models)",
+        example="calib.txt",
     )
     eval_data: str | None = setting(
         None,
         "held-out data, evaluated before and after: text (perplexity; classifiers: agreement), labeled .jsonl "
-        "(classifier accuracy), ImageFolder (top-1/top-5) or image-text folder",
+        "(classifier accuracy), ImageFolder (top-1/top-5; dual encoders: zero-shot accuracy), image-text folder "
+        "(text perplexity; dual encoders: retrieval recall) or audio folder (decoder perplexity)",
+        example="eval.txt",
     )
-    eval_seqlen: int | None = setting(None, "tokens per evaluation window (default: seqlen)", type=int)
-    eval_batch_size: int = setting(8, "evaluation batch size", type=int)
-    num_workers: int = setting(0, "image loading workers (calibration and evaluation)", type=int)
+    prompt_template: str = setting(
+        "a photo of a {}.",
+        "dual encoders: the caption of an ImageFolder image, its class folder's name in place of {} (zero-shot "
+        "prompts and calibration captions)",
+        example="the digit {}",
+    )
+    eval_seqlen: int | None = setting(None, "tokens per evaluation window (default: seqlen)", type=int, example=16)
+    eval_batch_size: int = setting(8, "evaluation batch size", type=int, example=2)
+    num_workers: int = setting(0, "image loading workers (calibration and evaluation)", type=int, example=1)
     skip_bad_images: bool = setting(
         False,
         "skip unreadable images in the image folders (counted in the log) instead of failing on the first one",
         type=bool,
+        example=True,
     )
     lazy: bool = setting(
-        False, "HF checkpoints larger than memory: read, prune and write one block at a time", type=bool
+        False,
+        "HF checkpoints larger than memory: read, prune and write one block at a time",
+        type=bool,
+        example=True,
+        example_with={"out": "out"},
     )
     save_format: str = setting(
         "dense",
         "dense (from_pretrained layout) or compact (kept values + bitmask / 2:4 "
         "packing; `prunekit convert --to dense` restores)",
+        example="compact",
     )
-    overwrite: bool = setting(False, "replace a non-empty --out (at the very end, atomically)", type=bool)
-    report_json: str | None = setting(None, "also write the prune report to this JSON file", flag="--json")
+    overwrite: bool = setting(False, "replace a non-empty --out (at the very end, atomically)", type=bool, example=True)
+    report_json: str | None = setting(
+        None, "also write the prune report to this JSON file", flag="--json", example="report.json"
+    )
+    resume: bool | None = setting(
+        None,
+        "block-by-block runs keep their progress beside --out after each block, and a rerun of an interrupted run "
+        "continues from it (saying so; refused, naming the difference, when a setting or input changed); --resume: "
+        "there must be such a run to continue; --no-resume: keep no progress and discard an interrupted run's",
+        type=bool,
+        example=False,
+    )
+    dist_timeout: float = setting(
+        1800.0,
+        "torchrun: seconds a rank waits for the others (at a block's end, for a broadcast) before it gives up",
+        type=float,
+        example=60.0,
+    )
     trust_remote_code: bool = setting(
-        False, "run the checkpoint's own Python code (command line only, never from a recipe)", type=bool, recipe=False
+        False,
+        "run the checkpoint's own Python code (command line only, never from a recipe)",
+        type=bool,
+        recipe=False,
+        example=True,
     )
     target: str | None = setting(
         None,
         "quality target: the highest sparsity (structured: ratio) whose model keeps it, e.g. 'ppl<=+10%' (relative "
         "to dense), 'ppl<=60', 'top1>=0.98'; measured on --eval-data (else on --holdout calibration samples); "
         "--sparsity is the first trial",
+        example="ppl<=+10%",
+        example_with={"calib_data": "calib.txt"},
     )
-    target_trials: int = setting(8, "most prune + evaluate trials a --target search runs", type=int)
+    target_trials: int = setting(
+        8,
+        "most prune + evaluate trials a --target search runs",
+        type=int,
+        example=4,
+        example_with={"target": "ppl<=+10%", "calib_data": "calib.txt"},
+    )
     holdout: int = setting(
         64,
         "calibration samples (text windows / images) held out, never calibrated on, to measure --target or a "
         "sensitivity scan when no --eval-data is given",
         type=int,
+        example=16,
+        example_with={"target": "ppl<=+10%", "calib_data": "calib.txt"},
     )
 
     # Whether the job measures quality without a --target (a sensitivity scan): then --holdout applies.
@@ -95,11 +147,19 @@ def check_job(recipe: PruneRecipe) -> None:
     if not recipe.model:
         raise PrunekitError("no model given: pass --model PATH_OR_HUB_ID (or model: in the recipe)")
     check_choice(recipe.model_class)
-    if recipe.save_format not in SAVE_FORMATS:
-        raise PrunekitError(f"unknown save_format {recipe.save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
+    check_save_format(recipe.save_format)
+    if recipe.prompt_template.count("{}") != 1 or any(c in recipe.prompt_template.replace("{}", "") for c in "{}"):
+        raise PrunekitError(
+            f"prompt_template {recipe.prompt_template!r} must hold {{}} once (where the class name goes) and no other "
+            "braces, e.g. 'a photo of a {}.'"
+        )
     if recipe.eval_seqlen is not None and recipe.eval_seqlen < 1:
         raise PrunekitError(f"eval_seqlen must be a positive integer, got {recipe.eval_seqlen!r}")
     _check_quality(recipe)
+    if recipe.resume:
+        _check_resume(recipe)
+    if not recipe.dist_timeout > 0:
+        raise PrunekitError(f"dist_timeout must be a positive number of seconds, got {recipe.dist_timeout!r}")
     if recipe.lazy:
         _check_lazy(recipe)
 
@@ -136,22 +196,37 @@ def _check_quality(recipe: PruneRecipe) -> None:
         )
     if not recipe.eval_data and not recipe.calib_data:
         raise PrunekitError("--target needs data to measure on: --eval-data, or --calib-data to hold samples out of")
+    used = [f.name for f in fields(recipe) if f.name not in ("resume", "dist_timeout")]
+    refuse_unused(recipe, used, "a --target search", TARGET_UNUSED_WHY)
 
 
-def _check_lazy(recipe: PruneRecipe) -> None:
+def _check_resume(recipe: PruneRecipe) -> None:
+    """--resume continues a block-by-block run: one that keeps its progress beside --out."""
     problems = [
         what
         for what, bad in (
+            ("--out (the progress is kept beside it)", not recipe.out),
+            ("an unstructured method (structured methods run in one pass)", recipe.structured),
+            ("sequential calibration (--no-sequential runs in one pass)", not recipe.sequential),
+            ("a group other than global (one threshold over every layer needs one pass)", recipe.group == "global"),
+        )
+        if bad
+    ]
+    if problems:
+        raise PrunekitError(f"--resume needs {'; '.join(problems)}")
+
+
+def _check_lazy(recipe: PruneRecipe) -> None:
+    job = [
+        what
+        for what, bad in (
             ("--out (lazy pruning writes the checkpoint block by block)", not recipe.out),
-            ("allocation uniform", recipe.allocation != "uniform"),
             ("no --eval-data (evaluate the output afterwards with `prunekit eval ppl`)", bool(recipe.eval_data)),
-            ("an unstructured method", recipe.structured),
-            ("a group other than global", recipe.group == "global"),
-            ("sequential calibration", not recipe.sequential),
             ("no --target (search in memory, then prune the found sparsity with --lazy)", recipe.target is not None),
         )
         if bad
     ]
+    problems = job + lazy_problems(recipe)
     if problems:
         raise PrunekitError(f"--lazy needs {'; '.join(problems)}")
 
@@ -160,11 +235,14 @@ def _check_lazy(recipe: PruneRecipe) -> None:
 class SensitivityRecipe(PruneRecipe):
     """``prunekit sensitivity``: the prune settings of the scan's method, the scan's own, and the job."""
 
-    sparsities: tuple = setting((0.5, 0.7, 0.9), "sparsities each part is pruned to, alone (repeatable)", repeat=True)
+    sparsities: tuple = setting(
+        (0.5, 0.7, 0.9), "sparsities each part is pruned to, alone (repeatable)", repeat=True, example=(0.3, 0.6)
+    )
     parts: str = setting(
         "blocks",
         "what one trial prunes: blocks (decoder layers, ViT blocks, CNN stages), or kinds (each kind of layer within "
         "a block: q/k/v/o, gate/up/down)",
+        example="kinds",
     )
 
     measures_quality: ClassVar[bool] = True
@@ -175,7 +253,10 @@ class SensitivityRecipe(PruneRecipe):
         check_sensitivity(self)
 
 
-SCAN_UNUSED = ("sparsity", "target", "target_trials", "lazy", "save_format")  # prune-job settings a scan refuses
+# Prune-job settings a scan refuses: it sets each part's sparsity itself, keeps the model in memory in one process
+# and saves no model.
+SCAN_UNUSED = ("sparsity", "target", "target_trials", "lazy", "save_format", "resume", "dist_timeout")
+SCAN_UNUSED_WHY = "it prunes each part at --sparsities in memory, in one process, and saves a table, not a model"
 
 
 def _floats(value: Any, name: str) -> tuple[float, ...]:
@@ -211,11 +292,8 @@ def check_scan(config: PruneConfig, sparsities: tuple[float, ...]) -> None:
 def check_sensitivity(recipe: SensitivityRecipe) -> None:
     if recipe.parts not in SCAN_PARTS:
         raise PrunekitError(f"unknown parts {recipe.parts!r}; choose from {', '.join(SCAN_PARTS)}")
-    defaults = PruneRecipe.__dataclass_fields__
-    given = [name for name in SCAN_UNUSED if getattr(recipe, name) != defaults[name].default]
-    if given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise PrunekitError(f"a sensitivity scan does not use {flags}; drop it (the scan's sparsities: --sparsities)")
+    used = [f.name for f in fields(recipe) if f.name not in SCAN_UNUSED]
+    refuse_unused(recipe, used, "a sensitivity scan", SCAN_UNUSED_WHY)
     check_scan(recipe, recipe.sparsities)
     if not recipe.eval_data and not recipe.calib_data:
         raise PrunekitError("a sensitivity scan needs data to measure on: --eval-data, or --calib-data to hold out of")
@@ -249,35 +327,6 @@ def recipe_from_dict(cls, data: dict[str, Any], source: str = "recipe", cli: dic
         return cls(**{**data, **(cli or {})})
     except TypeError as err:  # a value of the wrong kind that the dataclass itself rejected
         raise PrunekitError(f"{source}: {err}") from None
-
-
-def load_yaml(path: str | os.PathLike, what: str = "recipe") -> dict[str, Any]:
-    """A YAML mapping from ``path`` (``yaml.safe_load``: no Python tags), or a one-line error."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise PrunekitError(f"{what} {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.constructor.ConstructorError as err:
-        raise PrunekitError(
-            f"{what} {str(path)!r} uses a YAML tag prunekit does not load ({_mark(err)}): recipes "
-            "are plain data; remove the tag"
-        ) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise PrunekitError(f"{what} {str(path)!r} is not valid YAML ({_mark(err)}); fix the file") from None
-    if not isinstance(data, dict):
-        raise PrunekitError(
-            f"{what} {str(path)!r} must be a YAML mapping of settings (key: value), not a {type(data).__name__}"
-        )
-    return data
-
-
-def _mark(err: Exception) -> str:
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or type(err).__name__
-    return f"{problem} at line {mark.line + 1}" if mark is not None else str(problem)
 
 
 def load_recipe(cls, path: str | os.PathLike | None, overrides: dict[str, Any]):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import engine
 from .allocate import SCAN_FORMAT, scan_damages
-from .api import _recalibrate_bn, calibration, check_model, plan_prune, versions
+from .api import _recalibrate_bn, check_model, model_batches, plan_prune, versions
 from .bn import batchnorm_layers
 from .config import PruneConfig
 from .errors import PrunekitError
@@ -192,7 +192,7 @@ def sensitivity(
         plan = plan_prune(model, config)
         parts = scan_parts(plan.layers, plan.stacks, granularity)
         wants_data = plan.needs or config.recalibrate_bn or (calib is not None and config.recalibrate_bn is None)
-        batches = calibration(model, calib, tokenizer, config) if wants_data else []
+        batches = model_batches(model, calib, tokenizer, config) if wants_data else []
         plan = engine.chained(model, plan, batches)
         stats = engine.dense_statistics(model, batches, plan, plan.needs) if plan.needs else None
         timings = {"statistics_s": time.perf_counter() - start}

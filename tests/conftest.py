@@ -81,6 +81,18 @@ def load_kjv_llama():
     return AutoModelForCausalLM.from_pretrained(fixture_path("kjv-llama-5m")).eval()
 
 
+# The LayerNorm fixture, committed with the tests (benchmarks/make_kjv_opt.py made it): an OPTForCausalLM trained on
+# kjv/train.txt with kjv-llama-5m's tokenizer.
+KJV_OPT = Path(__file__).resolve().parent / "assets" / "kjv-opt-2m"
+
+
+def load_kjv_opt():
+    """A fresh kjv-opt-2m (eval mode, float32) that the caller may prune."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(KJV_OPT, dtype=torch.float32).eval()
+
+
 @pytest.fixture(scope="session")
 def kjv_tokenizer():
     from transformers import AutoTokenizer

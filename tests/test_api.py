@@ -233,3 +233,40 @@ def test_load_returns_the_class_the_config_names(name, tmp_path):
     model = build(name)
     prunekit.save(model, tmp_path)
     assert type(prunekit.load(tmp_path)) is type(model)
+
+
+# ---------------------------------------------------------------- issue 27: families beyond the LLaMA shape
+
+
+def test_packed_patches_are_probed_whole():
+    """Qwen2.5-VL packs every image's patches into one tensor: the one-sample probe cut image_grid_thw to one row but
+    not the patches ("shape '[256, -1]' is invalid"). Such a batch is probed whole; batches of 2 prune."""
+    from prunekit.forward import first_sample
+    from tests import zoo
+
+    batch = zoo.batch("qwen2_5_vl", zoo.token_ids(2))
+    assert first_sample(batch) is batch
+    assert first_sample({"input_ids": batch["input_ids"]})["input_ids"].shape[0] == 1
+    prunekit.prune(zoo.build("qwen2_5_vl"), "wanda", 0.5, calib=[batch])
+
+
+@pytest.mark.parametrize(
+    "name, layer", [("siglip", "vision_model.head.attention.out_proj"), ("jamba", "model.layers.0.mamba.dt_proj")]
+)
+def test_layers_the_model_never_calls_stay_dense_with_their_reason(name, layer, caplog):
+    """nn.MultiheadAttention reads out_proj's weight itself, Jamba's Mamba mixer dt_proj's: no calibration input
+    reaches them. They were refused as "saw no input during calibration: is it used in forward()?"; they stay dense,
+    reported, and naming one with --include says what happens and the fix."""
+    from prunekit.errors import PrunekitError
+    from tests import zoo
+
+    model, calib = zoo.build(name), [zoo.batch(name, zoo.token_ids())]
+    report = prunekit.prune(model, "wanda", 0.5, calib=calib)
+    assert layer not in report.layers and layer in report.coverage["never_called"]
+    assert float((model.get_submodule(layer).weight == 0).float().mean()) == 0
+    assert "reads its weight directly" in caplog.text
+    with pytest.raises(
+        PrunekitError, match=f"layer '{layer}' is never called: .* reads its weight directly .*--exclude"
+    ):
+        prunekit.prune(zoo.build(name), "wanda", 0.5, calib=calib, include=[layer])
+    prunekit.prune(zoo.build(name), "magnitude", 0.5, include=[layer])  # no calibration needed: pruned

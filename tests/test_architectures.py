@@ -11,7 +11,7 @@ plus N:M, SparseGPT and the structured methods, each either working or refused w
 
 The README's table of supported architectures is generated from ``benchmarks/results/support.json``; the test
 fails when what prunekit does no longer matches it (regenerate: ``python benchmarks/support.py``, then
-``prunekit report --docs benchmarks/results --out docs/``).
+``python benchmarks/docs.py``).
 """
 
 from __future__ import annotations

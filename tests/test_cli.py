@@ -1,9 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
+from prunekit import cli
 from prunekit.cli import demo_assets, main
+from prunekit.config import PruneConfig
 from tests.conftest import tiny_llama
 
 
@@ -88,6 +91,51 @@ def test_eval_ppl(checkpoint, tmp_path, capsys):
     assert json.loads((tmp_path / "ppl.json").read_text())["ppl"] > 1
 
 
+def test_eval_ppl_of_a_model_saved_without_its_tokenizer(checkpoint, tmp_path, capsys):
+    """Issue 28 item 11: a traceback ("Couldn't instantiate the backend tokenizer") and "a bug in prunekit" became one
+    line naming the fix, exit 2, before the weights load; --tokenizer gives it."""
+    bare = tmp_path / "bare"
+    tiny_llama(vocab=4096).save_pretrained(bare)
+    argv = ["eval", "ppl", "--model", str(bare), "--data", str(checkpoint / "test.txt"), "--seqlen", "64"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer" in err and "--tokenizer" in err and "prunekit.save(" in err
+    assert "Traceback" not in err and "bug" not in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--tokenizer", str(checkpoint / "model")]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_eval_image_recipe_writes_only_when_asked_and_says_where(tmp_path, monkeypatch, capsys):
+    """Issue 28 item 15: the shipped recipe wrote out/recipes/imagenet-eval.json on every run and never said so."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    overrides = [
+        "--model",
+        f"local-dir:{demo_assets() / 'convnext-digits-500k'}",
+        "--data",
+        str(demo_assets() / "digits" / "val"),
+    ]
+    assert main(["eval", "image", "--recipe", str(root / "recipes" / "imagenet-eval.yaml"), *overrides]) == 0
+    assert "top-1" in capsys.readouterr().out and not list(tmp_path.rglob("*.json"))
+    result = tmp_path / "top1.json"
+    assert (
+        main(
+            [
+                "eval",
+                "image",
+                "--recipe",
+                str(root / "recipes" / "imagenet-eval.yaml"),
+                *overrides,
+                "--json",
+                str(result),
+            ]
+        )
+        == 0
+    )
+    assert f"wrote {result}" in capsys.readouterr().out and json.loads(result.read_text())["top1"] > 0.9
+
+
 @pytest.mark.parametrize(
     "extra,match",
     [
@@ -140,6 +188,26 @@ def test_methods_listing(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "wanda" in out and "magnitude" in out and "uniform" in out
+
+
+def test_methods_details_read_well_in_a_pipe(capsys):
+    """Issue 28 item 13: ``methods -v`` was a table cut at 80 columns (``percdamp=0...``) whose description column
+    read ``Magnitude()`` / ``Wanda()``; in a pipe it is plain text now, every value whole."""
+    assert main(["methods", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and "Magnitude()" not in out and "Wanda()" not in out
+    assert "  parameters: blocksize=128, percdamp=0.01\n" in out
+    entries = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert all(line.split(": ", 1)[1] for line in entries), "every entry says what it is"
+
+
+def test_a_pattern_and_a_sparsity_that_contradict_it_are_refused(capsys):
+    """Issue 28 item 12: ``--pattern 2:4 --sparsity 0.7`` silently pruned to 0.5."""
+    assert main(["prune", "--model", "m", "--pattern", "2:4", "--sparsity", "0.7"]) == 2
+    assert "--sparsity 0.7 contradicts it" in capsys.readouterr().err
+    assert PruneConfig(pattern="1:4").sparsity == 0.75  # the sparsity a pattern implies is what is recorded
+    report = {"settings": {"method": "wanda", "pattern": "2:4"}, "sparsity": 0.5, "layers": {}}
+    assert "wanda 2:4" in cli.layer_table(report).title  # the summary shows the pattern
 
 
 def test_repo_recipes_parse(monkeypatch):
@@ -200,13 +268,15 @@ def test_finetune_summary_is_a_rounded_table(capsys):
 
 def test_lightning_lines_print_once_without_advert():
     """Lightning's own console handler and prunekit's root handler both saw its INFO lines (each printed twice),
-    and a Trainer without LitLogger logs an advert; after configure_logging each line appears once, no advert."""
+    and a Trainer without LitLogger logs an advert; after configure_logging each line appears once, no advert,
+    also when a job builds three Trainers (issue 28 item 14: a fine-tune printed the banner for each)."""
     import subprocess
     import sys
 
     code = (
-        "from prunekit.cli import configure_logging; configure_logging(False); import lightning.pytorch as L; "
-        "L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, accelerator='cpu')"
+        "from prunekit.cli import configure_logging; configure_logging(False); import lightning.pytorch as L\n"
+        "for _ in range(3): L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, "
+        "accelerator='cpu')"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -142,5 +142,62 @@ def test_compact_output_of_a_masked_lm_reads_back(models, tmp_path):
     assert main(prune_args(models, "bert", tmp_path / "dense")) == 0
     assert main(prune_args(models, "bert", tmp_path / "compact", "--save-format", "compact")) == 0
     dense = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "dense").state_dict()
-    restored = load_hf_model(tmp_path / "compact", "masked-lm").state_dict()
+    restored = load_hf_model(tmp_path / "compact", "AutoModelForMaskedLM").state_dict()
     assert all(torch.equal(dense[k], restored[k]) for k in dense)
+
+
+# ---------------------------------------------------------------- image, dual encoders, speech, VLM layouts (issue 27)
+
+ASSETS = demo_assets()
+# zoo name -> (class, the auto class that reloads the output, calibration data, evaluation data, the metric's key)
+NEW_CASES = {
+    "vit": ("image-classification", "AutoModelForImageClassification", "digits/train", "digits/val", "top1"),
+    "dinov2": ("vision-encoder", "AutoModel", "digits/train", "digits/val", "embedding_cosine"),
+    "clip": ("dual-encoder", "AutoModelForZeroShotImageClassification", "digits/train", "digits/val", "zeroshot_top1"),
+    "siglip": (
+        "dual-encoder",
+        "AutoModelForZeroShotImageClassification",
+        "digits/train-captions.jsonl",
+        "digits/val-captions.jsonl",
+        "i2t_recall@1",
+    ),
+    "whisper": ("speech-seq2seq", "AutoModelForSpeechSeq2Seq", "speech", "speech", "decoder_ppl"),
+    "wav2vec2": ("audio-encoder", "AutoModel", "speech", "speech", "embedding_cosine"),
+    "qwen2_5_vl": ("image-text-to-text", "AutoModelForImageTextToText", "pairs", "pairs", "text_ppl"),
+    "mllama": ("image-text-to-text", "AutoModelForImageTextToText", "pairs", "pairs", "text_ppl"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every new case saved as a checkpoint with its processor, and image-text pairs for the VLMs."""
+    root = tmp_path_factory.mktemp("saved")
+    for name in NEW_CASES:
+        zoo.save(name, root / name)
+    verses = [line for line in (ASSETS / "kjv" / "test-small.txt").read_text().splitlines() if line.strip()]
+    zoo.write_image_text(root / "pairs", verses[:6])
+    return root
+
+
+def data_path(saved: Path, data: str) -> str:
+    return str(saved / data if data == "pairs" else ASSETS / data)
+
+
+@pytest.mark.parametrize("name", NEW_CASES)
+def test_prune_reload_and_evaluate_each_new_class(saved, tmp_path, name):
+    """Prune with the class's own data, write, reload as the checkpoint's class, and evaluate the output with
+    ``prunekit eval model``: the same metric the prune run reported for the pruned model."""
+    model_class, auto, calib, evaluation, metric = NEW_CASES[name]
+    out, result = tmp_path / "out", tmp_path / "eval.json"
+    argv = ["prune", "--model", str(saved / name), "--calib-data", data_path(saved, calib)]
+    argv += ["--eval-data", data_path(saved, evaluation), "--nsamples", "4", "--batch-size", "2", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["settings"]["model_class"] == model_class and report["sparsity"] == pytest.approx(0.5, abs=0.01)
+    reloaded = getattr(transformers, auto).from_pretrained(out)
+    assert type(reloaded).__name__ == zoo.ZOO[name].model
+    assert all(zero_fraction(reloaded, layer) == pytest.approx(0.5, abs=0.01) for layer in report["layers"])
+    reference = ["--reference", str(saved / name)] if metric == "embedding_cosine" else []
+    argv = ["eval", "model", "--model", str(out), "--data", data_path(saved, evaluation), *reference]
+    assert main([*argv, "--batch-size", "8", "--json", str(result)]) == 0
+    assert json.loads(result.read_text())[metric] == pytest.approx(report["metrics"][metric], abs=1e-5)

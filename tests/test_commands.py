@@ -44,6 +44,31 @@ def test_finetune_with_a_structured_method_runs_to_the_end(checkpoint, tmp_path)
     assert saved["num_hidden_layers"] == 1  # the depth-pruned model was fine-tuned and saved
 
 
+def test_finetune_honours_the_compact_save_format(checkpoint, tmp_path):  # noqa: F811
+    """Issue 28 item 4: fine-tuning saved ``--save-format compact`` outputs dense (its own save path)."""
+    import prunekit
+    from prunekit.finetune import run_finetune
+    from prunekit.finetune.recipe import FinetuneRecipe
+
+    recipe = FinetuneRecipe(
+        model=str(checkpoint / "model"),
+        method="magnitude",
+        calib_data=str(checkpoint / "train.txt"),
+        seqlen=32,
+        max_steps=1,
+        train_batch_size=2,
+        save_format="compact",
+        out=str(tmp_path / "out"),
+        report_json=str(tmp_path / "report.json"),
+    )
+    report = run_finetune(recipe)
+    assert (tmp_path / "out" / "model.compact.safetensors").exists()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "report.json").read_text())["sparsity"] == report["sparsity"]  # --json honoured
+    layer = prunekit.load(tmp_path / "out").model.layers[0].mlp.down_proj.weight
+    assert (layer == 0).float().mean() > 0.45
+
+
 class Recorder(nn.Module):
     """A causal LM stand-in that records where it was moved."""
 
@@ -164,3 +189,32 @@ def test_version_and_help_do_not_import_torch():
     assert out.stdout.strip() == "False"
     version = subprocess.run([sys.executable, "-m", "prunekit.cli", "--version"], capture_output=True, text=True)
     assert version.stdout.startswith("prunekit ")
+
+
+def test_the_resolved_recipe_records_the_seqlen_used_and_a_compact_output_is_loadable(tmp_path):
+    """Issue 28 items 4 and 15: ``seqlen: null`` was recorded when the default was used, so the saved recipe did
+    not reproduce the run; a compact output lacked generation_config.json and any hint of how to load it."""
+    import yaml
+
+    from prunekit.commands import run_prune
+    from prunekit.recipe import PruneRecipe
+    from tests.zoo import save
+
+    save("llama", tmp_path / "model")
+    text = tmp_path / "train.txt"
+    text.write_text("In the beginning God created the heaven and the earth.\n" * 40)
+    recipe = PruneRecipe(
+        model=str(tmp_path / "model"),
+        calib_data=str(text),
+        nsamples=2,
+        out=str(tmp_path / "out"),
+        save_format="compact",
+    )
+    report = run_prune(recipe)
+    saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert report.settings["seqlen"] == saved["seqlen"] == 128  # min(2048, max_position_embeddings)
+    assert (tmp_path / "out" / "generation_config.json").exists()
+    assert "prunekit.load" in (tmp_path / "out" / "README.md").read_text()
+    import prunekit
+
+    assert prunekit.load(tmp_path / "out").config.num_hidden_layers == 3

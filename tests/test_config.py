@@ -197,3 +197,27 @@ def test_a_new_setting_is_one_field():
     prune = parser._subparsers._group_actions[0].choices["prune"]
     dests = {a.dest for a in prune._actions}
     assert {f.name for f in dataclasses.fields(PruneRecipe)} <= dests
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(seed="abc"), "seed must be an integer"),
+        (dict(sequential="false"), "sequential must be true or false"),
+        (dict(recalibrate_bn="false"), "recalibrate_bn must be true or false"),
+        (dict(nsamples=2.5), "nsamples must be an integer"),
+        (dict(include="q_proj"), None),  # one pattern is a one-element tuple
+        (dict(method="sparsegpt", method_params={"blocksize": 0}), "blocksize"),
+        (dict(method="sparsegpt", method_params={"blocksize": "abc"}), "blocksize must be an integer"),
+        (dict(update="admm", update_params={"iterations": -3}), "iterations"),
+        (dict(update="dsnot", update_params={"max_cycles": "x"}), "max_cycles must be an integer"),
+    ],
+)
+def test_every_value_is_checked_against_its_type_when_the_config_is_made(settings, message):
+    """Issue 28 items 2 and 5: a string "false" was truthy (BatchNorm was recalibrated), and parameter values
+    failed only after the model load and the dense evaluation."""
+    if message is None:
+        assert PruneConfig(**settings).include == ("q_proj",)
+        return
+    with pytest.raises(PrunekitError, match=message):
+        PruneConfig(**settings)

@@ -66,7 +66,7 @@ def no_loading(monkeypatch):
 
     monkeypatch.setattr(commands, "load_causal_lm", refuse)
     monkeypatch.setattr(commands, "load_hf_model", refuse)
-    monkeypatch.setattr(commands, "load_vision_model", refuse)
+    monkeypatch.setattr("prunekit.io.timm.load_vision_model", refuse)  # timm models load through their class
 
 
 # ---------------------------------------------------------------- data loss (1-3)
@@ -268,7 +268,7 @@ def test_disk_full_while_saving_is_one_line_and_leaves_nothing(checkpoint, tmp_p
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "o" / "model.safetensors"))
 
-    monkeypatch.setattr(commands, "save_causal_lm", full)
+    monkeypatch.setattr(commands, "write_model", full)
     fail(capsys, args(checkpoint, tmp_path / "o"), "No space left on device")
     assert not (tmp_path / "o").exists() and no_temporaries(tmp_path)
 
@@ -340,14 +340,14 @@ import sys, time
 from pathlib import Path
 import prunekit.commands as commands
 from prunekit.cli import demo_assets, main
-real = commands.save_causal_lm
-def slow(model, tokenizer, out):
-    real(model, tokenizer, out)
+real = commands.write_model
+def slow(*args):
+    real(*args)
     Path(sys.argv[1]).write_text("saving")
     end = time.time() + 120
     while not Path(sys.argv[2]).exists() and time.time() < end:
         time.sleep(0.05)
-commands.save_causal_lm = slow
+commands.write_model = slow
 sys.exit(main(sys.argv[3:]))
 """
 

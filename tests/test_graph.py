@@ -111,3 +111,40 @@ def test_set_weight_matrix_roundtrip_conv_and_conv1d():
         assert (module.weight == 0).all()
         set_weight_matrix(module, w)
         assert torch.equal(weight_matrix(module), w)
+
+
+# ---------------------------------------------------------------- issue 27: families beyond the LLaMA shape
+
+
+@pytest.mark.parametrize(
+    "name, lists",
+    [("jamba", ["model.layers"]), ("mllama", ["model.vision_model.transformer.layers", "model.language_model.layers"])],
+)
+def test_hybrid_block_lists_are_found(name, lists):
+    """Jamba mixes Mamba and attention layers, Mllama self- and cross-attention layers in one list: calibrated
+    block by block like any other (they were one pass over the whole model)."""
+    from prunekit.graph import find_stacks
+    from tests import zoo
+
+    assert [prefix for prefix, _ in find_stacks(zoo.build(name))] == lists
+
+
+def test_a_bare_encoders_last_block_layer_is_no_head():
+    """DINOv2 has no head: its last layer (inside the last block) was kept dense as one."""
+    from tests import zoo
+
+    model = zoo.build("dinov2")
+    assert "encoder.layer.1.mlp.fc2" in select_layers(model)
+    assert "classifier" not in select_layers(zoo.build("vit"))  # a classifier's head stays dense
+
+
+@pytest.mark.parametrize("name", ["convnext", "clip", "wav2vec2"])
+def test_models_without_token_embeddings(name):
+    """transformers raises NotImplementedError from get_input_embeddings for them; the token-id check skipped it."""
+    from prunekit import prune
+    from prunekit.graph import input_embeddings
+    from tests import zoo
+
+    model = zoo.build(name)
+    assert input_embeddings(model) is None
+    prune(model, "wanda", 0.5, calib=[zoo.batch(name, zoo.token_ids())])

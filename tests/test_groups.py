@@ -57,6 +57,15 @@ def test_parse_pattern():
     assert parse_pattern("2:4") == (2, 4) and parse_pattern(None) is None
 
 
+def switch_kernels(monkeypatch, on: str) -> None:
+    """The compiled kernels on ("1") or off ("0") for one test: the ``kernels`` setting, as the engine applies it."""
+    from contextvars import ContextVar
+
+    import prunekit.kernels
+
+    monkeypatch.setattr(prunekit.kernels, "_ENABLED", ContextVar("prunekit_kernels", default=on != "0"))
+
+
 @pytest.mark.parametrize("kernels", ["1", "0"])
 def test_global_selection_compares_mixed_dtypes_as_float32(monkeypatch, kernels):
     """As if every layer were cast to float32 and concatenated (the definition), without the copy: float64 scores
@@ -64,7 +73,7 @@ def test_global_selection_compares_mixed_dtypes_as_float32(monkeypatch, kernels)
     a 0-d float32 threshold would be rounded to half precision. Small chunks: many per layer."""
     import prunekit.selection as groups
 
-    monkeypatch.setenv("PRUNEKIT_KERNELS", kernels)
+    switch_kernels(monkeypatch, kernels)
     monkeypatch.setattr(groups, "CHUNK", 100)
     monkeypatch.setattr(groups, "SAMPLE", 50)
     gen = torch.Generator().manual_seed(16)
@@ -133,7 +142,7 @@ def _random_scores(kind: str, shape: tuple[int, int], seed: int) -> torch.Tensor
 @pytest.fixture
 def torch_path(monkeypatch):
     """Selection without the compiled CPU kernels: the path CUDA (and a CPU without numba) takes."""
-    monkeypatch.setenv("PRUNEKIT_KERNELS", "0")
+    switch_kernels(monkeypatch, "0")
 
 
 @pytest.fixture(params=["default", "torch", "tiny-chunks", "small-blocks"])
@@ -145,7 +154,7 @@ def chunking(request, monkeypatch):
     import prunekit.selection as groups
 
     if request.param != "default":
-        monkeypatch.setenv("PRUNEKIT_KERNELS", "0")
+        switch_kernels(monkeypatch, "0")
     if request.param not in ("default", "torch"):
         monkeypatch.setattr(groups, "CHUNK", 7 if request.param == "tiny-chunks" else 200)
         monkeypatch.setattr(groups, "SAMPLE", 5)

@@ -97,3 +97,22 @@ def test_engine_does_not_depend_on_front_ends():
     }
     assert not edges["prunekit.engine"] & below
     assert "prunekit.engine" not in edges["prunekit.structured.common"]
+
+
+def test_importing_prunekit_changes_no_process_wide_setting():
+    """Issue 28 item 9: ``import prunekit`` set THP_MEM_ALLOC_ENABLE, effective only if torch had not allocated
+    yet, so speed depended on import order; process-wide effects belong to the entry points (the CLI sets it)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os; before = dict(os.environ); import prunekit, prunekit.api, prunekit.kernels; "
+        "print(sorted(set(os.environ.items()) ^ set(before.items())))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    changed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert changed.stdout.strip() == "[]"
+    from prunekit import cli
+
+    assert cli.HUGE_PAGES == ("THP_MEM_ALLOC_ENABLE", "1")

@@ -2,6 +2,7 @@
 guess or an interpolation: heavy tails, far-apart clusters, adjacent floats, ties, infinities, NaN."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -9,9 +10,9 @@ import torch
 from prunekit import kernels
 from prunekit.groups import select_mask
 from prunekit.selection import _prune_lowest, _prune_lowest_blocks, select_nm
-from tests.test_groups import _stable_sort_mask
+from tests.test_groups import _stable_sort_mask, switch_kernels
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba missing or PRUNEKIT_KERNELS=0")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba missing")
 
 
 def _scores(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -128,9 +129,9 @@ def test_flat_selection_falls_back_when_the_sampled_edges_miss(where, monkeypatc
     expected = _stable_sort_mask(scores.reshape(-1), scores.numel() // 2, 0).reshape(scores.shape)
     if where == "nan":  # as the torch path has it, on every device
         scores[3, 4] = math.nan
-        monkeypatch.setenv("PRUNEKIT_KERNELS", "0")
+        switch_kernels(monkeypatch, "0")
         expected = select_mask(scores, 0.5, "per-layer")
-        monkeypatch.setenv("PRUNEKIT_KERNELS", "1")
+        switch_kernels(monkeypatch, "1")
     else:
         edge = float(scores.min()) if where == "below" else float(scores.max())
         monkeypatch.setattr(groups, "_sample_edges", lambda parts, k, count: [edge] * count)
@@ -141,10 +142,10 @@ def test_flat_selection_falls_back_when_the_sampled_edges_miss(where, monkeypatc
     assert settled == [False]
 
 
-def test_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv("PRUNEKIT_KERNELS", "0")
+def test_switched_off_by_the_setting(monkeypatch):
+    switch_kernels(monkeypatch, "0")
     assert not kernels.available() and not kernels.applies(torch.zeros(2, 2), 2)
-    monkeypatch.setenv("PRUNEKIT_KERNELS", "1")
+    switch_kernels(monkeypatch, "1")
     assert kernels.applies(torch.zeros(2, 2), 2)
     assert not kernels.applies(torch.zeros(2, 2, dtype=torch.float64), 2)
     assert not kernels.applies(torch.zeros(2, 2), 1 << 24)  # float32 counts are exact below 2^24 only
@@ -175,3 +176,37 @@ def test_scores_with_autograd_history_select_like_plain_ones():
     assert torch.equal(select_mask(scores, 0.5, "per-output"), _stable_sort_mask(plain, 32, 1))
     assert torch.equal(select_nm(scores, 2, 4), _stable_sort_mask(plain.reshape(16, 16, 4), 2, 2).reshape(16, 64))
     assert torch.equal(select_mask(scores, 0.5, "per-layer"), _stable_sort_mask(plain.reshape(-1), 512, 0).view(16, 64))
+
+
+def test_compiled_code_is_cached_per_user_not_in_the_package(tmp_path):
+    """Issue 28 item 9: numba wrote its cache into the installed package's __pycache__ (read-only in many
+    installs, shared between users in others)."""
+    import subprocess
+    import sys
+
+    code = "from prunekit import kernels; print(kernels._rows._cache._cache_path)"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    path = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert path.strip().startswith(str(tmp_path / "prunekit" / "numba"))
+    import numba
+
+    assert numba.core.config.CACHE_DIR == os.environ.get("NUMBA_CACHE_DIR", "")  # nobody else's cache moved
+
+
+def test_the_kernels_setting_switches_them_off_with_the_same_masks(monkeypatch):
+    """The setting replaced the PRUNEKIT_KERNELS environment variable: a setting belongs to the config."""
+    import prunekit
+    from tests.conftest import tiny_llama
+
+    calls = []
+    original = kernels.prune_lowest_rows
+    monkeypatch.setattr(kernels, "prune_lowest_rows", lambda *a: calls.append(1) or original(*a))
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    on, off = tiny_llama(hidden=64, intermediate=128), tiny_llama(hidden=64, intermediate=128)
+    prunekit.prune(on, "wanda", 0.5, calib=ids)
+    used = len(calls)
+    prunekit.prune(off, "wanda", 0.5, calib=ids, kernels=False)
+    assert used > 0 and len(calls) == used
+    for a, b in zip(on.parameters(), off.parameters()):
+        assert torch.equal(a, b)

@@ -14,10 +14,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from prunekit.collect import collect
+from prunekit.distributed import reduce_stats
 from prunekit.errors import PrunekitError
-from prunekit.lightning import PruningCallback, _own_iterator, all_reduce_stats, cubic_sparsity, schedule_events
+from prunekit.lightning import PruningCallback, _own_iterator
 from prunekit.masks import pack_mask, unpack_mask
 from prunekit.methods import METHODS
+from prunekit.schedule import Schedule, cubic_sparsity
 
 
 class TinyMLP(L.LightningModule):
@@ -93,10 +95,10 @@ def test_cubic_schedule_formula_and_exact_end():
     assert cubic_sparsity(50, 0.8, 0.0, 0, 100) == pytest.approx(0.8 * (1 - 0.5**3))
     assert cubic_sparsity(100, 0.8, 0.0, 0, 100) == 0.8
     assert cubic_sparsity(250, 0.8, 0.1, 0, 100) == 0.8
-    events = schedule_events("cubic", 0.7, start=10, end=95, every=20)
+    events = Schedule("cubic", start_step=10, end_step=95, every_n_steps=20).events(0.7)
     assert [t for t, _ in events] == [30, 50, 70, 90, 95]  # step 10 has sparsity 0: no event
     assert events[-1][1] == 0.7 and all(a[1] < b[1] for a, b in zip(events, events[1:]))
-    assert schedule_events("oneshot", 0.5, start=3) == [(3, 0.5)]
+    assert Schedule("oneshot", start_step=3).events(0.5) == [(3, 0.5)]
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (64, 16), (1, 1), (7, 9, 3)])
@@ -115,11 +117,39 @@ def test_pack_unpack_roundtrip(shape):
         dict(schedule="cubic", end_step=10, pattern="2:4"),
         dict(sparsity=1.0),
         dict(schedule="cubic", end_step=10, initial_sparsity=0.6),
+        dict(schedule="cubic", end_step=10, every_n_steps=0),
+        dict(schedule="oneshot", calib_batches="4"),
     ],
 )
 def test_bad_settings_fail_early(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(PrunekitError):
         PruningCallback(**{"sparsity": 0.5, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(allocation="owl"),
+        dict(nsamples=7),
+        dict(offload_activations="disk"),
+        dict(recalibrate_bn=True),
+        dict(device="cpu"),
+        dict(seqlen=64),
+    ],
+)
+def test_settings_the_callback_cannot_honour_are_refused(setting):
+    """Issue 28 item 1: these were accepted and silently ignored (every layer got the same target, no sample
+    count, no offload, no BatchNorm recalibration)."""
+    name = next(iter(setting))
+    with pytest.raises(PrunekitError, match="--" + name.replace("_", "-")) as err:
+        PruningCallback("wanda", 0.5, **setting)
+    assert "\n" not in str(err.value)
+
+
+def test_a_fixed_schedule_refuses_pruning_settings_it_would_ignore():
+    with pytest.raises(PrunekitError, match="--sparsity"):
+        PruningCallback("wanda", 0.7, schedule="fixed")
+    PruningCallback(schedule="fixed", exclude=["0"])  # which layers hold zeros: used
 
 
 def test_calibration_never_touches_the_training_iterator():
@@ -314,7 +344,7 @@ def _stats_worker(rank: int, world: int, init: str, out: str) -> None:
         with collect({"fc": layer}) as stats:
             layer(shard)
         reduced = {"fc": stats["fc"]}
-        all_reduce_stats(reduced)
+        reduce_stats(reduced)
         if rank == 0:
             s = reduced["fc"]
             torch.save({"sq_sum": s.sq_sum, "col_sum": s.col_sum, "n": [s.nsamples, s.ntokens]}, out)
@@ -379,6 +409,6 @@ def test_structured_method_only_holds_masks():
     """Defect 7's callback half: a structured method cannot run inside training, but 'fixed' needs no method."""
     with pytest.raises(PrunekitError, match="cannot happen inside training"):
         PruningCallback("depth", 0.25, schedule="oneshot")
-    pruning = PruningCallback("depth", 0.25, schedule="fixed")
+    pruning = PruningCallback("depth", schedule="fixed")
     trainer(2, [pruning]).fit(TinyMLP(), loader())
     assert set(pruning.masks) == {"0", "2"}

@@ -59,3 +59,26 @@ def test_count_zeros_counts_negative_zero_across_chunks():
     expected = int((weight == 0).sum())
     assert expected == 7
     assert count_zeros(weight, chunk=4) == count_zeros(weight) == expected
+
+
+def test_gradients_of_pruned_fused_expert_weights_are_masked():
+    """Issue 28 item 3: ``mask_gradients`` read ``.weight.grad`` of each expert view, which a slice of a fused
+    parameter does not have, so fine-tuning a pruned MoE model revived pruned expert weights."""
+    import prunekit
+    from prunekit.graph import select_layers
+    from prunekit.masks import mask_gradients, masks_from_weights
+    from prunekit.moe import ExpertWeight
+    from tests import zoo
+
+    model = zoo.build("mixtral")
+    prunekit.prune(model, "magnitude", 0.5)
+    layers = select_layers(model)
+    views = {n: m for n, m in layers.items() if isinstance(m, ExpertWeight)}
+    assert views
+    masks = masks_from_weights(layers)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    mask_gradients(layers, masks)
+    for name, view in views.items():
+        grad = getattr(view.experts, view.param).grad[view.index]
+        assert torch.equal(grad != 0, masks[name]), name

@@ -34,7 +34,7 @@ def fresh_clone(tmp: Path) -> Path:
         text.write_text("".join(text.read_text(encoding="utf-8").splitlines(True)[:lines]), encoding="utf-8")
     bin_dir = root / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
-    for name, args in (("python", ""), ("prunekit", " -m prunekit.cli")):
+    for name, args in (("python", ""), ("prunekit", " -m prunekit.cli"), ("torchrun", " -m torch.distributed.run")):
         (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}"{args} "$@"\n')
         (bin_dir / name).chmod(0o755)
     return root
@@ -70,6 +70,27 @@ def test_readme_quick_start_runs_as_pasted(tmp_path):
     assert report["sparsity"] == pytest.approx(0.5, abs=0.01) and report["metrics"]["ppl"] > 1
     out = run([str(clone / ".venv" / "bin" / "python"), "-c", blocks["python"]], clone)
     assert "sparsity 0.5" in out
+    saved = clone / "out" / "quickstart-python"  # issue 28 item 11: saved with its tokenizer, as the CLI saves
+    assert (saved / "tokenizer_config.json").exists() and (saved / "model.safetensors").exists()
+
+
+def section_bash(readme: str, title: str) -> str:
+    """The first ```bash block of section ``title``."""
+    section = readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```bash\n(.*?)^```$", section, flags=re.S | re.M)[0]
+
+
+@pytest.mark.slow
+def test_readme_two_ranks_and_resuming_run_as_pasted(tmp_path):
+    """The single-machine torchrun command of "More than one GPU or machine" and the command of "Resuming"."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    clone = fresh_clone(tmp_path)
+    for title, out in (("More than one GPU or machine", "two-ranks"), ("Resuming", "resumable")):
+        run(["bash", "-euo", "pipefail", "-c", section_bash(readme, title)], clone)
+        report = json.loads((clone / "out" / out / "prune_report.json").read_text())
+        assert report["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert report["settings"]["lazy"] is True
+    assert json.loads((clone / "out" / "two-ranks" / "prune_report.json").read_text())["metrics"]["world_size"] == 2
 
 
 def methods_table(readme: str) -> dict[tuple[str, str], dict[str, str]]:

@@ -21,13 +21,14 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 FINETUNE_KEYS = {"schedule", "lora", "max_steps"}
 
 
-def command(recipe: Path) -> tuple[list[str], str]:
-    """The command a recipe is written for, and the output it writes (relative to the repository root)."""
+def command(recipe: Path) -> tuple[list[str], str | None]:
+    """The command a recipe is written for, and the output it writes (relative to the repository root; an
+    evaluation writes none unless asked: it prints its result)."""
     data = yaml.safe_load(recipe.read_text())
     rel = f"recipes/{recipe.name}"
     if "trainer" in data:  # a Lightning evaluation config: perplexity when it has a sequence length
         kind = "ppl" if "seqlen" in data["data"] else "image"
-        return ["eval", kind, "--recipe", rel], data["results"]
+        return ["eval", kind, "--recipe", rel], data.get("results")
     return ["finetune" if FINETUNE_KEYS & set(data) else "prune", "--recipe", rel], data["out"]
 
 
@@ -54,7 +55,7 @@ def test_recipes_use_only_shipped_files_and_write_apart():
         ]
         for path in paths:
             assert (ROOT / path.removeprefix("local-dir:")).exists(), (recipe.name, path)
-    outs = [outputs(r) for r in RECIPES]
+    outs = [outputs(r) for r in RECIPES if outputs(r) is not None]
     assert len(set(outs)) == len(outs)
     assert all(out.startswith("out/recipes/") for out in outs)
 
@@ -99,8 +100,8 @@ def test_recipe_runs_as_shipped(recipe, fresh_clone):
     )
     seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu
     assert run.returncode == 0, f"{' '.join(args)} failed after {seconds:.0f}s:\n{run.stderr[-3000:]}"
-    assert (fresh_clone / out).exists()
     printed = run.stdout + run.stderr
+    assert (fresh_clone / out).exists() if out else ("top-1" in run.stdout or "perplexity" in run.stdout)
     assert repeated_line(run.stderr) is None and "litlogger" not in printed and "Tip:" not in printed
     print(f"{recipe.name}: {seconds:.1f}s wall, {cpu:.1f}s CPU")
 

@@ -70,18 +70,30 @@ def process(processor: Any, record: dict[str, Any]) -> Inputs:
 
 
 def collate(samples: list[Inputs], pad_id: int) -> Inputs:
-    """One batch from single-sample inputs: per-token tensors (shaped like ``input_ids``) right-padded, the
-    attention mask with zeros; everything else (pixels, image sizes) concatenated along the first dimension."""
+    """One batch from single-sample inputs: per-token tensors (those whose shape starts like ``input_ids``': the
+    attention mask, Mllama's ``[1, tokens, images, tiles]`` cross-attention mask) right-padded along the tokens,
+    ``input_ids`` with the pad token and the others with zeros (masked out); everything else (pixels, image sizes,
+    Qwen2-VL's packed patches) concatenated along the first dimension."""
     longest = max(s["input_ids"].shape[1] for s in samples)
     batch = {}
-    for key, first in samples[0].items():
-        if first.shape == samples[0]["input_ids"].shape:
-            fill = 0 if key == "attention_mask" else pad_id
-            rows = [torch.nn.functional.pad(s[key], (0, longest - s[key].shape[1]), value=fill) for s in samples]
+    for key in samples[0]:
+        if all(per_token(s[key], s["input_ids"]) for s in samples):
+            fill = pad_id if key == "input_ids" else 0
+            rows = [pad_tokens(s[key], longest, fill) for s in samples]
         else:
             rows = [s[key] for s in samples]
         batch[key] = torch.cat(rows)
     return batch
+
+
+def per_token(tensor: torch.Tensor, ids: torch.Tensor) -> bool:
+    return tensor.dim() >= 2 and tuple(tensor.shape[:2]) == tuple(ids.shape)
+
+
+def pad_tokens(tensor: torch.Tensor, length: int, fill: int) -> torch.Tensor:
+    """``tensor`` right-padded along its second (token) dimension to ``length``."""
+    trailing = (0, 0) * (tensor.dim() - 2)
+    return torch.nn.functional.pad(tensor, (*trailing, 0, length - tensor.shape[1]), value=fill)
 
 
 def text_labels(batch: Inputs, image_token_id: int) -> torch.Tensor:
@@ -105,4 +117,48 @@ def image_text_inputs(
         if labels:
             batch["labels"] = text_labels(batch, image_id)
         batches.append(batch)
+    return batches
+
+
+# ---------------------------------------------------------------- dual encoders (CLIP, SigLIP)
+
+
+def is_image_folder(source: str) -> bool:
+    """An ImageFolder tree (``ROOT/<class>/<image>``) rather than image-text data (no ``data.jsonl`` in it)."""
+    path = Path(source).expanduser()
+    return path.is_dir() and not (path / DATA_FILE).is_file()
+
+
+def folder_records(source: str, template: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """An ImageFolder as image-text records, each image captioned with its class folder's name put into
+    ``template`` (``"a photo of a {}."``), with its class index; and the class names in index order."""
+    from .images import image_dataset
+
+    dataset = image_dataset(source)
+    records = [
+        {"image": Path(path), "text": template.format(dataset.classes[label]), "label": label}
+        for path, label in dataset.samples
+    ]
+    return records, list(dataset.classes)
+
+
+def caption_records(source: str, what: str, template: str) -> list[dict[str, Any]]:
+    """The image-text pairs of ``data.jsonl``, or of an ImageFolder captioned from its class names."""
+    return folder_records(source, template)[0] if is_image_folder(source) else read_image_text(source, what)
+
+
+def text_inputs(processor: Any, texts: list[str], max_length: int) -> Inputs:
+    """Texts as a dual encoder's text tower reads them: padded (and cut) to ``max_length`` tokens, as CLIP and SigLIP
+    were trained (SigLIP pools the last position, CLIP the first end-of-text token)."""
+    tokens = processor(text=texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    return {k: v for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+
+
+def pair_inputs(processor: Any, records: list[dict[str, Any]], batch_size: int, max_length: int) -> list[Inputs]:
+    """Images with their captions as dual-encoder batches (``input_ids``, ``pixel_values``, ...), in order."""
+    batches = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        pixels = processor(images=[read_image(str(r["image"])) for r in chunk], return_tensors="pt")["pixel_values"]
+        batches.append({**text_inputs(processor, [r["text"] for r in chunk], max_length), "pixel_values": pixels})
     return batches

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
-from tqdm.auto import tqdm
 
 from ..errors import PrunekitError
+from ..progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,17 @@ def collate_labeled(items: Sequence[Any]) -> Any:
     return default_collate(kept) if kept else None
 
 
+def processor_transform(processor: Any) -> Callable:
+    """A Hugging Face image processor (or a processor holding one) as a transform: one PIL image to ``[C, H, W]``
+    (the checkpoint's own resizing, cropping and normalising)."""
+    images = getattr(processor, "image_processor", processor)
+
+    def transform(image: Any) -> torch.Tensor:
+        return images(images=image, return_tensors="pt")["pixel_values"][0]
+
+    return transform
+
+
 def image_calibration(
     model: nn.Module,
     data: ImageData,
@@ -171,25 +182,16 @@ def image_calibration(
     seed: int = 0,
     num_workers: int = 0,
     skip_bad_images: bool = False,
+    transform: Callable | None = None,
 ) -> list[torch.Tensor]:
-    """A seeded sample of ``nsamples`` images, preprocessed for ``model``, as a list of ``[B, C, H, W]``
-    batches that ``prunekit.prune(model, ..., calib=batches)`` takes. An unreadable image fails naming
-    it; with ``skip_bad_images`` it is left out of the sample and counted in a warning."""
-    transform = image_transform(data_config(model))
+    """A seeded sample of ``nsamples`` images, preprocessed for ``model`` (timm's data config, or ``transform``:
+    a Hugging Face image processor's), as a list of ``[B, C, H, W]`` batches that ``prunekit.prune(model, ...,
+    calib=batches)`` takes. An unreadable image fails naming it; with ``skip_bad_images`` it is left out of the
+    sample and counted in a warning."""
+    transform = transform or image_transform(data_config(model))
     dataset = image_dataset(data, transform, skip_bad_images)
     indices = sample_indices(len(dataset), nsamples, seed)
-    loader = DataLoader(
-        Subset(dataset, indices.tolist()),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=functools.partial(collate_images, transform=transform),
-    )
-    batches = [
-        batch
-        for batch in tqdm(loader, desc="loading calibration images", unit="batch", leave=False)
-        if batch is not None
-    ]
+    batches = image_batches(Subset(dataset, indices.tolist()), transform, batch_size, num_workers, "calibration")
     kept = sum(len(b) for b in batches)
     if kept < nsamples:
         log.warning(
@@ -203,3 +205,16 @@ def image_calibration(
         raise PrunekitError(f"none of the {nsamples} images sampled from {str(data)!r} could be read; check the folder")
     log.info("calibration: %d images in %d batches of shape %s", nsamples, len(batches), tuple(batches[0].shape[1:]))
     return batches
+
+
+def image_batches(dataset: Dataset, transform: Callable, batch_size: int, num_workers: int, what: str) -> list:
+    """Every readable image of ``dataset`` in order, as ``[B, C, H, W]`` batches (skipped images left out)."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=functools.partial(collate_images, transform=transform),
+    )
+    loaded = progress(loader, f"loading {what} images", unit="batch", inner=True)
+    return [batch for batch in loaded if batch is not None]

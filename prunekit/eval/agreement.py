@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.inputs import Inputs
 from ..forward import eval_mode, model_device, on_device, run_model
+from ..progress import progress
 
 
 @torch.no_grad()
@@ -19,7 +19,10 @@ def _outputs(model: nn.Module, batches: list[Inputs], device: str | torch.device
     device = torch.device(device) if device is not None else model_device(model)
     with on_device(model, device), eval_mode(model):
         return torch.cat(
-            [pick(run_model(model, b, device), b).float().cpu() for b in tqdm(batches, desc="evaluating", leave=False)]
+            [
+                pick(run_model(model, b, device), b).float().cpu()
+                for b in progress(batches, "evaluating", unit="batch", inner=True)
+            ]
         )
 
 
@@ -44,6 +47,21 @@ def embeddings(model: nn.Module, batches: list[Inputs], device: str | torch.devi
     return _outputs(
         model, batches, device, lambda out, batch: mean_pooled(out.last_hidden_state.float(), batch["attention_mask"])
     )
+
+
+def pooled(out) -> torch.Tensor:
+    """One embedding per example from a bare encoder's output: its pooled output (DINOv2's normalised class token,
+    a ConvNeXt's pooled features), else the mean of its last hidden state over positions (an audio encoder)."""
+    pooler = getattr(out, "pooler_output", None)
+    if isinstance(pooler, torch.Tensor) and pooler.dim() == 2:
+        return pooler
+    hidden = out.last_hidden_state
+    return hidden.mean(1) if hidden.dim() == 3 else hidden.flatten(2).mean(-1)
+
+
+def image_embeddings(model: nn.Module, batches: list[Inputs], device: str | torch.device | None = None) -> torch.Tensor:
+    """``[examples, hidden]``: the pooled embedding of every image (or sound) of a bare encoder."""
+    return _outputs(model, batches, device, lambda out, batch: pooled(out).float())
 
 
 def mean_cosine(reference: torch.Tensor, current: torch.Tensor) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -27,6 +28,7 @@ from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..data.images import ImageData, collate_labeled, data_config, image_dataset, image_transform
+from ..distill import distillation_loss
 from ..errors import PrunekitError
 from ..io.atomic import write_json
 from ..io.timm import load_vision_model, num_classes_of
@@ -64,7 +66,8 @@ class ImageClassifier(L.LightningModule):
         self.images = nn.ModuleDict({s: SumMetric() for s in STAGES})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        out = self.model(images)
+        return getattr(out, "logits", out)  # Hugging Face classifiers return an output object
 
     def on_fit_start(self) -> None:
         """Loaders return models in eval mode; training must run dropout / BatchNorm in train mode."""
@@ -73,6 +76,7 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         loss = F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)
+        loss = distillation_loss(self, loss)  # + the terms of a DistillationCallback, if any
         self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
         return loss
 
@@ -132,16 +136,17 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         train_augment: bool = True,
         skip_bad_images: bool = False,
+        transform: Callable | None = None,
     ):
         super().__init__()
         if val is None and train is None:
             raise PrunekitError("give val= (evaluation images) and/or train= (fine-tuning images)")
-        if data_config is None:
+        if data_config is None and transform is None:
             raise PrunekitError(
-                "data_config is needed for preprocessing; build it with prunekit.data.images.data_config"
-                "(model) or use ImageDataModule.for_model(model, ...)"
+                "data_config (or transform) is needed for preprocessing; build it with prunekit.data.images."
+                "data_config(model) or use ImageDataModule.for_model(model, ...)"
             )
-        self.val_data, self.train_data, self.config = val, train, data_config
+        self.val_data, self.train_data, self.config, self.transform = val, train, data_config, transform
         self.num_classes, self.batch_size, self.num_workers = num_classes, batch_size, num_workers
         self.train_augment, self.skip_bad_images = train_augment, skip_bad_images
         self.val_set: Dataset | None = None
@@ -149,9 +154,11 @@ class ImageDataModule(L.LightningDataModule):
 
     @classmethod
     def for_model(cls, model: nn.Module, **kwargs: Any) -> ImageDataModule:
-        """Preprocessing and class count taken from ``model`` (timm's data config / classifier head)."""
+        """Preprocessing and class count taken from ``model`` (timm's data config, unless a ``transform`` is given:
+        a Hugging Face image processor's; the classifier head)."""
         kwargs.setdefault("num_classes", num_classes_of(model))
-        return cls(data_config=data_config(model), **kwargs)
+        config = data_config(model) if kwargs.get("transform") is None else None
+        return cls(data_config=config, **kwargs)
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_data is not None and self.val_set is None:
@@ -160,7 +167,8 @@ class ImageDataModule(L.LightningDataModule):
             self.train_set = self._dataset(self.train_data, is_training=self.train_augment)
 
     def _dataset(self, data: ImageData, is_training: bool) -> Dataset:
-        dataset = image_dataset(data, image_transform(self.config, is_training=is_training), self.skip_bad_images)
+        transform = self.transform or image_transform(self.config, is_training=is_training)
+        dataset = image_dataset(data, transform, self.skip_bad_images)
         if self.num_classes is not None:
             check_class_folders(dataset, self.num_classes, str(data))
         return dataset
@@ -238,16 +246,24 @@ def evaluate_image(
     progress: bool = True,
     results: str | os.PathLike | None = None,
     skip_bad_images: bool = False,
+    transform: Callable | None = None,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Top-1 / top-5 / mean cross-entropy of ``model`` on an ImageFolder (or Dataset) via ``trainer.test``.
 
     Returns ``{"top1", "top5" (>= 5 classes), "loss", "images", "num_classes", "data_config"}``, also
-    written to ``results`` (JSON) when given. ``trainer_kwargs`` go to ``lightning.Trainer``.
+    written to ``results`` (JSON) when given. ``transform`` preprocesses an image (default: the model's timm data
+    config; Hugging Face models: ``processor_transform`` of their image processor). ``trainer_kwargs`` go to
+    ``lightning.Trainer``.
     """
     module = ImageClassifier(model)
     datamodule = ImageDataModule.for_model(
-        model, val=data, batch_size=batch_size, num_workers=num_workers, skip_bad_images=skip_bad_images
+        model,
+        val=data,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        skip_bad_images=skip_bad_images,
+        transform=transform,
     )
     trainer = eval_trainer(accelerator=accelerator, devices=devices, enable_progress_bar=progress, **trainer_kwargs)
     described = type(data).__name__ if isinstance(data, Dataset) else str(data)
@@ -271,6 +287,7 @@ def _run_test(
     log.info("image eval: top-1 %.4f over %d images", out["top1"], out["images"])
     if results is not None and trainer.is_global_zero:
         write_json(results, out)
+        out["results_file"] = str(results)
     return out
 
 
@@ -289,7 +306,7 @@ def load_eval_config(
     ``overrides`` (e.g. from CLI flags) are merged on top, one level deep: ``{"model": {"source": ...}}``
     replaces only ``model.source``.
     """
-    from ..recipe import load_yaml
+    from ..io.yamlfile import load_yaml
 
     config = load_yaml(path, "eval config")
     for key, value in (overrides or {}).items():

@@ -101,6 +101,7 @@ def _run(
         log.warning("perplexity is not finite (%s): the model produced inf/NaN losses", out["ppl"])
     if results is not None and trainer.is_global_zero:
         write_json(results, out)
+        out["results_file"] = str(results)
     return out
 
 

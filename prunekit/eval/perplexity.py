@@ -12,10 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import PrunekitError
 from ..forward import eval_mode, model_device, on_device, run_model
+from ..progress import progress
 
 
 def token_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
@@ -47,7 +47,7 @@ def perplexity(
     device = torch.device(device) if device is not None else model_device(model)
     total = 0.0
     with on_device(model, device), eval_mode(model):
-        for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", leave=False):
+        for batch in progress(windows.split(batch_size), "perplexity", unit="batch", inner=True):
             total += window_nll(model, batch.to(device)).double().sum().item()
     return math.exp(total / (windows.shape[0] * (seqlen - 1)))
 
@@ -71,7 +71,7 @@ def labeled_perplexity(
     device = torch.device(device) if device is not None else model_device(model)
     total, count = 0.0, 0
     with on_device(model, device), eval_mode(model):
-        for batch in tqdm(batches, desc="perplexity", unit="batch", leave=False):
+        for batch in progress(batches, "perplexity", unit="batch", inner=True):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             nll, n = labeled_nll(run_model(model, inputs, device).logits, batch["labels"].to(device), shift)
             total, count = total + nll, count + n

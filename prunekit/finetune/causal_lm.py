@@ -9,17 +9,20 @@ non-overlapping ``seqlen`` windows; training shuffles the windows with a seeded 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import load_text, tokenize
+from ..distill import distillation_loss
 from ..errors import PrunekitError
 from ..eval.perplexity import token_windows
 
@@ -39,8 +42,28 @@ class TokenWindows(Dataset):
         return {"input_ids": self.windows[i]}
 
 
+class WindowStream(Sampler[int]):
+    """Window indices in seeded random order, epoch after epoch (a ``randperm`` of the windows per epoch from one
+    seeded generator), starting ``offset`` windows into that stream: a second training stage continues where the
+    first stopped instead of seeing its text again."""
+
+    def __init__(self, n: int, seed: int, offset: int = 0):
+        self.n, self.seed, self.offset, self.epoch = n, seed, offset, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed)
+        epochs = (torch.randperm(self.n, generator=gen).tolist() for _ in itertools.count())
+        stream = itertools.chain.from_iterable(epochs)
+        start, self.epoch = self.offset + self.epoch * self.n, self.epoch + 1
+        return itertools.islice(stream, start, start + self.n)
+
+
 class TextDataModule(L.LightningDataModule):
-    """Train (and optional validation) windows from text files, a saved dataset or a hub dataset name."""
+    """Train (and optional validation) windows from text files, a saved dataset or a hub dataset name; training
+    starts ``offset`` windows into the seeded random order (``WindowStream``)."""
 
     def __init__(
         self,
@@ -51,10 +74,12 @@ class TextDataModule(L.LightningDataModule):
         batch_size: int = 8,
         seed: int = 0,
         num_workers: int = 0,
+        offset: int = 0,
     ):
         super().__init__()
         self.tokenizer, self.train_source, self.val_source = tokenizer, train, val
         self.seqlen, self.batch_size, self.seed, self.num_workers = seqlen, batch_size, seed, num_workers
+        self.offset = offset
         self.train_set: TokenWindows | None = None
         self.val_set: TokenWindows | None = None
 
@@ -65,17 +90,20 @@ class TextDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.train_set = self._windows(self.train_source)
             log.info("training text: %d windows of %d tokens", len(self.train_set), self.seqlen)
+            if len(self.train_set) < self.batch_size:  # Lightning would stop at once, having trained nothing
+                raise PrunekitError(
+                    f"the training text makes {len(self.train_set)} windows of {self.seqlen} tokens, fewer than one "
+                    f"batch of {self.batch_size}: give more text or lower the batch size or window length"
+                )
         if self.val_source is not None and self.val_set is None:
             self.val_set = self._windows(self.val_source)
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=WindowStream(len(self.train_set), self.seed, self.offset),
             drop_last=True,
-            generator=gen,
             num_workers=self.num_workers,
         )
 
@@ -86,7 +114,8 @@ class TextDataModule(L.LightningDataModule):
 
 
 class CausalLMModule(L.LightningModule):
-    """Next-token loss on ``input_ids``; AdamW over the trainable parameters (all, or only LoRA's), with a
+    """Next-token loss on ``input_ids`` (plus the distillation terms when the trainer has a
+    ``DistillationCallback``); AdamW over the trainable parameters (all, or only LoRA's), with a
     linear warm-up and cosine decay to ``min_lr_ratio * lr`` over ``trainer.max_steps``."""
 
     def __init__(
@@ -115,7 +144,7 @@ class CausalLMModule(L.LightningModule):
         return self(ids, labels=ids).loss  # HF shifts the labels: predicts tokens 1..seqlen-1
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        loss = distillation_loss(self, self._loss(batch))  # + the terms of a DistillationCallback, if any
         self.log("train_loss", loss, on_step=True, prog_bar=True)
         return loss
 

@@ -1,26 +1,30 @@
-"""Loading and saving models: Hugging Face, timm, compact sparse checkpoints; claimed, atomic outputs."""
+"""Loading and saving models: Hugging Face, timm, compact sparse checkpoints; claimed, atomic outputs.
 
-from .atomic import OutputClaim, atomic_dir, check_output_dir, claim_output, write_json
-from .hf import load_causal_lm, load_tokenizer, parse_dtype, save_causal_lm
-from .models import load, save
-from .paths import check_dir_writable, check_file_writable, check_free_space, check_paths, looks_local, require_local
+Names are imported on first use, so ``prunekit.io.paths`` (path checks the CLI and recipes use) loads without torch.
+"""
 
-__all__ = [
-    "OutputClaim",
-    "atomic_dir",
-    "check_dir_writable",
-    "check_file_writable",
-    "check_free_space",
-    "check_output_dir",
-    "check_paths",
-    "claim_output",
-    "load",
-    "load_causal_lm",
-    "load_tokenizer",
-    "looks_local",
-    "parse_dtype",
-    "require_local",
-    "save",
-    "save_causal_lm",
-    "write_json",
-]
+from __future__ import annotations
+
+from ..exports import lazy_exports
+
+_EXPORTS = {
+    "OutputClaim": "atomic",
+    "atomic_dir": "atomic",
+    "check_output_dir": "atomic",
+    "claim_output": "atomic",
+    "write_json": "atomic",
+    "load_causal_lm": "hf",
+    "load_tokenizer": "hf",
+    "parse_dtype": "hf",
+    "load": "models",
+    "save": "models",
+    "write_model": "models",
+    "check_dir_writable": "paths",
+    "check_file_writable": "paths",
+    "check_free_space": "paths",
+    "check_paths": "paths",
+    "looks_local": "paths",
+    "require_local": "paths",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

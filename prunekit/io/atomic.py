@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,6 +340,28 @@ def claim_output(
         yield OutputClaim(path, fd, _identity(path), name)
     finally:
         release_lock(path, fd)
+
+
+@contextmanager
+def claim_on_writer(
+    out: PathLike,
+    inputs: Mapping[str, PathLike | None] | None = None,
+    overwrite: bool = False,
+    expected_bytes: int | None = None,
+    name: str = "--out",
+) -> Iterator[OutputClaim | None]:
+    """``claim_output`` on the one rank that writes (rank 0 of a torch.distributed run; the only process otherwise).
+    The other ranks get None, never touch ``out``, and stop with the writer when its claim fails."""
+    from .. import distributed as dist
+
+    if not dist.is_writer():
+        dist.agree()
+        yield None
+        return
+    with ExitStack() as stack:
+        with dist.together():
+            claim = stack.enter_context(claim_output(out, inputs, overwrite, expected_bytes, name))
+        yield claim
 
 
 def check_output_dir(out: PathLike, inputs: list[PathLike] = (), overwrite: bool = False) -> Path:

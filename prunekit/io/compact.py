@@ -82,13 +82,42 @@ def parse_size(size: int | str) -> int:
 
 
 def copy_side_files(source: str | os.PathLike, out: str | os.PathLike) -> list[str]:
-    """Copy config, generation config and tokenizer files (every top-level file that is not weights)."""
+    """Copy config, generation config and tokenizer files (every top-level file that is not weights); a README
+    loses the compact format's notice (``write_notice``), which only a compact output carries."""
     copied = []
     for path in sorted(Path(source).iterdir()):
-        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):
-            shutil.copy2(path, Path(out) / path.name)
-            copied.append(path.name)
+        if not path.is_file() or path.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):
+            continue
+        if path.name == NOTICE and NOTICE_END in (text := path.read_text(encoding="utf-8", errors="replace")):
+            rest = text.split(NOTICE_END, 1)[1].lstrip("\n")
+            if rest:
+                (Path(out) / NOTICE).write_text(rest, encoding="utf-8")
+                copied.append(NOTICE)
+            continue
+        shutil.copy2(path, Path(out) / path.name)
+        copied.append(path.name)
     return copied
+
+
+NOTICE, NOTICE_END = "README.md", "<!-- end of the prunekit compact notice -->"
+
+
+def write_notice(out: str | os.PathLike) -> None:
+    """A compact checkpoint's README says how to load it: ``from_pretrained`` looks for ``model.safetensors`` and
+    fails with no hint of ``prunekit.load`` or ``prunekit convert``. A model card already there is kept below."""
+    path = Path(out) / NOTICE
+    card = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    if NOTICE_END in card:
+        return
+    notice = (
+        "# prunekit compact checkpoint\n\n"
+        f"The weights are in prunekit's compact sparse format (`{COMPACT_NAME}`: kept values plus a bitmask or the 2:4 "
+        "packing), which `from_pretrained` does not read: it looks for `model.safetensors`. Load it with prunekit,\n\n"
+        '```python\nimport prunekit\nmodel = prunekit.load("THIS_FOLDER")\n```\n\n'
+        "or write a dense copy that `from_pretrained` reads:\n\n"
+        "```bash\nprunekit convert THIS_FOLDER DENSE_FOLDER --to dense\n```\n"
+    )
+    path.write_text(f"{notice}{NOTICE_END}\n\n{card}", encoding="utf-8")
 
 
 def nbytes(tensor: torch.Tensor) -> int:
@@ -219,17 +248,21 @@ class ShardWriter:
         self.shards.append(list(self.pending))
         self.pending = {}
 
-    def close(self, weight_names: Callable[[str], str] = lambda key: key) -> dict[str, str]:
-        """Final names and the index; returns ``{tensor name: file}`` (keys mapped by ``weight_names``)."""
+    def close(
+        self, weight_names: Callable[[str], str] = lambda key: key, dest: str | os.PathLike | None = None
+    ) -> dict[str, str]:
+        """Final names and the index, in ``dest`` (default: where the shards were written); returns
+        ``{tensor name: file}`` (keys mapped by ``weight_names``)."""
         self.flush()
+        dest = Path(dest) if dest is not None else self.out_dir
         count, weight_map = len(self.shards), {}
         for k, keys in enumerate(self.shards):
             final = self.filename if count == 1 else _shard_name(self.filename, k + 1, count)
-            self._tmp_path(k).rename(self.out_dir / final)
+            self._tmp_path(k).rename(dest / final)
             weight_map.update({weight_names(key): final for key in keys})
         if count > 1:
             write_json(
-                self.out_dir / f"{self.filename}.index.json",
+                dest / f"{self.filename}.index.json",
                 {
                     "metadata": {"total_size": self.total_bytes, "total_parameters": self.total_numel},
                     "weight_map": dict(sorted(weight_map.items())),
@@ -239,6 +272,27 @@ class ShardWriter:
 
     def _tmp_path(self, k: int) -> Path:
         return self.out_dir / f".shard-{k:05d}.tmp"
+
+    def files(self) -> list[Path]:
+        """The shards flushed so far, in order (under their temporary names until ``close``)."""
+        return [self._tmp_path(k) for k in range(len(self.shards))]
+
+    def state(self) -> dict:
+        """What was flushed so far, as plain data: a resumed run continues with ``restore`` (``io.resume``)."""
+        if self.pending:
+            raise ValueError("the writer's state is taken after a flush")
+        return {"shards": self.shards, "total_bytes": self.total_bytes, "total_numel": self.total_numel}
+
+    def restore(self, state: Mapping) -> None:
+        """Continue after the shards an interrupted run flushed into ``out_dir`` (``state()`` of that run)."""
+        missing = [p.name for p in (self._tmp_path(k) for k in range(len(state["shards"]))) if not p.is_file()]
+        if missing:
+            raise PrunekitError(
+                f"the interrupted run's output shards {missing} are missing from {str(self.out_dir)!r}; "
+                "start again with --no-resume"
+            )
+        self.shards = [list(keys) for keys in state["shards"]]
+        self.total_bytes, self.total_numel = int(state["total_bytes"]), int(state["total_numel"])
 
 
 def _shard_name(filename: str, k: int, count: int) -> str:
@@ -366,8 +420,18 @@ class CompactWriter:
     def flush(self) -> None:
         self.shards.flush()
 
-    def close(self) -> dict[str, str]:
-        return self.shards.close(lambda key: self.owner[key])
+    def close(self, dest: str | os.PathLike | None = None) -> dict[str, str]:
+        return self.shards.close(lambda key: self.owner[key], dest)
+
+    def files(self) -> list[Path]:
+        return self.shards.files()
+
+    def state(self) -> dict:
+        return {"shards": self.shards.state(), "infos": self.infos, "owner": self.owner, "formats": self.formats}
+
+    def restore(self, state: Mapping) -> None:
+        self.shards.restore(state["shards"])
+        self.infos, self.owner, self.formats = dict(state["infos"]), dict(state["owner"]), dict(state["formats"])
 
     def _metadata(self, keys: list[str]) -> dict[str, str]:
         names = dict.fromkeys(self.owner[k] for k in keys)
@@ -484,5 +548,7 @@ def convert(
             writer.add({name: tensor})
         weight_map = writer.close()
         copy_side_files(source, tmp)
+        if to == "compact":
+            write_notice(tmp)
     log.info("converted %s -> %s (%s, %d tensors)", source, out, to, len(weight_map))
     return weight_map

@@ -10,19 +10,16 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from .. import config
 from ..errors import PrunekitError
-from .compact import is_compact, load_compact
+from ..shapes import checkpoint_sized_by_weights, resize_to, sized_by_weights
+from .compact import Checkpoint, is_compact, load_compact
 from .files import check_safetensors_dir, safetensors_shapes
 from .paths import looks_local, require_hub, require_local
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+CAUSAL_LM = "AutoModelForCausalLM"
+DTYPES = {name: getattr(torch, ALIASES.get(name, name)) for name in config.DTYPES if name != "auto"}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -62,43 +59,42 @@ def _hub_cached(repo_id: str) -> bool:
 def load_causal_lm(
     source: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
 ) -> nn.Module:
-    """A HF causal LM in eval mode (``load_hf_model`` with ``causal-lm``)."""
-    return load_hf_model(source, "causal-lm", dtype, trust_remote_code)
+    """A HF causal LM in eval mode (``load_hf_model`` with ``AutoModelForCausalLM``)."""
+    return load_hf_model(source, CAUSAL_LM, dtype, trust_remote_code)
 
 
-def auto_model(model_class: str):
-    """The ``transformers`` auto class that loads ``model_class`` (``AutoModelForCausalLM`` for ``causal-lm``)."""
+def auto_model(auto_class: str):
+    """The ``transformers`` auto class named ``auto_class`` (a model class's, ``prunekit.model_classes``)."""
     import transformers
 
-    from ..model_classes import MODEL_CLASSES
-
-    return getattr(transformers, MODEL_CLASSES[model_class].auto_class)
+    return getattr(transformers, auto_class)
 
 
 def load_hf_model(
     source: str | os.PathLike,
-    model_class: str = "causal-lm",
+    auto_class: str = CAUSAL_LM,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """A HF model of ``model_class`` in eval mode, from a dense checkpoint or prunekit's compact format (restored
-    in memory, so every command reads what ``prunekit prune`` writes). A truncated safetensors file or weights
-    that do not fit ``config.json`` is one ``PrunekitError`` naming the file, not a loader traceback."""
+    """A HF model in eval mode, loaded by the transformers ``auto_class`` (a model class's), from a dense checkpoint
+    or prunekit's compact format (restored in memory, so every command reads what ``prunekit prune`` writes). A
+    truncated safetensors file or weights that do not fit ``config.json`` is one ``PrunekitError`` naming the file,
+    not a loader traceback."""
     cache_only = check_model_source(source)
     local = Path(str(source)).expanduser()
-    if local.is_dir() and is_compact(local):
-        return load_compact_model(local, dtype, trust_remote_code, model_class)
+    if local.is_dir() and (is_compact(local) or checkpoint_sized_by_weights(local)):
+        return load_rebuilt_model(local, dtype, trust_remote_code, auto_class)
     if local.is_dir():
         check_safetensors_dir(local)
     try:
-        model = auto_model(model_class).from_pretrained(
+        model = auto_model(auto_class).from_pretrained(
             str(source),
             dtype=parse_dtype(dtype) or "auto",
             trust_remote_code=trust_remote_code,
             local_files_only=cache_only,
         )
     except RuntimeError as err:
-        _raise_mismatch(local, trust_remote_code, err, model_class)
+        _raise_mismatch(local, trust_remote_code, err, auto_class)
         raise
     except OSError as err:
         raise PrunekitError(
@@ -125,7 +121,7 @@ def shape_mismatches(model: nn.Module, folder: Path) -> list[str]:
     ]
 
 
-def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException, model_class: str) -> None:
+def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException, auto_class: str) -> None:
     """After a failed load: when the weights do not fit the config, say which tensor in which file."""
     if not folder.is_dir():
         return
@@ -133,7 +129,7 @@ def _raise_mismatch(folder: Path, trust_remote_code: bool, err: BaseException, m
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        skeleton = auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code)
+        skeleton = auto_model(auto_class).from_config(config, trust_remote_code=trust_remote_code)
     found = shape_mismatches(skeleton, folder)
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
@@ -156,47 +152,81 @@ def load_config(source: str | os.PathLike, trust_remote_code: bool = False):
         ) from err
 
 
-def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):
+# Files one of which every saved tokenizer has (fast, sentencepiece and word-piece tokenizers).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+SAVE_TOKENIZER = "save the tokenizer with the model (prunekit.save(model, out, tokenizer=tokenizer))"
+
+
+def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False, fix: str = SAVE_TOKENIZER):
+    """The checkpoint's tokenizer; a directory without one is one line saying so and ``fix``."""
     from transformers import AutoTokenizer
 
     cache_only = check_model_source(source, "tokenizer")
+    local = Path(str(source)).expanduser()
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise PrunekitError(f"{str(source)!r} has no tokenizer ({' / '.join(TOKENIZER_FILES[:2])}); {fix}")
     try:
         return AutoTokenizer.from_pretrained(
             str(source), trust_remote_code=trust_remote_code, local_files_only=cache_only
         )
-    except OSError as err:
-        raise PrunekitError(
-            f"tokenizer {str(source)!r} could not be loaded ({_first_line(err)}); check the path or hub id"
-        ) from err
+    except (OSError, ValueError) as err:
+        raise PrunekitError(f"tokenizer {str(source)!r} could not be loaded ({_first_line(err)}); {fix}") from err
 
 
-def load_processor(source: str | os.PathLike, trust_remote_code: bool = False):
-    """The checkpoint's own processor (``AutoProcessor``: image preprocessing plus tokenizer), which image-text
-    models need to turn an image and its text into inputs; one line when the checkpoint has none."""
-    from transformers import AutoProcessor
+# What a processor must hold for each kind of data it prepares: the part's attribute and the file that saves it.
+PROCESSOR_PARTS = {
+    "image_processor": "an image processor (preprocessor_config.json / processor_config.json)",
+    "tokenizer": "a tokenizer (tokenizer.json / tokenizer_config.json)",
+    "feature_extractor": "a feature extractor (preprocessor_config.json / processor_config.json)",
+}
+
+
+# A model that needs one part only loads it with its own auto class (AutoProcessor would build a whole processor,
+# and fail, for a wav2vec 2.0 checkpoint that has a vocabulary in its config but no tokenizer files).
+ONE_PART = {("image_processor",): "AutoImageProcessor", ("feature_extractor",): "AutoFeatureExtractor"}
+
+
+def load_processor(
+    source: str | os.PathLike,
+    trust_remote_code: bool = False,
+    needs: tuple[str, ...] = ("image_processor", "tokenizer"),
+    what: str = "image-text models",
+):
+    """The checkpoint's own processor (``AutoProcessor``: image or audio preprocessing, often with a tokenizer),
+    holding the parts ``needs`` (attribute names; a bare image processor or feature extractor counts as itself);
+    one line naming the missing part when the checkpoint has none."""
+    import transformers
 
     cache_only = check_model_source(source, "processor")
     fix = "save the model's processor next to the weights (processor.save_pretrained)"
+    auto = getattr(transformers, ONE_PART.get(needs, "AutoProcessor"))
     try:
-        processor = AutoProcessor.from_pretrained(
-            str(source), trust_remote_code=trust_remote_code, local_files_only=cache_only
-        )
+        processor = auto.from_pretrained(str(source), trust_remote_code=trust_remote_code, local_files_only=cache_only)
     except (OSError, ValueError, TypeError) as err:
         raise PrunekitError(f"processor of {str(source)!r} could not be loaded ({_first_line(err)}); {fix}") from err
-    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+    missing = [part for part in needs if processor_part(processor, part) is None]
+    if missing:
         raise PrunekitError(
-            f"model {str(source)!r} has no image processor (preprocessor_config.json / processor_config.json), "
-            f"which image-text models calibrate with; {fix}"
+            f"model {str(source)!r} has no {PROCESSOR_PARTS[missing[0]]}, which {what} prepare their data with; {fix}"
         )
     return processor
 
 
-def save_causal_lm(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> None:
-    """``save_pretrained`` with safetensors (and the tokenizer or processor, when there is one) into ``out_dir``;
-    any Hugging Face model class."""
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
+def processor_part(processor, part: str):
+    """``processor.<part>``, or the processor itself when it is that part (a bare image processor)."""
+    found = getattr(processor, part, None)
+    if found is not None:
+        return found
+    kinds = {"image_processor": "ImageProcessor", "feature_extractor": "FeatureExtractor", "tokenizer": "Tokenizer"}
+    is_part = any(kinds[part] in cls.__name__ for cls in type(processor).__mro__)
+    return processor if is_part else None
 
 
 def shared_parameter_names(model: nn.Module) -> set[str]:
@@ -208,24 +238,44 @@ def shared_parameter_names(model: nn.Module) -> set[str]:
     return {name for group in names.values() if len(group) > 1 for name in group}
 
 
-def load_compact_model(
+def stored_names(model: nn.Module) -> dict[str, str]:
+    """State-dict name -> the name ``save_pretrained`` stores the tensor under: transformers 5 writes some under
+    their legacy names (GPT-NeoX's ``lm_head`` as ``embed_out``), by the same conversion it undoes when loading."""
+    state = model.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 stores every tensor under its own name
+        return {name: name for name in state}
+    own = {id(t): name for name, t in state.items()}
+    return {own[id(t)]: name for name, t in revert_weight_conversion(model, dict(state)).items() if id(t) in own}
+
+
+def load_rebuilt_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
-    model_class: str = "causal-lm",
+    auto_class: str = CAUSAL_LM,
 ) -> nn.Module:
-    """A Hugging Face model saved with ``--save-format compact``, restored dense in memory, so every prunekit
-    command reads what prunekit writes."""
+    """A Hugging Face model built from its config, then given its stored weights: a checkpoint saved with
+    ``--save-format compact`` (restored dense in memory), or one whose layer sizes the config cannot state
+    (``prunekit.shapes``: the layers take the stored tensors' shapes first). So every prunekit command reads
+    what prunekit writes."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    model = auto_model(model_class).from_config(config, trust_remote_code=trust_remote_code)
-    state = load_compact(path)
+    model = auto_model(auto_class).from_config(config, trust_remote_code=trust_remote_code)
+    if is_compact(path):
+        state = load_compact(path)
+    else:
+        checkpoint, own_names = Checkpoint(path), {stored: own for own, stored in stored_names(model).items()}
+        state = {own_names.get(name, name): t for name, t in checkpoint.read(checkpoint.names()).items()}
+    if sized_by_weights(config):
+        resize_to(model, {name: tuple(t.shape) for name, t in state.items()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(missing) & shared_parameter_names(model)
     if set(missing) - tied or unexpected:
         raise PrunekitError(
-            f"compact checkpoint {str(path)!r} does not match its config: missing "
+            f"checkpoint {str(path)!r} does not match its config: missing "
             f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}"
         )
     if tied:

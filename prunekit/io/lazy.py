@@ -17,12 +17,13 @@ else in CPU memory, else in files on disk (``offload_activations``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,21 +31,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed as dist
 from ..activations import memory_text, peak_memory, release_memory
-from ..api import PruneReport, calibration, layer_sparsity, plan_prune, versions
-from ..config import PruneConfig
-from ..engine import Plan, outside_stacks, prune_layers, record_block_calls, sequential
+from ..api import PruneReport, layer_sparsity, model_batches, plan_prune, unstructured_report, window_length, with_ranks
+from ..config import PruneConfig, check_save_format, lazy_problems
+from ..coverage import Coverage
+from ..engine import Plan, outside_stacks, prune_layers, record_block_calls, resumable, sequential
 from ..errors import PrunekitError
 from ..methods import HESSIAN
-from .atomic import OutputClaim, claim_output, write_json
-from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size
-from .hf import parse_dtype
+from ..moe import expert_report
+from ..shapes import resize_to, sized_by_weights
+from .atomic import OutputClaim, claim_on_writer, write_json
+from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size, write_notice
+from .files import safetensors_shapes
+from .hf import parse_dtype, shared_parameter_names
 from .overlap import Stage, wait
 from .paths import checkpoint_bytes
+from .resume import LazyResume, ResumeState, fingerprint
 
 log = logging.getLogger(__name__)
-
-SAVE_FORMATS = ("dense", "compact")
 
 
 # ---------------------------------------------------------------- the skeleton and its tensors
@@ -70,6 +75,8 @@ def build_skeleton(
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype or _config_dtype(config), trust_remote_code=trust_remote_code
         )
+    if sized_by_weights(config):  # layers take the stored tensors' sizes (prunekit.shapes)
+        resize_to(model, {name: shape for name, (_, shape) in safetensors_shapes(source).items()})
     return model.eval()
 
 
@@ -115,10 +122,14 @@ class LazyModel:
         trust_remote_code: bool = False,
     ) -> LazyModel:
         dtype = parse_dtype(dtype)
-        device = torch.device(device) if device is not None else default_device()
+        device = dist.rank_device(torch.device(device) if device is not None else default_device())
         model = build_skeleton(source, dtype, trust_remote_code)
         _buffers_to(model, device)
-        return cls(model, Checkpoint(source), device, dtype)
+        lazy = cls(model, Checkpoint(source), device, dtype)
+        # A tied head is stored once, under the embedding's name (a meta skeleton is not tied: transformers says which).
+        tied = shared_parameter_names(model) | set(getattr(model, "all_tied_weights_keys", None) or {})
+        lazy._check_names([n for n in model.state_dict() if n not in tied])  # before anything is read or written
+        return lazy
 
     def onload(self, names: Iterable[str]) -> None:
         """Memory-mapped views onto the compute device: only the pages used are read (an embedding lookup)."""
@@ -190,15 +201,28 @@ def default_device() -> torch.device:
 class StreamedBlocks:
     """The engine's block source for a checkpoint on disk: each block is read onto the compute device for its
     turn, then written to the output shards and freed. Every block is visited (those after the last pruned
-    one are only copied).
+    one are only copied). ``first``: a resumed run starts there (the blocks before it and the tensors outside
+    the blocks are written already). Without a ``writer`` (the ranks of a distributed run but rank 0) nothing
+    is written.
 
     With ``overlap`` (the default) block ``i+1`` is read by one thread and block ``i-1`` written by another
     while block ``i`` is pruned: at most three blocks are resident, and a read or write error is raised
     here, unchanged, when its block's turn comes. Used as a context manager, which waits for both threads
     on the way out, so nothing writes into the output once the run has stopped."""
 
-    def __init__(self, lazy: LazyModel, prefix: str, blocks: nn.Module, writer, overlap: bool = True):
+    def __init__(
+        self,
+        lazy: LazyModel,
+        prefix: str,
+        blocks: nn.Module,
+        writer,
+        overlap: bool = True,
+        on_block: Callable[[int, nn.Module], None] | None = None,
+        first: int = 0,
+    ):
         self.lazy, self.prefix, self.blocks, self.writer = lazy, prefix, blocks, writer
+        self.on_block = on_block  # sees each block after its turn, while it is loaded (the report's coverage)
+        self.first = first
         self.timings: dict[str, float] = {}
         self.reads = Stage("prunekit-read", overlap, self.timings, "read_s")
         self.writes = Stage("prunekit-write", overlap, self.timings, "write_s")
@@ -208,10 +232,11 @@ class StreamedBlocks:
     def __enter__(self) -> StreamedBlocks:
         """Block 0 is read while its inputs are captured; the tensors outside the blocks (embeddings, norm, head:
         never pruned) are copied meanwhile, so that the end of the run waits for the last block only."""
-        if self.reads.threaded:
-            self._read_ahead(0)
-        names = self.lazy.outside_names(self.prefix)
-        self.writing = self.writes.submit(copy_tensors, self.lazy, names, self.writer, key="copy_outside_s")
+        if self.reads.threaded and self.first < len(self.blocks):
+            self._read_ahead(self.first)
+        if self.writer is not None and self.first == 0:
+            names = self.lazy.outside_names(self.prefix)
+            self.writing = self.writes.submit(copy_tensors, self.lazy, names, self.writer, key="copy_outside_s")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -242,8 +267,11 @@ class StreamedBlocks:
         del self.loading[index], loaded
         try:
             yield self.blocks[index]
-            pruned = {name: self.lazy.tensor(name).to("cpu") for name in names}  # GPU -> CPU here, not in a thread
-            self._write_behind(self._write_block, index, pruned)
+            if self.on_block is not None:
+                self.on_block(index, self.blocks[index])
+            if self.writer is not None:
+                pruned = {name: self.lazy.tensor(name).to("cpu") for name in names}  # GPU -> CPU here, not a thread
+                self._write_behind(self._write_block, index, pruned)
         finally:
             self.lazy.offload(names)
 
@@ -264,6 +292,11 @@ class StreamedBlocks:
         wait(self.writing, self.timings, "write_wait_s")
         self.writing = self.writes.submit(fn, *args)
 
+    def after_write(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the write thread once the writes queued so far are done (a resumable run's
+        progress, committed after the block's shards are on disk); its error surfaces like a write's."""
+        self.writing = self.writes.submit(_then, self.writing, fn, *args)
+
     def _write_block(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         """Write the block handed over (its only holder by now), then free it and give the memory back."""
         for name, tensor in tensors.items():
@@ -278,6 +311,12 @@ class StreamedBlocks:
         them from the batch before its block loop)."""
         with self.capture():
             return record_block_calls(model, self.blocks, batch, self.lazy.device, run_blocks=False, last=last)
+
+
+def _then(previous: Future | None, fn, *args) -> None:
+    if previous is not None:
+        previous.result()  # a failed write: no progress recorded after it
+    fn(*args)
 
 
 def copy_tensors(lazy: LazyModel, names: Sequence[str], writer) -> None:
@@ -324,6 +363,7 @@ def prune_lazy(
     max_shard_size: int | str = "5GB",
     overlap: bool | None = None,
     overwrite: bool = False,
+    resume: bool | None = None,
     trust_remote_code: bool = False,
     inputs: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, Callable[[Path], None]] | None = None,
@@ -337,20 +377,35 @@ def prune_lazy(
     the calling thread (one block resident instead of three; same output, slower); the default overlaps except
     for Hessian methods (``overlaps``). ``out`` is claimed before
     anything is read (``inputs``: the other paths the job reads, by flag); ``prune_report.json`` and
-    ``extra_files`` (name -> writer) are written inside the output before it appears."""
+    ``extra_files`` (name -> writer) are written inside the output before it appears.
+
+    ``resume`` (the CLI's ``--resume``, see ``prunekit.io.resume``): None keeps the progress after each block
+    beside ``out`` and continues an interrupted run with the same settings and inputs; True requires one;
+    False keeps none. Inside a ``torch.distributed`` process group every rank calls this with the same arguments:
+    each reads every block and calibrates on its share of the batches, rank 0 alone claims and writes ``out``."""
     config = PruneConfig.of(config, sparsity=sparsity, pattern=pattern, group=group, **settings)
     output = Output(save_format, max_shard_size, overlap)
     _check_lazy_config(config, save_format)
+    dist.check_launch()
     inputs = {"--model": source, **(inputs or {})}
-    with claim_output(out, inputs, overwrite, checkpoint_bytes(source)) as claim:
-        return _prune_claimed(
-            source, claim, config, calib, tokenizer, offload_dir, output, trust_remote_code, extra_files
-        )
+    job = {"save_format": save_format, "max_shard_size": max_shard_size, "lazy": True}
+    check = fingerprint({**config.settings(), **job}, {**inputs, "calib": calib})
+    with claim_on_writer(out, inputs, overwrite, checkpoint_bytes(source)) as claim:
+        state = ResumeState.open(out, resume, check)
+        try:
+            report = _prune_claimed(
+                source, claim, config, calib, tokenizer, offload_dir, output, trust_remote_code, extra_files, out, state
+            )
+        except BaseException as err:
+            state.failed(err)
+            raise
+        state.finish()
+        return report
 
 
 def _prune_claimed(
     source,
-    claim: OutputClaim,
+    claim: OutputClaim | None,
     config: PruneConfig,
     calib,
     tokenizer,
@@ -358,44 +413,61 @@ def _prune_claimed(
     output: Output,
     trust_remote_code: bool,
     extra_files,
+    out,
+    state: ResumeState,
 ) -> PruneReport:
-    lazy = LazyModel.open(source, config.device, config.dtype, trust_remote_code)
-    plan = replace(plan_prune(lazy.model, config), device=lazy.device)
-    if len(plan.stacks) != 1 or outside_stacks(plan):
-        raise PrunekitError(
-            "lazy pruning goes block by block through one block list, but the selected layers are not all inside "
-            "one; prune in memory instead, or select only layers inside the decoder blocks"
-        )
-    if tokenizer is None and isinstance(calib, (str, os.PathLike)) and plan.needs:
-        from .hf import load_tokenizer
+    with dist.together():
+        lazy = LazyModel.open(source, config.device, config.dtype, trust_remote_code)
+        plan = replace(plan_prune(lazy.model, config), device=lazy.device)
+        if len(plan.stacks) != 1 or outside_stacks(plan):
+            raise PrunekitError(
+                "lazy pruning goes block by block through one block list, but the selected layers are not all "
+                "inside one; prune in memory instead, or select only layers inside the decoder blocks"
+            )
+        if tokenizer is None and isinstance(calib, (str, os.PathLike)) and plan.needs:
+            from .hf import load_tokenizer
 
-        tokenizer = load_tokenizer(source, trust_remote_code)
-    batches = calibration(lazy.model, calib, tokenizer, config) if plan.needs else []
-    with claim.staging() as tmp:
-        timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, output)
+            tokenizer = load_tokenizer(source, trust_remote_code)
+        batches = model_batches(lazy.model, calib, tokenizer, config) if plan.needs else []
+    if state.saved:
+        plan = replace(plan, targets=LazyResume(state, None, None).targets)  # as the interrupted run had them
+    with dist.entered(claim.staging() if claim is not None else nullcontext()) as tmp:
+        coverage = Coverage(lazy.model, plan.layers)
+        timings, rows, where = _run(lazy, plan, batches, tmp, offload_dir, output, coverage, state)
+        peaks = dist.gather_ints([peak_memory(lazy.device)["peak_rss_bytes"]])
         metrics = {
             **peak_memory(lazy.device),
             "io_overlap": overlaps(output, plan),
             "offload_activations": where,
             "checkpoint_bytes": lazy.checkpoint.nbytes(lazy.checkpoint.names()),
         }
-        report = _report(
-            config, {"source": str(source), "out": str(claim.out), "lazy": True}, rows, plan, timings, metrics
+        if len(peaks) > 1:
+            metrics["peak_rss_bytes_per_rank"] = [p[0] for p in peaks]
+        report = unstructured_report(
+            config,
+            plan,
+            rows,
+            timings,
+            seqlen=window_length(batches),
+            job={"source": str(source), "out": str(claim.out if claim is not None else out), "lazy": True},
+            metrics=metrics,
+            coverage=coverage.result([plan.stacks[0][0]]),
+            experts=expert_report(lazy.model, plan.layers, config.expert_tokens, config.expert_min_tokens),
         )
-        write_json(tmp / "prune_report.json", report.to_dict())
-        for name, writer in (extra_files or {}).items():
-            writer(tmp / name)
+        report = with_ranks(report)
+        with dist.together():
+            if claim is not None:
+                write_json(tmp / "prune_report.json", report.to_dict())
+                for name, writer in (extra_files or {}).items():
+                    writer(tmp / name)
     return report
 
 
 def _check_lazy_config(config: PruneConfig, save_format: str) -> None:
-    if save_format not in SAVE_FORMATS:
-        raise PrunekitError(f"unknown save_format {save_format!r}; choose from {', '.join(SAVE_FORMATS)}")
-    if config.structured or config.allocation != "uniform" or config.group == "global" or not config.sequential:
-        raise PrunekitError(
-            "lazy pruning supports unstructured methods with uniform allocation, a per-layer / "
-            "per-output / per-input group and sequential calibration; prune in memory otherwise"
-        )
+    check_save_format(save_format)
+    problems = lazy_problems(config)
+    if problems:
+        raise PrunekitError(f"lazy pruning needs {'; '.join(problems)}; prune in memory otherwise")
 
 
 def _writer(lazy: LazyModel, prefix: str, tmp: Path, save_format: str, max_shard_size: int | str):
@@ -412,40 +484,75 @@ def block_bytes(lazy: LazyModel, prefix: str) -> int:
 
 
 def _run(
-    lazy: LazyModel, plan: Plan, batches: list, tmp: Path, offload_dir: str | None, output: Output
+    lazy: LazyModel,
+    plan: Plan,
+    batches: list,
+    tmp: Path | None,
+    offload_dir: str | None,
+    output: Output,
+    coverage: Coverage,
+    state: ResumeState,
 ) -> tuple[dict, dict, str | None]:
+    """The sequential loop over the streamed blocks. A resumable run writes the output shards into its state
+    folder (moved into ``tmp`` at the end) and continues an interrupted one; ``tmp`` is None on the ranks that do
+    not write."""
     timings: dict[str, float] = {}
     rows: dict[str, dict] = {}
     start = time.perf_counter()
     if lazy.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(lazy.device)
     prefix, blocks = plan.stacks[0]
-    writer = _writer(lazy, prefix, tmp, output.save_format, output.max_shard_size)
+    keep = state.keep and resumable(plan)
+    writer = None
+    with dist.together():
+        if tmp is not None:
+            if keep:
+                state.path.mkdir(exist_ok=True)
+            writer = _writer(lazy, prefix, state.path if keep else tmp, output.save_format, output.max_shard_size)
+            if state.saved:
+                writer.restore(state.saved["writer"])
 
-    def step(i: int, layers: dict, stats) -> None:
+    def step(layers: dict, stats) -> None:
         prune_layers(layers, stats, plan)
         rows.update(layer_sparsity(layers)[0])
 
-    with StreamedBlocks(lazy, prefix, blocks, writer, overlaps(output, plan)) as source:
-        where = sequential(lazy.model, batches, plan, source, step, timings, offload_dir)
+    def counted(index: int, block: nn.Module) -> None:
+        coverage.add(f"{prefix}.{index}", block)
+
+    def report_so_far() -> dict:
+        return {"rows": rows, "coverage": coverage_state(coverage)}
+
+    with StreamedBlocks(lazy, prefix, blocks, writer, overlaps(output, plan), counted, state.first) as source:
+        resume = None
+        if keep:
+            resume = LazyResume(state, source.after_write, writer, report_so_far).bind(plan, True)
+            if state.saved:
+                rows.update(state.saved["report"]["rows"])
+                restore_coverage(coverage, state.saved["report"]["coverage"])
+        where = sequential(lazy.model, batches, plan, source, step, timings, offload_dir, resume=resume)
         copy_start = time.perf_counter()
-        source.finish()
-    writer.close()
-    copy_side_files(lazy.checkpoint.root, tmp)
+        with dist.together():
+            source.finish()
+    with dist.together():
+        if writer is not None:
+            if keep:
+                state.drop_progress()  # the shards leave the state folder: nothing to resume from now
+            writer.close(dest=tmp)
+            copy_side_files(lazy.checkpoint.root, tmp)
+            if output.save_format == "compact":
+                write_notice(tmp)
     timings["copy_s"] = time.perf_counter() - copy_start
     timings.update(source.timings)
     timings["total_s"] = time.perf_counter() - start
     return timings, rows, where
 
 
-def _report(config: PruneConfig, job: dict, rows: dict, plan: Plan, timings: dict, metrics: dict) -> PruneReport:
-    zeros, total = sum(r["zeros"] for r in rows.values()), sum(r["numel"] for r in rows.values())
-    for name, row in rows.items():
-        row["target"] = plan.targets[name].sparsity
-    settings = {
-        **config.settings(),
-        **job,
-        "group": next(iter(plan.targets.values())).group,
-        "blocks": plan.stacks[0][0],
-    }
-    return PruneReport(settings, rows, zeros / max(total, 1), timings, versions(), metrics)
+def coverage_state(coverage: Coverage) -> dict:
+    """What the report's coverage has counted so far, as plain data (a resumed run starts from it)."""
+    keys = ("zeros", "total", "selected_zeros", "selected_total", "left")
+    return json.loads(json.dumps({k: getattr(coverage, k) for k in keys}))
+
+
+def restore_coverage(coverage: Coverage, saved: Mapping[str, Any]) -> None:
+    for key, value in saved.items():
+        setattr(coverage, key, value)

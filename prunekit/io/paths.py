@@ -282,3 +282,14 @@ def checkpoint_bytes(path: PathLike) -> int | None:
         return None
     sizes = [f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
     return sum(sizes) or None
+
+
+def local_path(source: str | os.PathLike) -> Path | None:
+    """The local directory a model source reads from (``local-dir:PATH`` or ``PATH``), for the check that an
+    output directory never overlaps its input; None for registry, hub and torchvision names."""
+    text = str(source)
+    if text.startswith("local-dir:"):
+        return Path(text[len("local-dir:") :]).expanduser()
+    if text.startswith(("timm:", "torchvision:", "hf-hub:")):
+        return None
+    return Path(text).expanduser()

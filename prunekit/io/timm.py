@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import PrunekitError
 from .files import load_weights_file
-from .paths import require_local
+from .paths import local_path, require_local
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +75,6 @@ def is_vision_source(source: str | os.PathLike) -> bool:
         return True
     path = Path(text).expanduser()
     return path.is_dir() and _saved_library(path) is not None
-
-
-def local_path(source: str | os.PathLike) -> Path | None:
-    """The local directory a source reads from (``local-dir:PATH`` or ``PATH``), for the check that an
-    output directory never overlaps its input; None for registry / hub / torchvision names."""
-    text = str(source)
-    if text.startswith("local-dir:"):
-        return Path(text[len("local-dir:") :]).expanduser()
-    if text.startswith((TIMM_PREFIX, TORCHVISION_PREFIX, "hf-hub:")):
-        return None
-    return Path(text).expanduser()
 
 
 def load_vision_model(

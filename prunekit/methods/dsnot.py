@@ -120,7 +120,9 @@ class _BlockPartner:
 @register_update
 @dataclass
 class DSnoT(Update):
-    """Hyper-parameters as published: 50 cycles, threshold 0.1, regrowing divided by variance ** 1."""
+    """Refine any mask without training: swap pruned and kept weights that cut the layer's output error.
+
+    Hyper-parameters as published: 50 cycles, threshold 0.1, regrowing divided by variance ** 1."""
 
     name = "dsnot"
     needs = frozenset({NORMS})

@@ -13,6 +13,8 @@ from .base import Criterion, register_method
 @register_method
 @dataclass
 class Magnitude(Criterion):
+    """Mask by ``|W|`` alone: no calibration data."""
+
     name = "magnitude"
     default_group = "per-layer"
 

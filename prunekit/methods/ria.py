@@ -29,7 +29,9 @@ def relative_importance(weight: torch.Tensor) -> torch.Tensor:
 @register_method
 @dataclass
 class RIA(Criterion):
-    """``a`` is the exponent on the input-column norms (0.5 in the paper; 0 gives plain RI)."""
+    """Mask by relative importance (a weight's share of its row and column) times ``||X||^a``.
+
+    ``a`` is the exponent on the input-column norms (0.5 in the paper; 0 gives plain RI)."""
 
     name = "ria"
     needs = frozenset({NORMS})

@@ -16,6 +16,8 @@ from .base import NORMS, Criterion, register_method
 @register_method
 @dataclass
 class Wanda(Criterion):
+    """Mask by ``|W| * ||X||`` (weight times input-column norm), one calibration pass, no weight update."""
+
     name = "wanda"
     needs = frozenset({NORMS})
 

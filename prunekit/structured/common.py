@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from torch import nn
 from ..errors import PrunekitError
 from ..forward import model_device, run_model
 from ..graph import HFConv1D, find_blocks
+from ..moe import find_experts, unknown_experts
+from ..shapes import resize_to, sized_by_weights
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
@@ -91,6 +94,19 @@ def arch_name(model: nn.Module) -> str:
     return getattr(hf_config(model), "model_type", "") or type(model).__name__
 
 
+@contextmanager
+def refusals_named(model: nn.Module):
+    """A refusal raised in the body names the architecture it refuses (``swin: ...``), as every structured method's
+    own refusals do."""
+    try:
+        yield
+    except PrunekitError as err:
+        arch = arch_name(model)
+        if str(err).startswith(f"{arch}: "):
+            raise
+        raise PrunekitError(f"{arch}: {err}") from None
+
+
 def block_config(model: nn.Module, prefix: str):
     """The HF config that sizes the blocks at ``prefix``: that of the nearest module above them that has one
     (LLaVA: the language model's, which is the saved ``text_config``; T5: a stack's private copy)."""
@@ -109,8 +125,10 @@ def is_saved(model: nn.Module, config) -> bool:
 
 
 def experts_module(blocks: nn.Module) -> nn.Module | None:
-    """The first mixture-of-experts layer in the blocks (a module with ``experts``), or None."""
-    return next((m for m in blocks.modules() if isinstance(getattr(m, "experts", None), nn.Module)), None)
+    """The first mixture-of-experts layer in the blocks (a module with ``experts``), else the first fused experts
+    module (of a known layout or not: JetMoE's MLP calls its experts ``input_linear``), or None."""
+    found = next((m for m in blocks.modules() if isinstance(getattr(m, "experts", None), nn.Module)), None)
+    return found or next(iter({**find_experts(blocks), **unknown_experts(blocks)}.values()), None)
 
 
 def check_resizable(model: nn.Module, prefix: str, blocks: nn.Module, method: str) -> None:
@@ -145,12 +163,16 @@ def meta_clone(module: nn.Module) -> nn.Module:
 
 
 def rebuilt(model: nn.Module) -> nn.Module:
-    """What ``from_pretrained`` builds from the model's config after a save / load round trip of that config,
-    on the meta device (no weights, no memory)."""
+    """What loading builds from the model's config after a save / load round trip of that config, on the meta
+    device (no weights, no memory): ``from_pretrained``'s model, or ``prunekit.load``'s where the config says the
+    layers take the stored weights' sizes (``prunekit.shapes``)."""
     config = hf_config(model)
     config = type(config).from_dict(config.to_dict())
     with torch.device("meta"):
-        return type(model)._from_config(config)
+        built = type(model)._from_config(config)
+    if sized_by_weights(config):
+        resize_to(built, {name: tuple(t.shape) for name, t in model.state_dict().items()})
+    return built
 
 
 _IGNORED_ATTRIBUTES = ("training", "layer_idx")  # layer_idx is renumbered by depth pruning
@@ -187,7 +209,14 @@ def ensure_reloadable(pruned: nn.Module, method: str) -> None:
     ``save_pretrained`` / ``from_pretrained`` give back the same model. Models without an HF config pass."""
     if hf_config(pruned) is None:
         return
-    diff = differences(pruned, rebuilt(pruned))
+    try:
+        expected = rebuilt(pruned)
+    except (*_validation_errors(), AttributeError) as err:  # DINOv2's backbone stage names; GPT-2: hidden % heads
+        raise PrunekitError(
+            f"{arch_name(pruned)}: {method} would leave a config transformers rejects, so it would not reload "
+            f"({' '.join(str(err).split())[:200]})"
+        ) from None
+    diff = differences(pruned, expected)
     if diff:
         raise PrunekitError(
             f"{arch_name(pruned)}: {method} would leave a model its config cannot describe, so it would not "
@@ -215,7 +244,7 @@ def config_accepts(config, values: Mapping[str, Any]) -> bool:
             setattr(trial, key, value)
         if callable(getattr(trial, "validate", None)):
             trial.validate()
-    except _validation_errors():
+    except (*_validation_errors(), AttributeError):  # AttributeError: a read-only property (Falcon's head_dim)
         return False
     return True
 

@@ -59,7 +59,7 @@ class Group:
 
     ``commit(kept)`` updates the owning module's own attributes (``num_heads`` ...) once its layers are cut;
     ``config(kept)`` gives the Hugging Face config values that keeping ``kept`` units implies ({} for timm).
-    ``fixed`` says why no unit may go (empty when they may).
+    ``fixed`` says why no unit may go (empty when they may); ``block`` is the index of the block it sits in.
     """
 
     name: str
@@ -68,6 +68,7 @@ class Group:
     commit: Callable[[int], None] = field(default=lambda kept: None)
     config: Callable[[int], dict] = field(default=lambda kept: {})
     fixed: str = ""
+    block: int = -1
 
     @property
     def units(self) -> int:
@@ -246,6 +247,7 @@ def find_groups(prefix: str, blocks: nn.Module, mlp_key: str | None = "intermedi
             name = ".".join(p for p in (prefix, str(i), sub) if p)
             group = next((g for g in (a(name, module, mlp_key) for a in ADAPTERS) if g is not None), None)
             if group is not None:
+                group.block = i
                 groups.append(group)
     if not groups:
         raise PrunekitError(

@@ -6,6 +6,16 @@ Importance of block ``i``, lower = removed first:
   barely turns the residual stream does little. One forward pass.
 * ``ppl``: the increase of the mean next-token NLL on the calibration batches when block ``i`` alone is skipped.
   One forward pass per block (causal LMs only).
+* ``taylor`` (Shortened LLaMA's Taylor criterion, Kim et al. 2024): the loss change a first-order Taylor
+  expansion predicts when the block's weights are removed, ``sum |w * g|`` over every weight of the block (its
+  matrices and norm scales, as their code sums every parameter named ``weight``), ``g`` the gradient of the
+  model's own loss averaged over the calibration windows (``gradients``). One forward and backward pass per
+  window; memory: 4 bytes per block weight for the gradient sum and one window's activations (one block's with
+  ``checkpointing``, the default).
+
+``keep_first`` / ``keep_last`` keep the first / last blocks whatever their score: Shortened LLaMA's "+" heuristic
+(``Taylor+`` = ``score=taylor, keep_first=4, keep_last=2`` on 32-block LLaMA-7B; their code applies it to every
+criterion), since the Taylor criterion tends to pick the first blocks, which matter most.
 
 All ``k`` blocks are chosen from these one-shot scores. ``k = round(ratio * n_blocks)`` and at least one when
 ``ratio > 0``, so ``ratio`` is met to the nearest block; the report gives the fraction actually removed.
@@ -30,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..architectures import LAYER_INDEX_LISTS, LEADING_COUNTS, PER_LAYER_LISTS, family
+from ..distributed import sum_over_ranks, together
 from ..errors import PrunekitError
 from ..forward import block_output, hidden_state, hooks
 from .base import ModelMethod, register_structured
@@ -47,10 +58,11 @@ from .common import (
     meta_clone,
     summary,
 )
+from .gradients import accumulate_gradients, loss_kind
 
 log = logging.getLogger(__name__)
 
-SCORES = ("cosine", "ppl")
+SCORES = ("cosine", "ppl", "taylor")
 
 
 def blocks_to_remove(n_blocks: int, ratio: float) -> int:
@@ -59,6 +71,15 @@ def blocks_to_remove(n_blocks: int, ratio: float) -> int:
     k = max(k, 1) if ratio > 0 else 0
     if k >= n_blocks:
         raise PrunekitError(f"removing {ratio:.0%} of {n_blocks} blocks would leave none; lower the ratio")
+    if not math.isclose(k / n_blocks, ratio, abs_tol=1e-9):
+        log.warning(
+            "depth removes whole blocks: %g of %d blocks is %.2f blocks, so %d go (%.3g of the blocks)",
+            ratio,
+            n_blocks,
+            ratio * n_blocks,
+            k,
+            k / n_blocks,
+        )
     return k
 
 
@@ -67,7 +88,7 @@ def blocks_to_remove(n_blocks: int, ratio: float) -> int:
 
 @torch.no_grad()
 def cosine_scores(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence) -> torch.Tensor:
-    """``1 - mean cos(input, output)`` of each block's hidden states over all calibration tokens."""
+    """``1 - mean cos(input, output)`` of each block's hidden states over all calibration tokens (every rank's)."""
     sums = torch.zeros(len(blocks), dtype=torch.float64)
     counts = torch.zeros(len(blocks), dtype=torch.float64)
 
@@ -79,23 +100,49 @@ def cosine_scores(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequen
 
         return fn
 
-    with hooks(b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)):
+    with together(), hooks(b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)):
         for batch in batches:
             forward(model, batch)
+    sum_over_ranks(sums, counts)
     return (1.0 - sums / counts.clamp_min(1)).float()
 
 
 @torch.no_grad()
+def check_shape_kept(model: nn.Module, prefix: str, blocks: Sequence[nn.Module], batch) -> None:
+    """A removed block hands its input on: only blocks whose output is shaped like their input can go (not the
+    stages of a ConvNeXt or Swin, each of which changes the width)."""
+    changed: list[str] = []
+
+    def hook(i):
+        def fn(module, args, kwargs, output):
+            before, after = hidden_state(args, kwargs).shape, block_output(output).shape
+            if before != after:
+                changed.append(f"{prefix}.{i} turns {list(before)} into {list(after)}")
+
+        return fn
+
+    with hooks(b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)):
+        forward(model, batch)
+    if changed:
+        raise PrunekitError(
+            f"{arch_name(model)}: depth removes blocks that pass their input on unchanged in shape, but {changed[0]} "
+            "(stages of growing width); prune it with an unstructured method"
+        )
+
+
+@torch.no_grad()
 def causal_nll(model: nn.Module, batches: Sequence) -> float:
-    """Mean next-token negative log-likelihood over the calibration batches."""
-    total, count = 0.0, 0
-    for batch in batches:
-        ids = input_ids(batch)
-        logits = forward(model, batch).logits[:, :-1].float()
-        targets = ids[:, 1:].to(logits.device)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        count += targets.numel()
-    return total / max(count, 1)
+    """Mean next-token negative log-likelihood over the calibration batches (every rank's)."""
+    sums = torch.zeros(2, dtype=torch.float64)  # total NLL, tokens
+    with together():
+        for batch in batches:
+            ids = input_ids(batch)
+            logits = forward(model, batch).logits[:, :-1].float()
+            targets = ids[:, 1:].to(logits.device)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            sums += torch.tensor([nll.item(), targets.numel()], dtype=torch.float64)
+    sum_over_ranks(sums)
+    return float(sums[0] / sums[1].clamp_min(1))
 
 
 @contextmanager
@@ -121,6 +168,33 @@ def ppl_scores(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence)
         with skipping(blocks, [i]):
             scores.append(causal_nll(model, batches) - dense)
     return torch.tensor(scores)
+
+
+def block_weights(blocks: Sequence[nn.Module]) -> dict[str, nn.Parameter]:
+    """``"i.name"`` -> every parameter of block ``i`` named ``weight`` (matrices, norm scales; no biases), each
+    shared tensor once."""
+    seen: set[int] = set()
+    found = {}
+    for i, block in enumerate(blocks):
+        for name, p in block.named_parameters():
+            if "weight" in name and p.is_floating_point() and id(p) not in seen:
+                seen.add(id(p))
+                found[f"{i}.{name}"] = p
+    return found
+
+
+def taylor_scores(
+    model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence, checkpointing: bool = True
+) -> tuple[torch.Tensor, int]:
+    """``sum |w * g|`` over each block's weights (Shortened LLaMA's Taylor criterion); also the bytes the gradient
+    sums held."""
+    weights = block_weights(blocks)
+    grads = accumulate_gradients(model, weights, batches, blocks=list(blocks) if checkpointing else ())
+    scores = torch.zeros(len(blocks), dtype=torch.float64)
+    for key, p in weights.items():
+        salience = (p.detach().float() * grads.grad[key]).abs().sum()
+        scores[int(key.split(".", 1)[0])] += salience.double().cpu()
+    return scores.float(), grads.nbytes()
 
 
 # ---------------------------------------------------------------- removal
@@ -160,7 +234,7 @@ def renumber_config(config, keep: Sequence[int], n_before: int) -> None:
     for key in PER_LAYER_LISTS:
         values = getattr(config, key, None)
         if isinstance(values, (list, tuple)) and len(values) == n_before:
-            setattr(config, key, type(values)(values[i] for i in keep))
+            _rewrite(config, key, type(values)(values[i] for i in keep))
     for key in LAYER_INDEX_LISTS:
         values = getattr(config, key, None)
         if isinstance(values, (list, tuple)):
@@ -170,6 +244,18 @@ def renumber_config(config, keep: Sequence[int], n_before: int) -> None:
         if isinstance(count, int) and not isinstance(count, bool):
             setattr(config, key, sum(i < count for i in keep))
     config.num_hidden_layers = len(keep)
+
+
+def _rewrite(config, key: str, value) -> None:
+    """Set a per-layer entry; one the config computes from other entries (Jamba's ``layer_types``, from layer
+    periods and offsets) cannot follow the kept blocks: refused."""
+    try:
+        setattr(config, key, value)
+    except AttributeError:
+        raise PrunekitError(
+            f"{getattr(config, 'model_type', type(config).__name__)}: depth cannot describe the kept blocks in the "
+            f"config: its {key} is computed from other entries (layer periods and offsets), not a list depth can edit"
+        ) from None
 
 
 def _update_config(model: nn.Module, prefix: str, keep: Sequence[int], n_before: int) -> None:
@@ -207,13 +293,13 @@ def pinned_blocks(model: nn.Module) -> tuple[int, ...]:
     return family(arch_name(model)).pinned_blocks
 
 
-def choose_drop(scores: torch.Tensor, k: int, pinned: Sequence[int] = ()) -> list[int]:
+def choose_drop(scores: torch.Tensor, k: int, pinned: Sequence[int] = (), why: str = "") -> list[int]:
     """The ``k`` lowest-scoring blocks (ties: the earlier), never a pinned one; sorted."""
     ranked = [i for i in torch.argsort(scores, stable=True).tolist() if i not in pinned]
     if k > len(ranked):
         raise PrunekitError(
-            f"only {len(ranked)} of {len(scores)} blocks can be removed (blocks {list(pinned)} hold weights the "
-            "others reuse); lower the ratio"
+            f"only {len(ranked)} of {len(scores)} blocks can be removed (blocks {sorted(pinned)} stay: "
+            f"{why or 'they hold weights the others reuse'}); lower the ratio"
         )
     return sorted(ranked[:k])
 
@@ -221,29 +307,53 @@ def choose_drop(scores: torch.Tensor, k: int, pinned: Sequence[int] = ()) -> lis
 @register_structured
 @dataclass
 class Depth(ModelMethod):
-    """Remove whole blocks, the least important first (``score``: ``cosine`` or ``ppl``)."""
+    """Remove whole blocks, the least important first (``score``: ``cosine``, ``ppl`` or ``taylor``)."""
 
     name: ClassVar[str] = "depth"
     score: str = "cosine"
+    keep_first: int = 0
+    keep_last: int = 0
+    checkpointing: bool | None = None  # score="taylor": recompute each block in the backward pass (default on)
 
     def __post_init__(self):
         if self.score not in SCORES:
             raise PrunekitError(f"unknown depth score {self.score!r}; choose from {', '.join(SCORES)}")
+        if self.keep_first < 0 or self.keep_last < 0:
+            raise PrunekitError(f"keep_first / keep_last count blocks and cannot be negative, got {self}")
+        if self.checkpointing is not None and self.score != "taylor":
+            raise PrunekitError("depth checkpointing applies to score=taylor only; drop it or set score=taylor")
 
-    def block_scores(self, model: nn.Module, blocks: nn.Module, batches: Sequence) -> torch.Tensor:
+    def block_scores(self, model: nn.Module, blocks: nn.Module, batches: Sequence) -> tuple[torch.Tensor, dict]:
         if self.score == "cosine":
-            return cosine_scores(model, list(blocks), batches)
-        return ppl_scores(model, list(blocks), batches)
+            return cosine_scores(model, list(blocks), batches), {}
+        if self.score == "ppl":
+            return ppl_scores(model, list(blocks), batches), {}
+        scores, nbytes = taylor_scores(model, list(blocks), batches, self.checkpointing is not False)
+        held = "one block's activations (checkpointing)" if self.checkpointing is not False else "one window's"
+        memory = f"float32 gradient sums of the block weights ({nbytes:,} bytes) + {held}"
+        return scores, {"gradient_sum_bytes": nbytes, "gradient_memory": memory}
+
+    def pinned(self, model: nn.Module, n_blocks: int) -> tuple[set[int], str]:
+        """Blocks that stay whatever their score (keep_first / keep_last, the family's shared-weight blocks), and
+        why, for the error when too few remain."""
+        kept = set(range(min(self.keep_first, n_blocks))) | set(range(max(n_blocks - self.keep_last, 0), n_blocks))
+        shared = set(pinned_blocks(model))
+        reasons = [r for r, found in (("keep_first / keep_last", kept), ("shared weights", shared)) if found]
+        return kept | shared, " and ".join(reasons)
 
     def prune_model(self, model: nn.Module, batches: list, ratio: float) -> dict:
         ratio = check_ratio(ratio)
         check_batches(batches, self.name)
         prefix, blocks = block_list(model)
-        k, pinned = blocks_to_remove(len(blocks), ratio), pinned_blocks(model)
-        rehearse(model, prefix, choose_drop(torch.arange(len(blocks), 0, -1), k, pinned))  # the last k, before any work
+        if self.score == "taylor":
+            loss_kind(model, batches[0])
+        k, (pinned, why) = blocks_to_remove(len(blocks), ratio), self.pinned(model, len(blocks))
+        last_k = choose_drop(torch.arange(len(blocks), 0, -1), k, pinned, why)
+        rehearse(model, prefix, last_k)  # the last k removable blocks, before any work
+        check_shape_kept(model, prefix, blocks, batches[0])
         before, total_before = count_params(blocks), count_params(model)
-        scores = self.block_scores(model, blocks, batches)
-        drop = choose_drop(scores, k, pinned)
+        scores, memory = self.block_scores(model, blocks, batches)
+        drop = choose_drop(scores, k, pinned, why)
         rehearse(model, prefix, drop)
         kept = remove_blocks(model, prefix, drop)
         log.info("depth (%s): removed blocks %s of %d", self.score, drop, len(blocks))
@@ -256,4 +366,5 @@ class Depth(ModelMethod):
             blocks_before=len(blocks),
             removed_blocks=drop,
             block_scores=[round(float(s), 6) for s in scores],
+            **memory,
         )

@@ -1,8 +1,9 @@
 """Expert pruning: remove the least important whole experts of every mixture-of-experts layer.
 
 Importance of expert ``e`` of one layer: the sum, over the calibration tokens the router sends to ``e``, of
-the routing weight times ``||expert output||`` -- what the expert adds to the layer's output. An expert the
-router rarely picks, picks with a small weight, or that outputs little scores low. One forward pass.
+the routing weight times ``||expert output||`` -- what the expert adds to the layer's output (Llama 4 scales a
+token's input by its router score instead: there the output norm of the scaled row). An expert the router rarely
+picks, picks with a small weight, or that outputs little scores low. One forward pass.
 
 Every MoE layer loses the same number of experts, ``round(ratio * E)`` (at least one when ``ratio > 0``),
 because the config holds one expert count. The survivors keep their order in every tensor whose leading
@@ -24,11 +25,23 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..distributed import sum_over_ranks, together
 from ..errors import PrunekitError
 from ..forward import hooks
-from ..moe import expert_output, num_experts, routers, routing_call
+from ..moe import arrivals, expert_output, experts_layout, find_experts, num_experts, routers
 from .base import ModelMethod, register_structured
-from .common import check_batches, check_ratio, config_accepts, count_params, forward, hf_config, set_config, summary
+from .common import (
+    check_batches,
+    check_ratio,
+    config_accepts,
+    count_params,
+    ensure_reloadable,
+    forward,
+    hf_config,
+    meta_clone,
+    set_config,
+    summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +51,34 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 def moe_layers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
     """``{experts name: (experts, router)}``, or a one-line error for a model without fused experts."""
-    found = routers(model)
-    if not found:
+    routed = {n: m for n, m in find_experts(model).items() if experts_layout(m).call != "shared"}
+    if not routed:
         raise PrunekitError(
             f"structured method 'experts' needs a mixture-of-experts model; {type(model).__name__} has no fused "
             "experts module (transformers 5 MoE: gate_up_proj/down_proj [experts, ...] with a router)"
         )
+    for name, experts in routed.items():
+        check_removable(name, experts)
+    found = routers(model)
     counts = {num_experts(experts) for experts, _ in found.values()}
     if len(counts) != 1:
         raise PrunekitError(f"MoE layers hold different numbers of experts {sorted(counts)}; expected one count")
     return found
+
+
+def check_removable(name: str, experts: nn.Module) -> None:
+    """Whole experts are scored on the rows the router sends them and removed from the module's own ``[experts,
+    ...]`` tensors: refuse the layouts where that is not all there is to it (JetMoE's experts are split over two
+    modules, DBRX stacks them 2-D in a child, LongCat-Flash has extra rows for its zero-compute experts)."""
+    layout = experts_layout(experts)
+    count = num_experts(experts, layout)
+    shapes = {experts.get_parameter(p).shape[0] for p in layout.params}
+    if layout.call == "sized" or layout.count or shapes != {count} or any("." in p for p in layout.params):
+        raise PrunekitError(
+            f"structured method 'experts' removes whole experts from [experts, ...] tensors of one module; "
+            f"{name} ({type(experts).__name__}) stores its experts otherwise ({', '.join(layout.params)}, "
+            f"{layout.call} call): prune it unstructured instead"
+        )
 
 
 def experts_to_remove(count: int, ratio: float, groups: int, top_k: int) -> int:
@@ -78,22 +109,20 @@ def expert_scores(
 
     def hook(name: str):
         def fn(module, args, kwargs):
-            hidden, index, weights = routing_call(module, args, kwargs)
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            index, weights = index.reshape(hidden.shape[0], -1), weights.reshape(hidden.shape[0], -1)
+            arrived = arrivals(module, args, kwargs)
             for e in range(num_experts(module)):
-                hit = index == e
-                rows = hit.any(dim=-1).nonzero().squeeze(1)
-                weight = (weights.float() * hit).sum(dim=-1)[rows]
-                norms = expert_output(module, e, hidden[rows]).float().norm(dim=-1)
-                scores[name][e] += (weight * norms).sum().double().cpu()
-                counts[name][e] += rows.numel()
+                rows = arrived.rows(e)
+                norms = expert_output(module, e, rows).float().norm(dim=-1)
+                weighted = norms if arrived.weights is None else arrived.weights(e).float() * norms
+                scores[name][e] += weighted.sum().double().cpu()
+                counts[name][e] += rows.shape[0]
 
         return fn
 
-    with hooks(e.register_forward_pre_hook(hook(n), with_kwargs=True) for n, (e, _) in layers.items()):
+    with together(), hooks(e.register_forward_pre_hook(hook(n), with_kwargs=True) for n, (e, _) in layers.items()):
         for batch in batches:
             forward(model, batch)
+    sum_over_ranks(*scores.values(), *counts.values())
     return scores, counts
 
 
@@ -123,6 +152,8 @@ def keep_experts(module: nn.Module, keep: torch.Tensor, count: int) -> None:
             setattr(module, name, b[keep.to(b.device)].clone())
     if isinstance(getattr(module, "num_experts", None), int):
         module.num_experts = keep.numel()
+    if isinstance(module, nn.Linear):  # a router that is a Linear (Llama 4)
+        module.out_features = keep.numel()
 
 
 def config_counts(model: nn.Module, before: int, after: int) -> dict[str, int]:
@@ -141,6 +172,27 @@ def config_counts(model: nn.Module, before: int, after: int) -> dict[str, int]:
     return values
 
 
+def count_attributes(model: nn.Module, before: int, after: int) -> None:
+    """Every module's own expert-count attribute in step (Jamba's MoE block and model copy ``num_experts`` from the
+    config when built, and route with it)."""
+    for module in model.modules():
+        for key in EXPERT_COUNT_KEYS:
+            if getattr(module, key, None) == before and not isinstance(getattr(module, key), bool):
+                setattr(module, key, after)
+
+
+def rehearse(model: nn.Module, count: int, after: int, values: Mapping[str, int]) -> None:
+    """Remove experts from a meta copy and check it is what its config describes (Jamba builds a dense MLP where a
+    layer has one expert), so a count the family cannot load is refused before the real model is touched."""
+    clone, keep = meta_clone(model), torch.arange(after)
+    for experts, router in moe_layers(clone).values():
+        keep_experts(experts, keep, count)
+        keep_experts(router, keep, count)
+    count_attributes(clone, count, after)
+    set_config(hf_config(clone), values)
+    ensure_reloadable(clone, "experts")
+
+
 @register_structured
 @dataclass
 class Experts(ModelMethod):
@@ -157,6 +209,7 @@ class Experts(ModelMethod):
         top_k = int(getattr(router0, "top_k", getattr(hf_config(model), "num_experts_per_tok", 1)))
         k = experts_to_remove(count, ratio, groups, top_k)
         values = config_counts(model, count, count - k * groups)
+        rehearse(model, count, count - k * groups, values)
         modules = [m for pair in layers.values() for m in pair]
         before, total_before = sum(count_params(m) for m in modules), count_params(model)
         scores, routed = expert_scores(model, layers, batches)
@@ -166,6 +219,7 @@ class Experts(ModelMethod):
             keep = torch.tensor([e for e in range(count) if e not in set(removed[name])])
             keep_experts(experts, keep, count)
             keep_experts(router, keep, count)
+        count_attributes(model, count, count - k * groups)
         set_config(hf_config(model), values)
         log.info("experts: removed %d of %d experts in each of %d MoE layers", k * groups, count, len(layers))
         return summary(

@@ -6,8 +6,9 @@ import lightning.pytorch as L
 import pytest
 import torch
 
+from prunekit.errors import PrunekitError
 from prunekit.finetune import CausalLMModule, TextDataModule
-from prunekit.finetune.causal_lm import lr_factor
+from prunekit.finetune.causal_lm import WindowStream, lr_factor
 from prunekit.lightning import PruningCallback
 from tests.conftest import tiny_llama
 
@@ -34,6 +35,23 @@ def test_text_windows_are_non_overlapping_batches(text_file):
     assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == torch.long
     first = torch.cat([data.train_set[i]["input_ids"] for i in range(2)])
     assert first.tolist() == CharTokenizer()(text_file.read_text())["input_ids"][:64]
+
+
+def test_a_later_stage_continues_the_window_stream():
+    """``offset`` windows into the seeded order, across epoch ends: full then LoRA sees new text in its LoRA stage."""
+    first = WindowStream(10, seed=3)
+    epochs = [list(first) for _ in range(3)]
+    assert all(sorted(epoch) == list(range(10)) for epoch in epochs) and epochs[0] != epochs[1]
+    stream = [i for epoch in epochs for i in epoch]
+    later = WindowStream(10, seed=3, offset=7)
+    assert [i for _ in range(2) for i in later] == stream[7:27]
+
+
+def test_too_little_training_text_is_one_line(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("in the beginning " * 5)  # 85 characters: 2 windows of 32
+    with pytest.raises(PrunekitError, match="makes 2 windows of 32 tokens, fewer than one batch of 4"):
+        TextDataModule(CharTokenizer(), path, seqlen=32, batch_size=4).setup("fit")
 
 
 def test_lr_warmup_then_cosine():

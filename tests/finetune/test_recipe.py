@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from prunekit.errors import PrunekitError
 from prunekit.finetune import load_finetune_recipe, run_finetune_recipe
+from prunekit.finetune.recipe import FinetuneRecipe
 from tests.conftest import fixture_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,3 +159,22 @@ def test_a_model_class_finetune_cannot_train_is_one_line_before_loading(tmp_path
     with pytest.raises(PrunekitError, match="loads as masked-lm"):
         run_finetune(recipe)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(schedule="cubic", end_step=5, every_n_steps=0), "every_n_steps"),
+        (dict(schedule="cubic", end_step=5, initial_sparsity=0.9), "initial_sparsity"),
+        (dict(max_steps=0), "max_steps"),
+        (dict(lr="1e-4"), "lr must be a number"),
+        (dict(schedule="cubic", end_step=5, nsamples=7), "--nsamples"),
+    ],
+)
+def test_a_finetune_recipe_made_in_python_is_checked_when_made(tmp_path, settings, message):
+    """Issue 28 item 5: ``run_finetune(FinetuneRecipe(...))`` used to skip the fine-tune checks, and schedule
+    values failed only after the model loaded."""
+    text = tmp_path / "train.txt"
+    text.write_text("in the beginning\n")
+    with pytest.raises(PrunekitError, match=message):
+        FinetuneRecipe(model="m", calib_data=str(text), **settings)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import prunekit
 from prunekit.activations import Activations, choose_offload
+from prunekit.errors import PrunekitError
 from prunekit.io.compact import load_compact
 from prunekit.io.lazy import LazyModel, prune_lazy
 from tests.conftest import tiny_llama
@@ -301,3 +302,35 @@ def test_lazy_gives_each_block_its_own_arguments(name, tmp_path):
     ref = _in_memory(tmp_path / "src", tmp_path / "ref", method="wanda", sparsity=0.5, calib=calib)
     prune_lazy(tmp_path / "src", tmp_path / "lazy", "wanda", 0.5, calib=calib, batch_size=3)
     _assert_identical(ref, _state(tmp_path / "lazy"))
+
+
+def test_the_lazy_report_has_the_in_memory_reports_coverage(source, tokens, tmp_path):
+    """Issue 28 item 4: the lazy path's report had no coverage and no experts section (two report builders)."""
+    from transformers import AutoModelForCausalLM
+
+    lazy = prune_lazy(source, tmp_path / "lazy", "wanda", 0.5, calib=tokens, batch_size=3, exclude=["*.o_proj"])
+    model = AutoModelForCausalLM.from_pretrained(source)
+    memory = prunekit.prune(model, "wanda", 0.5, calib=tokens, batch_size=3, exclude=["*.o_proj"])
+    assert lazy.coverage == memory.coverage and len(lazy.coverage["left_dense"]) == 2  # the two o_proj
+    assert lazy.experts is None and memory.experts is None
+    assert lazy.settings["seqlen"] == memory.settings["seqlen"] == 16
+    assert {k: v for k, v in lazy.settings.items() if k not in ("source", "out", "lazy")} == memory.settings
+
+
+def test_a_checkpoint_whose_names_are_not_the_modules_is_refused_before_anything_is_written(tmp_path):
+    """transformers 5 saves MoE experts under other names than its modules use: one line, no output."""
+    from tests.zoo import build
+
+    build("mixtral").save_pretrained(tmp_path / "src")
+    with pytest.raises(PrunekitError, match="prune it in memory") as err:
+        prune_lazy(tmp_path / "src", tmp_path / "lazy", "magnitude", 0.5)
+    assert "\n" not in str(err.value) and not (tmp_path / "lazy").exists()
+
+
+def test_a_lazy_compact_output_says_how_to_load_it(source, tokens, tmp_path):
+    """Issue 28 item 15: ``from_pretrained`` on a compact output fails with "no file named model.safetensors"; the
+    output's README says to use prunekit.load or prunekit convert, and the generation config is there."""
+    prune_lazy(source, tmp_path / "lazy", "wanda", 0.5, calib=tokens, save_format="compact")
+    notice = (tmp_path / "lazy" / "README.md").read_text()
+    assert "prunekit.load" in notice and "prunekit convert" in notice
+    assert (tmp_path / "lazy" / "generation_config.json").exists()

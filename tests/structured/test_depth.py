@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from prunekit.structured import STRUCTURED
-from prunekit.structured.depth import Depth, blocks_to_remove, cosine_scores, ppl_scores
+from prunekit.structured.depth import Depth, blocks_to_remove, cosine_scores, ppl_scores, taylor_scores
 from tests.conftest import tiny_llama
 
 
@@ -92,6 +92,52 @@ def test_depth_on_timm_vit():
     assert model(images).shape == (4, 10)
 
 
-def test_unknown_score_is_an_error():
-    with pytest.raises(ValueError, match="cosine, ppl"):
-        STRUCTURED.create("depth", {"score": "entropy"})
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"score": "entropy"}, "cosine, ppl, taylor"),
+        ({"keep_first": -1}, "negative"),
+        ({"checkpointing": True}, "score=taylor only"),
+    ],
+)
+def test_bad_parameters_are_errors(params, match):
+    with pytest.raises(ValueError, match=match):
+        STRUCTURED.create("depth", params)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_taylor_scores_equal_a_direct_computation(token_batch, checkpointing):
+    """Shortened LLaMA's Taylor: sum |w g| over every parameter named weight in the block (matrices and norms)."""
+    model = tiny_llama(layers=3)
+    scores, nbytes = taylor_scores(model, list(model.model.layers), [token_batch[:4], token_batch[4:]], checkpointing)
+    model.zero_grad()
+    model(token_batch, labels=token_batch).loss.backward()
+    for i, layer in enumerate(model.model.layers):
+        direct = sum((p * p.grad).abs().sum() for n, p in layer.named_parameters() if "weight" in n)
+        assert scores[i].item() == pytest.approx(direct.item(), rel=1e-4)
+    assert nbytes == 4 * sum(p.numel() for p in model.model.layers.parameters())
+
+
+def test_keep_first_and_last_pin_blocks(token_batch):
+    model = tiny_llama(layers=4)
+    _identity_block(model, 0)
+    assert Depth("cosine").prune_model(copy.deepcopy(model), [token_batch], 0.25)["removed_blocks"] == [0]
+    summary = Depth("taylor", keep_first=1, keep_last=1).prune_model(model, [token_batch], 0.25)
+    assert summary["removed_blocks"] in ([1], [2]) and "gradient_memory" in summary
+    with pytest.raises(ValueError, match="keep_first / keep_last"):
+        Depth("cosine", keep_first=2, keep_last=1).prune_model(model, [token_batch], 0.5)
+
+
+def test_depth_says_when_whole_blocks_round_the_ratio(caplog):
+    """Issue 28 item 14: 0.20 of 4 blocks was silently 0.25."""
+    import logging
+
+    from prunekit.structured.depth import blocks_to_remove
+
+    with caplog.at_level(logging.WARNING):
+        assert blocks_to_remove(4, 0.2) == 1
+    assert "0.2 of 4 blocks is 0.80 blocks, so 1 go (0.25 of the blocks)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert blocks_to_remove(4, 0.25) == 1
+    assert caplog.text == ""

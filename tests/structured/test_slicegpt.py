@@ -1,12 +1,28 @@
-"""SliceGPT-style slicing: the rotation alone changes nothing, the sliced model is a plain LlamaForCausalLM that
-loads back, and the rescaled RMSNorm over d' equals SliceGPT's norm with the mean over the original d."""
+"""SliceGPT-style slicing: the fold alone and the rotation alone change nothing (RMSNorm and LayerNorm models),
+the sliced model is a plain model of its class that loads back, the rescaled norm over d' equals SliceGPT's norm
+with the mean over the original d, and ``slicing`` says what ``--sparsity`` is a fraction of."""
 
 import pytest
 import torch
 from torch import nn
 
-from prunekit.structured import slicegpt
-from prunekit.structured.slicegpt import SliceGPT, rescale_norm, sliced_dim
+from prunekit.errors import PrunekitError
+from prunekit.structured import STRUCTURED, slicegpt
+from prunekit.structured.common import block_list, count_params
+from prunekit.structured.slicegpt import (
+    LAYER_NORM,
+    SliceGPT,
+    find_layout,
+    fold_all,
+    matrix,
+    ones_reflection,
+    rescale_norm,
+    rotation,
+    sliced_dim,
+    untie_head,
+    width_per_params,
+)
+from tests import zoo
 from tests.conftest import tiny_llama
 
 
@@ -108,7 +124,7 @@ def test_unsupported_norm_is_refused_before_any_change(token_batch):
     model = tiny_llama()
     model.model.layers[0].input_layernorm = _OnePlusRMSNorm(32)
     weight = model.model.embed_tokens.weight.clone()
-    with pytest.raises(ValueError, match="llama: slicegpt needs one RMSNorm formula"):
+    with pytest.raises(ValueError, match="llama: slicegpt needs one norm formula"):
         SliceGPT().prune_model(model, [token_batch], 0.25)
     assert torch.equal(model.model.embed_tokens.weight, weight)
 
@@ -120,8 +136,139 @@ def test_sliced_dim(d, ratio, round_to, expected):
     assert sliced_dim(d, ratio, round_to) == expected
 
 
+def test_sliced_dim_is_none_when_the_config_accepts_no_width():
+    assert sliced_dim(32, 0.25, 1, lambda c: False) is None
+
+
 def test_sliced_dim_is_one_the_config_accepts(token_batch):
     """4 heads: LlamaConfig wants hidden % 4 == 0, so 20% of 32 (25.6) becomes 24, not 26."""
     model = tiny_llama()
     assert SliceGPT().prune_model(model, [token_batch], 0.2)["hidden_after"] == 24
     model.config.validate()
+
+
+# ---------------------------------------------------------------- LayerNorm models
+
+LAYERNORM = ["gpt2", "opt", "falcon", "gpt_neox", "phi", "starcoder2"]
+
+
+def _random_norms(model) -> None:
+    """Norm scales away from 1 and LayerNorm shifts away from 0, so that folding both is exercised."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for norm in find_layout(model).norms():
+            norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=gen))
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.copy_(torch.randn(norm.bias.shape, generator=gen) / 2)
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("arch", LAYERNORM + ["llama", "gemma"])
+def test_fold_alone_keeps_the_logits(arch):
+    """Before any rotation: the mean subtraction folded into the stream's writers (LayerNorm), the norms' scale and
+    shift into their readers. The model, still its own class, computes the same logits; its norms are scale-free,
+    its LayerNorm shifts ones, and the stream the norms read has no mean."""
+    model, batch = zoo.build(arch), zoo.batch(arch, zoo.token_ids())
+    _random_norms(model)
+    before, layout = _logits(model, batch), find_layout(model)
+    untie_head(model, layout, model.config)
+    fold_all(layout)
+    torch.testing.assert_close(_logits(model, batch), before, rtol=1e-5, atol=1e-5)
+    for norm in layout.norms():
+        assert torch.equal(norm.weight, torch.full_like(norm.weight, 1.0 - layout.formula.offset))
+        if layout.formula.centred and norm.bias is not None:
+            assert torch.equal(norm.bias, torch.ones_like(norm.bias))
+    if layout.formula.centred:
+        means = []
+        hook = layout.final_norm.register_forward_pre_hook(lambda m, args: means.append(args[0].mean(-1).abs().max()))
+        _logits(model, batch)
+        hook.remove()
+        assert means[0] < 1e-5
+        assert all(matrix(w).mean(0).abs().max() < 1e-6 for w in layout.writers())
+
+
+@pytest.mark.parametrize("arch", LAYERNORM)
+def test_layernorm_models_need_no_new_bias(arch):
+    """The shifts ride on the all-ones direction: no layer gains a bias it did not have (GPT-2's head has none)."""
+    model = zoo.build(arch)
+    had = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    SliceGPT().prune_model(model, [zoo.batch(arch, zoo.token_ids())], 0.25)
+    assert {name for name, _ in model.named_parameters(remove_duplicate=False)} == had
+
+
+def test_ones_reflection_swaps_the_all_ones_direction_with_the_first_axis():
+    h = ones_reflection(6)
+    torch.testing.assert_close(h, h.T)
+    torch.testing.assert_close(h @ h, torch.eye(6, dtype=torch.float64))
+    torch.testing.assert_close(h[:, 0], torch.full((6,), 6**-0.5, dtype=torch.float64))
+
+
+def test_layernorm_rotation_keeps_the_all_ones_direction_and_the_top_axes():
+    """Q maps the all-ones direction of d onto that of d' (the sliced LayerNorms subtract a zero mean) and keeps the
+    strongest zero-mean directions: on a stream confined to 3 of them it loses nothing at d' = 4."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    x = x - x.mean(1, keepdim=True)
+    q, kept = rotation(x.T @ x, 4, LAYER_NORM)
+    torch.testing.assert_close(q.T @ q, torch.eye(4, dtype=torch.float64))
+    ones = torch.ones(8, dtype=torch.float64)
+    torch.testing.assert_close(ones @ q, (8 / 4) ** 0.5 * torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(x @ q @ q.T, x)
+    assert kept == pytest.approx(1.0)
+
+
+def test_post_norm_blocks_under_pre_norm_names_are_refused_before_any_change():
+    """OPT run with do_layer_norm_before=False: its norms have the pre-norm names but read x + sublayer(x)."""
+    model, batch = zoo.build("opt"), zoo.batch("opt", zoo.token_ids())
+    for layer in model.model.decoder.layers:
+        layer.do_layer_norm_before = False
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PrunekitError, match=r"^opt: slicegpt needs pre-norm blocks, but the first norm of "):
+        SliceGPT().prune_model(model, [batch], 0.25)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_projections_next_to_the_blocks_are_refused():
+    """OPT-350m's project_in / project_out (word_embed_proj_dim != hidden_size) meet the stream where slicegpt does
+    not rotate."""
+    import transformers
+
+    settings = dict(zoo.ZOO["opt"].settings, word_embed_proj_dim=16)
+    model = transformers.OPTForCausalLM(transformers.OPTConfig(**settings)).eval()
+    with pytest.raises(PrunekitError, match=r"^opt: slicegpt does not know how .*project_in.* meets the residual"):
+        SliceGPT().prune_model(model, [zoo.batch("opt", zoo.token_ids())], 0.25)
+
+
+# ---------------------------------------------------------------- what --sparsity is a fraction of
+
+
+def test_width_slicing_is_the_papers_fraction_of_the_hidden_width(token_batch):
+    summary = SliceGPT(slicing="width").prune_model(tiny_llama(), [token_batch], 0.25)
+    assert summary["hidden_after"] == 24 and summary["slicing"] == "width"
+
+
+def test_params_slicing_is_a_fraction_of_the_decoder_layer_parameters():
+    """LLaMA: every block parameter scales with the width, so both readings agree. GPT-2: the readers' biases do not,
+    so removing a quarter of the parameters takes more than a quarter of the width."""
+    llama = tiny_llama()
+    assert width_per_params(find_layout(llama), block_list(llama)[1], 0.25) == pytest.approx(0.25)
+    gpt2 = zoo.build("gpt2")
+    blocks = block_list(gpt2)[1]
+    fraction = width_per_params(find_layout(gpt2), blocks, 0.25)
+    assert 0.25 < fraction < 0.27
+    before = count_params(blocks)
+    summary = SliceGPT().prune_model(gpt2, [zoo.batch("gpt2", zoo.token_ids())], 0.25)
+    assert summary["hidden_after"] == round(32 * (1 - fraction))
+    assert summary["removed_fraction"] == pytest.approx((before - count_params(block_list(gpt2)[1])) / before)
+
+
+def test_slicing_is_checked_when_the_config_is_made():
+    from prunekit import PruneConfig
+
+    with pytest.raises(PrunekitError, match="slicing must be 'params' .* or 'width'"):
+        PruneConfig(method="slicegpt", method_params={"slicing": "hidden"})
+    assert STRUCTURED.create("slicegpt", {"slicing": "width"}).slicing == "width"

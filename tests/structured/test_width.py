@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from prunekit.structured import STRUCTURED
-from prunekit.structured.width import Width, channels_to_remove
+from prunekit.structured.coupling import Group, Slot
+from prunekit.structured.width import Width, channel_taylor, channels_to_remove, taylor_salience, unit_scores
 from tests.conftest import tiny_llama
 
 
@@ -147,8 +148,165 @@ def test_channels_to_remove_keeps_multiples(units, fraction, round_to, removed):
     assert channels_to_remove(units, fraction, round_to) == removed
 
 
-def test_bad_parameters_are_errors():
-    with pytest.raises(ValueError, match="wanda, magnitude"):
-        Width(score="taylor")
-    with pytest.raises(ValueError, match="head_ratio"):
-        Width(head_ratio=1.0)
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"score": "fisher"}, "wanda, magnitude, taylor"),
+        ({"head_ratio": 1.0}, "head_ratio"),
+        ({"score": "taylor", "taylor": "param_third"}, "param_first"),
+        ({"taylor": "param_first"}, "score=taylor only"),
+        ({"checkpointing": False}, "score=taylor only"),
+        ({"reduction": "median"}, "sum, mean, max, prod, last"),
+        ({"layers": "one-two"}, "not a block list"),
+        ({"head_layers": [-1]}, "non-negative"),
+        ({"alignment": "interleaved"}, "grouped, strided"),
+    ],
+)
+def test_bad_parameters_are_errors(params, match):
+    with pytest.raises(ValueError, match=match):
+        STRUCTURED.create("width", params)
+
+
+def test_a_block_past_the_last_is_an_error_before_any_work(token_batch):
+    model = tiny_llama(layers=2)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="names block 2, but the model has blocks 0-1"):
+        Width(layers="1-2").prune_model(model, [token_batch], 0.2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------- Taylor scores (LLM-Pruner)
+
+W = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+G = torch.tensor([[0.5, 1.0], [-1.0, 2.0]])
+FISHER = torch.tensor([[1.0, 0.5], [2.0, 0.25]])
+
+
+@pytest.mark.parametrize(
+    "taylor, rows, columns",
+    [
+        # |w g| = [[0.5, 2], [3, 8]]
+        ("param_first", [2.5, 11.0], [3.5, 10.0]),
+        # w g = [[0.5, -2], [-3, 8]]: |row sums|, |column sums|
+        ("vectorize", [1.5, 5.0], [2.5, 6.0]),
+        # w F w = [[1, 2], [18, 4]]
+        ("param_second", [3.0, 22.0], [19.0, 6.0]),
+        # w g - w F w / 2 = [[0, -3], [-12, 6]]
+        ("param_mix", [3.0, 18.0], [12.0, 9.0]),
+    ],
+)
+def test_taylor_formulas_by_hand(taylor, rows, columns):
+    salience = taylor_salience(W, G, FISHER, taylor)
+    vectorize = taylor == "vectorize"
+    assert channel_taylor(salience, 0, vectorize).tolist() == rows
+    assert channel_taylor(salience, 1, vectorize).tolist() == columns
+
+
+def _hand_group() -> Group:
+    """Two KV groups of 2 query heads of head_dim 2: q rows 0-3 / 4-7, k rows 0-1 / 2-3, o columns as q."""
+    q_index, kv_index = torch.arange(8).view(2, 4), torch.arange(4).view(2, 2)
+    layer = torch.nn.Linear(1, 1)
+    slots = [Slot("q", layer, 0, q_index), Slot("k", layer, 0, kv_index), Slot("o", layer, 1, q_index)]
+    return Group("attn", "heads", slots)
+
+
+@pytest.mark.parametrize(
+    "reduction, expected",
+    [
+        # per head_dim position: q (its 2 query heads added) [[4, 6], [12, 14]], k [[10, 20], [30, 40]],
+        # o [[2, 2], [4, 4]]; then the positions summed
+        ("sum", [44.0, 104.0]),
+        ("mean", [44.0 / 3, 104.0 / 3]),
+        ("max", [30.0, 70.0]),
+        ("prod", [4 * 10 * 2 + 6 * 20 * 2, 12 * 30 * 4 + 14 * 40 * 4]),
+        ("last", [4.0, 8.0]),
+    ],
+)
+def test_group_reductions_by_hand(reduction, expected):
+    channels = {
+        "q": torch.arange(1.0, 9.0),
+        "k": torch.tensor([10.0, 20.0, 30.0, 40.0]),
+        "o": torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]),
+    }
+    assert unit_scores(_hand_group(), channels, reduction).tolist() == pytest.approx(expected)
+
+
+def test_strided_alignment_is_llm_pruners_fold():
+    """LLM-Pruner folds q / o (8 channels) onto k's 4 as rows [1, 2, 3, 4] + [5, 6, 7, 8]: KV group 0 gets
+    positions 0-1 of both halves (query heads 0 and 2), not its own query heads 0 and 1."""
+    channels = {
+        "q": torch.arange(1.0, 9.0),
+        "k": torch.tensor([10.0, 20.0, 30.0, 40.0]),
+        "o": torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]),
+    }
+    # q -> [[6, 8], [10, 12]], k -> [[10, 20], [30, 40]], o -> [[3, 3], [3, 3]]
+    assert unit_scores(_hand_group(), channels, "sum", "strided").tolist() == [50.0, 98.0]
+
+
+def _direct_taylor(model, batch) -> dict[str, torch.Tensor]:
+    """|w g| summed over each KV group's and MLP channel's weights, from one backward pass of the mean loss."""
+    model.zero_grad()
+    model(batch, labels=batch).loss.backward()
+    cfg = model.config
+    hd, rep = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+    found = {}
+    for i, layer in enumerate(model.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        s = {
+            name: (p.weight * p.weight.grad).abs()
+            for name, p in [*a.named_children(), *m.named_children()]
+            if hasattr(p, "weight")
+        }
+        heads = []
+        for g in range(cfg.num_key_value_heads):
+            q, kv = slice(g * rep * hd, (g + 1) * rep * hd), slice(g * hd, (g + 1) * hd)
+            heads.append(s["q_proj"][q].sum() + s["k_proj"][kv].sum() + s["v_proj"][kv].sum() + s["o_proj"][:, q].sum())
+        found[f"model.layers.{i}.self_attn"] = torch.stack(heads)
+        found[f"model.layers.{i}.mlp"] = s["gate_proj"].sum(1) + s["up_proj"].sum(1) + s["down_proj"].sum(0)
+    model.zero_grad()
+    return {k: v.detach() for k, v in found.items()}
+
+
+def test_taylor_width_removes_the_units_a_direct_computation_ranks_lowest(token_batch):
+    model = tiny_llama(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
+    direct = _direct_taylor(copy.deepcopy(model), token_batch)
+    original = copy.deepcopy(model)
+    summary = Width(score="taylor", head_ratio=0.5).prune_model(model, [token_batch[:3], token_batch[3:]], 0.3)
+    for name, units in summary["removed_units"].items():
+        lowest = torch.argsort(direct[name])[: len(units["removed"])]
+        assert units["removed"] == sorted(lowest.tolist()), name
+    assert summary["gradient_windows"] == 8 and "gradient_memory" in summary
+    _zero_llama_units(original, summary["removed_units"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(token_batch).logits, original(token_batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_taylor_needs_a_loss():
+    model = _tiny_vit()
+    with pytest.raises(ValueError, match="own loss"):
+        Width(score="taylor").prune_model(model, [torch.randn(2, 3, 32, 32)], 0.2)
+
+
+def test_a_layer_range_prunes_only_those_blocks_and_meets_their_budget(token_batch):
+    model = tiny_llama(layers=4, hidden=32, heads=4, kv_heads=2, intermediate=64)
+    original = copy.deepcopy(model)
+    summary = Width(layers="1-2", head_ratio=0.5).prune_model(model, [token_batch], 0.3)
+    layers = model.model.layers
+    assert [layer.mlp.gate_proj.out_features < 64 for layer in layers] == [False, True, True, False]
+    assert [layer.self_attn.k_proj.out_features for layer in layers] == [16, 8, 8, 16]
+    in_range = sum(p.numel() for i in (1, 2) for p in original.model.layers[i].parameters())
+    removed = summary["params_before"] - summary["params_after"]
+    assert removed / in_range == pytest.approx(0.3, abs=0.02)
+    assert summary["pruned_blocks"] == {"heads": [1, 2], "channels": [1, 2]}
+    assert "prunekit.load" in summary["reload"] and summary["layer_sizes"][0] == {}
+    _zero_llama_units(original, {**_whole(original), **summary["removed_units"]})
+    with torch.no_grad():
+        torch.testing.assert_close(model(token_batch).logits, original(token_batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def _whole(model) -> dict:
+    return {
+        f"model.layers.{i}.{part}": {"removed": []}
+        for i in range(len(model.model.layers))
+        for part in ("self_attn", "mlp")
+    }
