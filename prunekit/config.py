@@ -18,12 +18,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .checks import check_dataclass
+from .dtypes import DTYPES
 from .errors import PrunekitError
 
 OFFLOAD_MODES = ("auto", "device", "cpu", "disk")
 SAVE_FORMATS = ("dense", "compact")  # how a pruned Hugging Face model is written (prunekit.io.models.write_model)
-# Model dtypes a checkpoint can be loaded in (``auto``: as stored); prunekit.io.hf maps them to torch dtypes.
-DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 EXPERT_TOKENS = ("routed", "all")  # which tokens calibrate a MoE expert (prunekit.moe)
 
 

@@ -94,7 +94,8 @@ def _resize(name: str, module: nn.Module, shapes: Mapping[str, tuple[int, ...]])
 def resize_to(model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Give every layer of ``model`` whose tensors differ in shape from ``shapes`` (state-dict name -> shape) those
     shapes, in place; the resized tensors are uninitialised, so load the weights next. Where the config records
-    blocks of different sizes, the blocks' own size attributes follow (``structured.layer_sizes.commit_sizes``)."""
+    blocks of different sizes, follow with ``structured.layer_sizes.commit_sizes`` (the blocks' own size
+    attributes)."""
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         changed = {
@@ -104,6 +105,3 @@ def resize_to(model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> None:
         }
         if changed:
             _resize(name or type(model).__name__, module, changed)
-    from .structured.layer_sizes import commit_sizes  # imported here: structured imports this module
-
-    commit_sizes(model)

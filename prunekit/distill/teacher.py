@@ -40,12 +40,12 @@ def load_teacher(source: str | os.PathLike, dtype: str = "auto", trust_remote_co
     Face checkpoints as the class their config names."""
     from ..io.hf import load_config, load_hf_model
     from ..io.timm import is_vision_source, load_vision_model
-    from ..model_classes import resolve_model_class
+    from ..model_classes import MODEL_CLASSES, resolve_model_class
 
     if is_vision_source(source):
         return freeze(load_vision_model(source))
-    model_class = resolve_model_class(load_config(source, trust_remote_code), source=str(source))
-    return freeze(load_hf_model(source, model_class, dtype, trust_remote_code))
+    row = MODEL_CLASSES[resolve_model_class(load_config(source, trust_remote_code), source=str(source))]
+    return freeze(load_hf_model(source, row.auto_class, dtype, trust_remote_code))
 
 
 def logits_of(output: Any) -> torch.Tensor:

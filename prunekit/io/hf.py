@@ -10,24 +10,15 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .. import config
+from ..dtypes import parse_dtype
 from ..errors import PrunekitError
-from ..shapes import checkpoint_sized_by_weights, resize_to, sized_by_weights
+from ..shapes import checkpoint_sized_by_weights, sized_by_weights
+from ..structured.layer_sizes import take_stored_sizes
 from .compact import Checkpoint, is_compact, load_compact
 from .files import check_safetensors_dir, safetensors_shapes
 from .paths import looks_local, require_hub, require_local
 
-ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 CAUSAL_LM = "AutoModelForCausalLM"
-DTYPES = {name: getattr(torch, ALIASES.get(name, name)) for name in config.DTYPES if name != "auto"}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
-        return None if dtype == "auto" else dtype
-    if dtype not in DTYPES:
-        raise PrunekitError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)} or 'auto'")
-    return DTYPES[dtype]
 
 
 def check_model_source(source: str | os.PathLike, what: str = "model") -> bool:
@@ -270,7 +261,7 @@ def load_rebuilt_model(
         checkpoint, own_names = Checkpoint(path), {stored: own for own, stored in stored_names(model).items()}
         state = {own_names.get(name, name): t for name, t in checkpoint.read(checkpoint.names()).items()}
     if sized_by_weights(config):
-        resize_to(model, {name: tuple(t.shape) for name, t in state.items()})
+        take_stored_sizes(model, {name: tuple(t.shape) for name, t in state.items()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(missing) & shared_parameter_names(model)
     if set(missing) - tied or unexpected:

@@ -40,7 +40,8 @@ from ..engine import Plan, outside_stacks, prune_layers, record_block_calls, res
 from ..errors import PrunekitError
 from ..methods import HESSIAN
 from ..moe import expert_report
-from ..shapes import resize_to, sized_by_weights
+from ..shapes import sized_by_weights
+from ..structured.layer_sizes import take_stored_sizes
 from .atomic import OutputClaim, claim_on_writer, write_json
 from .compact import Checkpoint, CompactWriter, ShardWriter, copy_side_files, parse_size, write_notice
 from .files import safetensors_shapes
@@ -76,7 +77,7 @@ def build_skeleton(
             config, dtype=dtype or _config_dtype(config), trust_remote_code=trust_remote_code
         )
     if sized_by_weights(config):  # layers take the stored tensors' sizes (prunekit.shapes)
-        resize_to(model, {name: shape for name, (_, shape) in safetensors_shapes(source).items()})
+        take_stored_sizes(model, {name: shape for name, (_, shape) in safetensors_shapes(source).items()})
     return model.eval()
 
 

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..architectures import family
 from ..errors import PrunekitError
 from ..forward import model_device, run_model
 from ..graph import HFConv1D, find_blocks
 from ..moe import find_experts, unknown_experts
-from ..shapes import resize_to, sized_by_weights
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
@@ -94,6 +94,11 @@ def arch_name(model: nn.Module) -> str:
     return getattr(hf_config(model), "model_type", "") or type(model).__name__
 
 
+def mlp_size_key(model: nn.Module) -> str | None:
+    """The config entry that holds the MLP width (None without an HF config: timm models have none)."""
+    return family(arch_name(model)).mlp_size if hf_config(model) is not None else None
+
+
 @contextmanager
 def refusals_named(model: nn.Module):
     """A refusal raised in the body names the architecture it refuses (``swin: ...``), as every structured method's
@@ -162,69 +167,7 @@ def meta_clone(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def rebuilt(model: nn.Module) -> nn.Module:
-    """What loading builds from the model's config after a save / load round trip of that config, on the meta
-    device (no weights, no memory): ``from_pretrained``'s model, or ``prunekit.load``'s where the config says the
-    layers take the stored weights' sizes (``prunekit.shapes``)."""
-    config = hf_config(model)
-    config = type(config).from_dict(config.to_dict())
-    with torch.device("meta"):
-        built = type(model)._from_config(config)
-    if sized_by_weights(config):
-        resize_to(built, {name: tuple(t.shape) for name, t in model.state_dict().items()})
-    return built
-
-
-_IGNORED_ATTRIBUTES = ("training", "layer_idx")  # layer_idx is renumbered by depth pruning
-
-
-def _facets(module: nn.Module) -> dict[str, Any]:
-    facets: dict[str, Any] = {"class": type(module).__name__}
-    for name, t in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
-        facets[name] = tuple(t.shape)
-    for key, value in vars(module).items():
-        if not key.startswith("_") and key not in _IGNORED_ATTRIBUTES and isinstance(value, (bool, int, float, str)):
-            facets[key] = value
-    return facets
-
-
-def signature(module: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per submodule: its class, its own tensors' shapes, and its scalar attributes (sliding window, head
-    counts, epsilons): what must agree between a pruned model and the one its config describes."""
-    return {name: _facets(m) for name, m in module.named_modules()}
-
-
-def differences(actual: nn.Module, expected: nn.Module, limit: int = 3) -> list[str]:
-    """Where two modules' signatures differ, as ``module.facet: actual != expected`` (at most ``limit``)."""
-    a, e = signature(actual), signature(expected)
-    found = []
-    for name in sorted(set(a) | set(e), key=lambda n: (n.count("."), n)):
-        fa, fe, where = a.get(name, {}), e.get(name, {}), f"{name}." if name else ""
-        found += [f"{where}{k}: {fa.get(k)} != {fe.get(k)}" for k in sorted({*fa, *fe}) if fa.get(k) != fe.get(k)]
-    return found[:limit]
-
-
-def ensure_reloadable(pruned: nn.Module, method: str) -> None:
-    """Raise unless the (rehearsed, meta) ``pruned`` model is exactly what its config describes, so that
-    ``save_pretrained`` / ``from_pretrained`` give back the same model. Models without an HF config pass."""
-    if hf_config(pruned) is None:
-        return
-    try:
-        expected = rebuilt(pruned)
-    except (*_validation_errors(), AttributeError) as err:  # DINOv2's backbone stage names; GPT-2: hidden % heads
-        raise PrunekitError(
-            f"{arch_name(pruned)}: {method} would leave a config transformers rejects, so it would not reload "
-            f"({' '.join(str(err).split())[:200]})"
-        ) from None
-    diff = differences(pruned, expected)
-    if diff:
-        raise PrunekitError(
-            f"{arch_name(pruned)}: {method} would leave a model its config cannot describe, so it would not "
-            f"reload ({'; '.join(diff)})"
-        )
-
-
-def _validation_errors() -> tuple[type[Exception], ...]:
+def validation_errors() -> tuple[type[Exception], ...]:
     try:  # transformers 5 configs are strict dataclasses, whose validators raise this
         from huggingface_hub.errors import StrictDataclassError
     except ImportError:  # pragma: no cover
@@ -244,7 +187,7 @@ def config_accepts(config, values: Mapping[str, Any]) -> bool:
             setattr(trial, key, value)
         if callable(getattr(trial, "validate", None)):
             trial.validate()
-    except (*_validation_errors(), AttributeError):  # AttributeError: a read-only property (Falcon's head_dim)
+    except (*validation_errors(), AttributeError):  # AttributeError: a read-only property (Falcon's head_dim)
         return False
     return True
 

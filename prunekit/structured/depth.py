@@ -51,7 +51,6 @@ from .common import (
     check_batches,
     check_ratio,
     count_params,
-    ensure_reloadable,
     forward,
     hf_config,
     input_ids,
@@ -59,6 +58,7 @@ from .common import (
     summary,
 )
 from .gradients import accumulate_gradients, loss_kind
+from .reload import ensure_reloadable
 
 log = logging.getLogger(__name__)
 

@@ -35,13 +35,13 @@ from .common import (
     check_ratio,
     config_accepts,
     count_params,
-    ensure_reloadable,
     forward,
     hf_config,
     meta_clone,
     set_config,
     summary,
 )
+from .reload import ensure_reloadable
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,9 @@ from ..progress import progress
 
 log = logging.getLogger(__name__)
 
-CAUSAL_CLASSES = ("causal-lm", "image-text-to-text")
+CAUSAL_CLASSES = ("causal-lm", "image-text-to-text")  # the model classes whose models predict the next token
+CAUSAL_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 @dataclass
@@ -60,10 +62,19 @@ class Gradients:
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """A Hugging Face model whose class predicts the next token (``*ForCausalLM``, LLaVA-style models)."""
-    from ..model_classes import class_of_architecture
+    """A Hugging Face model whose class predicts the next token (``*ForCausalLM``, LLaVA-style models): one that
+    transformers lists as a causal LM or image-text-to-text model (the ``causal-lm`` and ``image-text-to-text``
+    rows of ``prunekit.model_classes``), or whose remote-code class name says so."""
+    if not is_hf_model(model):
+        return False
+    from transformers.models.auto import modeling_auto
 
-    return is_hf_model(model) and class_of_architecture(type(model).__name__, {}) in CAUSAL_CLASSES
+    name = type(model).__name__
+    for mapping in CAUSAL_MAPPINGS:
+        for value in getattr(modeling_auto, mapping).values():
+            if name in (value if isinstance(value, (list, tuple)) else (value,)):
+                return True
+    return name.endswith(CAUSAL_SUFFIXES)
 
 
 def _labeled_pair(batch: Any) -> bool:

@@ -15,7 +15,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..graph import find_blocks
 from ..shapes import LAYER_SIZES as KEY
+from ..shapes import resize_to
+from .common import block_config, mlp_size_key
+from .coupling import find_groups
 
 RELOAD_NOTE = (
     f"blocks differ in size (config.json {KEY}): reload with prunekit.load or any prunekit command; "
@@ -50,11 +54,6 @@ def commit_sizes(model) -> None:
     """After a model built from a config with a record took its stored weights' shapes (``prunekit.shapes``): set
     the module attributes that state a block's sizes (LLaMA's ``mlp.intermediate_size``, head counts where a module
     keeps them) from those shapes, as width pruning set them. Models without a record are left alone."""
-    from ..graph import find_blocks
-    from .common import block_config
-    from .coupling import find_groups
-    from .width import mlp_size_key
-
     found = find_blocks(model)
     if found is None:
         return
@@ -64,3 +63,11 @@ def commit_sizes(model) -> None:
         if values and i < len(blocks):
             for group in find_groups(f"{prefix}.{i}", [blocks[i]], mlp_size_key(model)):
                 group.commit(group.units)  # the layers have the stored shapes: their unit count is the kept one
+
+
+def take_stored_sizes(model, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """A model built from a config sized by its weights (``prunekit.shapes``) given the stored tensors' shapes
+    (state-dict name -> shape), and its blocks' size attributes after them: what loading such a checkpoint does
+    before the weights go in."""
+    resize_to(model, shapes)
+    commit_sizes(model)

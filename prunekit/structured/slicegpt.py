@@ -95,7 +95,6 @@ from .common import (
     check_resizable,
     config_accepts,
     count_params,
-    ensure_reloadable,
     forward,
     hf_config,
     meta_clone,
@@ -103,6 +102,7 @@ from .common import (
     set_config,
     summary,
 )
+from .reload import ensure_reloadable
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,21 @@ def _refuse_other_writers(arch: str, owner: nn.Module, known: Sequence[nn.Module
         )
 
 
+def _refuse_outside_writers(arch: str, model: nn.Module, owner_name: str, head: nn.Module) -> None:
+    """Weights outside the text model and its head (a vision-language model's vision tower and projector) write
+    into the residual stream where slicegpt cannot follow: image features take the place of token embeddings."""
+    owner = model.get_submodule(owner_name)
+    inside = {id(p) for module in (owner, head) for p in module.parameters()}
+    depth = len(owner_name.split(".")) if owner_name else 1
+    others = sorted({".".join(name.split(".")[:depth]) for name, p in model.named_parameters() if id(p) not in inside})
+    if others:
+        raise PrunekitError(
+            f"{arch}: slicegpt rotates the residual stream of {owner_name or 'the model'}, but {', '.join(others[:3])} "
+            "also feed it (image features in place of tokens), which it cannot rotate; use depth, width or an "
+            "unstructured method"
+        )
+
+
 def find_layout(model: nn.Module, formula: NormFormula | None = None) -> Layout:
     """The embeddings, per-block readers/writers, final norm and head of a pre-norm causal LM. The norms' formula is
     checked numerically unless it is given (a meta copy has no numbers to check)."""
@@ -238,6 +253,7 @@ def find_layout(model: nn.Module, formula: NormFormula | None = None) -> Layout:
             f"{arch}: slicegpt needs an nn.Embedding input, a final norm next to the blocks "
             f"({', '.join(FINAL_NORMS)}) and an nn.Linear head (a pre-norm causal LM)"
         )
+    _refuse_outside_writers(arch, model, prefix.rpartition(".")[0], head)
     width = final_norm.weight.numel()
     positions = [m for m in owner.children() if isinstance(m, nn.Embedding) and m is not embed and d_of(m) == width]
     _refuse_other_writers(arch, owner, [blocks, embed, *positions, final_norm])

@@ -59,7 +59,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..architectures import family
 from ..collect import collect
 from ..distributed import reduce_stats, together
 from ..errors import PrunekitError
@@ -75,10 +74,9 @@ from .common import (
     check_resizable,
     config_accepts,
     count_params,
-    ensure_reloadable,
     forward,
-    hf_config,
     meta_clone,
+    mlp_size_key,
     refusals_named,
     set_config,
     summary,
@@ -86,6 +84,7 @@ from .common import (
 from .coupling import Group, Slot, find_groups
 from .gradients import Gradients, accumulate_gradients, loss_kind
 from .layer_sizes import RELOAD_NOTE, per_block_record, set_record
+from .reload import ensure_reloadable
 
 log = logging.getLogger(__name__)
 Accepts = Callable[[Mapping[str, Any]], bool]
@@ -95,11 +94,6 @@ TAYLOR = ("param_first", "param_second", "param_mix", "vectorize")  # LLM-Pruner
 REDUCTIONS = ("sum", "mean", "max", "prod", "last")
 ALIGNMENTS = ("grouped", "strided")
 Blocks = str | int | list[int] | tuple[int, ...] | None
-
-
-def mlp_size_key(model: nn.Module) -> str | None:
-    """The config entry that holds the MLP width (None without an HF config: timm models have none)."""
-    return family(arch_name(model)).mlp_size if hf_config(model) is not None else None
 
 
 # ---------------------------------------------------------------- which blocks

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.structured.common import differences, ensure_reloadable, meta_clone, rebuilt, slice_linear
+from prunekit.structured.common import meta_clone, slice_linear
+from prunekit.structured.reload import differences, ensure_reloadable, rebuilt
 from tests import zoo
 
 

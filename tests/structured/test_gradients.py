@@ -106,3 +106,13 @@ def test_checkpointing_keeps_one_block_of_activations(token_batch):
     plain = _saved_bytes(model, token_batch[:1], [])
     kept = _saved_bytes(model, token_batch[:1], list(model.model.layers))
     assert kept < plain / 3
+
+
+def test_causal_lm_detection_follows_the_model_class_table():
+    """``is_causal_lm`` reads transformers' mappings itself (the structured methods sit below the model-class table);
+    they must be the mappings and name endings of the table's next-token classes."""
+    from prunekit.model_classes import MODEL_CLASSES
+    from prunekit.structured.gradients import CAUSAL_CLASSES, CAUSAL_MAPPINGS, CAUSAL_SUFFIXES
+
+    assert CAUSAL_MAPPINGS == tuple(MODEL_CLASSES[name].mapping for name in CAUSAL_CLASSES)
+    assert set(MODEL_CLASSES["causal-lm"].suffixes) <= set(CAUSAL_SUFFIXES)
