@@ -34,7 +34,7 @@ def per_block_record(per_block: Sequence[Mapping[str, Any]]) -> tuple[dict, list
     first = dict(per_block[0])
     if all(dict(values) == first for values in per_block):
         return first, None
-    keys = {k for values in per_block for k in values}
+    keys = dict.fromkeys(k for values in per_block for k in values)  # in order: messages name them the same way
     top = {k: max(values[k] for values in per_block if k in values) for k in keys}
     return top, [{k: v for k, v in values.items() if top.get(k) != v} for values in per_block]
 
