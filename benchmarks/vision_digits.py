@@ -13,6 +13,7 @@ head dense; evaluation on digits/val (450 images) with the model's own timm data
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import re
@@ -131,8 +132,9 @@ def _runs(name, source, model, images, labels, calib, scan: Path, sparsities: li
 
 def reference_table(path: Path = FIXTURES / "METRICS.md") -> dict[tuple, tuple[float, float]]:
     """``{(model, method, group, allocation, sparsity): (top1, loss)}`` read from the digits table of METRICS.md."""
-    section = path.read_text().split("## digits vision fixtures", 1)[1]
-    lines = [line for line in section.splitlines() if line.startswith("|")]
+    section = path.read_text().split("## digits vision fixtures", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(section) if line.startswith("|"))
+    lines = list(itertools.takewhile(lambda line: line.startswith("|"), section[start:]))  # its first table only
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     table, model = {}, None
     for line in lines[2:]:
