@@ -65,7 +65,9 @@ def test_readme_quick_start_runs_as_pasted(tmp_path):
     blocks = quick_start_blocks((ROOT / "README.md").read_text(encoding="utf-8"))
     clone = fresh_clone(tmp_path)
     out = run(["bash", "-euo", "pipefail", "-c", blocks["bash"]], clone)
-    assert "perplexity" in out
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    dense, pruned = re.search(r"`ppl_dense=([\d.]+)  ppl=([\d.]+)`", readme).groups()  # what the README promises
+    assert f"ppl_dense={dense}" in out and f"ppl={pruned}" in out and f"perplexity {pruned}" in out
     report = json.loads((clone / "out" / "quickstart-wanda-50" / "prune_report.json").read_text())
     assert report["sparsity"] == pytest.approx(0.5, abs=0.01) and report["metrics"]["ppl"] > 1
     out = run([str(clone / ".venv" / "bin" / "python"), "-c", blocks["python"]], clone)
