@@ -17,7 +17,9 @@ outside the blocks is a unit of its own.
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import logging
+import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -30,6 +32,7 @@ from .errors import PrunekitError
 from .graph import weight_matrix
 from .groups import check_sparsity
 from .methods.wanda import wanda_score
+from .metrics import damage, dense_value, smoothest_metric
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -238,3 +241,143 @@ def _rescaled(chosen: dict[str, float], factor: float) -> dict[str, float]:
             "weighted mean is nearer the target"
         )
     return scaled
+
+
+# ---------------------------------------------------------------- from a sensitivity scan
+
+GRID = 0.005  # the budget is spent in steps of half a percent of a part, then matched exactly
+
+
+def damage_curve(sparsities: list[float], damages: list[float], floor: float) -> Callable[[float], float]:
+    """A part's predicted damage at any sparsity from its scan: log-linear between the measured points (damage
+    grows about exponentially with sparsity), the last segment's growth beyond them, quadratic from the dense
+    model up to the first; measured damages below ``floor`` (noise) count as ``floor``."""
+    points = sorted(zip(sparsities, damages))
+    s = [p[0] for p in points]
+    logs = [math.log(max(d, floor)) for _, d in points]
+    slope = (logs[-1] - logs[-2]) / (s[-1] - s[-2]) if len(s) > 1 else 0.0
+
+    def predicted(x: float) -> float:
+        if x <= s[0]:
+            return math.exp(logs[0]) * (x / s[0]) ** 2 if s[0] > 0 else math.exp(logs[0])
+        if x >= s[-1]:
+            return math.exp(logs[-1] + max(slope, 0.0) * (x - s[-1]))
+        i = next(k for k in range(1, len(s)) if x <= s[k])
+        t = (x - s[i - 1]) / (s[i] - s[i - 1])
+        return math.exp(logs[i - 1] + t * (logs[i] - logs[i - 1]))
+
+    return predicted
+
+
+def least_damage(
+    params: list[int], curves: list[Callable[[float], float]], target: float, lam: float = 1.0
+) -> list[float]:
+    """Per-part sparsities in ``target +- lam`` whose parameter-weighted mean is ``target`` and whose summed predicted
+    damage is least: every part starts at the lower end, and the rest of the budget goes, ``GRID`` of a part at a
+    time, to the step that costs the least damage per weight removed (optimal when the curves are convex); the last
+    step is trimmed so the mean is exact."""
+    check_sparsity(target)
+    low, high = max(target - lam, 0.0), min(target + lam, MAX_SPARSITY)
+    levels = [low] * len(params)
+    budget, spent = target * sum(params), low * sum(params)
+
+    def step_cost(i: int) -> float:
+        nxt = min(levels[i] + GRID, high)
+        return (curves[i](nxt) - curves[i](levels[i])) / (params[i] * (nxt - levels[i]))
+
+    heap = [(step_cost(i), i) for i in range(len(params)) if params[i] > 0]
+    heapq.heapify(heap)
+    while heap and spent < budget - 1e-9:
+        _, i = heapq.heappop(heap)
+        grow = min(GRID, high - levels[i], (budget - spent) / params[i])
+        levels[i] += grow
+        spent += grow * params[i]
+        if levels[i] < high - 1e-12:
+            heapq.heappush(heap, (step_cost(i), i))
+    if spent < budget - 1e-6 * max(budget, 1):
+        raise PrunekitError(f"cannot reach a mean sparsity of {target} with every part at most {high}")
+    return levels
+
+
+def _layer_parts(layers: Mapping[str, nn.Module], parts: list[dict]) -> list[list[str]]:
+    """The selected layers of each scanned part; the selection must be the scan's."""
+    scanned = {n for p in parts for n in p["layers"]}
+    if scanned != set(layers):
+        missing, extra = sorted(set(layers) - scanned), sorted(scanned - set(layers))
+        raise PrunekitError(
+            f"the sensitivity scan covers other layers than those selected (not scanned: {missing[:3]}, scanned but "
+            f"not selected: {extra[:3]}); scan with the same --include/--exclude/--layer-types"
+        )
+    return [list(p["layers"]) for p in parts]
+
+
+SCAN_FORMAT = "prunekit-sensitivity"  # ``kind`` of a scan's JSON (``prunekit.sensitivity.Scan``)
+
+
+def scan_damages(scan: Mapping, metric: str | None = None) -> list[list[float]]:
+    """Per scanned part and sparsity, how much worse than dense ``metric`` (default: the smoothest measured) is."""
+    results = scan["results"]
+    name = metric or smoothest_metric(results[0][0] if results and results[0] else scan["dense"])
+    dense = dense_value(name, scan["dense"])
+    return [[damage(name, row[name], dense) for row in rows] for rows in results]
+
+
+def scan_allocation(
+    scan: Mapping, params: list[int], target: float, metric: str | None = None, lam: float = 0.08
+) -> list[float]:
+    """Per-part sparsities meeting ``target`` from a scan's JSON (``prunekit.sensitivity.Scan.to_dict``)."""
+    damages = scan_damages(scan, metric)
+    scale = max((d for row in damages for d in row if math.isfinite(d)), default=0.0)
+    floor = max(scale, 1e-9) * 1e-3
+    curves = [damage_curve(list(scan["sparsities"]), row, floor) for row in damages]
+    return least_damage(params, curves, target, lam)
+
+
+def read_scan(path: str) -> dict:
+    """A sensitivity scan's JSON (``sensitivity.json``), checked to be one."""
+    import json
+    from pathlib import Path
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise PrunekitError(f"sensitivity scan {path!r} does not exist; run `prunekit sensitivity ... --out DIR` first")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise PrunekitError(f"sensitivity scan {path!r} is not JSON; give the sensitivity.json a scan wrote") from None
+    if not isinstance(data, dict) or data.get("kind") != SCAN_FORMAT:
+        raise PrunekitError(f"{path!r} is not a sensitivity scan; give the sensitivity.json a scan wrote")
+    return data
+
+
+@register_allocator
+@dataclass
+class Sensitivity(Allocator):
+    """Per-part sparsities from a sensitivity scan (``prunekit sensitivity``): the global budget spent where the scan
+    predicts the least damage to the metric. ``scan``: its sensitivity.json; ``metric``: the measured metric to read
+    (default: a perplexity, else the loss, else the scan's own); ``lam``: the largest change from the target (as
+    OWL's): the scan prunes each part alone, and the damages of parts pruned together add up only near the target
+    (on kjv-llama-5m the first block alone at 70% hurts more than all four blocks at 70%)."""
+
+    name = "sensitivity"
+    scan: str = ""
+    metric: str | None = None
+    lam: float = 0.08
+
+    def __post_init__(self):
+        if not 0 <= self.lam < 1:
+            raise PrunekitError(f"sensitivity allocation needs 0 <= lam < 1, got lam={self.lam}")
+        if not self.scan:
+            raise PrunekitError("allocation sensitivity needs scan=PATH (a scan's sensitivity.json)")
+        data = read_scan(self.scan)
+        measured = set(data["results"][0][0]) if data["results"] and data["results"][0] else set()
+        if self.metric is not None and self.metric not in measured:
+            raise PrunekitError(f"the scan {self.scan!r} measured {sorted(measured)}, not {self.metric!r}")
+        self._data = data
+
+    def plan(self, layers, sparsity, block_of, dense_stats):
+        groups = _layer_parts(layers, self._data["parts"])
+        params = [sum(weight_matrix(layers[n]).numel() for n in names) for names in groups]
+        per_part = scan_allocation(self._data, params, sparsity, self.metric, self.lam)
+        log.info("sensitivity allocation: %s", [round(s, 4) for s in per_part])
+        return {n: s for names, s in zip(groups, per_part) for n in names}

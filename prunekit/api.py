@@ -49,6 +49,7 @@ class PruneReport:
     structure: dict[str, Any] | None = None
     coverage: dict[str, Any] | None = None  # sparsity over every weight inside the blocks (``coverage.py``)
     experts: dict[str, Any] | None = None  # MoE: routed tokens per expert, few-token experts, dense routers
+    search: dict[str, Any] | None = None  # a quality-target search: the bound and every trial (``prunekit.target``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

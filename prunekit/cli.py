@@ -41,12 +41,12 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of ``cls`` that carries CLI metadata (``prunekit.config.setting``); unset flags stay
-    ``None`` so a recipe's value (or the field's default) applies."""
+def add_setting_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of ``cls`` that carries CLI metadata (``prunekit.config.setting``), but those in ``skip``;
+    unset flags stay ``None`` so a recipe's value (or the field's default) applies."""
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        if not meta:
+        if not meta or f.name in skip:
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = default not in (None, (), {}, False) and not isinstance(default, bool)
@@ -108,10 +108,10 @@ def _add_prune(sub) -> None:
 
 
 def cmd_prune(args) -> int:
-    from .commands import run_prune
+    from .quality import prune_job
 
     recipe = load_recipe(PruneRecipe, args.recipe, setting_values(args, PruneRecipe))
-    report = run_prune(recipe, args.recipe)
+    report = prune_job(recipe, args.recipe, on_trial=print_trial)  # one sparsity, or a --target search
     if launch_rank() == 0:  # under torchrun the other ranks print nothing
         print_prune_report(report.to_dict())
         if recipe.out:
@@ -129,10 +129,27 @@ def print_prune_report(report: dict[str, Any]) -> None:
     else:
         console.print(layer_table(report))
         console.print(coverage_line(report.get("coverage") or {}))
+    if report.get("search"):
+        console.print(search_line(report["search"]), soft_wrap=True)
     metrics = report.get("metrics") or {}
     if metrics:
         console.print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     console.print(f"prune time {report['timings']['total_s']:.2f}s")
+
+
+def print_trial(trial, search) -> None:
+    """A --target search's trial as it finishes."""
+    from .quality import trial_line
+
+    print(trial_line(trial, search), flush=True)
+
+
+def search_line(search: dict[str, Any]) -> str:
+    """What a --target search found, and what it cost."""
+    return (
+        f"target {search['target']} ({search['metric']} limit {search['threshold']:.4f}, dense {search['dense']:.4f}): "
+        f"highest sparsity that meets it {search['chosen']:.4f}, after {len(search['trials'])} prune + evaluate trials"
+    )
 
 
 def coverage_line(coverage: dict[str, Any]) -> str:
@@ -174,6 +191,73 @@ def structure_table(report: dict[str, Any]):
         shown = f"{value:.4f}" if isinstance(value, float) else (f"{value:,}" if isinstance(value, int) else value)
         table.add_row(key.replace("_", " "), str(shown))
     return table
+
+
+# ---------------------------------------------------------------- sensitivity and allocate
+
+
+def _add_sensitivity(sub) -> None:
+    from .recipe import SCAN_UNUSED, SensitivityRecipe
+
+    p = sub.add_parser(
+        "sensitivity",
+        help="prune each block (or each kind of layer in each block) alone at a few sparsities and measure the "
+        "metric: a table, a heat map (--out) and JSON",
+    )
+    p.add_argument("--recipe", help="YAML recipe; every flag below is also a recipe key")
+    add_setting_flags(p, SensitivityRecipe, skip=SCAN_UNUSED)
+    p.set_defaults(func=cmd_sensitivity)
+
+
+def cmd_sensitivity(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .quality import run_sensitivity
+    from .recipe import SensitivityRecipe
+    from .sensitivity import dense_value, table_rows
+
+    recipe = load_recipe(SensitivityRecipe, args.recipe, setting_values(args, SensitivityRecipe))
+    scan = run_sensitivity(recipe, args.recipe)
+    header, rows = table_rows(scan)
+    table = Table(title=f"{scan.metric} with one part pruned (dense {dense_value(scan.metric, scan.dense):.4f})")
+    for column in header:
+        table.add_column(column, justify="left" if column == "part" else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    print(f"measured on {scan.settings['measured_on']}; scan time {scan.timings['total_s']:.1f}s")
+    if recipe.out:
+        print(f"wrote {recipe.out}/sensitivity.json, sensitivity.md, sensitivity.png (heat map), recipe.yaml")
+    return 0
+
+
+def _add_allocate(sub) -> None:
+    p = sub.add_parser(
+        "allocate",
+        help="per-layer sparsities for a global target from a sensitivity scan, written as an editable recipe "
+        "(allocation: explicit)",
+    )
+    p.add_argument("--scan", required=True, help="the sensitivity.json of `prunekit sensitivity --out DIR`")
+    p.add_argument("--sparsity", required=True, type=float, help="the global (parameter-weighted) sparsity")
+    p.add_argument("--out", required=True, help="the recipe to write (YAML)")
+    p.add_argument("--metric", help="the measured metric the damage is read from (default: perplexity, else loss)")
+    p.add_argument(
+        "--lam", type=float, default=0.08, help="largest change of a part's sparsity from --sparsity (default: 0.08)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_allocate)
+
+
+def cmd_allocate(args) -> int:
+    from .quality import write_allocation_recipe
+
+    rows = write_allocation_recipe(args.scan, args.sparsity, args.out, args.metric, args.lam, args.overwrite)
+    width = max(len(r["part"]) for r in rows)
+    for row in rows:
+        print(f"{row['part']:<{width}}  {row['params']:>10,}  sparsity {row['sparsity']:.4f}")
+    print(f"wrote {args.out}: run it with `prunekit prune --recipe {args.out} --out DIR`")
+    return 0
 
 
 def _add_eval(sub) -> None:
@@ -646,7 +730,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
     parser.add_argument("--version", action="version", version=f"prunekit {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_prune, _add_eval, _add_methods, _add_demo, _add_report, _add_finetune, _add_convert):
+    for add in (
+        _add_prune,
+        _add_sensitivity,
+        _add_allocate,
+        _add_eval,
+        _add_methods,
+        _add_demo,
+        _add_report,
+        _add_finetune,
+        _add_convert,
+    ):
         add(sub)
     return parser
 

@@ -143,6 +143,8 @@ def run_prune(recipe: PruneRecipe, recipe_path: str | os.PathLike | None = None)
     """Prune ``recipe.model`` and, when ``recipe.out`` is set, save model + report + resolved recipe. Under
     torchrun every rank runs this: the process group is set up here, rank 0 claims and writes the outputs and
     evaluates; a block-by-block run keeps its progress beside ``--out`` to resume from (``prunekit.io.resume``)."""
+    if recipe.target is not None:
+        raise PrunekitError("this job prunes to one sparsity; a --target search runs with prunekit.quality.prune_job")
     inputs = validate(recipe, recipe_path)
     with process_group(recipe.device, recipe.dist_timeout):
         if recipe.lazy:

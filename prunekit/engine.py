@@ -596,11 +596,14 @@ def _loose_before(model, stack: Stack, batches, plan: Plan, loose: dict, step: S
 
 
 @torch.no_grad()
-def dense_statistics(model: nn.Module, batches: Sequence[Batch], plan: Plan) -> dict[str, LayerStats]:
-    """Norm statistics of every selected layer on the dense model (for allocation: OWL), block by block,
-    through the same loop as pruning with a step that only records."""
+def dense_statistics(
+    model: nn.Module, batches: Sequence[Batch], plan: Plan, needs: frozenset[str] = frozenset({NORMS})
+) -> dict[str, LayerStats]:
+    """Statistics (norms by default, or what ``needs`` names) of every selected layer on the dense model, block by
+    block, through the same loop as pruning with a step that only records: for allocation (OWL), and for a
+    sensitivity scan, whose trials each prune one part of an otherwise dense model."""
     result: dict[str, LayerStats] = {}
-    plan = replace(plan, needs=frozenset({NORMS}))
+    plan = replace(plan, needs=frozenset(needs))
     if not plan.stacks:
         with on_device(model, plan.device):
             return whole_model_statistics(model, batches, plan.layers, plan)

@@ -14,12 +14,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from .config import PruneConfig, check_save_format, lazy_problems, setting
+from .config import PruneConfig, check_save_format, lazy_problems, refuse_unused, setting
 from .errors import PrunekitError
 from .io.yamlfile import load_yaml
 from .model_classes import AUTO, HF_CLASSES, check_choice
+
+SCAN_PARTS = ("blocks", "kinds")  # what one sensitivity trial prunes (prunekit.sensitivity)
+TARGET_UNUSED_WHY = "a --target search prunes copies in memory, trial by trial, in one process"
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,32 @@ class PruneRecipe(PruneConfig):
         recipe=False,
         example=True,
     )
+    target: str | None = setting(
+        None,
+        "quality target: the highest sparsity (structured: ratio) whose model keeps it, e.g. 'ppl<=+10%' (relative "
+        "to dense), 'ppl<=60', 'top1>=0.98'; measured on --eval-data (else on --holdout calibration samples); "
+        "--sparsity is the first trial",
+        example="ppl<=+10%",
+        example_with={"calib_data": "calib.txt"},
+    )
+    target_trials: int = setting(
+        8,
+        "most prune + evaluate trials a --target search runs",
+        type=int,
+        example=4,
+        example_with={"target": "ppl<=+10%", "calib_data": "calib.txt"},
+    )
+    holdout: int = setting(
+        64,
+        "calibration samples (text windows / images) held out, never calibrated on, to measure --target or a "
+        "sensitivity scan when no --eval-data is given",
+        type=int,
+        example=16,
+        example_with={"target": "ppl<=+10%", "calib_data": "calib.txt"},
+    )
+
+    # Whether the job measures quality without a --target (a sensitivity scan): then --holdout applies.
+    measures_quality: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,12 +155,49 @@ def check_job(recipe: PruneRecipe) -> None:
         )
     if recipe.eval_seqlen is not None and recipe.eval_seqlen < 1:
         raise PrunekitError(f"eval_seqlen must be a positive integer, got {recipe.eval_seqlen!r}")
+    _check_quality(recipe)
     if recipe.resume:
         _check_resume(recipe)
     if not recipe.dist_timeout > 0:
         raise PrunekitError(f"dist_timeout must be a positive number of seconds, got {recipe.dist_timeout!r}")
     if recipe.lazy:
         _check_lazy(recipe)
+
+
+def _check_quality(recipe: PruneRecipe) -> None:
+    """--target and what measures it: the bound parsed, the search's limits, and settings it cannot vary."""
+    from .target import parse_bound
+
+    for name in ("target_trials", "holdout"):
+        if getattr(recipe, name) < 1:
+            raise PrunekitError(f"{name} must be a positive integer, got {getattr(recipe, name)!r}")
+    unused = [
+        f"--{name.replace('_', '-')}"
+        for name, used in (
+            ("target_trials", recipe.target is not None),
+            ("holdout", (recipe.target is not None or recipe.measures_quality) and not recipe.eval_data),
+        )
+        if not used and getattr(recipe, name) != PruneRecipe.__dataclass_fields__[name].default
+    ]
+    if unused:
+        raise PrunekitError(
+            f"{' and '.join(unused)}: only for a --target search (--holdout: also a sensitivity scan) measured "
+            "without --eval-data; drop it"
+        )
+    if recipe.target is None:
+        return
+    parse_bound(recipe.target)
+    if recipe.pattern is not None:
+        raise PrunekitError("--target searches the sparsity; an N:M pattern fixes it: drop --pattern (or --target)")
+    if recipe.allocation == "explicit" and not recipe.allocation_params.get("normalize"):
+        raise PrunekitError(
+            "--target tries several sparsities, but explicit sparsities fix one; set --allocation-param "
+            "normalize=true to rescale them to each trial's sparsity"
+        )
+    if not recipe.eval_data and not recipe.calib_data:
+        raise PrunekitError("--target needs data to measure on: --eval-data, or --calib-data to hold samples out of")
+    used = [f.name for f in fields(recipe) if f.name not in ("resume", "dist_timeout")]
+    refuse_unused(recipe, used, "a --target search", TARGET_UNUSED_WHY)
 
 
 def _check_resume(recipe: PruneRecipe) -> None:
@@ -156,12 +222,81 @@ def _check_lazy(recipe: PruneRecipe) -> None:
         for what, bad in (
             ("--out (lazy pruning writes the checkpoint block by block)", not recipe.out),
             ("no --eval-data (evaluate the output afterwards with `prunekit eval ppl`)", bool(recipe.eval_data)),
+            ("no --target (search in memory, then prune the found sparsity with --lazy)", recipe.target is not None),
         )
         if bad
     ]
     problems = job + lazy_problems(recipe)
     if problems:
         raise PrunekitError(f"--lazy needs {'; '.join(problems)}")
+
+
+@dataclass(frozen=True)
+class SensitivityRecipe(PruneRecipe):
+    """``prunekit sensitivity``: the prune settings of the scan's method, the scan's own, and the job."""
+
+    sparsities: tuple = setting(
+        (0.5, 0.7, 0.9), "sparsities each part is pruned to, alone (repeatable)", repeat=True, example=(0.3, 0.6)
+    )
+    parts: str = setting(
+        "blocks",
+        "what one trial prunes: blocks (decoder layers, ViT blocks, CNN stages), or kinds (each kind of layer within "
+        "a block: q/k/v/o, gate/up/down)",
+        example="kinds",
+    )
+
+    measures_quality: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparsities", _floats(self.sparsities, "sparsities"))
+        super().__post_init__()
+        check_sensitivity(self)
+
+
+# Prune-job settings a scan refuses: it sets each part's sparsity itself, keeps the model in memory in one process
+# and saves no model.
+SCAN_UNUSED = ("sparsity", "target", "target_trials", "lazy", "save_format", "resume", "dist_timeout")
+SCAN_UNUSED_WHY = "it prunes each part at --sparsities in memory, in one process, and saves a table, not a model"
+
+
+def _floats(value: Any, name: str) -> tuple[float, ...]:
+    """A list of numbers from YAML, the CLI (strings, commas allowed) or Python; one line when one is not."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else list(value or ())
+    try:
+        return tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise PrunekitError(f"{name} must be numbers (e.g. 0.5,0.7,0.9), got {value!r}") from None
+
+
+def check_scan(config: PruneConfig, sparsities: tuple[float, ...]) -> None:
+    """What a sensitivity scan cannot do, before any work: it sets each part's sparsity itself."""
+    from .groups import check_sparsity
+
+    if config.structured:
+        raise PrunekitError(
+            f"a sensitivity scan prunes one part at a time and restores it; structured method {config.method!r} "
+            "changes the model's shapes: scan with an unstructured method (wanda, magnitude, sparsegpt, ...)"
+        )
+    if config.pattern is not None:
+        raise PrunekitError("a sensitivity scan varies the sparsity; an N:M pattern fixes it: drop --pattern")
+    if config.allocation != "uniform":
+        raise PrunekitError(
+            f"a sensitivity scan sets each part's sparsity itself; drop --allocation {config.allocation}"
+        )
+    if not sparsities:
+        raise PrunekitError("a sensitivity scan needs at least one sparsity (--sparsities 0.5,0.7,0.9)")
+    for s in sparsities:
+        check_sparsity(s)
+
+
+def check_sensitivity(recipe: SensitivityRecipe) -> None:
+    if recipe.parts not in SCAN_PARTS:
+        raise PrunekitError(f"unknown parts {recipe.parts!r}; choose from {', '.join(SCAN_PARTS)}")
+    used = [f.name for f in fields(recipe) if f.name not in SCAN_UNUSED]
+    refuse_unused(recipe, used, "a sensitivity scan", SCAN_UNUSED_WHY)
+    check_scan(recipe, recipe.sparsities)
+    if not recipe.eval_data and not recipe.calib_data:
+        raise PrunekitError("a sensitivity scan needs data to measure on: --eval-data, or --calib-data to hold out of")
 
 
 def field_names(cls) -> set[str]:

@@ -5,6 +5,7 @@ from torch import nn
 import prunekit
 from prunekit.allocate import ALLOCATORS, rebalance, weighted_mean
 from prunekit.collect import LayerStats
+from prunekit.errors import PrunekitError
 from tests.conftest import tiny_llama
 
 
@@ -122,3 +123,74 @@ def test_explicit_errors_name_the_problem():
         ALLOCATORS.create("explicit", {"sparsities": {"b.1.*": 0.9, "*": 0.1}, "normalize": True}).plan(
             layers, 0.8, block_of, _no_stats
         )
+
+
+# ---------------------------------------------------------------- from a sensitivity scan
+
+
+def test_least_damage_meets_the_budget_and_matches_a_brute_force_optimum():
+    """Two parts of unequal size with convex damage curves: the greedy spend equals the best split on a fine grid."""
+    from prunekit.allocate import least_damage
+
+    params = [300, 100]
+    curves = [lambda s: 0.02 * 2.0 ** (10 * s), lambda s: 0.05 * 2.0 ** (10 * s)]
+    levels = least_damage(params, curves, 0.6)
+    assert (levels[0] * 300 + levels[1] * 100) / 400 == pytest.approx(0.6, abs=1e-12)
+
+    def total(s0):
+        s1 = (0.6 * 400 - s0 * 300) / 100
+        return curves[0](s0) + curves[1](s1) if 0 <= s1 <= 0.99 else float("inf")
+
+    best = min((g / 1000 for g in range(0, 990)), key=total)
+    assert levels[0] == pytest.approx(best, abs=0.006) and levels[0] > 0.6 > levels[1]
+    assert all(abs(s - 0.6) <= 0.1 + 1e-12 for s in least_damage(params, curves, 0.6, lam=0.1))
+
+
+def test_damage_curve_reads_the_scan_points_and_floors_noise():
+    from prunekit.allocate import damage_curve
+
+    curve = damage_curve([0.5, 0.7, 0.9], [-0.01, 0.02, 0.08], floor=1e-3)
+    assert curve(0.5) == pytest.approx(1e-3) and curve(0.7) == pytest.approx(0.02) and curve(0.9) == pytest.approx(0.08)
+    assert curve(0.8) == pytest.approx(0.04)  # log-linear between points
+    assert curve(0.95) == pytest.approx(0.08 * 4**0.25)  # the last growth (4x per 0.2) beyond them
+    assert curve(0.25) == pytest.approx(1e-3 / 4)  # quadratic from the dense model
+
+
+def _scan_file(tmp_path, model, damages_by_block):
+    """A scan's JSON for ``model``'s blocks with perplexities ``dense * exp(damage)``."""
+    import json
+    import math
+
+    from prunekit.graph import find_stacks, select_layers
+    from prunekit.sensitivity import Scan, scan_parts
+
+    parts = scan_parts(select_layers(model), find_stacks(model))
+    results = [[{"ppl": 10 * math.exp(d)} for d in row] for row in damages_by_block]
+    scan = Scan("ppl", {"ppl": 10.0}, [0.5, 0.7, 0.9], "blocks", parts, results)
+    path = tmp_path / "sensitivity.json"
+    path.write_text(json.dumps(scan.to_dict()))
+    return path
+
+
+def test_sensitivity_allocation_prunes_the_robust_block_more(tmp_path):
+    model = tiny_llama(layers=2)
+    scan = _scan_file(tmp_path, model, [[0.05, 0.4, 3.0], [0.01, 0.05, 0.2]])
+    report = prunekit.prune(model, "magnitude", 0.6, allocation="sensitivity", allocation_params={"scan": str(scan)})
+    targets = {name.split(".")[2]: row["target"] for name, row in report.layers.items()}
+    assert targets["0"] == pytest.approx(0.52) and targets["1"] == pytest.approx(0.68)  # pinned at +-lam
+    assert report.sparsity == pytest.approx(0.6, abs=0.01)
+
+
+def test_sensitivity_allocation_refuses_what_does_not_fit(tmp_path):
+    model = tiny_llama(layers=2)
+    scan = _scan_file(tmp_path, model, [[0.05, 0.4, 3.0], [0.01, 0.05, 0.2]])
+    cases = [
+        ({"scan": str(tmp_path / "none.json")}, {}, "does not exist"),
+        ({"scan": str(scan), "lam": 1.5}, {}, "0 <= lam < 1"),
+        ({"scan": str(scan), "metric": "top1"}, {}, "not 'top1'"),
+        ({"scan": str(scan)}, {"include": ["model.layers.0.*"]}, "covers other layers"),
+    ]
+    for params, settings, says in cases:
+        with pytest.raises(PrunekitError, match=says) as err:
+            prunekit.prune(model, "magnitude", 0.6, allocation="sensitivity", allocation_params=params, **settings)
+        assert "\n" not in str(err.value)

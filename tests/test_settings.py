@@ -19,13 +19,13 @@ import pytest
 import yaml
 
 import prunekit
-from prunekit import api, cli, commands
+from prunekit import api, cli, commands, quality
 from prunekit.config import PruneConfig
 from prunekit.errors import PrunekitError
 from prunekit.finetune import run as finetune_run
 from prunekit.finetune.recipe import FinetuneRecipe
 from prunekit.io import lazy
-from prunekit.recipe import PruneRecipe
+from prunekit.recipe import SCAN_UNUSED, PruneRecipe, SensitivityRecipe
 from tests import zoo
 
 # Settings whose examples are file names: inputs are created in the test's folder, outputs placed there.
@@ -153,6 +153,7 @@ def run_cli(monkeypatch, capsys, argv: list[str]) -> tuple[str, Any]:
         raise Captured(recipe)
 
     monkeypatch.setattr(commands, "run_prune", work)
+    monkeypatch.setattr(quality, "prune_job", lambda recipe, recipe_path=None, on_trial=None: work(recipe))
     try:
         code = cli.main(argv)
     except Captured as caught:
@@ -203,6 +204,27 @@ def finetune_command_line(monkeypatch, capsys, place: Path, settings: dict[str, 
     return run_cli(monkeypatch, capsys, base + flags(FinetuneRecipe, settings))
 
 
+def scan_run(monkeypatch, capsys, argv: list[str]) -> tuple[str, Any]:
+    def work(recipe, recipe_path=None):
+        raise Captured(recipe)
+
+    monkeypatch.setattr(quality, "run_sensitivity", work)
+    return run_cli(monkeypatch, capsys, argv)
+
+
+def scan_command_line(monkeypatch, capsys, place: Path, settings: dict[str, Any]) -> tuple[str, Any]:
+    base = ["sensitivity", "--model", str(place / "model"), "--calib-data", str(place / "calib.txt")]
+    return scan_run(monkeypatch, capsys, base + flags(SensitivityRecipe, settings))
+
+
+def scan_recipe(monkeypatch, capsys, place: Path, settings: dict[str, Any]) -> tuple[str, Any]:
+    path = place / "outputs" / "scan.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"model": str(place / "model"), "calib_data": str(place / "calib.txt"), **plain(settings)}
+    path.write_text(yaml.safe_dump(data))
+    return scan_run(monkeypatch, capsys, ["sensitivity", "--recipe", str(path)])
+
+
 CUBIC = dict(schedule="cubic", end_step=10, max_steps=20)
 
 
@@ -211,6 +233,7 @@ CUBIC = dict(schedule="cubic", end_step=10, max_steps=20)
 CONFIG = fields_of(PruneConfig)
 JOB = fields_of(PruneRecipe, ("model", "calib_data"))
 FINETUNE = fields_of(FinetuneRecipe, ("model", "calib_data"))
+SCAN = fields_of(SensitivityRecipe, ("model", "calib_data"))
 
 
 @pytest.mark.parametrize("field", CONFIG, ids=lambda f: f.name)
@@ -261,6 +284,24 @@ def test_finetune_command_line(field, monkeypatch, capsys, place):
 def test_finetune_cubic(field, monkeypatch, place):
     settings = resolved(example(field), place, "cubic")
     check("prunekit finetune (cubic)", field.name, settings, finetune(monkeypatch, place, settings, **CUBIC))
+
+
+def scan_example(f: dataclasses.Field) -> dict[str, Any]:
+    """The example without the prune-job settings beside it that a scan does not take (``holdout`` needs a
+    ``target`` to be used by ``prune``, not by a scan)."""
+    return {k: v for k, v in example(f).items() if k == f.name or k not in SCAN_UNUSED}
+
+
+@pytest.mark.parametrize("field", [f for f in SCAN if f.name not in SCAN_UNUSED], ids=lambda f: f.name)
+def test_sensitivity_command_line(field, monkeypatch, capsys, place):
+    settings = resolved(scan_example(field), place, "scan-cli")
+    check("prunekit sensitivity", field.name, settings, scan_command_line(monkeypatch, capsys, place, settings))
+
+
+@pytest.mark.parametrize("field", SCAN, ids=lambda f: f.name)
+def test_sensitivity_recipe(field, monkeypatch, capsys, place):
+    settings = resolved(scan_example(field), place, "scan-recipe")
+    check("prunekit sensitivity --recipe", field.name, settings, scan_recipe(monkeypatch, capsys, place, settings))
 
 
 def test_the_front_ends_refuse_what_they_cannot_do(monkeypatch, capsys, place):

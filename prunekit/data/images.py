@@ -121,6 +121,25 @@ def sample_indices(n: int, nsamples: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:nsamples]
 
 
+def heldout_indices(targets: Sequence[int], nsamples: int, seed: int, holdout: int) -> list[int]:
+    """Images ``image_calibration`` does not sample (it takes the first ``nsamples`` of the seeded permutation):
+    the next ``holdout`` of that permutation, plus the first unused image of each class they miss, so every class
+    folder of a held-out ImageFolder holds one."""
+    rest = sample_indices(len(targets), len(targets), seed).tolist()[nsamples:]
+    if len(rest) < holdout:
+        raise PrunekitError(
+            f"the image folder leaves {len(rest)} images outside the {nsamples} calibration images, fewer than the "
+            f"{holdout} held out to measure quality; give --eval-data or a lower --holdout"
+        )
+    chosen = rest[:holdout]
+    seen = {targets[i] for i in chosen}
+    for i in rest[holdout:]:
+        if targets[i] not in seen:
+            chosen.append(i)
+            seen.add(targets[i])
+    return chosen
+
+
 def _image_of(item: Any, transform: Callable | None) -> torch.Tensor:
     """The image tensor of one dataset item: ``(image, label)`` or a bare image, PIL or tensor."""
     image = item[0] if isinstance(item, (tuple, list)) else item

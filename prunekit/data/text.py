@@ -139,6 +139,27 @@ def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int =
             f"calibration text has {n} tokens, fewer than nsamples x seqlen = {nsamples} x {seqlen}"
             f" = {nsamples * seqlen}; give more text, or lower --nsamples / --seqlen"
         )
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n - seqlen - 1, (nsamples,), generator=gen)
-    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+    return torch.stack([tokens[s : s + seqlen] for s in window_starts(n, nsamples, seqlen, seed).tolist()])
+
+
+def window_starts(n: int, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Where ``random_windows`` starts its windows in a text of ``n`` tokens."""
+    return torch.randint(0, n - seqlen - 1, (nsamples,), generator=torch.Generator().manual_seed(seed))
+
+
+def heldout_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, holdout: int) -> torch.Tensor:
+    """``holdout`` windows of ``seqlen`` tokens that share no token with the calibration windows
+    ``random_windows(tokens, nsamples, seqlen, seed)`` draws: the text cut into consecutive windows, those the
+    calibration touches dropped, ``holdout`` of the rest taken evenly spread over the text."""
+    n = tokens.numel()
+    used = torch.zeros(n // seqlen, dtype=torch.bool)
+    for start in window_starts(n, nsamples, seqlen, seed).tolist():
+        used[start // seqlen : min((start + seqlen - 1) // seqlen + 1, len(used))] = True
+    free = (~used).nonzero().flatten()
+    if len(free) < holdout:
+        raise PrunekitError(
+            f"the calibration text leaves {len(free)} windows of {seqlen} tokens that calibration does not touch, "
+            f"fewer than the {holdout} held out to measure quality; give --eval-data, more text, or a lower --holdout"
+        )
+    chosen = free[torch.linspace(0, len(free) - 1, holdout).round().long()]
+    return torch.stack([tokens[i * seqlen : (i + 1) * seqlen] for i in chosen.tolist()])

@@ -118,6 +118,11 @@ def check_finetune(recipe: FinetuneRecipe) -> None:
         raise PrunekitError("fine-tuning trains the whole model in memory: drop lazy (--lazy)")
     if not recipe.training_data:
         raise PrunekitError("fine-tuning needs train_data (or calib_data) to train on")
+    if recipe.target is not None:
+        raise PrunekitError(
+            "target searches the sparsity with `prunekit prune --target`; fine-tuning prunes to one sparsity: find "
+            "it with prunekit prune --target, then set sparsity"
+        )
     _check_training(recipe)
     _check_recovery(recipe)
     _check_distillation(recipe)

@@ -415,6 +415,21 @@ def atomic_dir(out: PathLike, claim: OutputClaim | None = None) -> Iterator[Path
         yield tmp
 
 
+def write_text(path: PathLike, text: str) -> None:
+    """Write a text file atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        _as_if_created(Path(tmp), 0o666)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: PathLike, data: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)

@@ -72,6 +72,7 @@ class ModelClass:
     mapping: str | None = None  # transformers.models.auto.modeling_auto.<mapping>: model type -> class name(s)
     suffixes: tuple[str, ...] = ()  # class-name endings for architectures no mapping lists (remote code)
     inputs: tuple[str, ...] = ()  # what its data feeds the model: the loaded class must read one of these
+    holdout: str | None = None  # "text" / "images": a quality search without --eval-data holds out calibration data
 
     @property
     def transformers(self) -> bool:

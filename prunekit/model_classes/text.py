@@ -180,6 +180,7 @@ ROWS = (
         mapping="MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
         suffixes=("ForCausalLM", "LMHeadModel"),
         inputs=TEXT_INPUTS,
+        holdout="text",
     ),
     ModelClass(
         "masked-lm",
@@ -195,6 +196,7 @@ ROWS = (
         mapping="MODEL_FOR_MASKED_LM_MAPPING_NAMES",
         suffixes=("ForMaskedLM",),
         inputs=TEXT_INPUTS,
+        holdout="text",
     ),
     ModelClass(
         "encoder",
@@ -210,6 +212,7 @@ ROWS = (
         mapping="MODEL_MAPPING_NAMES",
         suffixes=("Model",),
         inputs=TEXT_INPUTS,
+        holdout="text",
     ),
     ModelClass(
         "sequence-classification",
@@ -225,6 +228,7 @@ ROWS = (
         mapping="MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
         suffixes=("ForSequenceClassification",),
         inputs=TEXT_INPUTS,
+        holdout="text",
     ),
     ModelClass(
         "seq2seq",
@@ -239,5 +243,6 @@ ROWS = (
         auto_class="AutoModelForSeq2SeqLM",
         mapping="MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
         inputs=TEXT_INPUTS,
+        holdout="text",
     ),
 )

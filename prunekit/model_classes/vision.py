@@ -125,6 +125,7 @@ ROWS = (
         mapping="MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
         suffixes=("ForImageClassification",),
         inputs=IMAGE_INPUTS,
+        holdout="images",
     ),
     ModelClass(
         "vision-encoder",
@@ -140,6 +141,7 @@ ROWS = (
         mapping="MODEL_FOR_IMAGE_MAPPING_NAMES",
         suffixes=("VisionModel",),  # a vision-language model's tower on its own (CLIPVisionModel, ...)
         inputs=IMAGE_INPUTS,
+        holdout="images",
     ),
     ModelClass(
         "timm",
@@ -151,5 +153,6 @@ ROWS = (
         prepare=classified_folder,
         score=top_k,
         load=load_timm,
+        holdout="images",
     ),
 )

@@ -133,3 +133,14 @@ def test_evaluation_skips_unreadable_images_when_asked(folder):
         evaluate_image(model, folder, batch_size=4, progress=False, accelerator="cpu")
     result = evaluate_image(model, folder, batch_size=4, progress=False, accelerator="cpu", skip_bad_images=True)
     assert result["images"] == 15
+
+
+def test_heldout_images_are_outside_the_calibration_sample_and_cover_every_class():
+    from prunekit.data.images import heldout_indices, sample_indices
+
+    targets = [i % 10 for i in range(200)]
+    held = heldout_indices(targets, nsamples=64, seed=0, holdout=5)
+    assert not set(held) & set(sample_indices(200, 64, 0).tolist())
+    assert {targets[i] for i in held} == set(range(10)) and len(held) >= 10 and len(set(held)) == len(held)
+    with pytest.raises(PrunekitError, match="fewer than the 150 held out"):
+        heldout_indices(targets, nsamples=64, seed=0, holdout=150)

@@ -101,3 +101,16 @@ def test_calibration_from_text_path(tmp_path):
     assert [b.shape for b in batches] == [(4, 32), (2, 32)]
     with pytest.raises(ValueError, match="needs a tokenizer"):
         calibration_batches(str(tmp_path / "t.txt"), None)
+
+
+def test_heldout_windows_share_no_token_with_the_calibration_windows():
+    from prunekit.data.text import heldout_windows, window_starts
+
+    tokens = torch.arange(5000)  # every token its own position
+    held = heldout_windows(tokens, nsamples=16, seqlen=50, seed=0, holdout=20)
+    assert held.shape == (20, 50)
+    calibrated = {int(t) for s in window_starts(5000, 16, 50, 0).tolist() for t in tokens[s : s + 50]}
+    assert not calibrated & set(held.flatten().tolist())
+    assert torch.equal(random_windows(tokens, 16, 50, 0)[:, 0], window_starts(5000, 16, 50, 0))
+    with pytest.raises(PrunekitError, match="fewer than the 200 held out"):
+        heldout_windows(tokens, nsamples=16, seqlen=50, seed=0, holdout=200)
