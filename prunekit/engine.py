@@ -685,7 +685,8 @@ def uncalled(model: nn.Module, plan: Plan, batches: Sequence[Batch]) -> dict[str
     use them. A probe on one sample; layers named by an ``include`` pattern are an error, the others stay dense."""
     if not batches:
         return {}
-    missed = [n for n in plan.layers if n not in called_layers(model, plan, first_sample(batches[0]))]
+    called = called_layers(model, plan, first_sample(batches[0]))  # one probe, not one per layer
+    missed = [n for n in plan.layers if n not in called]
     reasons = {n: unreached_reason(model, n) for n in missed}
     named = [n for n in missed if any(fnmatch.fnmatchcase(n, p) for p in plan.config.include)]
     if named:
