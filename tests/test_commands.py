@@ -96,28 +96,28 @@ def test_evaluation_moves_the_model_to_the_compute_device():
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
     """Defect 9: only four exception types were caught; RuntimeError/KeyError from our code printed tracebacks
     and the helpful LinAlgError message came with one."""
-    import prunekit.commands as commands
+    import prunekit.quality as quality  # the CLI's prune job: one sparsity, or a --target search
 
-    def user_error(recipe, path=None):
+    def user_error(recipe, path=None, on_trial=None):
         raise PrunekitError("the Hessian is not positive definite; raise percdamp")
 
-    monkeypatch.setattr(commands, "run_prune", user_error)
+    monkeypatch.setattr(quality, "prune_job", user_error)
     assert main(["prune", "--model", "m"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: the Hessian is not positive definite; raise percdamp"
 
-    def bug(recipe, path=None):
+    def bug(recipe, path=None, on_trial=None):
         raise RuntimeError("index out of range")
 
-    monkeypatch.setattr(commands, "run_prune", bug)
+    monkeypatch.setattr(quality, "prune_job", bug)
     assert main(["prune", "--model", "m"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "bug in prunekit" in err
 
-    def interrupted(recipe, path=None):
+    def interrupted(recipe, path=None, on_trial=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(commands, "run_prune", interrupted)
+    monkeypatch.setattr(quality, "prune_job", interrupted)
     assert main(["prune", "--model", "m"]) == 130
 
 
