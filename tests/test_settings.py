@@ -154,6 +154,7 @@ def run_cli(monkeypatch, capsys, argv: list[str]) -> tuple[str, Any]:
 
     monkeypatch.setattr(commands, "run_prune", work)
     monkeypatch.setattr(quality, "prune_job", lambda recipe, recipe_path=None, on_trial=None: work(recipe))
+    monkeypatch.setattr(quality, "run_sensitivity", work)
     try:
         code = cli.main(argv)
     except Captured as caught:
@@ -163,17 +164,19 @@ def run_cli(monkeypatch, capsys, argv: list[str]) -> tuple[str, Any]:
     return "refused", error.removeprefix("error: ")
 
 
-def command_line(monkeypatch, capsys, place: Path, settings: dict[str, Any]) -> tuple[str, Any]:
-    base = ["prune", "--model", str(place / "model"), "--calib-data", str(place / "calib.txt")]
-    return run_cli(monkeypatch, capsys, base + flags(PruneRecipe, settings))
+def command_line(
+    monkeypatch, capsys, place: Path, settings: dict[str, Any], command: str = "prune", cls: type = PruneRecipe
+) -> tuple[str, Any]:
+    base = [command, "--model", str(place / "model"), "--calib-data", str(place / "calib.txt")]
+    return run_cli(monkeypatch, capsys, base + flags(cls, settings))
 
 
-def yaml_recipe(monkeypatch, capsys, place: Path, settings: dict[str, Any]) -> tuple[str, Any]:
-    path = place / "outputs" / "recipe.yaml"
+def yaml_recipe(monkeypatch, capsys, place: Path, settings: dict[str, Any], command: str = "prune") -> tuple[str, Any]:
+    path = place / "outputs" / f"{command}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"model": str(place / "model"), "calib_data": str(place / "calib.txt"), **plain(settings)}
     path.write_text(yaml.safe_dump(data))
-    return run_cli(monkeypatch, capsys, ["prune", "--recipe", str(path)])
+    return run_cli(monkeypatch, capsys, [command, "--recipe", str(path)])
 
 
 def callback(settings: dict[str, Any]) -> tuple[str, Any]:
@@ -202,27 +205,6 @@ def finetune_command_line(monkeypatch, capsys, place: Path, settings: dict[str, 
     monkeypatch.setattr(finetune_run, "_run", work)
     base = ["finetune", "--model", str(place / "model"), "--calib-data", str(place / "calib.txt")]
     return run_cli(monkeypatch, capsys, base + flags(FinetuneRecipe, settings))
-
-
-def scan_run(monkeypatch, capsys, argv: list[str]) -> tuple[str, Any]:
-    def work(recipe, recipe_path=None):
-        raise Captured(recipe)
-
-    monkeypatch.setattr(quality, "run_sensitivity", work)
-    return run_cli(monkeypatch, capsys, argv)
-
-
-def scan_command_line(monkeypatch, capsys, place: Path, settings: dict[str, Any]) -> tuple[str, Any]:
-    base = ["sensitivity", "--model", str(place / "model"), "--calib-data", str(place / "calib.txt")]
-    return scan_run(monkeypatch, capsys, base + flags(SensitivityRecipe, settings))
-
-
-def scan_recipe(monkeypatch, capsys, place: Path, settings: dict[str, Any]) -> tuple[str, Any]:
-    path = place / "outputs" / "scan.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"model": str(place / "model"), "calib_data": str(place / "calib.txt"), **plain(settings)}
-    path.write_text(yaml.safe_dump(data))
-    return scan_run(monkeypatch, capsys, ["sensitivity", "--recipe", str(path)])
 
 
 CUBIC = dict(schedule="cubic", end_step=10, max_steps=20)
@@ -295,13 +277,15 @@ def scan_example(f: dataclasses.Field) -> dict[str, Any]:
 @pytest.mark.parametrize("field", [f for f in SCAN if f.name not in SCAN_UNUSED], ids=lambda f: f.name)
 def test_sensitivity_command_line(field, monkeypatch, capsys, place):
     settings = resolved(scan_example(field), place, "scan-cli")
-    check("prunekit sensitivity", field.name, settings, scan_command_line(monkeypatch, capsys, place, settings))
+    result = command_line(monkeypatch, capsys, place, settings, "sensitivity", SensitivityRecipe)
+    check("prunekit sensitivity", field.name, settings, result)
 
 
 @pytest.mark.parametrize("field", SCAN, ids=lambda f: f.name)
 def test_sensitivity_recipe(field, monkeypatch, capsys, place):
     settings = resolved(scan_example(field), place, "scan-recipe")
-    check("prunekit sensitivity --recipe", field.name, settings, scan_recipe(monkeypatch, capsys, place, settings))
+    result = yaml_recipe(monkeypatch, capsys, place, settings, "sensitivity")
+    check("prunekit sensitivity --recipe", field.name, settings, result)
 
 
 def test_the_front_ends_refuse_what_they_cannot_do(monkeypatch, capsys, place):
