@@ -27,7 +27,17 @@ from .io.hf import SAVE_TOKENIZER, load_config, load_hf_model
 from .io.paths import check_file_writable, check_paths, checkpoint_bytes, looks_local
 from .io.resume import InMemoryResume, ResumeState, fingerprint
 from .io.timm import is_vision_source, local_path
-from .model_classes import AUTO, MODEL_CLASSES, TEXT_CLASSES, TIMM, Job, Prepared, model_class_of, resolve_model_class
+from .model_classes import (
+    AUTO,
+    MODEL_CLASSES,
+    TEXT_CLASSES,
+    TIMM,
+    Job,
+    ModelClass,
+    Prepared,
+    model_class_of,
+    resolve_model_class,
+)
 from .recipe import PruneRecipe, dump_recipe
 
 log = logging.getLogger(__name__)
@@ -172,14 +182,22 @@ def _prune_in_memory(recipe: PruneRecipe, claim: OutputClaim | None, state: Resu
         if is_writer():
             report.metrics.update({f"{k}_dense": v for k, v in dense.items()})
             report.metrics.update(evaluate(model, job, prepared))
-        if row.transformers:
-            report.settings["model_class"] = row.name
-            recipe = dataclasses.replace(recipe, model_class=row.name)  # saved resolved
-        if row.name in TEXT_CLASSES:  # the windows' length used (other classes' samples are as long as they are)
-            recipe = dataclasses.replace(recipe, seqlen=report.settings.get("seqlen"))
+        recipe = resolved_recipe(recipe, row, report)
         if claim is not None:
             save_run(model, job.preprocessor, report, recipe, claim)
     return report, recipe
+
+
+def resolved_recipe(recipe: PruneRecipe, row: ModelClass, report: PruneReport) -> PruneRecipe:
+    """The recipe saved beside a pruned model, with what the run resolved: the Hugging Face model class (also in the
+    report's settings) and, for text classes, the windows' length used (other classes' samples are as long as
+    they are)."""
+    if row.transformers:
+        report.settings["model_class"] = row.name
+        recipe = dataclasses.replace(recipe, model_class=row.name)
+    if row.name in TEXT_CLASSES:
+        recipe = dataclasses.replace(recipe, seqlen=report.settings.get("seqlen"))
+    return recipe
 
 
 def _write_report_json(recipe: PruneRecipe, report: PruneReport) -> None:

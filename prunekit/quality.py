@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 
 from .api import PruneReport, prune_model
-from .commands import _write_report_json, claimed, evaluate, load_job, run_prune, save_run, validate
+from .commands import _write_report_json, claimed, evaluate, load_job, resolved_recipe, run_prune, save_run, validate
 from .errors import PrunekitError
 from .io import write_json
 from .io.hf import load_config
@@ -293,21 +293,20 @@ def run_target(
         report.metrics.update({**best.metrics, **{f"{k}_dense": v for k, v in dense.items()}})
         report.search = {**search.to_dict(), "measured_on": measured_on(recipe)}
         report.timings["search_s"] = time.perf_counter() - start
-        resolved = found_recipe(recipe, best.sparsity, job.model_class)
+        resolved = found_recipe(recipe, best.sparsity, job.model_class, report)
         if claim is not None:
             save_run(pruned, job.preprocessor, report, resolved, claim)
     _write_report_json(recipe, report)
     return report
 
 
-def found_recipe(recipe: PruneRecipe, sparsity: float, row: ModelClass) -> PruneRecipe:
-    """The recipe that repeats the saved model without searching: the found sparsity, no target."""
+def found_recipe(recipe: PruneRecipe, sparsity: float, row: ModelClass, report: PruneReport) -> PruneRecipe:
+    """The recipe that repeats the saved model without searching: the found sparsity, no target, and what the run
+    resolved (as ``prunekit prune`` saves it: ``commands.resolved_recipe``)."""
     defaults = PruneRecipe.__dataclass_fields__
     resolved = {"sparsity": sparsity, "target": None}
     resolved.update({k: defaults[k].default for k in ("target_trials", "holdout")})
-    if row.transformers:
-        resolved["model_class"] = row.name
-    return dataclasses.replace(recipe, **resolved)
+    return resolved_recipe(dataclasses.replace(recipe, **resolved), row, report)
 
 
 def _check_heldout_class(recipe: PruneRecipe) -> None:

@@ -190,3 +190,15 @@ def test_scan_and_target_on_an_image_classifier(tmp_path):
     assert main([*target, "--target-trials", "3", "--out", str(tmp_path / "t")]) == 0
     report = json.loads((tmp_path / "t" / "prune_report.json").read_text())
     assert report["metrics"]["top1"] >= report["metrics"]["top1_dense"] - 0.02 and len(report["search"]["trials"]) == 3
+
+
+def test_the_recipe_a_target_search_saves_records_what_it_resolved(checkpoint, tmp_path):  # noqa: F811
+    """As ``prunekit prune`` saves it: the model class and the windows' length used when ``--seqlen`` was left out
+    (the search's recipe recorded ``seqlen: null``)."""
+    out = tmp_path / "target"
+    args = _prune_args(checkpoint, out, "--eval-data", str(checkpoint / "test.txt"), "--target", "ppl<=+1000%")
+    i = args.index("--seqlen")
+    assert main([*args[:i], *args[i + 2 :], "--target-trials", "2"]) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["model_class"] == "causal-lm" and saved["seqlen"] == report["settings"]["seqlen"] > 0
